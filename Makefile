@@ -1,0 +1,19 @@
+# make demo   install what is missing, run the default benchmark, write reports/demo/
+# make test   install, start a local SLURM cluster + MLflow server, run all tests, stop them
+# make setup  only install (apt packages when root, Python packages into .venv)
+.PHONY: demo test test-fast setup services-start services-stop clean
+
+demo:
+	bash scripts/demo.sh
+
+test:
+	bash scripts/test.sh
+
+test-fast:
+	bash scripts/test.sh -m "not slow"
+
+setup:
+	bash scripts/setup.sh
+
+clean:
+	rm -rf runs reports/demo mlflow.db .cache

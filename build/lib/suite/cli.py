@@ -1,0 +1,153 @@
+"""The `hfbench` command line.
+
+  hfbench data fashion-mnist --out data/       FFCV files from the Debian Fashion-MNIST package
+  hfbench sweep configs/demo.yaml              run a sweep (SLURM array if reachable, else local)
+  hfbench train run.yaml                       one run in this process (debugging)
+  hfbench report --experiment demo --out reports/demo
+  hfbench models                               the model registry and its prunable layers
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"hfbench: --set expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_data(a) -> int:
+    if a.dataset in ("fashion-mnist", "fashion_mnist"):
+        from suite.data import write_fashion_mnist
+
+        paths = write_fashion_mnist(a.out, val_size=a.val_size, split_seed=a.split_seed, overwrite=a.overwrite)
+        for k, p in paths.items():
+            print(f"{k}: {p}")
+        return 0
+    raise SystemExit(f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist)")
+
+
+def cmd_sweep(a) -> int:
+    from launchers.sweep import Sweep
+    from suite.config import load_sweep
+
+    overrides = _parse_set(a.set)
+    if a.parallelism is not None:
+        overrides["launcher.parallelism"] = a.parallelism
+    if a.executor:
+        overrides["launcher.executor"] = a.executor
+    if a.tracking_uri:
+        overrides["tracking_uri"] = a.tracking_uri
+    sweep = load_sweep(a.config, overrides)
+    if a.dry_run:
+        for r in sweep.expand():
+            print(f"{r.run_hash()}  {r.run_name()}")
+        print(f"{len(sweep.expand())} runs")
+        return 0
+    outcomes = Sweep(sweep).run()
+    return 1 if any(o.state == "failed" for o in outcomes) else 0
+
+
+def cmd_train(a) -> int:
+    from suite import tracking
+    from suite.config import _validate, RunConfig, load_yaml, set_dotted
+    from suite.engine import train
+
+    data = load_yaml(a.config)
+    for k, v in _parse_set(a.set).items():
+        set_dotted(data, k, v)
+    cfg = _validate(RunConfig, data, source=a.config)
+    uri = cfg.tracking_uri or tracking.default_uri()
+    exp = tracking.ensure_experiment(uri, cfg.experiment)
+    res = train(cfg, experiment_id=exp, tracking_uri=uri)
+    print({k: v for k, v in res.items()})
+    return 0
+
+
+def cmd_report(a) -> int:
+    from reports.build import build_report
+    from suite import tracking
+
+    uri = a.tracking_uri or tracking.default_uri()
+    out = build_report(uri, a.experiment, Path(a.out), title=a.title)
+    for name, p in out.items():
+        if name in ("index.html", "report.md", "results.csv"):
+            print(f"{name}: {p}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from suite import models
+
+    for name in models.names():
+        spec = models.get(name)
+        line = f"{name:<16} {spec.policy:<12} {spec.input_size:>4}px  {spec.note}"
+        if a.count:
+            m = spec.build(1000 if spec.input_size == 224 else 10, 1 if spec.input_size == 28 else 3)
+            layers = spec.prunable(m)
+            line += f"  [{len(layers)} prunable layers, {sum(l.weight.numel() for _, l in layers):,} weights]"
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hfbench", description="Pruning benchmark suite: Hyperflux against baselines.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="write FFCV .beton files")
+    d.add_argument("dataset", help="fashion-mnist")
+    d.add_argument("--out", default="data", help="output folder (default: data)")
+    d.add_argument("--val-size", type=int, default=5000, help="images held out of train for validation")
+    d.add_argument("--split-seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("sweep", help="run a sweep config")
+    s.add_argument("config")
+    s.add_argument("--executor", choices=["auto", "slurm", "local", "debug"])
+    s.add_argument("--parallelism", type=int, help="runs at once (SLURM array limit)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: HFBENCH_MLFLOW_URI or ./mlflow.db)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, e.g. base.epochs=2")
+    s.add_argument("--dry-run", action="store_true", help="validate and list the runs, submit nothing")
+    s.set_defaults(fn=cmd_sweep)
+
+    t = sub.add_parser("train", help="train one run config in this process")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    t.set_defaults(fn=cmd_train)
+
+    r = sub.add_parser("report", help="build reports from an MLflow experiment")
+    r.add_argument("--experiment", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--tracking-uri")
+    r.add_argument("--title")
+    r.set_defaults(fn=cmd_report)
+
+    m = sub.add_parser("models", help="list the model registry")
+    m.add_argument("--count", action="store_true", help="build each model and count prunable weights")
+    m.set_defaults(fn=cmd_models)
+
+    a = p.parse_args(argv)
+    from suite.config import ConfigError
+
+    try:
+        return a.fn(a)
+    except ConfigError as e:
+        print(f"hfbench: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"hfbench: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The one training engine: FFCV loader -> model -> pruner -> DeepSpeed engine -> MLflow.
+
+Every run, dense or pruned, one rank or many, goes through `train()`. DeepSpeed owns the
+model wrapper, gradient all-reduce and the optimiser step (gloo on CPU, NCCL on GPU); the
+pruner plugs in through the Pruner hooks; the suite measures sparsity itself; rank 0 logs
+to MLflow and writes checkpoints at epoch ends (write to a temp file, then rename).
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from suite import datasets, models, tracking
+from suite.config import RunConfig, dump_run
+from suite.optim import WeightsAndGates
+from suite.pruning import masks, registry, sparsity
+
+
+# ----------------------------------------------------------------------------- distribution
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(device: str) -> tuple[int, int, int]:
+    """Join (or create) the process group; return (rank, world size, local rank).
+
+    Rendezvous comes from, in order: torchrun-style env vars (RANK/WORLD_SIZE), the submitit
+    job environment (SLURM or local multi-task jobs, across nodes too), or a single process.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        try:
+            import submitit
+
+            submitit.JobEnvironment()  # raises outside a submitit job
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        except RuntimeError:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(cfg: RunConfig) -> str:
+    if cfg.engine.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device is 'cuda' but no GPU is visible")
+    return cfg.engine.device
+
+
+# ----------------------------------------------------------------------------- data
+class Stream:
+    """Batches from a loader without end; an 'epoch' is `steps` batches (a full pass unless
+    max_steps_per_epoch caps it, in which case the next epoch continues where it stopped)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.it = None
+        self.passes = 0
+
+    def next(self):
+        while True:
+            if self.it is None:
+                self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+                self.passes += 1
+
+
+def make_loaders(cfg: RunConfig, world: int):
+    from suite.data import make_loader
+
+    spec = datasets.get(cfg.dataset)
+    paths = spec.paths(cfg.data_dir)
+    missing = spec.missing(cfg.data_dir)
+    if missing:
+        raise FileNotFoundError(f"dataset {cfg.dataset}: missing {', '.join(map(str, missing))}; make them with: "
+                                + spec.make_command.format(data_dir=cfg.data_dir))
+    train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=1,
+                        distributed=world > 1)
+    val = make_loader(paths["val"], 500, train=False, num_workers=1)
+    test = make_loader(paths["test"], 500, train=False, num_workers=1)
+    return spec, train, val, test
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: str, rank: int, world: int) -> float:
+    """Top-1 on the whole split: rank r takes batches r, r+world, ...; counts are summed."""
+    was = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64)
+    for i, (x, y) in enumerate(loader):
+        if i % world != rank:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct[0] += (model(x).argmax(1) == y).sum().item()
+        correct[1] += y.numel()
+    if world > 1:
+        dist.all_reduce(correct)
+    model.train(was)
+    return float(correct[0] / correct[1])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without executing code (weights_only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"starting weights not found: {p}")
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    return obj.get("model", obj) if isinstance(obj, dict) and "model" in obj else obj
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over every tensor of the model state (weights, masks, gates), in key order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.run_hash()
+
+
+# ----------------------------------------------------------------------------- training
+def _ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.batch_size * world,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _weight_groups(model: nn.Module, gate_ids: set[int]) -> list[dict]:
+    return [{"params": [p for p in model.parameters() if id(p) not in gate_ids]}]
+
+
+def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Optional[str] = None,
+          log=print) -> dict[str, Any]:
+    """Train one run end to end; returns the final metrics (on every rank)."""
+    t_start = time.time()
+    device = resolve_device(cfg)
+    torch.set_num_threads(cfg.engine.threads_per_rank)
+    rank, world, local_rank = setup_distributed(device)
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if cfg.engine.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed)
+    out = run_dir(cfg)
+    ckpt_path = out / "last.pt"
+    say = log if rank == 0 else (lambda *a, **k: None)
+
+    resume = None
+    if ckpt_path.is_file():
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if resume.get("run_hash") != cfg.run_hash():
+            raise RuntimeError(f"{ckpt_path}: checkpoint belongs to another config ({resume.get('run_hash')})")
+
+    uri = tracking_uri or cfg.tracking_uri or tracking.default_uri()
+    logger: Any = tracking.NullLogger()
+    if rank == 0 and experiment_id is not None:
+        logger = tracking.RunLogger(uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None)
+    try:
+        result = _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start)
+    except BaseException as e:
+        logger.finish("FAILED", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        raise
+    logger.finish("FINISHED")
+    result["mlflow_run_id"] = logger.run_id
+    return result
+
+
+def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start):
+    import deepspeed
+
+    spec, train_loader, val_loader, test_loader = make_loaders(cfg, world)
+    mspec = models.get(cfg.model)
+    model = mspec.build(spec.num_classes, spec.input_shape[0])
+    if cfg.init == "dense":
+        if not cfg.init_checkpoint:
+            raise ValueError("init is 'dense' but no init_checkpoint was resolved (run it through a sweep)")
+        model.load_state_dict(load_weights(cfg.init_checkpoint))
+    layers = mspec.prunable(model)
+    steps_per_epoch = cfg.max_steps_per_epoch or len(train_loader)
+    pruner = registry.get(cfg.method)(cfg, layers, steps_per_epoch)
+    pruner.attach(model)
+    model.to(device)
+    gates = pruner.gate_parameters()
+    opt = WeightsAndGates(_weight_groups(model, {id(g) for g in gates}), gates, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                          gate_lr=getattr(cfg.hyperflux, "gate_lr", 1e-3))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, world))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, step = 1, 0
+    if resume is not None:
+        engine.module.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        pruner.load_state_dict(resume["pruner"])
+        torch.set_rng_state(resume["torch_rng"])
+        start_epoch, step = resume["epoch"] + 1, resume["step"]
+        say(f"[hfbench] resuming {cfg.run_name()} at epoch {start_epoch}")
+    else:
+        pruner.on_train_start()
+        n_prunable = sum(m.weight.numel() for _, m in layers)
+        logger.log_params({
+            **tracking.environment(world, device),
+            "prunable_policy": mspec.policy,
+            "prunable_layers": ",".join(n for n, _ in layers),
+            "prunable_weights": n_prunable,
+            "steps_per_epoch": steps_per_epoch,
+        })
+        logger.log_text(dump_run(cfg), "config.yaml")
+        say(f"[hfbench] {cfg.run_name()} ({cfg.run_hash()}): {cfg.epochs} epochs x {steps_per_epoch} steps, "
+            f"world {world} on {device}; {len(layers)} prunable layers, {n_prunable} weights ({mspec.policy})")
+
+    stream = Stream(train_loader)
+    metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
+    train_time = resume.get("train_time_s", 0.0) if resume else 0.0
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.time()
+        w_lr, g_lr = pruner.lrs(epoch)
+        opt.set_lrs(w_lr, g_lr)
+        engine.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for _ in range(steps_per_epoch):
+            x, y = stream.next()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = criterion(engine(x), y)
+            extra = pruner.loss_term()
+            total = loss + extra if extra is not None else loss
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"non-finite loss {total.item()} at epoch {epoch}, step {step + 1}")
+            engine.backward(total)
+            engine.step()
+            step += 1
+            pruner.after_step(step)
+            loss_sum[0] += loss.item()
+            loss_sum[1] += 1
+        train_time += time.time() - t0
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        dens = sparsity.density(layers)
+        metrics = {"train_loss": float(loss_sum[0] / loss_sum[1]), "density": dens, "sparsity": 1 - dens,
+                   "lr": w_lr, "gate_lr": g_lr}
+        metrics.update(pruner.end_epoch(epoch, dens))
+        metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world)
+        metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
+        metrics["epoch_time_s"] = time.time() - t0
+        logger.log_metrics(metrics, step=epoch)
+        extra_txt = f" gamma {metrics['gamma']:.3g} target {100 * metrics['target_density']:.2f}%" \
+            if "gamma" in metrics else ""
+        say(f"[hfbench] {cfg.run_name()} epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
+            f"val {100 * metrics['val_top1']:.2f}% test {100 * metrics['test_top1']:.2f}% "
+            f"density {100 * dens:.2f}%{extra_txt} ({metrics['epoch_time_s']:.1f}s)", flush=True)
+        if rank == 0:
+            save_atomic({"run_hash": cfg.run_hash(), "epoch": epoch, "step": step,
+                         "model": engine.module.state_dict(), "optimizer": opt.state_dict(),
+                         "pruner": pruner.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "mlflow_run_id": logger.run_id, "train_time_s": train_time, "metrics": metrics},
+                        ckpt_path)
+
+    counts = sparsity.count(layers)
+    digest = state_digest(engine.module)
+    final = {"final_test_top1": metrics["test_top1"], "final_val_top1": metrics["val_top1"],
+             "final_density": metrics["density"], "final_sparsity": metrics["sparsity"],
+             "train_time_s": train_time, "wall_time_s": time.time() - t_start}
+    logger.log_metrics(final, step=cfg.epochs)
+    logger.log_text(sparsity.table(counts), "layer_density.csv")
+    if rank == 0:
+        masks.bake(engine.module)
+        save_atomic(engine.module.state_dict(), out / "final_weights.pt")
+    for ld in (train_loader, val_loader, test_loader):
+        if hasattr(ld, "close"):
+            ld.close()
+    if world > 1:
+        dist.barrier()
+    final["run_hash"] = cfg.run_hash()
+    final["state_digest"] = digest
+    final["rank"] = rank
+    final["weights"] = str(out / "final_weights.pt")
+    return final

@@ -1,0 +1,88 @@
+"""The one Pruner interface. Every method (Hyperflux and each baseline) implements it.
+
+The engine calls, in order:
+  attach(model)                  once, before the optimiser exists: add masks/gates
+  gate_parameters()              extra parameters for the gate optimiser (Adam); [] if none
+  on_train_start()               once, after loading the starting weights (e.g. one-shot prune)
+  lrs(epoch)                     at each epoch start: (weight LR, gate LR)
+  loss_term()                    each step: a term added to the task loss, or None
+  after_step(step)               each step, after the optimiser step (e.g. GMP mask updates)
+  end_epoch(epoch, density)      each epoch end, with the density the suite measured; returns
+                                 method metrics to log (e.g. gamma, target density)
+  state_dict()/load_state_dict() for checkpoints
+A method never reports its own sparsity: the suite measures it (sparsity.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from suite.pruning import masks
+
+
+def cosine(start: float, end: float, i: int, n: int) -> float:
+    """Cosine from `start` (i = 0) towards `end` (i = n)."""
+    if n <= 0:
+        return end
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(i, n) / n))
+
+
+class Pruner:
+    name = "base"
+
+    def __init__(self, cfg, layers: list[tuple[str, nn.Module]], steps_per_epoch: int):
+        self.cfg = cfg
+        self.layers = layers
+        self.steps_per_epoch = steps_per_epoch
+
+    def attach(self, model: nn.Module) -> None:
+        pass
+
+    def gate_parameters(self) -> list[torch.Tensor]:
+        return []
+
+    def on_train_start(self) -> None:
+        pass
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        """Weight LR (cosine from lr to lr_end over the run) and gate LR for 1-based epoch."""
+        return cosine(self.cfg.lr, self.cfg.lr_end, epoch - 1, self.cfg.epochs), 0.0
+
+    def loss_term(self) -> Optional[torch.Tensor]:
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class MaskPruner(Pruner):
+    """Base for methods that hold a 0/1 mask per prunable layer."""
+
+    def attach(self, model: nn.Module) -> None:
+        self.params = [masks.attach(mod, masks.MaskedWeight(mod.weight.shape)) for _, mod in self.layers]
+
+    def stored(self) -> list[torch.Tensor]:
+        return [masks.stored_weight(mod) for _, mod in self.layers]
+
+    @torch.no_grad()
+    def set_masks(self, new: list[torch.Tensor]) -> None:
+        for p, m in zip(self.params, new):
+            p.mask.copy_(m)
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float, scope: str) -> None:
+        """Magnitude pruning of the currently active weights to `sparsity` (pruned stay pruned)."""
+        scores = [w * p.mask for w, p in zip(self.stored(), self.params)]
+        self.set_masks(masks.magnitude_masks(scores, sparsity, scope))

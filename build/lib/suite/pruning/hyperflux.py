@@ -1,0 +1,148 @@
+"""Hyperflux (arXiv 2504.05349), as described in docs/hyperflux.md sections 1-6.
+
+- Every prunable weight w_i has a gate m_i ~ U[0.2, 0.5]; W_eff = W * 1[m >= 0].
+- Loss = CE_ls + gamma * mean(m) over all N gates (linear in raw m: gradient gamma / N).
+- The hard gate's backward passes the gradient scaled by 0.25, so
+  dL/dm_i = 0.25 * w_i * dCE/dW_eff_i + gamma / N, and pruned weights get no data gradient.
+- Weights: SGD (momentum, coupled weight decay); gates: Adam (lr 1e-3). The engine builds both.
+- Phase 1 (epochs 1..P): weight LR cosine lr -> end_lr_pruning; after each epoch the pressure
+  controller moves gamma so the measured density follows the target trajectory D*(t).
+- Phase 2 (epochs P+1..E): gamma = 0; weight LR reset_lr -> end_lr_regrowth (cosine); gate LR
+  gate_lr * reset_scaler, times `decay` each epoch, 0 after `freeze_gates_after` epochs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from suite.pruning import masks
+from suite.pruning.base import Pruner, cosine
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+class PressureScheduler:
+    """Target trajectory D*(t) and the pressure controller (hyperflux.md section 6).
+
+    D*(t) = 100 * prod_{e=1..t} r(e),  r(e) = r0 + (0.999 - r0) * sigmoid((6/P)(e - P/2)),
+    with r0 found by bisection so that D*(P) = 100 - target sparsity (in percent).
+    """
+
+    def __init__(self, target_sparsity: float, pruning_end: int, step: float):
+        if not 0.0 < target_sparsity < 1.0:
+            raise ValueError(f"target sparsity must be in (0, 1), got {target_sparsity}")
+        self.P = pruning_end
+        self.s = step
+        self.final_density_pct = 100.0 * (1.0 - target_sparsity)
+        self.r0 = self._solve_r0()
+        self.g = 0.0
+        self.inertia_up = 0.0
+        self.inertia_down = 0.0
+
+    def _trajectory(self, r0: float, t: int) -> float:
+        d = 100.0
+        for e in range(1, t + 1):
+            d *= r0 + (0.999 - r0) * _sigmoid((6.0 / self.P) * (e - self.P / 2.0))
+        return d
+
+    def _solve_r0(self) -> float:
+        lo, hi = 0.0, 0.999  # D*(P) grows with r0
+        if not self._trajectory(lo, self.P) <= self.final_density_pct <= self._trajectory(hi, self.P):
+            raise ValueError(f"the target trajectory cannot reach {self.final_density_pct:.3g} % density in "
+                             f"{self.P} pruning epochs; change hyperflux.pruning_end")
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if self._trajectory(mid, self.P) > self.final_density_pct:
+                hi = mid
+            else:
+                lo = mid
+        return 0.5 * (lo + hi)
+
+    def target_pct(self, t: int) -> float:
+        """D*(t) in percent; t = 0 is 100 %, t = P is the target, constant after P."""
+        return self._trajectory(self.r0, min(t, self.P))
+
+    @property
+    def gamma(self) -> float:
+        return self.g ** 1.5
+
+    def update(self, epoch: int, density_pct: float) -> float:
+        """One controller step after `epoch` with the measured density (percent)."""
+        if density_pct > self.target_pct(epoch):
+            self.g += self.s + self.inertia_up
+            self.inertia_up += self.s / 4
+            self.inertia_down = 0.0
+        else:
+            self.g = max(0.0, self.g - (self.s + self.inertia_down))
+            self.inertia_down += self.s / 4
+            self.inertia_up = 0.0
+        return self.gamma
+
+    def state_dict(self) -> dict[str, float]:
+        return {"g": self.g, "inertia_up": self.inertia_up, "inertia_down": self.inertia_down}
+
+    def load_state_dict(self, st: dict[str, float]) -> None:
+        self.g, self.inertia_up, self.inertia_down = st["g"], st["inertia_up"], st["inertia_down"]
+
+
+class Hyperflux(Pruner):
+    name = "hyperflux"
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.h = cfg.hyperflux
+        self.scheduler = PressureScheduler(cfg.sparsity, self.h.pruning_end, self.h.step)
+        self.gamma = 0.0  # pressure in force during the current epoch
+        self.n = sum(mod.weight.numel() for _, mod in layers)
+
+    def attach(self, model) -> None:
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        self.params = []
+        for _, mod in self.layers:
+            w = mod.weight
+            m = torch.empty(w.shape, dtype=torch.float32).uniform_(self.h.gate_init_low, self.h.gate_init_high,
+                                                                   generator=gen)
+            self.params.append(masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale)))
+
+    def gate_parameters(self):
+        return [p.gate for p in self.params]
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        P, E, h = self.h.pruning_end, self.cfg.epochs, self.h
+        if epoch <= P:
+            end = h.end_lr_pruning if h.end_lr_pruning is not None else self.cfg.lr / 30.0
+            return cosine(self.cfg.lr, end, epoch - 1, P), h.gate_lr
+        j = epoch - P - 1  # regrowth epoch index, 0-based
+        w_lr = cosine(h.reset_lr, h.end_lr_regrowth, j, max(1, E - P))
+        g_lr = 0.0 if j >= h.freeze_gates_after else h.gate_lr * h.reset_scaler * h.decay ** j
+        return w_lr, g_lr
+
+    def loss_term(self) -> Optional[torch.Tensor]:
+        if self.gamma == 0.0:
+            return None
+        total = torch.stack([p.gate.sum() for p in self.params]).sum()
+        return total * (self.gamma / self.n)
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        P = self.h.pruning_end
+        out = {"gamma": self.gamma, "target_density": self.scheduler.target_pct(epoch) / 100.0}
+        if epoch < P:
+            self.gamma = self.scheduler.update(epoch, 100.0 * density)
+        else:
+            # the controller's last update belongs to epoch P; regrowth runs without pressure
+            if epoch == P:
+                self.scheduler.update(epoch, 100.0 * density)
+            self.gamma = 0.0
+        out["pressure_g"] = self.scheduler.g
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.gamma = st["gamma"]
+        self.scheduler.load_state_dict(st["scheduler"])

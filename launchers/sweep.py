@@ -1,0 +1,289 @@
+"""Sweeps: expand the grid, prepare data and the MLflow experiment, send the runs through
+submitit (a SLURM array when a cluster answers, local processes otherwise), show progress,
+and print a summary. Runs whose config hash already FINISHED in the experiment are skipped.
+
+Runs that start from a dense model (init: dense) go in a second stage, after the dense runs
+of the first stage have written their weights.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from suite import datasets, tracking
+from suite.config import RunConfig, SweepConfig
+
+
+@dataclass
+class Outcome:
+    cfg: RunConfig
+    state: str  # finished | failed | skipped
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    job_id: str = ""
+
+
+def slurm_reachable(timeout: float = 10.0) -> bool:
+    """True when `sinfo` answers with at least one node: a SLURM controller is up."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def choose_executor(kind: str) -> str:
+    if kind == "auto":
+        return "slurm" if slurm_reachable() else "local"
+    if kind == "slurm" and not slurm_reachable():
+        raise RuntimeError("launcher.executor is 'slurm' but no SLURM controller answers (sinfo failed)")
+    return kind
+
+
+def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
+    """Build the missing data files the suite knows how to make, or stop naming the command."""
+    done: set[tuple[str, str]] = set()
+    for r in runs:
+        key = (r.dataset, r.data_dir)
+        if key in done:
+            continue
+        done.add(key)
+        spec = datasets.get(r.dataset)
+        missing = spec.missing(r.data_dir)
+        if not missing:
+            continue
+        if build and spec.build is not None:
+            say(f"[hfbench] building {r.dataset} files in {r.data_dir} (missing: {', '.join(p.name for p in missing)})")
+            spec.build(Path(r.data_dir))
+        else:
+            raise FileNotFoundError(f"dataset {r.dataset}: missing {', '.join(map(str, missing))}; make them with: "
+                                    + spec.make_command.format(data_dir=r.data_dir))
+
+
+def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, nodes: int, threads: int = 1):
+    import submitit
+
+    L = sweep.launcher
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind)
+    params: dict[str, Any] = dict(name=f"hfbench-{sweep.name}", timeout_min=L.slurm.time_min, nodes=nodes,
+                                  tasks_per_node=world_size, cpus_per_task=max(threads, L.slurm.cpus_per_task))
+    if L.slurm.gpus_per_node:
+        params["gpus_per_node"] = L.slurm.gpus_per_node
+    if L.slurm.mem_gb:
+        params["mem_gb"] = L.slurm.mem_gb
+    if kind == "slurm":
+        params["slurm_array_parallelism"] = L.parallelism
+        if L.slurm.partition:
+            params["slurm_partition"] = L.slurm.partition
+        extra = dict(L.slurm.extra)
+        for k in ("account", "qos", "constraint"):
+            v = getattr(L.slurm, k)
+            if v:
+                extra[k] = v
+        if extra:
+            params["slurm_additional_parameters"] = extra
+    ex.update_parameters(**params)
+    return ex
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    # submitit's FailedJobError carries the remote traceback: its last line is the error
+    for line in reversed(text):
+        if line.strip() and not line.startswith(" "):
+            return line.strip()[:300]
+    return type(err).__name__
+
+
+class Sweep:
+    def __init__(self, sweep: SweepConfig, executor: Optional[str] = None, say=print):
+        self.sweep = sweep
+        self.kind = choose_executor(executor or sweep.launcher.executor)
+        self.say = say
+        self.uri = sweep.tracking_uri or tracking.default_uri()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.folder = Path(sweep.launcher.folder) / sweep.name / stamp  # fresh per sweep (see platform.md)
+
+    def run(self) -> list[Outcome]:
+        runs = self.sweep.expand()
+        ensure_data(runs, say=self.say)
+        exp_id = tracking.ensure_experiment(self.uri, self.sweep.experiment_name())
+        self.exp_id = exp_id
+        finished = tracking.finished_hashes(self.uri, exp_id)
+        self.say(f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
+                 f"{self.sweep.experiment_name()!r} (id {exp_id}) at {tracking.redact(self.uri)}; executor {self.kind}")
+        outcomes: dict[str, Outcome] = {}
+        todo: list[RunConfig] = []
+        for r in runs:
+            h = r.run_hash()
+            weights_ok = r.method != "dense" or (Path(r.out_dir) / h / "final_weights.pt").is_file()
+            if h in finished and weights_ok:
+                outcomes[h] = Outcome(r, "skipped")
+            else:
+                todo.append(r)
+        if outcomes:
+            self.say(f"[hfbench] {len(outcomes)} runs already FINISHED in this experiment: skipped")
+        stage1 = [r for r in todo if r.init != "dense"]
+        stage2 = [r for r in todo if r.init == "dense"]
+        for o in self._launch(stage1):
+            outcomes[o.cfg.run_hash()] = o
+        ready = []
+        for r in stage2:
+            w = Path(r.out_dir) / r.init_from / "final_weights.pt"
+            if w.is_file():
+                ready.append(r.model_copy(update={"init_checkpoint": str(w.resolve())}))
+            else:
+                outcomes[r.run_hash()] = Outcome(r, "failed", error=f"dense parent {r.init_from} has no weights ({w})")
+        for o in self._launch(ready):
+            outcomes[o.cfg.run_hash()] = o
+        ordered = [outcomes[r.run_hash()] for r in runs]
+        self.say(summary_table(ordered))
+        return ordered
+
+    def _launch(self, runs: list[RunConfig]) -> list[Outcome]:
+        if not runs:
+            return []
+        groups: dict[tuple[int, int, int], list[RunConfig]] = {}
+        for r in runs:
+            groups.setdefault((r.engine.world_size, r.engine.nodes, r.engine.threads_per_rank), []).append(r)
+        pending: list[tuple[RunConfig, Any]] = []
+        waiting: list[tuple[RunConfig, Any]] = []  # local executor: (cfg, executor) not yet submitted
+        from launchers import task
+
+        for (ws, nodes, threads), rs in groups.items():
+            ex = make_executor(self.sweep, self.kind, self.folder, ws, nodes, threads)
+            if self.kind == "slurm":
+                with ex.batch():
+                    jobs = [ex.submit(task.run, r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs]
+                pending += list(zip(rs, jobs))
+                self.say(f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
+                         f"x {ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
+            else:
+                waiting += [(r, ex) for r in rs]
+        return self._wait(pending, waiting)
+
+    def _wait(self, pending, waiting) -> list[Outcome]:
+        total = len(pending) + len(waiting)
+        done: list[Outcome] = []
+        running = list(pending)
+        limit = self.sweep.launcher.parallelism
+        bar = _Progress(total, f"sweep {self.sweep.name}")
+        try:
+            return self._poll(running, waiting, done, limit, bar)
+        except KeyboardInterrupt:
+            bar.write("[hfbench] interrupted: cancelling the running jobs")
+            for _, job in running:
+                try:
+                    job.cancel(check=False)
+                except Exception:
+                    pass
+            raise
+        finally:
+            bar.close()
+
+    def _poll(self, running, waiting, done, limit, bar) -> list[Outcome]:
+        from launchers import task
+
+        while running or waiting:
+            while waiting and len(running) < limit:  # local executor: honour the parallelism limit
+                r, ex = waiting.pop(0)
+                job = ex.submit(task.run, r.model_dump(mode="json"), self.uri, self.exp_id)
+                running.append((r, job))
+            still = []
+            for r, job in running:
+                if not job.done():
+                    still.append((r, job))
+                    continue
+                try:
+                    res = job.result()
+                    o = Outcome(r, "finished", result=res, job_id=str(job.job_id))
+                    msg = (f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% "
+                           f"sparsity {100 * res['final_sparsity']:.2f}%")
+                except Exception as e:  # the task raised, was cancelled or died
+                    o = Outcome(r, "failed", error=_first_line(e), job_id=str(job.job_id))
+                    msg = f"FAILED {r.run_name()}: {o.error} (log: {getattr(job, 'paths', None) and job.paths.stderr})"
+                done.append(o)
+                bar.write(f"[hfbench] {msg}")
+                bar.update(1)
+            running[:] = still
+            bar.status(f"failed {sum(o.state == 'failed' for o in done)}; " + _progress(running))
+            if running or waiting:
+                time.sleep(self.sweep.launcher.poll_s)
+        return done
+
+
+class _Progress:
+    """A tqdm bar on a terminal; on a log file, one plain status line every 30 s."""
+
+    def __init__(self, total: int, desc: str):
+        self.tty = sys.stderr.isatty()
+        self.total, self.n, self.desc, self.last = total, 0, desc, 0.0
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def write(self, msg: str) -> None:
+        if self.tty:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.tty:
+            self.bar.update(k)
+
+    def status(self, text: str) -> None:
+        if self.tty:
+            self.bar.set_postfix_str(text)
+        elif time.time() - self.last > 30:
+            self.last = time.time()
+            print(f"[hfbench] {self.desc}: {self.n}/{self.total} done; {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            self.bar.close()
+
+
+def _progress(running) -> str:
+    """'hyperflux-0.9 e7/20, gmp-0.5 e3/20' from the last epoch line of each running job's log."""
+    import re
+
+    parts = []
+    for r, job in running[:4]:
+        ep = "starting"
+        try:
+            text = Path(job.paths.stdout).read_text(errors="replace")[-4000:]
+            found = re.findall(r" epoch (\d+/\d+) ", text)
+            if found:
+                ep = "e" + found[-1]
+        except (OSError, AttributeError):
+            pass
+        label = "dense" if r.method == "dense" else f"{r.method}-{r.sparsity:g}"
+        parts.append(f"{label} {ep}")
+    return "running: " + (", ".join(parts) if parts else "-") + (" ..." if len(running) > 4 else "")
+
+
+def summary_table(outcomes: list[Outcome]) -> str:
+    head = f"{'run':<36} {'hash':<12} {'state':<8} {'target':>7} {'achieved':>8} {'test top-1':>10}"
+    lines = [head, "-" * len(head)]
+    for o in outcomes:
+        r = o.result
+        ach = f"{100 * r['final_sparsity']:.2f}%" if "final_sparsity" in r else "-"
+        acc = f"{100 * r['final_test_top1']:.2f}%" if "final_test_top1" in r else "-"
+        line = f"{o.cfg.run_name():<36} {o.cfg.run_hash():<12} {o.state:<8} {100 * o.cfg.sparsity:>6.1f}% {ach:>8} {acc:>10}"
+        if o.error:
+            line += f"  {o.error}"
+        lines.append(line)
+    n_f = sum(o.state == "failed" for o in outcomes)
+    lines.append(f"{len(outcomes)} runs: {sum(o.state == 'finished' for o in outcomes)} finished, "
+                 f"{sum(o.state == 'skipped' for o in outcomes)} skipped (already done), {n_f} failed")
+    return "\n".join(lines)

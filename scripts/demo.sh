@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job on the default benchmark: install what is missing, run configs/demo.yaml
+# (SLURM array when a cluster answers, local processes otherwise; MLflow in ./mlflow.db
+# unless HFBENCH_MLFLOW_URI is set) and write the report to reports/demo/.
+# Extra arguments go to `hfbench sweep`, e.g. scripts/demo.sh --parallelism 4
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+start=$(date +%s)
+bash scripts/setup.sh
+VENV="${HFBENCH_VENV:-$ROOT/.venv}"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$ROOT/.cache/numba}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
+export MPLBACKEND=Agg
+"$VENV/bin/hfbench" sweep configs/demo.yaml "$@"
+"$VENV/bin/hfbench" report --experiment demo --out reports/demo
+echo "[demo] finished in $(( $(date +%s) - start )) s; open reports/demo/index.html"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command (README, `make test`, .ci/run): install what is missing, start a real
+# one-node SLURM cluster (with accounting) and an MLflow server, run the whole pytest suite
+# (slow end-to-end tests included), stop the services whatever happened.
+# Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+VENV="${HFBENCH_VENV:-$ROOT/.venv}"
+STATE="${HFBENCH_SERVICES_DIR:-$(mktemp -d /tmp/hfbench-services.XXXXXX)}"
+export HFBENCH_SERVICES_DIR="$STATE"
+cleanup() { bash "$ROOT/scripts/services.sh" stop "$STATE" >/dev/null 2>&1 || true; }
+trap cleanup EXIT INT TERM
+echo "[test] starting SLURM + MLflow in $STATE"
+bash scripts/services.sh start "$STATE"
+# shellcheck disable=SC1091
+source "$STATE/env.sh"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$ROOT/.cache/numba}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
+export MPLBACKEND=Agg
+set +e
+"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+exit $rc

@@ -1,0 +1,53 @@
+"""One optimiser object that steps SGD on the weights and Adam on the gates.
+
+DeepSpeed drives a single client optimiser; Hyperflux needs two algorithms. This wrapper
+holds a torch SGD and a torch Adam and presents their parameter groups as one list, so the
+engine, DeepSpeed and LR setting see one optimiser while the math stays torch's own.
+Each group carries 'kind': 'weights' or 'gates'.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import SGD, Adam, Optimizer
+
+
+class WeightsAndGates(Optimizer):
+    def __init__(self, weight_groups: list[dict], gate_params: list[torch.Tensor], *, lr: float, momentum: float,
+                 weight_decay: float, nesterov: bool, gate_lr: float):
+        params = [p for g in weight_groups for p in g["params"]] + list(gate_params)
+        super().__init__(params, {"lr": lr})
+        self.sgd = SGD(weight_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        self.adam = Adam(gate_params, lr=gate_lr) if gate_params else None
+        for g in self.sgd.param_groups:
+            g["kind"] = "weights"
+        if self.adam:
+            for g in self.adam.param_groups:
+                g["kind"] = "gates"
+        # one list of the children's group dicts: changing an LR here changes it there
+        self.param_groups = self.sgd.param_groups + (self.adam.param_groups if self.adam else [])
+
+    def set_lrs(self, weight_lr: float, gate_lr: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = weight_lr if g["kind"] == "weights" else gate_lr
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.sgd.step()
+        if self.adam is not None:
+            self.adam.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sgd.zero_grad(set_to_none=set_to_none)
+        if self.adam is not None:
+            self.adam.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sgd": self.sgd.state_dict(), "adam": self.adam.state_dict() if self.adam else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sgd.load_state_dict(state["sgd"])
+        if self.adam is not None:
+            self.adam.load_state_dict(state["adam"])
+        self.param_groups = self.sgd.param_groups + (self.adam.param_groups if self.adam else [])

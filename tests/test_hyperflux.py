@@ -1,0 +1,101 @@
+"""Hyperflux math: gate gradients, target trajectory, controller, phases."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from suite.config import RunConfig
+from suite.models import prunable_layers
+from suite.pruning import masks, sparsity
+from suite.pruning.hyperflux import Hyperflux, PressureScheduler
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+
+
+def test_gate_gradient_is_quarter_flux_plus_pressure():
+    model = _tiny()
+    layers = prunable_layers(model, "conv_linear")
+    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=4, hyperflux={"pruning_end": 2})
+    hf = Hyperflux(cfg, layers, steps_per_epoch=1)
+    hf.attach(model)
+    # put some gates below zero so pruned weights exist
+    with torch.no_grad():
+        for p in hf.params:
+            p.gate.copy_(torch.randn(p.gate.shape, generator=torch.Generator().manual_seed(1)))
+    hf.gamma = 3.7
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 3])
+
+    # reference: CE gradient with respect to the effective weights, computed separately
+    eff = [mod.weight.detach().clone().requires_grad_(True) for _, mod in layers]
+    ce_ref = nn.functional.cross_entropy(
+        nn.functional.linear(torch.relu(nn.functional.conv2d(x, eff[0], layers[0][1].bias)).flatten(1), eff[1],
+                             layers[1][1].bias), y)
+    G = torch.autograd.grad(ce_ref, eff)
+
+    loss = nn.functional.cross_entropy(model(x), y) + hf.loss_term()
+    loss.backward()
+    n = sum(m.weight.numel() for _, m in layers)
+    for (name, mod), p, g in zip(layers, hf.params, G):
+        w = masks.stored_weight(mod)
+        expected_gate = 0.25 * w.detach() * g + 3.7 / n
+        torch.testing.assert_close(p.gate.grad, expected_gate, rtol=1e-5, atol=1e-7)
+        pruned = p.gate.detach() < 0
+        assert pruned.any() and (~pruned).any()
+        assert torch.all(w.grad[pruned] == 0), f"{name}: pruned weights received a data gradient"
+        torch.testing.assert_close(w.grad[~pruned], g[~pruned])
+    # and the suite's ruler sees exactly the gates below zero
+    n_open = sum(int((p.gate >= 0).sum()) for p in hf.params)
+    assert math.isclose(sparsity.density(layers), n_open / n)
+
+
+def test_target_trajectory_endpoints_and_reference_values():
+    for target in (0.5, 0.8, 0.9, 0.95, 0.98):
+        for P in (8, 18, 100):
+            s = PressureScheduler(target, P, 0.2)
+            assert s.target_pct(0) == 100.0
+            assert s.target_pct(P) == pytest.approx(100 * (1 - target), rel=1e-6)
+            assert s.target_pct(P + 7) == s.target_pct(P)
+            traj = [s.target_pct(t) for t in range(P + 1)]
+            assert all(a > b for a, b in zip(traj, traj[1:])), "D* must fall every epoch"
+    s = PressureScheduler(0.98, 100, 0.2)  # the worked example in hyperflux.md section 6
+    assert s.r0 == pytest.approx(0.924, abs=2e-3)
+    for t, d in [(10, 47.9), (20, 23.9), (50, 4.7), (80, 2.3)]:
+        assert s.target_pct(t) == pytest.approx(d, rel=0.03)
+
+
+def test_unreachable_target_is_rejected():
+    with pytest.raises(ValueError, match="pruning_end"):
+        PressureScheduler(0.98, 5, 0.2)
+
+
+def test_controller_inertia_and_gamma_power():
+    s = PressureScheduler(0.9, 10, 0.2)
+    s.update(1, 100.0)  # above target: g = 0.2, I+ = 0.05
+    assert s.g == pytest.approx(0.2) and s.gamma == pytest.approx(0.2 ** 1.5)
+    s.update(2, 100.0)  # g += 0.2 + 0.05
+    assert s.g == pytest.approx(0.45)
+    s.update(3, 0.0)  # below: g -= 0.2 + I- (0), inertia up reset
+    assert s.g == pytest.approx(0.25) and s.inertia_up == 0.0
+    s.update(4, 0.0)  # g -= 0.2 + 0.05, floored at 0
+    assert s.g == 0.0
+
+
+def test_phases_learning_rates_and_pressure_switch_off():
+    model = _tiny()
+    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=6, lr=0.1,
+                    hyperflux={"pruning_end": 3, "decay": 0.5, "reset_scaler": 2.0, "freeze_gates_after": 2})
+    hf = Hyperflux(cfg, prunable_layers(model, "conv_linear"), 1)
+    assert hf.lrs(1) == (pytest.approx(0.1), 1e-3)
+    assert hf.lrs(4) == (pytest.approx(1e-3), pytest.approx(2e-3))  # regrowth: reset LRs
+    assert hf.lrs(5)[1] == pytest.approx(1e-3)  # gate LR decays
+    assert hf.lrs(6)[1] == 0.0  # frozen after 2 regrowth epochs
+    hf.attach(model)
+    for e in (1, 2):
+        hf.end_epoch(e, 1.0)
+    assert hf.gamma > 0
+    hf.end_epoch(3, 1.0)  # end of pruning: the regrowth phase runs without pressure
+    assert hf.gamma == 0.0 and hf.loss_term() is None
