@@ -9,9 +9,10 @@ cd "$ROOT"
 start=$(date +%s)
 bash scripts/setup.sh
 VENV="${HFBENCH_VENV:-$ROOT/.venv}"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$ROOT/.cache/numba}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/numba}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/torch_extensions}"
 export MPLBACKEND=Agg
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the shared venv points at
 "$VENV/bin/hfbench" sweep configs/demo.yaml "$@"
 "$VENV/bin/hfbench" report --experiment demo --out reports/demo
 echo "[demo] finished in $(( $(date +%s) - start )) s; open reports/demo/index.html"

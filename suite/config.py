@@ -95,6 +95,7 @@ class RunConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="scale knob: cap batches per epoch")
+    eval_every: int = Field(1, ge=1, description="evaluate val/test every k epochs (and always after the last)")
     init: Literal["scratch", "dense"] = Field("scratch", description="start from random init or from the sweep's dense run")
     init_from: Optional[str] = Field(None, description="run hash of the dense run this run starts from (set by the sweep)")
     init_checkpoint: Optional[str] = Field(None, description="path of the starting weights (set by the sweep)")
@@ -166,7 +167,7 @@ class RunConfig(_Strict):
         """The fields that decide what is trained: everything except paths, names and the
         sections of other methods."""
         d = self.model_dump(mode="json")
-        for k in ("data_dir", "experiment", "sweep", "tracking_uri", "out_dir", "init_checkpoint"):
+        for k in ("data_dir", "experiment", "sweep", "tracking_uri", "out_dir", "init_checkpoint", "eval_every"):
             d.pop(k)
         for name in METHOD_SECTIONS:
             if name != self.method:

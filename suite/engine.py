@@ -68,22 +68,44 @@ def resolve_device(cfg: RunConfig) -> str:
 # ----------------------------------------------------------------------------- data
 class Stream:
     """Batches from a loader without end; an 'epoch' is `steps` batches (a full pass unless
-    max_steps_per_epoch caps it, in which case the next epoch continues where it stopped)."""
+    max_steps_per_epoch caps it, in which case the next epoch continues where it stopped).
+
+    Its position (loader pass, batches taken from it) is part of a checkpoint, so a resumed run
+    sees exactly the batches the uninterrupted run would have seen."""
 
     def __init__(self, loader):
         self.loader = loader
         self.it = None
-        self.passes = 0
+        self.pass_no = 0
+        self.pos = 0
 
     def next(self):
         while True:
             if self.it is None:
+                self.pass_no = self.loader.epoch
                 self.it = iter(self.loader)
+                self.pos = 0
             try:
-                return next(self.it)
+                batch = next(self.it)
             except StopIteration:
                 self.it = None
-                self.passes += 1
+                continue
+            self.pos += 1
+            return batch
+
+    def state(self) -> dict[str, int]:
+        if self.it is None:
+            return {"pass": int(self.loader.epoch), "pos": 0}
+        return {"pass": int(self.pass_no), "pos": int(self.pos)}
+
+    def restore(self, st: dict[str, int]) -> None:
+        self.loader.set_epoch(st["pass"])
+        self.it, self.pass_no, self.pos = None, st["pass"], 0
+        if st["pos"]:
+            self.it = iter(self.loader)
+            for _ in range(st["pos"]):
+                next(self.it)
+            self.pos = st["pos"]
 
 
 def make_loaders(cfg: RunConfig, world: int):
@@ -251,8 +273,16 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             f"world {world} on {device}; {len(layers)} prunable layers, {n_prunable} weights ({mspec.policy})")
 
     stream = Stream(train_loader)
+    if resume is not None and "stream" in resume:
+        stream.restore(resume["stream"])
+    # pruning and regrowth counts: compare which prunable weights are active (effective value
+    # non-zero) at consecutive epoch ends; the same ruler for every method
+    active = sparsity.active(layers)
+    flips = dict(resume.get("flips", {"pruned_total": 0, "regrown_total": 0})) if resume else \
+        {"pruned_total": 0, "regrown_total": 0}
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
     train_time = resume.get("train_time_s", 0.0) if resume else 0.0
+    last_eval: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         w_lr, g_lr = pruner.lrs(epoch)
@@ -277,23 +307,36 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         if world > 1:
             dist.all_reduce(loss_sum)
         dens = sparsity.density(layers)
-        metrics = {"train_loss": float(loss_sum[0] / loss_sum[1]), "density": dens, "sparsity": 1 - dens,
+        now = sparsity.active(layers)
+        pruned, regrown = sparsity.flips(active, now)
+        active = now
+        flips["pruned_total"] += pruned
+        flips["regrown_total"] += regrown
+        metrics = {"pruned": pruned, "regrown": regrown, **flips,
+                   "train_loss": float(loss_sum[0] / loss_sum[1]), "density": dens, "sparsity": 1 - dens,
                    "lr": w_lr, "gate_lr": g_lr}
         metrics.update(pruner.end_epoch(epoch, dens))
-        metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world)
-        metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world)
+            metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
+            last_eval = {k: metrics[k] for k in ("val_top1", "test_top1")}
+        else:
+            metrics.pop("val_top1", None)
+            metrics.pop("test_top1", None)
         metrics["epoch_time_s"] = time.time() - t0
         logger.log_metrics(metrics, step=epoch)
+        ev = last_eval if last_eval else {"val_top1": float("nan"), "test_top1": float("nan")}
         extra_txt = f" gamma {metrics['gamma']:.3g} target {100 * metrics['target_density']:.2f}%" \
             if "gamma" in metrics else ""
         say(f"[hfbench] {cfg.run_name()} epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
-            f"val {100 * metrics['val_top1']:.2f}% test {100 * metrics['test_top1']:.2f}% "
+            f"val {100 * ev['val_top1']:.2f}% test {100 * ev['test_top1']:.2f}% "
             f"density {100 * dens:.2f}%{extra_txt} ({metrics['epoch_time_s']:.1f}s)", flush=True)
         if rank == 0:
             save_atomic({"run_hash": cfg.run_hash(), "epoch": epoch, "step": step,
                          "model": engine.module.state_dict(), "optimizer": opt.state_dict(),
                          "pruner": pruner.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "mlflow_run_id": logger.run_id, "train_time_s": train_time, "metrics": metrics},
+                         "mlflow_run_id": logger.run_id, "train_time_s": train_time, "metrics": metrics,
+                         "flips": flips, "stream": stream.state()},
                         ckpt_path)
 
     counts = sparsity.count(layers)

@@ -99,3 +99,12 @@ def test_phases_learning_rates_and_pressure_switch_off():
     assert hf.gamma > 0
     hf.end_epoch(3, 1.0)  # end of pruning: the regrowth phase runs without pressure
     assert hf.gamma == 0.0 and hf.loss_term() is None
+
+
+def test_flip_counting_on_known_masks():
+    from suite.pruning.sparsity import flips
+
+    before = [torch.tensor([True, True, False, False]), torch.tensor([[True, False], [False, True]])]
+    after = [torch.tensor([True, False, True, False]), torch.tensor([[False, False], [True, True]])]
+    assert flips(before, after) == (2, 2)
+    assert flips(after, after) == (0, 0)

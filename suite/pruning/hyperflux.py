@@ -77,7 +77,9 @@ class PressureScheduler:
             self.inertia_up += self.s / 4
             self.inertia_down = 0.0
         else:
-            self.g = max(0.0, self.g - (self.s + self.inertia_down))
+            self.g = self.g - (self.s + self.inertia_down)
+            if self.g < 1e-9:  # floor at zero, without float residue such as 4e-17
+                self.g = 0.0
             self.inertia_down += self.s / 4
             self.inertia_up = 0.0
         return self.gamma

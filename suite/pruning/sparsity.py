@@ -50,3 +50,16 @@ def table(counts: list[LayerCount]) -> str:
     for c in counts:
         rows.append(f"{c.name},{'x'.join(map(str, c.shape))},{c.numel},{c.nonzero},{c.density:.6f}")
     return "\n".join(rows) + "\n"
+
+
+@torch.no_grad()
+def active(layers: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
+    """Boolean map per layer of the prunable weights that are active (effective value != 0)."""
+    return [mod.weight != 0 for _, mod in layers]
+
+
+def flips(before: list[torch.Tensor], after: list[torch.Tensor]) -> tuple[int, int]:
+    """(pruned, regrown) between two activity maps: active -> inactive, inactive -> active."""
+    pruned = sum(int((b & ~a).sum()) for b, a in zip(before, after))
+    regrown = sum(int((~b & a).sum()) for b, a in zip(before, after))
+    return pruned, regrown

@@ -1,0 +1,306 @@
+"""Random-matrix (Marchenko-Pastur) building blocks for the RMT pruning baselines.
+
+This module holds only the reusable math; the Pruner classes that use it live elsewhere.
+See docs/baselines.md, "Marchenko-Pastur (random-matrix) pruning" (arXiv 2503.01922,
+2606.02608). Contents:
+
+- `mp_edge_fit(W)`       per-layer fit of the MP bulk and its upper edge (BEMA-style)
+- `mp_layer_report()`    a per-layer diagnostic table built from those fits
+- `seb_layer_weights()`  spectral-edge budgeting (SEB) layer weights w_l(s)
+- `seb_scores()`, `seb_masks()`   global magnitude pruning on |W| / w_l
+- `ser_scores()`, `ser_restore()` the restore step of prune-then-restore (SER)
+
+Conventions (the doc leaves some of these open; they are fixed here)
+--------------------------------------------------------------------
+Matrix view. A Linear weight is used as it is, N = out rows by M = in columns; a Conv
+weight (out, in, kh, kw) becomes out x (in * kh * kw) by a row-major reshape, so row r is
+output channel r and column (c, i, j) is input channel c at kernel offset (i, j).
+
+Normalisation. With n = max(N, M), p = min(N, M) and g = p / n (<= 1) the eigenvalues are
+lambda_i = s_i^2 / n for the p singular values s_i. If W has i.i.d. entries of variance
+sigma^2, these p eigenvalues follow the MP law with ratio g and scale sigma^2, whose
+support is [sigma^2 (1 - sqrt g)^2, sigma^2 (1 + sqrt g)^2], in *both* orientations.
+The doc divides by M (the input dimension) instead. That is the same thing when out <= in.
+When out > in, s^2 / M has its edge at sigma^2 (1 + sqrt g)^2 / g. The textbook formula
+then holds only if the fitted "sigma^2" takes up the 1/g factor, so it would no longer be
+the entry variance. Dividing by max(N, M) keeps sigma2 equal to the entry variance for
+every layer. The singular-value edge sv_edge = sqrt(n * lambda_plus_corrected) and the
+count above it do not depend on this choice: both conventions give sv_edge =
+sigma (sqrt N + sqrt M) before the finite-size correction. So the choice only changes the
+reported sigma2 and lambda values.
+
+Scale fit. Sort the eigenvalues ascending. The i-th one (0-based) sits at the plotting
+position (i + 0.5) / p. The window is i in [floor(alpha p), floor((1 - alpha) p)).
+sigma^2 minimises sum_i (lambda_i - sigma^2 q_i)^2 over the window, where q_i is the unit
+MP quantile at the same position. That is sigma^2 = <q, lambda> / <q, q>. The MP
+quantiles come from the density evaluated numerically. We substitute
+x = a + (b - a)(1 - cos t) / 2, t in [0, pi], which turns the density into a smooth
+function of t (also at g = 1, where it has a 1/sqrt(x) pole in x), and integrate it with a
+cumulative trapezoid on a 4097-point grid t = pi u^2 (u uniform), which also resolves the
+narrow peak near t = 0 when g is just below 1. The CDF is within ~1e-6 of the exact one.
+
+Tracy-Widom correction (Johnstone 2001; Ke, Ma & Lin's BEMA):
+    lambda_plus           = sigma^2 (1 + sqrt g)^2
+    lambda_plus_corrected = sigma^2 [(1 + sqrt g)^2 + t * n^(-2/3) g^(-1/6) (1 + sqrt g)^(4/3)]
+The correction is multiplied by sigma^2 because the fluctuation scale of the top eigenvalue
+grows with the noise variance, as the public code also does. The exponent is 4/3, not the
+public code's `(1+sqrt g)**4/3`. Here n is the *larger* dimension, the one the
+eigenvalues are divided by. Johnstone's scale for the top eigenvalue of
+X^T X is (sqrt N + sqrt M)(1/sqrt N + 1/sqrt M)^(1/3). Divided by n that gives exactly
+n^(-2/3) g^(-1/6) (1 + sqrt g)^(4/3). Taking the smaller dimension here would inflate
+the correction by (n / p)^(2/3).
+t is the (1 - beta) quantile of the GOE Tracy-Widom law TW_1, P(TW_1 <= t) = 1 - beta, as
+written t_(1-beta) in the doc and computed as `TracyWidom(beta=1).cdfinv(1 - beta)` in the
+public code. beta is therefore the asymptotic probability that the largest eigenvalue of a
+pure-noise matrix lands above the corrected edge. With the doc's beta = 0.8, t = -2.2832,
+so the corrected edge sits slightly *inside* the asymptotic edge and a pure-noise matrix
+usually shows one (sometimes two or three) singular values above it. Pass a small beta
+(e.g. 0.05, t = +0.9793) for a conservative edge that noise rarely crosses.
+
+Goodness of fit (KS-style): ks = max over the window of |F_emp - F_MP(lambda_i / sigma^2)|.
+F_emp steps from i/p to (i+1)/p at the i-th eigenvalue and both sides of the step are used,
+so ks >= 1 / (2p) for any fit.
+
+Only numpy and torch are used (scipy is not a dependency of the suite). The TW_1 quantiles
+are a table, see `_TW1_QUANTILES`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from suite.pruning import masks as M
+
+# ----------------------------------------------------------------------------- Tracy-Widom
+# Quantiles of TW_1 (GOE) at p = 0.01, 0.02, ..., 0.99. Computed once offline to 1e-10.
+# Method (Bornemann 2010): Nystrom discretisation of F_1(s) = det(I - A_s) on L^2(0, inf),
+# A_s(u, v) = Ai(s + u + v), with 80 Gauss-Legendre nodes; cross-checked with 140 nodes
+# (max quantile change 2e-13). Check values: mean -1.20653, sd 1.26799; Johnstone (2001,
+# Table 1) lists -3.90, -3.18, -2.78, -1.91, -1.27, -0.59, 0.45, 0.98, 2.02 at
+# p = .01 .05 .10 .30 .50 .70 .90 .95 .99, all matched by the rounded table below.
+_TW1_P = np.round(np.arange(1, 100) / 100.0, 2)
+_TW1_QUANTILES = np.array([
+    -3.8954, -3.6141, -3.4324, -3.2940, -3.1804, -3.0829, -2.9967, -2.9191, -2.8481,  # .01-.09
+    -2.7824, -2.7211, -2.6633, -2.6086, -2.5565, -2.5067, -2.4589, -2.4128, -2.3683,  # .10-.18
+    -2.3251, -2.2832, -2.2423, -2.2025, -2.1636, -2.1255, -2.0881, -2.0515, -2.0154,  # .19-.27
+    -1.9799, -1.9449, -1.9104, -1.8763, -1.8426, -1.8092, -1.7761, -1.7434, -1.7108,  # .28-.36
+    -1.6785, -1.6464, -1.6145, -1.5828, -1.5511, -1.5196, -1.4881, -1.4567, -1.4254,  # .37-.45
+    -1.3941, -1.3627, -1.3314, -1.3000, -1.2686, -1.2371, -1.2054, -1.1737, -1.1418,  # .46-.54
+    -1.1098, -1.0775, -1.0451, -1.0124, -0.9795, -0.9463, -0.9128, -0.8790, -0.8448,  # .55-.63
+    -0.8102, -0.7752, -0.7397, -0.7037, -0.6672, -0.6300, -0.5923, -0.5538, -0.5147,  # .64-.72
+    -0.4747, -0.4338, -0.3920, -0.3491, -0.3052, -0.2599, -0.2134, -0.1653, -0.1156,  # .73-.81
+    -0.0641, -0.0105, 0.0454, 0.1038, 0.1652, 0.2299, 0.2985, 0.3717, 0.4501,         # .82-.90
+    0.5351, 0.6279, 0.7307, 0.8463, 0.9793, 1.1371, 1.3332, 1.5978, 2.0234,           # .91-.99
+])
+
+
+def tw1_quantile(prob: float) -> float:
+    """t with P(TW_1 <= t) = prob, for prob in [0.01, 0.99]: exact at the table's points,
+    linear in between (the table step is 0.01)."""
+    if not 0.01 <= prob <= 0.99:
+        raise ValueError(f"TW_1 quantile level {prob} outside the tabulated range [0.01, 0.99]")
+    return float(np.interp(prob, _TW1_P, _TW1_QUANTILES))
+
+
+# ----------------------------------------------------------------------------- MP law
+_GRID = 4097
+
+
+@lru_cache(maxsize=256)
+def _mp_table(g: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Unit-variance MP law, ratio g in (0, 1]: (t grid, CDF on it, a, b), x(t) = a + c (1 - cos t)."""
+    if not 0.0 < g <= 1.0:
+        raise ValueError(f"aspect ratio g must lie in (0, 1], got {g}")
+    rg = math.sqrt(g)
+    a, b = (1.0 - rg) ** 2, (1.0 + rg) ** 2
+    c = (b - a) / 2.0
+    # t = pi u^2 with u uniform: fine steps near t = 0, where for g just below 1 (a tiny
+    # but not 0) the density has a narrow peak of width ~ sqrt(a) in t
+    t = math.pi * np.linspace(0.0, 1.0, _GRID) ** 2
+    # density in t: f(x) dx/dt = c^2 sin^2 t / (2 pi g x(t)), rewritten with 1 - cos t =
+    # 2 sin^2(t/2) so that the a = 0 case (g = 1) has no 0/0 at t = 0
+    h = np.sin(t / 2.0) ** 2
+    num = 4.0 * c * c * h * np.cos(t / 2.0) ** 2
+    den = 2.0 * math.pi * g * (a + 2.0 * c * h)
+    if a > 0.0:
+        dens = num / den
+    else:
+        dens = 4.0 * c * c * np.cos(t / 2.0) ** 2 / (2.0 * math.pi * g * 2.0 * c)
+    cdf = np.concatenate([[0.0], np.cumsum((dens[1:] + dens[:-1]) * 0.5 * np.diff(t))])
+    cdf /= cdf[-1]  # the raw trapezoid total is 1 to ~1e-7
+    return t, cdf, a, b
+
+
+def mp_quantile(prob: np.ndarray, g: float) -> np.ndarray:
+    """Quantiles of the unit-variance MP law with ratio g <= 1 (support [(1-sqrt g)^2, (1+sqrt g)^2])."""
+    t, cdf, a, b = _mp_table(float(g))
+    tp = np.interp(np.asarray(prob, dtype=np.float64), cdf, t)
+    return a + (b - a) / 2.0 * (1.0 - np.cos(tp))
+
+
+def mp_cdf(x: np.ndarray, g: float) -> np.ndarray:
+    """Distribution function of the unit-variance MP law with ratio g <= 1."""
+    t, cdf, a, b = _mp_table(float(g))
+    u = 1.0 - 2.0 * (np.asarray(x, dtype=np.float64) - a) / (b - a)
+    return np.interp(np.arccos(np.clip(u, -1.0, 1.0)), t, cdf)
+
+
+# ----------------------------------------------------------------------------- edge fit
+@dataclass
+class MPFit:
+    shape: tuple[int, int]        # matrix view (N out, M in) the fit used
+    g: float                      # min(N, M) / max(N, M)
+    sigma2: float                 # fitted entry variance
+    lambda_plus: float            # sigma2 (1 + sqrt g)^2, eigenvalues = s^2 / max(N, M)
+    lambda_plus_corrected: float  # lambda_plus + Tracy-Widom finite-size term
+    sv_edge: float                # sqrt(max(N, M) * lambda_plus_corrected), singular-value units
+    n_above: int                  # singular values strictly above sv_edge
+    n_total: int                  # number of singular values, min(N, M)
+    ks: float                     # max |F_emp - F_MP| over the fit window
+    tw_t: float                   # the TW_1 quantile used, P(TW_1 <= tw_t) = 1 - beta
+    sv_max: float                 # largest singular value
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def matrix_view(W: torch.Tensor) -> torch.Tensor:
+    """2-D view of a weight: Linear as is, Conv (out, in, kh, kw) -> out x (in * kh * kw)."""
+    if W.dim() < 2:
+        raise ValueError(f"need a weight with at least 2 dimensions, got shape {tuple(W.shape)}")
+    return W.reshape(W.shape[0], -1)
+
+
+@torch.no_grad()
+def mp_edge_fit(W: torch.Tensor, alpha: float = 0.25, beta: float = 0.8) -> MPFit:
+    """Fit the MP bulk of one weight tensor and locate its upper edge (module docstring has
+    the conventions). alpha: window quantiles alpha .. 1 - alpha; beta: TW level, the edge
+    uses the (1 - beta) quantile of TW_1."""
+    if not 0.0 <= alpha < 0.5:
+        raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
+    X = matrix_view(W.detach()).to("cpu", torch.float64)
+    N, Mi = X.shape
+    n, p = max(N, Mi), min(N, Mi)
+    g = p / n
+    s = torch.linalg.svdvals(X).numpy()             # descending, p values
+    lam = np.sort(s * s / n)                         # ascending eigenvalues
+    lo, hi = int(alpha * p), int((1.0 - alpha) * p)
+    if hi <= lo:
+        raise ValueError(f"empty fit window for {p} singular values at alpha={alpha}")
+    idx = np.arange(lo, hi)
+    q = mp_quantile((idx + 0.5) / p, g)
+    sigma2 = float(np.dot(q, lam[idx]) / np.dot(q, q))
+    t_tw = tw1_quantile(1.0 - beta)
+    rg = math.sqrt(g)
+    lam_plus = sigma2 * (1.0 + rg) ** 2
+    corr = sigma2 * t_tw * n ** (-2.0 / 3.0) * g ** (-1.0 / 6.0) * (1.0 + rg) ** (4.0 / 3.0)
+    lam_corr = lam_plus + corr
+    sv_edge = math.sqrt(n * max(lam_corr, 0.0))
+    if sigma2 > 0.0:
+        F = mp_cdf(lam[idx] / sigma2, g)
+        ks = float(np.max(np.maximum(np.abs(idx / p - F), np.abs((idx + 1) / p - F))))
+    else:  # an all-zero matrix: no bulk to compare with
+        ks = float("nan")
+    return MPFit(
+        shape=(int(N), int(Mi)), g=g, sigma2=sigma2, lambda_plus=lam_plus,
+        lambda_plus_corrected=lam_corr, sv_edge=sv_edge, n_above=int(np.sum(s > sv_edge)),
+        n_total=int(p), ks=ks, tw_t=t_tw, sv_max=float(s[0]) if p else 0.0,
+    )
+
+
+def mp_layer_report(layers: Sequence[tuple[str, nn.Module]], alpha: float = 0.25,
+                    beta: float = 0.8) -> list[dict]:
+    """One row per prunable layer: the MP fit of its dense stored weight plus the share of
+    singular values at or below the edge (the noise share the RMT method prunes by)."""
+    rows = []
+    for name, mod in layers:
+        fit = mp_edge_fit(M.stored_weight(mod), alpha=alpha, beta=beta)
+        row = {"layer": name, **fit.to_dict()}
+        row["frac_below"] = 1.0 - fit.n_above / fit.n_total
+        row["edge_ratio"] = fit.sv_max / fit.sv_edge if fit.sv_edge > 0 else float("nan")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- SEB / SER
+# The doc gives the form of w_l(s) but not b, s_d or p. Defaults chosen here: b = 1 (one
+# standard deviation of edge changes a layer's weight by d(s)), s_d = 1 (the budgeting
+# fades linearly to nothing at s = 1 rather than switching off at some sparsity the papers
+# never name), p = 1 (linear fade).
+SEB_B, SEB_SD, SEB_P = 1.0, 1.0, 1.0
+
+
+def seb_layer_weights(fits: Sequence[MPFit], s: float, b: float = SEB_B, s_d: float = SEB_SD,
+                      p: float = SEB_P) -> list[float]:
+    """w_l(s) = max(0.1, 1 + b d(s) z_l), d(s) = max(0, 1 - s / s_d)^p, z_l the z-score of
+    sv_edge across the given layers (population std). Equal edges, or a single layer, give
+    z = 0 and w = 1 everywhere (plain global magnitude)."""
+    edges = np.array([f.sv_edge for f in fits], dtype=np.float64)
+    sd = float(edges.std()) if len(edges) > 1 else 0.0
+    z = (edges - edges.mean()) / sd if sd > 0.0 else np.zeros_like(edges)
+    d = max(0.0, 1.0 - s / s_d) ** p
+    return [max(0.1, 1.0 + b * d * float(zl)) for zl in z]
+
+
+def seb_scores(weights: Sequence[torch.Tensor], layer_weights: Sequence[float]) -> list[torch.Tensor]:
+    """|W| / w_l per layer: the quantity SEB prunes by (smallest first)."""
+    return [w.detach().abs() / wl for w, wl in zip(weights, layer_weights)]
+
+
+def seb_masks(weights: Sequence[torch.Tensor], fits: Sequence[MPFit], sparsity: float,
+              b: float = SEB_B, s_d: float = SEB_SD, p: float = SEB_P,
+              budget_sparsity: Optional[float] = None) -> list[torch.Tensor]:
+    """0/1 masks removing the round(sparsity * N) smallest |W| / w_l over all layers together.
+    w_l is evaluated at `budget_sparsity` (default: `sparsity`); SER over-prunes to rho * s
+    with the weights of the final target s, so it passes budget_sparsity = s."""
+    if len(weights) != len(fits):
+        raise ValueError(f"{len(weights)} weights but {len(fits)} fits")
+    s_b = sparsity if budget_sparsity is None else budget_sparsity
+    wl = seb_layer_weights(fits, s_b, b=b, s_d=s_d, p=p)
+    return M.magnitude_masks(seb_scores(weights, wl), sparsity, "global")
+
+
+def ser_scores(dws: Sequence[torch.Tensor], layer_weights: Sequence[float]) -> list[torch.Tensor]:
+    """Restore score |dw| * w_l(s) per weight (only the removed entries are looked at)."""
+    return [dw.detach().abs() * wl for dw, wl in zip(dws, layer_weights)]
+
+
+@torch.no_grad()
+def ser_restore(masks_over: Sequence[torch.Tensor], dw_scores: Sequence[torch.Tensor],
+                target_sparsity: float) -> list[torch.Tensor]:
+    """Restore (set to 1) the removed entries with the highest scores until exactly
+    round(target_sparsity * N) zeros remain over all masks together. Entries the
+    over-pruned masks kept are never touched; scores of kept entries are ignored. Ties
+    among equal scores are broken by torch.topk. Raises if the masks already have fewer
+    zeros than the target (they were not over-pruned)."""
+    if len(masks_over) != len(dw_scores):
+        raise ValueError(f"{len(masks_over)} masks but {len(dw_scores)} score tensors")
+    for m, sc in zip(masks_over, dw_scores):
+        if m.shape != sc.shape:
+            raise ValueError(f"mask shape {tuple(m.shape)} != score shape {tuple(sc.shape)}")
+    flat_m = torch.cat([m.detach().reshape(-1) for m in masks_over])
+    flat_s = torch.cat([sc.detach().reshape(-1).to(torch.float64) for sc in dw_scores])
+    total = flat_m.numel()
+    k_target = int(round(target_sparsity * total))
+    removed = torch.nonzero(flat_m == 0).reshape(-1)
+    n_restore = removed.numel() - k_target
+    if n_restore < 0:
+        raise ValueError(f"masks have {removed.numel()} zeros, fewer than the target {k_target}")
+    new = flat_m.clone()
+    if n_restore > 0:
+        sc = torch.nan_to_num(flat_s[removed], nan=-math.inf)
+        pick = torch.topk(sc, n_restore, largest=True).indices
+        new[removed[pick]] = 1
+    out, i = [], 0
+    for m in masks_over:
+        out.append(new[i:i + m.numel()].view_as(m).to(m.dtype))
+        i += m.numel()
+    return out
