@@ -54,7 +54,8 @@ written t_(1-beta) in the doc and computed as `TracyWidom(beta=1).cdfinv(1 - bet
 public code. beta is therefore the asymptotic probability that the largest eigenvalue of a
 pure-noise matrix lands above the corrected edge. With the doc's beta = 0.8, t = -2.2832,
 so the corrected edge sits slightly *inside* the asymptotic edge and a pure-noise matrix
-usually shows one (sometimes two or three) singular values above it. Pass a small beta
+usually shows one, sometimes two, singular values above it (measured: the share of
+noise matrices with at least one is close to beta). Pass a small beta
 (e.g. 0.05, t = +0.9793) for a conservative edge that noise rarely crosses.
 
 Goodness of fit (KS-style): ks = max over the window of |F_emp - F_MP(lambda_i / sigma^2)|.
@@ -75,7 +76,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from suite.pruning import masks as M
+from suite.pruning import masks
 
 # ----------------------------------------------------------------------------- Tracy-Widom
 # Quantiles of TW_1 (GOE) at p = 0.01, 0.02, ..., 0.99. Computed once offline to 1e-10.
@@ -103,6 +104,7 @@ _TW1_QUANTILES = np.array([
 def tw1_quantile(prob: float) -> float:
     """t with P(TW_1 <= t) = prob, for prob in [0.01, 0.99]: exact at the table's points,
     linear in between (the table step is 0.01)."""
+    prob = round(float(prob), 10)  # so that 1 - 0.8 = 0.19999999999999996 hits the 0.20 entry
     if not 0.01 <= prob <= 0.99:
         raise ValueError(f"TW_1 quantile level {prob} outside the tabulated range [0.01, 0.99]")
     return float(np.interp(prob, _TW1_P, _TW1_QUANTILES))
@@ -222,7 +224,7 @@ def mp_layer_report(layers: Sequence[tuple[str, nn.Module]], alpha: float = 0.25
     singular values at or below the edge (the noise share the RMT method prunes by)."""
     rows = []
     for name, mod in layers:
-        fit = mp_edge_fit(M.stored_weight(mod), alpha=alpha, beta=beta)
+        fit = mp_edge_fit(masks.stored_weight(mod), alpha=alpha, beta=beta)
         row = {"layer": name, **fit.to_dict()}
         row["frac_below"] = 1.0 - fit.n_above / fit.n_total
         row["edge_ratio"] = fit.sv_max / fit.sv_edge if fit.sv_edge > 0 else float("nan")
@@ -265,7 +267,7 @@ def seb_masks(weights: Sequence[torch.Tensor], fits: Sequence[MPFit], sparsity: 
         raise ValueError(f"{len(weights)} weights but {len(fits)} fits")
     s_b = sparsity if budget_sparsity is None else budget_sparsity
     wl = seb_layer_weights(fits, s_b, b=b, s_d=s_d, p=p)
-    return M.magnitude_masks(seb_scores(weights, wl), sparsity, "global")
+    return masks.magnitude_masks(seb_scores(weights, wl), sparsity, "global")
 
 
 def ser_scores(dws: Sequence[torch.Tensor], layer_weights: Sequence[float]) -> list[torch.Tensor]:

@@ -71,7 +71,7 @@ def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, 
     import submitit
 
     L = sweep.launcher
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=L.max_requeues)
     params: dict[str, Any] = dict(name=f"hfbench-{sweep.name}", timeout_min=L.slurm.time_min, nodes=nodes,
                                   tasks_per_node=world_size, cpus_per_task=max(threads, L.slurm.cpus_per_task))
     if L.slurm.gpus_per_node:
@@ -80,6 +80,7 @@ def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, 
         params["mem_gb"] = L.slurm.mem_gb
     if kind == "slurm":
         params["slurm_array_parallelism"] = L.parallelism
+        params["slurm_signal_delay_s"] = L.slurm.signal_delay_s
         if L.slurm.partition:
             params["slurm_partition"] = L.slurm.partition
         extra = dict(L.slurm.extra)
@@ -161,7 +162,7 @@ class Sweep:
             ex = make_executor(self.sweep, self.kind, self.folder, ws, nodes, threads)
             if self.kind == "slurm":
                 with ex.batch():
-                    jobs = [ex.submit(task.run, r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs]
+                    jobs = [ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs]
                 pending += list(zip(rs, jobs))
                 self.say(f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
                          f"x {ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
@@ -194,7 +195,7 @@ class Sweep:
         while running or waiting:
             while waiting and len(running) < limit:  # local executor: honour the parallelism limit
                 r, ex = waiting.pop(0)
-                job = ex.submit(task.run, r.model_dump(mode="json"), self.uri, self.exp_id)
+                job = ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
                 running.append((r, job))
             still = []
             for r, job in running:

@@ -53,6 +53,12 @@ def cmd_sweep(a) -> int:
             print(f"{r.run_hash()}  {r.run_name()}")
         print(f"{len(sweep.expand())} runs")
         return 0
+    import signal
+
+    def _term(signum, frame):  # `kill` of the sweep behaves like Ctrl-C: running jobs are cancelled
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
     outcomes = Sweep(sweep).run()
     return 1 if any(o.state == "failed" for o in outcomes) else 0
 

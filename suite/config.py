@@ -213,6 +213,7 @@ class SlurmConfig(_Strict):
     cpus_per_task: int = Field(1, ge=1, le=512)
     mem_gb: Optional[float] = Field(None, gt=0)
     gpus_per_node: int = Field(0, ge=0, le=16)
+    signal_delay_s: int = Field(90, ge=5, le=3600, description="USR2 this long before the time limit")
     extra: dict[str, str] = Field(default_factory=dict, description="extra sbatch options")
 
 
@@ -222,6 +223,7 @@ class LauncherConfig(_Strict):
     folder: str = "runs/submitit"
     slurm: SlurmConfig = SlurmConfig()
     poll_s: float = Field(2.0, gt=0, le=600)
+    max_requeues: int = Field(10, ge=0, le=1000, description="preemptions/time-outs a task may be requeued after")
 
 
 class GridConfig(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -63,6 +64,48 @@ def resolve_device(cfg: RunConfig) -> str:
     if cfg.engine.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("engine.device is 'cuda' but no GPU is visible")
     return cfg.engine.device
+
+
+# ----------------------------------------------------------------------------- preemption
+_STOP: dict[str, Any] = {"signum": None, "frame": None, "previous": None, "handing_over": False}
+
+
+def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> None:
+    """Turn the preemption / time-limit signal (SLURM sends USR2 ahead of both, through
+    submitit) into a request that the training loop honours at the next step boundary: it
+    writes a full checkpoint there, then hands over to the handler that was installed before
+    (submitit's, which requeues the job)."""
+    for sig in signals:
+        previous = signal.getsignal(sig)
+
+        def request(signum, frame, previous=previous):
+            _STOP.update(signum=signum, frame=frame, previous=previous)
+
+        signal.signal(sig, request)
+
+
+def _stop_requested(world: int) -> bool:
+    flag = _STOP["signum"] is not None
+    if world > 1:  # every rank stops at the same step, whichever rank got the signal
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag
+
+
+def _hand_over(rank: int) -> None:
+    """After the checkpoint is written: let submitit requeue (rank 0), or wait to be stopped."""
+    _STOP["handing_over"] = True
+    previous, signum = _STOP["previous"], _STOP["signum"] or signal.SIGUSR2
+    if callable(previous):
+        previous(signum, _STOP["frame"])  # submitit: checkpoint() + requeue + exit on rank 0
+    if rank != 0:
+        time.sleep(600)  # rank 0 requeues the whole allocation, which stops this process too
+    raise Preempted("stopped by a signal after writing a checkpoint; run the same config again to resume")
+
+
+class Preempted(RuntimeError):
+    pass
 
 
 # ----------------------------------------------------------------------------- data
@@ -221,6 +264,8 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
     try:
         result = _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start)
     except BaseException as e:
+        if _STOP["handing_over"]:
+            raise  # preempted or timed out with a checkpoint: the MLflow run stays RUNNING until resumed
         logger.finish("FAILED", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise
     logger.finish("FINISHED")
@@ -250,14 +295,15 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, world))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    start_epoch, step = 1, 0
+    start_epoch, step, in_epoch = 1, 0, 0
     if resume is not None:
         engine.module.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         pruner.load_state_dict(resume["pruner"])
         torch.set_rng_state(resume["torch_rng"])
-        start_epoch, step = resume["epoch"] + 1, resume["step"]
-        say(f"[hfbench] resuming {cfg.run_name()} at epoch {start_epoch}")
+        step, in_epoch = resume["step"], resume.get("in_epoch", 0)
+        start_epoch = resume["epoch"] if in_epoch else resume["epoch"] + 1
+        say(f"[hfbench] resuming {cfg.run_name()} at epoch {start_epoch}, step {step}")
     else:
         pruner.on_train_start()
         n_prunable = sum(m.weight.numel() for _, m in layers)
@@ -277,32 +323,53 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         stream.restore(resume["stream"])
     # pruning and regrowth counts: compare which prunable weights are active (effective value
     # non-zero) at consecutive epoch ends; the same ruler for every method
-    active = sparsity.active(layers)
-    flips = dict(resume.get("flips", {"pruned_total": 0, "regrown_total": 0})) if resume else \
-        {"pruned_total": 0, "regrown_total": 0}
-    metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
-    train_time = resume.get("train_time_s", 0.0) if resume else 0.0
+    active = [a.clone() for a in resume["active"]] if resume is not None and "active" in resume \
+        else sparsity.active(layers)
+    flips = dict(resume.get("flips", {})) if resume is not None else {}
+    flips = {"pruned_total": flips.get("pruned_total", 0), "regrown_total": flips.get("regrown_total", 0)}
+    metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume is not None else {}
+    train_time = resume.get("train_time_s", 0.0) if resume is not None else 0.0
     last_eval: dict[str, float] = {}
+
+    def checkpoint(epoch: int, in_epoch: int, loss_sum: torch.Tensor, train_time: float) -> None:
+        """Everything a resumed run needs to continue exactly where this one is."""
+        if rank == 0:
+            save_atomic({"run_hash": cfg.run_hash(), "epoch": epoch, "in_epoch": in_epoch, "step": step,
+                         "loss_sum": loss_sum.tolist(), "model": engine.module.state_dict(),
+                         "optimizer": opt.state_dict(), "pruner": pruner.state_dict(),
+                         "torch_rng": torch.get_rng_state(), "mlflow_run_id": logger.run_id,
+                         "train_time_s": train_time, "metrics": metrics, "flips": flips,
+                         "active": active, "stream": stream.state()}, ckpt_path)
+        if world > 1:
+            dist.barrier()
+
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         w_lr, g_lr = pruner.lrs(epoch)
         opt.set_lrs(w_lr, g_lr)
         engine.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        for _ in range(steps_per_epoch):
+        first = in_epoch if epoch == start_epoch else 0
+        loss_sum = torch.tensor(resume["loss_sum"], dtype=torch.float64) if first \
+            else torch.zeros(2, dtype=torch.float64)
+        for i in range(first, steps_per_epoch):
             x, y = stream.next()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = criterion(engine(x), y)
             extra = pruner.loss_term()
             total = loss + extra if extra is not None else loss
             if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite loss {total.item()} at epoch {epoch}, step {step + 1}")
+                raise FloatingPointError(f"non-finite loss ({total.item()}) at epoch {epoch}, step {step + 1}")
             engine.backward(total)
             engine.step()
             step += 1
             pruner.after_step(step)
             loss_sum[0] += loss.item()
             loss_sum[1] += 1
+            if _stop_requested(world):
+                checkpoint(epoch, i + 1, loss_sum, train_time + time.time() - t0)
+                say(f"[hfbench] {cfg.run_name()}: stop requested at epoch {epoch}, step {step}; checkpoint "
+                    f"written to {ckpt_path}", flush=True)
+                _hand_over(rank)
         train_time += time.time() - t0
         if world > 1:
             dist.all_reduce(loss_sum)
@@ -320,24 +387,15 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world)
             metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
             last_eval = {k: metrics[k] for k in ("val_top1", "test_top1")}
-        else:
-            metrics.pop("val_top1", None)
-            metrics.pop("test_top1", None)
         metrics["epoch_time_s"] = time.time() - t0
+        checkpoint(epoch, 0, loss_sum, train_time)
         logger.log_metrics(metrics, step=epoch)
-        ev = last_eval if last_eval else {"val_top1": float("nan"), "test_top1": float("nan")}
+        ev = last_eval or {"val_top1": float("nan"), "test_top1": float("nan")}
         extra_txt = f" gamma {metrics['gamma']:.3g} target {100 * metrics['target_density']:.2f}%" \
             if "gamma" in metrics else ""
         say(f"[hfbench] {cfg.run_name()} epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
             f"val {100 * ev['val_top1']:.2f}% test {100 * ev['test_top1']:.2f}% "
             f"density {100 * dens:.2f}%{extra_txt} ({metrics['epoch_time_s']:.1f}s)", flush=True)
-        if rank == 0:
-            save_atomic({"run_hash": cfg.run_hash(), "epoch": epoch, "step": step,
-                         "model": engine.module.state_dict(), "optimizer": opt.state_dict(),
-                         "pruner": pruner.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "mlflow_run_id": logger.run_id, "train_time_s": train_time, "metrics": metrics,
-                         "flips": flips, "stream": stream.state()},
-                        ckpt_path)
 
     counts = sparsity.count(layers)
     digest = state_digest(engine.module)
