@@ -94,13 +94,20 @@ def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, 
     return ex
 
 
+def jobs_file(sweep: SweepConfig) -> Path:
+    return Path(sweep.launcher.folder) / sweep.name / "jobs.jsonl"
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    # submitit's FailedJobError carries the remote traceback: its last line is the error
-    for line in reversed(text):
-        if line.strip() and not line.startswith(" "):
-            return line.strip()[:300]
-    return type(err).__name__
+    """The error line of a failure: for submitit's FailedJobError, the last 'SomeError: ...'
+    line of the remote traceback it carries."""
+    import re
+
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Preempted)\b", ln)]
+    if errs:
+        return errs[-1][:300]
+    return (lines[0][:300] if lines else type(err).__name__)
 
 
 class Sweep:
@@ -125,7 +132,7 @@ class Sweep:
         for r in runs:
             h = r.run_hash()
             weights_ok = r.method != "dense" or (Path(r.out_dir) / h / "final_weights.pt").is_file()
-            if h in finished and weights_ok:
+            if (h in finished and weights_ok) or (r.method == "dense" and self.sweep.reuse_dense and weights_ok):
                 outcomes[h] = Outcome(r, "skipped")
             else:
                 todo.append(r)
@@ -164,11 +171,24 @@ class Sweep:
                 with ex.batch():
                     jobs = [ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs]
                 pending += list(zip(rs, jobs))
+                self._record(list(zip(rs, jobs)))
                 self.say(f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
                          f"x {ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
             else:
                 waiting += [(r, ex) for r in rs]
         return self._wait(pending, waiting)
+
+    def _record(self, submitted) -> None:
+        """Append (run hash -> job id) to the sweep's job log, read by `hfbench status`."""
+        import json
+
+        path = jobs_file(self.sweep)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for r, job in submitted:
+                f.write(json.dumps({"hash": r.run_hash(), "run": r.run_name(), "job_id": str(job.job_id),
+                                    "executor": self.kind, "folder": str(self.folder),
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     def _wait(self, pending, waiting) -> list[Outcome]:
         total = len(pending) + len(waiting)
@@ -197,6 +217,7 @@ class Sweep:
                 r, ex = waiting.pop(0)
                 job = ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
                 running.append((r, job))
+                self._record([(r, job)])
             still = []
             for r, job in running:
                 if not job.done():
@@ -268,7 +289,7 @@ def _progress(running) -> str:
                 ep = "e" + found[-1]
         except (OSError, AttributeError):
             pass
-        label = "dense" if r.method == "dense" else f"{r.method}-{r.sparsity:g}"
+        label = r.run_name().removeprefix(f"{r.model}-").removesuffix(f"-s{r.seed}")
         parts.append(f"{label} {ep}")
     return "running: " + (", ".join(parts) if parts else "-") + (" ..." if len(running) > 4 else "")
 

@@ -2,6 +2,7 @@
 
   hfbench data fashion-mnist --out data/       FFCV files from the Debian Fashion-MNIST package
   hfbench sweep configs/demo.yaml              run a sweep (SLURM array if reachable, else local)
+  hfbench status configs/demo.yaml             state, epoch, metrics, requeues, errors of each run
   hfbench train run.yaml                       one run in this process (debugging)
   hfbench report --experiment demo --out reports/demo
   hfbench models                               the model registry and its prunable layers
@@ -61,6 +62,43 @@ def cmd_sweep(a) -> int:
     signal.signal(signal.SIGTERM, _term)
     outcomes = Sweep(sweep).run()
     return 1 if any(o.state == "failed" for o in outcomes) else 0
+
+
+def cmd_status(a) -> int:
+    from launchers.status import format_table, sweep_status
+    from suite.config import load_sweep
+
+    sweep = load_sweep(a.config)
+    print(format_table(sweep_status(sweep, a.tracking_uri)))
+    return 0
+
+
+def cmd_fit_law(a) -> int:
+    """Fit d(gamma) to the fixed-pressure Hyperflux runs of an experiment."""
+    from suite import tracking
+    from suite.pruning.laws import pressure_law_fit
+
+    uri = a.tracking_uri or tracking.default_uri()
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(a.experiment)
+    if exp is None:
+        raise SystemExit(f"hfbench fit-law: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
+    pts = []
+    for r in c.search_runs([exp.experiment_id], max_results=5000):
+        p = r.data.params
+        if r.info.status == "FINISHED" and p.get("method") == "hyperflux" and p.get("hyperflux.schedule") == "fixed":
+            pts.append((float(p["hyperflux.fixed_gamma"]), r.data.metrics["final_density"]))
+    if not pts:
+        raise SystemExit(f"hfbench fit-law: no finished fixed-pressure Hyperflux runs in {a.experiment!r}")
+    pts.sort()
+    law = pressure_law_fit([g for g, _ in pts], [d for _, d in pts])
+    print(f"{'gamma':>10} {'density':>9}")
+    for g, d in pts:
+        print(f"{g:>10.4g} {100 * d:>8.3f}%")
+    print(f"d(gamma) = {law['c']:.6g} * exp(-({law['a0']:.6g} ln g + {law['a1']:.6g} ln^2 g)),"
+          f" R^2 = {law['r2']:.4f} on {law['n']} runs")
+    print(f"for a sweep: hyperflux: {{schedule: law, law: {{c: {law['c']:.6g}, a0: {law['a0']:.6g}, a1: {law['a1']:.6g}}}}}")
+    return 0
 
 
 def cmd_train(a) -> int:
@@ -124,7 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: HFBENCH_MLFLOW_URI or ./mlflow.db)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, e.g. base.epochs=2")
     s.add_argument("--dry-run", action="store_true", help="validate and list the runs, submit nothing")
+    s.add_argument("--resume", action="store_true",
+                   help="submit only runs that are missing or failed (this is always what a sweep does: "
+                        "runs whose hash already FINISHED in the experiment are skipped)")
     s.set_defaults(fn=cmd_sweep)
+
+    st = sub.add_parser("status", help="state of every run of a sweep (MLflow + SLURM accounting)")
+    st.add_argument("config")
+    st.add_argument("--tracking-uri")
+    st.set_defaults(fn=cmd_status)
+
+    fl = sub.add_parser("fit-law", help="fit the gamma-density law to fixed-pressure Hyperflux runs")
+    fl.add_argument("--experiment", required=True)
+    fl.add_argument("--tracking-uri")
+    fl.set_defaults(fn=cmd_fit_law)
 
     t = sub.add_parser("train", help="train one run config in this process")
     t.add_argument("config")

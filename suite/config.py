@@ -41,11 +41,22 @@ class HyperfluxConfig(_Strict):
     decay: float = Field(0.75, gt=0, le=1, description="gate LR multiplier per regrowth epoch")
     reset_scaler: float = Field(1.0, gt=0, description="gate LR at regrowth start = gate_lr * reset_scaler")
     freeze_gates_after: int = Field(50, ge=0, description="gate LR set to 0 after this many regrowth epochs")
+    schedule: Literal["controller", "fixed", "law"] = Field(
+        "controller", description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
+                                  "law: constant gamma solved from a fitted gamma-density law for the target")
+    fixed_gamma: Optional[float] = Field(None, gt=0, le=1e6, description="pressure for schedule 'fixed'")
+    law: Optional[dict[str, float]] = Field(None, description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
+                                                              "for schedule 'law' (from `hfbench fit-law`)")
 
     @model_validator(mode="after")
     def _init_range(self):
         if not self.gate_init_low <= self.gate_init_high:
             raise ValueError("gate_init_low must be <= gate_init_high")
+        if self.schedule == "fixed" and self.fixed_gamma is None:
+            raise ValueError("schedule 'fixed' needs fixed_gamma")
+        if self.schedule == "law":
+            if not self.law or set(self.law) != {"c", "a0", "a1"}:
+                raise ValueError("schedule 'law' needs law: {c: .., a0: .., a1: ..}")
         return self
 
 
@@ -181,6 +192,10 @@ class RunConfig(_Strict):
     def run_name(self) -> str:
         if self.method == "dense":
             return f"{self.model}-dense-s{self.seed}"
+        if self.method == "hyperflux" and self.hyperflux.schedule == "fixed":
+            return f"{self.model}-hyperflux-g{self.hyperflux.fixed_gamma:g}-s{self.seed}"
+        if self.method == "hyperflux" and self.hyperflux.schedule == "law":
+            return f"{self.model}-hyperflux-law-{self.sparsity:g}-s{self.seed}"
         return f"{self.model}-{self.method}-{self.sparsity:g}-s{self.seed}"
 
     def flat_params(self) -> dict[str, str]:
@@ -231,6 +246,8 @@ class GridConfig(_Strict):
     sparsities: list[float] = Field(default_factory=lambda: [0.9], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: Optional[list[str]] = None
+    params: dict[str, list[Any]] = Field(
+        default_factory=dict, description="extra grid axes over run fields, e.g. {hyperflux.fixed_gamma: [1, 2, 4]}")
 
     @field_validator("sparsities")
     @classmethod
@@ -260,6 +277,8 @@ class SweepConfig(_Strict):
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-method run fields, e.g. {hyperflux: {epochs: 12}}")
     launcher: LauncherConfig = LauncherConfig()
+    reuse_dense: bool = Field(False, description="start from dense weights already in out_dir (same hash) "
+                                                 "even if that dense run is not in this experiment")
 
     def experiment_name(self) -> str:
         return self.experiment or self.name
@@ -270,11 +289,18 @@ class SweepConfig(_Strict):
         runs: list[RunConfig] = []
         models = self.grid.models or [self.base.get("model", RunConfig.model_fields["model"].default)]
         seen: set[str] = set()
-        for model, seed, method in itertools.product(models, self.grid.seeds, self.grid.methods):
+        axes = list(self.grid.params.items())
+        combos = list(itertools.product(*[v for _, v in axes])) if axes else [()]
+        for model, seed, method, combo in itertools.product(models, self.grid.seeds, self.grid.methods, combos):
+            if method == "dense" and combo != combos[0]:
+                continue  # extra axes vary the pruning runs; one dense run per model and seed
             sparsities = [0.0] if method == "dense" else self.grid.sparsities
             for s in sparsities:
-                fields = dict(self.base)
-                fields.update(self.overrides.get(method, {}))
+                fields = _deep_copy(self.base)
+                _deep_update(fields, self.overrides.get(method, {}))
+                if method != "dense":
+                    for (key, _), value in zip(axes, combo):
+                        set_dotted(fields, key, value)
                 fields.update(model=model, seed=seed, method=method, sparsity=s,
                               data_dir=self.data_dir, out_dir=self.out_dir,
                               experiment=self.experiment_name(), sweep=self.name,
@@ -313,6 +339,19 @@ class SweepConfig(_Strict):
             if k in self.base:
                 raise ValueError(f"base.{k}: set by the grid or the sweep, not in base")
         return self
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d))
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    """Merge src into dst; nested mappings are merged, not replaced."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = _deep_copy(v) if isinstance(v, dict) else v
 
 
 # --------------------------------------------------------------------------- loading

@@ -84,9 +84,14 @@ def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> None:
         signal.signal(sig, request)
 
 
-def _stop_requested(world: int) -> bool:
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request (world > 1)
+
+
+def _stop_requested(world: int, step: int) -> bool:
     flag = _STOP["signum"] is not None
     if world > 1:  # every rank stops at the same step, whichever rank got the signal
+        if step % STOP_CHECK_EVERY:
+            return False  # keep the collective off most steps
         t = torch.tensor([1.0 if flag else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = bool(t.item())
@@ -106,6 +111,16 @@ def _hand_over(rank: int) -> None:
 
 class Preempted(RuntimeError):
     pass
+
+
+def _injected_fault(run_hash: str) -> Optional[int]:
+    """Testing hook: HFBENCH_INJECT='<run hash>:nan@<step>[,...]' makes that run's loss NaN at
+    that step, so failure handling can be exercised on real runs. Unset in normal use."""
+    for item in filter(None, os.environ.get("HFBENCH_INJECT", "").split(",")):
+        h, _, what = item.partition(":")
+        if h == run_hash and what.startswith("nan@"):
+            return int(what[4:])
+    return None
 
 
 # ----------------------------------------------------------------------------- data
@@ -304,6 +319,12 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         step, in_epoch = resume["step"], resume.get("in_epoch", 0)
         start_epoch = resume["epoch"] if in_epoch else resume["epoch"] + 1
         say(f"[hfbench] resuming {cfg.run_name()} at epoch {start_epoch}, step {step}")
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID", "")
+    if job:
+        logger.set_tag("hfbench.slurm_job", job)
+    if resume is not None:
+        logger.set_tag("hfbench.resumed_at_step", str(step))
     else:
         pruner.on_train_start()
         n_prunable = sum(m.weight.numel() for _, m in layers)
@@ -343,6 +364,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         if world > 1:
             dist.barrier()
 
+    fault_step = _injected_fault(cfg.run_hash())
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         w_lr, g_lr = pruner.lrs(epoch)
@@ -357,6 +379,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             loss = criterion(engine(x), y)
             extra = pruner.loss_term()
             total = loss + extra if extra is not None else loss
+            if fault_step == step + 1:
+                total = total * float("nan")
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss ({total.item()}) at epoch {epoch}, step {step + 1}")
             engine.backward(total)
@@ -365,7 +389,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             pruner.after_step(step)
             loss_sum[0] += loss.item()
             loss_sum[1] += 1
-            if _stop_requested(world):
+            if _stop_requested(world, step):
                 checkpoint(epoch, i + 1, loss_sum, train_time + time.time() - t0)
                 say(f"[hfbench] {cfg.run_name()}: stop requested at epoch {epoch}, step {step}; checkpoint "
                     f"written to {ckpt_path}", flush=True)

@@ -158,3 +158,41 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
     runs = c.search_runs([exp])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, "density")}) == [1, 2, 3, 4]
+
+
+def test_failing_task_is_isolated_reported_and_resumed(tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch):
+    """One task's loss turns NaN (injected): it alone fails, MLflow marks it FAILED with the
+    reason, `hfbench status` shows it, and a second sweep reruns only it."""
+    from launchers.status import format_table, sweep_status
+
+    p = tmp_path / "fail.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: e2e-fail
+        tracking_uri: {mlflow_server}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 2, max_steps_per_epoch: 8, batch_size: 64, init: scratch}}
+        grid: {{methods: [magnitude, gmp], sparsities: [0.5], seeds: [0]}}
+        overrides: {{gmp: {{gmp: {{start_epoch: 0, end_epoch: 1, update_every: 2}}}}}}
+        launcher: {{executor: slurm, parallelism: 2, folder: {tmp_path / 'submitit'}, poll_s: 1}}
+    """))
+    sweep = load_sweep(p)
+    mag, gmp = sweep.expand()
+    monkeypatch.setenv("HFBENCH_INJECT", f"{gmp.run_hash()}:nan@3")
+    first = Sweep(sweep).run()
+    assert [o.state for o in first] == ["finished", "failed"]
+    assert "non-finite loss" in first[1].error
+    rows = {r.hash: r for r in sweep_status(sweep)}
+    assert rows[mag.run_hash()].state == "finished" and rows[gmp.run_hash()].state == "failed"
+    assert "non-finite loss" in rows[gmp.run_hash()].error and rows[gmp.run_hash()].progress == "0/2"
+    assert "failed" in format_table(list(rows.values()))
+
+    monkeypatch.delenv("HFBENCH_INJECT")
+    second = Sweep(sweep).run()
+    assert [o.state for o in second] == ["skipped", "finished"]
+    c = tracking.client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("e2e-fail").experiment_id])
+    finished = [r.data.tags[tracking.TAG_HASH] for r in runs if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted([mag.run_hash(), gmp.run_hash()])
+    assert len(runs) == 3  # the failed attempt stays on record, marked FAILED
+    assert {r.state for r in sweep_status(sweep)} == {"finished"}

@@ -99,6 +99,13 @@ class Hyperflux(Pruner):
         self.h = cfg.hyperflux
         self.scheduler = PressureScheduler(cfg.sparsity, self.h.pruning_end, self.h.step)
         self.gamma = 0.0  # pressure in force during the current epoch
+        if self.h.schedule == "fixed":
+            self.gamma = self.h.fixed_gamma
+        elif self.h.schedule == "law":
+            from suite.pruning.laws import pressure_law_gamma
+
+            self.gamma = pressure_law_gamma(self.h.law, 1.0 - cfg.sparsity)
+        self.constant_gamma = self.gamma if self.h.schedule != "controller" else None
         self.n = sum(mod.weight.numel() for _, mod in layers)
 
     def attach(self, model) -> None:
@@ -132,6 +139,9 @@ class Hyperflux(Pruner):
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         P = self.h.pruning_end
         out = {"gamma": self.gamma, "target_density": self.scheduler.target_pct(epoch) / 100.0}
+        if self.constant_gamma is not None:  # fixed or law-based pressure: constant through pruning
+            self.gamma = self.constant_gamma if epoch < P else 0.0
+            return out
         if epoch < P:
             self.gamma = self.scheduler.update(epoch, 100.0 * density)
         else:

@@ -1,0 +1,111 @@
+"""`hfbench status`: where every run of a sweep stands, from MLflow (state, epoch, metrics,
+error) and SLURM accounting (queued, requeued n times), for the runs the sweep config defines."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+from launchers.sweep import jobs_file
+from suite import tracking
+from suite.config import SweepConfig
+
+
+@dataclass
+class RunStatus:
+    run: str
+    hash: str
+    state: str  # finished | running | requeued | failed | queued | not submitted
+    progress: str = ""
+    test_top1: Optional[float] = None
+    sparsity: Optional[float] = None
+    requeues: int = 0
+    job: str = ""
+    error: str = ""
+
+
+def _last_jobs(sweep: SweepConfig) -> dict[str, dict]:
+    path = jobs_file(sweep)
+    out: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[rec["hash"]] = rec
+    return out
+
+
+def _sacct(job: str) -> tuple[str, int]:
+    """(current SLURM state, number of requeues) of one job or array task; ('', 0) if unknown."""
+    if not job or shutil.which("sacct") is None:
+        return "", 0
+    try:
+        out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "", 0
+    states = [ln.split("|")[1].split()[0] for ln in out.splitlines() if "|" in ln]
+    if not states:
+        return "", 0
+    requeues = sum(s in ("REQUEUED", "PREEMPTED", "NODE_FAIL") for s in states)
+    requeues = max(requeues, len(states) - 1)
+    return states[-1], requeues
+
+
+def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatus]:
+    uri = uri or sweep.tracking_uri or tracking.default_uri()
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(sweep.experiment_name())
+    by_hash = tracking.runs_by_hash(uri, exp.experiment_id) if exp else {}
+    jobs = _last_jobs(sweep)
+    rows = []
+    for cfg in sweep.expand():
+        h = cfg.run_hash()
+        runs = by_hash.get(h, [])
+        rec = jobs.get(h, {})
+        job = rec.get("job_id", "") if rec.get("executor") == "slurm" else ""
+        st = RunStatus(cfg.run_name(), h, "not submitted", job=job)
+        slurm_state, st.requeues = _sacct(job)
+        fin = [r for r in runs if r.info.status == "FINISHED"]
+        latest = fin[0] if fin else (runs[0] if runs else None)
+        if latest is not None:
+            m = latest.data.metrics
+            st.test_top1 = m.get("final_test_top1", m.get("test_top1"))
+            st.sparsity = m.get("final_sparsity", m.get("sparsity"))
+            st.job = latest.data.tags.get("hfbench.slurm_job", job)
+            if latest.info.status == "FINISHED":
+                st.state, st.progress = "finished", f"{cfg.epochs}/{cfg.epochs}"
+            else:
+                hist = c.get_metric_history(latest.info.run_id, "density")
+                st.progress = f"{max((x.step for x in hist), default=0)}/{cfg.epochs}"
+                if latest.info.status == "FAILED":
+                    st.state = "failed"
+                    st.error = (latest.data.tags.get("hfbench.error", "") or "").strip().splitlines()[0:1]
+                    st.error = st.error[0][:200] if st.error else ""
+                elif slurm_state in ("PENDING", "REQUEUED") or (st.requeues and slurm_state != "RUNNING"):
+                    st.state = "requeued"
+                else:
+                    st.state = "running"
+        elif rec:
+            st.state = "queued" if slurm_state in ("", "PENDING", "RUNNING", "REQUEUED") else slurm_state.lower()
+        rows.append(st)
+    return rows
+
+
+def format_table(rows: list[RunStatus]) -> str:
+    head = f"{'run':<34} {'hash':<12} {'state':<13} {'epoch':>7} {'test':>7} {'sparsity':>8} {'requeued':>8}  job / error"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = f"{100 * r.test_top1:.2f}%" if r.test_top1 is not None else "-"
+        sp = f"{100 * r.sparsity:.2f}%" if r.sparsity is not None else "-"
+        lines.append(f"{r.run:<34} {r.hash:<12} {r.state:<13} {r.progress or '-':>7} {acc:>7} {sp:>8} "
+                     f"{r.requeues:>8}  {r.error or r.job}")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
