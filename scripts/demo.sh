@@ -9,8 +9,8 @@ cd "$ROOT"
 start=$(date +%s)
 bash scripts/setup.sh
 VENV="${HFBENCH_VENV:-$ROOT/.venv}"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/numba}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/torch_extensions}"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/numba}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
 export MPLBACKEND=Agg
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the shared venv points at
 "$VENV/bin/hfbench" sweep configs/demo.yaml "$@"

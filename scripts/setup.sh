@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-VENV="${HFBENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/venv-py$PYVER}"
+VENV="${HFBENCH_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/venv-py$PYVER}"
 log() { echo "[setup] $*"; }
 
 APT_PKGS=(pkg-config libopencv-dev libturbojpeg0-dev

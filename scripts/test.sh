@@ -16,8 +16,8 @@ echo "[test] starting SLURM + MLflow in $STATE"
 bash scripts/services.sh start "$STATE"
 # shellcheck disable=SC1091
 source "$STATE/env.sh"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/numba}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hfbench/torch_extensions}"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/numba}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
 export MPLBACKEND=Agg
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the shared venv points at
 set +e
