@@ -84,8 +84,8 @@ def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatu
                 st.progress = f"{max((x.step for x in hist), default=0)}/{cfg.epochs}"
                 if latest.info.status == "FAILED":
                     st.state = "failed"
-                    st.error = (latest.data.tags.get("hfbench.error", "") or "").strip().splitlines()[0:1]
-                    st.error = st.error[0][:200] if st.error else ""
+                    err = (latest.data.tags.get("hfbench.error") or "").strip()
+                    st.error = err.splitlines()[0][:200] if err else ""
                 elif slurm_state in ("PENDING", "REQUEUED") or (st.requeues and slurm_state != "RUNNING"):
                     st.state = "requeued"
                 else:

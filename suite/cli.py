@@ -50,9 +50,10 @@ def cmd_sweep(a) -> int:
         overrides["tracking_uri"] = a.tracking_uri
     sweep = load_sweep(a.config, overrides)
     if a.dry_run:
-        for r in sweep.expand():
+        runs = sweep.expand()
+        for r in runs:
             print(f"{r.run_hash()}  {r.run_name()}")
-        print(f"{len(sweep.expand())} runs")
+        print(f"{len(runs)} runs")
         return 0
     import signal
 

@@ -397,8 +397,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         train_time += time.time() - t0
         if world > 1:
             dist.all_reduce(loss_sum)
-        dens = sparsity.density(layers)
         now = sparsity.active(layers)
+        dens = sparsity.density_of(now)
         pruned, regrown = sparsity.flips(active, now)
         active = now
         flips["pruned_total"] += pruned

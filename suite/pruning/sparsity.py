@@ -58,6 +58,11 @@ def active(layers: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
     return [mod.weight != 0 for _, mod in layers]
 
 
+def density_of(active_maps: list[torch.Tensor]) -> float:
+    """Density from activity maps (the same ruler as density(), without reading the weights again)."""
+    return sum(int(a.sum()) for a in active_maps) / sum(a.numel() for a in active_maps)
+
+
 def flips(before: list[torch.Tensor], after: list[torch.Tensor]) -> tuple[int, int]:
     """(pruned, regrown) between two activity maps: active -> inactive, inactive -> active."""
     pruned = sum(int((b & ~a).sum()) for b, a in zip(before, after))
