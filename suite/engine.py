@@ -414,11 +414,12 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         metrics["epoch_time_s"] = time.time() - t0
         checkpoint(epoch, 0, loss_sum, train_time)
         logger.log_metrics(metrics, step=epoch)
-        ev = last_eval or {"val_top1": float("nan"), "test_top1": float("nan")}
+        ev_txt = (f"val {100 * last_eval['val_top1']:.2f}% test {100 * last_eval['test_top1']:.2f}%"
+                  if last_eval else "val - test -")
         extra_txt = f" gamma {metrics['gamma']:.3g} target {100 * metrics['target_density']:.2f}%" \
             if "gamma" in metrics else ""
         say(f"[hfbench] {cfg.run_name()} epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
-            f"val {100 * ev['val_top1']:.2f}% test {100 * ev['test_top1']:.2f}% "
+            f"{ev_txt} "
             f"density {100 * dens:.2f}%{extra_txt} ({metrics['epoch_time_s']:.1f}s)", flush=True)
 
     counts = sparsity.count(layers)
