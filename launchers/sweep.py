@@ -120,6 +120,7 @@ class Sweep:
         self.folder = Path(sweep.launcher.folder) / sweep.name / stamp  # fresh per sweep (see platform.md)
 
     def run(self) -> list[Outcome]:
+        t0 = time.time()
         runs = self.sweep.expand()
         ensure_data(runs, say=self.say)
         exp_id = tracking.ensure_experiment(self.uri, self.sweep.experiment_name())
@@ -153,6 +154,9 @@ class Sweep:
             outcomes[o.cfg.run_hash()] = o
         ordered = [outcomes[r.run_hash()] for r in runs]
         self.say(summary_table(ordered))
+        costs = launch_costs(ordered, t0)
+        if costs:
+            self.say(costs)
         return ordered
 
     def _launch(self, runs: list[RunConfig]) -> list[Outcome]:
@@ -292,6 +296,24 @@ def _progress(running) -> str:
         label = r.run_name().removeprefix(f"{r.model}-").removesuffix(f"-s{r.seed}")
         parts.append(f"{label} {ep}")
     return "running: " + (", ".join(parts) if parts else "-") + (" ..." if len(running) > 4 else "")
+
+
+def launch_costs(outcomes: list[Outcome], t0: float) -> str:
+    """What launching cost this sweep, from the tasks' startup timelines (suite.engine):
+    `hfbench sweep` start -> first training step of the first task, and the median fixed cost
+    per task with its parts."""
+    res = [o.result for o in outcomes if o.state == "finished" and "startup_total_s" in o.result]
+    if not res:
+        return ""
+    import statistics
+
+    first = min(r["first_step_unix"] for r in res) - t0
+    med = {k: statistics.median(r[k] for r in res if k in r) for k in res[0] if k.startswith("startup_")}
+    parts = ", ".join(f"{k.removeprefix('startup_').removesuffix('_s')} {v:.1f}" for k, v in med.items()
+                      if k != "startup_total_s")
+    return (f"[hfbench] launch cost: first training step {first:.1f} s after the sweep started; per task "
+            f"(median of {len(res)}, last segment) {med['startup_total_s']:.1f} s from process start to "
+            f"the end of the first step ({parts} s)")
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

@@ -194,7 +194,8 @@ def _record_from_run(run) -> RunRecord | None:
     params = run.data.params
     tags = run.data.tags
     metrics = run.data.metrics  # latest value of every key
-    method = params.get("method") or tags.get("hfbench.method")
+    # the variant (e.g. hyperflux-law, gmp-taylor) labels the line; older runs only have the method
+    method = tags.get("hfbench.variant") or params.get("method") or tags.get("hfbench.method")
     if not method:
         return None
     final_density = _to_float(metrics.get("final_density"))
@@ -693,7 +694,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
             _plot_accuracy(sec, out_dir / name, recs)
             sec.plots.append((name, f"Test top-1 vs achieved sparsity, {dataset} / {model}"))
 
-        hf = [r for r in recs if r.method == _HYPERFLUX]
+        hf = [r for r in recs if r.method.startswith(_HYPERFLUX)]
         curves = []
         for r in hf:
             measured = _history(client, r.run_id, "density")

@@ -5,6 +5,8 @@
   hfbench status configs/demo.yaml             state, epoch, metrics, requeues, errors of each run
   hfbench train run.yaml                       one run in this process (debugging)
   hfbench report --experiment demo --out reports/demo
+  hfbench fit-law --experiment fmnist-pressure   gamma-density law of fixed-pressure runs
+  hfbench fit-npl --experiment fmnist-npl        Neural Pruning Law per method and saliency
   hfbench models                               the model registry and its prunable layers
 """
 from __future__ import annotations
@@ -118,6 +120,52 @@ def cmd_train(a) -> int:
     return 0
 
 
+# which logged saliency is each method's own pruning criterion (hyperflux.md section 8)
+NPL_SALIENCY = {"hyperflux": ["gamma", "flux_active_min"], "gmp": ["npl_threshold"],
+                "gmp-taylor": ["npl_threshold"], "magnitude": ["npl_threshold"]}
+
+
+def npl_points(uri: str, experiment: str) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """(variant, saliency metric) -> [(density, saliency)] over every epoch of every finished run
+    of the experiment: each run contributes its trajectory."""
+    from suite import tracking
+
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"hfbench fit-npl: no MLflow experiment {experiment!r} at {tracking.redact(uri)}")
+    pts: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000):
+        variant = r.data.tags.get("hfbench.variant") or r.data.params.get("method", "")
+        base = "hyperflux" if variant.startswith("hyperflux") else variant
+        dens = {m.step: m.value for m in c.get_metric_history(r.info.run_id, "density")}
+        for key in NPL_SALIENCY.get(base, []):
+            for m in c.get_metric_history(r.info.run_id, key):
+                if m.step in dens and m.value > 0:
+                    pts.setdefault((base, key), []).append((dens[m.step], m.value))
+    return pts
+
+
+def cmd_fit_npl(a) -> int:
+    """Fit the Neural Pruning Law ln d = ln c - alpha ln s per method and saliency."""
+    from suite import tracking
+    from suite.pruning.laws import npl_fit
+
+    uri = a.tracking_uri or tracking.default_uri()
+    pts = npl_points(uri, a.experiment)
+    if not pts:
+        raise SystemExit(f"hfbench fit-npl: no finished run in {a.experiment!r} logged a saliency "
+                         f"({', '.join(sorted({k for v in NPL_SALIENCY.values() for k in v}))})")
+    print(f"{'method':<12} {'saliency':<16} {'alpha':>8} {'R^2':>7} {'points':>7}   (fit where {100 * a.lo:g}% < density <= {100 * a.hi:g}%)")
+    for (variant, key), xy in sorted(pts.items()):
+        try:
+            fit = npl_fit([d for d, _ in xy], [s for _, s in xy], lo=a.lo, hi=a.hi)
+            print(f"{variant:<12} {key:<16} {fit['alpha']:>8.4f} {fit['r2']:>7.4f} {fit['n']:>7}")
+        except ValueError as e:
+            print(f"{variant:<12} {key:<16} {'-':>8} {'-':>7} {len(xy):>7}   {e}")
+    return 0
+
+
 def cmd_report(a) -> int:
     from reports.build import build_report
     from suite import tracking
@@ -177,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("--experiment", required=True)
     fl.add_argument("--tracking-uri")
     fl.set_defaults(fn=cmd_fit_law)
+
+    fn = sub.add_parser("fit-npl", help="fit the Neural Pruning Law (density vs minimum surviving saliency)")
+    fn.add_argument("--experiment", required=True)
+    fn.add_argument("--tracking-uri")
+    fn.add_argument("--lo", type=float, default=0.005, help="fit only densities above this (default 0.005)")
+    fn.add_argument("--hi", type=float, default=0.5, help="and at most this (default 0.5)")
+    fn.set_defaults(fn=cmd_fit_npl)
 
     t = sub.add_parser("train", help="train one run config in this process")
     t.add_argument("config")

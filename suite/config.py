@@ -47,6 +47,11 @@ class HyperfluxConfig(_Strict):
     fixed_gamma: Optional[float] = Field(None, gt=0, le=1e6, description="pressure for schedule 'fixed'")
     law: Optional[dict[str, float]] = Field(None, description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
                                                               "for schedule 'law' (from `hfbench fit-law`)")
+    quirks: list[Literal["phase_off_by_one", "frozen_bn_scale"]] = Field(
+        default_factory=list,
+        description="reference-code behaviours, off by default (hyperflux.md sections 5 and 7): "
+                    "phase_off_by_one: the first regrowth epoch still runs with the last pressure; "
+                    "frozen_bn_scale: BatchNorm scales are never optimised")
 
     @model_validator(mode="after")
     def _init_range(self):
@@ -74,6 +79,8 @@ class GMPConfig(_Strict):
     initial_sparsity: float = Field(0.0, ge=0, lt=1)
     update_every: int = Field(50, ge=1, description="dt: steps between mask updates")
     scope: Literal["global", "layer"] = "global"
+    criterion: Literal["magnitude", "taylor"] = Field(
+        "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)")
 
 
 METHOD_SECTIONS = {"hyperflux": HyperfluxConfig, "magnitude": MagnitudeConfig, "gmp": GMPConfig}
@@ -107,6 +114,8 @@ class RunConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="scale knob: cap batches per epoch")
     eval_every: int = Field(1, ge=1, description="evaluate val/test every k epochs (and always after the last)")
+    flux_every: int = Field(1, ge=0, description="flux statistics and NPL saliencies every k epochs (and after "
+                            "the last); one extra forward/backward on a training batch; 0: off")
     init: Literal["scratch", "dense"] = Field("scratch", description="start from random init or from the sweep's dense run")
     init_from: Optional[str] = Field(None, description="run hash of the dense run this run starts from (set by the sweep)")
     init_checkpoint: Optional[str] = Field(None, description="path of the starting weights (set by the sweep)")
@@ -178,7 +187,8 @@ class RunConfig(_Strict):
         """The fields that decide what is trained: everything except paths, names and the
         sections of other methods."""
         d = self.model_dump(mode="json")
-        for k in ("data_dir", "experiment", "sweep", "tracking_uri", "out_dir", "init_checkpoint", "eval_every"):
+        for k in ("data_dir", "experiment", "sweep", "tracking_uri", "out_dir", "init_checkpoint", "eval_every",
+                  "flux_every"):
             d.pop(k)
         for name in METHOD_SECTIONS:
             if name != self.method:
@@ -189,14 +199,21 @@ class RunConfig(_Strict):
         blob = json.dumps(self.semantic_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def variant(self) -> str:
+        """The method with the option that changes what it is (the report's line label):
+        hyperflux, hyperflux-law, hyperflux-fixed, gmp, gmp-taylor, ..."""
+        if self.method == "hyperflux" and self.hyperflux.schedule != "controller":
+            return f"hyperflux-{self.hyperflux.schedule}"
+        if self.method == "gmp" and self.gmp.criterion != "magnitude":
+            return f"gmp-{self.gmp.criterion}"
+        return self.method
+
     def run_name(self) -> str:
         if self.method == "dense":
             return f"{self.model}-dense-s{self.seed}"
         if self.method == "hyperflux" and self.hyperflux.schedule == "fixed":
             return f"{self.model}-hyperflux-g{self.hyperflux.fixed_gamma:g}-s{self.seed}"
-        if self.method == "hyperflux" and self.hyperflux.schedule == "law":
-            return f"{self.model}-hyperflux-law-{self.sparsity:g}-s{self.seed}"
-        return f"{self.model}-{self.method}-{self.sparsity:g}-s{self.seed}"
+        return f"{self.model}-{self.variant()}-{self.sparsity:g}-s{self.seed}"
 
     def flat_params(self) -> dict[str, str]:
         """Dotted, flattened view for MLflow params (method sections of other methods omitted)."""

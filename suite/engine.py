@@ -25,7 +25,7 @@ import torch.nn as nn
 from suite import datasets, models, tracking
 from suite.config import RunConfig, dump_run
 from suite.optim import WeightsAndGates
-from suite.pruning import masks, registry, sparsity
+from suite.pruning import flux, masks, registry, sparsity
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -230,6 +230,29 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def process_start_time(default: float) -> float:
+    """Unix time this process started (psutil, a DeepSpeed dependency); `default` if unknown."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - timing is informative only
+        return default
+
+
+def startup_costs(marks: dict[str, float]) -> dict[str, float]:
+    """Fixed cost of one task (or resumed segment), in seconds, from its startup timeline:
+    interpreter + imports (torch, submitit, suite), distributed setup, MLflow run, data loaders,
+    model + DeepSpeed engine, first training step; startup_total_s = process start -> end of
+    the first step."""
+    order = ["process", "engine", "dist", "mlflow", "data", "model", "first_step"]
+    names = ["startup_import_s", "startup_dist_s", "startup_mlflow_s", "startup_data_s", "startup_model_s",
+             "startup_first_step_s"]
+    out = {n: marks[b] - marks[a] for n, a, b in zip(names, order, order[1:]) if a in marks and b in marks}
+    out["startup_total_s"] = marks["first_step"] - marks["process"]
+    return out
+
+
 def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / cfg.run_hash()
 
@@ -247,16 +270,19 @@ def _ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
 
 
 def _weight_groups(model: nn.Module, gate_ids: set[int]) -> list[dict]:
-    return [{"params": [p for p in model.parameters() if id(p) not in gate_ids]}]
+    # frozen parameters (e.g. the frozen_bn_scale quirk) are left out: no update, no weight decay
+    return [{"params": [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]}]
 
 
 def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Optional[str] = None,
           log=print) -> dict[str, Any]:
     """Train one run end to end; returns the final metrics (on every rank)."""
     t_start = time.time()
+    marks = {"process": process_start_time(t_start), "engine": t_start}  # startup timeline (unix times)
     device = resolve_device(cfg)
     torch.set_num_threads(cfg.engine.threads_per_rank)
     rank, world, local_rank = setup_distributed(device)
+    marks["dist"] = time.time()
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if cfg.engine.deterministic:
@@ -276,8 +302,9 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
     logger: Any = tracking.NullLogger()
     if rank == 0 and experiment_id is not None:
         logger = tracking.RunLogger(uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None)
+    marks["mlflow"] = time.time()
     try:
-        result = _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start)
+        result = _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start, marks)
     except BaseException as e:
         if _STOP["handing_over"]:
             raise  # preempted or timed out with a checkpoint: the MLflow run stays RUNNING until resumed
@@ -288,10 +315,11 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
     return result
 
 
-def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start):
+def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start, marks):
     import deepspeed
 
     spec, train_loader, val_loader, test_loader = make_loaders(cfg, world)
+    marks["data"] = time.time()
     mspec = models.get(cfg.model)
     model = mspec.build(spec.num_classes, spec.input_shape[0])
     if cfg.init == "dense":
@@ -309,6 +337,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                           gate_lr=getattr(cfg.hyperflux, "gate_lr", 1e-3))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, world))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    marks["model"] = time.time()
 
     start_epoch, step, in_epoch = 1, 0, 0
     if resume is not None:
@@ -351,6 +380,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume is not None else {}
     train_time = resume.get("train_time_s", 0.0) if resume is not None else 0.0
     last_eval: dict[str, float] = {}
+    layer_rows: list = list(resume.get("layer_rows", [])) if resume is not None else []
+    probe_batch = None
 
     def checkpoint(epoch: int, in_epoch: int, loss_sum: torch.Tensor, train_time: float) -> None:
         """Everything a resumed run needs to continue exactly where this one is."""
@@ -360,7 +391,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                          "optimizer": opt.state_dict(), "pruner": pruner.state_dict(),
                          "torch_rng": torch.get_rng_state(), "mlflow_run_id": logger.run_id,
                          "train_time_s": train_time, "metrics": metrics, "flips": flips,
-                         "active": active, "stream": stream.state()}, ckpt_path)
+                         "active": active, "stream": stream.state(), "layer_rows": layer_rows}, ckpt_path)
         if world > 1:
             dist.barrier()
 
@@ -376,6 +407,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         for i in range(first, steps_per_epoch):
             x, y = stream.next()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            probe_batch = (x, y)
             loss = criterion(engine(x), y)
             extra = pruner.loss_term()
             total = loss + extra if extra is not None else loss
@@ -389,6 +421,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             pruner.after_step(step)
             loss_sum[0] += loss.item()
             loss_sum[1] += 1
+            if "first_step" not in marks:
+                marks["first_step"] = time.time()
+                logger.log_metrics(startup_costs(marks), step=step)
             if _stop_requested(world, step):
                 checkpoint(epoch, i + 1, loss_sum, train_time + time.time() - t0)
                 say(f"[hfbench] {cfg.run_name()}: stop requested at epoch {epoch}, step {step}; checkpoint "
@@ -398,6 +433,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         if world > 1:
             dist.all_reduce(loss_sum)
         now = sparsity.active(layers)
+        layer_rows.extend((epoch, name, float(a.float().mean())) for (name, _), a in zip(layers, now))
         dens = sparsity.density_of(now)
         pruned, regrown = sparsity.flips(active, now)
         active = now
@@ -407,6 +443,11 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                    "train_loss": float(loss_sum[0] / loss_sum[1]), "density": dens, "sparsity": 1 - dens,
                    "lr": w_lr, "gate_lr": g_lr}
         metrics.update(pruner.end_epoch(epoch, dens))
+        if cfg.flux_every and (epoch % cfg.flux_every == 0 or epoch == cfg.epochs) and rank == 0 \
+                and probe_batch is not None:
+            tp = time.time()  # diagnostics on this epoch's last batch; training never sees them
+            metrics.update(flux.statistics(flux.flux_and_grad(engine.module, layers, *probe_batch, criterion)))
+            metrics["probe_time_s"] = time.time() - tp
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world)
             metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
@@ -424,11 +465,14 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
 
     counts = sparsity.count(layers)
     digest = state_digest(engine.module)
+    startup = startup_costs(marks) if "first_step" in marks else {}
     final = {"final_test_top1": metrics["test_top1"], "final_val_top1": metrics["val_top1"],
              "final_density": metrics["density"], "final_sparsity": metrics["sparsity"],
              "train_time_s": train_time, "wall_time_s": time.time() - t_start}
     logger.log_metrics(final, step=cfg.epochs)
     logger.log_text(sparsity.table(counts), "layer_density.csv")
+    logger.log_text("epoch,layer,density\n" + "".join(f"{e},{n},{d:.6f}\n" for e, n, d in layer_rows),
+                    "layer_density_epochs.csv")
     if rank == 0:
         masks.bake(engine.module)
         save_atomic(engine.module.state_dict(), out / "final_weights.pt")
@@ -441,4 +485,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     final["state_digest"] = digest
     final["rank"] = rank
     final["weights"] = str(out / "final_weights.pt")
+    final.update(startup)
+    if "first_step" in marks:
+        final["first_step_unix"] = marks["first_step"]
     return final

@@ -2,7 +2,7 @@
 config hash, params/metrics/artifacts logged by rank 0 only.
 
 Run schema (what reports/ reads):
-  tags     hfbench.run_hash, hfbench.method, hfbench.model, hfbench.dataset, hfbench.sweep,
+  tags     hfbench.run_hash, hfbench.method, hfbench.variant (the report's label), hfbench.model, hfbench.dataset, hfbench.sweep,
            hfbench.error (failures only)
   params   the flattened resolved config (dotted keys), config_hash, env.* (versions, hardware)
   metrics  per epoch (step = epoch): train_loss, val_top1, test_top1, density, sparsity, lr,
@@ -122,7 +122,8 @@ class RunLogger:
         self.c = client(uri)
         self.cfg = cfg
         if run_id is None:
-            tags = {TAG_HASH: cfg.run_hash(), "hfbench.method": cfg.method, "hfbench.model": cfg.model,
+            tags = {TAG_HASH: cfg.run_hash(), "hfbench.method": cfg.method, "hfbench.variant": cfg.variant(),
+                    "hfbench.model": cfg.model,
                     "hfbench.dataset": cfg.dataset, "hfbench.sweep": cfg.sweep, "mlflow.runName": cfg.run_name()}
             run = self.c.create_run(experiment_id, tags=tags, run_name=cfg.run_name())
             run_id = run.info.run_id

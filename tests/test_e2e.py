@@ -90,8 +90,15 @@ def test_sweep_through_slurm_into_mlflow_server(tmp_path, betons, mlflow_server,
 
 def test_sweep_through_local_executor(tmp_path, betons):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep, outcomes = _run(_sweep_file(tmp_path, betons["train"].parent, "e2e-local", "local", uri))
+    said: list[str] = []
+    outcomes = Sweep(load_sweep(_sweep_file(tmp_path, betons["train"].parent, "e2e-local", "local", uri)),
+                     say=lambda *a, **k: said.append(" ".join(map(str, a)))).run()
     assert [o.state for o in outcomes] == ["finished"] * 4, [(o.cfg.run_name(), o.error) for o in outcomes]
+    # every task timed its startup; the sweep reports the launch cost from those timelines
+    for o in outcomes:
+        parts = [o.result[k] for k in ("startup_import_s", "startup_mlflow_s", "startup_data_s", "startup_model_s")]
+        assert all(p >= 0 for p in parts) and o.result["startup_total_s"] >= sum(parts)
+    assert any(line.startswith("[hfbench] launch cost: first training step") for line in said), said[-3:]
     _check_mlflow(uri, "e2e-local", 4)
     # magnitude reached its target exactly; the pruned runs started from the dense weights
     mag = next(o for o in outcomes if o.cfg.method == "magnitude")

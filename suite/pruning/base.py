@@ -82,7 +82,17 @@ class MaskPruner(Pruner):
             p.mask.copy_(m)
 
     @torch.no_grad()
-    def prune_to(self, sparsity: float, scope: str) -> None:
-        """Magnitude pruning of the currently active weights to `sparsity` (pruned stay pruned)."""
-        scores = [w * p.mask for w, p in zip(self.stored(), self.params)]
-        self.set_masks(masks.magnitude_masks(scores, sparsity, scope))
+    def prune_to(self, sparsity: float, scope: str, scores: Optional[list[torch.Tensor]] = None) -> None:
+        """Prune the currently active weights to `sparsity` by smallest |score| (pruned stay
+        pruned); the score is the stored weight (magnitude) unless given. Records the smallest
+        surviving |score| as `threshold`, the saliency the Neural Pruning Law relates to density."""
+        scores = [(w if sc is None else sc) * p.mask
+                  for w, p, sc in zip(self.stored(), self.params, scores or [None] * len(self.params))]
+        new = masks.magnitude_masks(scores, sparsity, scope)
+        self.set_masks(new)
+        alive = torch.cat([sc.abs()[m.bool()] for sc, m in zip(scores, new)])
+        self.threshold = float(alive.min()) if alive.numel() else float("nan")
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        t = getattr(self, "threshold", None)
+        return {"npl_threshold": t} if t is not None else {}

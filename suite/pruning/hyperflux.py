@@ -109,6 +109,10 @@ class Hyperflux(Pruner):
         self.n = sum(mod.weight.numel() for _, mod in layers)
 
     def attach(self, model) -> None:
+        if "frozen_bn_scale" in self.h.quirks:  # reference-code quirk: BN scale never optimised
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
+                    mod.weight.requires_grad_(False)
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
         self.params = []
         for _, mod in self.layers:
@@ -139,14 +143,16 @@ class Hyperflux(Pruner):
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         P = self.h.pruning_end
         out = {"gamma": self.gamma, "target_density": self.scheduler.target_pct(epoch) / 100.0}
+        # pressure applies through epoch P (P + 1 with the reference code's off-by-one quirk)
+        last = P + 1 if "phase_off_by_one" in self.h.quirks else P
         if self.constant_gamma is not None:  # fixed or law-based pressure: constant through pruning
-            self.gamma = self.constant_gamma if epoch < P else 0.0
+            self.gamma = self.constant_gamma if epoch < last else 0.0
             return out
-        if epoch < P:
+        if epoch < last:
             self.gamma = self.scheduler.update(epoch, 100.0 * density)
         else:
-            # the controller's last update belongs to epoch P; regrowth runs without pressure
-            if epoch == P:
+            # the controller's last update belongs to the last pressured epoch; regrowth runs without pressure
+            if epoch == last:
                 self.scheduler.update(epoch, 100.0 * density)
             self.gamma = 0.0
         out["pressure_g"] = self.scheduler.g

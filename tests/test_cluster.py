@@ -1,0 +1,143 @@
+"""Cluster behaviour against the real local SLURM (started by the test command): array
+parallelism, time limits, multi-rank tasks. Slow; run in CI by the test command."""
+from __future__ import annotations
+
+import subprocess
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from launchers.sweep import Sweep
+from suite import tracking
+from suite.config import load_sweep
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _sacct(job: str, fields: str, duplicates: bool = False) -> list[list[str]]:
+    """Rows of `sacct` for one job (or array), retried until accounting has caught up."""
+    cmd = ["sacct", "-n", "-X", "-P", "-o", fields, "-j", job] + (["-D"] if duplicates else [])
+    rows: list[list[str]] = []
+    for _ in range(60):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        rows = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+        if rows and all(r[-1] not in ("", "Unknown") for r in rows):
+            return rows
+        time.sleep(0.5)
+    return rows
+
+
+def _write(tmp_path: Path, name: str, body: str) -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+def _max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
+    """Most intervals [start, end) alive at one instant."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    live = best = 0
+    for _, d in events:
+        live += d
+        best = max(best, live)
+    return best
+
+
+def test_twelve_task_array_honours_parallelism(tmp_path, betons, slurm_cluster):
+    """12 runs as one SLURM array with at most 3 running at once (checked from sacct start and
+    end times), into the default sqlite store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = _write(tmp_path, "par", f"""
+        name: e2e-par
+        tracking_uri: {uri}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 3, batch_size: 32, init: scratch}}
+        grid: {{methods: [magnitude], sparsities: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], seeds: [0, 1]}}
+        launcher: {{executor: slurm, parallelism: 3, folder: {tmp_path / 'submitit'}, poll_s: 1,
+                    slurm: {{time_min: 10}}}}
+    """)
+    outcomes = Sweep(load_sweep(p)).run()
+    assert len(outcomes) == 12
+    assert [o.state for o in outcomes] == ["finished"] * 12, [(o.cfg.run_name(), o.error) for o in outcomes]
+    arrays = {o.job_id.split("_")[0] for o in outcomes}
+    assert len(arrays) == 1, f"expected one array job, got {arrays}"
+    rows = _sacct(arrays.pop(), "JobID,State,Start,End")
+    rows = [r for r in rows if "_" in r[0] and "[" not in r[0]]
+    assert len(rows) == 12 and {r[1] for r in rows} == {"COMPLETED"}, rows
+    spans = [(datetime.fromisoformat(r[2]), datetime.fromisoformat(r[3])) for r in rows]
+    peak = _max_overlap(spans)
+    assert peak <= 3, f"{peak} array tasks ran at once with parallelism 3: {rows}"
+    assert peak >= 2, f"the array never ran tasks side by side: {rows}"
+    c = tracking.client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("e2e-par").experiment_id])
+    assert len(runs) == 12 and {r.info.status for r in runs} == {"FINISHED"}
+    achieved = sorted(round(r.data.metrics["final_sparsity"], 3) for r in runs)
+    assert achieved == sorted([0.1, 0.2, 0.3, 0.4, 0.5, 0.6] * 2)
+
+
+def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_server, slurm_cluster):
+    """A 1-minute time limit on a run that needs longer: SLURM's USR2 (signal_delay_s before the
+    limit) makes the task checkpoint, submitit requeues it, and the run finishes as one MLflow
+    run with every epoch logged once."""
+    p = _write(tmp_path, "tl", f"""
+        name: e2e-timelimit
+        tracking_uri: {mlflow_server}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 8, batch_size: 128, init: scratch, eval_every: 8}}
+        grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
+                    max_requeues: 8, slurm: {{time_min: 1, signal_delay_s: 40}}}}
+    """)
+    t0 = time.time()
+    (o,) = Sweep(load_sweep(p)).run()
+    assert o.state == "finished", o.error
+    job = o.job_id
+    states = [r[1] for r in _sacct(job, "JobID,State", duplicates=True)]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states
+    assert all(s in ("REQUEUED", "PREEMPTED", "TIMEOUT", "COMPLETED") for s in states), states
+    logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.*"))
+    assert "stop requested at epoch" in logs and "resuming" in logs, logs[-3000:]
+    c = tracking.client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("e2e-timelimit").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    hist = c.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(h.step for h in hist) == list(range(1, 9)), [h.step for h in hist]
+    print(f"time-limit run: {len(states) - 1} requeue(s), {time.time() - t0:.0f} s, states {states}")
+
+
+def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slurm_cluster):
+    """engine.world_size 2: one SLURM task allocation with two processes (ntasks-per-node 2)
+    that rendezvous from the SLURM environment; both train, only rank 0 logs."""
+    p = _write(tmp_path, "r2", f"""
+        name: e2e-2rank
+        tracking_uri: {mlflow_server}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 2, max_steps_per_epoch: 6, batch_size: 32, init: scratch,
+                engine: {{world_size: 2}}, hyperflux: {{pruning_end: 1, gate_lr: 0.05}}}}
+        grid: {{methods: [hyperflux], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
+                    slurm: {{time_min: 10}}}}
+    """)
+    (o,) = Sweep(load_sweep(p)).run()
+    assert o.state == "finished", o.error
+    (row,) = _sacct(o.job_id, "JobID,State")
+    assert row[1] == "COMPLETED", row
+    # srun started two processes in the allocation: submitit writes one log per task
+    errs = {f.name: f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.err")}
+    assert len(errs) == 2, sorted(errs)
+    assert all("Job completed successfully" in t for t in errs.values()), errs
+    assert o.result["rank"] == 0
+    c = tracking.client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("e2e-2rank").experiment_id])
+    assert len(runs) == 1, f"{len(runs)} MLflow runs for one 2-rank task"
+    r = runs[0]
+    assert r.info.status == "FINISHED" and r.data.params["env.world_size"] == "2"
+    for key in ("train_loss", "density"):
+        hist = c.get_metric_history(r.info.run_id, key)
+        assert sorted(h.step for h in hist) == [1, 2], f"{key} logged {[h.step for h in hist]}"
