@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+from reports import dynamics
+
 __all__ = ["ReportError", "RunRecord", "build_report"]
 
 # The SQLAlchemy tracking store refuses pages larger than this.
@@ -76,6 +78,8 @@ class RunRecord:
     start_time: int | None  # ms since epoch, as MLflow stores it
     end_time: int | None
     env: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # latest value of every metric
+    params: dict[str, str] = field(default_factory=dict)
 
     @property
     def identity(self) -> str:
@@ -228,6 +232,8 @@ def _record_from_run(run) -> RunRecord | None:
         start_time=run.info.start_time,
         end_time=run.info.end_time,
         env={k: v for k, v in params.items() if k.startswith("env.")},
+        metrics=dict(metrics),
+        params=dict(params),
     )
 
 
@@ -316,6 +322,7 @@ class _Section:
     rows: list[_Row]
     dense: float | None
     plots: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    tables: list = field(default_factory=list)  # reports.dynamics.Table
 
 
 def _table_cells(row: _Row, dense: float | None) -> list[str]:
@@ -552,6 +559,10 @@ def _render_md(c: _Content) -> str:
         out.append("")
         for name, caption in s.plots:
             out += [f"![{caption}]({name})", ""]
+        for t in s.tables:
+            out += [f"#### {t.title}", ""] + _md_table(t.header, t.rows) + [""]
+            if t.note:
+                out += [t.note, ""]
     if not c.sections:
         out += ["No run finished.", ""]
     out += ["## Failed runs", ""]
@@ -626,6 +637,11 @@ def _render_html(c: _Content, images: dict[str, bytes]) -> str:
             b64 = base64.b64encode(images[name]).decode("ascii")
             out.append(f'<figure id="{e(name)}"><img src="data:image/png;base64,{b64}" '
                        f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)})</figcaption></figure>')
+        for t in s.tables:
+            out.append(f"<h4>{e(t.title)}</h4>")
+            out.append(_html_table(t.header, t.rows, numeric=t.numeric))
+            if t.note:
+                out.append(f"<p>{e(t.note)}</p>")
     if not c.sections:
         out.append("<p>No run finished.</p>")
     out.append("<h2>Failed runs</h2>")
@@ -667,7 +683,8 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Plots from an earlier build of this directory would otherwise linger unreferenced.
-    for stale in [*out_dir.glob("acc_vs_sparsity_*.png"), *out_dir.glob("density_*.png")]:
+    for stale in [p for pat in ("acc_vs_sparsity_", "density_", "flips_", "pressure_law_", "npl_")
+                  for p in out_dir.glob(f"{pat}*.png")]:
         stale.unlink()
 
     written: dict[str, Path] = {}
@@ -705,6 +722,8 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
             _plot_density(sec, out_dir / name, curves)
             sec.plots.append((name, f"Hyperflux density per epoch vs target, {dataset} / {model}"))
 
+        sec.tables, more = dynamics.build(client, recs, out_dir, stem, f"{dataset} / {model}")
+        sec.plots += more
         for name, _ in sec.plots:
             written[name] = out_dir / name
             images[name] = (out_dir / name).read_bytes()

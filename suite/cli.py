@@ -120,49 +120,33 @@ def cmd_train(a) -> int:
     return 0
 
 
-# which logged saliency is each method's own pruning criterion (hyperflux.md section 8)
-NPL_SALIENCY = {"hyperflux": ["gamma", "flux_active_min"], "gmp": ["npl_threshold"],
-                "gmp-taylor": ["npl_threshold"], "magnitude": ["npl_threshold"]}
-
-
-def npl_points(uri: str, experiment: str) -> dict[tuple[str, str], list[tuple[float, float]]]:
-    """(variant, saliency metric) -> [(density, saliency)] over every epoch of every finished run
-    of the experiment: each run contributes its trajectory."""
-    from suite import tracking
-
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"hfbench fit-npl: no MLflow experiment {experiment!r} at {tracking.redact(uri)}")
-    pts: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000):
-        variant = r.data.tags.get("hfbench.variant") or r.data.params.get("method", "")
-        base = "hyperflux" if variant.startswith("hyperflux") else variant
-        dens = {m.step: m.value for m in c.get_metric_history(r.info.run_id, "density")}
-        for key in NPL_SALIENCY.get(base, []):
-            for m in c.get_metric_history(r.info.run_id, key):
-                if m.step in dens and m.value > 0:
-                    pts.setdefault((base, key), []).append((dens[m.step], m.value))
-    return pts
-
-
 def cmd_fit_npl(a) -> int:
     """Fit the Neural Pruning Law ln d = ln c - alpha ln s per method and saliency."""
+    from reports.build import _all_runs, _record_from_run
+    from reports.dynamics import NPL_SALIENCY, npl_points
     from suite import tracking
     from suite.pruning.laws import npl_fit
 
     uri = a.tracking_uri or tracking.default_uri()
-    pts = npl_points(uri, a.experiment)
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(a.experiment)
+    if exp is None:
+        raise SystemExit(f"hfbench fit-npl: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
+    recs = [r for r in map(_record_from_run, _all_runs(c, exp.experiment_id)) if r and r.status == "FINISHED"]
+    pts = npl_points(c, recs)
     if not pts:
-        raise SystemExit(f"hfbench fit-npl: no finished run in {a.experiment!r} logged a saliency "
-                         f"({', '.join(sorted({k for v in NPL_SALIENCY.values() for k in v}))})")
-    print(f"{'method':<12} {'saliency':<16} {'alpha':>8} {'R^2':>7} {'points':>7}   (fit where {100 * a.lo:g}% < density <= {100 * a.hi:g}%)")
-    for (variant, key), xy in sorted(pts.items()):
+        kinds = sorted({f"{v}: {lab}" for v, specs in NPL_SALIENCY.items() for lab, _, _ in specs})
+        raise SystemExit(f"hfbench fit-npl: no finished run in {a.experiment!r} has NPL points ({'; '.join(kinds)})")
+    print(f"{'method':<16} {'saliency':<22} {'alpha':>8} {'R^2':>7} {'points':>7}   "
+          f"(fit where {100 * a.lo:g}% < density <= {100 * a.hi:g}%)")
+    for (variant, label), xy in sorted(pts.items()):
         try:
+            if not xy:
+                raise ValueError("no positive value: a power law needs saliency > 0")
             fit = npl_fit([d for d, _ in xy], [s for _, s in xy], lo=a.lo, hi=a.hi)
-            print(f"{variant:<12} {key:<16} {fit['alpha']:>8.4f} {fit['r2']:>7.4f} {fit['n']:>7}")
+            print(f"{variant:<16} {label:<22} {fit['alpha']:>8.4f} {fit['r2']:>7.4f} {fit['n']:>7}")
         except ValueError as e:
-            print(f"{variant:<12} {key:<16} {'-':>8} {'-':>7} {len(xy):>7}   {e}")
+            print(f"{variant:<16} {label:<22} {'-':>8} {'-':>7} {len(xy):>7}   {e}")
     return 0
 
 

@@ -355,6 +355,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     if resume is not None:
         logger.set_tag("hfbench.resumed_at_step", str(step))
     else:
+        start_active = sparsity.active(layers)  # before a one-shot prune, which then counts as pruned in epoch 1
         pruner.on_train_start()
         n_prunable = sum(m.weight.numel() for _, m in layers)
         logger.log_params({
@@ -374,7 +375,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     # pruning and regrowth counts: compare which prunable weights are active (effective value
     # non-zero) at consecutive epoch ends; the same ruler for every method
     active = [a.clone() for a in resume["active"]] if resume is not None and "active" in resume \
-        else sparsity.active(layers)
+        else (start_active if resume is None else sparsity.active(layers))
     flips = dict(resume.get("flips", {})) if resume is not None else {}
     flips = {"pruned_total": flips.get("pruned_total", 0), "regrown_total": flips.get("regrown_total", 0)}
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume is not None else {}

@@ -1,0 +1,227 @@
+"""The pruning-dynamics part of a report section (one dataset / model pair).
+
+From the per-epoch metrics the engine logs (suite/engine.py) it builds:
+* a targeting table: per pruning run, target vs achieved sparsity, the error in percentage
+  points, the first epoch from which the density stays within 1 pp of the final target, and
+  the weights pruned and regrown over the run (gate or mask flips between epoch ends);
+* ``flips_<stem>.png``: weights pruned and regrown per epoch for the Hyperflux runs;
+* ``pressure_law_<stem>.png`` and a fit line: final density against fixed pressure gamma,
+  with d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)) fitted (suite.pruning.laws);
+* ``npl_<stem>.png`` and a table: the Neural Pruning Law ln d = ln c - alpha ln s per method
+  and saliency, fitted where 0.5 % < density <= 50 %.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suite.pruning.laws import npl_fit, pressure_law_fit
+
+# Which logged saliency is each method's own pruning criterion (hyperflux.md section 8).
+# per epoch: (density, metric) at every epoch; "final": one point per run (final density, param)
+NPL_SALIENCY: dict[str, list[tuple[str, str, str]]] = {
+    # variant: [(label, kind, key)]
+    "gmp": [("min surviving |w|", "epoch", "npl_threshold")],
+    "magnitude": [("min surviving |w|", "epoch", "npl_threshold")],
+    "gmp-taylor": [("min surviving |w*g|", "epoch", "npl_threshold")],
+    "hyperflux-fixed": [("pressure gamma", "final", "hyperflux.fixed_gamma"),
+                        ("min surviving flux", "epoch", "flux_active_min")],
+    "hyperflux": [("min surviving flux", "epoch", "flux_active_min")],
+    "hyperflux-law": [("min surviving flux", "epoch", "flux_active_min")],
+}
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    numeric: set[int] = field(default_factory=set)
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        prev = by_step.get(m.step)
+        if prev is None or m.timestamp >= prev[0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [(s, v) for s, (_, v) in sorted(by_step.items())]
+
+
+def epochs_within(density: list[tuple[int, float]], target_density: float, tol: float = 0.01) -> int | None:
+    """First epoch from which |density - target| <= tol holds until the end (None if never)."""
+    first = None
+    for step, d in density:
+        if abs(d - target_density) <= tol:
+            first = step if first is None else first
+        else:
+            first = None
+    return first
+
+
+def npl_points(client, recs) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """(variant, saliency label) -> [(density, saliency)], positive saliencies only."""
+    pts: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in recs:
+        specs = NPL_SALIENCY.get(r.method, [])
+        dens = None
+        for label, kind, key in specs:
+            if kind == "final":
+                s = r.params.get(key)
+                if s is not None and r.final_density is not None and float(s) > 0:
+                    pts.setdefault((r.method, label), []).append((r.final_density, float(s)))
+                continue
+            if dens is None:
+                dens = dict(_history(client, r.run_id, "density"))
+            last = None
+            hist = _history(client, r.run_id, key)
+            if hist:  # listed even when no value is positive, so the table says why there is no fit
+                pts.setdefault((r.method, label), [])
+            for step, v in hist:
+                if step in dens and v > 0 and math.isfinite(v) and (dens[step], v) != last:
+                    # an epoch where nothing changed (e.g. after the last GMP update) adds no point
+                    last = (dens[step], v)
+                    pts.setdefault((r.method, label), []).append(last)
+    return pts
+
+
+def _fig(size=(7.0, 4.5)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, dpi=100, layout="constrained")
+
+
+def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Table], list[tuple[str, str]]]:
+    """Tables and plots (file name, caption) for the pruning runs `recs` of one section."""
+    tables: list[Table] = []
+    plots: list[tuple[str, str]] = []
+    pruning = [r for r in recs if r.method != "dense" and r.final_density is not None]
+    if not pruning:
+        return tables, plots
+
+    # -- targeting, pruning and regrowth -------------------------------------------------
+    rows, flips = [], []
+    for r in sorted(pruning, key=lambda r: (r.method, r.target_sparsity or 0, r.seed or 0)):
+        if r.method == "hyperflux-fixed":
+            continue  # no target: its sparsity only names the reference trajectory
+        dens = _history(client, r.run_id, "density")
+        target_d = 1.0 - (r.target_sparsity or 0.0)
+        err = None if r.achieved_sparsity is None else 100 * abs(r.achieved_sparsity - (r.target_sparsity or 0))
+        within = epochs_within(dens, target_d)
+        m = r.metrics
+        rows.append([r.method, f"{100 * (r.target_sparsity or 0):.1f}", f"{100 * (r.achieved_sparsity or 0):.2f}",
+                     "-" if err is None else f"{err:.2f}", "-" if within is None else f"{within}/{r.epochs}",
+                     f"{int(m.get('pruned_total', 0))}", f"{int(m.get('regrown_total', 0))}"])
+        if r.method.startswith("hyperflux"):
+            pr, rg = _history(client, r.run_id, "pruned"), _history(client, r.run_id, "regrown")
+            if pr or rg:
+                flips.append((r, pr, rg))
+    if rows:
+        tables.append(Table(
+            "Sparsity targeting, pruning and regrowth",
+            ["method", "target %", "achieved %", "|error| pp", "within 1 pp from epoch", "pruned", "regrown"],
+            rows, "pruned / regrown: weights that went from active to pruned / pruned to active between "
+                  "consecutive epoch ends, summed over the run (Hyperflux: gate sign flips).",
+            numeric={1, 2, 3, 5, 6}))
+    if flips:
+        fig = _fig()
+        ax = fig.add_subplot()
+        for i, (r, pr, rg) in enumerate(flips):
+            c = f"C{i % 10}"
+            lab = f"{r.method} {100 * (r.target_sparsity or 0):g}%"
+            if pr:
+                ax.plot([s for s, _ in pr], [max(v, 0.5) for _, v in pr], color=c, linestyle="--", linewidth=1,
+                        label=f"pruned, {lab}")
+            if rg:
+                ax.plot([s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, linewidth=1.4,
+                        label=f"regrown, {lab}")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("weights per epoch (0 drawn at 0.5)")
+        ax.set_title(f"{title}: Hyperflux weights pruned and regrown per epoch", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, loc="upper right", ncol=2)
+        name = f"flips_{stem}.png"
+        fig.savefig(out_dir / name)
+        plots.append((name, f"Hyperflux weights pruned (dashed) and regrown (solid) per epoch, {title}"))
+
+    # -- pressure law ----------------------------------------------------------------------
+    fixed = [(float(r.params["hyperflux.fixed_gamma"]), r.final_density) for r in pruning
+             if r.method == "hyperflux-fixed" and r.params.get("hyperflux.fixed_gamma")]
+    if len(fixed) >= 3:
+        fixed.sort()
+        note = ""
+        try:
+            law = pressure_law_fit([g for g, _ in fixed], [d for _, d in fixed])
+            note = (f"d(gamma) = {law['c']:.4g} exp(-({law['a0']:.4g} ln g + {law['a1']:.4g} ln^2 g)), "
+                    f"R^2 = {law['r2']:.4f} on {law['n']} runs.")
+        except (ValueError, ArithmeticError) as e:
+            law, note = None, f"the law could not be fitted: {e}"
+        tables.append(Table("Pressure law (fixed-pressure Hyperflux runs)", ["gamma", "final density %"],
+                            [[f"{g:.4g}", f"{100 * d:.3f}"] for g, d in fixed], note, numeric={0, 1}))
+        fig = _fig()
+        ax = fig.add_subplot()
+        ax.scatter([g for g, _ in fixed], [100 * d for _, d in fixed], color="C0", label="runs", zorder=3)
+        if law:
+            lo, hi = math.log(fixed[0][0]), math.log(fixed[-1][0])
+            gs = [math.exp(lo + (hi - lo) * i / 100) for i in range(101)]
+            ax.plot(gs, [100 * law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
+                         for g in gs], color="C1", label=f"fit, R^2 = {law['r2']:.4f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pressure gamma")
+        ax.set_ylabel("final density (%)")
+        ax.set_title(f"{title}: pressure law", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        name = f"pressure_law_{stem}.png"
+        fig.savefig(out_dir / name)
+        plots.append((name, f"Final density against fixed pressure, with the fitted law, {title}"))
+
+    # -- Neural Pruning Law ------------------------------------------------------------------
+    pts = npl_points(client, pruning)
+    if pts:
+        rows = []
+        fig = _fig()
+        ax = fig.add_subplot()
+        for i, ((variant, label), xy) in enumerate(sorted(pts.items())):
+            c = f"C{i % 10}"
+            ax.scatter([s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6,
+                       label=f"{variant}: {label}")
+            try:
+                if not xy:
+                    raise ValueError("no positive value: a power law needs saliency > 0")
+                fit = npl_fit([d for d, _ in xy], [s for _, s in xy])
+                kept = [s for d, s in xy if 0.005 < d <= 0.5]
+                lo, hi = min(kept), max(kept)
+                ax.plot([lo, hi], [100 * fit["c"] * lo ** -fit["alpha"], 100 * fit["c"] * hi ** -fit["alpha"]],
+                        color=c, linewidth=1.2)
+                rows.append([variant, label, f"{fit['alpha']:.4f}", f"{fit['r2']:.4f}", str(fit["n"])])
+            except ValueError as e:
+                rows.append([variant, label, "-", "-", str(len(xy)) + f" ({e})"])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("minimum surviving saliency")
+        ax.set_ylabel("density (%)")
+        ax.set_title(f"{title}: Neural Pruning Law", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        name = f"npl_{stem}.png"
+        fig.savefig(out_dir / name)
+        plots.append((name, f"Density against minimum surviving saliency (Neural Pruning Law), {title}"))
+        tables.append(Table("Neural Pruning Law fits", ["method", "saliency", "alpha", "R^2", "points"], rows,
+                            "ln d = ln c - alpha ln s over (density, saliency) points where 0.5 % < density "
+                            "<= 50 %; per epoch along each run, or one point per run for fixed pressure.",
+                            numeric={2, 3, 4}))
+    return tables, plots
+
+
+def record_extras(run) -> dict[str, Any]:
+    """The parts of an MLflow run the dynamics need beyond the accuracy report."""
+    return {"metrics": dict(run.data.metrics), "params": dict(run.data.params)}
