@@ -192,8 +192,9 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         ax = fig.add_subplot()
         for i, ((variant, label), xy) in enumerate(sorted(pts.items())):
             c = f"C{i % 10}"
-            ax.scatter([s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6,
-                       label=f"{variant}: {label}")
+            if xy:
+                ax.scatter([s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6,
+                           label=f"{variant}: {label}")
             try:
                 if not xy:
                     raise ValueError("no positive value: a power law needs saliency > 0")
@@ -205,16 +206,17 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                 rows.append([variant, label, f"{fit['alpha']:.4f}", f"{fit['r2']:.4f}", str(fit["n"])])
             except ValueError as e:
                 rows.append([variant, label, "-", "-", str(len(xy)) + f" ({e})"])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("minimum surviving saliency")
-        ax.set_ylabel("density (%)")
-        ax.set_title(f"{title}: Neural Pruning Law", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        name = f"npl_{stem}.png"
-        fig.savefig(out_dir / name)
-        plots.append((name, f"Density against minimum surviving saliency (Neural Pruning Law), {title}"))
+        if any(pts.values()):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("minimum surviving saliency")
+            ax.set_ylabel("density (%)")
+            ax.set_title(f"{title}: Neural Pruning Law", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+            name = f"npl_{stem}.png"
+            fig.savefig(out_dir / name)
+            plots.append((name, f"Density against minimum surviving saliency (Neural Pruning Law), {title}"))
         tables.append(Table("Neural Pruning Law fits", ["method", "saliency", "alpha", "R^2", "points"], rows,
                             "ln d = ln c - alpha ln s over (density, saliency) points where 0.5 % < density "
                             "<= 50 %; per epoch along each run, or one point per run for fixed pressure.",
