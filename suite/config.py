@@ -193,6 +193,12 @@ class RunConfig(_Strict):
         for name in METHOD_SECTIONS:
             if name != self.method:
                 d.pop(name)
+        if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing
+            h = d["hyperflux"]
+            if h["schedule"] != "law":
+                h.pop("law")
+            if h["schedule"] != "fixed":
+                h.pop("fixed_gamma")
         return d
 
     def run_hash(self) -> str:

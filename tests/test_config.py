@@ -78,3 +78,19 @@ def test_run_hash_is_stable_and_semantic():
     assert a.run_hash() == RunConfig(method="gmp", sparsity=0.9, seed=1, hyperflux={"step": 0.5}).run_hash()
     # a fixed value, so an accidental change of the hashing scheme is noticed
     assert len(a.run_hash()) == 12 and int(a.run_hash(), 16) >= 0
+
+
+def test_inputs_of_other_pressure_schedules_do_not_change_identity():
+    law = {"c": 0.02, "a0": 0.8, "a1": 0.04}
+    ctl = RunConfig(method="hyperflux", sparsity=0.9)
+    assert ctl.run_hash() == RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"law": law}).run_hash()
+    assert ctl.run_hash() == RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"fixed_gamma": 0.5}).run_hash()
+    by_law = RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"schedule": "law", "law": law})
+    assert by_law.run_hash() != ctl.run_hash()
+    assert by_law.run_hash() != RunConfig(method="hyperflux", sparsity=0.9,
+                                          hyperflux={"schedule": "law", "law": {**law, "c": 0.03}}).run_hash()
+    fixed = RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"schedule": "fixed", "fixed_gamma": 0.5})
+    assert fixed.run_hash() != RunConfig(method="hyperflux", sparsity=0.9,
+                                         hyperflux={"schedule": "fixed", "fixed_gamma": 1.0}).run_hash()
+    assert ctl.variant() == "hyperflux" and by_law.variant() == "hyperflux-law" and fixed.variant() == "hyperflux-fixed"
+    assert RunConfig(method="gmp", sparsity=0.5, gmp={"criterion": "taylor"}).variant() == "gmp-taylor"
