@@ -228,7 +228,7 @@ class Sweep:
                     still.append((r, job))
                     continue
                 try:
-                    res = job.result()
+                    res = job.results()[0]  # rank 0 of a multi-task job (one process per rank)
                     o = Outcome(r, "finished", result=res, job_id=str(job.job_id))
                     msg = (f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% "
                            f"sparsity {100 * res['final_sparsity']:.2f}%")

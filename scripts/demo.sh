@@ -8,7 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 start=$(date +%s)
 bash scripts/setup.sh
-VENV="${HFBENCH_VENV:-$ROOT/.venv}"
+# the real path, not the ./.venv link: paths inside the venv (e.g. those DeepSpeed compiles its
+# CPU comm op against, cached in TORCH_EXTENSIONS_DIR) must not change from clone to clone
+VENV="$(readlink -f "${HFBENCH_VENV:-$ROOT/.venv}")"
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/numba}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
 export MPLBACKEND=Agg

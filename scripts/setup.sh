@@ -64,4 +64,12 @@ if [[ "$(readlink -f "$ROOT/.venv" 2>/dev/null)" != "$(readlink -f "$VENV")" ]];
     log "note: $ROOT/.venv is a real folder; using $VENV (set HFBENCH_VENV=$ROOT/.venv to use it instead)"
   fi
 fi
+# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~1 min). Build it now,
+# so no training task spends its first minute compiling (or is signalled in the middle of it).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
+if [[ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ]]; then
+  log "building DeepSpeed's CPU comm op into $TORCH_EXTENSIONS_DIR (once, ~1 min)"
+  "$(readlink -f "$VENV")/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)' \
+    >/dev/null 2>&1 || log "note: could not prebuild DeepSpeed's comm op; the first run will build it"
+fi
 log "ok: $VENV ($("$VENV/bin/hfbench" --help >/dev/null && echo 'hfbench works'))"

@@ -7,7 +7,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-VENV="${HFBENCH_VENV:-$ROOT/.venv}"
+# the real path, not the ./.venv link: paths inside the venv (e.g. those DeepSpeed compiles its
+# CPU comm op against, cached in TORCH_EXTENSIONS_DIR) must not change from clone to clone
+VENV="$(readlink -f "${HFBENCH_VENV:-$ROOT/.venv}")"
 STATE="${HFBENCH_SERVICES_DIR:-$(mktemp -d /tmp/hfbench-services.XXXXXX)}"
 export HFBENCH_SERVICES_DIR="$STATE"
 cleanup() { bash "$ROOT/scripts/services.sh" stop "$STATE" >/dev/null 2>&1 || true; }

@@ -113,14 +113,19 @@ class Preempted(RuntimeError):
     pass
 
 
-def _injected_fault(run_hash: str) -> Optional[int]:
-    """Testing hook: HFBENCH_INJECT='<run hash>:nan@<step>[,...]' makes that run's loss NaN at
-    that step, so failure handling can be exercised on real runs. Unset in normal use."""
+def _injected_fault(run_hash: str) -> dict[str, int]:
+    """Testing hook: HFBENCH_INJECT='<run hash>:nan@<step>' makes that run's loss NaN at that
+    step; '<run hash>:sleep@<ms>' adds that many milliseconds to each of its steps (a slow run,
+    e.g. to meet a time limit). Items are comma-separated; '*' matches every run. Unset in
+    normal use."""
+    out: dict[str, int] = {}
     for item in filter(None, os.environ.get("HFBENCH_INJECT", "").split(",")):
         h, _, what = item.partition(":")
-        if h == run_hash and what.startswith("nan@"):
-            return int(what[4:])
-    return None
+        if h in (run_hash, "*"):
+            kind, _, value = what.partition("@")
+            if kind in ("nan", "sleep"):
+                out[kind] = int(value)
+    return out
 
 
 # ----------------------------------------------------------------------------- data
@@ -396,7 +401,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         if world > 1:
             dist.barrier()
 
-    fault_step = _injected_fault(cfg.run_hash())
+    fault = _injected_fault(cfg.run_hash())
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         w_lr, g_lr = pruner.lrs(epoch)
@@ -412,7 +417,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             loss = criterion(engine(x), y)
             extra = pruner.loss_term()
             total = loss + extra if extra is not None else loss
-            if fault_step == step + 1:
+            if fault.get("sleep"):
+                time.sleep(fault["sleep"] / 1000)
+            if fault.get("nan") == step + 1:
                 total = total * float("nan")
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss ({total.item()}) at epoch {epoch}, step {step + 1}")
