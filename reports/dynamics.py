@@ -97,6 +97,16 @@ def _fig(size=(7.0, 4.5)):
     return Figure(figsize=size, dpi=100, layout="constrained")
 
 
+def _loglog(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Table], list[tuple[str, str]]]:
     """Tables and plots (file name, caption) for the pruning runs `recs` of one section."""
     tables: list[Table] = []
@@ -173,13 +183,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             gs = [math.exp(lo + (hi - lo) * i / 100) for i in range(101)]
             ax.plot(gs, [100 * law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
                          for g in gs], color="C1", label=f"fit, R^2 = {law['r2']:.4f}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("pressure gamma")
-        ax.set_ylabel("final density (%)")
-        ax.set_title(f"{title}: pressure law", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _loglog(ax, "pressure gamma", "final density (%)", f"{title}: pressure law")
         name = f"pressure_law_{stem}.png"
         fig.savefig(out_dir / name)
         plots.append((name, f"Final density against fixed pressure, with the fitted law, {title}"))
@@ -207,13 +211,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             except ValueError as e:
                 rows.append([variant, label, "-", "-", str(len(xy)) + f" ({e})"])
         if any(pts.values()):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("minimum surviving saliency")
-            ax.set_ylabel("density (%)")
-            ax.set_title(f"{title}: Neural Pruning Law", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            _loglog(ax, "minimum surviving saliency", "density (%)", f"{title}: Neural Pruning Law")
             name = f"npl_{stem}.png"
             fig.savefig(out_dir / name)
             plots.append((name, f"Density against minimum surviving saliency (Neural Pruning Law), {title}"))

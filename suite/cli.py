@@ -76,16 +76,23 @@ def cmd_status(a) -> int:
     return 0
 
 
-def cmd_fit_law(a) -> int:
-    """Fit d(gamma) to the fixed-pressure Hyperflux runs of an experiment."""
+def _experiment(a, command: str):
+    """(MLflow client, experiment) named by --experiment at --tracking-uri, or a clean exit."""
     from suite import tracking
-    from suite.pruning.laws import pressure_law_fit
 
     uri = a.tracking_uri or tracking.default_uri()
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(a.experiment)
     if exp is None:
-        raise SystemExit(f"hfbench fit-law: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
+        raise SystemExit(f"hfbench {command}: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
+    return c, exp
+
+
+def cmd_fit_law(a) -> int:
+    """Fit d(gamma) to the fixed-pressure Hyperflux runs of an experiment."""
+    from suite.pruning.laws import pressure_law_fit
+
+    c, exp = _experiment(a, "fit-law")
     pts = []
     for r in c.search_runs([exp.experiment_id], max_results=5000):
         p = r.data.params
@@ -124,14 +131,9 @@ def cmd_fit_npl(a) -> int:
     """Fit the Neural Pruning Law ln d = ln c - alpha ln s per method and saliency."""
     from reports.build import _all_runs, _record_from_run
     from reports.dynamics import NPL_SALIENCY, npl_points
-    from suite import tracking
     from suite.pruning.laws import npl_fit
 
-    uri = a.tracking_uri or tracking.default_uri()
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(a.experiment)
-    if exp is None:
-        raise SystemExit(f"hfbench fit-npl: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
+    c, exp = _experiment(a, "fit-npl")
     recs = [r for r in map(_record_from_run, _all_runs(c, exp.experiment_id)) if r and r.status == "FINISHED"]
     pts = npl_points(c, recs)
     if not pts:
