@@ -86,13 +86,14 @@ def test_twelve_task_array_honours_parallelism(tmp_path, betons, slurm_cluster):
 
 
 def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch):
-    """A 1-minute time limit on a run that needs longer: SLURM's USR2 (signal_delay_s before the
+    """A 3-minute time limit on a run that needs longer: SLURM's USR2 (signal_delay_s before the
     limit) makes the task checkpoint, submitit requeues it, and the run finishes as one MLflow
-    run with every epoch logged once. Each step is slowed by 15 ms (the engine's test hook) so
-    the run outlasts one allocation however fast the machine is. SLURM may send the signal up
-    to a minute early (its event resolution), so with a 1-minute limit some allocations end
-    before the first step: hence the generous max_requeues."""
-    monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@15")
+    run with every epoch logged once. SLURM may send the signal up to 60 s earlier than asked
+    (its event resolution), so the limit leaves a minute between the task's start and the
+    earliest signal: a USR2 that lands while Python is still starting, before any handler is
+    installed, would kill the task. Each step is slowed by 80 ms (the engine's test hook) so
+    the run outlasts one allocation however fast the machine is."""
+    monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@80")
     p = _write(tmp_path, "tl", f"""
         name: e2e-timelimit
         tracking_uri: {mlflow_server}
@@ -102,7 +103,7 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_s
                 eval_every: 3}}
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
         launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
-                    max_requeues: 20, slurm: {{time_min: 1, signal_delay_s: 20}}}}
+                    max_requeues: 10, slurm: {{time_min: 3, signal_delay_s: 60}}}}
     """)
     t0 = time.time()
     (o,) = Sweep(load_sweep(p)).run()
