@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from suite.pruning.laws import npl_fit, pressure_law_fit
 
@@ -43,12 +42,9 @@ class Table:
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in client.get_metric_history(run_id, key):
-        prev = by_step.get(m.step)
-        if prev is None or m.timestamp >= prev[0]:
-            by_step[m.step] = (m.timestamp, m.value)
-    return [(s, v) for s, (_, v) in sorted(by_step.items())]
+    from reports.build import _history as history  # one reader of metric histories (build imports us)
+
+    return history(client, run_id, key)
 
 
 def epochs_within(density: list[tuple[int, float]], target_density: float, tol: float = 0.01) -> int | None:
@@ -88,13 +84,10 @@ def npl_points(client, recs) -> dict[tuple[str, str], list[tuple[float, float]]]
     return pts
 
 
-def _fig(size=(7.0, 4.5)):
-    import matplotlib
+def _fig():
+    from reports.build import _new_figure
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=size, dpi=100, layout="constrained")
+    return _new_figure()
 
 
 def _loglog(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -220,8 +213,3 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                             "<= 50 %; per epoch along each run, or one point per run for fixed pressure.",
                             numeric={2, 3, 4}))
     return tables, plots
-
-
-def record_extras(run) -> dict[str, Any]:
-    """The parts of an MLflow run the dynamics need beyond the accuracy report."""
-    return {"metrics": dict(run.data.metrics), "params": dict(run.data.params)}

@@ -388,6 +388,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     last_eval: dict[str, float] = {}
     layer_rows: list = list(resume.get("layer_rows", [])) if resume is not None else []
     probe_batch = None
+    startup: dict[str, float] = {}  # this segment's startup costs, measured at its first step
 
     def checkpoint(epoch: int, in_epoch: int, loss_sum: torch.Tensor, train_time: float) -> None:
         """Everything a resumed run needs to continue exactly where this one is."""
@@ -429,9 +430,10 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             pruner.after_step(step)
             loss_sum[0] += loss.item()
             loss_sum[1] += 1
-            if "first_step" not in marks:
+            if not startup:
                 marks["first_step"] = time.time()
-                logger.log_metrics(startup_costs(marks), step=step)
+                startup = startup_costs(marks)
+                logger.log_metrics(startup, step=step)
             if _stop_requested(world, step):
                 checkpoint(epoch, i + 1, loss_sum, train_time + time.time() - t0)
                 say(f"[hfbench] {cfg.run_name()}: stop requested at epoch {epoch}, step {step}; checkpoint "
@@ -473,7 +475,6 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
 
     counts = sparsity.count(layers)
     digest = state_digest(engine.module)
-    startup = startup_costs(marks) if "first_step" in marks else {}
     final = {"final_test_top1": metrics["test_top1"], "final_val_top1": metrics["val_top1"],
              "final_density": metrics["density"], "final_sparsity": metrics["sparsity"],
              "train_time_s": train_time, "wall_time_s": time.time() - t_start}
@@ -494,6 +495,6 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     final["rank"] = rank
     final["weights"] = str(out / "final_weights.pt")
     final.update(startup)
-    if "first_step" in marks:
+    if startup:
         final["first_step_unix"] = marks["first_step"]
     return final
