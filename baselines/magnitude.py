@@ -8,7 +8,15 @@
   weights still active; pruned weights stay pruned; fine-tune to the end with the final mask.
   `gmp.criterion: taylor` ranks by a first-order Taylor saliency instead of |w|: the mean of
   |w * dL/dw| over the steps since the previous mask update (Molchanov et al. 2019, per weight).
-Both log `npl_threshold`, the smallest surviving saliency after the last update, for the
+- IterativeMagnitude (lottery ticket with rewinding; Frankle & Carbin 2019, Frankle et al.
+  2020): train a segment, prune `prune_fraction` of the remaining weights by global
+  magnitude, rewind every surviving weight (and every other parameter and buffer) to its
+  value after `rewind_step` steps of the first segment, reset the optimiser state, retrain
+  with the LR schedule restarted; repeat for `levels` levels, the last one pruning exactly to
+  the target. Its training cost is (levels + 1) segments: the run's epochs are set to
+  (levels + 1) x imp.epochs_per_level (suite/config.py) and logged, so the report can divide
+  by the dense run's epochs.
+All log `npl_threshold`, the smallest surviving saliency after the last update, for the
 Neural Pruning Law fits (`hfbench fit-npl`).
 """
 from __future__ import annotations
@@ -17,7 +25,8 @@ from typing import Any
 
 import torch
 
-from suite.pruning.base import MaskPruner
+from suite.config import imp_levels
+from suite.pruning.base import MaskPruner, cosine
 
 
 class OneShotMagnitude(MaskPruner):
@@ -94,3 +103,70 @@ class GradualMagnitude(MaskPruner):
         for a, b in zip(self.taylor, st.get("taylor", [])):
             a.copy_(b)
         self.taylor_steps = st.get("taylor_steps", 0)
+
+
+class IterativeMagnitude(MaskPruner):
+    name = "imp"
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.imp = cfg.imp
+        self.levels = imp_levels(cfg.sparsity, cfg.imp)
+        self.epl = cfg.imp.epochs_per_level
+        if cfg.imp.rewind_step > self.epl * steps_per_epoch:
+            raise ValueError(f"imp.rewind_step ({cfg.imp.rewind_step}) is beyond the first segment "
+                             f"({self.epl} epochs x {steps_per_epoch} steps)")
+        self.snapshot: dict[str, torch.Tensor] | None = None
+
+    def level_sparsity(self, level: int) -> float:
+        """Sparsity after `level` pruning levels: 1 - (1 - f)^level, the last level exactly the target."""
+        if level >= self.levels:
+            return self.cfg.sparsity
+        return min(self.cfg.sparsity, 1.0 - (1.0 - self.imp.prune_fraction) ** level)
+
+    def attach(self, model) -> None:
+        super().attach(model)
+        self.model = model
+
+    def _take_snapshot(self) -> None:
+        # every parameter and buffer except the masks, which belong to the current level
+        self.snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                         if not k.endswith(".mask")}
+
+    def on_train_start(self) -> None:
+        if self.imp.rewind_step == 0:
+            self._take_snapshot()
+
+    def after_step(self, step: int) -> None:
+        if step == self.imp.rewind_step and self.snapshot is None:
+            self._take_snapshot()
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        """Cosine from lr to lr_end within each segment, restarted at every rewind."""
+        return cosine(self.cfg.lr, self.cfg.lr_end, (epoch - 1) % self.epl, self.epl), 0.0
+
+    @torch.no_grad()
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        level = (epoch - 1) // self.epl  # the segment that just ran
+        out = {"imp_level": float(level), "imp_levels": float(self.levels),
+               "target_density": 1.0 - self.level_sparsity(level)}
+        if epoch % self.epl == 0 and level < self.levels:
+            if self.snapshot is None:
+                raise RuntimeError("IMP: no rewind point was saved (imp.rewind_step never reached)")
+            self.prune_to(self.level_sparsity(level + 1), self.imp.scope)
+            missing, unexpected = self.model.load_state_dict(self.snapshot, strict=False)
+            if unexpected or any(not k.endswith(".mask") for k in missing):
+                raise RuntimeError(f"IMP rewind: state mismatch (missing {missing}, unexpected {unexpected})")
+            opt = getattr(self, "optimizer", None)
+            if opt is not None:
+                opt.sgd.state.clear()  # momentum of the previous segment does not carry over
+        out.update(super().end_epoch(epoch, density))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "threshold": getattr(self, "threshold", None)}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.snapshot = st["snapshot"]
+        if st.get("threshold") is not None:
+            self.threshold = st["threshold"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -83,7 +84,107 @@ class GMPConfig(_Strict):
         "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)")
 
 
-METHOD_SECTIONS = {"hyperflux": HyperfluxConfig, "magnitude": MagnitudeConfig, "gmp": GMPConfig}
+class IMPConfig(_Strict):
+    """Iterative magnitude pruning with rewinding (lottery ticket, Frankle et al.; open_lth).
+
+    The run is levels + 1 training segments of `epochs_per_level` epochs each: segment 0
+    trains from the run's starting weights (a fresh init, or the dense model), then each
+    level prunes `prune_fraction` of the remaining weights by global magnitude (the last level
+    prunes exactly to the target), rewinds the survivors and every other parameter and
+    buffer to their values after `rewind_step` steps of segment 0 (0: the starting weights,
+    the classic ticket), resets the optimiser state and retrains with the LR schedule
+    restarted. The run's total epochs = (levels + 1) x epochs_per_level."""
+
+    prune_fraction: float = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned per level")
+    rewind_step: int = Field(0, ge=0, description="k: rewind to the weights after k steps of the first segment")
+    levels: Optional[int] = Field(None, ge=1, le=100, description="pruning levels (default: "
+                                  "ceil(ln(1 - s) / ln(1 - prune_fraction)))")
+    epochs_per_level: int = Field(1, ge=1, le=10000, description="epochs of each training segment")
+    scope: Literal["global", "layer"] = "global"
+
+
+class CalibrationConfig(_Strict):
+    """How a method without a sparsity knob is steered to the requested sparsity.
+
+    controller: after each search epoch, knob *= exp(gain * ln(density / target(epoch))), where
+    target(epoch) follows Zhu & Gupta's cubic from 100 % to the requested density at the end
+    of the search phase; the knob then stays where it is. off: the knob is used as given."""
+
+    mode: Literal["controller", "off"] = "controller"
+    gain: float = Field(2.0, gt=0, le=100, description="log-space gain of the controller")
+    max_factor: float = Field(4.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
+
+
+class L0Config(_Strict):
+    """Hard-concrete L0 gates (Louizos, Welling & Kingma 2018)."""
+
+    granularity: Literal["weight", "unit"] = Field("weight", description="one gate per weight, or per output unit")
+    lam: float = Field(1e-2, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
+                       "normalised by the number of gates); calibrated unless calibration.mode is off")
+    beta: float = Field(2 / 3, gt=0, description="temperature of the hard-concrete distribution")
+    gamma: float = Field(-0.1, lt=0, description="stretch interval lower end")
+    zeta: float = Field(1.1, gt=1, description="stretch interval upper end")
+    drop_init: float = Field(0.1, gt=0, lt=1, description="initial drop probability of each gate")
+    gate_lr: float = Field(0.01, gt=0, le=10, description="Adam learning rate of log_alpha")
+    search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
+                                      "afterwards the test-time gates are frozen and the weights fine-tune")
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+class STRConfig(_Strict):
+    """Soft threshold reparameterisation (Kusupati et al. 2020): W_hat = sign(W) relu(|W| - sigmoid(s_l))."""
+
+    s_init: float = Field(-5.0, le=0, description="initial threshold parameter s_l of every layer")
+    s_weight_decay: float = Field(1e-4, ge=0, description="knob: weight decay on s_l (drives thresholds up); "
+                                  "calibrated unless calibration.mode is off")
+    search_end: Optional[int] = Field(None, ge=1, description="last epoch thresholds train (default 3/4 of epochs)")
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+class CSConfig(_Strict):
+    """Continuous Sparsification (Savarese et al. 2020): mask sigmoid(beta s) / sigmoid(s0)."""
+
+    rounds: int = Field(3, ge=1, le=100, description="search rounds (beta annealed 1 -> beta_final in each)")
+    epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds")
+    beta_final: float = Field(200.0, gt=1, description="temperature reached at the end of each round")
+    s_init: float = Field(0.1, gt=0, description="s0: initial mask parameter (mask starts at 1); > 0 so that the "
+                          "hard mask 1[s > 0] the suite measures starts dense")
+    lam: float = Field(1e-8, gt=0, description="knob: lambda of lambda * sum(mask) (unnormalised, as in the paper); "
+                       "calibrated unless calibration.mode is off")
+    mask_lr: float = Field(0.1, gt=0, le=100, description="learning rate of the mask parameters")
+    rewind: bool = Field(True, description="retrain the final binary mask from the run's starting weights")
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+class RMTConfig(_Strict):
+    """Marchenko-Pastur (random-matrix) pruning family (docs: baselines.md; baselines/marchenko_pastur.py)."""
+
+    alpha: float = Field(0.25, gt=0, lt=0.5, description="central quantile window of the MP scale fit")
+    beta: float = Field(0.8, gt=0, lt=1, description="Tracy-Widom tail probability of the edge correction")
+    seb_b: float = Field(1.0, ge=0, description="SEB: b in w_l(s) = max(0.1, 1 + b d(s) z_l)")
+    seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
+    seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
+    ser_rho: float = Field(1.1, ge=1, description="SER: over-prune to min(rho * s, 0.999) before restoring")
+    hybrid_switch: float = Field(0.2, gt=0, lt=1, description="hybrid: magnitude up to this sparsity, SER beyond")
+    regularised_epochs: int = Field(1, ge=0, description="classical RMT: epochs of the short regularised fine-tune")
+    l1: float = Field(1e-5, ge=0, description="classical RMT: L1 coefficient (on sum |w| of the prunable weights) "
+                      "in the regularised fine-tune")
+    sv_tau: float = Field(1.0, ge=0, description="classical RMT: noise singular-vector entries below "
+                          "sv_tau (1 - s_i / sv_edge) / sqrt(dim) are zeroed")
+
+
+METHOD_SECTIONS = {"hyperflux": HyperfluxConfig, "magnitude": MagnitudeConfig, "gmp": GMPConfig,
+                   "imp": IMPConfig, "l0": L0Config, "soft_threshold": STRConfig, "cs": CSConfig, "rmt": RMTConfig}
+# methods that read another method's section (the RMT family shares one)
+SECTION_OF = {"str": "soft_threshold", "seb": "rmt", "ser": "rmt", "rmt_hybrid": "rmt"}
+
+
+def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
+    """Pruning levels of an IMP run: as given, or enough levels of `prune_fraction` to reach
+    the target (8 for 80 %, 11 for 90 %, 14 for 95 % at 20 % per level)."""
+    if imp.levels is not None:
+        return imp.levels
+    return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - imp.prune_fraction) - 1e-9))
 
 
 class EngineConfig(_Strict):
@@ -122,6 +223,11 @@ class RunConfig(_Strict):
     hyperflux: HyperfluxConfig = HyperfluxConfig()
     magnitude: MagnitudeConfig = MagnitudeConfig()
     gmp: GMPConfig = GMPConfig()
+    imp: IMPConfig = IMPConfig()
+    l0: L0Config = L0Config()
+    soft_threshold: STRConfig = STRConfig()
+    cs: CSConfig = CSConfig()
+    rmt: RMTConfig = RMTConfig()
     engine: EngineConfig = EngineConfig()
     # where things go (not part of the identity)
     data_dir: str = "data"
@@ -157,6 +263,21 @@ class RunConfig(_Strict):
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(datasets.names())}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _imp_epochs(cls, data: Any) -> Any:
+        """IMP's length follows from its levels: epochs = (levels + 1) x imp.epochs_per_level."""
+        if isinstance(data, dict) and data.get("method") == "imp":
+            try:
+                imp = IMPConfig.model_validate(data.get("imp", {}))
+                s = float(data.get("sparsity", 0.0))
+            except (ValidationError, TypeError, ValueError):
+                return data  # the field validators report it
+            if 0.0 < s < 1.0:
+                data = dict(data)
+                data["epochs"] = (imp_levels(s, imp) + 1) * imp.epochs_per_level
+        return data
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.method == "dense" and self.sparsity != 0.0:
@@ -178,6 +299,12 @@ class RunConfig(_Strict):
                 raise ValueError("gmp.initial_sparsity must be <= sparsity")
         if self.init == "dense" and self.method == "dense":
             raise ValueError("init: a dense run cannot start from a dense run; use init 'scratch'")
+        if self.method in ("l0", "str", "cs"):  # calibrated L0 baselines: the search must fit in the run
+            sec = self.cs if self.method == "cs" else self.l0 if self.method == "l0" else self.soft_threshold
+            end = (self.cs.rounds * self.cs.epochs_per_round if self.cs.epochs_per_round else self.cs.rounds) \
+                if self.method == "cs" else (sec.search_end or 1)
+            if end > self.epochs:
+                raise ValueError(f"{self.method}: the search phase ({end} epochs) must fit in epochs ({self.epochs})")
         if self.engine.zero_stage != 0 and self.method != "dense":
             raise ValueError("engine.zero_stage > 0 is not supported with pruning yet")
         return self
@@ -191,7 +318,7 @@ class RunConfig(_Strict):
                   "flux_every"):
             d.pop(k)
         for name in METHOD_SECTIONS:
-            if name != self.method:
+            if name != self.section():
                 d.pop(name)
         if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing
             h = d["hyperflux"]
@@ -200,6 +327,10 @@ class RunConfig(_Strict):
             if h["schedule"] != "fixed":
                 h.pop("fixed_gamma")
         return d
+
+    def section(self) -> str:
+        """The config section this run's method reads (its own, or its family's)."""
+        return SECTION_OF.get(self.method, self.method)
 
     def run_hash(self) -> str:
         blob = json.dumps(self.semantic_dict(), sort_keys=True, separators=(",", ":"))
@@ -234,7 +365,7 @@ class RunConfig(_Strict):
 
         d = self.model_dump(mode="json")
         for name in METHOD_SECTIONS:
-            if name != self.method:
+            if name != self.section():
                 d.pop(name)
         walk("", d)
         return out

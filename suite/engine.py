@@ -337,9 +337,11 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     pruner.attach(model)
     model.to(device)
     gates = pruner.gate_parameters()
-    opt = WeightsAndGates(_weight_groups(model, {id(g) for g in gates}), gates, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                          gate_lr=getattr(cfg.hyperflux, "gate_lr", 1e-3))
+    extra = pruner.extra_weight_groups()
+    own = {id(g) for g in gates} | {id(p) for grp in extra for p in grp["params"]}
+    opt = WeightsAndGates(_weight_groups(model, own) + extra, gates, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, gate_lr=1e-3)
+    pruner.bind_optimizer(opt)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, world))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     marks["model"] = time.time()
@@ -360,6 +362,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     if resume is not None:
         logger.set_tag("hfbench.resumed_at_step", str(step))
     else:
+        engine.eval()
         start_active = sparsity.active(layers)  # before a one-shot prune, which then counts as pruned in epoch 1
         pruner.on_train_start()
         n_prunable = sum(m.weight.numel() for _, m in layers)
@@ -442,6 +445,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         train_time += time.time() - t0
         if world > 1:
             dist.all_reduce(loss_sum)
+        engine.eval()  # the ruler reads test-time weights (deterministic for stochastic gates)
         now = sparsity.active(layers)
         layer_rows.extend((epoch, name, float(a.float().mean())) for (name, _), a in zip(layers, now))
         dens = sparsity.density_of(now)

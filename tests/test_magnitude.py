@@ -6,7 +6,7 @@ import torch.nn.utils.prune as tprune
 from suite.config import RunConfig
 from suite.models import prunable_layers
 from suite.pruning import masks, sparsity
-from baselines.magnitude import GradualMagnitude, OneShotMagnitude
+from baselines.magnitude import GradualMagnitude, IterativeMagnitude, OneShotMagnitude
 
 
 def _net(seed=0):
@@ -63,3 +63,72 @@ def test_gmp_cubic_schedule_and_monotone_masks():
                 assert torch.all(b <= a), "a pruned weight came back"
         prev = cur
     assert sparsity.sparsity(layers) == pytest.approx(0.9, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- IMP
+@pytest.mark.parametrize("s,levels", [(0.5, 4), (0.8, 8), (0.9, 11), (0.95, 14)])
+def test_imp_levels_and_epochs_follow_the_target(s, levels):
+    cfg = RunConfig(method="imp", sparsity=s, epochs=3, imp={"epochs_per_level": 2})
+    assert IterativeMagnitude(cfg, prunable_layers(_net(), "conv_linear"), 5).levels == levels
+    assert cfg.epochs == (levels + 1) * 2  # the run's length follows from its levels
+
+
+def _imp_steps(p, net, layers, epochs, spe, opt):
+    """Drive the hooks as the engine does, with weights moving at each step."""
+    step = 0
+    for epoch in range(1, epochs + 1):
+        for _ in range(spe):
+            with torch.no_grad():
+                for _, m in layers:
+                    masks.stored_weight(m).add_(0.05 * torch.randn_like(m.weight))
+            opt[masks.stored_weight(layers[0][1])]["momentum_buffer"] = torch.ones(1)
+            step += 1
+            p.after_step(step)
+        p.end_epoch(epoch, sparsity.density(layers))
+        yield epoch
+
+
+@pytest.mark.parametrize("rewind_step", [0, 7])
+def test_imp_prunes_a_fifth_per_level_and_rewinds_exactly(rewind_step):
+    net = _net()
+    layers = prunable_layers(net, "conv_linear")
+    cfg = RunConfig(method="imp", sparsity=0.6, epochs=1, imp={"epochs_per_level": 2, "rewind_step": rewind_step})
+    p = IterativeMagnitude(cfg, layers, steps_per_epoch=5)
+    p.attach(net)
+
+    class Opt:  # what the engine binds: WeightsAndGates holds the SGD as .sgd
+        sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    p.bind_optimizer(Opt)
+    p.on_train_start()
+    saved = None
+    prev_mask = [par.mask.clone() for par in p.params]
+    for epoch in _imp_steps(p, net, layers, cfg.epochs, 5, Opt.sgd.state):
+        if saved is None and p.snapshot is not None:
+            saved = {k: v.clone() for k, v in p.snapshot.items()}
+        if epoch % 2 == 0 and epoch < cfg.epochs:  # a level ended: pruned, rewound, momentum cleared
+            level = epoch // 2
+            expect = 0.6 if level == p.levels else 1 - 0.8 ** level
+            assert sparsity.sparsity(layers) == pytest.approx(expect, abs=1e-3)
+            for a, b in zip(prev_mask, [par.mask for par in p.params]):
+                assert torch.all(b <= a), "IMP revived a pruned weight"
+            prev_mask = [par.mask.clone() for par in p.params]
+            state = net.state_dict()
+            for k, v in saved.items():
+                assert torch.equal(state[k], v), f"{k} not rewound exactly"
+            assert len(Opt.sgd.state) == 0
+    assert p.levels == 5 and cfg.epochs == 12
+    assert sparsity.sparsity(layers) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_imp_rejects_a_rewind_point_beyond_the_first_segment():
+    cfg = RunConfig(method="imp", sparsity=0.5, epochs=1, imp={"epochs_per_level": 1, "rewind_step": 11})
+    with pytest.raises(ValueError, match="rewind_step"):
+        IterativeMagnitude(cfg, prunable_layers(_net(), "conv_linear"), steps_per_epoch=10)
+
+
+def test_imp_restarts_the_lr_schedule_each_level():
+    cfg = RunConfig(method="imp", sparsity=0.5, epochs=1, lr=0.1, imp={"epochs_per_level": 3})
+    p = IterativeMagnitude(cfg, prunable_layers(_net(), "conv_linear"), steps_per_epoch=10)
+    lrs = [p.lrs(e)[0] for e in range(1, cfg.epochs + 1)]
+    assert lrs[0] == lrs[3] == lrs[6] == pytest.approx(0.1)
+    assert lrs[1] < lrs[0] and lrs[2] < lrs[1]

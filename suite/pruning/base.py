@@ -3,6 +3,10 @@
 The engine calls, in order:
   attach(model)                  once, before the optimiser exists: add masks/gates
   gate_parameters()              extra parameters for the gate optimiser (Adam); [] if none
+  extra_weight_groups()          SGD parameter groups with their own options (e.g. STR's
+                                 thresholds with their own weight decay); [] if none
+  bind_optimizer(opt)            once, with the optimiser (suite.optim.WeightsAndGates), for
+                                 methods that reset its state (IMP rewinding) or change a group
   on_train_start()               once, after loading the starting weights (e.g. one-shot prune)
   lrs(epoch)                     at each epoch start: (weight LR, gate LR)
   loss_term()                    each step: a term added to the task loss, or None
@@ -10,7 +14,9 @@ The engine calls, in order:
   end_epoch(epoch, density)      each epoch end, with the density the suite measured; returns
                                  method metrics to log (e.g. gamma, target density)
   state_dict()/load_state_dict() for checkpoints
-A method never reports its own sparsity: the suite measures it (sparsity.py).
+A method never reports its own sparsity: the suite measures it (sparsity.py), with the model
+in eval mode, so a method whose training-time weights are stochastic (hard-concrete gates)
+is measured at its deterministic test-time weights.
 """
 from __future__ import annotations
 
@@ -43,6 +49,12 @@ class Pruner:
 
     def gate_parameters(self) -> list[torch.Tensor]:
         return []
+
+    def extra_weight_groups(self) -> list[dict]:
+        return []
+
+    def bind_optimizer(self, optimizer) -> None:
+        self.optimizer = optimizer
 
     def on_train_start(self) -> None:
         pass

@@ -8,6 +8,14 @@ _METHODS = {
     "dense": "baselines.dense:Dense",
     "magnitude": "baselines.magnitude:OneShotMagnitude",
     "gmp": "baselines.magnitude:GradualMagnitude",
+    "imp": "baselines.magnitude:IterativeMagnitude",
+    "l0": "baselines.hard_concrete:HardConcreteL0",
+    "str": "baselines.soft_threshold:SoftThreshold",
+    "cs": "baselines.continuous_sparsification:ContinuousSparsification",
+    "rmt": "baselines.rmt:ClassicalRMT",
+    "seb": "baselines.rmt:SpectralEdgeBudget",
+    "ser": "baselines.rmt:SpectralEdgeRestore",
+    "rmt_hybrid": "baselines.rmt:HybridMagnitudeSER",
     "hyperflux": "suite.pruning.hyperflux:Hyperflux",
 }
 

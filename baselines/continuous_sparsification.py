@@ -1,0 +1,179 @@
+"""Continuous Sparsification (Savarese, Silva & Maire 2020), docs/baselines.md "Other L0 methods".
+
+Every prunable weight has a mask parameter s (initial value s0 = cs.s_init) and
+    train mode, search phase:  W_eff = W * sigmoid(beta * s) / sigmoid(s0)
+    loss term:                 lam * sum(sigmoid(beta * s) / sigmoid(s0))   (sum over all masks)
+The search runs cs.rounds rounds of cs.epochs_per_round epochs (default 3/4 of the epochs
+divided by the rounds). Within a round beta grows geometrically from 1 to cs.beta_final, updated
+after every optimiser step (beta = beta_final ** (k / (K - 1)) before the round's step k of K).
+At the start of each later round s <- min(beta_final * s, s0) and beta restarts at 1. After the
+last round the mask becomes binary, 1[s > 0], and fixed; with cs.rewind every model parameter and
+buffer except the mask parameters (the prunable layers' stored weights, biases, normalisation
+statistics) is restored to its value at the start of the run (snapshot in on_train_start) and
+the SGD momentum is cleared; the remaining epochs retrain with the fixed binary mask.
+
+Choices where the doc is open:
+- lam is the unnormalised paper coefficient (default 1e-8, the paper's value); the knob
+  controller is multiplicative, so a normalised lam would only change its starting value.
+- s is trained by the gate optimiser the engine offers (Adam, lr cs.mask_lr); the paper uses
+  SGD with momentum for s. Adam divides out the gradient scale, so lam acts relative to the data
+  gradient per mask and mask_lr is the speed at which s moves (about mask_lr per step).
+- eval mode (the suite's ruler and the evaluation): the hard mask 1[s > 0] / sigmoid(s0), the
+  limit of the training mask as beta -> infinity; the measured density during the search is
+  the one the final binarisation gives, and the controller steers that. Since the ruler reads
+  1[s > 0], s0 must be > 0 for the run to start dense (default 0.1; the reference code's
+  -0.01 would read as 100 % sparse at the start and after every round reset). For s0 > 0 the
+  round reset min(beta s, s0) keeps the sign of every s, so it does not change the hard mask.
+- final mask: 1[s > 0] when rewinding (the rewound weights were trained without a mask, so no
+  scale), 1[s > 0] / sigmoid(s0) without rewinding (the scale the weights were trained with).
+- round transitions and the binarisation happen at the start of the epoch (in lrs), so the
+  evaluation after each epoch sees the mask that epoch trained with; each is applied once (the
+  pruner state records how far it got, for resumed runs). The snapshot is part of the pruner
+  state until it has been used.
+- lam is calibrated by calibration.KnobController after every search epoch (mode "off": fixed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from suite.pruning import masks
+from suite.pruning.base import Pruner
+from suite.pruning.calibration import KnobController
+
+_OWN = ".parametrizations.weight.0."  # state-dict infix of the mask parametrization's tensors
+
+
+class CSMask(nn.Module):
+    def __init__(self, shape: torch.Size, s0: float):
+        super().__init__()
+        self.s = nn.Parameter(torch.full(shape, float(s0)))
+        self.register_buffer("final_mask", torch.ones(shape))
+        self.s0 = s0
+        self.scale = 1.0 / (1.0 / (1.0 + math.exp(-s0)))  # 1 / sigmoid(s0)
+        self.beta = 1.0
+        self.binary = False
+
+    def soft(self) -> torch.Tensor:
+        return torch.sigmoid(self.beta * self.s) * self.scale
+
+    def hard(self) -> torch.Tensor:
+        return (self.s > 0).to(self.s.dtype) * self.scale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.binary:
+            return w * self.final_mask.to(w.dtype)
+        m = self.soft() if self.training else self.hard().detach()
+        return w * m.to(w.dtype)
+
+
+class ContinuousSparsification(Pruner):
+    name = "cs"
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.h = cfg.cs
+        self.epr = self.h.epochs_per_round or max(1, (3 * cfg.epochs) // 4 // self.h.rounds)
+        self.search_end = self.h.rounds * self.epr
+        c = self.h.calibration
+        self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end, c.mode, c.gain,
+                                         c.max_factor)
+        self.round = 0  # rounds started (the round reset has been applied for rounds 1..round-1)
+        self.binary = False
+        self.t = 0  # optimiser steps done
+        self.snapshot: Optional[dict[str, torch.Tensor]] = None
+        self.optimizer = None
+
+    # ------------------------------------------------------------------ setup
+    def attach(self, model) -> None:
+        self.model = model
+        self.params = [masks.attach(mod, CSMask(mod.weight.shape, self.h.s_init).to(mod.weight.device))
+                       for _, mod in self.layers]
+
+    def gate_parameters(self):
+        return [p.s for p in self.params]
+
+    def on_train_start(self) -> None:
+        if self.h.rewind:
+            self.snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items() if _OWN not in k}
+
+    # ------------------------------------------------------------------ schedule
+    def beta_at(self, t: int) -> float:
+        """beta for the optimiser step that follows `t` completed steps."""
+        k_round = self.epr * self.steps_per_epoch
+        if t >= self.search_end * self.steps_per_epoch:
+            return self.h.beta_final
+        k = t % k_round
+        return self.h.beta_final ** (k / max(1, k_round - 1))
+
+    def _set_beta(self, beta: float) -> None:
+        for p in self.params:
+            p.beta = beta
+
+    @torch.no_grad()
+    def _round_reset(self) -> None:
+        for p in self.params:
+            p.s.copy_(torch.clamp(self.h.beta_final * p.s, max=self.h.s_init))
+
+    @torch.no_grad()
+    def _binarise(self, rewind: bool) -> None:
+        for p in self.params:
+            p.final_mask.copy_((p.s > 0).to(p.final_mask.dtype) * (1.0 if rewind else p.scale))
+        if rewind and self.snapshot is not None:
+            state = self.model.state_dict()
+            for k, v in self.snapshot.items():
+                state[k].copy_(v)
+            if self.optimizer is not None:
+                self.optimizer.sgd.state.clear()
+            self.snapshot = None
+        self._mark_binary()
+
+    def _mark_binary(self) -> None:
+        self.binary = True
+        for p in self.params:
+            p.binary = True  # s stays a parameter; the forward pass no longer uses it (no gradient)
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        w_lr, _ = super().lrs(epoch)
+        if epoch > self.search_end:
+            if not self.binary:
+                self._binarise(self.h.rewind)
+            return w_lr, 0.0
+        r = (epoch - 1) // self.epr + 1  # 1-based round of this epoch
+        while self.round < r:
+            if self.round >= 1:
+                self._round_reset()
+            self.round += 1
+        self._set_beta(self.beta_at(self.t))
+        return w_lr, self.h.mask_lr
+
+    def after_step(self, step: int) -> None:
+        self.t = step
+        self._set_beta(self.beta_at(step))
+
+    # ------------------------------------------------------------------ loss, control
+    def loss_term(self) -> Optional[torch.Tensor]:
+        if self.binary:
+            return None
+        return self.controller.knob * torch.stack([p.soft().sum() for p in self.params]).sum()
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        out = self.controller.metrics(epoch)
+        out["beta"] = self.params[0].beta if self.params else 1.0
+        out["round"] = float(self.round if not self.binary else self.h.rounds + 1)
+        self.controller.update(epoch, density)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict(), "round": self.round, "binary": self.binary,
+                "t": self.t, "snapshot": self.snapshot}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.controller.load_state_dict(st["controller"])
+        self.round, self.t, self.snapshot = st["round"], st["t"], st["snapshot"]
+        if st["binary"]:
+            self._mark_binary()  # final_mask and the rewound weights come with the model state
+        self._set_beta(self.beta_at(self.t))

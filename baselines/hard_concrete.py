@@ -1,0 +1,142 @@
+"""Hard-concrete L0 gates (Louizos, Welling & Kingma 2018), docs/baselines.md "Other L0 methods".
+
+Every prunable layer gets a parametrization W_eff = W * z with a learnable log_alpha per gate:
+- train mode (search phase): a fresh sample per forward pass,
+      u ~ U(0, 1),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
+      z = clamp(s * (zeta - gamma) + gamma, 0, 1)            (gamma = -0.1, zeta = 1.1, beta = 2/3);
+- eval mode, and every mode after the search phase: the deterministic test-time gate
+      z = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1),
+  which is exactly 0 for log_alpha <= log(-gamma / zeta), so the suite's ruler (zeros of the
+  effective weight, model in eval mode) counts the pruned weights.
+- penalty: lam * sum_g n_g * P(z_g != 0) / sum_g n_g with P(z_g != 0) = sigmoid(log_alpha_g -
+  beta log(-gamma / zeta)) and n_g the number of weights gate g covers: the expected density of
+  the prunable weights. For granularity "weight" (one gate per weight, the suite's default for
+  unstructured pruning) this is the mean over gates of the paper's expected-L0 term, i.e. the
+  paper's sum divided by the number of gates, so `lam` does not scale with model size.
+  Granularity "unit" has one gate per output channel/row (the authors' setting), broadcast over
+  the row; weighting by n_g keeps the penalty a share of weights, as the ruler counts them.
+- log_alpha starts at log(1 - p) - log(p), p = l0.drop_init, plus N(0, 0.01^2) noise from a
+  generator seeded with cfg.seed (like Hyperflux's gates), and is trained by the gate optimiser
+  (Adam, lr l0.gate_lr) during the search phase, epochs 1..search_end (default 3/4 of epochs).
+- `lam` is the knob: calibration.KnobController moves it after every search epoch so that the
+  measured density follows the cubic target trajectory (calibration.mode "off": fixed lam).
+- after search_end the gates are frozen at their test-time value (not binarised: the surviving
+  gates keep their value in (0, 1], which the weights were trained with; pruned gates are
+  exactly 0): the gate LR is 0, the gate is detached (no gradient, no noise), there is no
+  penalty, and the weights fine-tune (weight LR: the base cosine lr -> lr_end over the run).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from suite.pruning import masks
+from suite.pruning.base import Pruner
+from suite.pruning.calibration import KnobController
+
+
+class HardConcreteGate(nn.Module):
+    """W_eff = W * z, z a hard-concrete gate per weight (or per output row, broadcast)."""
+
+    def __init__(self, log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float):
+        super().__init__()
+        self.log_alpha = nn.Parameter(log_alpha)
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        self.frozen = False
+
+    def sample(self) -> torch.Tensor:
+        la = self.log_alpha
+        u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / self.beta)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def test_gate(self) -> torch.Tensor:
+        return (torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def p_nonzero(self) -> torch.Tensor:
+        """P(z != 0) = sigmoid(log_alpha - beta log(-gamma / zeta)), the expected L0 per gate."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            z = self.test_gate().detach()
+        elif self.training:
+            z = self.sample()
+        else:
+            z = self.test_gate()
+        return w * z.to(w.dtype)
+
+
+class HardConcreteL0(Pruner):
+    name = "l0"
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.h = cfg.l0
+        self.search_end = self.h.search_end or max(1, (3 * cfg.epochs) // 4)
+        c = self.h.calibration
+        self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end, c.mode, c.gain,
+                                         c.max_factor)
+        self.frozen = False
+
+    def attach(self, model) -> None:
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        p = self.h.drop_init
+        la0 = math.log(1 - p) - math.log(p)
+        self.params: list[HardConcreteGate] = []
+        self.sizes: list[int] = []  # weights per gate, per layer
+        for _, mod in self.layers:
+            w = mod.weight
+            shape = w.shape if self.h.granularity == "weight" else (w.shape[0],) + (1,) * (w.dim() - 1)
+            la = la0 + 0.01 * torch.randn(shape, generator=gen)
+            self.params.append(masks.attach(mod, HardConcreteGate(la.to(w.device), self.h.beta, self.h.gamma,
+                                                                  self.h.zeta)))
+            self.sizes.append(w.numel() // la.numel())
+        self.n = sum(mod.weight.numel() for _, mod in self.layers)
+
+    def gate_parameters(self):
+        return [p.log_alpha for p in self.params]
+
+    @property
+    def lam(self) -> float:
+        return self.controller.knob
+
+    def _freeze(self) -> None:
+        self.frozen = True
+        for p in self.params:
+            p.frozen = True
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        w_lr, _ = super().lrs(epoch)
+        if epoch > self.search_end:
+            self._freeze()
+            return w_lr, 0.0
+        return w_lr, self.h.gate_lr
+
+    def expected_density(self) -> torch.Tensor:
+        return torch.stack([(p.p_nonzero() * k).sum() for p, k in zip(self.params, self.sizes)]).sum() / self.n
+
+    def loss_term(self) -> Optional[torch.Tensor]:
+        if self.frozen:
+            return None
+        return self.lam * self.expected_density()
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        out = self.controller.metrics(epoch)
+        with torch.no_grad():
+            out["expected_density"] = float(self.expected_density())
+        self.controller.update(epoch, density)
+        if epoch >= self.search_end:
+            self._freeze()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict(), "frozen": self.frozen}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.controller.load_state_dict(st["controller"])
+        if st["frozen"]:
+            self._freeze()

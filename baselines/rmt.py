@@ -1,0 +1,432 @@
+"""Marchenko-Pastur (random-matrix) pruning family: the four Pruner classes.
+
+docs/baselines.md, "Marchenko-Pastur (random-matrix) pruning". The math (MP edge fit, SEB
+layer weights and masks, SER restore) lives in baselines/marchenko_pastur.py; this module
+only schedules it inside the suite's Pruner hooks. Every method starts from the trained dense
+model (cfg.init == "dense"), fits the MP edge of every prunable layer on its *dense* stored
+weight (mp_edge_fit with rmt.alpha, rmt.beta; Conv viewed as out x (in kh kw)), and ends with
+exactly round(s N) zeros over all N prunable weights (the suite's ruler measures it).
+
+NOTE: the papers (arXiv 2503.01922, 2606.02608) stop at 70 % sparsity. Results of these
+methods beyond 0.7 are new ground, not a reproduction; say so in reports.
+
+Methods
+-------
+seb  SpectralEdgeBudget (2606.02608). z_l = z-score of sigma+(l) over the layers,
+     w_l(s) = max(0.1, 1 + b d(s) z_l), d(s) = (1 - s / s_d)_+^p (b, s_d, p = rmt.seb_b,
+     rmt.seb_sd, rmt.seb_p); one global magnitude prune on |W| / w_l at on_train_start, so a
+     layer with a large edge loses more; then fine-tune with the mask fixed (like one-shot
+     magnitude). Logs npl_threshold = the smallest surviving |W| / w_l.
+
+ser  SpectralEdgeRestore (2606.02608), three phases in one run:
+     1. on_train_start: over-prune to s_o = min(rho s, 0.999) (rho = rmt.ser_rho) by the SEB
+        score with the layer weights of the *final* target, w_l(s)
+        (seb_masks(..., budget_sparsity=s)).
+     2. epoch 1 is the selection epoch. The removed entries (the "reservoir") get their stored
+        weight set to 0 and their mask set to 1, so they train from zero, while the over-pruned
+        survivors are frozen. Freezing is done twice over: a gradient hook zeroes the survivors'
+        gradient (so SGD momentum never sees their task gradient) and after every optimiser
+        step their stored values are copied back from a snapshot (this also undoes SGD weight
+        decay, which moves a weight even when its gradient is zero). So the survivors are
+        bit-identical through the epoch and the network starts the epoch computing exactly the
+        over-pruned function. The momentum buffers of the prunable weights are cleared when
+        the selection starts and again at the restore (the public code builds a new optimiser
+        per phase).
+     3. end_epoch(1): dw = W_end - W_start of every reservoir entry (W_start = 0, so dw is its
+        trained value); restore with ser_restore(masks_over, |dw| w_l(s), s), which brings the
+        zero count to exactly round(s N). Restored entries KEEP their trained value (the
+        selection epoch trained them together with the frozen survivors; zeroing them would
+        throw that away, and the network right after the restore is the selection-end network
+        minus the unrestored reservoir). Unrestored reservoir entries are masked (and their
+        stored value zeroed). Epochs 2.. fine-tune with the mask frozen.
+     Timing and the ruler: the suite measures density at each epoch end *before* end_epoch
+     runs, so epoch 1 reports the over-pruned survivors plus the (now nonzero) reservoir, i.e.
+     the selection state; the restore happens in end_epoch(1) and every later epoch reports
+     exactly s. Needs epochs >= 2 (else the final measured sparsity would be the selection
+     state); the constructor refuses fewer.
+
+rmt_hybrid  HybridMagnitudeSER (2606.02608, "magnitude up to 0.2, SER beyond"). Reading chosen,
+     from the public code (hybrid_mag20_then_v8*.py): the paper runs one trajectory
+     0.05 -> 0.70; stage 1 is exact global magnitude pruning with fine-tuning up to s = 0.20,
+     stage 2 runs SER cycles starting *from the s = 0.20 magnitude checkpoint*. So here:
+     - s <= rmt.hybrid_switch: one-shot global magnitude to s, fine-tune (= "magnitude").
+     - s >  rmt.hybrid_switch: one-shot global magnitude to the switch (0.2) at
+       on_train_start, epoch 1 fine-tunes that model; at end_epoch(1) SER over-prunes the
+       magnitude survivors to min(rho s, 0.999) by |W| / w_l(s) (the magnitude-pruned 20 %
+       stay pruned and are not in the reservoir, i.e. the first 0.2 by magnitude, the rest by
+       SER), epoch 2 is the selection epoch, end_epoch(2) restores to exactly s, then
+       fine-tune. MP fits come from the dense weights (the public code caches them once per
+       model). Needs epochs >= 3 on this path.
+
+rmt  ClassicalRMT (2503.01922; public code RMT_pruning_ViT src/SplittableLayers.py `split`,
+     src/pruning.py `prune_model`, src/training.py `fine_tune_model`), at on_train_start:
+     1. Per layer: SVD W = U S V^T; components with s_i <= sv_edge are noise. In each noise
+        component, entries of u_i and v_i with |entry| < tau_i are zeroed,
+            tau_i = rmt.sv_tau * (1 - s_i / sv_edge) / sqrt(len(vector)),
+        i.e. relative to the typical entry 1/sqrt(dim) of a unit vector, and stronger the
+        deeper the component sits in the bulk. (Public code: thresh (1 - s_i/s+)^30 with
+        thresh = 750 * 1.5e-8 * target * N * M, a constant tied to ViT layer sizes, plus a
+        second tiny threshold thresh / 750 applied to *all* components; we keep the shape,
+        "deeper in the bulk -> more zeroing", with a size-free threshold, and never touch
+        signal components.) W is rebuilt as U' S V'^T (signal components unchanged) and
+        written to the stored weight.
+     2. Per-layer magnitude pruning. Share s_l = min(cap, c q_l) with
+            q_l = ((1 - ks_l) frac_below_l)^1.5,
+        frac_below_l = share of singular values at or below the edge, ks_l = the MP fit's
+        KS distance; the public code prunes each layer to
+        ((1 - LinfError) * percentage_below)^(1.5 / cycle) * target (cycle 1 here). c is
+        chosen (bisection, water-filling under cap = max(0.99, (1 + s) / 2)) so that
+        sum_l s_l n_l = round(s N); integer per-layer counts are then fixed by largest
+        remainders, so the total is exact. A layer with no noise (q_l = 0) gets a floor of
+        1e-6 * max q so it is pruned only if the others are full.
+     3. Regularised fine-tune for rmt.regularised_epochs epochs: loss term
+        rmt.l1 * sum |W_eff| over the prunable layers (public code: L1 + L2 + a group-lasso
+        term scaled by the layer's fit error; the suite's SGD already applies weight decay, so
+        only the L1 part is added). Then plain fine-tune. The mask is fixed from the start
+        (public `freeze_pruned_weights`: pruned weights get no gradient), so the pruned
+        weights stay frozen at zero through both fine-tunes.
+
+state_dict / load_state_dict: masks are buffers in the model and the stored weights are in the
+model checkpoint. The pruner state holds the phase, the SER over-pruned masks and reservoir,
+the layer weights, per-layer shares and thresholds; the SER survivor snapshot is re-taken from
+the model on load (mid-selection the model holds exactly the snapshot values).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from baselines import marchenko_pastur as mp
+from suite.pruning import masks
+from suite.pruning.base import MaskPruner
+
+
+class _RMTBase(MaskPruner):
+    """Shared: MP fits of the dense weights, SEB layer weights, epoch tracking."""
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.r = cfg.rmt
+        self.epoch = 1
+        self.fits: list[mp.MPFit] = []
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        self.epoch = epoch
+        return super().lrs(epoch)
+
+    def fit_all(self) -> list[mp.MPFit]:
+        self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta) for w in self.stored()]
+        return self.fits
+
+    def layer_weights(self, s: float) -> list[float]:
+        return mp.seb_layer_weights(self.fits, s, b=self.r.seb_b, s_d=self.r.seb_sd, p=self.r.seb_p)
+
+    @torch.no_grad()
+    def _reset_momentum(self) -> None:
+        opt = getattr(self, "optimizer", None)
+        sgd = getattr(opt, "sgd", opt)
+        if sgd is None or not hasattr(sgd, "state"):
+            return
+        for w in self.stored():
+            st = sgd.state.get(w)
+            if st and st.get("momentum_buffer") is not None:
+                st["momentum_buffer"].zero_()
+
+
+# ----------------------------------------------------------------------------- SEB
+class SpectralEdgeBudget(_RMTBase):
+    name = "seb"
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        self.fit_all()
+        s = self.cfg.sparsity
+        self.wl = self.layer_weights(s)
+        scores = mp.seb_scores(self.stored(), self.wl)
+        new = masks.magnitude_masks(scores, s, "global")
+        self.set_masks(new)
+        alive = torch.cat([sc[m.bool()] for sc, m in zip(scores, new)])
+        self.threshold = float(alive.min()) if alive.numel() else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"threshold": getattr(self, "threshold", None), "wl": getattr(self, "wl", None)}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        if st.get("threshold") is not None:
+            self.threshold = st["threshold"]
+        if st.get("wl") is not None:
+            self.wl = st["wl"]
+
+
+# ----------------------------------------------------------------------------- SER
+class SpectralEdgeRestore(_RMTBase):
+    """Over-prune by SEB, one selection epoch training only the removed entries, restore to s."""
+
+    name = "ser"
+    selection_epoch = 1  # the epoch whose steps train the reservoir; restore at its end
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self._check_epochs()
+        self.phase = "init"  # init -> (prefix) -> select -> finetune
+        self.over: list[torch.Tensor] = []       # over-pruned masks (1 = survivor)
+        self.reservoir: list[torch.Tensor] = []  # bool: removed by the SER over-prune, trains in selection
+        self.snapshot: list[torch.Tensor] = []   # survivors' stored values during selection
+
+    def _check_epochs(self) -> None:
+        need = self.selection_epoch + 1
+        if self.cfg.epochs < need:
+            raise ValueError(f"{self.name}: needs epochs >= {need} (selection epoch {self.selection_epoch} "
+                             f"plus a fine-tune after the restore), got {self.cfg.epochs}")
+
+    def attach(self, model) -> None:
+        super().attach(model)
+        for i, w in enumerate(self.stored()):
+            w.register_hook(self._freeze_hook(i))
+
+    def _freeze_hook(self, i: int):
+        def hook(grad: torch.Tensor):
+            if self.phase == "select" and self.over:
+                return grad * (1 - self.over[i]).to(grad.dtype)
+            return grad
+        return hook
+
+    def over_target(self) -> float:
+        return min(self.r.ser_rho * self.cfg.sparsity, 0.999)
+
+    @torch.no_grad()
+    def start_selection(self, prior: Optional[list[torch.Tensor]] = None) -> None:
+        """Over-prune the entries `prior` keeps (all, if None) to over_target() by |W| / w_l(s),
+        then open the selection phase. Entries `prior` already removed stay removed and are not
+        in the reservoir."""
+        s = self.cfg.sparsity
+        if not self.fits:
+            self.fit_all()
+        self.wl = self.layer_weights(s)
+        W = self.stored()
+        prior = prior if prior is not None else [torch.ones_like(w) for w in W]
+        if prior is None or all(bool(p.all()) for p in prior):
+            over = mp.seb_masks(W, self.fits, self.over_target(), b=self.r.seb_b, s_d=self.r.seb_sd,
+                                p=self.r.seb_p, budget_sparsity=s)
+        else:  # previously removed entries rank first (score -1 < any |W| / w_l)
+            scores = [torch.where(p.bool(), sc, torch.full_like(sc, -1.0))
+                      for sc, p in zip(mp.seb_scores(W, self.wl), prior)]
+            flat = torch.cat([sc.reshape(-1) for sc in scores])
+            k = int(round(self.over_target() * flat.numel()))
+            keep = torch.ones_like(flat)
+            if k > 0:
+                keep[torch.topk(flat, k, largest=False).indices] = 0
+            over, i = [], 0
+            for w in W:
+                over.append(keep[i:i + w.numel()].view_as(w).to(w.dtype))
+                i += w.numel()
+        self.over = [o.detach().clone() for o in over]
+        self.reservoir = [(p.bool() & ~o.bool()) for p, o in zip(prior, self.over)]
+        for w, r in zip(W, self.reservoir):
+            w[r] = 0.0  # reservoir entries train from zero
+        self.set_masks([(o.bool() | r).to(o.dtype) for o, r in zip(self.over, self.reservoir)])
+        self.snapshot = [w.detach().clone() for w in W]
+        self._reset_momentum()
+        self.phase = "select"
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if self.phase == "select":
+            for w, o, snap in zip(self.stored(), self.over, self.snapshot):
+                keep = o.bool()
+                w[keep] = snap[keep]
+
+    @torch.no_grad()
+    def restore(self) -> list[torch.Tensor]:
+        """End of the selection: restore the reservoir entries with the largest |dw| w_l(s)
+        to reach exactly round(s N) zeros; returns the final masks."""
+        W = self.stored()
+        dw = [w.detach() * r for w, r in zip(W, self.reservoir)]  # W_end - W_start, W_start = 0
+        sc = [torch.where(r, d.abs() * wl, torch.full_like(d, -math.inf))
+              for d, r, wl in zip(dw, self.reservoir, self.wl)]
+        final = mp.ser_restore(self.over, sc, self.cfg.sparsity)
+        for w, m in zip(W, final):
+            w[m == 0] = 0.0
+        self.set_masks(final)
+        self.restored = [(m.bool() & r) for m, r in zip(final, self.reservoir)]
+        self.n_restored = int(sum(int(x.sum()) for x in self.restored))
+        self.over, self.reservoir, self.snapshot = [], [], []
+        self._reset_momentum()
+        self.phase = "finetune"
+        return final
+
+    def on_train_start(self) -> None:
+        self.fit_all()
+        self.start_selection()
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.phase == "select" and epoch == self.selection_epoch:
+            self.restore()
+            out["ser_restored"] = float(self.n_restored)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "epoch": self.epoch, "wl": getattr(self, "wl", None),
+                "over": [o.clone() for o in self.over], "reservoir": [r.clone() for r in self.reservoir],
+                "fits": [f.to_dict() for f in self.fits]}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.phase = st["phase"]
+        self.epoch = st.get("epoch", self.epoch)
+        self.wl = st.get("wl")
+        self.over = [o.clone() for o in st.get("over", [])]
+        self.reservoir = [r.clone() for r in st.get("reservoir", [])]
+        self.fits = [mp.MPFit(**{**d, "shape": tuple(d["shape"])}) for d in st.get("fits", [])]
+        # mid-selection the model's survivors equal the snapshot (restored after every step)
+        self.snapshot = [w.detach().clone() for w in self.stored()] if self.phase == "select" else []
+
+
+# ----------------------------------------------------------------------------- hybrid
+class HybridMagnitudeSER(SpectralEdgeRestore):
+    """Magnitude for s <= switch; beyond: magnitude to the switch, one fine-tune epoch, then SER."""
+
+    name = "rmt_hybrid"
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        self.use_ser = cfg.sparsity > cfg.rmt.hybrid_switch
+        self.selection_epoch = 2
+        super().__init__(cfg, layers, steps_per_epoch)
+
+    def _check_epochs(self) -> None:
+        if self.use_ser:
+            super()._check_epochs()
+
+    def on_train_start(self) -> None:
+        if not self.use_ser:
+            self.prune_to(self.cfg.sparsity, "global")
+            self.phase = "magnitude"
+            return
+        self.fit_all()  # on the dense weights, before the magnitude prefix
+        self.prune_to(self.r.hybrid_switch, "global")
+        del self.threshold  # the prefix threshold is not the final method's saliency
+        self.phase = "prefix"
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        if self.phase == "magnitude":
+            return MaskPruner.end_epoch(self, epoch, density)
+        if self.phase == "prefix" and epoch == self.selection_epoch - 1:
+            self.start_selection([p.mask.detach().clone() for p in self.params])
+            return {}
+        return super().end_epoch(epoch, density)
+
+    def state_dict(self) -> dict[str, Any]:
+        st = super().state_dict()
+        st["threshold"] = getattr(self, "threshold", None)
+        return st
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        super().load_state_dict(st)
+        if st.get("threshold") is not None:
+            self.threshold = st["threshold"]
+
+
+# ----------------------------------------------------------------------------- classical RMT
+def _shares_to_counts(q: list[float], sizes: list[int], total_zeros: int, cap: float) -> list[int]:
+    """Integer zeros per layer, k_l ~ min(cap, c q_l) n_l with sum k_l = total_zeros exactly."""
+    qmax = max(q) if q and max(q) > 0 else 1.0
+    qf = [max(x, 1e-6 * qmax) if qmax > 0 else 1.0 for x in q]
+    caps = [int(math.floor(cap * n)) for n in sizes]
+    if total_zeros > sum(caps):
+        raise ValueError(f"target {total_zeros} zeros exceeds the per-layer caps ({sum(caps)})")
+
+    def zeros(c: float) -> float:
+        return sum(min(cap, c * x) * n for x, n in zip(qf, sizes))
+
+    lo, hi = 0.0, 1.0
+    while zeros(hi) < total_zeros:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if zeros(mid) < total_zeros:
+            lo = mid
+        else:
+            hi = mid
+    real = [min(cap, hi * x) * n for x, n in zip(qf, sizes)]
+    k = [min(int(math.floor(r)), cp) for r, cp in zip(real, caps)]
+    rest = total_zeros - sum(k)
+    order = sorted(range(len(k)), key=lambda i: real[i] - k[i], reverse=True)
+    while rest > 0:  # largest remainders first, never above a cap
+        moved = False
+        for i in order:
+            if rest == 0:
+                break
+            if k[i] < caps[i]:
+                k[i] += 1
+                rest -= 1
+                moved = True
+        if not moved:
+            raise RuntimeError("could not place the remaining zeros under the caps")
+    while rest < 0:  # floor(min(cap, .)) cannot overshoot, but stay safe
+        i = max(range(len(k)), key=lambda j: k[j])
+        k[i] -= 1
+        rest += 1
+    return k
+
+
+@torch.no_grad()
+def denoise_noise_components(W: torch.Tensor, fit: mp.MPFit, tau: float) -> torch.Tensor:
+    """Zero small singular-vector entries of the components at or below the MP edge and
+    rebuild W (signal components untouched). Returns a tensor shaped like W."""
+    X = mp.matrix_view(W.detach()).to(torch.float64)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    noise = S <= fit.sv_edge
+    if tau > 0 and bool(noise.any()) and fit.sv_edge > 0:
+        t = tau * (1.0 - S / fit.sv_edge).clamp(min=0.0)  # per component
+        tu = (t / math.sqrt(U.shape[0]))[None, :]
+        tv = (t / math.sqrt(Vh.shape[1]))[:, None]
+        U = torch.where(noise[None, :] & (U.abs() < tu), torch.zeros_like(U), U)
+        Vh = torch.where(noise[:, None] & (Vh.abs() < tv), torch.zeros_like(Vh), Vh)
+    return ((U * S) @ Vh).reshape(W.shape).to(W.dtype)
+
+
+class ClassicalRMT(_RMTBase):
+    name = "rmt"
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        s = self.cfg.sparsity
+        fits = self.fit_all()
+        W = self.stored()
+        for w, f in zip(W, fits):
+            w.copy_(denoise_noise_components(w, f, self.r.sv_tau))
+        self.frac_below = [1.0 - f.n_above / f.n_total for f in fits]
+        ks = [0.0 if math.isnan(f.ks) else min(1.0, f.ks) for f in fits]
+        self.q = [((1.0 - k) * fb) ** 1.5 for k, fb in zip(ks, self.frac_below)]
+        sizes = [w.numel() for w in W]
+        total = int(round(s * sum(sizes)))
+        cap = max(0.99, (1.0 + s) / 2.0)
+        counts = _shares_to_counts(self.q, sizes, total, cap)
+        new = []
+        for w, k in zip(W, counts):
+            m = torch.ones_like(w)
+            if k > 0:
+                m.view(-1)[torch.topk(w.detach().abs().reshape(-1), k, largest=False).indices] = 0
+            new.append(m)
+        self.set_masks(new)
+        self.layer_sparsity = [k / n for k, n in zip(counts, sizes)]
+
+    def loss_term(self) -> Optional[torch.Tensor]:
+        if self.epoch > self.r.regularised_epochs or self.r.l1 <= 0:
+            return None
+        return self.r.l1 * sum(mod.weight.abs().sum() for _, mod in self.layers)
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        return {"rmt_regularised": float(epoch <= self.r.regularised_epochs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "layer_sparsity": getattr(self, "layer_sparsity", None),
+                "frac_below": getattr(self, "frac_below", None)}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.epoch = st.get("epoch", self.epoch)
+        for k in ("layer_sparsity", "frac_below"):
+            if st.get(k) is not None:
+                setattr(self, k, st[k])

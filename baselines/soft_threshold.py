@@ -1,0 +1,132 @@
+"""STR, soft threshold reparameterisation (Kusupati et al. 2020), docs/baselines.md "Other L0 methods".
+
+Every prunable layer l gets a parametrization with one learnable scalar s_l:
+    W_hat = sign(W) * relu(|W| - sigmoid(s_l)),
+so every weight with |W| <= sigmoid(s_l) is exactly 0 (what the suite's ruler counts), the
+others shrink by the threshold. As in the paper and its code (RAIVNLab/STR), s_l is trained by
+the same SGD as the weights (same LR schedule and momentum), in its own parameter group
+(Pruner.extra_weight_groups) whose weight decay is the knob `soft_threshold.s_weight_decay`:
+decay pulls s_l (< 0) toward 0, i.e. raises the threshold; the task gradient pulls it down.
+The initial s_l is `soft_threshold.s_init` for every layer.
+
+Choices where the doc is open:
+- the paper has no sparsity target; the suite calibrates the knob (calibration.KnobController):
+  after every search epoch the s group's weight_decay is set to the controller's knob. The group
+  is looked up by its parameters each time (the optimiser's group dicts are replaced when a
+  checkpoint is loaded).
+- search phase: epochs 1..search_end (default 3/4 of epochs). After it the thresholds are
+  frozen: each layer stores sigmoid(s_l) as a buffer (`frozen_threshold`, part of the model's
+  state dict) and the forward pass uses that constant, so s_l gets no gradient and the SGD
+  (which skips parameters without a gradient) neither decays nor moves it. The weights keep
+  training through the same soft-threshold function; a pruned weight (|W| <= threshold) gets no
+  data gradient (relu' = 0), only the weights' own weight decay, which shrinks it, so pruned
+  weights stay pruned and the sparsity can only creep up a little during fine-tuning. The STR
+  paper trains s to the end of the run; freezing gives the fine-tuning phase every calibrated
+  method in the suite has.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from suite.pruning import masks
+from suite.pruning.base import Pruner
+from suite.pruning.calibration import KnobController
+
+
+def soft_threshold(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return torch.sign(w) * torch.relu(w.abs() - threshold)
+
+
+class SoftThresholdWeight(nn.Module):
+    def __init__(self, s_init: float):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor([float(s_init)]))
+        self.register_buffer("frozen_threshold", torch.full((1,), float("nan")))
+
+    @property
+    def frozen(self) -> bool:
+        return not bool(torch.isnan(self.frozen_threshold).item())
+
+    def threshold(self) -> torch.Tensor:
+        return self.frozen_threshold if self.frozen else torch.sigmoid(self.s)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        if not self.frozen:
+            self.frozen_threshold.copy_(torch.sigmoid(self.s))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return soft_threshold(w, self.threshold().to(w.dtype))
+
+
+class SoftThreshold(Pruner):
+    name = "str"
+
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.h = cfg.soft_threshold
+        self.search_end = self.h.search_end or max(1, (3 * cfg.epochs) // 4)
+        c = self.h.calibration
+        self.controller = KnobController(self.h.s_weight_decay, 1.0 - cfg.sparsity, self.search_end, c.mode,
+                                         c.gain, c.max_factor)
+        self.frozen = False
+        self.optimizer = None
+
+    def attach(self, model) -> None:
+        self.params = [masks.attach(mod, SoftThresholdWeight(self.h.s_init).to(mod.weight.device))
+                       for _, mod in self.layers]
+
+    def thresholds(self) -> list[torch.Tensor]:
+        return [p.s for p in self.params]
+
+    def extra_weight_groups(self) -> list[dict]:
+        return [{"params": self.thresholds(), "weight_decay": self.controller.knob}]
+
+    def s_group(self) -> dict | None:
+        """The optimiser's group holding the thresholds (looked up anew: loading a checkpoint
+        replaces the group dicts)."""
+        if self.optimizer is None:
+            return None
+        ids = {id(s) for s in self.thresholds()}
+        for g in self.optimizer.param_groups:
+            if any(id(p) in ids for p in g["params"]):
+                return g
+        raise RuntimeError("the optimiser has no group with STR's thresholds")
+
+    def _set_knob(self) -> None:
+        g = self.s_group()
+        if g is not None:
+            g["weight_decay"] = self.controller.knob
+
+    def _freeze(self) -> None:
+        self.frozen = True
+        for p in self.params:
+            p.freeze()
+
+    def lrs(self, epoch: int) -> tuple[float, float]:
+        if epoch > self.search_end:
+            self._freeze()
+        self._set_knob()
+        return super().lrs(epoch)
+
+    def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        out = self.controller.metrics(epoch)
+        for (name, _), p in zip(self.layers, self.params):
+            out[f"threshold/{name}"] = float(p.threshold())
+        self.controller.update(epoch, density)
+        self._set_knob()
+        if epoch >= self.search_end:
+            self._freeze()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict(), "frozen": self.frozen}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.controller.load_state_dict(st["controller"])
+        self._set_knob()
+        if st["frozen"]:
+            self._freeze()

@@ -1,0 +1,58 @@
+"""Steering a method that has no sparsity knob to the requested sparsity.
+
+STR, Continuous Sparsification and hard-concrete L0 reach a sparsity that depends on a
+regularisation strength (their "knob"), not on a target. The suite calibrates the knob
+online, in the same run, instead of a search over many short runs:
+
+- a target density trajectory runs from 1 (epoch 0) to the requested density d_f at the end
+  of the search phase, along Zhu & Gupta's cubic d*(e) = d_f + (1 - d_f)(1 - e / E)^3;
+- after each search epoch the knob is multiplied by exp(gain * ln(d / d*(e))), limited to a
+  factor `max_factor` either way: too dense -> stronger regularisation, too sparse -> weaker;
+- after the search phase the knob is left where it is and the method freezes its mask.
+
+The sparsity the run reaches is measured by the suite's one ruler, logged and reported as
+reached; the controller only makes reaching the target likely. `calibration.mode: off`
+uses the configured knob unchanged (for a manual search, or to reproduce a paper's value).
+"""
+from __future__ import annotations
+
+import math
+
+
+def cubic_target_density(epoch: int, end: int, final_density: float) -> float:
+    """d*(epoch): 1 at epoch 0, `final_density` from epoch `end` on (cubic in between)."""
+    frac = min(1.0, max(0.0, epoch / max(1, end)))
+    return final_density + (1.0 - final_density) * (1.0 - frac) ** 3
+
+
+class KnobController:
+    def __init__(self, knob: float, final_density: float, search_end: int, mode: str = "controller",
+                 gain: float = 2.0, max_factor: float = 4.0):
+        if knob <= 0:
+            raise ValueError(f"the calibrated knob must be > 0, got {knob}")
+        self.knob = float(knob)
+        self.final_density = final_density
+        self.search_end = search_end
+        self.mode = mode
+        self.gain = gain
+        self.max_factor = max_factor
+
+    def target(self, epoch: int) -> float:
+        return cubic_target_density(epoch, self.search_end, self.final_density)
+
+    def update(self, epoch: int, density: float) -> float:
+        """The knob for the next epoch, given the density measured after `epoch`."""
+        if self.mode == "controller" and epoch < self.search_end:
+            err = math.log(max(density, 1e-9) / self.target(epoch))
+            step = max(-math.log(self.max_factor), min(math.log(self.max_factor), self.gain * err))
+            self.knob *= math.exp(step)
+        return self.knob
+
+    def metrics(self, epoch: int) -> dict[str, float]:
+        return {"knob": self.knob, "target_density": self.target(epoch)}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"knob": self.knob}
+
+    def load_state_dict(self, st: dict[str, float]) -> None:
+        self.knob = st["knob"]
