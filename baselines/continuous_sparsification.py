@@ -80,7 +80,7 @@ class ContinuousSparsification(Pruner):
         self.search_end = self.h.rounds * self.epr
         c = self.h.calibration
         self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end, c.mode, c.gain,
-                                         c.max_factor)
+                                         c.max_factor, c.lookahead)
         self.round = 0  # rounds started (the round reset has been applied for rounds 1..round-1)
         self.binary = False
         self.t = 0  # optimiser steps done

@@ -79,7 +79,7 @@ class HardConcreteL0(Pruner):
         self.search_end = self.h.search_end or max(1, (3 * cfg.epochs) // 4)
         c = self.h.calibration
         self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end, c.mode, c.gain,
-                                         c.max_factor)
+                                         c.max_factor, c.lookahead)
         self.frozen = False
 
     def attach(self, model) -> None:

@@ -71,7 +71,7 @@ class SoftThreshold(Pruner):
         self.search_end = self.h.search_end or max(1, (3 * cfg.epochs) // 4)
         c = self.h.calibration
         self.controller = KnobController(self.h.s_weight_decay, 1.0 - cfg.sparsity, self.search_end, c.mode,
-                                         c.gain, c.max_factor)
+                                         c.gain, c.max_factor, c.lookahead)
         self.frozen = False
         self.optimizer = None
 
@@ -115,7 +115,7 @@ class SoftThreshold(Pruner):
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         out = self.controller.metrics(epoch)
         for (name, _), p in zip(self.layers, self.params):
-            out[f"threshold/{name}"] = float(p.threshold())
+            out[f"threshold/{name}"] = float(p.threshold().detach())
         self.controller.update(epoch, density)
         self._set_knob()
         if epoch >= self.search_end:

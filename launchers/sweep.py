@@ -10,13 +10,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from suite import datasets, tracking
-from suite.config import RunConfig, SweepConfig
+from suite.config import ConfigError, RunConfig, SweepConfig
 
 
 @dataclass
@@ -43,8 +44,40 @@ def choose_executor(kind: str) -> str:
     if kind == "auto":
         return "slurm" if slurm_reachable() else "local"
     if kind == "slurm" and not slurm_reachable():
-        raise RuntimeError("launcher.executor is 'slurm' but no SLURM controller answers (sinfo failed)")
+        raise ConfigError("launcher.executor is 'slurm' but no SLURM controller answers (sinfo failed)")
     return kind
+
+
+def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> None:
+    """Refuse, before anything is submitted, runs the chosen executor cannot place.
+
+    SLURM: engine.world_size ranks per node must fit launcher.slurm.gpus_per_node when that is
+    set and the runs use GPUs (checked when the sweep is loaded, see SweepConfig.expand).
+    Local executor (this machine is the one node): engine.nodes must be 1; a run on 'cuda' (or
+    'auto' where a GPU is visible) needs engine.world_size <= the GPUs visible here, and
+    launcher.slurm.gpus_per_node (passed on to the local jobs) may not exceed them either.
+    Debug executor (in this process): one rank, one node."""
+    if kind not in ("local", "debug"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpn = sweep.launcher.slurm.gpus_per_node
+    if gpn > visible:
+        raise ConfigError(f"launcher.slurm.gpus_per_node ({gpn}) is more than the {visible} GPU(s) visible on "
+                          f"this machine (executor {kind})")
+    for r in runs:
+        if r.engine.nodes > 1:
+            raise ConfigError(f"run {r.run_name()}: engine.nodes ({r.engine.nodes}) > 1 needs the SLURM executor "
+                              f"(launcher.executor is {kind!r})")
+        if kind == "debug" and r.engine.world_size > 1:
+            raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) > 1 cannot run on the "
+                              f"debug executor (one process); use launcher.executor local or slurm")
+        on_gpu = r.engine.device == "cuda" or (r.engine.device == "auto" and visible > 0)
+        if on_gpu and r.engine.world_size > visible:
+            raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) is more than the "
+                              f"{visible} GPU(s) visible on this machine (engine.device {r.engine.device}); "
+                              f"lower it or set engine.device: cpu")
 
 
 def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
@@ -58,6 +91,7 @@ def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
         spec = datasets.get(r.dataset)
         missing = spec.missing(r.data_dir)
         if not missing:
+            spec.validate(r.data_dir)  # before anything is submitted
             continue
         if build and spec.build is not None:
             say(f"[hfbench] building {r.dataset} files in {r.data_dir} (missing: {', '.join(p.name for p in missing)})")
@@ -116,12 +150,13 @@ class Sweep:
         self.kind = choose_executor(executor or sweep.launcher.executor)
         self.say = say
         self.uri = sweep.tracking_uri or tracking.default_uri()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two sweeps in one second differ
         self.folder = Path(sweep.launcher.folder) / sweep.name / stamp  # fresh per sweep (see platform.md)
 
     def run(self) -> list[Outcome]:
         t0 = time.time()
         runs = self.sweep.expand()
+        check_resources(self.sweep, runs, self.kind)  # before data, the experiment or any job
         ensure_data(runs, say=self.say)
         exp_id = tracking.ensure_experiment(self.uri, self.sweep.experiment_name())
         self.exp_id = exp_id
@@ -167,10 +202,20 @@ class Sweep:
             groups.setdefault((r.engine.world_size, r.engine.nodes, r.engine.threads_per_rank), []).append(r)
         pending: list[tuple[RunConfig, Any]] = []
         waiting: list[tuple[RunConfig, Any]] = []  # local executor: (cfg, executor) not yet submitted
+        deferred: list[tuple[RunConfig, Any]] = []  # being trained right now by another launch (e.g. another sweep)
         from launchers import task
+        from suite.engine import run_busy
 
         for (ws, nodes, threads), rs in groups.items():
             ex = make_executor(self.sweep, self.kind, self.folder, ws, nodes, threads)
+            busy = [r for r in rs if run_busy(Path(r.out_dir) / r.run_hash())]
+            if busy:
+                self.say(f"[hfbench] {len(busy)} runs are being trained by another process right now "
+                         f"(e.g. another sweep): waiting for them instead of training them twice")
+                deferred += [(r, ex) for r in busy]
+                rs = [r for r in rs if r not in busy]
+                if not rs:
+                    continue
             if self.kind == "slurm":
                 with ex.batch():
                     jobs = [ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs]
@@ -180,7 +225,7 @@ class Sweep:
                          f"x {ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
             else:
                 waiting += [(r, ex) for r in rs]
-        return self._wait(pending, waiting)
+        return self._wait(pending, waiting, deferred)
 
     def _record(self, submitted) -> None:
         """Append (run hash -> job id) to the sweep's job log, read by `hfbench status`."""
@@ -194,8 +239,9 @@ class Sweep:
                                     "executor": self.kind, "folder": str(self.folder),
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
-    def _wait(self, pending, waiting) -> list[Outcome]:
-        total = len(pending) + len(waiting)
+    def _wait(self, pending, waiting, deferred=()) -> list[Outcome]:
+        self.deferred = list(deferred)
+        total = len(pending) + len(waiting) + len(self.deferred)
         done: list[Outcome] = []
         running = list(pending)
         limit = self.sweep.launcher.parallelism
@@ -216,7 +262,8 @@ class Sweep:
     def _poll(self, running, waiting, done, limit, bar) -> list[Outcome]:
         from launchers import task
 
-        while running or waiting:
+        while running or waiting or self.deferred:
+            self._check_deferred(running, waiting, done, bar)
             while waiting and len(running) < limit:  # local executor: honour the parallelism limit
                 r, ex = waiting.pop(0)
                 job = ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
@@ -231,7 +278,9 @@ class Sweep:
                     res = job.results()[0]  # rank 0 of a multi-task job (one process per rank)
                     o = Outcome(r, "finished", result=res, job_id=str(job.job_id))
                     msg = (f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% "
-                           f"sparsity {100 * res['final_sparsity']:.2f}%")
+                           f"sparsity {100 * res['final_sparsity']:.2f}%"
+                           + (" (trained by another launch of the same run; not trained twice)"
+                              if res.get("reused") else ""))
                 except Exception as e:  # the task raised, was cancelled or died
                     o = Outcome(r, "failed", error=_first_line(e), job_id=str(job.job_id))
                     msg = f"FAILED {r.run_name()}: {o.error} (log: {getattr(job, 'paths', None) and job.paths.stderr})"
@@ -240,9 +289,35 @@ class Sweep:
                 bar.update(1)
             running[:] = still
             bar.status(f"failed {sum(o.state == 'failed' for o in done)}; " + _progress(running))
-            if running or waiting:
+            if running or waiting or self.deferred:
                 time.sleep(self.sweep.launcher.poll_s)
         return done
+
+    def _check_deferred(self, running, waiting, done, bar) -> None:
+        """A run another process was training: take its result once it is done, or launch it
+        here if that process stopped without finishing it."""
+        from launchers import task
+        from suite.engine import done_result, run_busy
+
+        still = []
+        for r, ex in self.deferred:
+            out = Path(r.out_dir) / r.run_hash()
+            if run_busy(out):
+                still.append((r, ex))
+                continue
+            res = done_result(out, r.run_hash(), self.exp_id)
+            if res is not None:
+                done.append(Outcome(r, "finished", result=res, job_id="(another sweep)"))
+                bar.write(f"[hfbench] done   {r.run_name()}: trained by another sweep; test "
+                          f"{100 * res['final_test_top1']:.2f}% sparsity {100 * res['final_sparsity']:.2f}%")
+                bar.update(1)
+            elif self.kind == "slurm":
+                job = ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
+                running.append((r, job))
+                self._record([(r, job)])
+            else:
+                waiting.append((r, ex))
+        self.deferred = still
 
 
 class _Progress:

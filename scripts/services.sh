@@ -19,13 +19,16 @@
 #   source "$STATE_DIR/env.sh"
 # to get SLURM_CONF, HFBENCH_MLFLOW_URI, etc. Nothing here reads or writes the system-wide
 # munge/slurm/mysql configuration: every daemon gets explicit paths into STATE_DIR, and every
-# network listener binds 127.0.0.1 on a port picked free at start time (so two state dirs can
+# network listener binds 127.0.0.1 (MLflow: HFBENCH_MLFLOW_HOST, below) on a port picked free at start time (so two state dirs can
 # run side by side). Each `start` wipes the previous state (databases, job history).
 #
 # Environment knobs: HFBENCH_VENV (venv holding mlflow; default <repo>/.venv),
 # HFBENCH_SERVICES_TIMEOUT (seconds to wait for each service; default 120),
 # HFBENCH_MLFLOW_WORKERS (mlflow server worker processes; default 1),
-# HFBENCH_SERVICES_NO_MLFLOW=1 (SLURM only; HFBENCH_MLFLOW_URI is then not exported).
+# HFBENCH_SERVICES_NO_MLFLOW=1 (SLURM only; HFBENCH_MLFLOW_URI is then not exported),
+# HFBENCH_MLFLOW_HOST (address the MLflow server binds; default 127.0.0.1, i.e. only this
+# machine can reach it. The server has no authentication: 0.0.0.0 exposes it, read and write,
+# to every host that can reach this one. The address is printed at start).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +36,15 @@ export PATH="$PATH:/usr/sbin:/sbin"   # the daemons live in sbin
 VENV="${HFBENCH_VENV:-$ROOT/.venv}"
 MLFLOW_BIN="$VENV/bin/mlflow"
 MLFLOW_WORKERS="${HFBENCH_MLFLOW_WORKERS:-1}"
+MLFLOW_HOST="${HFBENCH_MLFLOW_HOST:-127.0.0.1}"
+[[ "$MLFLOW_HOST" =~ ^[A-Za-z0-9.:_-]+$ ]] || { echo "services.sh: bad HFBENCH_MLFLOW_HOST=$MLFLOW_HOST" >&2; exit 2; }
+# where clients reach it: a wildcard bind is reached on loopback
+case "$MLFLOW_HOST" in
+  0.0.0.0) MLFLOW_CLIENT_HOST=127.0.0.1 ;;
+  ::) MLFLOW_CLIENT_HOST='[::1]' ;;
+  *:*) MLFLOW_CLIENT_HOST="[$MLFLOW_HOST]" ;;
+  *) MLFLOW_CLIENT_HOST="$MLFLOW_HOST" ;;
+esac
 TIMEOUT="${HFBENCH_SERVICES_TIMEOUT:-120}"
 CLUSTER=hfbench
 # Start order (stop_all stops them in reverse, in waves).
@@ -370,7 +382,12 @@ start_all() {
     launch mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$MLFLOW_BIN" server \
       --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
       --default-artifact-root "$STATE/mlflow/artifacts" \
-      --host 127.0.0.1 --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS"
+      --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS"
+    if [[ $MLFLOW_HOST == 127.0.0.1 ]]; then
+      say "mlflow binds 127.0.0.1:$MLFLOW_PORT (this machine only; HFBENCH_MLFLOW_HOST changes it)"
+    else
+      say "mlflow binds $MLFLOW_HOST port $MLFLOW_PORT (HFBENCH_MLFLOW_HOST; no authentication: reachable by every host that can reach this address)"
+    fi
   fi
 
   # --- munge: own key. munged wants its key (and seed) in a private directory; the socket
@@ -427,7 +444,7 @@ start_all() {
   WAIT_LABEL=sacct wait_for slurmdbd "timeout 10 sacct -n -X -S now-1minute" "$LOG/slurmctld.log" "$LOG/slurmdbd.log"
 
   if ((WANT_MLFLOW)); then
-    wait_for mlflow "curl -fsS -m 5 http://127.0.0.1:$MLFLOW_PORT/health" "$LOG/mlflow.out"
+    wait_for mlflow "curl -fsS -m 5 http://$MLFLOW_CLIENT_HOST:$MLFLOW_PORT/health" "$LOG/mlflow.out"
   fi
 
   cat >"$STATE/env.sh" <<EOF
@@ -440,7 +457,8 @@ export HFBENCH_SLURM_PARTITION='debug'
 export HFBENCH_MUNGE_SOCKET='$MUNGE_SOCKET'
 EOF
   if ((WANT_MLFLOW)); then
-    echo "export HFBENCH_MLFLOW_URI='http://127.0.0.1:$MLFLOW_PORT'" >>"$STATE/env.sh"
+    echo "export HFBENCH_MLFLOW_URI='http://$MLFLOW_CLIENT_HOST:$MLFLOW_PORT'" >>"$STATE/env.sh"
+    echo "export HFBENCH_MLFLOW_HOST='$MLFLOW_HOST'" >>"$STATE/env.sh"
   fi
   say "all services up"
   echo "$STATE/env.sh"

@@ -24,7 +24,11 @@ def _parse_set(items: list[str]) -> dict:
         if "=" not in it:
             raise SystemExit(f"hfbench: --set expects KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except (yaml.YAMLError, ValueError) as e:
+            raise SystemExit(f"hfbench: --set {k.strip()}: value is not valid YAML ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return out
 
 
@@ -152,6 +156,18 @@ def cmd_fit_npl(a) -> int:
     return 0
 
 
+def cmd_sync(a) -> int:
+    from suite import tracking
+
+    paths = [Path(x) for x in a.paths]
+    for x in paths:
+        if not x.exists():
+            raise FileNotFoundError(f"{x}: no such run folder")
+    done, left = tracking.sync(paths, uri_for=(lambda meta: a.tracking_uri) if a.tracking_uri else None)
+    print(f"[hfbench] sync: {done} runs delivered, {left} still pending")
+    return 0 if left == 0 else 1
+
+
 def cmd_report(a) -> int:
     from reports.build import build_report
     from suite import tracking
@@ -224,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     t.set_defaults(fn=cmd_train)
 
+    sy = sub.add_parser("sync", help="deliver MLflow logging that runs kept on disk while the server was down")
+    sy.add_argument("paths", nargs="+", help="run folders, or folders holding them (e.g. runs/demo)")
+    sy.add_argument("--tracking-uri", help="deliver to this server instead of the one each run used")
+    sy.set_defaults(fn=cmd_sync)
+
     r = sub.add_parser("report", help="build reports from an MLflow experiment")
     r.add_argument("--experiment", required=True)
     r.add_argument("--out", required=True)
@@ -246,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"hfbench: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from suite.data import DataError
+
+        if isinstance(e, DataError):  # a bad data file, named in the message
+            print(f"hfbench: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -106,26 +106,28 @@ class IMPConfig(_Strict):
 class CalibrationConfig(_Strict):
     """How a method without a sparsity knob is steered to the requested sparsity.
 
-    controller: after each search epoch, knob *= exp(gain * ln(density / target(epoch))), where
+    controller: after each search epoch, knob *= exp(gain * ln(density / target(epoch))) (with the trend term of `lookahead`, see suite/pruning/calibration.py), where
     target(epoch) follows Zhu & Gupta's cubic from 100 % to the requested density at the end
     of the search phase; the knob then stays where it is. off: the knob is used as given."""
 
     mode: Literal["controller", "off"] = "controller"
-    gain: float = Field(2.0, gt=0, le=100, description="log-space gain of the controller")
-    max_factor: float = Field(4.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
+    gain: float = Field(1.0, gt=0, le=100, description="log-space gain of the controller")
+    max_factor: float = Field(2.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
+    lookahead: float = Field(1.0, ge=0, le=10, description="k: compare the trend prediction d (d / d_prev)^k "
+                             "with target(epoch + k) (0: the measured density with target(epoch))")
 
 
 class L0Config(_Strict):
     """Hard-concrete L0 gates (Louizos, Welling & Kingma 2018)."""
 
     granularity: Literal["weight", "unit"] = Field("weight", description="one gate per weight, or per output unit")
-    lam: float = Field(1e-2, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
+    lam: float = Field(1.0, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
                        "normalised by the number of gates); calibrated unless calibration.mode is off")
     beta: float = Field(2 / 3, gt=0, description="temperature of the hard-concrete distribution")
     gamma: float = Field(-0.1, lt=0, description="stretch interval lower end")
     zeta: float = Field(1.1, gt=1, description="stretch interval upper end")
     drop_init: float = Field(0.1, gt=0, lt=1, description="initial drop probability of each gate")
-    gate_lr: float = Field(0.01, gt=0, le=10, description="Adam learning rate of log_alpha")
+    gate_lr: float = Field(0.05, gt=0, le=10, description="Adam learning rate of log_alpha")
     search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
                                       "afterwards the test-time gates are frozen and the weights fine-tune")
     calibration: CalibrationConfig = CalibrationConfig()
@@ -134,8 +136,8 @@ class L0Config(_Strict):
 class STRConfig(_Strict):
     """Soft threshold reparameterisation (Kusupati et al. 2020): W_hat = sign(W) relu(|W| - sigmoid(s_l))."""
 
-    s_init: float = Field(-5.0, le=0, description="initial threshold parameter s_l of every layer")
-    s_weight_decay: float = Field(1e-4, ge=0, description="knob: weight decay on s_l (drives thresholds up); "
+    s_init: float = Field(-8.0, le=0, description="initial threshold parameter s_l of every layer")
+    s_weight_decay: float = Field(1e-2, gt=0, description="knob: weight decay on s_l (drives thresholds up); "
                                   "calibrated unless calibration.mode is off")
     search_end: Optional[int] = Field(None, ge=1, description="last epoch thresholds train (default 3/4 of epochs)")
     calibration: CalibrationConfig = CalibrationConfig()
@@ -147,11 +149,11 @@ class CSConfig(_Strict):
     rounds: int = Field(3, ge=1, le=100, description="search rounds (beta annealed 1 -> beta_final in each)")
     epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds")
     beta_final: float = Field(200.0, gt=1, description="temperature reached at the end of each round")
-    s_init: float = Field(0.1, gt=0, description="s0: initial mask parameter (mask starts at 1); > 0 so that the "
+    s_init: float = Field(0.5, gt=0, description="s0: initial mask parameter (mask starts at 1); > 0 so that the "
                           "hard mask 1[s > 0] the suite measures starts dense")
-    lam: float = Field(1e-8, gt=0, description="knob: lambda of lambda * sum(mask) (unnormalised, as in the paper); "
+    lam: float = Field(1e-7, gt=0, description="knob: lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); "
                        "calibrated unless calibration.mode is off")
-    mask_lr: float = Field(0.1, gt=0, le=100, description="learning rate of the mask parameters")
+    mask_lr: float = Field(0.01, gt=0, le=100, description="Adam learning rate of the mask parameters")
     rewind: bool = Field(True, description="retrain the final binary mask from the run's starting weights")
     calibration: CalibrationConfig = CalibrationConfig()
 
@@ -263,6 +265,16 @@ class RunConfig(_Strict):
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(datasets.names())}")
         return v
 
+    @field_validator("data_dir", "out_dir", "init_checkpoint")
+    @classmethod
+    def _safe_paths(cls, v: Optional[str], info) -> Optional[str]:
+        return safe_path(v, info.field_name)
+
+    @field_validator("experiment", "sweep", "tracking_uri")
+    @classmethod
+    def _no_control_chars(cls, v: Optional[str], info) -> Optional[str]:
+        return v if v is None else _no_control(v, info.field_name)
+
     @model_validator(mode="before")
     @classmethod
     def _imp_epochs(cls, data: Any) -> Any:
@@ -271,11 +283,16 @@ class RunConfig(_Strict):
             try:
                 imp = IMPConfig.model_validate(data.get("imp", {}))
                 s = float(data.get("sparsity", 0.0))
-            except (ValidationError, TypeError, ValueError):
+            except (ValidationError, TypeError, ValueError, OverflowError):
                 return data  # the field validators report it
             if 0.0 < s < 1.0:
+                try:
+                    levels = imp_levels(s, imp)
+                except (ArithmeticError, ValueError):  # log(1 - prune_fraction) == 0: tiny fraction
+                    raise ValueError(f"imp.prune_fraction ({imp.prune_fraction}) is too small to reach "
+                                     f"sparsity {s} in a finite number of levels") from None
                 data = dict(data)
-                data["epochs"] = (imp_levels(s, imp) + 1) * imp.epochs_per_level
+                data["epochs"] = (levels + 1) * imp.epochs_per_level
         return data
 
     @model_validator(mode="after")
@@ -385,14 +402,37 @@ class SlurmConfig(_Strict):
     signal_delay_s: int = Field(90, ge=5, le=3600, description="USR2 this long before the time limit")
     extra: dict[str, str] = Field(default_factory=dict, description="extra sbatch options")
 
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _one_line(cls, v: Optional[str], info) -> Optional[str]:
+        # these land in the generated sbatch script: a newline would start a new shell line
+        return v if v is None else _no_control(v, info.field_name)
+
+    @field_validator("extra")
+    @classmethod
+    def _sbatch_options(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for k, x in v.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", k):
+                raise ValueError(f"extra: sbatch option name {k!r} must be letters, digits, '-' or '_'")
+            _no_control(x, f"extra.{k}")
+        return v
+
 
 class LauncherConfig(_Strict):
     executor: Literal["auto", "slurm", "local", "debug"] = "auto"
     parallelism: int = Field(2, ge=1, le=10000, description="runs at once (SLURM array limit)")
-    folder: str = "runs/submitit"
+    folder: str = Field("runs/submitit", description="submitit logs and job files: <folder>/<sweep name>/<time>; "
+                        "a relative path may not contain '..'")
     slurm: SlurmConfig = SlurmConfig()
     poll_s: float = Field(2.0, gt=0, le=600)
     max_requeues: int = Field(10, ge=0, le=1000, description="preemptions/time-outs a task may be requeued after")
+
+    @field_validator("folder")
+    @classmethod
+    def _safe_folder(cls, v: str) -> str:
+        return safe_path(v, "folder")
 
 
 class GridConfig(_Strict):
@@ -419,6 +459,17 @@ class GridConfig(_Strict):
                 raise ValueError(f"seeds[{i}] = {s} must be in [0, 2^31)")
         return v
 
+    @field_validator("params")
+    @classmethod
+    def _axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for k, values in v.items():
+            if not k or any(not p for p in k.split(".")):
+                raise ValueError(f"params: {k!r} is not a dotted run field name")
+            if not values:
+                raise ValueError(f"params.{k}: an axis needs at least one value (an empty one means no runs)")
+            _plain(values, f"params.{k}")
+        return v
+
 
 class SweepConfig(_Strict):
     name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -433,6 +484,27 @@ class SweepConfig(_Strict):
     launcher: LauncherConfig = LauncherConfig()
     reuse_dense: bool = Field(False, description="start from dense weights already in out_dir (same hash) "
                                                  "even if that dense run is not in this experiment")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str) -> str:
+        return safe_component(v, "name")  # <launcher.folder>/<name>/...
+
+    @field_validator("experiment", "tracking_uri")
+    @classmethod
+    def _no_control_chars(cls, v: Optional[str], info) -> Optional[str]:
+        return v if v is None else _no_control(v, info.field_name)
+
+    @field_validator("data_dir", "out_dir")
+    @classmethod
+    def _safe_paths(cls, v: str, info) -> str:
+        return safe_path(v, info.field_name)
+
+    @field_validator("base", "overrides")
+    @classmethod
+    def _plain_data(cls, v: dict[str, Any], info) -> dict[str, Any]:
+        _plain(v, info.field_name)
+        return v
 
     def experiment_name(self) -> str:
         return self.experiment or self.name
@@ -476,6 +548,16 @@ class SweepConfig(_Strict):
                     raise ConfigError(f"{r.method}: init 'dense' needs 'dense' in grid.methods "
                                       f"(no dense run for model {r.model}, seed {r.seed})")
                 runs[i] = r.model_copy(update={"init_from": parent.run_hash()})
+        # every rank of a GPU run needs a GPU of its node: engine.world_size ranks go on each of
+        # engine.nodes nodes (the launcher asks for world_size tasks per node)
+        gpus = self.launcher.slurm.gpus_per_node
+        if gpus:
+            for r in runs:
+                if r.engine.device != "cpu" and r.engine.world_size > gpus:
+                    raise ConfigError(
+                        f"run {r.run_name()}: engine.world_size ({r.engine.world_size} ranks per node) is larger "
+                        f"than launcher.slurm.gpus_per_node ({gpus}); every rank needs its own GPU (use "
+                        f"engine.nodes for more, or engine.device: cpu)")
         runs.sort(key=lambda r: r.method != "dense")
         return runs
 
@@ -497,6 +579,60 @@ class SweepConfig(_Strict):
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d))
+
+
+# --------------------------------------------------------------------------- safe names and paths
+def _no_control(v: str, what: str) -> str:
+    """Refuse NUL, newlines and other control characters (they end up in file names, sbatch
+    scripts and log lines)."""
+    bad = [c for c in v if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise ValueError(f"{what} must not contain control characters (found {bad[0]!r})")
+    return v
+
+
+def safe_path(v: Optional[str], what: str = "path") -> Optional[str]:
+    """A path from a config: no control characters, and a relative path may not climb out of
+    the working directory with '..' (give an absolute path to write elsewhere on purpose)."""
+    if v is None:
+        return v
+    _no_control(v, what)
+    if not v.strip():
+        raise ValueError(f"{what} must not be empty")
+    if v.startswith("~"):  # expanded by some tools (submitit) and not by others: ambiguous
+        raise ValueError(f"{what} {v!r}: '~' is not expanded consistently; write the absolute path")
+    if not Path(v).is_absolute() and ".." in Path(v).parts:
+        raise ValueError(f"{what} {v!r}: a relative path must not contain '..' "
+                         "(use an absolute path to write outside the working directory)")
+    return v
+
+
+def safe_component(v: str, what: str = "name") -> str:
+    """A string that becomes one path component (a folder name): no '/', '\\', NUL/control
+    characters, and not '.' or '..'."""
+    _no_control(v, what)
+    if v in (".", "..") or "/" in v or "\\" in v:
+        raise ValueError(f"{what} {v!r} must be a single folder name (no '/', not '.' or '..')")
+    return v
+
+
+def _plain(v: Any, where: str) -> None:
+    """Values of free-form sections (base, overrides, grid.params) must be plain YAML data:
+    mappings with string keys, lists, strings, numbers, booleans, null. A YAML date or
+    !!binary would otherwise fail deep inside the sweep's expansion."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: key {k!r} must be a string")
+            _plain(x, f"{where}.{k}")
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            _plain(x, f"{where}[{i}]")
+    elif isinstance(v, float) and not math.isfinite(v):
+        return  # refused (or accepted) by the field it lands in
+    elif v is not None and not isinstance(v, (str, int, float, bool)):
+        raise ValueError(f"{where}: a value of type {type(v).__name__} is not allowed here "
+                         f"(got {v!r}; quote it if it is meant as text)")
 
 
 def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -536,9 +672,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:  # ValueError: e.g. a date 2020-13-45
+        raise ConfigError(f"{p}: not valid YAML: {type(e).__name__}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data

@@ -19,12 +19,26 @@ class DatasetSpec:
     files: dict[str, str]  # split -> file name inside data_dir
     make_command: str  # shell command a user runs to create the files
     build: Optional[Callable[[Path], None]] = field(default=None, compare=False)
+    check: Optional[Callable[[Path, int], None]] = field(default=None, compare=False)  # (file, classes)
 
     def paths(self, data_dir: str | Path) -> dict[str, Path]:
         return {split: Path(data_dir) / f for split, f in self.files.items()}
 
     def missing(self, data_dir: str | Path) -> list[Path]:
         return [p for p in self.paths(data_dir).values() if not p.is_file()]
+
+    def validate(self, data_dir: str | Path) -> None:
+        """Refuse truncated, corrupt or mismatched files (shape, label range) before any
+        training: raises suite.data.DataError naming the file."""
+        if self.check is not None:
+            for p in self.paths(data_dir).values():
+                self.check(p, self.num_classes)
+
+
+def _check_fashion_mnist(path: Path, classes: int) -> None:
+    from suite.data import check_beton
+
+    check_beton(path, expected_classes=classes)
 
 
 def _build_fashion_mnist(data_dir: Path) -> None:
@@ -42,6 +56,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
                "test": "fashion_mnist_test.beton"},
         make_command="hfbench data fashion-mnist --out {data_dir}",
         build=_build_fashion_mnist,
+        check=_check_fashion_mnist,
     ),
 }
 

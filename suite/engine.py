@@ -180,6 +180,7 @@ def make_loaders(cfg: RunConfig, world: int):
     if missing:
         raise FileNotFoundError(f"dataset {cfg.dataset}: missing {', '.join(map(str, missing))}; make them with: "
                                 + spec.make_command.format(data_dir=cfg.data_dir))
+    spec.validate(cfg.data_dir)  # a truncated or mismatched file fails here, naming it, before training
     train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=1,
                         distributed=world > 1)
     val = make_loader(paths["val"], 500, train=False, num_workers=1)
@@ -209,10 +210,118 @@ def evaluate(model: nn.Module, loader, device: str, rank: int, world: int) -> fl
 def save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """Write a checkpoint so that a good one always survives: the new file is written and
+    fsynced under a temporary name; the current one becomes `prev.pt`, then the new one takes
+    its place (both renames are atomic). A process killed at any point leaves last.pt or
+    prev.pt (or both) complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no half-written file behind
+        raise
+    if path.is_file():
+        os.replace(path, path.with_name("prev.pt"))
+    os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("run_hash", "epoch", "step", "model", "optimizer", "pruner")
+
+
+def load_checkpoint(out: Path, run_hash: str, say=print) -> Optional[dict[str, Any]]:
+    """The newest readable checkpoint of a run folder (last.pt, else prev.pt), or None if it
+    has none. A truncated or corrupt file is reported and passed over. A checkpoint of
+    another config is an error (never silently overwritten)."""
+    cands = [p for p in (out / "last.pt", out / "prev.pt") if p.is_file()]
+    bad = []
+    for p in cands:
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or any(k not in ck for k in CHECKPOINT_KEYS):
+                raise ValueError("not a complete hfbench checkpoint")
+        except Exception as e:
+            bad.append(f"{p.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            say(f"[hfbench] WARNING: checkpoint {p} is unreadable ({bad[-1]}); trying the previous one", flush=True)
+            continue
+        if ck["run_hash"] != run_hash:
+            raise RuntimeError(f"{p}: checkpoint belongs to another config ({ck['run_hash']}, this run is {run_hash})")
+        if bad:
+            say(f"[hfbench] WARNING: resuming from {p} (epoch {ck['epoch']}, step {ck['step']}) instead", flush=True)
+        return ck
+    if bad:
+        raise RuntimeError(f"{out}: no usable checkpoint ({'; '.join(bad)}); delete the folder to start this run over")
+    return None
+
+
+class RunLock:
+    """One process trains a run at a time: an exclusive flock on <run folder>/run.lock, held
+    for the whole run by rank 0 and released by the OS when the process dies (no stale locks).
+    A second launch of the same run (e.g. two sweeps with overlapping grids) waits for the
+    first and then returns its result instead of training again."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "run.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fcntl = fcntl
+
+    def try_acquire(self) -> bool:
+        try:
+            self._fcntl.flock(self.fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def acquire(self) -> None:
+        self._fcntl.flock(self.fd, self._fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def run_busy(out: Path) -> bool:
+    """True while some process holds the run's lock (it is training right now)."""
+    if not (out / "run.lock").is_file():
+        return False
+    lock = RunLock(out)
+    try:
+        return not lock.try_acquire()
+    finally:
+        lock.release()
+
+
+def done_result(out: Path, run_hash: str, experiment_id: Optional[str]) -> Optional[dict[str, Any]]:
+    """The result a finished run left in done.json, if it was logged to this experiment."""
+    import json
+
+    p = out / "done.json"
+    if not p.is_file():
+        return None
+    try:
+        res = json.loads(p.read_text())
+    except ValueError:
+        return None
+    if res.get("run_hash") != run_hash or str(res.get("experiment_id")) != str(experiment_id):
+        return None
+    return res
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -297,16 +406,38 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
     ckpt_path = out / "last.pt"
     say = log if rank == 0 else (lambda *a, **k: None)
 
-    resume = None
-    if ckpt_path.is_file():
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if resume.get("run_hash") != cfg.run_hash():
-            raise RuntimeError(f"{ckpt_path}: checkpoint belongs to another config ({resume.get('run_hash')})")
+    lock = None
+    earlier = None
+    if rank == 0:
+        lock = RunLock(out)
+        if not lock.try_acquire():
+            say(f"[hfbench] {cfg.run_name()} ({cfg.run_hash()}): another process is training this run; "
+                f"waiting for it", flush=True)
+            lock.acquire()
+        earlier = done_result(out, cfg.run_hash(), experiment_id)
+    if world > 1:
+        box = [earlier]
+        dist.broadcast_object_list(box, src=0)
+        earlier = box[0]
+    try:
+        if earlier is not None:  # trained meanwhile (or before) by another launch of the same run
+            say(f"[hfbench] {cfg.run_name()} ({cfg.run_hash()}) is already finished in this experiment: "
+                f"MLflow run {earlier.get('mlflow_run_id')}; not training it again", flush=True)
+            return {**earlier, "rank": rank, "reused": True}
+        return _train_locked(cfg, device, rank, world, out, ckpt_path, say, t_start, marks, experiment_id,
+                             tracking_uri)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train_locked(cfg, device, rank, world, out, ckpt_path, say, t_start, marks, experiment_id, tracking_uri):
+    resume = load_checkpoint(out, cfg.run_hash(), say)
     uri = tracking_uri or cfg.tracking_uri or tracking.default_uri()
     logger: Any = tracking.NullLogger()
     if rank == 0 and experiment_id is not None:
-        logger = tracking.RunLogger(uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None)
+        logger = tracking.RunLogger(uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None,
+                                    spool_dir=out, say=say)
     marks["mlflow"] = time.time()
     try:
         result = _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start, marks)
@@ -317,7 +448,17 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
         raise
     logger.finish("FINISHED")
     result["mlflow_run_id"] = logger.run_id
+    if rank == 0 and experiment_id is not None:
+        import json
+
+        save_text_atomic(json.dumps({**result, "experiment_id": str(experiment_id)}, default=str), out / "done.json")
     return result
+
+
+def save_text_atomic(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start, marks):
@@ -396,7 +537,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     def checkpoint(epoch: int, in_epoch: int, loss_sum: torch.Tensor, train_time: float) -> None:
         """Everything a resumed run needs to continue exactly where this one is."""
         if rank == 0:
-            save_atomic({"run_hash": cfg.run_hash(), "epoch": epoch, "in_epoch": in_epoch, "step": step,
+            save_checkpoint({"run_hash": cfg.run_hash(), "epoch": epoch, "in_epoch": in_epoch, "step": step,
                          "loss_sum": loss_sum.tolist(), "model": engine.module.state_dict(),
                          "optimizer": opt.state_dict(), "pruner": pruner.state_dict(),
                          "torch_rng": torch.get_rng_state(), "mlflow_run_id": logger.run_id,

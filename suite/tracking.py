@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -113,53 +114,252 @@ def environment(world_size: int, device: str) -> dict[str, str]:
     return env
 
 
+class Spool:
+    """Write-ahead log of a run's MLflow calls, on local disk next to its checkpoints.
+
+    Every call is appended here first (one JSON line, fsynced), then delivered in order; a
+    cursor file records how many lines the server has. While the server is unreachable the
+    calls wait here and training goes on; they are delivered at the next call once it
+    answers again, or later by `hfbench sync`. Replaying a line twice is harmless: metrics
+    carry their own timestamp and step (MLflow ignores an identical metric), params are
+    re-logged with the same value, tags and artifacts are overwritten, so nothing is lost or
+    duplicated whichever way a process dies."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.path = self.dir / "mlflow_spool.jsonl"
+        self.cursor = self.dir / "mlflow_spool.pos"
+        self.files = self.dir / "mlflow_spool_files"
+
+    def append(self, rec: dict) -> None:
+        import json
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def keep_file(self, text: str, name: str) -> str:
+        """A copy of an artifact's content that lives until it is delivered."""
+        d = self.files / f"{time.time_ns()}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+        return str(d / name)
+
+    def pending(self) -> tuple[list[dict], int]:
+        import json
+
+        if not self.path.is_file():
+            return [], 0
+        lines = self.path.read_text().splitlines()
+        pos = int(self.cursor.read_text().strip() or 0) if self.cursor.is_file() else 0
+        recs = []
+        for ln in lines[pos:]:
+            try:
+                recs.append(json.loads(ln))
+            except ValueError:
+                break  # a line cut short by a crash while appending: never delivered, never acknowledged
+        return recs, pos
+
+    def advance(self, pos: int) -> None:
+        tmp = self.cursor.with_name(self.cursor.name + ".tmp")
+        tmp.write_text(str(pos))
+        os.replace(tmp, self.cursor)
+
+    def clear(self) -> None:
+        import shutil
+
+        for p in (self.path, self.cursor):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(self.files, ignore_errors=True)
+
+
+def deliver(c, run_id: str, spool: Spool) -> int:
+    """Send the spool's pending calls in order; returns how many were sent. Raises on the
+    first call the server does not take (the rest stay pending). Clears the spool once the
+    run's terminal status is delivered."""
+    recs, pos = spool.pending()
+    sent = 0
+    for rec in recs:
+        apply(c, run_id, rec)
+        sent += 1
+        spool.advance(pos + sent)
+    if recs and recs[-1]["op"] == "terminate":
+        spool.clear()
+    return sent
+
+
+def apply(c, run_id: str, rec: dict) -> None:
+    """Send one spooled call."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    op = rec["op"]
+    if op == "batch":
+        c.log_batch(run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in rec.get("metrics", [])],
+                    params=[Param(k, v) for k, v in rec.get("params", [])],
+                    tags=[RunTag(k, v) for k, v in rec.get("tags", [])])
+    elif op == "artifact":
+        c.log_artifact(run_id, rec["file"])
+    elif op == "terminate":
+        c.set_terminated(run_id, status=rec["status"], end_time=rec.get("end_time"))
+    else:
+        raise ValueError(f"unknown spooled call {op!r}")
+
+
 class RunLogger:
-    """Logs one training run. Only rank 0 makes one; other ranks get a NullLogger."""
+    """Logs one training run. Only rank 0 makes one; other ranks get a NullLogger.
 
-    def __init__(self, uri: str, experiment_id: str, cfg, run_id: Optional[str] = None):
-        from mlflow.entities import Param, RunTag
+    Creating the run needs the server (retried for up to `connect_s`); after that every call
+    goes through the run's Spool, so an MLflow outage during training loses nothing."""
 
+    RETRY_S = 15.0  # while the server is down, try again at most this often
+
+    def __init__(self, uri: str, experiment_id: str, cfg, run_id: Optional[str] = None,
+                 spool_dir: Optional[Path] = None, connect_s: float = 120.0, say=print):
+        # fail fast inside MLflow (its default is minutes of retries per call) and retry here
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.c = client(uri)
+        self.uri = uri
         self.cfg = cfg
+        self.say = say
+        self.spool = Spool(spool_dir if spool_dir is not None else Path(tempfile.mkdtemp(prefix="hfbench-spool-")))
+        self._down_since: Optional[float] = None
+        self._next_try = 0.0
         if run_id is None:
             tags = {TAG_HASH: cfg.run_hash(), "hfbench.method": cfg.method, "hfbench.variant": cfg.variant(),
                     "hfbench.model": cfg.model,
                     "hfbench.dataset": cfg.dataset, "hfbench.sweep": cfg.sweep, "mlflow.runName": cfg.run_name()}
-            run = self.c.create_run(experiment_id, tags=tags, run_name=cfg.run_name())
+            deadline = time.time() + connect_s
+            while True:
+                try:
+                    run = self.c.create_run(experiment_id, tags=tags, run_name=cfg.run_name())
+                    break
+                except Exception as e:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"MLflow at {redact(uri)} did not answer for {connect_s:.0f} s; "
+                                           f"the run was not started: {type(e).__name__}: {e}") from None
+                    time.sleep(5)
             run_id = run.info.run_id
             self._params = {**cfg.flat_params(), "config_hash": cfg.run_hash()}
         else:
             self._params = {}
         self.run_id = run_id
-        self._Param, self._RunTag = Param, RunTag
+        import json
+
+        self.spool.dir.mkdir(parents=True, exist_ok=True)
+        (self.spool.dir / "mlflow_spool.meta.json").write_text(
+            json.dumps({"run_id": run_id, "uri": uri, "experiment_id": experiment_id}))
+        self.flush(force=True)  # calls a previous segment of this run left behind
+
+    # every call: spool first, then try to deliver what is pending
+    def _push(self, rec: dict, force: bool = False) -> None:
+        try:
+            self.spool.append(rec)
+        except OSError as e:  # the run folder's disk is full (or gone): send it straight
+            self._direct(rec, e)
+            return
+        self.flush(force=force)
+
+    def _direct(self, rec: dict, why: OSError) -> None:
+        if not getattr(self, "_warned_spool", False):
+            self._warned_spool = True
+            self.say(f"[hfbench] WARNING: cannot write the MLflow spool in {self.spool.dir} ({why}); "
+                     f"logging straight to the server", flush=True)
+        self.flush(force=True)
+        try:
+            apply(self.c, self.run_id, rec)
+        except Exception as e:
+            self.say(f"[hfbench] WARNING: MLflow call lost: neither the spool nor the server took it "
+                     f"({type(e).__name__}: {e})", flush=True)
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver pending calls; False (and they stay on disk) if the server does not answer."""
+        if not force and time.time() < self._next_try:
+            return False
+        try:
+            n = deliver(self.c, self.run_id, self.spool)
+        except Exception as e:
+            if self._down_since is None:
+                self._down_since = time.time()
+                self.say(f"[hfbench] MLflow at {redact(self.uri)} unreachable ({type(e).__name__}); training goes "
+                         f"on and its logging waits in {self.spool.path}", flush=True)
+            self._next_try = time.time() + self.RETRY_S
+            return False
+        if self._down_since is not None:
+            self.say(f"[hfbench] MLflow answers again after {time.time() - self._down_since:.0f} s; "
+                     f"delivered {n} buffered calls", flush=True)
+            self._down_since = None
+        return True
 
     def log_params(self, extra: dict[str, Any]) -> None:
         params = {**self._params, **{k: str(v) for k, v in extra.items()}}
-        items = [self._Param(k, v[:6000]) for k, v in params.items()]
+        items = [[k, v[:6000]] for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.c.log_batch(self.run_id, params=items[i:i + 100])
+            self._push({"op": "batch", "params": items[i:i + 100]})
         self._params = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        import time
-
         ts = int(time.time() * 1000)
-        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self._push({"op": "batch", "metrics": [[k, float(v), ts, step] for k, v in metrics.items()]})
 
     def log_text(self, text: str, name: str) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / name
-            p.write_text(text)
-            self.c.log_artifact(self.run_id, str(p))
+        try:
+            kept = self.spool.keep_file(text, name)
+        except OSError:  # disk full where the run lives: a copy in the system temp folder
+            d = Path(tempfile.mkdtemp(prefix="hfbench-artifact-"))
+            (d / name).write_text(text)
+            kept = str(d / name)
+        self._push({"op": "artifact", "file": kept})
 
     def set_tag(self, key: str, value: str) -> None:
-        self.c.set_tag(self.run_id, key, value[:5000])
+        self._push({"op": "batch", "tags": [[key, value[:5000]]]})
 
     def finish(self, status: str = "FINISHED", error: Optional[str] = None) -> None:
         if error:
             self.set_tag("hfbench.error", error)
-        self.c.set_terminated(self.run_id, status=status)
+        rec = {"op": "terminate", "status": status, "end_time": int(time.time() * 1000)}
+        try:
+            self.spool.append(rec)
+        except OSError as e:
+            self._direct(rec, e)
+            return
+        for wait in (0, 5, 10, 20):  # give a restarting server a little time before leaving it to `hfbench sync`
+            time.sleep(wait)
+            if self.flush(force=True):
+                return
+        self.say(f"[hfbench] MLflow still unreachable: this run's logging is kept in {self.spool.path}; "
+                 f"deliver it with `hfbench sync {self.spool.dir}`", flush=True)
+
+
+def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
+    """Deliver every spool found under `paths` (run folders or folders of them). Returns
+    (runs delivered, runs still pending). The run id and URI come from the spool's meta file."""
+    import json
+
+    done = left = 0
+    for root in paths:
+        for spool_file in sorted(Path(root).rglob("mlflow_spool.jsonl")):
+            meta_p = spool_file.with_name("mlflow_spool.meta.json")
+            if not meta_p.is_file():
+                say(f"[hfbench] {spool_file}: no meta file (run id, tracking URI); skipped")
+                left += 1
+                continue
+            meta = json.loads(meta_p.read_text())
+            uri = uri_for(meta) if uri_for else meta["uri"]
+            spool = Spool(spool_file.parent)
+            pending, _ = spool.pending()
+            try:
+                n = deliver(client(uri), meta["run_id"], spool)
+            except Exception as e:
+                say(f"[hfbench] {spool_file}: MLflow at {redact(uri)} refused or unreachable "
+                    f"({type(e).__name__}: {str(e)[:200]}); kept")
+                left += 1
+                continue
+            say(f"[hfbench] {spool_file.parent}: delivered {n} calls to run {meta['run_id']}")
+            done += 1
+    return done, left
 
 
 class NullLogger:

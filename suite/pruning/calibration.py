@@ -8,6 +8,11 @@ online, in the same run, instead of a search over many short runs:
   of the search phase, along Zhu & Gupta's cubic d*(e) = d_f + (1 - d_f)(1 - e / E)^3;
 - after each search epoch the knob is multiplied by exp(gain * ln(d / d*(e))), limited to a
   factor `max_factor` either way: too dense -> stronger regularisation, too sparse -> weaker;
+- with `lookahead` k > 0 the controller compares a prediction instead, d_pred = d (d / d_prev)^k
+  (the last epoch's trend, d_prev the previous measurement) against d*(e + k): the methods'
+  masks follow their knob with a lag of an epoch or more (Adam momentum on gates, a threshold
+  that integrates its weight decay), and without the trend term the knob keeps pushing until
+  the target is already overshot. k = 0 is the plain controller above;
 - after the search phase the knob is left where it is and the method freezes its mask.
 
 The sparsity the run reaches is measured by the suite's one ruler, logged and reported as
@@ -27,7 +32,7 @@ def cubic_target_density(epoch: int, end: int, final_density: float) -> float:
 
 class KnobController:
     def __init__(self, knob: float, final_density: float, search_end: int, mode: str = "controller",
-                 gain: float = 2.0, max_factor: float = 4.0):
+                 gain: float = 2.0, max_factor: float = 4.0, lookahead: float = 0.0):
         if knob <= 0:
             raise ValueError(f"the calibrated knob must be > 0, got {knob}")
         self.knob = float(knob)
@@ -36,6 +41,8 @@ class KnobController:
         self.mode = mode
         self.gain = gain
         self.max_factor = max_factor
+        self.lookahead = lookahead
+        self.prev_density: float | None = None
 
     def target(self, epoch: int) -> float:
         return cubic_target_density(epoch, self.search_end, self.final_density)
@@ -43,16 +50,21 @@ class KnobController:
     def update(self, epoch: int, density: float) -> float:
         """The knob for the next epoch, given the density measured after `epoch`."""
         if self.mode == "controller" and epoch < self.search_end:
-            err = math.log(max(density, 1e-9) / self.target(epoch))
+            d, k = max(density, 1e-9), self.lookahead
+            err = math.log(d / self.target(epoch))
+            if k > 0 and self.prev_density is not None:
+                err = math.log(d / self.target(epoch + k)) + k * math.log(d / max(self.prev_density, 1e-9))
             step = max(-math.log(self.max_factor), min(math.log(self.max_factor), self.gain * err))
             self.knob *= math.exp(step)
+        self.prev_density = density
         return self.knob
 
     def metrics(self, epoch: int) -> dict[str, float]:
         return {"knob": self.knob, "target_density": self.target(epoch)}
 
     def state_dict(self) -> dict[str, float]:
-        return {"knob": self.knob}
+        return {"knob": self.knob, "prev_density": self.prev_density}
 
     def load_state_dict(self, st: dict[str, float]) -> None:
         self.knob = st["knob"]
+        self.prev_density = st.get("prev_density")

@@ -1,0 +1,327 @@
+"""Faults injected for real: a process killed while writing a checkpoint, a corrupt
+checkpoint, the MLflow server going down mid-run (and coming back, or not), two sweeps over
+overlapping grids at once, a full disk, corrupt data files. Every test counts what it
+injected in FAULTS (printed at the end of the session by conftest) so the closing note's
+figures come from a run, not from memory."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_resume import SCRIPT, _start
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(900)
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def _run_cfg(tmp_path: Path, data_dir: Path, epochs: int = 4, method: str = "magnitude", **kw) -> dict:
+    from suite.config import RunConfig
+
+    return RunConfig(method=method, sparsity=0.8, epochs=epochs, max_steps_per_epoch=15, batch_size=64,
+                     data_dir=str(data_dir), out_dir=str(tmp_path / "runs"), experiment="faults",
+                     **kw).model_dump(mode="json")
+
+
+def _popen(cfg: dict, uri: str, result: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cfg), uri, str(result)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env))
+
+
+def _read_until(p: subprocess.Popen, marker: str, lines: list[str], timeout: float = 600) -> None:
+    t0 = time.time()
+    for line in p.stdout:
+        lines.append(line)
+        if marker in line:
+            return
+        if time.time() - t0 > timeout:
+            break
+    raise AssertionError(f"never saw {marker!r}:\n" + "".join(lines)[-3000:])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+WRITER = r"""
+import sys, torch
+from pathlib import Path
+from suite.engine import save_checkpoint
+save_checkpoint({"big": torch.zeros(60_000_000)}, Path(sys.argv[1]))
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
+    from suite.engine import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "last.pt"
+    good = {"run_hash": "h", "epoch": 3, "step": 30, "model": {"w": torch.arange(5.0)}, "optimizer": {},
+            "pruner": {}}
+    save_checkpoint(good, path)
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=_env())
+    t0 = time.time()
+    while not any(q.name.startswith(".last.pt.tmp") and q.stat().st_size > 1 << 20 for q in tmp_path.iterdir()):
+        assert p.poll() is None, "the writer finished before it could be killed"
+        assert time.time() - t0 < 120
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)  # mid-write: the temporary file is partial
+    p.wait()
+    ck = load_checkpoint(tmp_path, "h")
+    assert ck["epoch"] == 3 and torch.equal(ck["model"]["w"], torch.arange(5.0))
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tmp_path, betons):
+    from suite import tracking
+
+    data = betons["train"].parent
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "faults")
+    ref_cfg = _run_cfg(tmp_path / "ref", data)
+    ref = _start(ref_cfg, uri, tmp_path / "ref.json")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out[-3000:]
+    reference = json.loads((tmp_path / "ref.json").read_text())
+
+    cfg = _run_cfg(tmp_path / "cut", data)
+    p = _popen(cfg, uri, tmp_path / "cut.json", HFBENCH_INJECT="*:sleep@100")
+    lines: list[str] = []
+    _read_until(p, " epoch 3/4 ", lines)  # checkpoints of epochs 2 (prev.pt) and 3 (last.pt) written
+    p.kill()  # no warning, as a node crash would
+    p.wait()
+    run_dir = Path(cfg["out_dir"]) / reference["run_hash"]
+    last = run_dir / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated
+    again = _start(cfg, uri, tmp_path / "cut.json")
+    out2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out2[-3000:]
+    assert "unreadable" in out2 and "resuming from" in out2 and "prev.pt (epoch 2" in out2, out2[-3000:]
+    resumed = json.loads((tmp_path / "cut.json").read_text())
+    assert resumed["state_digest"] == reference["state_digest"]  # as if nothing had happened
+    c = tracking.client(uri)
+    assert c.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- MLflow outage
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """A private MLflow server on its own sqlite store, which the test stops and restarts."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.p: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        self.p = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'store.db'}",
+             "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+        import urllib.request
+
+        t0 = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                assert self.p.poll() is None, (self.root / "server.log").read_text()[-3000:]
+                assert time.time() - t0 < 180, "MLflow server did not start"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGKILL)  # as a crash would: no clean shutdown
+            self.p.wait()
+        self.p = None
+
+
+def _assert_complete(uri: str, run_id: str, epochs: int) -> None:
+    from suite import tracking
+
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "density", "epoch_time_s"):
+        steps = [m.step for m in c.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)  # none lost, none twice
+    assert "config_hash" in run.data.params and "final_test_top1" in run.data.metrics
+    names = {a.path for a in c.list_artifacts(run_id)}
+    assert {"config.yaml", "layer_density.csv", "layer_density_epochs.csv"} <= names, names
+
+
+@pytest.mark.slow
+def test_mlflow_down_mid_run_buffers_and_delivers(tmp_path, betons):
+    from suite import tracking
+
+    data = betons["train"].parent
+    srv = _Server(tmp_path)
+    srv.start()
+    try:
+        exp = tracking.ensure_experiment(srv.uri, "faults")
+        # 1) the server goes down at epoch 2 and is back at epoch 5: delivered by the run itself
+        cfg = _run_cfg(tmp_path / "a", data, epochs=8)
+        p = _popen(cfg, srv.uri, tmp_path / "a.json", HFBENCH_INJECT="*:sleep@150")
+        lines: list[str] = []
+        _read_until(p, " epoch 2/8 ", lines)
+        srv.stop()
+        _read_until(p, " epoch 5/8 ", lines)
+        srv.start()
+        rest, _ = p.communicate(timeout=600)
+        log = "".join(lines) + rest
+        assert p.returncode == 0, log[-3000:]
+        assert "unreachable" in log and "MLflow answers again" in log, log[-3000:]
+        res = json.loads((tmp_path / "a.json").read_text())
+        _assert_complete(srv.uri, res["mlflow_run_id"], 8)
+        assert not (Path(cfg["out_dir"]) / res["run_hash"] / "mlflow_spool.jsonl").exists()
+
+        # 2) the server goes down at epoch 2 and is still down when the run ends: the logging
+        #    stays on disk and `hfbench sync` delivers it later
+        cfg = _run_cfg(tmp_path / "b", data, epochs=5, method="gmp", gmp={"end_epoch": 3, "update_every": 5})
+        p = _popen(cfg, srv.uri, tmp_path / "b.json", HFBENCH_INJECT="*:sleep@100")
+        lines = []
+        _read_until(p, " epoch 2/5 ", lines)
+        srv.stop()
+        rest, _ = p.communicate(timeout=600)
+        log = "".join(lines) + rest
+        assert p.returncode == 0, log[-3000:]
+        assert "hfbench sync" in log, log[-3000:]
+        res = json.loads((tmp_path / "b.json").read_text())
+        run_dir = Path(cfg["out_dir"]) / res["run_hash"]
+        assert (run_dir / "mlflow_spool.jsonl").is_file()
+        srv.start()
+        c = tracking.client(srv.uri)
+        assert c.get_run(res["mlflow_run_id"]).info.status == "RUNNING"  # nothing delivered yet
+        sync = subprocess.run([sys.executable, "-m", "suite.cli", "sync", str(tmp_path / "b" / "runs")],
+                              capture_output=True, text=True, env=_env(), timeout=300)
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        assert "1 runs delivered, 0 still pending" in sync.stdout, sync.stdout
+        _assert_complete(srv.uri, res["mlflow_run_id"], 5)
+        assert not (run_dir / "mlflow_spool.jsonl").exists()
+        # a second sync finds nothing to send
+        again = subprocess.run([sys.executable, "-m", "suite.cli", "sync", str(tmp_path / "b" / "runs")],
+                               capture_output=True, text=True, env=_env(), timeout=300)
+        assert again.returncode == 0 and "0 runs delivered, 0 still pending" in again.stdout, again.stdout
+        _assert_complete(srv.uri, res["mlflow_run_id"], 5)
+        assert exp == c.get_run(res["mlflow_run_id"]).info.experiment_id
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------- concurrent sweeps
+SWEEP = """
+name: {name}
+experiment: {experiment}
+data_dir: {data}
+out_dir: {out}
+base: {{model: fmnist_cnn, epochs: 2, max_steps_per_epoch: 10, batch_size: 64, init: dense, eval_every: 2}}
+grid: {{methods: [dense, magnitude], sparsities: {sparsities}, seeds: [0]}}
+overrides: {{dense: {{epochs: 1}}}}
+launcher: {{executor: local, parallelism: 2, folder: {folder}, poll_s: 0.5}}
+"""
+
+
+@pytest.mark.slow
+def test_two_sweeps_at_once_train_each_config_once(tmp_path, betons, mlflow_server):
+    from suite import tracking
+
+    experiment = f"concurrent-{uuid.uuid4().hex[:8]}"
+    data = betons["train"].parent
+    procs = []
+    for name, sp in (("sweep-a", "[0.5, 0.8]"), ("sweep-b", "[0.8, 0.9]")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(SWEEP.format(name=name, experiment=experiment, data=data, out=tmp_path / "runs",
+                                     sparsities=sp, folder=tmp_path / "submitit"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path),
+                                       "--tracking-uri", mlflow_server],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    c = tracking.client(mlflow_server)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    hashes = [r.data.tags["hfbench.run_hash"] for r in runs]
+    assert len(hashes) == 4 and len(set(hashes)) == 4, sorted(hashes)  # dense + 3 sparsities, each once
+    assert all(r.info.status == "FINISHED" for r in runs)
+    default = c.get_experiment_by_name("Default")
+    strays = c.search_runs([default.experiment_id], filter_string="tags.`hfbench.sweep` LIKE 'sweep-%'")
+    assert not strays, "a run landed in the Default experiment"
+    # the shared runs were waited for, not trained twice, and both sweeps report them done
+    for out in outs:
+        assert "FAILED" not in out, out[-3000:]
+    assert sum(o.count("trained by another") for o in outs) >= 1, "\n---\n".join(o[-2000:] for o in outs)
+
+
+# ----------------------------------------------------------------------------- disk full
+@pytest.mark.slow
+def test_disk_full_fails_the_run_with_the_reason_and_keeps_the_store_consistent(tmp_path, betons):
+    from suite import tracking
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a 4 MB tmpfs (the test needs root): {r.stderr}"
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the store lives elsewhere, as on a cluster
+        tracking.ensure_experiment(uri, "faults")
+        cfg = _run_cfg(tmp_path, betons["train"].parent, epochs=4)
+        cfg["out_dir"] = str(mnt)
+        p = _popen(cfg, uri, tmp_path / "full.json")
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode != 0, out[-3000:]
+        assert "No space left on device" in out, out[-3000:]
+        c = tracking.client(uri)
+        runs = c.search_runs([c.get_experiment_by_name("faults").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FAILED", [r.info.status for r in runs]
+        assert "No space left on device" in runs[0].data.tags.get("hfbench.error", "")
+        run_dir = next(q for q in mnt.iterdir() if q.is_dir())
+        from suite.engine import load_checkpoint
+
+        assert load_checkpoint(run_dir, runs[0].data.tags["hfbench.run_hash"])["epoch"] >= 1  # last good one
+        assert not [q for q in run_dir.iterdir() if ".tmp" in q.name], "a partial file was left behind"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ----------------------------------------------------------------------------- bad data files
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_beton_is_refused_before_anything_runs(tmp_path, betons, damage):
+    data = tmp_path / "data"
+    shutil.copytree(betons["train"].parent, data)
+    bad = data / "fashion_mnist_train.beton"
+    raw = bad.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(raw[: len(raw) // 3])
+    else:
+        bad.write_bytes(raw[:64] + os.urandom(4096) + raw[64 + 4096:])
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.format(name="bad-data", experiment="bad-data", data=data, out=tmp_path / "runs",
+                                 sparsities="[0.5]", folder=tmp_path / "submitit"))
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(path), "--tracking-uri",
+                        f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()

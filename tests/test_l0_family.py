@@ -1,0 +1,271 @@
+"""Hard-concrete L0, STR, Continuous Sparsification and the knob controller."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from suite.config import RunConfig
+from suite.models import prunable_layers
+from suite.optim import WeightsAndGates
+from suite.pruning import masks, sparsity
+from suite.pruning.calibration import KnobController, cubic_target_density
+from baselines.continuous_sparsification import ContinuousSparsification, CSMask
+from baselines.hard_concrete import HardConcreteGate, HardConcreteL0
+from baselines.soft_threshold import SoftThreshold, soft_threshold
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def _setup(method, seed=0, **kw):
+    net = _net(seed)
+    layers = prunable_layers(net, "conv_linear")
+    cfg = RunConfig(method=method, **kw)
+    p = {"l0": HardConcreteL0, "str": SoftThreshold, "cs": ContinuousSparsification}[method](cfg, layers, 10)
+    p.attach(net)
+    gates = p.gate_parameters()
+    extra = p.extra_weight_groups()
+    own = {id(g) for g in gates} | {id(q) for grp in extra for q in grp["params"]}
+    opt = WeightsAndGates([{"params": [q for q in net.parameters() if id(q) not in own]}] + extra, gates,
+                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False,
+                          gate_lr=1e-3)
+    p.bind_optimizer(opt)
+    net.eval()
+    p.on_train_start()
+    return net, layers, cfg, p, opt
+
+
+def _train_epoch(net, p, opt, epoch, steps, data, step0=0):
+    x, y = data
+    w_lr, g_lr = p.lrs(epoch)
+    opt.set_lrs(w_lr, g_lr)
+    net.train()
+    for i in range(steps):
+        loss = nn.functional.cross_entropy(net(x), y)
+        extra = p.loss_term()
+        opt.zero_grad()
+        (loss + extra if extra is not None else loss).backward()
+        opt.step()
+        p.after_step(step0 + i + 1)
+    net.eval()
+
+
+def _data(n=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# ---------------------------------------------------------------- hard-concrete
+def test_hard_concrete_samples_hit_0_and_1_and_match_expected_l0():
+    torch.manual_seed(0)
+    la = torch.tensor([-2.0, 0.0, 1.5])
+    g = HardConcreteGate(la.repeat(20000, 1), 2 / 3, -0.1, 1.1).train()
+    z = g.sample().detach()
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z == 0).float().mean() > 0.05 and (z == 1).float().mean() > 0.05
+    assert ((z > 0) & (z < 1)).float().mean() > 0.05
+    emp = (z != 0).float().mean(0)
+    expected = torch.sigmoid(la - (2 / 3) * math.log(0.1 / 1.1))
+    sd = (expected * (1 - expected) / 20000).sqrt()
+    assert torch.all((emp - expected).abs() < 5 * sd + 1e-4)
+    assert torch.allclose(g.p_nonzero()[0], expected)
+
+
+def test_hard_concrete_test_gate_by_hand():
+    la = torch.tensor([-3.0, -2.3978952728, 0.0, 3.0])  # log(0.1/1.1) = -2.397..: exactly the 0 edge
+    g = HardConcreteGate(la.clone(), 2 / 3, -0.1, 1.1).eval()
+    want = [0.0, 0.0, 0.5 * 1.2 - 0.1, min(1.0, 1.2 / (1 + math.exp(-3.0)) - 0.1)]
+    assert torch.allclose(g.test_gate(), torch.tensor(want), atol=1e-6)
+    w = torch.ones(4)
+    assert torch.equal(g(w) == 0, torch.tensor([True, True, False, False]))
+
+
+def test_hard_concrete_unit_granularity_and_eval_zeros():
+    net, layers, cfg, p, _ = _setup("l0", sparsity=0.5, epochs=4, l0={"granularity": "unit"})
+    for (_, mod), gate in zip(layers, p.params):
+        assert gate.log_alpha.shape == (mod.weight.shape[0],) + (1,) * (mod.weight.dim() - 1)
+    gate, (_, mod) = p.params[0], layers[0]
+    with torch.no_grad():
+        gate.log_alpha[::2] = -10.0  # every other output row closed at test time
+    net.eval()
+    w = mod.weight
+    assert torch.all(w[::2] == 0) and torch.all(w[1::2] != 0)
+    assert torch.equal(w, masks.stored_weight(mod) * gate.test_gate())
+    # train mode samples: rows share one gate value
+    net.train()
+    z = mod.weight / masks.stored_weight(mod)
+    assert torch.allclose(z, z[:, :1, :1, :1].expand_as(z))
+
+
+def test_hard_concrete_end_to_end_prunes_and_freezes():
+    net, layers, cfg, p, opt = _setup("l0", sparsity=0.5, epochs=4, lr=0.05,
+                                      l0={"lam": 5.0, "gate_lr": 0.3, "calibration": {"mode": "off"}})
+    assert p.search_end == 3
+    assert sparsity.density(layers) == 1.0  # drop_init 0.1: every test-time gate open
+    data = _data()
+    for epoch in range(1, 4):
+        _train_epoch(net, p, opt, epoch, 10, data, 10 * (epoch - 1))
+        out = p.end_epoch(epoch, sparsity.density(layers))
+        assert out["knob"] == 5.0 and "target_density" in out
+    d = sparsity.density(layers)
+    assert d < 0.7
+    assert p.frozen and p.loss_term() is None
+    st = p.state_dict()
+    before = [mod.weight.clone() for _, mod in layers]
+    w_lr, g_lr = p.lrs(4)
+    assert g_lr == 0.0
+    net.train()  # frozen: deterministic even in train mode
+    assert all(torch.equal(mod.weight, b) for (_, mod), b in zip(layers, before))
+    q = HardConcreteL0(cfg, layers, 10)
+    q.params = p.params
+    q.load_state_dict(st)
+    assert q.frozen and q.controller.knob == 5.0
+
+
+# ---------------------------------------------------------------- STR
+def test_str_threshold_math_and_gradient():
+    w = torch.tensor([-0.5, -0.1, 0.05, 0.2, 0.3])
+    s = torch.tensor([math.log(0.15 / 0.85)], requires_grad=True)  # sigmoid(s) = 0.15
+    out = soft_threshold(w, torch.sigmoid(s))
+    assert torch.allclose(out, torch.tensor([-0.35, 0.0, 0.0, 0.05, 0.15]), atol=1e-6)
+    out.sum().backward()
+    # d/ds sum = -sigmoid'(s) * (#active with w > 0 - #active with w < 0) = -0.15*0.85*(2 - 1)
+    assert s.grad.item() == pytest.approx(-0.15 * 0.85, rel=1e-5)
+
+
+def test_str_knob_is_group_weight_decay_and_controller_moves_it():
+    net, layers, cfg, p, opt = _setup("str", sparsity=0.9, epochs=8, soft_threshold={"s_weight_decay": 1e-3, "calibration": {"gain": 2.0, "max_factor": 4.0, "lookahead": 0}})
+    g = p.s_group()
+    assert g["weight_decay"] == 1e-3 and {id(q) for q in g["params"]} == {id(q.s) for q in p.params}
+    assert all(q.s.grad is None for q in p.params)
+    data = _data()
+    _train_epoch(net, p, opt, 1, 2, data)
+    assert all(q.s.grad is not None and q.s.grad.abs().item() > 0 for q in p.params)
+    p.end_epoch(1, 1.0)  # denser than the target: stronger decay
+    assert p.s_group()["weight_decay"] == pytest.approx(1e-3 * (1.0 / p.controller.target(1)) ** 2)
+    k = p.s_group()["weight_decay"]
+    # a checkpoint round trip replaces the group dicts: the knob still reaches the new group
+    opt.load_state_dict(opt.state_dict())
+    p.end_epoch(5, 1.0)  # target 0.104: the change is capped at max_factor 4
+    assert p.s_group()["weight_decay"] == pytest.approx(k * 4.0)
+
+
+def test_str_end_to_end_threshold_rises_and_freezes():
+    net, layers, cfg, p, opt = _setup("str", sparsity=0.5, epochs=4, lr=0.1,
+                                      soft_threshold={"s_init": -3.0, "s_weight_decay": 2.0,
+                                                      "calibration": {"mode": "off"}})
+    data = _data()
+    d0 = sparsity.density(layers)
+    s0 = [q.s.item() for q in p.params]
+    for epoch in range(1, 4):
+        _train_epoch(net, p, opt, epoch, 10, data, 10 * (epoch - 1))
+        p.end_epoch(epoch, sparsity.density(layers))
+    assert all(q.s.item() > a for q, a in zip(p.params, s0))  # decay pulled s toward 0
+    assert sparsity.density(layers) < d0 - 0.2
+    assert all(q.frozen for q in p.params)
+    thr = [float(q.threshold()) for q in p.params]
+    _train_epoch(net, p, opt, 4, 5, data, 30)
+    assert [float(q.threshold()) for q in p.params] == thr
+    assert all(q.s.grad is None for q in p.params)
+
+
+# ---------------------------------------------------------------- CS
+def test_cs_mask_anneals_to_the_hard_mask():
+    m = CSMask(torch.Size([4]), 0.1)
+    with torch.no_grad():
+        m.s.copy_(torch.tensor([-0.3, -0.02, 0.02, 0.3]))
+    sig0 = 1 / (1 + math.exp(-0.1))
+    hard = torch.tensor([0.0, 0.0, 1.0, 1.0]) / sig0
+    errs = []
+    for beta in (1.0, 10.0, 100.0, 1000.0):
+        m.beta = beta
+        errs.append(float((m.soft().detach() - hard).abs().max()))
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-6
+    m.beta = 1.0
+    assert torch.allclose(CSMask(torch.Size([3]), 0.1).soft(), torch.ones(3))  # starts at 1
+    m.eval()
+    assert torch.allclose(m(torch.ones(4)), hard)
+
+
+def test_cs_schedule_round_reset_binarise_and_rewind():
+    net, layers, cfg, p, opt = _setup("cs", sparsity=0.5, epochs=5, cs={"rounds": 2, "epochs_per_round": 2,
+                                                                        "beta_final": 100.0, "s_init": 0.1})
+    assert p.search_end == 4 and sparsity.density(layers) == 1.0
+    start = {k: v.clone() for k, v in net.state_dict().items() if "parametrizations.weight.0" not in k}
+    assert p.beta_at(0) == 1.0 and p.beta_at(19) == pytest.approx(100.0) and p.beta_at(20) == 1.0
+    data = _data()
+    _train_epoch(net, p, opt, 1, 10, data, 0)
+    _train_epoch(net, p, opt, 2, 10, data, 10)
+    assert p.params[0].beta == 1.0  # next step starts round 2
+    with torch.no_grad():
+        p.params[0].s[0, 0, 0, :3] = torch.tensor([-0.01, 0.0005, 0.5])
+    s_before = p.params[0].s.detach().clone()
+    p.lrs(3)
+    assert p.round == 2
+    assert torch.allclose(p.params[0].s, torch.clamp(100.0 * s_before, max=0.1))
+    assert torch.allclose(p.params[0].s[0, 0, 0, :3], torch.tensor([-1.0, 0.05, 0.1]))
+    assert p.lrs(3) and p.round == 2  # idempotent
+    _train_epoch(net, p, opt, 3, 10, data, 20)
+    _train_epoch(net, p, opt, 4, 10, data, 30)
+    with torch.no_grad():  # a few masks on both sides, whatever the training did
+        p.params[2].s[:, :5] = -1.0
+        p.params[2].s[:, 5:10] = 1.0
+    signs = [(q.s > 0).clone() for q in p.params]
+    st = p.state_dict()
+    assert st["snapshot"] is not None and not st["binary"]
+    w_lr, g_lr = p.lrs(5)
+    assert g_lr == 0.0 and p.binary and p.loss_term() is None
+    assert opt.sgd.state == {}
+    now = net.state_dict()
+    for k, v in start.items():
+        assert torch.equal(now[k], v), k
+    for q, sg, (_, mod) in zip(p.params, signs, layers):
+        assert torch.equal(q.final_mask, sg.float())
+        net.train()
+        assert torch.equal(mod.weight, masks.stored_weight(mod) * sg.float())
+    assert p.state_dict()["snapshot"] is None
+
+
+# ---------------------------------------------------------------- controller
+def test_knob_controller():
+    c = KnobController(1.0, 0.1, search_end=10, gain=2.0, max_factor=4.0)
+    assert c.target(0) == 1.0 and c.target(10) == pytest.approx(0.1) and c.target(20) == pytest.approx(0.1)
+    assert c.target(5) == pytest.approx(cubic_target_density(5, 10, 0.1))
+    t1 = c.target(1)
+    assert c.update(1, t1 * 1.1) == pytest.approx(math.exp(2 * math.log(1.1)))  # too dense: up
+    k = c.knob
+    assert c.update(2, c.target(2) / 1.05) == pytest.approx(k * math.exp(-2 * math.log(1.05)))  # too sparse: down
+    k = c.knob
+    assert c.update(3, 1.0) == pytest.approx(k * 4.0)  # capped
+    k = c.knob
+    assert c.update(4, 1e-6) == pytest.approx(k / 4.0)
+    k = c.knob
+    assert c.update(10, 1.0) == k and c.update(12, 1e-6) == k  # frozen after the search
+    off = KnobController(3.0, 0.1, 10, mode="off")
+    assert off.update(1, 1.0) == 3.0
+    st = c.state_dict()
+    d = KnobController(1.0, 0.1, 10)
+    d.load_state_dict(st)
+    assert d.knob == c.knob
+    with pytest.raises(ValueError):
+        KnobController(0.0, 0.1, 10)
+
+
+def test_knob_controller_lookahead_brakes_before_overshoot():
+    plain = KnobController(1.0, 0.1, search_end=10, gain=1.0, max_factor=4.0)
+    ahead = KnobController(1.0, 0.1, search_end=10, gain=1.0, max_factor=4.0, lookahead=1.0)
+    # density above target but falling fast: the plain controller still pushes, the trend one brakes
+    k1 = []
+    for c in (plain, ahead):
+        k1.append(c.update(5, 0.4))  # no previous measurement yet: both act alike
+        c.update(6, c.target(6) * 1.1)
+    assert k1[0] == k1[1] > 1.0
+    assert plain.knob > k1[0]  # still too dense: push harder
+    assert ahead.knob < k1[1]  # falling fast (0.4 -> 0.17): predicted below target(7), ease off
+    st = ahead.state_dict()
+    d = KnobController(1.0, 0.1, 10, lookahead=1.0)
+    d.load_state_dict(st)
+    assert d.prev_density == ahead.prev_density and d.knob == ahead.knob
