@@ -14,6 +14,10 @@
 #   scripts/services.sh stop   [STATE_DIR]   stop everything (safe when nothing runs)
 #   scripts/services.sh status [STATE_DIR]   show what runs; exit 0 only if all of it answers
 #   scripts/services.sh env    [STATE_DIR]   print the env.sh path (exit 1 if it does not exist)
+#   scripts/services.sh crash-node   [STATE_DIR]  fault injection: slurmd and every job process on
+#                                                 the node are SIGKILLed at once (no clean-up), and
+#                                                 the controller is told the node is DOWN
+#   scripts/services.sh restart-node [STATE_DIR]  bring the node back (slurmd, state RESUME)
 #
 # STATE_DIR defaults to $HFBENCH_SERVICES_DIR, else /tmp/hfbench-services. Clients do
 #   source "$STATE_DIR/env.sh"
@@ -54,7 +58,7 @@ WANT_MLFLOW=1
 
 cmd="${1:-}"
 STATE="${2:-${HFBENCH_SERVICES_DIR:-/tmp/hfbench-services}}"
-case "$cmd" in start|stop|status|env) ;; *)
+case "$cmd" in start|stop|status|env|crash-node|restart-node) ;; *)
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
 esac
 [[ $(id -u) -eq 0 ]] || { echo "services.sh: must run as root (SlurmUser=root)" >&2; exit 1; }
@@ -464,7 +468,38 @@ EOF
   echo "$STATE/env.sh"
 }
 
+# ---------------------------------------------------------------- node failure (tests)
+# What a node failure looks like to SLURM: slurmd and the jobs on the node vanish together.
+# The controller would notice by itself after SlurmdTimeout (300 s by default); we tell it
+# at once, as a health check would, so a test does not wait five minutes.
+crash_node() {
+  local node p steps pids
+  node="$(hostname -s)"
+  steps="$(for p in $(marked_pids); do [[ "$(cat "/proc/$p/comm" 2>/dev/null)" == slurmstepd ]] && echo "$p"; done)"
+  # shellcheck disable=SC2086
+  pids="$(session_members $steps) $steps $(pid_of slurmd)"
+  say "crashing node $node: SIGKILL to slurmd and job processes: $(echo $pids)"
+  # shellcheck disable=SC2086
+  kill -KILL -- "-$(pid_of slurmd)" 2>/dev/null || true
+  for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
+  timeout 20 scontrol update nodename="$node" state=down reason="hfbench crash-node" \
+    || fail "scontrol could not mark $node down" "$LOG/slurmctld.log"
+  say "node $node is DOWN"
+}
+
+restart_node() {
+  local node
+  node="$(hostname -s)"
+  rm -f "$RUN/slurmd.daemon.pid"
+  launch slurmd slurmd -D -f "$SLURM_CONF" -N "$node"
+  WAIT_LABEL="slurmd registered" wait_for slurmd \
+    "timeout 10 scontrol update nodename=$node state=resume; \
+     timeout 10 sinfo -h -N -o %T | grep -Eqx '(idle|mixed|allocated|completing)'" "$LOG/slurmd.log" "$LOG/slurmctld.log"
+}
+
 case "$cmd" in
+  crash-node)   crash_node ;;
+  restart-node) restart_node ;;
   start)  start_all ;;
   stop)   stop_all; say "stopped (state kept in $STATE)" ;;
   status)

@@ -8,6 +8,7 @@
   hfbench fit-law --experiment fmnist-pressure   gamma-density law of fixed-pressure runs
   hfbench fit-npl --experiment fmnist-npl        Neural Pruning Law per method and saliency
   hfbench models                               the model registry and its prunable layers
+  hfbench bench overhead|data                  step cost per method vs dense; FFCV vs torchvision
 """
 from __future__ import annotations
 
@@ -255,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("models", help="list the model registry")
     m.add_argument("--count", action="store_true", help="build each model and count prunable weights")
     m.set_defaults(fn=cmd_models)
+
+    from suite import bench  # cheap: torch and FFCV are imported when a bench runs
+
+    bench.add_parser(sub)
 
     a = p.parse_args(argv)
     from suite.config import ConfigError

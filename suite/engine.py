@@ -207,16 +207,34 @@ def evaluate(model: nn.Module, loader, device: str, rank: int, world: int) -> fl
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def _write_tmp(obj: Any, tmp: Path) -> None:
+    """torch.save + fsync to `tmp`; on failure nothing is left behind, and a full disk is
+    reported as such (torch.save itself says only 'unexpected pos ...' when a write fails)."""
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
+        free = None
+        if isinstance(e, Exception) and not isinstance(e, OSError):
+            try:
+                st = os.statvfs(tmp.parent)
+                free = st.f_bavail * st.f_frsize
+            except OSError:
+                pass
         tmp.unlink(missing_ok=True)
+        if free is not None and free < 8 << 20:
+            import errno
+
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {tmp.name[1:].split('.tmp')[0]} "
+                                        f"in {tmp.parent} ({free} bytes free; torch.save said: {e})") from e
         raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _write_tmp(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -227,13 +245,7 @@ def save_checkpoint(obj: Any, path: Path) -> None:
     prev.pt (or both) complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no half-written file behind
-        raise
+    _write_tmp(obj, tmp)
     if path.is_file():
         os.replace(path, path.with_name("prev.pt"))
     os.replace(tmp, path)
@@ -388,6 +400,21 @@ def _weight_groups(model: nn.Module, gate_ids: set[int]) -> list[dict]:
     return [{"params": [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]}]
 
 
+def attach_pruner(cfg: RunConfig, model: nn.Module, layers: list, steps_per_epoch: int, device: str):
+    """The method's pruner attached to `model` (moved to `device`) and the optimiser over its
+    weights and gates, bound to the pruner: (pruner, optimiser). Shared with suite.bench."""
+    pruner = registry.get(cfg.method)(cfg, layers, steps_per_epoch)
+    pruner.attach(model)
+    model.to(device)
+    gates = pruner.gate_parameters()
+    extra = pruner.extra_weight_groups()
+    own = {id(g) for g in gates} | {id(p) for grp in extra for p in grp["params"]}
+    opt = WeightsAndGates(_weight_groups(model, own) + extra, gates, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, gate_lr=1e-3)
+    pruner.bind_optimizer(opt)
+    return pruner, opt
+
+
 def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Optional[str] = None,
           log=print) -> dict[str, Any]:
     """Train one run end to end; returns the final metrics (on every rank)."""
@@ -474,15 +501,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         model.load_state_dict(load_weights(cfg.init_checkpoint))
     layers = mspec.prunable(model)
     steps_per_epoch = cfg.max_steps_per_epoch or len(train_loader)
-    pruner = registry.get(cfg.method)(cfg, layers, steps_per_epoch)
-    pruner.attach(model)
-    model.to(device)
-    gates = pruner.gate_parameters()
-    extra = pruner.extra_weight_groups()
-    own = {id(g) for g in gates} | {id(p) for grp in extra for p in grp["params"]}
-    opt = WeightsAndGates(_weight_groups(model, own) + extra, gates, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, gate_lr=1e-3)
-    pruner.bind_optimizer(opt)
+    pruner, opt = attach_pruner(cfg, model, layers, steps_per_epoch, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, world))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     marks["model"] = time.time()
@@ -528,6 +547,13 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     flips = dict(resume.get("flips", {})) if resume is not None else {}
     flips = {"pruned_total": flips.get("pruned_total", 0), "regrown_total": flips.get("regrown_total", 0)}
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume is not None else {}
+    # the last epoch's metrics go into the checkpoint with the timestamp they are logged with,
+    # and a resumed run logs them again: identical (key, value, step, timestamp) entries are
+    # stored once by MLflow, so a crash between the checkpoint and the logging loses nothing
+    # and duplicates nothing
+    logged = dict(resume.get("logged", {})) if resume is not None else {}
+    if logged.get("metrics"):
+        logger.log_metrics(logged["metrics"], step=logged["step"], ts=logged["ts"])
     train_time = resume.get("train_time_s", 0.0) if resume is not None else 0.0
     last_eval: dict[str, float] = {}
     layer_rows: list = list(resume.get("layer_rows", [])) if resume is not None else []
@@ -541,7 +567,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                          "loss_sum": loss_sum.tolist(), "model": engine.module.state_dict(),
                          "optimizer": opt.state_dict(), "pruner": pruner.state_dict(),
                          "torch_rng": torch.get_rng_state(), "mlflow_run_id": logger.run_id,
-                         "train_time_s": train_time, "metrics": metrics, "flips": flips,
+                         "train_time_s": train_time, "metrics": metrics, "logged": logged, "flips": flips,
                          "active": active, "stream": stream.state(), "layer_rows": layer_rows}, ckpt_path)
         if world > 1:
             dist.barrier()
@@ -608,8 +634,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
             last_eval = {k: metrics[k] for k in ("val_top1", "test_top1")}
         metrics["epoch_time_s"] = time.time() - t0
+        logged = {"metrics": metrics, "step": epoch, "ts": int(time.time() * 1000)}
         checkpoint(epoch, 0, loss_sum, train_time)
-        logger.log_metrics(metrics, step=epoch)
+        logger.log_metrics(metrics, step=epoch, ts=logged["ts"])
         ev_txt = (f"val {100 * last_eval['val_top1']:.2f}% test {100 * last_eval['test_top1']:.2f}%"
                   if last_eval else "val - test -")
         extra_txt = f" gamma {metrics['gamma']:.3g} target {100 * metrics['target_density']:.2f}%" \

@@ -300,8 +300,8 @@ class RunLogger:
             self._push({"op": "batch", "params": items[i:i + 100]})
         self._params = {}
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
+    def log_metrics(self, metrics: dict[str, float], step: int, ts: Optional[int] = None) -> None:
+        ts = int(time.time() * 1000) if ts is None else ts
         self._push({"op": "batch", "metrics": [[k, float(v), ts, step] for k, v in metrics.items()]})
 
     def log_text(self, text: str, name: str) -> None:

@@ -153,3 +153,61 @@ def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slu
     for key in ("train_loss", "density"):
         hist = c.get_metric_history(r.info.run_id, key)
         assert sorted(h.step for h in hist) == [1, 2, 3], f"{key} logged {[h.step for h in hist]}"
+
+
+def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slurm_cluster):
+    """slurmd and the task's processes are SIGKILLed together mid-run (scripts/services.sh
+    crash-node), the node comes back; SLURM requeues the task (NODE_FAIL), which resumes from
+    its last epoch checkpoint and finishes as the same MLflow run, every epoch logged once."""
+    import json
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    services = os.environ["HFBENCH_SERVICES_DIR"]
+    p = _write(tmp_path, "nf", f"""
+        name: e2e-nodefail
+        tracking_uri: {mlflow_server}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 6, max_steps_per_epoch: 20, batch_size: 64, init: scratch,
+                eval_every: 6}}
+        grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
+                    slurm: {{time_min: 30}}}}
+    """)
+    env = {**os.environ, "HFBENCH_INJECT": "*:sleep@150",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sweep = subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(p)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    t0 = time.time()
+    ckpt = None
+    while ckpt is None:  # wait for the task's second epoch checkpoint
+        assert sweep.poll() is None, sweep.stdout.read()[-3000:]
+        assert time.time() - t0 < 600, "the task never wrote a checkpoint"
+        for q in (tmp_path / "runs").glob("*/prev.pt"):
+            ckpt = q
+        time.sleep(0.5)
+    crash = subprocess.run(["bash", str(root / "scripts/services.sh"), "crash-node", services],
+                           capture_output=True, text=True, timeout=120)
+    assert crash.returncode == 0, crash.stdout + crash.stderr
+    time.sleep(5)
+    back = subprocess.run(["bash", str(root / "scripts/services.sh"), "restart-node", services],
+                          capture_output=True, text=True, timeout=300)
+    assert back.returncode == 0, back.stdout + back.stderr
+    out, _ = sweep.communicate(timeout=900)
+    assert sweep.returncode == 0 and "done   fmnist_cnn-dense-s0" in out, out[-3000:]
+    jobs = [json.loads(line) for line in (tmp_path / "submitit" / "e2e-nodefail" / "jobs.jsonl").read_text().splitlines()
+            if line.strip()] if (tmp_path / "submitit" / "e2e-nodefail" / "jobs.jsonl").exists() else []
+    job = jobs[-1]["job_id"] if jobs else None
+    assert job, "no job recorded"
+    states = [r[1] for r in _sacct(job, "JobID,State", duplicates=True)]
+    assert "NODE_FAIL" in states and states[-1] == "COMPLETED", states
+    logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.*"))
+    assert "resuming" in logs, logs[-3000:]
+    c = tracking.client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("e2e-nodefail").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
+    steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, "train_loss"))
+    assert steps == list(range(1, 7)), steps  # none lost, none twice
+    print(f"node failure: states {states}, {time.time() - t0:.0f} s")

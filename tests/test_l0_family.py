@@ -192,7 +192,8 @@ def test_cs_mask_anneals_to_the_hard_mask():
 
 def test_cs_schedule_round_reset_binarise_and_rewind():
     net, layers, cfg, p, opt = _setup("cs", sparsity=0.5, epochs=5, cs={"rounds": 2, "epochs_per_round": 2,
-                                                                        "beta_final": 100.0, "s_init": 0.1})
+                                                                        "beta_final": 100.0, "s_init": 0.1,
+                                                                        "rewind": True})
     assert p.search_end == 4 and sparsity.density(layers) == 1.0
     start = {k: v.clone() for k, v in net.state_dict().items() if "parametrizations.weight.0" not in k}
     assert p.beta_at(0) == 1.0 and p.beta_at(19) == pytest.approx(100.0) and p.beta_at(20) == 1.0
@@ -244,6 +245,8 @@ def test_knob_controller():
     assert c.update(4, 1e-6) == pytest.approx(k / 4.0)
     k = c.knob
     assert c.update(10, 1.0) == k and c.update(12, 1e-6) == k  # frozen after the search
+    k = c.knob
+    assert c.hold(1.0) == k and c.prev_density == 1.0  # anti-windup hold: measurement kept, knob unchanged
     off = KnobController(3.0, 0.1, 10, mode="off")
     assert off.update(1, 1.0) == 3.0
     st = c.state_dict()
@@ -269,3 +272,17 @@ def test_knob_controller_lookahead_brakes_before_overshoot():
     d = KnobController(1.0, 0.1, 10, lookahead=1.0)
     d.load_state_dict(st)
     assert d.prev_density == ahead.prev_density and d.knob == ahead.knob
+
+
+def test_cs_holds_the_knob_late_in_a_round():
+    net, layers, cfg, p, opt = _setup("cs", sparsity=0.9, epochs=8, cs={"rounds": 2, "epochs_per_round": 4,
+                                                                        "beta_final": 100.0, "s_init": 0.1,
+                                                                        "control_beta_s": 2.0})
+    k0 = p.controller.knob
+    p.t = 10  # next step: beta = 100 ** (10 / 39) = 3.3, beta * s0 = 0.33: the masks respond
+    assert "knob_held" not in p.end_epoch(1, 1.0) and p.controller.knob > k0
+    k1 = p.controller.knob
+    p.t = 35  # beta = 100 ** (35 / 39) = 62.6, beta * s0 = 6.3 > 2: held
+    assert p.end_epoch(3, 1.0)["knob_held"] == 1.0 and p.controller.knob == k1
+    p.t = 40  # round 2 starts at beta 1: controlled again
+    assert "knob_held" not in p.end_epoch(4, 1.0) and p.controller.knob > k1

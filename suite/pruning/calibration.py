@@ -14,6 +14,9 @@ online, in the same run, instead of a search over many short runs:
   that integrates its weight decay), and without the trend term the knob keeps pushing until
   the target is already overshot. k = 0 is the plain controller above;
 - after the search phase the knob is left where it is and the method freezes its mask.
+- `hold(density)` records a measurement without moving the knob: anti-windup for epochs in which
+  the method's mask cannot respond (CS late in each round, where an integrating controller wound
+  the knob up 30-90x and the next round collapsed, measured).
 
 The sparsity the run reaches is measured by the suite's one ruler, logged and reported as
 reached; the controller only makes reaching the target likely. `calibration.mode: off`
@@ -56,6 +59,12 @@ class KnobController:
                 err = math.log(d / self.target(epoch + k)) + k * math.log(d / max(self.prev_density, 1e-9))
             step = max(-math.log(self.max_factor), min(math.log(self.max_factor), self.gain * err))
             self.knob *= math.exp(step)
+        self.prev_density = density
+        return self.knob
+
+    def hold(self, density: float) -> float:
+        """Record the measurement but leave the knob where it is: for epochs in which the method's
+        mask cannot respond to the knob (anti-windup; e.g. CS late in a round)."""
         self.prev_density = density
         return self.knob
 

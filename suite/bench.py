@@ -1,0 +1,616 @@
+"""Benchmarks: the per-step cost of each pruning method against dense training, and FFCV
+against torchvision data loading.
+
+  hfbench bench overhead [--model resnet50 --size 32 --batch 32 --methods ...]
+  hfbench bench data [--root TREE] [--size 224 --batch 64 --workers 2]
+
+Overhead: every method gets a fresh model + pruner built exactly as the engine builds them
+(`engine.attach_pruner`, `on_train_start` in eval mode, the epoch-1 learning rates) and runs
+full training steps on a fixed random batch: forward, cross-entropy + the pruner's loss term,
+backward, optimiser step, `after_step`. Dense and the method alternate in blocks of --steps
+steps (dense, method, dense, method, ...) for --repeats rounds, so machine drift hits both
+alike; the ratio of a round is (method block median) / (dense block median of the same round),
+and the report gives the median ratio over rounds with its interquartile range. Peak memory
+is measured per method in a fresh subprocess: on CPU the increase of the peak resident set
+size (ru_maxrss) from after the imports to after the steps (model, optimiser state,
+activations, the allocator's caching included); on CUDA torch.cuda.max_memory_allocated.
+
+Data: a class-folder JPEG tree (generated unless --root), written to a .beton (JPEG fields)
+in a separate process, then alternate passes of an FFCV Loader and a torchvision
+ImageFolder + DataLoader with the same augmentation (random resized crop, horizontal flip,
+float in [0, 1]), batch size and worker count; images/s per pass, medians and their ratio.
+
+Both log one MLflow run per invocation to experiment "bench" (params, metrics
+step_ratio.<method>, mem_ratio.<method>, ..., the table as an artifact).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS_ORDER = ["magnitude", "gmp", "imp", "l0", "str", "cs", "rmt", "seb", "ser", "rmt_hybrid", "hyperflux"]
+# per-method settings that put the method in its costly training regime at step 1: Hyperflux's
+# controller starts with gamma = 0 (no loss term in epoch 1), so the bench uses a fixed pressure
+BENCH_SETS: dict[str, dict[str, Any]] = {"hyperflux": {"hyperflux.schedule": "fixed", "hyperflux.fixed_gamma": 1.0}}
+STEPS_PER_EPOCH = 1000  # what schedule-driven methods (gmp) believe; the bench stays in epoch 1
+
+
+def _say(*a) -> None:
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- statistics
+def quartiles(v: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3), linear interpolation; a single value gives it three times."""
+    s = sorted(v)
+    if not s:
+        return (math.nan, math.nan, math.nan)
+
+    def q(p: float) -> float:
+        x = p * (len(s) - 1)
+        lo = int(math.floor(x))
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+    return q(0.25), q(0.5), q(0.75)
+
+
+def interleave(a: str, b: str, rounds: int) -> list[str]:
+    """[a, b, a, b, ...]: the order in which blocks run."""
+    return [x for _ in range(rounds) for x in (a, b)]
+
+
+# ----------------------------------------------------------------------------- overhead
+def bench_config(method: str, model: str, batch: int, sparsity: float = 0.9, sets: Optional[dict] = None):
+    from suite.config import RunConfig, _validate, set_dotted
+
+    data: dict[str, Any] = {"method": method, "model": model, "batch_size": batch, "epochs": 100, "seed": 0,
+                            "sparsity": 0.0 if method == "dense" else sparsity}
+    for k, v in {**BENCH_SETS.get(method, {}), **(sets or {})}.items():
+        set_dotted(data, k, v)
+    return _validate(RunConfig, data, source=f"bench {method}")
+
+
+class Trainee:
+    """One model + pruner + optimiser, stepped as engine._train steps it."""
+
+    def __init__(self, cfg, size: int, device: str, dtype: str = "fp32", channels_last: bool = False,
+                 use_deepspeed: bool = False):
+        import torch
+        import torch.nn as nn
+
+        from suite import engine, models
+
+        self.device, self.dtype = device, dtype
+        mspec = models.get(cfg.model)
+        num_classes = 1000 if mspec.input_size == 224 else 10
+        in_chans = 1 if mspec.input_size == 28 else 3
+        torch.manual_seed(cfg.seed)
+        model = mspec.build(num_classes, in_chans)
+        layers = mspec.prunable(model)
+        self.pruner, self.opt = engine.attach_pruner(cfg, model, layers, STEPS_PER_EPOCH, device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model
+        if use_deepspeed:
+            import deepspeed
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt,
+                                                        config=engine._ds_config(cfg, world))
+            self.forward, self.backward, self.optim_step = self.engine, self.engine.backward, self.engine.step
+        else:
+            self.engine = None
+            self.forward = model
+
+            def backward(t):
+                t.backward()
+
+            def optim_step():
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+
+            self.backward, self.optim_step = backward, optim_step
+        model.eval()  # the engine's order: deepspeed.initialize, then on_train_start in eval mode
+        self.pruner.on_train_start()  # one-shot prunes happen here (random init, sparsity from cfg)
+        model.train()
+        self.opt.set_lrs(*self.pruner.lrs(1))
+        if channels_last:  # after DeepSpeed's broadcast (it views parameters as bytes: needs stride 1)
+            model.to(memory_format=fmt)  # in place: optimiser and engine keep the same Parameter objects
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(cfg.batch_size, in_chans, size, size, generator=g).to(device, memory_format=fmt)
+        self.y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)
+        self.steps = 0
+
+    def step(self) -> None:
+        import torch
+
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            loss = self.criterion(self.forward(self.x), self.y)
+        extra = self.pruner.loss_term()
+        total = loss + extra if extra is not None else loss
+        self.backward(total)
+        self.optim_step()
+        self.steps += 1
+        self.pruner.after_step(self.steps)
+
+    def timed(self, n: int) -> list[float]:
+        """Seconds of each of n steps."""
+        import torch
+
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.step()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t0)
+        return out
+
+
+def _setup(device: str, threads: Optional[int], use_deepspeed: bool) -> str:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not threads:
+        from suite.config import EngineConfig
+
+        threads = EngineConfig().threads_per_rank  # what a training run uses (default 1)
+    if threads:
+        torch.set_num_threads(threads)
+    if use_deepspeed:
+        from suite.engine import setup_distributed
+
+        setup_distributed(device)
+    torch.use_deterministic_algorithms(False)
+    return device
+
+
+def measure_memory(method: str, args: dict[str, Any], timeout: float = 900.0) -> float:
+    """Peak memory (MB) of building `method` and running its warmup + steps, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    code = "import sys; from suite.bench import _mem_child; _mem_child(sys.argv[1])"
+    p = subprocess.run([sys.executable, "-c", code, json.dumps({**args, "method": method})], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("HFBENCH_MEM "):
+            return float(line.split()[1])
+    raise RuntimeError(f"memory probe for {method} failed (exit {p.returncode}): {p.stderr[-2000:]}")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to
+    /proc/self/clear_refs); returns the current RSS in KiB. Without that (other systems), the
+    baseline is the peak so far (ru_maxrss), which import-time transients can inflate."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss() -> int:
+    try:
+        return _status_kib("VmHWM")
+    except (OSError, KeyError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _mem_child(args_json: str) -> None:
+    import gc
+
+    import torch
+
+    a = json.loads(args_json)
+    device = _setup(a["device"], a.get("threads"), a.get("deepspeed", False))
+    if a.get("deepspeed"):
+        import deepspeed  # noqa: F401 - its import is part of the baseline, not of the method
+    cfg = bench_config(a["method"], a["model"], a["batch"], a["sparsity"], a.get("sets"))
+    gc.collect()
+    base = _reset_peak_rss()  # KiB, after every import: the method's model, state and steps only
+    t = Trainee(cfg, a["size"], device, a["dtype"], a["channels_last"], a.get("deepspeed", False))
+    t.timed(max(1, a["warmup"]) + max(1, a["steps"]))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        mb = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        mb = (_peak_rss() - base) / 1024
+    print(f"HFBENCH_MEM {mb:.3f}", flush=True)
+
+
+def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, methods: Optional[list[str]] = None,
+                 steps: int = 3, warmup: int = 2, repeats: int = 5, device: str = "auto", dtype: str = "fp32",
+                 channels_last: bool = False, use_deepspeed: bool = False, threads: Optional[int] = None,
+                 sparsity: float = 0.9, memory: bool = True, sets: Optional[dict] = None,
+                 say: Callable[..., None] = _say) -> dict[str, Any]:
+    """Interleaved dense/method step timings; returns {"params", "rows", "trace"}."""
+    import gc
+
+    import torch
+
+    from suite.pruning import registry
+
+    methods = [m for m in (methods or METHODS_ORDER) if m != "dense"]
+    for m in methods:
+        registry.get(m)  # unknown names fail before any work
+    device = _setup(device, threads, use_deepspeed)
+    params = {"model": model, "size": size, "batch": batch, "device": device, "dtype": dtype,
+              "channels_last": channels_last, "deepspeed": use_deepspeed, "threads": torch.get_num_threads(),
+              "steps": steps, "warmup": warmup, "repeats": repeats, "sparsity": sparsity,
+              "methods": ",".join(methods)}
+    say(f"[bench] overhead: {model} {size}px batch {batch} on {device} ({dtype}"
+        f"{', channels_last' if channels_last else ''}{', deepspeed' if use_deepspeed else ''}), "
+        f"{torch.get_num_threads()} threads; {repeats} rounds x {steps} steps per block")
+    dense = Trainee(bench_config("dense", model, batch, sets=sets), size, device, dtype, channels_last,
+                    use_deepspeed)
+    dense.timed(warmup)
+    dense_steps: list[float] = []
+    rows: list[dict[str, Any]] = []
+    trace: list[str] = []
+    per_method: dict[str, dict[str, Any]] = {}
+    for mi, m in enumerate(methods):
+        t0 = time.time()
+        tr = Trainee(bench_config(m, model, batch, sparsity, sets), size, device, dtype, channels_last,
+                     use_deepspeed)
+        build_s = time.time() - t0
+        tr.timed(warmup)
+        d_all, m_all, ratios = [], [], []
+        for r, who in enumerate(interleave("dense", m, repeats)):
+            trace.append(who)
+            ts = (dense if who == "dense" else tr).timed(steps)
+            if who == "dense":
+                d_block = statistics.median(ts)
+                d_all += ts
+            else:
+                m_all += ts
+                ratios.append(statistics.median(ts) / d_block)
+        q1, med, q3 = quartiles(ratios)
+        dense_steps += d_all
+        per_method[m] = {"method": m, "step_ms": 1e3 * statistics.median(m_all),
+                         "dense_step_ms": 1e3 * statistics.median(d_all), "ratio": med, "ratio_q1": q1,
+                         "ratio_q3": q3, "rounds": len(ratios), "build_s": build_s}
+        say(f"[bench] {mi + 1}/{len(methods)} {m}: {per_method[m]['step_ms']:.1f} ms/step vs dense "
+            f"{per_method[m]['dense_step_ms']:.1f} -> x{med:.3f} [{q1:.3f}, {q3:.3f}] (setup {build_s:.1f}s)")
+        del tr
+        gc.collect()
+    dense_ms = 1e3 * statistics.median(dense_steps) if dense_steps else 1e3 * statistics.median(dense.timed(steps))
+    rows.append({"method": "dense", "step_ms": dense_ms, "dense_step_ms": dense_ms, "ratio": 1.0, "ratio_q1": 1.0,
+                 "ratio_q3": 1.0, "rounds": repeats})
+    rows += [per_method[m] for m in methods]
+    for row in rows:
+        row["img_s"] = batch / (row["step_ms"] / 1e3)
+    if memory:
+        margs = {"model": model, "size": size, "batch": batch, "device": device, "dtype": dtype,
+                 "channels_last": channels_last, "deepspeed": use_deepspeed, "threads": torch.get_num_threads(),
+                 "sparsity": sparsity, "warmup": warmup, "steps": steps, "sets": sets}
+        for row in rows:
+            say(f"[bench] peak memory of {row['method']} (fresh process) ...")
+            row["mem_mb"] = measure_memory(row["method"], margs)
+        for row in rows:
+            row["mem_ratio"] = row["mem_mb"] / rows[0]["mem_mb"] if rows[0]["mem_mb"] > 0 else math.nan
+    return {"params": params, "rows": rows, "trace": trace}
+
+
+def overhead_table(res: dict[str, Any]) -> str:
+    p = res["params"]
+    mem_kind = "CUDA max allocated" if p["device"] == "cuda" else "peak RSS increase"
+    lines = [f"# overhead: {p['model']} {p['size']}px batch {p['batch']}, {p['device']} {p['dtype']}"
+             f"{' channels_last' if p['channels_last'] else ''}{' deepspeed' if p['deepspeed'] else ''}, "
+             f"{p['threads']} threads, {p['repeats']} rounds x {p['steps']} steps",
+             f"| method | step ms | img/s | ratio to dense [IQR over rounds] | peak mem MB ({mem_kind}) | mem ratio |",
+             "|---|---:|---:|---|---:|---:|"]
+    for r in res["rows"]:
+        mem = f"{r['mem_mb']:.0f}" if "mem_mb" in r else "-"
+        memr = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
+        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['img_s']:.1f} | {r['ratio']:.3f} "
+                     f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {mem} | {memr} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- data
+def make_jpeg_tree(root: str | os.PathLike, classes: int = 10, per_class: int = 50, seed: int = 0,
+                   min_side: int = 160, max_side: int = 400) -> Path:
+    """An ImageNet-style tree root/<class>/<n>.JPEG of smooth random images of varied sizes."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"n{c:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+            small = Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
+            img = np.asarray(small.resize((w, h), Image.BICUBIC)).astype(np.int16)
+            img = np.clip(img + rng.integers(-12, 13, size=img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{c}_{i}.JPEG", quality=90)
+    return root
+
+
+def write_beton(tree: str | os.PathLike, path: str | os.PathLike, workers: int = 2, timeout: float = 1800.0) -> Path:
+    """Write the tree to an FFCV .beton (JPEG image field, int label) in a separate process
+    (FFCV's writer forks: a half-consumed loader in this process could deadlock it)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    code = "import sys; from suite.bench import _write_beton_child; _write_beton_child(*sys.argv[1:])"
+    p = subprocess.run([sys.executable, "-c", code, str(tree), str(path), str(workers)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0 or not Path(path).is_file():
+        raise RuntimeError(f"writing {path} failed (exit {p.returncode}): {p.stderr[-2000:]}")
+    return Path(path)
+
+
+def _write_beton_child(tree: str, path: str, workers: str) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(tree, loader=lambda p: __import__("PIL.Image").Image.open(p).convert("RGB"))
+    tmp = f"{path}.tmp{os.getpid()}"
+    DatasetWriter(tmp, {"image": RGBImageField(write_mode="jpg", jpeg_quality=90), "label": IntField()},
+                  num_workers=int(workers)).from_indexed_dataset(ds)
+    os.replace(tmp, path)
+
+
+def ffcv_loader(beton: str | os.PathLike, size: int, batch: int, workers: int, seed: int = 0):
+    """FFCV Loader: random resized crop + flip, float in [0, 1] (NCHW), int64 labels."""
+    import numpy as np
+
+    from suite.data import _ffcv_classes, _import_ffcv, _keep_torch_threads
+
+    _import_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+    Loader = _ffcv_classes()["Loader"]
+    with _keep_torch_threads():
+        return Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, seed=seed,
+                      os_cache=True, drop_last=False,
+                      pipelines={"image": [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(),
+                                           NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32),
+                                           ToTensor(), ToTorchImage()],
+                                 "label": [IntDecoder(), ToTensor(), Squeeze()]})
+
+
+def torchvision_loader(tree: str | os.PathLike, size: int, batch: int, workers: int, seed: int = 0):
+    """ImageFolder + DataLoader with the same augmentation as ffcv_loader."""
+    import torch
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(tree), transform=T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
+                                                     T.ToTensor()]))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=False, num_workers=workers,
+                                       persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def one_pass(loader) -> tuple[int, list[int], float]:
+    """(images, labels, seconds) of one full pass; the iterator is always consumed to its end."""
+    import torch
+
+    from suite.data import _keep_torch_threads
+
+    n, labels = 0, []
+    t0 = time.perf_counter()
+    with _keep_torch_threads():
+        for x, y in loader:
+            n += int(x.shape[0])
+            labels += torch.as_tensor(y).reshape(-1).tolist()
+    return n, labels, time.perf_counter() - t0
+
+
+def run_data(root: Optional[str] = None, size: int = 224, batch: int = 64, workers: int = 2, passes: int = 5,
+             classes: int = 10, per_class: int = 50, work_dir: Optional[str] = None,
+             say: Callable[..., None] = _say) -> dict[str, Any]:
+    import torch
+
+    keep = tempfile.mkdtemp(prefix="hfbench-bench-data-") if work_dir is None else work_dir
+    Path(keep).mkdir(parents=True, exist_ok=True)
+    tree = Path(root) if root else Path(keep) / "tree"
+    if not root:
+        say(f"[bench] data: generating {classes} classes x {per_class} JPEGs under {tree}")
+        make_jpeg_tree(tree, classes, per_class)
+    n_files = sum(1 for p in tree.rglob("*") if p.is_file())
+    beton = Path(keep) / "tree.beton"
+    t0 = time.time()
+    write_beton(tree, beton, workers)
+    write_s = time.time() - t0
+    say(f"[bench] data: {n_files} files -> {beton} ({beton.stat().st_size / 2 ** 20:.1f} MB, {write_s:.1f}s)")
+    threads = torch.get_num_threads()
+    loaders = {"ffcv": ffcv_loader(beton, size, batch, workers), "torchvision": torchvision_loader(tree, size, batch,
+                                                                                                   workers)}
+    counts: dict[str, int] = {}
+    label_sets: dict[str, list[int]] = {}
+    for name, ld in loaders.items():  # warmup: FFCV's numba compilation, DataLoader's worker start
+        n, labels, s = one_pass(ld)
+        counts[name], label_sets[name] = n, sorted(labels)
+        say(f"[bench] data warmup {name}: {n} images in {s:.2f}s")
+    rates: dict[str, list[float]] = {"ffcv": [], "torchvision": []}
+    trace = []
+    for i, name in enumerate(interleave("ffcv", "torchvision", passes)):
+        n, _, s = one_pass(loaders[name])
+        trace.append(name)
+        rates[name].append(n / s)
+        say(f"[bench] data pass {i // 2 + 1}/{passes} {name}: {n / s:.1f} img/s")
+    ratios = [f / t for f, t in zip(rates["ffcv"], rates["torchvision"])]
+    q1, med, q3 = quartiles(ratios)
+    rows = [{"loader": k, "img_s": statistics.median(v), "img_s_q1": quartiles(v)[0], "img_s_q3": quartiles(v)[2],
+             "images": counts[k]} for k, v in rates.items()]
+    params = {"root": str(tree), "generated": not root, "files": n_files, "size": size, "batch": batch,
+              "workers": workers, "passes": passes, "threads": threads, "beton_mb": beton.stat().st_size / 2 ** 20,
+              "write_s": write_s}
+    return {"params": params, "rows": rows, "ratio": med, "ratio_q1": q1, "ratio_q3": q3, "trace": trace,
+            "labels": label_sets, "beton": str(beton)}
+
+
+def data_table(res: dict[str, Any]) -> str:
+    p = res["params"]
+    lines = [f"# data loading: {p['files']} JPEGs ({'generated' if p['generated'] else p['root']}), crop {p['size']}px,"
+             f" batch {p['batch']}, {p['workers']} workers, {p['passes']} interleaved passes each",
+             "| loader | img/s (median) | IQR | images per pass |", "|---|---:|---|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['loader']} | {r['img_s']:.1f} | [{r['img_s_q1']:.1f}, {r['img_s_q3']:.1f}] | "
+                     f"{r['images']} |")
+    lines.append(f"\nffcv / torchvision: x{res['ratio']:.3f} [IQR {res['ratio_q1']:.3f}, {res['ratio_q3']:.3f}] "
+                 f"(per-pass ratios)")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- MLflow
+def log_to_mlflow(uri: str, kind: str, params: dict[str, Any], metrics: dict[str, float], table: str,
+                  payload: dict[str, Any]) -> str:
+    from suite import tracking
+
+    exp = tracking.ensure_experiment(uri, "bench")
+    c = tracking.client(uri)
+    run = c.create_run(exp, run_name=f"{kind}-{params.get('model', 'data')}-{time.strftime('%Y%m%d-%H%M%S')}",
+                       tags={"hfbench.bench": kind})
+    rid = run.info.run_id
+    try:
+        from mlflow.entities import Metric, Param
+
+        env = tracking.environment(1, str(params.get("device", "cpu")))
+        ps = [Param(k, str(v)[:500]) for k, v in {**env, **params}.items()]
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        for i in range(0, len(ps), 100):
+            c.log_batch(rid, params=ps[i:i + 100])
+        for i in range(0, len(ms), 500):
+            c.log_batch(rid, metrics=ms[i:i + 500])
+        c.log_text(rid, table, f"{kind}.md")
+        c.log_text(rid, json.dumps(payload, indent=1, default=str), f"{kind}.json")
+    except BaseException:
+        c.set_terminated(rid, "FAILED")
+        raise
+    c.set_terminated(rid, "FINISHED")
+    return rid
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parse_sets(items: Optional[list[str]]) -> dict:
+    import yaml
+
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise SystemExit(f"hfbench bench: --set expects KEY=VALUE, got {it!r}")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_overhead(a) -> int:
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    res = run_overhead(model=a.model, size=a.size, batch=a.batch, methods=methods, steps=a.steps, warmup=a.warmup,
+                       repeats=a.repeats, device=a.device, dtype=a.dtype, channels_last=a.channels_last,
+                       use_deepspeed=a.deepspeed, threads=a.threads, sparsity=a.sparsity, memory=not a.no_memory,
+                       sets=_parse_sets(a.set))
+    table = overhead_table(res)
+    print(table, flush=True)
+    if not a.no_track:
+        from suite import tracking
+
+        metrics: dict[str, float] = {}
+        for r in res["rows"]:
+            m = r["method"]
+            metrics.update({f"step_ms.{m}": r["step_ms"], f"step_ratio.{m}": r["ratio"],
+                            f"step_ratio_q1.{m}": r["ratio_q1"], f"step_ratio_q3.{m}": r["ratio_q3"],
+                            f"img_s.{m}": r["img_s"]})
+            if "mem_mb" in r:
+                metrics.update({f"mem_mb.{m}": r["mem_mb"], f"mem_ratio.{m}": r["mem_ratio"]})
+        uri = a.tracking_uri or tracking.default_uri()
+        rid = log_to_mlflow(uri, "overhead", res["params"], metrics, table, res)
+        print(f"[bench] logged to MLflow experiment 'bench', run {rid} at {tracking.redact(uri)}")
+    return 0
+
+
+def cmd_data(a) -> int:
+    res = run_data(root=a.root, size=a.size, batch=a.batch, workers=a.workers, passes=a.passes, classes=a.classes,
+                   per_class=a.per_class, work_dir=a.work_dir)
+    table = data_table(res)
+    print(table, flush=True)
+    if not a.no_track:
+        from suite import tracking
+
+        metrics = {f"img_s.{r['loader']}": r["img_s"] for r in res["rows"]}
+        metrics.update({"ratio.ffcv_over_torchvision": res["ratio"], "ratio_q1": res["ratio_q1"],
+                        "ratio_q3": res["ratio_q3"]})
+        uri = a.tracking_uri or tracking.default_uri()
+        payload = {k: v for k, v in res.items() if k != "labels"}
+        rid = log_to_mlflow(uri, "data", res["params"], metrics, table, payload)
+        print(f"[bench] logged to MLflow experiment 'bench', run {rid} at {tracking.redact(uri)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """The `hfbench bench overhead|data` subcommands."""
+    b = sub.add_parser("bench", help="benchmarks: pruning overhead per training step; FFCV vs torchvision loading")
+    bs = b.add_subparsers(dest="bench_cmd", required=True)
+    o = bs.add_parser("overhead", help="step time and peak memory of each method relative to dense (interleaved)")
+    o.add_argument("--model", default="resnet50")
+    o.add_argument("--size", type=int, default=32, help="input side in pixels (default 32)")
+    o.add_argument("--batch", type=int, default=32)
+    o.add_argument("--methods", help=f"comma-separated (default: all: {','.join(METHODS_ORDER)}); dense is the reference")
+    o.add_argument("--steps", type=int, default=3, help="steps per block (default 3)")
+    o.add_argument("--warmup", type=int, default=2, help="untimed steps per model before its first block")
+    o.add_argument("--repeats", type=int, default=5, help="rounds of (dense block, method block) per method")
+    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: torch.autocast mixed precision")
+    o.add_argument("--channels-last", action="store_true")
+    o.add_argument("--deepspeed", action="store_true", help="step through deepspeed.initialize like the engine")
+    o.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: engine.threads_per_rank, 1)")
+    o.add_argument("--sparsity", type=float, default=0.9)
+    o.add_argument("--set", action="append", metavar="KEY=VALUE", help="run-config override for every model")
+    o.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    o.add_argument("--tracking-uri")
+    o.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    o.set_defaults(fn=cmd_overhead)
+    d = bs.add_parser("data", help="FFCV vs torchvision ImageFolder loading, images/s (interleaved passes)")
+    d.add_argument("--root", help="ImageFolder tree of JPEGs (default: generate one)")
+    d.add_argument("--classes", type=int, default=10)
+    d.add_argument("--per-class", type=int, default=50)
+    d.add_argument("--size", type=int, default=224, help="crop side in pixels")
+    d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--workers", type=int, default=2, help="FFCV threads = DataLoader worker processes")
+    d.add_argument("--passes", type=int, default=5)
+    d.add_argument("--work-dir", help="where the tree and .beton go (default: a new temp folder)")
+    d.add_argument("--tracking-uri")
+    d.add_argument("--no-track", action="store_true")
+    d.set_defaults(fn=cmd_data)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m suite.bench")
+    add_parser(p.add_subparsers(dest="cmd", required=True))
+    a = p.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
