@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as _dt
+import functools
 import html
 import math
 import re
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from reports import dynamics
+from reports import dynamics, flops
 
 __all__ = ["ReportError", "RunRecord", "build_report"]
 
@@ -41,6 +42,9 @@ CSV_COLUMNS = [
     "target_sparsity", "achieved_sparsity", "test_top1", "val_top1", "epochs",
     "wall_time_s", "error",
     "final_density", "sweep", "run_name", "config_hash", "start_time", "end_time",
+    "test_top5", "compression_ratio", "theoretical_speedup", "theoretical_speedup_prunable",
+    "dense_macs", "remaining_macs", "epochs_run", "optimizer_steps", "batch_size", "world_size",
+    "device_hours", "git_commit", "hardware", "torch", "config_artifact", "rerun_command",
 ]
 
 _DENSE = "dense"
@@ -80,6 +84,71 @@ class RunRecord:
     env: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # latest value of every metric
     params: dict[str, str] = field(default_factory=dict)
+    base_method: str = ""  # the registry method (the variant's family), e.g. gmp for gmp-taylor
+    test_top5: float | None = None
+    artifact_uri: str = ""
+    # filled in by build_report
+    compression_ratio: float | None = None
+    theoretical_speedup: float | None = None
+    theoretical_speedup_prunable: float | None = None
+    dense_macs: int | None = None
+    remaining_macs: float | None = None
+    cost_note: str = ""
+
+    @property
+    def world_size(self) -> int:
+        return _to_int(self.env.get("env.world_size")) or 1
+
+    @property
+    def batch_size(self) -> int | None:
+        return _to_int(self.params.get("batch_size"))
+
+    @property
+    def epochs_run(self) -> int | None:
+        """Epochs trained: the epochs param (for IMP already (levels + 1) x epochs_per_level)."""
+        return self.epochs
+
+    @property
+    def optimizer_steps(self) -> int | None:
+        spe = _to_int(self.params.get("steps_per_epoch")) or _to_int(self.params.get("max_steps_per_epoch"))
+        return None if spe is None or self.epochs is None else spe * self.epochs
+
+    @property
+    def samples(self) -> float | None:
+        """Optimiser steps x global batch (batch_size is per rank)."""
+        steps, b = self.optimizer_steps, self.batch_size
+        return None if steps is None or b is None else float(steps * b * self.world_size)
+
+    @property
+    def device_hours(self) -> float | None:
+        return None if self.wall_time_s is None else self.wall_time_s * self.world_size / 3600.0
+
+    @property
+    def git_commit(self) -> str:
+        return self.env.get("env.git_commit", "")
+
+    @property
+    def hardware(self) -> str:
+        return self.env.get("env.hardware", "")
+
+    @property
+    def torch(self) -> str:
+        return self.env.get("env.torch", "")
+
+    @property
+    def config_artifact(self) -> str:
+        return f"{self.artifact_uri.rstrip('/')}/config.yaml" if self.artifact_uri else ""
+
+    @property
+    def rerun_command(self) -> str:
+        """One command that retrains exactly this run (same config, so the same run hash)."""
+        local = _local_path(self.artifact_uri)
+        if local is not None:
+            return f"hfbench train {local}/config.yaml"
+        if not self.artifact_uri:
+            return ""
+        return (f"mlflow artifacts download -r {self.run_id} -a config.yaml -d rerun-{self.identity} && "
+                f"hfbench train rerun-{self.identity}/config.yaml")
 
     @property
     def identity(self) -> str:
@@ -144,6 +213,19 @@ def _safe_uri(uri: str) -> str:
             host = f"{host}:{parts.port}"
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return uri
+
+
+def _local_path(uri: str) -> str | None:
+    """The directory of a file:// (or plain path) artifact URI; None for remote stores."""
+    if not uri:
+        return None
+    if uri.startswith("file://"):
+        from urllib.parse import unquote
+
+        return unquote(urlsplit(uri).path)
+    if uri.startswith("/"):
+        return uri
+    return None
 
 
 def _one_line(text: str, limit: int | None = None) -> str:
@@ -234,11 +316,14 @@ def _record_from_run(run) -> RunRecord | None:
         env={k: v for k, v in params.items() if k.startswith("env.")},
         metrics=dict(metrics),
         params=dict(params),
+        base_method=params.get("method") or tags.get("hfbench.method") or method,
+        # only when the runs log it (the engine logs top-1; nothing is made up here)
+        test_top5=_first(_to_float(metrics.get("final_test_top5")), _to_float(metrics.get("test_top5"))),
+        artifact_uri=getattr(run.info, "artifact_uri", "") or "",
     )
 
 
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    points = client.get_metric_history(run_id, key)
+def _last_per_step(points) -> list[tuple[int, float]]:
     # Keep the last value logged at each step (a resumed run may log a step twice).
     by_step: dict[int, tuple[int, float]] = {}
     for m in points:
@@ -248,8 +333,187 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(step, v) for step, (_, v) in sorted(by_step.items())]
 
 
+class Histories:
+    """Metric histories of many runs, read in bulk.
+
+    ``prefetch(run_ids, key)`` reads one key for many runs with one query per chunk of runs
+    where the store can (the SQLAlchemy store's get_metric_history_bulk), else one
+    get_metric_history call per run on a few threads. ``history`` answers from what was
+    prefetched and falls back to a single call for anything else."""
+
+    _CHUNK = 500
+
+    def __init__(self, client):
+        self.client = client
+        self._cache: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        self._bulk = getattr(store, "get_metric_history_bulk", None)
+
+    def prefetch(self, run_ids: Iterable[str], key: str) -> None:
+        ids = [r for r in dict.fromkeys(run_ids) if (r, key) not in self._cache]
+        if not ids:
+            return
+        if self._bulk is not None:
+            try:
+                for i in range(0, len(ids), self._CHUNK):
+                    chunk = ids[i:i + self._CHUNK]
+                    got: dict[str, list] = {r: [] for r in chunk}
+                    for m in self._bulk(chunk, key, max_results=10_000_000):
+                        got[m.run_id].append(m)  # a Metric with run_id
+                    for r, pts in got.items():
+                        self._cache[(r, key)] = _last_per_step(pts)
+                return
+            except Exception:  # a store without the bulk query after all: per-run calls
+                self._bulk = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for r, hist in zip(ids, pool.map(lambda r: _last_per_step(self.client.get_metric_history(r, key)),
+                                             ids)):
+                self._cache[(r, key)] = hist
+
+    def prefetch_records(self, records: Iterable[RunRecord], key: str) -> None:
+        """Prefetch `key` for the runs whose latest metrics have it; the others have no history."""
+        have = []
+        for r in records:
+            if key in r.metrics:
+                have.append(r.run_id)
+            else:
+                self._cache[(r.run_id, key)] = []
+        self.prefetch(have, key)
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        if (run_id, key) not in self._cache:
+            self._cache[(run_id, key)] = _last_per_step(self.client.get_metric_history(run_id, key))
+        return self._cache[(run_id, key)]
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    if isinstance(client, Histories):
+        return client.history(run_id, key)
+    return _last_per_step(client.get_metric_history(run_id, key))
+
+
+def _read_artifacts(client, records: list[RunRecord], name: str) -> dict[str, str]:
+    """run id -> text of artifact `name` (absent when the run has none): straight from disk
+    for a local artifact store, else downloaded on a few threads."""
+    out: dict[str, str] = {}
+    remote = []
+    for r in records:
+        local = _local_path(r.artifact_uri)
+        if local is None:
+            remote.append(r)
+            continue
+        try:
+            out[r.run_id] = (Path(local) / name).read_text(encoding="utf-8")
+        except OSError:
+            pass
+    if remote:
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fetch(r: RunRecord) -> str | None:
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    return Path(client.download_artifacts(r.run_id, name, d)).read_text(encoding="utf-8")
+            except Exception:
+                return None
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for r, text in zip(remote, pool.map(fetch, remote)):
+                if text is not None:
+                    out[r.run_id] = text
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # aggregation
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+
+@functools.lru_cache(maxsize=4096)
+def t975(df: float) -> float:
+    """The 0.975 quantile of Student's t with df (> 0, not necessarily whole) degrees of freedom.
+
+    Pure Python (scipy's import alone costs seconds): bisection on the two-sided tail
+    P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2) = 0.05, to 1e-12."""
+    lo, hi = 0.0, 1.0
+    while _betainc(df / 2.0, 0.5, df / (df + hi * hi)) > 0.05:
+        hi *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _betainc(df / 2.0, 0.5, df / (df + mid * mid)) > 0.05:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(vals: list[float]) -> tuple[float | None, float | None]:
+    """(mean, half-width of the 95 % t confidence interval of the mean); no interval for n < 2."""
+    if not vals:
+        return None, None
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, t975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def diff_ci(a: list[float], b: list[float]) -> float | None:
+    """Half-width of the 95 % Welch t interval of mean(a) - mean(b). A side with one run adds no
+    variance term (its sampling error is unknown); None when both sides have one run."""
+    terms, dfs = [], []
+    for v in (a, b):
+        if len(v) >= 2:
+            var_n = statistics.variance(v) / len(v)
+            terms.append(var_n)
+            dfs.append((var_n, len(v) - 1))
+    if not terms:
+        return None
+    se2 = sum(terms)
+    if se2 == 0:
+        return 0.0
+    df = se2 ** 2 / sum(t ** 2 / d for t, d in dfs)
+    return t975(df) * math.sqrt(se2)
 
 
 @dataclass
@@ -261,6 +525,9 @@ class _Row:
     achieved: list[float]
     test: list[float]
     seeds: list[int | None]
+    top5: list[float] = field(default_factory=list)
+    compression: list[float] = field(default_factory=list)
+    speedup: list[float] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -306,12 +573,21 @@ def _group_rows(records: list[RunRecord]) -> list[_Row]:
             achieved=[r.achieved_sparsity for r in rs if r.achieved_sparsity is not None],
             test=[r.test_top1 for r in rs if r.test_top1 is not None],
             seeds=[r.seed for r in rs],
+            top5=[r.test_top5 for r in rs if r.test_top5 is not None],
+            compression=[r.compression_ratio for r in rs
+                         if r.compression_ratio is not None and math.isfinite(r.compression_ratio)],
+            speedup=[r.theoretical_speedup for r in rs
+                     if r.theoretical_speedup is not None and math.isfinite(r.theoretical_speedup)],
         ))
     return rows
 
 
+def _dense_values(rows: list[_Row], attr: str = "test") -> list[float]:
+    return [v for row in rows if row.method == _DENSE for v in getattr(row, attr)]
+
+
 def _dense_reference(rows: list[_Row]) -> float | None:
-    vals = [v for row in rows if row.method == _DENSE for v in row.test]
+    vals = _dense_values(rows)
     return statistics.fmean(vals) if vals else None
 
 
@@ -323,27 +599,67 @@ class _Section:
     dense: float | None
     plots: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
     tables: list = field(default_factory=list)  # reports.dynamics.Table
+    has_top5: bool = False
+    notes: list[str] = field(default_factory=list)  # under the accuracy table
+    published: Any = None  # dynamics.Table, or a sentence when nothing matches
+    compute: Any = None  # dynamics.Table
 
 
-def _table_cells(row: _Row, dense: float | None) -> list[str]:
-    mean, std = row.test_mean(), row.test_std()
-    if mean is None:
-        test = "n/a"
-    elif std is None:
-        test = _pct(mean)
-    else:
-        test = f"{_pct(mean)} ± {_pct(std)}"
-    if row.method == _DENSE:
-        delta = "—"  # the reference itself
-    elif mean is None or dense is None:
-        delta = "n/a"
-    else:
-        delta = f"{100.0 * (mean - dense):+.2f}"
-    return [row.method, _pct(row.target), _pct(row.achieved_mean()), test, str(row.n), delta]
+def _mean_ci_cell(vals: list[float]) -> str:
+    m, hw = mean_ci(vals)
+    if m is None:
+        return "n/a"
+    return _pct(m) if hw is None else f"{_pct(m)} ± {_pct(hw)}"
 
 
-_TABLE_HEADER = ["Method", "Target sparsity (%)", "Achieved sparsity (%)", "Test top-1 (%)", "n",
-                 "Δ vs dense (pp)"]
+def _ratio_cell(vals: list[float]) -> str:
+    return f"{statistics.fmean(vals):.2f}" if vals else "n/a"
+
+
+def _delta_cell(vals: list[float], dense: list[float], is_dense: bool) -> str:
+    if is_dense:
+        return "—"  # the reference itself
+    if not vals or not dense:
+        return "n/a"
+    d = 100.0 * (statistics.fmean(vals) - statistics.fmean(dense))
+    hw = diff_ci(vals, dense)
+    return f"{d:+.2f}" if hw is None else f"{d:+.2f} ± {100.0 * hw:.2f}"
+
+
+def _table_cells(row: _Row, sec: "_Section") -> list[str]:
+    dense_rows = sec.rows
+    cells = [row.method, _pct(row.target), _pct(row.achieved_mean()), _ratio_cell(row.compression),
+             _ratio_cell(row.speedup), _mean_ci_cell(row.test)]
+    if sec.has_top5:
+        cells.append(_mean_ci_cell(row.top5))
+    cells.append(str(row.n))
+    cells.append(_delta_cell(row.test, _dense_values(dense_rows), row.method == _DENSE))
+    if sec.has_top5:
+        cells.append(_delta_cell(row.top5, _dense_values(dense_rows, "top5"), row.method == _DENSE))
+    return cells
+
+
+def _table_header(sec: "_Section") -> list[str]:
+    h = ["Method", "Target sparsity (%)", "Achieved sparsity (%)", "Compression (×)",
+         "Theoretical speed-up (×)", "Test top-1 (%)"]
+    if sec.has_top5:
+        h.append("Test top-5 (%)")
+    h += ["n", "Δ top-1 vs dense (pp)"]
+    if sec.has_top5:
+        h.append("Δ top-5 vs dense (pp)")
+    return h
+
+
+_ACC_NOTE = ("Top-1 (and top-5) are the mean ± half-width of the 95 % t confidence interval over seeds "
+             "(n runs; a bare mean when n = 1). Δ vs dense is in percentage points against the mean of "
+             "the dense runs, ± the half-width of the 95 % Welch t interval of the difference (a side with "
+             "one run contributes no variance; none when both have one run). Compression = prunable "
+             "weights / remaining prunable weights. Theoretical speed-up = dense MACs / remaining MACs per "
+             "image: each prunable Conv2d counts out_h × out_w × numel(weight), each prunable Linear "
+             "tokens × numel(weight) (tokens = 1 for a flat input), scaled by the layer's density from the "
+             "run's layer_density.csv; the non-prunable Conv2d / Linear layers are counted dense; attention "
+             "matmuls, norms, activations and pooling are excluded. Output sizes come from a forward-hook "
+             "pass on the registry model at the dataset's input size.")
 _FAILED_HEADER = ["Run", "Method", "Target sparsity (%)", "Seed", "Status", "Later finished", "Error"]
 
 
@@ -355,7 +671,9 @@ def _new_figure(size=(7.0, 4.5)):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, dpi=110, layout="constrained")
+    # Fixed margins: constrained layout measures every text artist and dominated the build time.
+    fig = Figure(figsize=size, dpi=110)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     FigureCanvasAgg(fig)
     return fig
 
@@ -383,23 +701,32 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
             by_method[r.method].append(r)
 
     xs_all: list[float] = []
-    for method in sorted(by_method):
+    any_band = False
+    for i, method in enumerate(sorted(by_method)):
         groups: dict[float, list[RunRecord]] = defaultdict(list)
         for r in by_method[method]:
             groups[_sparsity_key(r.target_sparsity)].append(r)
         pts = []
         for rs in groups.values():
             x = _log_x(statistics.fmean(r.achieved_sparsity for r in rs))
-            accs = [100.0 * r.test_top1 for r in rs]
-            mean = statistics.fmean(accs)
-            pts.append((x, mean, mean - min(accs), max(accs) - mean))
+            mean, hw = mean_ci([100.0 * r.test_top1 for r in rs])
+            pts.append((x, mean, hw, len(rs)))
         pts.sort()
-        xs, ys, lo, hi = (list(v) for v in zip(*pts))
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        ns = sorted({p[3] for p in pts})
         xs_all += xs
-        if any(len(rs) > 1 for rs in groups.values()):
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
-        else:
-            ax.plot(xs, ys, marker="o", label=method)
+        colour = f"C{i % 10}"
+        n_txt = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}"
+        ax.plot(xs, ys, marker="o", color=colour, label=f"{method} ({n_txt})")
+        band = [(x, y - hw, y + hw) for x, y, hw, _ in pts if hw is not None]
+        any_band = any_band or bool(band)
+        if len(band) >= 2:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                            color=colour, alpha=0.18, linewidth=0)
+        elif band:  # a single point with seeds: an error bar instead of a band
+            x, lo, hi = band[0]
+            ax.errorbar([x], [(lo + hi) / 2], yerr=[[(hi - lo) / 2]], color=colour, capsize=3)
 
     if section.dense is not None:
         ax.axhline(100.0 * section.dense, color="black", linestyle="--", linewidth=1.2,
@@ -417,8 +744,7 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
     ax.set_xlim(min(lo_x, _log_x(ticks[0])) - pad, max(hi_x, _log_x(ticks[-1])) + pad)
     ax.set_xlabel("achieved sparsity (log scale in 1 − sparsity)")
     ax.set_ylabel("test top-1 (%)")
-    seeds_note = "mean over seeds, bars min–max" if any(
-        len(v) > 1 for v in by_method.values()) else "one run per point"
+    seeds_note = "mean over seeds, band: 95 % t CI" if any_band else "one run per point, n=1, no band"
     ax.set_title(f"{section.dataset} / {section.model}: accuracy vs sparsity ({seeds_note})",
                  fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -463,6 +789,109 @@ def _plot_density(section: _Section, path: Path,
     # the plotting time.  Densities fall over training, so the lower left is usually empty.
     ax.legend(fontsize=7, loc="lower left")
     fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------------------
+# published numbers, compute, overhead benchmark
+
+
+def _published_table(sec: _Section, table: list) -> Any:
+    from reports import published
+
+    rows = []
+    for row in sec.rows:
+        if row.method == _DENSE:
+            continue
+        for p in published.matches(sec.dataset, sec.model, row.method, row.target, table):
+            pub_delta = "n/a" if p.dense_top1 is None else f"{p.top1 - p.dense_top1:+.2f}"
+            rows.append([row.method, _pct(row.target), _mean_ci_cell(row.test), str(row.n),
+                         p.method, f"{100 * p.sparsity:.2f}", f"{p.top1:.2f}",
+                         "n/a" if p.dense_top1 is None else f"{p.dense_top1:.2f}", pub_delta,
+                         p.training, p.source])
+    if not rows:
+        return (f"No published number matches {sec.dataset} / {sec.model} for these methods and "
+                f"sparsities. " + published.mapping_note())
+    return dynamics.Table(
+        "Published numbers (published, not measured here) next to this suite's",
+        ["suite method", "target %", "suite top-1 % (95 % CI)", "n", "published method",
+         "published sparsity %", "published top-1 %", "published dense top-1 %",
+         "published Δ vs dense (pp)", "published training", "source"],
+        rows, published.mapping_note(), numeric={1, 2, 3, 5, 6, 7, 8}, kind="published")
+
+
+def _overhead(client) -> dict | None:
+    """The latest FINISHED run of experiment "bench" with step_ratio.<method> metrics:
+    {"run_id", "params", "step": {method: (ratio, q1, q3)}, "mem": {method: ratio}}."""
+    try:
+        exp = client.get_experiment_by_name("bench")
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  max_results=200, order_by=["attributes.start_time DESC"])
+    except Exception:
+        return None
+    for run in runs:
+        m = run.data.metrics
+        step = {k.split(".", 1)[1]: (v, m.get(f"step_ratio_q1.{k.split('.', 1)[1]}"),
+                                     m.get(f"step_ratio_q3.{k.split('.', 1)[1]}"))
+                for k, v in m.items() if k.startswith("step_ratio.")}
+        if step:
+            mem = {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("mem_ratio.")}
+            return {"run_id": run.info.run_id, "params": dict(run.data.params), "step": step, "mem": mem}
+    return None
+
+
+def _range(vals: list[float], fmt: str) -> str:
+    if not vals:
+        return "n/a"
+    lo, hi = min(vals), max(vals)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}–{format(hi, fmt)}"
+
+
+def _compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
+    dense = [r.samples for r in recs if r.method == _DENSE and r.samples]
+    dense_samples = statistics.fmean(dense) if dense else None
+    by_method: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in recs:
+        by_method[r.method].append(r)
+    rows = []
+    for method in sorted(by_method, key=_method_order):
+        rs = by_method[method]
+        mult = [r.samples / dense_samples for r in rs if r.samples and dense_samples]
+        walls = [r.wall_time_s for r in rs if r.wall_time_s is not None]
+        dh = [r.device_hours for r in rs if r.device_hours is not None]
+        from_dense = sorted({r.params.get("init", "") for r in rs} - {""})
+        base = rs[0].base_method
+        st = (bench or {}).get("step", {}).get(base)
+        mem = (bench or {}).get("mem", {}).get(base)
+        if bench is None:
+            st_cell = mem_cell = "no overhead benchmark run"
+        else:
+            st_cell = "n/a" if st is None else (
+                f"{st[0]:.3f}" + (f" [IQR {st[1]:.3f}, {st[2]:.3f}]" if st[1] is not None and st[2] is not None
+                                  else ""))
+            mem_cell = "n/a" if mem is None else f"{mem:.3f}"
+        rows.append([method, str(len(rs)), _range([float(r.epochs) for r in rs if r.epochs is not None], ".0f"),
+                     _range(mult, ".2f"), _range(mult, ".2f"),
+                     "n/a" if not walls else f"{statistics.fmean(walls):.1f}",
+                     "n/a" if not dh else f"{sum(dh):.3f}", ", ".join(from_dense) or "-", st_cell, mem_cell])
+    note = ("Steps multiple = optimiser steps × global batch (batch_size × world size) of a run over the mean "
+            "of the dense runs' (for IMP the epochs are (levels + 1) × epochs_per_level). Dense-equivalent "
+            "FLOPs multiple = the steps multiple: in this suite pruned weights are masked, so every step "
+            "still computes the dense layers. Runs that start from the dense model (init: dense) count only "
+            "their own steps: add the dense run (1×) for the full cost. Wall time is the mean per run; "
+            "device-hours = wall_time_s × env.world_size / 3600, summed over the runs. ")
+    if bench is None:
+        note += "Step-time and peak-memory ratios: no overhead benchmark run (MLflow experiment 'bench')."
+    else:
+        p = bench["params"]
+        note += (f"Step-time and peak-memory ratios (method / dense) from overhead benchmark run "
+                 f"{bench['run_id']} (model {p.get('model', '?')}, device {p.get('device', '?')}, "
+                 f"batch {p.get('batch', '?')}); median over rounds with IQR.")
+    return dynamics.Table("Compute", ["method", "runs", "epochs", "steps × batch vs dense (×)",
+                                      "dense-equivalent FLOPs (×)", "wall time per run (s)", "device-hours",
+                                      "init", "step-time ratio (bench)", "peak-memory ratio (bench)"],
+                          rows, note, numeric={1, 2, 3, 4, 5, 6}, kind="compute")
 
 
 # ----------------------------------------------------------------------------------------
@@ -526,7 +955,7 @@ def _md_escape(text: str) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
     return lines
 
@@ -550,16 +979,22 @@ def _render_md(c: _Content) -> str:
     else:
         out.append("No `env.*` parameters were logged.")
     out.append("")
-    out += ["## Results", "",
-            "Test top-1 is the mean ± sample standard deviation over seeds (n runs); "
-            "Δ vs dense is in percentage points against the mean of the dense runs.", ""]
+    out += ["## Results", "", _ACC_NOTE, "",
+            "Reproduce any point: results.csv has one row per run with its run hash, config hash, git "
+            "commit, hardware, the run's config.yaml artifact and the command that retrains it "
+            "(`hfbench train <config.yaml>`).", ""]
     for s in c.sections:
         out += [f"### {s.dataset} / {s.model}", ""]
-        out += _md_table(_TABLE_HEADER, [_table_cells(r, s.dense) for r in s.rows])
+        out += _md_table(_table_header(s), [_table_cells(r, s) for r in s.rows])
         out.append("")
+        out += [n for note in s.notes for n in (note, "")]
         for name, caption in s.plots:
             out += [f"![{caption}]({name})", ""]
-        for t in s.tables:
+        tables = [t for t in (s.published, s.compute) if t is not None] + list(s.tables)
+        for t in tables:
+            if isinstance(t, str):
+                out += ["#### Published numbers", "", t, ""]
+                continue
             out += [f"#### {t.title}", ""] + _md_table(t.header, t.rows) + [""]
             if t.note:
                 out += [t.note, ""]
@@ -597,9 +1032,10 @@ td.err { font-family: ui-monospace, monospace; font-size: .85em; max-width: 40em
 """
 
 
-def _html_table(header: list[str], rows: list[list[str]], numeric: set[int], err_col: int | None = None) -> str:
+def _html_table(header: list[str], rows: list[list[str]], numeric: set[int], err_col: int | None = None,
+                kind: str = "") -> str:
     e = html.escape
-    parts = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    parts = [f'<table data-kind="{e(kind)}">' if kind else "<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
         cells = []
         for i, v in enumerate(row):
@@ -626,27 +1062,34 @@ def _render_html(c: _Content, images: dict[str, bytes]) -> str:
                    + "</ul>")
     else:
         out.append("<p>No <code>env.*</code> parameters were logged.</p>")
-    out += ["<h2>Results</h2>",
-            "<p>Test top-1 is the mean ± sample standard deviation over seeds (n runs); "
-            "Δ vs dense is in percentage points against the mean of the dense runs.</p>"]
+    out += ["<h2>Results</h2>", f"<p>{e(_ACC_NOTE)}</p>",
+            "<p>Reproduce any point: results.csv has one row per run with its run hash, config hash, git "
+            "commit, hardware, the run's config.yaml artifact and the command that retrains it "
+            "(<code>hfbench train &lt;config.yaml&gt;</code>).</p>"]
     for s in c.sections:
         out.append(f"<h3>{e(s.dataset)} / {e(s.model)}</h3>")
-        out.append(_html_table(_TABLE_HEADER, [_table_cells(r, s.dense) for r in s.rows],
-                               numeric={1, 2, 3, 4, 5}))
+        header = _table_header(s)
+        out.append(_html_table(header, [_table_cells(r, s) for r in s.rows],
+                               numeric=set(range(1, len(header))), kind="accuracy"))
+        out += [f"<p>{e(n)}</p>" for n in s.notes]
         for name, caption in s.plots:
             b64 = base64.b64encode(images[name]).decode("ascii")
             out.append(f'<figure id="{e(name)}"><img src="data:image/png;base64,{b64}" '
                        f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)})</figcaption></figure>')
-        for t in s.tables:
+        tables = [t for t in (s.published, s.compute) if t is not None] + list(s.tables)
+        for t in tables:
+            if isinstance(t, str):
+                out += ["<h4>Published numbers</h4>", f'<p data-kind="published-none">{e(t)}</p>']
+                continue
             out.append(f"<h4>{e(t.title)}</h4>")
-            out.append(_html_table(t.header, t.rows, numeric=t.numeric))
+            out.append(_html_table(t.header, t.rows, numeric=t.numeric, kind=t.kind))
             if t.note:
                 out.append(f"<p>{e(t.note)}</p>")
     if not c.sections:
         out.append("<p>No run finished.</p>")
     out.append("<h2>Failed runs</h2>")
     if c.failed:
-        out.append(_html_table(_FAILED_HEADER, c.failed, numeric={2, 3}, err_col=6))
+        out.append(_html_table(_FAILED_HEADER, c.failed, numeric={2, 3}, err_col=6, kind="failed"))
     else:
         out.append("<p>None.</p>")
     plots = [(n, cap) for s in c.sections for n, cap in s.plots]
@@ -659,6 +1102,21 @@ def _render_html(c: _Content, images: dict[str, bytes]) -> str:
 
 # ----------------------------------------------------------------------------------------
 # entry point
+
+
+def _add_costs(client, records: list[RunRecord]) -> None:
+    """Compression ratio and theoretical speed-up of every finished run (layer_density.csv
+    artifact + the registry model's per-layer MACs, computed once per model and dataset)."""
+    done = [r for r in records if r.status == "FINISHED"]
+    texts = _read_artifacts(client, done, "layer_density.csv")
+    for r in done:
+        layers = flops.parse_layer_density(texts[r.run_id]) if r.run_id in texts else None
+        geo = flops.geometry(r.model, r.dataset) if layers else None
+        c = flops.run_cost(layers, geo, r.final_density)
+        r.compression_ratio, r.theoretical_speedup = c.compression, c.speedup
+        r.theoretical_speedup_prunable = c.speedup_prunable
+        r.dense_macs, r.remaining_macs, r.cost_note = c.dense_macs, c.remaining_macs, c.note
+
 
 
 def build_report(tracking_uri: str, experiment: str, out_dir: Path,
@@ -690,6 +1148,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
     written: dict[str, Path] = {}
     records.sort(key=lambda r: (r.dataset, r.model, _method_order(r.method),
                                 _sparsity_key(r.target_sparsity), r.seed or 0, r.start_time or 0))
+    _add_costs(client, records)
     csv_path = out_dir / "results.csv"
     _write_csv(csv_path, records)
     written["results.csv"] = csv_path
@@ -699,12 +1158,40 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
     for r in finished:
         by_pair[(r.dataset, r.model)].append(r)
 
+    # every metric history the plots and tables read, in one bulk query per key
+    hist = Histories(client)
+    pruning = [r for r in finished if r.method != _DENSE and r.final_density is not None]
+    hyperflux = [r for r in finished if r.method.startswith(_HYPERFLUX)]
+    hist.prefetch_records(pruning + hyperflux, "density")
+    for key in ("target_density", "pruned", "regrown"):
+        hist.prefetch_records(hyperflux, key)
+    npl_keys: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in pruning:
+        for _label, kind, key in dynamics.NPL_SALIENCY.get(r.method, []):
+            if kind == "epoch":
+                npl_keys[key].append(r)
+    for key, rs in npl_keys.items():
+        hist.prefetch_records(rs, key)
+
+    from reports import published
+
+    published_table = published.load()
+    bench = _overhead(client)
     images: dict[str, bytes] = {}
     sections: list[_Section] = []
     for (dataset, model), recs in sorted(by_pair.items()):
         rows = _group_rows(recs)
         sec = _Section(dataset, model, rows, _dense_reference(rows))
+        sec.has_top5 = any(r.test_top5 is not None for r in recs)
         stem = f"{_slug(dataset)}_{_slug(model)}"
+        shape = flops.dataset_shape(dataset)
+        if not sec.has_top5 and shape is not None and shape[1] >= 1000:
+            sec.notes.append("Top-5 is not shown: these runs do not log test_top5.")
+        cost_notes = sorted({r.cost_note for r in recs if r.cost_note})
+        if cost_notes:
+            sec.notes.append("Speed-up / compression caveats: " + "; ".join(cost_notes) + ".")
+        sec.published = _published_table(sec, published_table)
+        sec.compute = _compute_table(recs, bench)
 
         if any(r.method != _DENSE for r in recs):
             name = f"acc_vs_sparsity_{stem}.png"
@@ -714,15 +1201,15 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
         hf = [r for r in recs if r.method.startswith(_HYPERFLUX)]
         curves = []
         for r in hf:
-            measured = _history(client, r.run_id, "density")
+            measured = hist.history(r.run_id, "density")
             if measured:
-                curves.append((r, measured, _history(client, r.run_id, "target_density")))
+                curves.append((r, measured, hist.history(r.run_id, "target_density")))
         if curves:
             name = f"density_{stem}.png"
             _plot_density(sec, out_dir / name, curves)
             sec.plots.append((name, f"Hyperflux density per epoch vs target, {dataset} / {model}"))
 
-        sec.tables, more = dynamics.build(client, recs, out_dir, stem, f"{dataset} / {model}")
+        sec.tables, more = dynamics.build(hist, recs, out_dir, stem, f"{dataset} / {model}")
         sec.plots += more
         for name, _ in sec.plots:
             written[name] = out_dir / name

@@ -39,6 +39,7 @@ class Table:
     rows: list[list[str]]
     note: str = ""
     numeric: set[int] = field(default_factory=set)
+    kind: str = ""  # data-kind attribute of the HTML table (what the browser test looks for)
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -131,13 +132,28 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             ["method", "target %", "achieved %", "|error| pp", "within 1 pp from epoch", "pruned", "regrown"],
             rows, "pruned / regrown: weights that went from active to pruned / pruned to active between "
                   "consecutive epoch ends, summed over the run (Hyperflux: gate sign flips).",
-            numeric={1, 2, 3, 5, 6}))
+            numeric={1, 2, 3, 5, 6}, kind="targeting"))
     if flips:
         fig = _fig()
         ax = fig.add_subplot()
-        for i, (r, pr, rg) in enumerate(flips):
+        # one line per (variant, target): the mean over its seeds at each epoch, so that a large
+        # sweep stays readable (and its legend cheap to draw)
+        groups: dict[tuple[str, float], list] = {}
+        for r, pr, rg in flips:
+            groups.setdefault((r.method, round(r.target_sparsity or 0.0, 6)), []).append((pr, rg))
+
+        def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+            acc: dict[int, list[float]] = {}
+            for c in curves:
+                for step, v in c:
+                    acc.setdefault(step, []).append(v)
+            return [(step, sum(vs) / len(vs)) for step, vs in sorted(acc.items())]
+
+        for i, ((method, target), runs) in enumerate(sorted(groups.items())):
             c = f"C{i % 10}"
-            lab = f"{r.method} {100 * (r.target_sparsity or 0):g}%"
+            lab = f"{method} {100 * target:g}%" + (f" (mean of {len(runs)})" if len(runs) > 1 else "")
+            pr = mean_curve([p for p, _ in runs])
+            rg = mean_curve([g for _, g in runs])
             if pr:
                 ax.plot([s for s, _ in pr], [max(v, 0.5) for _, v in pr], color=c, linestyle="--", linewidth=1,
                         label=f"pruned, {lab}")
@@ -167,7 +183,8 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         except (ValueError, ArithmeticError) as e:
             law, note = None, f"the law could not be fitted: {e}"
         tables.append(Table("Pressure law (fixed-pressure Hyperflux runs)", ["gamma", "final density %"],
-                            [[f"{g:.4g}", f"{100 * d:.3f}"] for g, d in fixed], note, numeric={0, 1}))
+                            [[f"{g:.4g}", f"{100 * d:.3f}"] for g, d in fixed], note, numeric={0, 1},
+                            kind="pressure_law"))
         fig = _fig()
         ax = fig.add_subplot()
         ax.scatter([g for g, _ in fixed], [100 * d for _, d in fixed], color="C0", label="runs", zorder=3)
@@ -211,5 +228,5 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         tables.append(Table("Neural Pruning Law fits", ["method", "saliency", "alpha", "R^2", "points"], rows,
                             "ln d = ln c - alpha ln s over (density, saliency) points where 0.5 % < density "
                             "<= 50 %; per epoch along each run, or one point per run for fixed pressure.",
-                            numeric={2, 3, 4}))
+                            numeric={2, 3, 4}, kind="npl"))
     return tables, plots

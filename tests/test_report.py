@@ -145,24 +145,48 @@ def built(tmp_path_factory):
     return {"uri": uri, "out": out, "files": files, "logged": logged}
 
 
+def _half_width(vals: list[float]) -> float:
+    """95 % t confidence half-width of the mean, computed here independently (scipy)."""
+    from scipy.stats import t
+
+    return t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / len(vals) ** 0.5
+
+
 def _mean_std(vals: list[float]) -> str:
     mean = f"{100 * statistics.fmean(vals):.2f}"
-    return mean if len(vals) == 1 else f"{mean} ± {100 * statistics.stdev(vals):.2f}"
+    return mean if len(vals) == 1 else f"{mean} ± {100 * _half_width(vals):.2f}"
+
+
+def _welch(a: list[float], b: list[float]) -> float | None:
+    from scipy.stats import t
+
+    parts = [(statistics.variance(v) / len(v), len(v) - 1) for v in (a, b) if len(v) > 1]
+    if not parts:
+        return None
+    se2 = sum(p for p, _ in parts)
+    df = se2 ** 2 / sum(p ** 2 / d for p, d in parts)
+    return t.ppf(0.975, df) * se2 ** 0.5
 
 
 def _expected_rows(logged: list[dict], model: str) -> list[tuple[str, ...]]:
-    """(method, target %, achieved %, test cell, n, delta) per table row, computed here."""
+    """(method, target %, achieved %, compression, speed-up, test cell, n, delta) per table row,
+    computed here. These runs log no layer_density.csv: compression is 1 / final density and
+    the speed-up is n/a."""
     fin = [r for r in logged if r["status"] == "FINISHED" and r["model"] == model]
-    dense = statistics.fmean(r["test"] for r in fin if r["method"] == "dense")
+    dense_vals = [r["test"] for r in fin if r["method"] == "dense"]
+    dense = statistics.fmean(dense_vals)
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in fin:
         groups.setdefault((r["method"], r["target"]), []).append(r)
     rows = []
     for (method, target), rs in groups.items():
         tests = [r["test"] for r in rs]
-        delta = "—" if method == "dense" else f"{100 * (statistics.fmean(tests) - dense):+.2f}"
+        hw = _welch(tests, dense_vals)
+        delta = "—" if method == "dense" else f"{100 * (statistics.fmean(tests) - dense):+.2f}" + (
+            "" if hw is None else f" ± {100 * hw:.2f}")
+        compression = statistics.fmean(1.0 / (1.0 - r["achieved"]) for r in rs)
         rows.append((method, f"{100 * target:.2f}",
-                     f"{100 * statistics.fmean(r['achieved'] for r in rs):.2f}",
+                     f"{100 * statistics.fmean(r['achieved'] for r in rs):.2f}", f"{compression:.2f}", "n/a",
                      _mean_std(tests), str(len(rs)), delta))
     return rows
 
@@ -221,9 +245,10 @@ def test_report_md_tables(built):
         for cells in _expected_rows(built["logged"], model):
             assert "| " + " | ".join(cells) + " |" in md, cells
     # the single-seed table shows a bare mean, no ±
-    assert f"| magnitude | 90.00 | 90.00 | {100 * _synthetic_accuracy('magnitude', 0.9, 0)[0]:.2f} | 1 |" in md
+    assert (f"| magnitude | 90.00 | 90.00 | 10.00 | n/a | "
+            f"{100 * _synthetic_accuracy('magnitude', 0.9, 0)[0]:.2f} | 1 |") in md
     # the failed run is not part of the n=2 magnitude 98 % row
-    assert "| magnitude | 98.00 | 98.00 |" in md
+    assert "| magnitude | 98.00 | 98.00 | 50.00 | n/a |" in md
 
 
 def test_report_md_failed_and_links(built):
@@ -268,3 +293,105 @@ def test_empty_experiment_raises(built):
     with pytest.raises(ReportError, match="empty-experiment"):
         build_report(built["uri"], "empty-experiment", built["out"] / "empty")
     assert issubclass(ReportError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------
+# a large synthetic sweep (reports.bench_build): correctness at scale, not timing
+
+# output positions per image of each prunable layer, worked out by hand from the architectures
+# (FMNISTCNN: 28 -> 14 -> 7 with two stride-2 convs; LeNet-300-100: Linear only)
+POSITIONS = {"fmnist_cnn": {"features.0": 14 * 14, "features.2": 7 * 7, "classifier.1": 1, "classifier.3": 1},
+             "lenet300": {"net.1": 1, "net.3": 1, "net.5": 1}}
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    from reports.bench_build import EXPERIMENT as SYN, make_store
+
+    root = tmp_path_factory.mktemp("large")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    logged = make_store(uri, 200, root / "artifacts", epochs=4, failed_every=37)
+    files = build_report(uri, SYN, root / "out")
+    return {"logged": logged, "files": files}
+
+
+def test_large_sweep_results_csv(large):
+    with large["files"]["results.csv"].open(newline="") as fh:
+        rows = {r["run_id"]: r for r in csv.DictReader(fh)}
+    logged = large["logged"]
+    assert len(rows) == len(logged) == 200
+    assert sum(r["status"] == "FAILED" for r in rows.values()) == sum(r["status"] == "FAILED" for r in logged) > 0
+    for exp in logged:
+        row = rows[exp["run_id"]]
+        assert row["rerun_command"].startswith("hfbench train ") and row["rerun_command"].endswith("config.yaml")
+        assert row["git_commit"] == "0123abcd4567" and row["world_size"] == "1"
+        if exp["status"] != "FINISHED":
+            continue
+        assert float(row["test_top1"]) == pytest.approx(exp["test"])
+        counts = exp["counts"]
+        assert float(row["compression_ratio"]) == pytest.approx(sum(c[2] for c in counts) / sum(c[3] for c in counts))
+        pos = POSITIONS[exp["model"]]
+        dense = sum(pos[n] * k for n, _, k, _ in counts)
+        remaining = sum(pos[n] * z for n, _, _, z in counts)
+        assert float(row["theoretical_speedup"]) == pytest.approx(dense / remaining)
+        assert float(row["device_hours"]) == pytest.approx(exp["wall"] / 3600)
+
+
+def test_large_sweep_tables(large):
+    md = large["files"]["report.md"].read_text()
+    fin = [r for r in large["logged"] if r["status"] == "FINISHED"]
+    for model in ("fmnist_cnn", "lenet300"):
+        assert f"### fashion_mnist / {model}" in md
+        section = md.split(f"### fashion_mnist / {model}", 1)[1].split("\n### ", 1)[0]
+        dense = [r["test"] for r in fin if r["model"] == model and r["method"] == "dense"]
+        for method, target in (("gmp", 0.9), ("hyperflux", 0.98), ("imp", 0.5)):
+            rs = [r for r in fin if r["model"] == model and r["method"] == method and r["target"] == target]
+            tests = [r["test"] for r in rs]
+            hw = _welch(tests, dense)
+            cells = [_mean_std(tests), str(len(rs)),
+                     f"{100 * (statistics.fmean(tests) - statistics.fmean(dense)):+.2f}"
+                     + ("" if hw is None else f" ± {100 * hw:.2f}")]
+            assert " | " + " | ".join(cells) + " |" in section, (model, method, target, cells)
+        # one targeting row per finished pruning run; the overhead bench feeds the compute table
+        targeting = section.split("#### Sparsity targeting", 1)[1].split("####", 1)[0]
+        n_pruning = sum(1 for r in fin if r["model"] == model and r["method"] != "dense")
+        assert sum(1 for ln in targeting.splitlines() if ln.startswith("| ") and "target %" not in ln) == n_pruning
+        compute = section.split("#### Compute", 1)[1].split("####", 1)[0]
+        assert "| hyperflux |" in compute and "1.310 [IQR 1.300, 1.320] | 1.480 |" in compute
+        assert "No published number matches" in section
+    page = large["files"]["index.html"].read_text()
+    assert page.count('<table data-kind="accuracy">') == 2 and page.count('<table data-kind="compute">') == 2
+
+
+def test_t_quantile_and_published_matching():
+    from scipy.stats import t
+
+    from reports import published
+    from reports.build import diff_ci, mean_ci, t975
+
+    for df in (1, 2, 3.7, 9, 41.5, 500):
+        assert t975(df) == pytest.approx(t.ppf(0.975, df), rel=1e-9)
+    assert mean_ci([0.5]) == (0.5, None)
+    assert diff_ci([0.5], [0.6]) is None
+    table = published.load()
+    got = published.matches("imagenet", "resnet50", "str", 0.8, table)
+    assert [(p.method, p.sparsity, p.top1) for p in got] == [("str", 0.8127, 76.12)]
+    assert "Kusupati" in got[0].source
+    assert [p.top1 for p in published.matches("imagenet", "timm_resnet50", "gmp", 0.9, table)] == [73.91]
+    assert published.matches("imagenet", "resnet50", "hyperflux", 0.9, table) == []
+    assert published.matches("fashion_mnist", "fmnist_cnn", "gmp", 0.9, table) == []
+
+
+def test_published_table_shows_matches_side_by_side():
+    from reports import published
+    from reports.build import _published_table, _Row, _Section
+
+    rows = [_Row("dense", 0.0, [0.0], [0.765, 0.767], [0, 1]),
+            _Row("str", 0.8, [0.8], [0.751, 0.755], [0, 1]),
+            _Row("hyperflux", 0.8, [0.8], [0.76], [0])]
+    t = _published_table(_Section("imagenet", "resnet50", rows, 0.766), published.load())
+    assert not isinstance(t, str) and t.kind == "published"
+    assert len(t.rows) == 1
+    row = t.rows[0]
+    assert row[0] == "str" and row[4] == "str" and row[6] == "76.12" and row[7] == "77.01" and "Kusupati" in row[-1]
+    assert all("published" in h for h in t.header[4:10])

@@ -1,0 +1,80 @@
+"""Published numbers next to the suite's own, from reports/published.csv.
+
+reports/published.csv is a copy of the facts in the shared reference table (one row per
+published point: dataset, model, method, sparsity, top-1 %, the paper's dense top-1 %, its
+training budget, and the source). A suite result is matched to a published row when
+
+* the dataset maps (DATASETS), the model maps (MODELS) and the suite variant maps to the
+  published method (METHODS: explicit, one suite variant to the published names it reproduces);
+* the run's target sparsity is within SPARSITY_TOL of the published sparsity (published
+  sparsities such as STR's 81.27 % are achieved values, not round targets).
+
+Only matches are shown; unmatched published rows and suite rows without a published
+counterpart are left out (the report says when nothing matches).
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+PUBLISHED_CSV = Path(__file__).with_name("published.csv")
+SPARSITY_TOL = 0.02
+
+# suite variant -> published method names it is compared with
+METHODS: dict[str, tuple[str, ...]] = {
+    "gmp": ("gmp_uniform", "gmp_global"),  # Gale et al. 2019 GMP (Zhu & Gupta schedule)
+    "str": ("str",),  # Kusupati et al. 2020
+    "imp": ("imp_rewind",),  # Frankle et al. 2020, IMP with rewinding
+    "l0": ("l0_hard_concrete",),  # Louizos et al. 2018 as run by Gale et al. 2019
+    "magnitude": ("magnitude",),  # one-shot magnitude + fine-tune
+    "rmt": ("mp_classical",),  # arXiv 2606.02608: classical MP pruning
+    "ser": ("mp_ser",),  # arXiv 2606.02608: spectral edge restore
+    "rmt_hybrid": ("mp_hybrid_mag_ser",),  # arXiv 2606.02608: magnitude up to 0.2, SER beyond
+}
+# suite model name -> published model name
+MODELS: dict[str, str] = {"resnet50": "resnet50", "timm_resnet50": "resnet50", "deit_tiny": "deit_tiny",
+                          "deit_small": "deit_small", "vit_b16": "vit_b16"}
+# suite dataset name -> published dataset name
+DATASETS: dict[str, str] = {"imagenet": "imagenet", "imagenet1k": "imagenet", "imagenet-1k": "imagenet",
+                            "cifar10": "cifar10", "cifar100": "cifar100"}
+
+
+@dataclass(frozen=True)
+class Published:
+    dataset: str
+    model: str
+    method: str
+    sparsity: float
+    top1: float  # percent
+    dense_top1: float | None  # percent
+    training: str
+    source: str
+
+
+def load(path: Path = PUBLISHED_CSV) -> list[Published]:
+    out = []
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            out.append(Published(row["dataset"], row["model"], row["method"], float(row["sparsity"]),
+                                 float(row["top1"]), float(row["dense_top1"]) if row["dense_top1"] else None,
+                                 row["training"], row["source"]))
+    return out
+
+
+def matches(dataset: str, model: str, method: str, target: float | None,
+            table: list[Published]) -> list[Published]:
+    """Published rows comparable with a suite result (see the module docstring)."""
+    ds, mo, names = DATASETS.get(dataset), MODELS.get(model), METHODS.get(method, ())
+    if ds is None or mo is None or not names or target is None:
+        return []
+    return [p for p in table if p.dataset == ds and p.model == mo and p.method in names
+            and abs(p.sparsity - target) <= SPARSITY_TOL]
+
+
+def mapping_note() -> str:
+    m = "; ".join(f"{k} ↔ {'/'.join(v)}" for k, v in METHODS.items())
+    return (f"Published numbers (labelled published) come from reports/published.csv with their sources. "
+            f"Matched on dataset, model, method ({m}) and target sparsity within "
+            f"{100 * SPARSITY_TOL:g} pp of the published sparsity. Published training budgets differ "
+            f"(column training); compare with care.")

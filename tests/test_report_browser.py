@@ -1,0 +1,116 @@
+"""index.html in a real browser: headless Chromium loads the self-contained report and a check
+script (added to a copy of the page, never to the report itself) records, once the page has
+loaded, whether every image decoded (naturalWidth > 0), which tables are present, and any error
+event; Chromium's console log (--enable-logging=stderr) must hold no CONSOLE line.
+
+Needs Debian's chromium (scripts/setup.sh installs it); fails, not skips, without it."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+_HEAD = """<script>
+window.__hfErrors = [];
+window.addEventListener('error', function (e) {
+  var t = e.target;
+  window.__hfErrors.push(t && t.tagName ? ('resource ' + t.tagName + ' failed') : String(e.message));
+}, true);
+</script>"""
+
+_CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var res = {images: imgs.length, broken: [], tables: {}, errors: window.__hfErrors,
+             publishedNone: document.querySelectorAll('[data-kind="published-none"]').length};
+  imgs.forEach(function (i) { if (!(i.complete && i.naturalWidth > 0)) res.broken.push(i.alt); });
+  document.querySelectorAll('table').forEach(function (t) {
+    var k = t.getAttribute('data-kind') || '(none)';
+    res.tables[k] = (res.tables[k] || 0) + 1;
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'hfbench-check';
+  pre.textContent = JSON.stringify(res);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("chromium is not installed: the browser check of index.html needs it "
+                "(scripts/setup.sh installs Debian's chromium package: apt-get install chromium)")
+
+
+def check_page(page: Path, tmp: Path) -> tuple[dict, list[str]]:
+    """Load a copy of `page` with the check script in headless Chromium: (result, console lines)."""
+    html = page.read_text(encoding="utf-8")
+    assert "<head>" in html and "</body>" in html
+    probe = tmp / f"check_{page.stem}.html"
+    probe.write_text(html.replace("<head>", "<head>" + _HEAD, 1).replace("</body>", _CHECK + "</body>", 1),
+                     encoding="utf-8")
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--no-first-run", "--disable-extensions", f"--user-data-dir={tmp / 'chromium-profile'}",
+           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=20000", "--dump-dom",
+           probe.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    m = re.search(r'<pre id="hfbench-check">(.*?)</pre>', proc.stdout, re.S)
+    assert m, (f"the check script did not run (chromium exit {proc.returncode}); "
+               f"stderr tail: {proc.stderr[-2000:]}")
+    import html as _html
+
+    result = json.loads(_html.unescape(m.group(1)))
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln]
+    return result, console
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from reports.bench_build import EXPERIMENT, make_store
+    from reports.build import build_report
+
+    root = tmp_path_factory.mktemp("browser")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    make_store(uri, 44, root / "artifacts", epochs=4, failed_every=20)
+    files = build_report(uri, EXPERIMENT, root / "out")
+    return root, files
+
+
+def test_index_html_in_chromium(report, tmp_path):
+    root, files = report
+    result, console = check_page(files["index.html"], tmp_path)
+    pngs = [n for n in files if n.endswith(".png")]
+    assert result["images"] == len(pngs) > 0
+    assert result["broken"] == [], f"images that did not load: {result['broken']}"
+    assert result["errors"] == [], result["errors"]
+    assert console == [], console
+    t = result["tables"]
+    sections = 2  # fmnist_cnn and lenet300
+    assert t.get("accuracy") == sections
+    assert t.get("compute") == sections
+    assert t.get("targeting") == sections
+    assert t.get("npl") == sections
+    assert t.get("failed") == 1
+    # no published number exists for Fashion-MNIST: each section says so instead of a table
+    assert result["publishedNone"] == sections and "published" not in t
+    assert "(none)" not in t, t
+
+
+def test_checker_catches_a_broken_image(report, tmp_path):
+    """The check itself works: a corrupt data URI is reported, not silently passed."""
+    _, files = report
+    page = files["index.html"].read_text(encoding="utf-8")
+    bad = tmp_path / "broken.html"
+    bad.write_text(re.sub(r'data:image/png;base64,[A-Za-z0-9+/=]{40}', "data:image/png;base64,AAAA", page,
+                          count=1), encoding="utf-8")
+    result, _ = check_page(bad, tmp_path)
+    assert len(result["broken"]) == 1
