@@ -214,15 +214,7 @@ class SpectralEdgeRestore(_RMTBase):
         else:  # previously removed entries rank first (score -1 < any |W| / w_l)
             scores = [torch.where(p.bool(), sc, torch.full_like(sc, -1.0))
                       for sc, p in zip(mp.seb_scores(W, self.wl), prior)]
-            flat = torch.cat([sc.reshape(-1) for sc in scores])
-            k = int(round(self.over_target() * flat.numel()))
-            keep = torch.ones_like(flat)
-            if k > 0:
-                keep[torch.topk(flat, k, largest=False).indices] = 0
-            over, i = [], 0
-            for w in W:
-                over.append(keep[i:i + w.numel()].view_as(w).to(w.dtype))
-                i += w.numel()
+            over = [o.to(w.dtype) for o, w in zip(masks.lowest_score_masks(scores, self.over_target()), W)]
         self.over = [o.detach().clone() for o in over]
         self.reservoir = [(p.bool() & ~o.bool()) for p, o in zip(prior, self.over)]
         for w, r in zip(W, self.reservoir):

@@ -204,6 +204,51 @@ def check_beton(path: str | os.PathLike, expected_count: int | None = None,
     Corruption inside the pixel pages (bit flips) is not detected.
     """
     path = Path(path)
+    reader, n, alloc_ptr, desc_end = _open_beton(path)
+
+    from ffcv.fields import IntField, NDArrayField
+
+    handlers = reader.handlers
+    img, lab = handlers.get("image"), handlers.get("label")
+    if not (isinstance(img, NDArrayField) and img.dtype == np.uint8
+            and tuple(int(s) for s in img.shape) in (IMAGE_SHAPE, IMAGE_SHAPE[1:])):
+        raise DataError(f"{path}: field 'image' is {img!r}, expected NDArrayField uint8 {IMAGE_SHAPE}")
+    if not isinstance(lab, IntField):
+        raise DataError(f"{path}: field 'label' is {lab!r}, expected IntField")
+    names = list(handlers)
+    meta = reader.metadata
+    col = {name: meta.dtype.names[i] for i, name in enumerate(names)}
+
+    if expected_count is not None and n != expected_count:
+        raise DataError(f"{path}: {n} samples, expected {expected_count}")
+
+    # Every image is one allocation of 784 bytes inside the data region.
+    _check_alloc_table(path, reader, n, alloc_ptr, desc_end, "image",
+                       size=int(np.prod(img.shape)) * img.dtype.itemsize)
+
+    labels = np.asarray(meta[col["label"]])
+    counts: dict[int, int] = {}
+    if n:
+        lo, hi = int(labels.min()), int(labels.max())
+        if expected_classes is not None and (lo < 0 or hi >= expected_classes):
+            raise DataError(f"{path}: labels span {lo}..{hi}, expected 0..{expected_classes - 1}")
+        vals, cnt = np.unique(labels, return_counts=True)
+        counts = {int(v): int(c) for v, c in zip(vals, cnt)}
+        if expected_classes is not None and n >= 50 * expected_classes and len(counts) != expected_classes:
+            raise DataError(f"{path}: {len(counts)} distinct labels in {n} samples, "
+                            f"expected {expected_classes}")
+    has_index = "index" in handlers
+    if has_index and n:
+        idx = np.asarray(meta[col["index"]])
+        if idx.min() < 0 or np.unique(idx).shape[0] != n:
+            raise DataError(f"{path}: field 'index' has negative or repeated source rows")
+    return {"path": str(path), "num_samples": n, "label_counts": counts, "has_index": has_index}
+
+
+def _open_beton(path: Path):
+    """Header, field descriptors, per-sample metadata and allocation table of any FFCV v2
+    file, checked for truncation and unfinished writes; returns ``(reader, num_samples,
+    alloc_table_ptr, end_of_field_descriptors)``. Raises DataError naming ``path``."""
     if not path.exists():
         raise DataError(f"{path}: beton file missing")
     if not path.is_file():
@@ -242,55 +287,32 @@ def check_beton(path: str | os.PathLike, expected_count: int | None = None,
         raise DataError(f"{path}: unreadable FFCV file: {type(e).__name__}: {e}") from e
     if reader.metadata.shape[0] != n or desc_end + reader.metadata.nbytes > alloc_ptr:
         raise DataError(f"{path}: truncated or corrupt per-sample metadata")
+    return reader, n, alloc_ptr, desc_end
 
-    from ffcv.fields import IntField, NDArrayField
-    handlers = reader.handlers
-    img, lab = handlers.get("image"), handlers.get("label")
-    if not (isinstance(img, NDArrayField) and img.dtype == np.uint8
-            and tuple(int(s) for s in img.shape) in (IMAGE_SHAPE, IMAGE_SHAPE[1:])):
-        raise DataError(f"{path}: field 'image' is {img!r}, expected NDArrayField uint8 {IMAGE_SHAPE}")
-    if not isinstance(lab, IntField):
-        raise DataError(f"{path}: field 'label' is {lab!r}, expected IntField")
-    names = list(handlers)
+
+def _check_alloc_table(path: Path, reader, n: int, alloc_ptr: int, desc_end: int,
+                       field: str, size: int | None = None, ptr_key: str | None = None) -> None:
+    """Every sample has exactly one allocation (``field``'s data) inside the data region,
+    at the pointer its per-sample metadata holds (column ``field``, or its sub-field
+    ``ptr_key``); ``size``: the byte size every allocation must have (None: any > 0)."""
     meta = reader.metadata
-    col = {name: meta.dtype.names[i] for i, name in enumerate(names)}
-
-    if expected_count is not None and n != expected_count:
-        raise DataError(f"{path}: {n} samples, expected {expected_count}")
-
-    # Every image is one allocation of 784 bytes inside the data region.
+    col = meta.dtype.names[list(reader.handlers).index(field)]
     table = reader.alloc_table
-    img_bytes = int(np.prod(img.shape)) * img.dtype.itemsize
     if table.shape[0] != n:
         raise DataError(f"{path}: allocation table has {table.shape[0]} entries for {n} samples")
-    if n:
-        if (table["size"] != img_bytes).any() or int((table["ptr"] + table["size"]).max()) > alloc_ptr \
-                or int(table["ptr"].min()) < desc_end + meta.nbytes:
-            raise DataError(f"{path}: corrupt allocation table (sizes/pointers out of range)")
-        ids = np.sort(table["sample_id"])
-        if not np.array_equal(ids, np.arange(n, dtype=ids.dtype)):
-            raise DataError(f"{path}: corrupt allocation table (sample ids are not 0..{n - 1})")
-        order = np.argsort(table["sample_id"])
-        if not np.array_equal(meta[col["image"]], table["ptr"][order]):
-            raise DataError(f"{path}: image pointers disagree with the allocation table")
-
-    labels = np.asarray(meta[col["label"]])
-    counts: dict[int, int] = {}
-    if n:
-        lo, hi = int(labels.min()), int(labels.max())
-        if expected_classes is not None and (lo < 0 or hi >= expected_classes):
-            raise DataError(f"{path}: labels span {lo}..{hi}, expected 0..{expected_classes - 1}")
-        vals, cnt = np.unique(labels, return_counts=True)
-        counts = {int(v): int(c) for v, c in zip(vals, cnt)}
-        if expected_classes is not None and n >= 50 * expected_classes and len(counts) != expected_classes:
-            raise DataError(f"{path}: {len(counts)} distinct labels in {n} samples, "
-                            f"expected {expected_classes}")
-    has_index = "index" in handlers
-    if has_index and n:
-        idx = np.asarray(meta[col["index"]])
-        if idx.min() < 0 or np.unique(idx).shape[0] != n:
-            raise DataError(f"{path}: field 'index' has negative or repeated source rows")
-    return {"path": str(path), "num_samples": n, "label_counts": counts, "has_index": has_index}
+    if not n:
+        return
+    bad_size = (table["size"] != size).any() if size is not None else (table["size"] <= 0).any()
+    if bad_size or int((table["ptr"] + table["size"]).max()) > alloc_ptr \
+            or int(table["ptr"].min()) < desc_end + meta.nbytes:
+        raise DataError(f"{path}: corrupt allocation table (sizes/pointers out of range)")
+    ids = np.sort(table["sample_id"])
+    if not np.array_equal(ids, np.arange(n, dtype=ids.dtype)):
+        raise DataError(f"{path}: corrupt allocation table (sample ids are not 0..{n - 1})")
+    order = np.argsort(table["sample_id"])
+    ptrs = meta[col][ptr_key] if ptr_key else meta[col]
+    if not np.array_equal(ptrs, table["ptr"][order]):
+        raise DataError(f"{path}: {field} pointers disagree with the allocation table")
 
 
 # --------------------------------------------------------------------------------------
@@ -302,10 +324,10 @@ def _expected_counts(val_size: int) -> dict[str, int]:
 
 
 @contextmanager
-def _dir_lock(out_dir: Path):
+def _dir_lock(out_dir: Path, name: str = ".fashion_mnist.lock"):
     """Serialise concurrent writers of the same folder (e.g. several jobs on a cluster)."""
     import fcntl
-    fd = os.open(out_dir / ".fashion_mnist.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(out_dir / name, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -422,16 +444,24 @@ def write_fashion_mnist(out_dir: str | os.PathLike, val_size: int = 5000, split_
     return result
 
 
-def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | None) -> None:
+def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | None, *,
+                      entry: str = "suite.data:_writer_child_main",
+                      what: str = "Fashion-MNIST betons",
+                      files: Sequence[str] = tuple(SPLIT_FILES.values())) -> None:
+    """Run ``entry(args_json)`` (``module:function``, returns an exit status and writes
+    ``{"ok": ...}`` to ``args["result_file"]``) in a child Python process in its own
+    session; on timeout/interrupt/failure kill its process group and remove the
+    temporary files (:func:`_tmp_name`) of ``files`` in ``args["out_dir"]``."""
     import signal
     out_dir = Path(args["out_dir"])
+    mod, fn = entry.split(":")
     fd, res_path = tempfile.mkstemp(dir=out_dir, prefix=".fashion_mnist_result.", suffix=".json")
     os.close(fd)
     args = dict(args, result_file=res_path)
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    code = "import sys; from suite.data import _writer_child_main; sys.exit(_writer_child_main(sys.argv[1]))"
+    code = f"import sys; from {mod} import {fn}; sys.exit({fn}(sys.argv[1]))"
     capture = None if progress else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], env=env,
                             stdout=capture, stderr=subprocess.STDOUT if capture else None,
@@ -444,10 +474,10 @@ def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | Non
         except ProcessLookupError:
             pass
         proc.wait()
-        _cleanup_tmp(out_dir, proc.pid)
+        _cleanup_tmp(out_dir, proc.pid, files)
         Path(res_path).unlink(missing_ok=True)
         if isinstance(e, subprocess.TimeoutExpired):
-            raise RuntimeError(f"writing Fashion-MNIST betons into {out_dir} took more than "
+            raise RuntimeError(f"writing {what} into {out_dir} took more than "
                                f"{timeout} s; the writer was killed") from None
         raise
     try:
@@ -463,21 +493,21 @@ def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | Non
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    _cleanup_tmp(out_dir, proc.pid)
+    _cleanup_tmp(out_dir, proc.pid, files)
     tail = (out or b"").decode(errors="replace")[-3000:]
     msg = res.get("message") or f"writer process exited with status {proc.returncode}"
     detail = f"\n--- writer output (tail) ---\n{tail}" if tail else ""
     if res.get("error_type") == "DataError":
         raise DataError(msg + detail)
-    raise RuntimeError(f"writing Fashion-MNIST betons into {out_dir} failed: {msg}{detail}")
+    raise RuntimeError(f"writing {what} into {out_dir} failed: {msg}{detail}")
 
 
 def _tmp_name(final: Path, pid: int) -> Path:
     return final.parent / f".{final.name}.tmp-{pid}"
 
 
-def _cleanup_tmp(out_dir: Path, pid: int) -> None:
-    for name in SPLIT_FILES.values():
+def _cleanup_tmp(out_dir: Path, pid: int, files: Sequence[str] = tuple(SPLIT_FILES.values())) -> None:
+    for name in files:
         _tmp_name(out_dir / name, pid).unlink(missing_ok=True)
 
 
@@ -709,10 +739,7 @@ class FashionMNISTLoader:
         """The underlying ffcv.loader.Loader (built on first access)."""
         if self._ffcv is None:
             _import_ffcv()
-            from ffcv.fields.basics import IntDecoder
-            from ffcv.fields.ndarray import NDArrayDecoder
             from ffcv.loader import OrderOption
-            from ffcv.transforms import ToTensor
             Loader = _ffcv_classes()["Loader"]
             with _keep_torch_threads():
                 self._ffcv = Loader(
@@ -720,14 +747,31 @@ class FashionMNISTLoader:
                     os_cache=self.os_cache,
                     order=OrderOption.RANDOM if self.train else OrderOption.SEQUENTIAL,
                     distributed=self.distributed, seed=self.seed, indices=self.indices,
-                    pipelines={"image": [NDArrayDecoder(), ToTensor()],
-                               "label": [IntDecoder(), ToTensor()],
-                               "index": None},
+                    pipelines=self._pipelines(),
                     drop_last=self.drop_last, batches_ahead=self.batches_ahead)
             self._ffcv.next_epoch = self._epoch
             if len(self._ffcv) != len(self):
                 raise RuntimeError(f"internal: FFCV says {len(self._ffcv)} batches, expected {len(self)}")
         return self._ffcv
+
+    def _pipelines(self) -> dict[str, Any]:
+        """FFCV pipelines per field (subclasses: other datasets/augmentations)."""
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.ndarray import NDArrayDecoder
+        from ffcv.transforms import ToTensor
+        return {"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                "index": None}
+
+    def _convert(self, img, lab) -> tuple[Any, Any]:
+        """FFCV's batch -> fresh ``(x, y)`` tensors (FFCV reuses its output buffers)."""
+        import torch
+        # numpy, single-threaded, into fresh arrays: FFCV reuses its output buffers
+        # a few batches later, and torch ops here would use torch's intra-op pool
+        # (which competes with FFCV's numba threads: measured 5-7x slower)
+        y = torch.from_numpy(lab.numpy().reshape(-1).astype(np.int64))
+        u8 = img.numpy()
+        x = torch.from_numpy(u8.copy() if self.raw else np.take(_NORMALISE_LUT, u8))
+        return x, y
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch number used for the next iteration's RANDOM order (seed + epoch)."""
@@ -771,14 +815,7 @@ class FashionMNISTLoader:
                     torch.set_num_threads(n_threads)
                 if batch is None:
                     return
-                img, lab = batch
-                # numpy, single-threaded, into fresh arrays: FFCV reuses its output buffers
-                # a few batches later, and torch ops here would use torch's intra-op pool
-                # (which competes with FFCV's numba threads: measured 5-7x slower)
-                y = torch.from_numpy(lab.numpy().reshape(-1).astype(np.int64))
-                u8 = img.numpy()
-                x = torch.from_numpy(u8.copy() if self.raw else np.take(_NORMALISE_LUT, u8))
-                yield x, y
+                yield self._convert(*batch)
         finally:
             it.close()  # the thread notices within ~0.5 s (FFCV polls its queue)
             if it is not threading.current_thread():
@@ -799,7 +836,7 @@ class FashionMNISTLoader:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"FashionMNISTLoader({str(self.path)!r}, batch_size={self.batch_size}, "
+        return (f"{type(self).__name__}({str(self.path)!r}, batch_size={self.batch_size}, "
                 f"train={self.train}, seed={self.seed}, num_workers={self.num_workers}, "
                 f"distributed={self.distributed}, drop_last={self.drop_last}, raw={self.raw}, "
                 f"batches={len(self)})")

@@ -85,13 +85,20 @@ def magnitude_masks(weights: list[torch.Tensor], sparsity: float, scope: str = "
         return [magnitude_masks([w], sparsity, "global")[0] for w in weights]
     if scope != "global":
         raise ValueError(f"unknown magnitude scope {scope!r}")
-    scores = torch.cat([w.detach().abs().reshape(-1) for w in weights])
-    k = int(round(sparsity * scores.numel()))
-    flat = torch.ones_like(scores)
+    return lowest_score_masks([w.detach().abs() for w in weights], sparsity)
+
+
+@torch.no_grad()
+def lowest_score_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """0/1 masks that remove the `round(sparsity * N)` lowest scores over all tensors together
+    (scores are ranked as given, not by absolute value); ties broken by torch.topk."""
+    flat_scores = torch.cat([sc.reshape(-1) for sc in scores])
+    k = int(round(sparsity * flat_scores.numel()))
+    flat = torch.ones_like(flat_scores)
     if k > 0:
-        flat[torch.topk(scores, k, largest=False).indices] = 0
+        flat[torch.topk(flat_scores, k, largest=False).indices] = 0
     out, i = [], 0
-    for w in weights:
-        out.append(flat[i:i + w.numel()].view_as(w).to(w.dtype))
-        i += w.numel()
+    for sc in scores:
+        out.append(flat[i:i + sc.numel()].view_as(sc).to(sc.dtype))
+        i += sc.numel()
     return out
