@@ -1,6 +1,10 @@
+"""Issue 5's MP edge-fit check: fitted lambda+ against sigma^2 (1 + sqrt g)^2 on Gaussian
+matrices (aspect ratios 0.1 to 1, three scales) and planted spikes counted above the edge.
+Run: PYTHONPATH=. .venv/bin/python scripts/mp_fit_check.py"""
 import math, sys
+from pathlib import Path
 import torch
-sys.path.insert(0, "/work/main/tests")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 torch.set_num_threads(1)
 from baselines import marchenko_pastur as mp
 from test_marchenko_pastur import _noise, _planted, NOISE_SHAPES

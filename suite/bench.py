@@ -352,49 +352,23 @@ def make_jpeg_tree(root: str | os.PathLike, classes: int = 10, per_class: int = 
 
 
 def write_beton(tree: str | os.PathLike, path: str | os.PathLike, workers: int = 2, timeout: float = 1800.0) -> Path:
-    """Write the tree to an FFCV .beton (JPEG image field, int label) in a separate process
-    (FFCV's writer forks: a half-consumed loader in this process could deadlock it)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    code = "import sys; from suite.bench import _write_beton_child; _write_beton_child(*sys.argv[1:])"
-    p = subprocess.run([sys.executable, "-c", code, str(tree), str(path), str(workers)], env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0 or not Path(path).is_file():
-        raise RuntimeError(f"writing {path} failed (exit {p.returncode}): {p.stderr[-2000:]}")
-    return Path(path)
+    """Write the tree to an FFCV .beton (JPEG q90 image field, no resizing, int label) with the
+    one imagefolder writer (suite.images, in a child process); returns the file written:
+    ``<stem>_train.beton`` next to ``path``."""
+    from suite.images import write_imagefolder
 
-
-def _write_beton_child(tree: str, path: str, workers: str) -> None:
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-    from torchvision.datasets import ImageFolder
-
-    ds = ImageFolder(tree, loader=lambda p: __import__("PIL.Image").Image.open(p).convert("RGB"))
-    tmp = f"{path}.tmp{os.getpid()}"
-    DatasetWriter(tmp, {"image": RGBImageField(write_mode="jpg", jpeg_quality=90), "label": IntField()},
-                  num_workers=int(workers)).from_indexed_dataset(ds)
-    os.replace(tmp, path)
+    path = Path(path)
+    return write_imagefolder(path.parent, tree, name=path.stem, max_side=None, quality=90, workers=workers,
+                             progress=False, timeout=timeout)["train"]
 
 
 def ffcv_loader(beton: str | os.PathLike, size: int, batch: int, workers: int, seed: int = 0):
-    """FFCV Loader: random resized crop + flip, float in [0, 1] (NCHW), int64 labels."""
-    import numpy as np
+    """FFCV loader (suite.images, imagenet recipe): random resized crop + flip, float in [0, 1]
+    (NCHW), int64 labels."""
+    from suite.images import make_image_loader
 
-    from suite.data import _ffcv_classes, _import_ffcv, _keep_torch_threads
-
-    _import_ffcv()
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
-
-    Loader = _ffcv_classes()["Loader"]
-    with _keep_torch_threads():
-        return Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, seed=seed,
-                      os_cache=True, drop_last=False,
-                      pipelines={"image": [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(),
-                                           NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32),
-                                           ToTensor(), ToTorchImage()],
-                                 "label": [IntDecoder(), ToTensor(), Squeeze()]})
+    return make_image_loader(beton, batch, train=True, seed=seed, num_workers=workers, drop_last=False,
+                             recipe="imagenet", crop_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def torchvision_loader(tree: str | os.PathLike, size: int, batch: int, workers: int, seed: int = 0):
@@ -437,9 +411,8 @@ def run_data(root: Optional[str] = None, size: int = 224, batch: int = 64, worke
         say(f"[bench] data: generating {classes} classes x {per_class} JPEGs under {tree}")
         make_jpeg_tree(tree, classes, per_class)
     n_files = sum(1 for p in tree.rglob("*") if p.is_file())
-    beton = Path(keep) / "tree.beton"
     t0 = time.time()
-    write_beton(tree, beton, workers)
+    beton = write_beton(tree, Path(keep) / "tree.beton", workers)
     write_s = time.time() - t0
     say(f"[bench] data: {n_files} files -> {beton} ({beton.stat().st_size / 2 ** 20:.1f} MB, {write_s:.1f}s)")
     threads = torch.get_num_threads()

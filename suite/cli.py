@@ -1,6 +1,8 @@
 """The `hfbench` command line.
 
   hfbench data fashion-mnist --out data/       FFCV files from the Debian Fashion-MNIST package
+  hfbench data imagefolder --name imagenet --train T --val V --out data/   ImageNet-style class folders
+  hfbench data cifar10|cifar100 --src DIR --out data/   CIFAR python releases
   hfbench sweep configs/demo.yaml              run a sweep (SLURM array if reachable, else local)
   hfbench status configs/demo.yaml             state, epoch, metrics, requeues, errors of each run
   hfbench train run.yaml                       one run in this process (debugging)
@@ -41,7 +43,31 @@ def cmd_data(a) -> int:
         for k, p in paths.items():
             print(f"{k}: {p}")
         return 0
-    raise SystemExit(f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist)")
+    if a.dataset in ("imagefolder", "cifar10", "cifar100"):
+        from suite import images
+
+        if a.dataset == "imagefolder":
+            if not a.train:
+                raise SystemExit("hfbench data imagefolder: --train DIR is required")
+            paths = images.write_imagefolder(a.out, a.train, a.val, name=a.name, max_side=a.max_side,
+                                             quality=a.quality, write_mode=a.write_mode, skip_bad=a.skip_bad,
+                                             workers=a.workers, overwrite=a.overwrite)
+        else:
+            if not a.src:
+                raise SystemExit(f"hfbench data {a.dataset}: --src DIR is required")
+            paths = images.write_cifar(a.dataset, a.src, a.out, val_size=a.val_size, split_seed=a.split_seed,
+                                       workers=a.workers, overwrite=a.overwrite)
+        meta = images._read_json(paths["meta"])
+        for k, p in paths.items():
+            e = meta.get("files", {}).get(k, {})
+            extra = f" ({e['count']} images{', %d skipped' % len(e['skipped']) if e.get('skipped') else ''})" \
+                if "count" in e else ""
+            print(f"{k}: {p}{extra}")
+            for sk in e.get("skipped", []):
+                print(f"  skipped {sk['path']}: {sk['error']}")
+        return 0
+    raise SystemExit(f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist, imagefolder, cifar10, "
+                     f"cifar100)")
 
 
 def cmd_sweep(a) -> int:
@@ -200,11 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("data", help="write FFCV .beton files")
-    d.add_argument("dataset", help="fashion-mnist")
+    d.add_argument("dataset", help="fashion-mnist | imagefolder | cifar10 | cifar100")
     d.add_argument("--out", default="data", help="output folder (default: data)")
     d.add_argument("--val-size", type=int, default=5000, help="images held out of train for validation")
     d.add_argument("--split-seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--train", help="imagefolder: train class folders (ROOT/<class>/<image>)")
+    d.add_argument("--val", help="imagefolder: val class folders (same class names)")
+    d.add_argument("--name", default="imagefolder", help="imagefolder: file prefix (imagenet for dataset: imagenet)")
+    d.add_argument("--max-side", type=int, default=512, help="imagefolder: resize longer side to at most this (0: keep)")
+    d.add_argument("--quality", type=int, default=90, help="imagefolder: JPEG quality")
+    d.add_argument("--write-mode", default="jpg", choices=["jpg", "proportion", "raw"])
+    d.add_argument("--skip-bad", action="store_true",
+                   help="imagefolder: write without unreadable images (listed in the output and meta JSON)")
+    d.add_argument("--src", help="cifar10/cifar100: the python release folder (or its parent)")
+    d.add_argument("--workers", type=int, help="writer processes")
     d.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("sweep", help="run a sweep config")

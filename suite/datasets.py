@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class DatasetSpec:
     make_command: str  # shell command a user runs to create the files
     build: Optional[Callable[[Path], None]] = field(default=None, compare=False)
     check: Optional[Callable[[Path, int], None]] = field(default=None, compare=False)  # (file, classes)
+    # make_loader(path, batch_size, train=..., seed=..., num_workers=..., distributed=...); None: Fashion-MNIST's
+    loader: Optional[Callable[..., Any]] = field(default=None, compare=False)
 
     def paths(self, data_dir: str | Path) -> dict[str, Path]:
         return {split: Path(data_dir) / f for split, f in self.files.items()}
@@ -31,7 +33,7 @@ class DatasetSpec:
         """Refuse truncated, corrupt or mismatched files (shape, label range) before any
         training: raises suite.data.DataError naming the file."""
         if self.check is not None:
-            for p in self.paths(data_dir).values():
+            for p in dict.fromkeys(self.paths(data_dir).values()):  # a file serving two splits: once
                 self.check(p, self.num_classes)
 
 
@@ -47,6 +49,30 @@ def _build_fashion_mnist(data_dir: Path) -> None:
     write_fashion_mnist(data_dir)
 
 
+def _image_check(name: str, image_size: Optional[tuple[int, int]] = None):
+    def check(path: Path, classes: int) -> None:
+        from suite.images import check_split_file
+
+        check_split_file(path, classes, name, image_size=image_size)
+    return check
+
+
+def _image_loader(recipe: str):
+    def make(path, batch_size, train, **kw):
+        from suite.images import make_image_loader
+
+        return make_image_loader(path, batch_size, train, recipe=recipe, **kw)
+    return make
+
+
+def _cifar_spec(name: str, classes: int) -> DatasetSpec:
+    return DatasetSpec(
+        name=name, num_classes=classes, input_shape=(3, 32, 32),
+        files={s: f"{name}_{s}.beton" for s in ("train", "val", "test")},
+        make_command=f"hfbench data {name} --src CIFAR_PYTHON_FOLDER --out {{data_dir}}",
+        check=_image_check(name, (32, 32)), loader=_image_loader(name))
+
+
 _REGISTRY: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist",
@@ -58,6 +84,22 @@ _REGISTRY: dict[str, DatasetSpec] = {
         build=_build_fashion_mnist,
         check=_check_fashion_mnist,
     ),
+    # ImageNet-1k from class folders (hfbench data imagefolder --name imagenet). The public
+    # val set is the test set of the papers: split "test" reads imagenet_val.beton too, so
+    # val_top1 == test_top1 (no held-out split of train).
+    "imagenet": DatasetSpec(
+        name="imagenet",
+        num_classes=1000,
+        input_shape=(3, 224, 224),
+        files={"train": "imagenet_train.beton", "val": "imagenet_val.beton", "test": "imagenet_val.beton"},
+        make_command="hfbench data imagefolder --name imagenet --train IMAGENET/train --val IMAGENET/val "
+                     "--out {data_dir}",
+        check=_image_check("imagenet"),
+        loader=_image_loader("imagenet"),
+    ),
+    # CIFAR: val = 5000 images held out of the 50k training set (split_seed 0), test = the test set
+    "cifar10": _cifar_spec("cifar10", 10),
+    "cifar100": _cifar_spec("cifar100", 100),
 }
 
 

@@ -181,6 +181,7 @@ def make_loaders(cfg: RunConfig, world: int):
         raise FileNotFoundError(f"dataset {cfg.dataset}: missing {', '.join(map(str, missing))}; make them with: "
                                 + spec.make_command.format(data_dir=cfg.data_dir))
     spec.validate(cfg.data_dir)  # a truncated or mismatched file fails here, naming it, before training
+    make_loader = spec.loader or make_loader  # the dataset's recipe (RGB datasets); Fashion-MNIST's otherwise
     train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=1,
                         distributed=world > 1)
     val = make_loader(paths["val"], 500, train=False, num_workers=1)
