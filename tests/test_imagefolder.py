@@ -1,0 +1,267 @@
+"""suite.images: class folders / CIFAR pickles -> FFCV betons -> recipe loaders.
+
+Small generated data only (a few hundred JPEGs of 40..300 px, fake CIFAR pickles of the
+real layout). Writers run in child processes; tests that iterate FFCV loaders or spawn
+writers carry a timeout, so a hang fails instead of blocking the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from suite import bench, datasets
+from suite import images as I
+from suite.data import DataError
+
+TIMEOUT = pytest.mark.timeout(300)
+
+
+def _tree_labels(root: Path) -> list[int]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    return [classes.index(p.parent.name) for p in sorted(root.rglob("*.JPEG"))]
+
+
+def _collect(loader):
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    import torch
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    base = tmp_path_factory.mktemp("imagefolder")
+    train = bench.make_jpeg_tree(base / "train", classes=10, per_class=30, seed=0, min_side=40, max_side=300)
+    val = bench.make_jpeg_tree(base / "val", classes=10, per_class=4, seed=1, min_side=40, max_side=300)
+    out = base / "out"
+    paths = I.write_imagefolder(out, train, val, name="tree", max_side=128, workers=2, progress=False,
+                                timeout=300)
+    return {"train": train, "val": val, "out": out, "paths": paths}
+
+
+@TIMEOUT
+def test_imagefolder_meta_and_check(folder):
+    meta = json.loads(folder["paths"]["meta"].read_text())
+    assert meta["classes"] == [f"n{c:08d}" for c in range(10)]
+    assert meta["class_to_index"]["n00000003"] == 3
+    assert meta["settings"]["max_side"] == 128 and meta["settings"]["quality"] == 90
+    assert meta["files"]["train"]["count"] == 300 and meta["files"]["val"]["count"] == 40
+    assert meta["files"]["train"]["label_counts"] == {f"n{c:08d}": 30 for c in range(10)}
+    assert meta["files"]["train"]["skipped"] == []
+    for split in ("train", "val"):
+        info = I.check_split_file(folder["paths"][split], 10, "tree")
+        assert info["num_samples"] == meta["files"][split]["count"]
+    with pytest.raises(DataError, match="tree_meta.json: 10 classes, dataset tree expects 1000"):
+        I.check_split_file(folder["paths"]["val"], 1000, "tree")
+    assert not list(folder["out"].glob(".*.tmp-*"))
+
+
+@TIMEOUT
+def test_imagefolder_loaders_labels_and_shapes(folder):
+    import torch
+    want = _tree_labels(folder["train"])
+    train = I.make_image_loader(folder["paths"]["train"], 32, train=True, seed=0, drop_last=False,
+                                recipe="imagenet", crop_size=64)
+    x, y = _collect(train)
+    assert x.shape == (300, 3, 64, 64) and x.dtype == torch.float32 and x.is_contiguous()
+    assert Counter(y.tolist()) == Counter(want)
+    assert -3.0 < float(x.mean()) < 3.0 and float(x.std()) > 0.1  # normalised, not [0, 255]
+    train.close()
+    # evaluation: centre crop, sequential order = the sorted file listing
+    val = I.make_image_loader(folder["paths"]["val"], 16, train=False, recipe="imagenet", crop_size=56)
+    xv, yv = _collect(val)
+    assert xv.shape == (40, 3, 56, 56) and yv.tolist() == _tree_labels(folder["val"])
+    raw = I.make_image_loader(folder["paths"]["val"], 16, train=False, recipe="imagenet", crop_size=56, raw=True,
+                              channels_last=True)
+    xr, _ = _collect(raw)
+    assert xr.dtype == torch.uint8 and xr.shape == (40, 3, 56, 56)
+    assert xr.is_contiguous(memory_format=torch.channels_last)
+    # the normalised batch is the raw one through the recipe's mean/std
+    m = torch.tensor(I.RECIPES["imagenet"].mean).view(1, 3, 1, 1)
+    s = torch.tensor(I.RECIPES["imagenet"].std).view(1, 3, 1, 1)
+    assert torch.allclose(xv, (xr.float() / 255 - m) / s, atol=1e-4)
+
+
+def _small_tree(root: Path) -> Path:
+    return bench.make_jpeg_tree(root, classes=3, per_class=4, seed=2, min_side=40, max_side=80)
+
+
+@TIMEOUT
+def test_unreadable_images_named_then_skipped(tmp_path):
+    tree = _small_tree(tmp_path / "t")
+    good = next((tree / "n00000001").iterdir()).read_bytes()
+    trunc = tree / "n00000001" / "truncated.jpg"
+    trunc.write_bytes(good[: len(good) // 3])
+    text = tree / "n00000002" / "notes.jpg"
+    text.write_text("this is not a JPEG\n")
+    (tree / "n00000000" / "README.txt").write_text("ignored, and reported as such")
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        I.write_imagefolder(out, tree, name="bad", workers=1, progress=False, timeout=300)
+    msg = str(e.value)
+    assert str(trunc) in msg and str(text) in msg and "2 unreadable" in msg and "--skip-bad" in msg
+    assert not (out / "bad_train.beton").exists() and not list(out.glob(".*.tmp-*"))
+    assert (out / "bad_train_unreadable.txt").read_text().count("\n") == 2
+
+    paths = I.write_imagefolder(out, tree, name="bad", workers=1, progress=False, skip_bad=True, timeout=300)
+    meta = json.loads(paths["meta"].read_text())
+    entry = meta["files"]["train"]
+    assert entry["count"] == 12
+    assert sorted(s["path"] for s in entry["skipped"]) == sorted([str(trunc), str(text)])
+    assert entry["ignored"] == [str(tree / "n00000000" / "README.txt")]
+    assert I.check_image_beton(paths["train"], 12, 3)["num_samples"] == 12
+
+
+@TIMEOUT
+def test_interrupted_write_then_rerun(folder, tmp_path):
+    out = tmp_path / "out"
+    # a writer killed (SIGKILL) mid-way: no file under a final name, nothing listed in the meta
+    err: list[BaseException] = []
+
+    def run():
+        try:
+            I.write_imagefolder(out, folder["train"], folder["val"], name="k", max_side=128, workers=2,
+                                progress=False, timeout=300)
+        except BaseException as e:  # noqa: BLE001
+            err.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    killed = False
+    deadline = time.time() + 200
+    while t.is_alive() and time.time() < deadline and not killed:
+        for p in out.glob(".k_train.beton.tmp-*") if out.is_dir() else []:
+            try:
+                os.killpg(int(p.name.rsplit("-", 1)[1]), signal.SIGKILL)
+                killed = True
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    t.join(240)
+    assert not t.is_alive()
+    print(f"writer killed mid-way: {killed}")
+    if killed:
+        assert err and isinstance(err[0], RuntimeError)
+        assert not (out / "k_train.beton").exists() and not (out / "k_val.beton").exists()
+        assert not list(out.glob(".*.tmp-*"))
+        assert json.loads((out / "k_meta.json").read_text())["files"] == {}
+    paths = I.write_imagefolder(out, folder["train"], folder["val"], name="k", max_side=128, workers=2,
+                                progress=False, timeout=300)
+    assert I.check_split_file(paths["train"], 10, "k")["num_samples"] == 300
+
+    # a stale temporary of a dead writer + a val file cut short: val is redone, train kept
+    train_stat = paths["train"].stat()
+    stale = out / ".k_val.beton.tmp-999999999"
+    stale.write_bytes(b"partial")
+    data = paths["val"].read_bytes()
+    paths["val"].write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="k_val.beton"):
+        I.check_split_file(paths["val"], 10, "k")
+    I.write_imagefolder(out, folder["train"], folder["val"], name="k", max_side=128, workers=2, progress=False,
+                        timeout=300)
+    assert not stale.exists()
+    assert paths["train"].stat().st_ino == train_stat.st_ino and paths["train"].stat().st_mtime == train_stat.st_mtime
+    assert I.check_split_file(paths["val"], 10, "k")["num_samples"] == 40
+
+
+# --------------------------------------------------------------------------------- CIFAR
+def _fake_cifar(root: Path, dataset: str, n_batch: int = 20, n_test: int = 30, seed: int = 0) -> dict:
+    lay = I.CIFAR_LAYOUTS[dataset]
+    rng = np.random.default_rng(seed)
+    d = root / lay.folder
+    d.mkdir(parents=True)
+    arrays = {}
+    for fn in lay.train + lay.test:
+        n = n_test if fn in lay.test else n_batch
+        x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        y = rng.integers(0, lay.classes, size=n).tolist()
+        with open(d / fn, "wb") as f:
+            pickle.dump({b"batch_label": fn.encode(), b"data": x, lay.label_key: y,
+                         b"filenames": [b"x.png"] * n}, f)
+        arrays[fn] = (x, np.asarray(y))
+    with open(d / lay.meta, "wb") as f:
+        pickle.dump({lay.names_key: [f"class{i}".encode() for i in range(lay.classes)]}, f)
+    return arrays
+
+
+@TIMEOUT
+def test_cifar10_round_trip_exact(tmp_path):
+    import torch
+    arrays = _fake_cifar(tmp_path / "src", "cifar10")
+    paths = I.write_cifar("cifar10", tmp_path / "src", tmp_path / "data", val_size=10, workers=1, progress=False)
+    meta = json.loads(paths["meta"].read_text())
+    assert {s: meta["files"][s]["count"] for s in ("train", "val", "test")} == {"train": 90, "val": 10, "test": 30}
+    datasets.get("cifar10").validate(tmp_path / "data")
+    # test split through the non-augmenting loader: pixels and labels exact, source order
+    x, y = arrays["test_batch"]
+    ld = I.make_image_loader(paths["test"], 7, train=False, recipe="cifar10", raw=True)
+    xs, ys = _collect(ld)
+    assert torch.equal(xs, torch.from_numpy(x.reshape(-1, 3, 32, 32)))
+    assert ys.tolist() == y.tolist()
+    # train + val = the training batches, labels intact; train batches augmented to 3x32x32
+    train_y = np.concatenate([arrays[f"data_batch_{i}"][1] for i in range(1, 6)])
+    tr = I.make_image_loader(paths["train"], 16, train=True, drop_last=False, recipe="cifar10")
+    xt, yt = _collect(tr)
+    _, yv = _collect(I.make_image_loader(paths["val"], 16, train=False, recipe="cifar10"))
+    assert xt.shape == (90, 3, 32, 32) and xt.dtype == torch.float32
+    assert Counter(yt.tolist() + yv.tolist()) == Counter(train_y.tolist())
+    # a rerun keeps everything
+    before = {s: paths[s].stat().st_mtime for s in ("train", "val", "test")}
+    I.write_cifar("cifar10", tmp_path / "src", tmp_path / "data", val_size=10, workers=1, progress=False)
+    assert before == {s: paths[s].stat().st_mtime for s in ("train", "val", "test")}
+
+
+def test_cifar_bad_and_missing_files_named(tmp_path):
+    _fake_cifar(tmp_path / "a", "cifar100", n_batch=12, n_test=5)
+    d = tmp_path / "a" / "cifar-100-python"
+    (d / "test").unlink()
+    with pytest.raises(DataError, match=f"{d / 'test'}: file missing"):
+        I.cifar_source(tmp_path / "a", "cifar100")
+    (d / "test").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(DataError, match=f"{d / 'test'}: not a readable CIFAR pickle"):
+        I.cifar_source(d, "cifar100")
+    with open(d / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3000), np.uint8), b"fine_labels": [0] * 4}, f)
+    with pytest.raises(DataError, match=r"test: b'data' is uint8 \(4, 3000\)"):
+        I.cifar_source(d, "cifar100")
+    with open(d / "train", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1, 2, 100]}, f)
+    with pytest.raises(DataError, match=f"{d / 'train'}: labels span 0..100"):
+        I.cifar_source(d, "cifar100")
+
+
+def test_registry_entries():
+    inet = datasets.get("imagenet")
+    assert inet.num_classes == 1000 and inet.input_shape == (3, 224, 224)
+    assert inet.files["test"] == inet.files["val"] == "imagenet_val.beton"
+    assert "--name imagenet" in inet.make_command
+    for name, k in (("cifar10", 10), ("cifar100", 100)):
+        s = datasets.get(name)
+        assert s.num_classes == k and s.input_shape == (3, 32, 32) and s.loader is not None
+    assert datasets.get("fashion_mnist").loader is None  # Fashion-MNIST keeps suite.data.make_loader
+
+
+@TIMEOUT
+def test_imagenet_validate_names_the_file(tmp_path):
+    with pytest.raises(DataError, match="imagenet_meta.json: meta file missing"):
+        (tmp_path / "imagenet_train.beton").write_bytes(b"x" * 100)
+        (tmp_path / "imagenet_val.beton").write_bytes(b"x" * 100)
+        datasets.get("imagenet").validate(tmp_path)
+    tree = _small_tree(tmp_path / "t")
+    shutil.rmtree(tmp_path / "t" / "n00000002")
+    out = tmp_path / "data"
+    I.write_imagefolder(out, tree, tree, name="imagenet", workers=1, progress=False, timeout=300)
+    with pytest.raises(DataError, match="imagenet_meta.json: 2 classes, dataset imagenet expects 1000"):
+        datasets.get("imagenet").validate(out)
