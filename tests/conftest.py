@@ -33,3 +33,39 @@ def slurm_cluster() -> None:
     if not slurm_reachable():
         pytest.fail("no SLURM controller answers: run the tests through scripts/test.sh (make test), or "
                     "`scripts/services.sh start` and source the env.sh it prints")
+
+
+# ----------------------------------------------------------------------------- robustness report
+# Issue "nothing lost, nobody let in" asks for counts, not impressions: at the end of a session
+# the outcome of every fault-injection, bad-input and hostile-value test is summed here.
+_GROUPS = {
+    "faults injected (process kills, corrupt checkpoint, MLflow outages, concurrent sweeps, "
+    "disk full, corrupt data, node failure)": ("tests/test_faults.py::", "tests/test_cluster.py::test_node_failure"),
+    "bad inputs refused before submission (config fields, CLI, executor conflicts, fuzz)": ("tests/test_bad_input.py::",),
+    "hostile values and loading safety (shell, paths, pickles, bind address)": ("tests/test_security.py::",),
+}
+_OUTCOMES: dict[str, list] = {g: [] for g in _GROUPS}
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    for group, prefixes in _GROUPS.items():
+        if report.nodeid.startswith(prefixes):
+            _OUTCOMES[group].append((report.outcome, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not any(_OUTCOMES.values()):
+        return
+    tr = terminalreporter
+    tr.section("hfbench robustness report")
+    total = 0.0
+    for group, rows in _OUTCOMES.items():
+        if not rows:
+            continue
+        passed = sum(o == "passed" for o, _ in rows)
+        secs = sum(d for _, d in rows)
+        total += secs
+        tr.write_line(f"{passed}/{len(rows)} passed, {secs:.0f} s: {group}")
+    tr.write_line(f"run time of this group: {total:.0f} s")

@@ -1,8 +1,8 @@
 """Faults injected for real: a process killed while writing a checkpoint, a corrupt
 checkpoint, the MLflow server going down mid-run (and coming back, or not), two sweeps over
-overlapping grids at once, a full disk, corrupt data files. Every test counts what it
-injected in FAULTS (printed at the end of the session by conftest) so the closing note's
-figures come from a run, not from memory."""
+overlapping grids at once, a full disk, corrupt data files. The outcome of every test here
+is summed in the "hfbench robustness report" printed at the end of a session (conftest.py)
+so the figures come from a run, not from memory."""
 from __future__ import annotations
 
 import json
