@@ -325,3 +325,42 @@ def test_corrupt_beton_is_refused_before_anything_runs(tmp_path, betons, damage)
     assert r.returncode == 2, r.stdout + r.stderr
     assert str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()
+
+
+BAD_BETON = r"""
+import sys
+import numpy as np
+from ffcv.fields import IntField, NDArrayField
+from ffcv.writer import DatasetWriter
+kind, path = sys.argv[1], sys.argv[2]
+n = 600
+shape = (1, 32, 32) if kind == "shape" else (1, 28, 28)
+rng = np.random.default_rng(0)
+images = rng.integers(0, 255, size=(n, *shape), dtype=np.uint8)
+labels = np.arange(n) % (10 if kind == "shape" else 13)  # 13 classes where the dataset has 10
+class DS:
+    def __len__(self): return n
+    def __getitem__(self, i): return images[i], int(labels[i]), i
+w = DatasetWriter(path, {"image": NDArrayField(np.dtype("uint8"), shape), "label": IntField(), "index": IntField()},
+                  num_workers=1)
+w.from_indexed_dataset(DS())
+"""
+
+
+@pytest.mark.parametrize("kind,pattern", [("shape", "field 'image'"), ("labels", "labels span 0..12")])
+def test_data_file_of_the_wrong_shape_or_label_count_is_refused(tmp_path, betons, kind, pattern):
+    data = tmp_path / "data"
+    shutil.copytree(betons["train"].parent, data)
+    bad = data / "fashion_mnist_val.beton"
+    bad.unlink()
+    w = subprocess.run([sys.executable, "-c", BAD_BETON, kind, str(bad)], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert w.returncode == 0, w.stderr[-3000:]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.format(name="bad-data", experiment="bad-data", data=data, out=tmp_path / "runs",
+                                 sparsities="[0.5]", folder=tmp_path / "submitit"))
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(path), "--tracking-uri",
+                        f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert str(bad) in r.stderr and pattern in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()
