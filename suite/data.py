@@ -35,7 +35,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -512,17 +512,20 @@ def _cleanup_tmp(out_dir: Path, pid: int, files: Sequence[str] = tuple(SPLIT_FIL
 
 
 class _ArrayDataset:
-    """Indexable (image (1,28,28) uint8, label, source row) for FFCV's DatasetWriter."""
+    """Indexable (image, label, source row) over in-memory arrays for FFCV's DatasetWriter;
+    images are reshaped to `shape` (Fashion-MNIST's (1, 28, 28)) unless it is None."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray):
-        self.images, self.labels, self.rows = images, labels, rows
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                 shape: Optional[tuple[int, ...]] = IMAGE_SHAPE):
+        self.images, self.labels, self.rows, self.shape = images, labels, rows, shape
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
     def __getitem__(self, i: int):
         r = int(self.rows[i])
-        return self.images[r].reshape(IMAGE_SHAPE), int(self.labels[r]), r
+        img = self.images[r]
+        return (img.reshape(self.shape) if self.shape is not None else img), int(self.labels[r]), r
 
 
 def _safe_writer_worker(*args):

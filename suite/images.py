@@ -35,8 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from suite.data import (DataError, FashionMNISTLoader, _atomic_write_text, _check_alloc_table, _dir_lock,
-                        _import_ffcv, _open_beton, _run_writer_child, _sha256, _tmp_name)
+from suite.data import (DataError, FashionMNISTLoader, _ArrayDataset, _atomic_write_text, _check_alloc_table,
+                        _dir_lock, _import_ffcv, _open_beton, _run_writer_child, _sha256, _tmp_name)
 
 __all__ = ["write_imagefolder", "write_cifar", "check_image_beton", "check_split_file", "make_image_loader",
            "ImageBetonLoader", "RECIPES", "split_file", "meta_file", "IMG_EXTENSIONS"]
@@ -515,18 +515,6 @@ def cifar_source(src: str | os.PathLike, dataset: str) -> dict[str, Any]:
     return out
 
 
-class _CifarDataset:
-    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray):
-        self.x, self.y, self.rows = x, y, rows
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
-
-    def __getitem__(self, i: int):
-        r = int(self.rows[i])
-        return self.x[r], int(self.y[r]), r
-
-
 def _cifar_rows(n_train: int, n_test: int, val_size: int, split_seed: int) -> dict[str, np.ndarray]:
     perm = np.random.default_rng(split_seed).permutation(n_train)
     return {"train": np.sort(perm[val_size:]), "val": np.sort(perm[:val_size]), "test": np.arange(n_test)}
@@ -541,7 +529,7 @@ def _cifar_body(a: dict[str, Any]) -> None:
     rows = _cifar_rows(src["train"][0].shape[0], src["test"][0].shape[0], st["val_size"], st["split_seed"])
     for split in a["splits"]:
         x, y = src["test"] if split == "test" else src["train"]
-        ds = _CifarDataset(x, y, rows[split])
+        ds = _ArrayDataset(x, y, rows[split], shape=None)  # (32, 32, 3) HWC as FFCV's RGB field wants
         final = out_dir / split_file(name, split)
         tmp = _tmp_name(final, os.getpid())
         _say(a["progress"], f"[{name}] writing {final} ({len(ds)} images)")

@@ -317,13 +317,19 @@ def test_corrupt_beton_is_refused_before_anything_runs(tmp_path, betons, damage)
         bad.write_bytes(raw[: len(raw) // 3])
     else:
         bad.write_bytes(raw[:64] + os.urandom(4096) + raw[64 + 4096:])
+    _sweep_refuses(tmp_path, data, bad, "")
+
+
+def _sweep_refuses(tmp_path: Path, data: Path, bad: Path, pattern: str) -> None:
+    """`hfbench sweep` on that data folder exits 2 naming the bad file (and `pattern`), with no
+    traceback, before creating any run or job folder."""
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP.format(name="bad-data", experiment="bad-data", data=data, out=tmp_path / "runs",
                                  sparsities="[0.5]", folder=tmp_path / "submitit"))
     r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(path), "--tracking-uri",
                         f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert str(bad) in r.stderr and pattern in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()
 
 
@@ -356,11 +362,4 @@ def test_data_file_of_the_wrong_shape_or_label_count_is_refused(tmp_path, betons
     w = subprocess.run([sys.executable, "-c", BAD_BETON, kind, str(bad)], capture_output=True, text=True,
                        env=_env(), timeout=300)
     assert w.returncode == 0, w.stderr[-3000:]
-    path = tmp_path / "sweep.yaml"
-    path.write_text(SWEEP.format(name="bad-data", experiment="bad-data", data=data, out=tmp_path / "runs",
-                                 sparsities="[0.5]", folder=tmp_path / "submitit"))
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(path), "--tracking-uri",
-                        f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert str(bad) in r.stderr and pattern in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()
+    _sweep_refuses(tmp_path, data, bad, pattern)
