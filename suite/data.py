@@ -502,6 +502,18 @@ def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | Non
     raise RuntimeError(f"writing {what} into {out_dir} failed: {msg}{detail}")
 
 
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync a finished temporary file, rename it to its final name, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def _tmp_name(final: Path, pid: int) -> Path:
     return final.parent / f".{final.name}.tmp-{pid}"
 
@@ -579,14 +591,7 @@ def _writer_child_main(args_json: str) -> int:
                 print(f"[fashion-mnist] writing {final} ({len(ds)} images)", file=sys.stderr, flush=True)
             _write_split(tmp, ds, nw)
             check_beton(tmp, expected_count=len(ds))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        dfd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            _publish(tmp, final)
         res_file.write_text(json.dumps({"ok": True}))
         return 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent

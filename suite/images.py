@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from suite.data import (DataError, FashionMNISTLoader, _ArrayDataset, _atomic_write_text, _check_alloc_table,
-                        _dir_lock, _import_ffcv, _open_beton, _run_writer_child, _sha256, _tmp_name)
+                        _dir_lock, _import_ffcv, _open_beton, _publish, _run_writer_child, _sha256, _tmp_name)
 
 __all__ = ["write_imagefolder", "write_cifar", "check_image_beton", "check_split_file", "make_image_loader",
            "ImageBetonLoader", "RECIPES", "split_file", "meta_file", "IMG_EXTENSIONS"]
@@ -187,14 +187,7 @@ def _remove_dead_tmp(out_dir: Path, names: Sequence[str]) -> None:
 def _finish_split(out_dir: Path, name: str, split: str, tmp: Path, entry: dict[str, Any]) -> None:
     """fsync + rename the checked temporary file, then list it in the meta JSON."""
     final = out_dir / split_file(name, split)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dfd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _publish(tmp, final)
     mpath = out_dir / meta_file(name)
     meta = _read_json(mpath)
     meta.setdefault("files", {})[split] = {"name": final.name, "bytes": final.stat().st_size, **entry}

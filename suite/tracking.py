@@ -349,7 +349,6 @@ def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
             meta = json.loads(meta_p.read_text())
             uri = uri_for(meta) if uri_for else meta["uri"]
             spool = Spool(spool_file.parent)
-            pending, _ = spool.pending()
             try:
                 n = deliver(client(uri), meta["run_id"], spool)
             except Exception as e:
