@@ -20,6 +20,14 @@ from suite import datasets, tracking
 from suite.config import ConfigError, RunConfig, SweepConfig
 
 
+# SLURM states of a job that is queued or running again after a requeue, and the states it
+# passes through on the way there (see Sweep._settled).
+_NOT_DONE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
+             "COMPLETING", "RESIZING", "SUSPENDED")
+_COMING_BACK = ("NODE_FAIL", "PREEMPTED")
+TRANSIENT_GRACE_S = 300
+
+
 @dataclass
 class Outcome:
     cfg: RunConfig
@@ -149,6 +157,7 @@ class Sweep:
         self.sweep = sweep
         self.kind = choose_executor(executor or sweep.launcher.executor)
         self.say = say
+        self._transient: dict[str, float] = {}  # job id -> when it was first seen NODE_FAIL/PREEMPTED
         self.uri = sweep.tracking_uri or tracking.default_uri()
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two sweeps in one second differ
         self.folder = Path(sweep.launcher.folder) / sweep.name / stamp  # fresh per sweep (see platform.md)
@@ -271,7 +280,7 @@ class Sweep:
                 self._record([(r, job)])
             still = []
             for r, job in running:
-                if not job.done():
+                if not self._settled(job):
                     still.append((r, job))
                     continue
                 try:
@@ -292,6 +301,27 @@ class Sweep:
             if running or waiting or self.deferred:
                 time.sleep(self.sweep.launcher.poll_s)
         return done
+
+    def _settled(self, job) -> bool:
+        """job.done(), except for a SLURM job that is coming back. submitit counts NODE_FAIL and
+        PREEMPTED as final and stops asking about the job, but SLURM requeues such a job
+        (--requeue) and it resumes from its checkpoint. So a job without a result file is asked
+        about here (sacct, every record): while its latest state is queued or running it is
+        not settled; a NODE_FAIL/PREEMPTED latest state is waited on for TRANSIENT_GRACE_S (the
+        requeue normally follows within seconds) before the run counts as failed."""
+        if not job.done():
+            return False
+        parts = getattr(job, "_sub_jobs", None) or [job]
+        if all(p.paths.result_pickle.exists() for p in parts) or type(job).__name__ != "SlurmJob":
+            return True
+        from launchers.status import _sacct
+
+        state, _ = _sacct(str(job.job_id))
+        if state in _COMING_BACK:
+            first = self._transient.setdefault(str(job.job_id), time.time())
+            return time.time() - first > TRANSIENT_GRACE_S
+        self._transient.pop(str(job.job_id), None)
+        return state not in _NOT_DONE
 
     def _check_deferred(self, running, waiting, done, bar) -> None:
         """A run another process was training: take its result once it is done, or launch it

@@ -363,3 +363,39 @@ def test_data_file_of_the_wrong_shape_or_label_count_is_refused(tmp_path, betons
                        env=_env(), timeout=300)
     assert w.returncode == 0, w.stderr[-3000:]
     _sweep_refuses(tmp_path, data, bad, pattern)
+
+
+def test_a_poll_that_lands_on_node_fail_does_not_end_the_run(tmp_path, monkeypatch):
+    """submitit counts NODE_FAIL as final and then stops asking SLURM about the job, yet SLURM
+    requeues it within a second. The sweep's poll must wait for the requeued task, and fail the
+    run only when the state stays NODE_FAIL past the grace period or a final state shows up.
+    (The CI run of the node-failure test once landed in that sub-second window; the sacct
+    answers are scripted here to hit it every time.)"""
+    from launchers import status, sweep as sweep_mod
+
+    class SlurmJob:  # the two things Sweep._settled reads of a submitit job
+        job_id = "42_0"
+
+        def __init__(self, folder: Path):
+            self.paths = type("P", (), {"result_pickle": folder / "42_0_result.pkl"})()
+
+        def done(self):
+            return True  # what submitit says once it has seen NODE_FAIL
+
+    answers: list[str] = []
+    monkeypatch.setattr(status, "_sacct", lambda job: (answers.pop(0), 1))
+    runner = sweep_mod.Sweep.__new__(sweep_mod.Sweep)
+    runner._transient = {}
+    job = SlurmJob(tmp_path)
+    answers[:] = ["NODE_FAIL", "PENDING", "RUNNING", "NODE_FAIL", "RUNNING"]
+    assert [runner._settled(job) for _ in range(5)] == [False] * 5
+    job.paths.result_pickle.write_bytes(b"")  # the requeued task finished
+    assert runner._settled(job)
+    job.paths.result_pickle.unlink()
+    answers[:] = ["FAILED"]
+    assert runner._settled(job)  # a final state without a result: the run failed
+    monkeypatch.setattr(sweep_mod, "TRANSIENT_GRACE_S", 0.05)
+    answers[:] = ["NODE_FAIL", "NODE_FAIL"]
+    assert not runner._settled(job)
+    time.sleep(0.1)
+    assert runner._settled(job)  # never requeued: failed after the grace period
