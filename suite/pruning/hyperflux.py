@@ -98,6 +98,8 @@ class Hyperflux(Pruner):
         super().__init__(cfg, layers, steps_per_epoch)
         self.h = cfg.hyperflux
         self.scheduler = PressureScheduler(cfg.sparsity, self.h.pruning_end, self.h.step)
+        self.params: list[masks.GatedWeight] = []
+        self.n = sum(mod.weight.numel() for _, mod in layers)
         self.gamma = 0.0  # pressure in force during the current epoch
         if self.h.schedule == "fixed":
             self.gamma = self.h.fixed_gamma
@@ -106,7 +108,6 @@ class Hyperflux(Pruner):
 
             self.gamma = pressure_law_gamma(self.h.law, 1.0 - cfg.sparsity)
         self.constant_gamma = self.gamma if self.h.schedule != "controller" else None
-        self.n = sum(mod.weight.numel() for _, mod in layers)
 
     def attach(self, model) -> None:
         if "frozen_bn_scale" in self.h.quirks:  # reference-code quirk: BN scale never optimised
@@ -120,6 +121,7 @@ class Hyperflux(Pruner):
             m = torch.empty(w.shape, dtype=torch.float32).uniform_(self.h.gate_init_low, self.h.gate_init_high,
                                                                    generator=gen)
             self.params.append(masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale)))
+        self.gamma = self.gamma  # hand the pressure to the new gates
 
     def gate_parameters(self):
         return [p.gate for p in self.params]
@@ -134,11 +136,20 @@ class Hyperflux(Pruner):
         g_lr = 0.0 if j >= h.freeze_gates_after else h.gate_lr * h.reset_scaler * h.decay ** j
         return w_lr, g_lr
 
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        """The pressure term gamma / N * sum(m) enters through each gate's backward (masks.
+        _GatedProduct adds its gradient gamma / N), so setting gamma sets that on every gate."""
+        self._gamma = float(value)
+        for p in self.params:
+            p.pressure = self._gamma / self.n
+
     def loss_term(self) -> Optional[torch.Tensor]:
-        if self.gamma == 0.0:
-            return None
-        total = torch.stack([p.gate.sum() for p in self.params]).sum()
-        return total * (self.gamma / self.n)
+        return None  # the pressure term's gradient is added in the gates' backward (see gamma)
 
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         P = self.h.pruning_end
