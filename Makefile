@@ -1,7 +1,8 @@
 # make demo   install what is missing, run the default benchmark, write reports/demo/
-# make test   install, start a local SLURM cluster + MLflow server, run all tests, stop them
+# make test   install, start a local SLURM cluster + MLflow server, run all tests (but the
+#             paper recipes' smoke runs: make test-recipes), stop them
 # make setup  only install (apt packages when root, Python packages into .venv)
-.PHONY: demo test test-fast setup services-start services-stop clean
+.PHONY: demo test test-fast test-recipes setup services-start services-stop clean
 
 demo:
 	bash scripts/demo.sh
@@ -11,6 +12,9 @@ test:
 
 test-fast:
 	bash scripts/test.sh -m "not slow"
+
+test-recipes:
+	bash scripts/test.sh -m recipes
 
 setup:
 	bash scripts/setup.sh

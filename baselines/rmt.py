@@ -405,7 +405,7 @@ class ClassicalRMT(_RMTBase):
         counts = _shares_to_counts(self.q, sizes, total, cap)
         new = []
         for w, k in zip(W, counts):
-            m = torch.ones_like(w)
+            m = torch.ones(w.shape, dtype=w.dtype, device=w.device)  # row-major, as w.reshape(-1) counts
             if k > 0:
                 m.view(-1)[torch.topk(w.detach().abs().reshape(-1), k, largest=False).indices] = 0
             new.append(m)

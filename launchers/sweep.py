@@ -56,6 +56,14 @@ def choose_executor(kind: str) -> str:
     return kind
 
 
+def check_files(runs: list[RunConfig]) -> None:
+    """Refuse, before anything is submitted, runs whose starting weights file is missing."""
+    for r in runs:
+        if r.init == "pretrained" and not Path(r.pretrained).is_file():
+            raise ConfigError(f"run {r.run_name()}: pretrained: weights file {r.pretrained} not found "
+                              f"(give a local path; nothing is downloaded at run time)")
+
+
 def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> None:
     """Refuse, before anything is submitted, runs the chosen executor cannot place.
 
@@ -109,9 +117,20 @@ def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
                                     + spec.make_command.format(data_dir=r.data_dir))
 
 
+# torch.distributed rendezvous variables. Jobs inherit the submitter's environment (sbatch
+# --export=ALL, submitit's local processes): a sweep started inside a torchrun job, or from a
+# process that trained in-process, would hand every task the same RANK/WORLD_SIZE/MASTER_PORT,
+# so each would skip its own rendezvous and array tasks on one node would collide on the port.
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, nodes: int, threads: int = 1):
     import submitit
 
+    if kind != "debug":  # debug runs in this process, which may hold a process group already
+        for k in _RENDEZVOUS:
+            os.environ.pop(k, None)
     L = sweep.launcher
     ex = submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=L.max_requeues)
     params: dict[str, Any] = dict(name=f"hfbench-{sweep.name}", timeout_min=L.slurm.time_min, nodes=nodes,
@@ -166,6 +185,7 @@ class Sweep:
         t0 = time.time()
         runs = self.sweep.expand()
         check_resources(self.sweep, runs, self.kind)  # before data, the experiment or any job
+        check_files(runs)
         ensure_data(runs, say=self.say)
         exp_id = tracking.ensure_experiment(self.uri, self.sweep.experiment_name())
         self.exp_id = exp_id

@@ -70,6 +70,13 @@ def cmd_data(a) -> int:
                      f"cifar100)")
 
 
+def _scale_args(p) -> None:
+    p.add_argument("--scale", type=float, metavar="F",
+                   help="smoke run: multiply every epoch count by F (0 < F <= 1); runs go to experiment "
+                        "<experiment>-smoke")
+    p.add_argument("--steps", type=int, metavar="N", help="smoke run: at most N batches per epoch")
+
+
 def cmd_sweep(a) -> int:
     from launchers.sweep import Sweep
     from suite.config import load_sweep
@@ -81,6 +88,7 @@ def cmd_sweep(a) -> int:
         overrides["launcher.executor"] = a.executor
     if a.tracking_uri:
         overrides["tracking_uri"] = a.tracking_uri
+    _scale_overrides(a, overrides)
     sweep = load_sweep(a.config, overrides)
     if a.dry_run:
         runs = sweep.expand()
@@ -98,11 +106,20 @@ def cmd_sweep(a) -> int:
     return 1 if any(o.state == "failed" for o in outcomes) else 0
 
 
+def _scale_overrides(a, overrides: dict) -> None:
+    if getattr(a, "scale", None) is not None:
+        overrides["scale.epochs"] = a.scale
+    if getattr(a, "steps", None) is not None:
+        overrides["scale.steps_per_epoch"] = a.steps
+
+
 def cmd_status(a) -> int:
     from launchers.status import format_table, sweep_status
     from suite.config import load_sweep
 
-    sweep = load_sweep(a.config)
+    overrides: dict = {}
+    _scale_overrides(a, overrides)
+    sweep = load_sweep(a.config, overrides)
     print(format_table(sweep_status(sweep, a.tracking_uri)))
     return 0
 
@@ -249,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--parallelism", type=int, help="runs at once (SLURM array limit)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: HFBENCH_MLFLOW_URI or ./mlflow.db)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, e.g. base.epochs=2")
+    _scale_args(s)
     s.add_argument("--dry-run", action="store_true", help="validate and list the runs, submit nothing")
     s.add_argument("--resume", action="store_true",
                    help="submit only runs that are missing or failed (this is always what a sweep does: "
@@ -258,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="state of every run of a sweep (MLflow + SLURM accounting)")
     st.add_argument("config")
     st.add_argument("--tracking-uri")
+    _scale_args(st)
     st.set_defaults(fn=cmd_status)
 
     fl = sub.add_parser("fit-law", help="fit the gamma-density law to fixed-pressure Hyperflux runs")

@@ -197,13 +197,23 @@ def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
     return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - imp.prune_fraction) - 1e-9))
 
 
+# methods that need more than one epoch: SER restores at the end of its selection epoch (1;
+# 2 for the hybrid above its switch, after its magnitude epoch) and then fine-tunes (baselines/rmt.py)
+MIN_EPOCHS = {"ser": 2, "rmt_hybrid": 3}
+
+
 class EngineConfig(_Strict):
     world_size: int = Field(1, ge=1, le=1024, description="ranks (GPUs, or CPU processes) per run")
     nodes: int = Field(1, ge=1, le=256)
-    zero_stage: Literal[0] = 0
+    zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage: 1 partitions the optimiser "
+                                         "state across ranks, 2 also the gradients (dense runs)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: int = Field(1, ge=1, le=256)
     deterministic: bool = True
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: torch.autocast mixed precision for "
+                                               "forward and loss; weights, gates and optimiser state stay fp32")
+    channels_last: bool = Field(False, description="NHWC memory format for the model and its input batches")
+    loader_workers: int = Field(1, ge=1, le=256, description="FFCV loader threads per rank (not in the run hash)")
 
 
 # --------------------------------------------------------------------------- the run
@@ -227,7 +237,11 @@ class RunConfig(_Strict):
     eval_every: int = Field(1, ge=1, description="evaluate val/test every k epochs (and always after the last)")
     flux_every: int = Field(1, ge=0, description="flux statistics and NPL saliencies every k epochs (and after "
                             "the last); one extra forward/backward on a training batch; 0: off")
-    init: Literal["scratch", "dense"] = Field("scratch", description="start from random init or from the sweep's dense run")
+    init: Literal["scratch", "dense", "pretrained"] = Field(
+        "scratch", description="start from random init, from the sweep's dense run, or from the weights file "
+        "`pretrained` (torchvision/timm state dict on local disk)")
+    pretrained: Optional[str] = Field(None, description="weights file for init 'pretrained' (loaded with "
+                                      "weights_only; a classifier of another class count is re-initialised)")
     init_from: Optional[str] = Field(None, description="run hash of the dense run this run starts from (set by the sweep)")
     init_checkpoint: Optional[str] = Field(None, description="path of the starting weights (set by the sweep)")
     hyperflux: HyperfluxConfig = HyperfluxConfig()
@@ -273,7 +287,7 @@ class RunConfig(_Strict):
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(datasets.names())}")
         return v
 
-    @field_validator("data_dir", "out_dir", "init_checkpoint")
+    @field_validator("data_dir", "out_dir", "init_checkpoint", "pretrained")
     @classmethod
     def _safe_paths(cls, v: Optional[str], info) -> Optional[str]:
         return safe_path(v, info.field_name)
@@ -322,8 +336,17 @@ class RunConfig(_Strict):
                 raise ValueError(f"gmp.end_epoch must be in (gmp.start_epoch, epochs]; got {end}")
             if self.gmp.initial_sparsity > self.sparsity:
                 raise ValueError("gmp.initial_sparsity must be <= sparsity")
+        need = MIN_EPOCHS.get(self.method, 1)
+        if self.method == "rmt_hybrid" and self.sparsity <= self.rmt.hybrid_switch:
+            need = 1  # one-shot magnitude below the switch
+        if self.epochs < need:
+            raise ValueError(f"epochs: {self.method} needs at least {need} (a selection epoch, then a fine-tune "
+                             f"after the restore), got {self.epochs}")
         if self.init == "dense" and self.method == "dense":
-            raise ValueError("init: a dense run cannot start from a dense run; use init 'scratch'")
+            raise ValueError("init: a dense run cannot start from a dense run; use init 'scratch' or 'pretrained'")
+        if (self.init == "pretrained") != (self.pretrained is not None):
+            raise ValueError("pretrained: give a weights file exactly when init is 'pretrained' "
+                             f"(init {self.init!r}, pretrained {self.pretrained!r})")
         if self.method in ("l0", "str", "cs"):  # calibrated L0 baselines: the search must fit in the run
             sec = self.cs if self.method == "cs" else self.l0 if self.method == "l0" else self.soft_threshold
             end = (self.cs.rounds * self.cs.epochs_per_round if self.cs.epochs_per_round else self.cs.rounds) \
@@ -342,6 +365,17 @@ class RunConfig(_Strict):
         for k in ("data_dir", "experiment", "sweep", "tracking_uri", "out_dir", "init_checkpoint", "eval_every",
                   "flux_every"):
             d.pop(k)
+        # fields added after runs were recorded enter the hash only when set, so older runs keep
+        # their hashes; the weights file counts by name, not by folder
+        eng = d["engine"]
+        eng.pop("loader_workers")
+        for k, default in (("precision", "fp32"), ("channels_last", False)):
+            if eng[k] == default:
+                eng.pop(k)
+        if d["pretrained"] is None:
+            d.pop("pretrained")
+        else:
+            d["pretrained"] = Path(d["pretrained"]).name
         for name in METHOD_SECTIONS:
             if name != self.section():
                 d.pop(name)
@@ -479,6 +513,92 @@ class GridConfig(_Strict):
         return v
 
 
+class ScaleConfig(_Strict):
+    """The scale knob: the same sweep, shrunk for a smoke run (`hfbench sweep --scale F --steps N`).
+    Every epoch count of every run (epochs, IMP's epochs per level, Hyperflux's P and gate
+    freeze, GMP's start/end, the L0 family's search end and CS's round length, eval_every) is
+    multiplied by `epochs` and rounded, at least 1, keeping each phase inside the run and a
+    regrowth / fine-tune phase where the full recipe has one (when the run is long enough);
+    `steps_per_epoch` caps the batches of every epoch (the dataset seen per epoch). The run
+    hash changes with them, so smoke runs never stand in for full ones."""
+
+    epochs: float = Field(1.0, gt=0, le=1, description="factor on every epoch count")
+    steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on batches per epoch")
+
+    def apply(self, f: dict[str, Any]) -> None:
+        """Scale one run's merged fields in place (before validation)."""
+        if self.steps_per_epoch is not None:
+            cur = f.get("max_steps_per_epoch")
+            f["max_steps_per_epoch"] = self.steps_per_epoch if cur is None else min(cur, self.steps_per_epoch)
+        if self.epochs != 1.0:
+            self._scale_epochs(f, self.epochs)
+        imp = f.get("imp")
+        if f.get("method") == "imp" and isinstance(imp, dict) and imp.get("rewind_step"):
+            if self.epochs != 1.0:
+                imp["rewind_step"] = max(1, round(imp["rewind_step"] * self.epochs))
+            cap = f.get("max_steps_per_epoch")
+            if cap:  # the rewind point must fall inside the (shortened) first segment
+                imp["rewind_step"] = min(imp["rewind_step"], imp.get("epochs_per_level", 1) * cap)
+
+    @staticmethod
+    def _scale_epochs(f: dict[str, Any], k: float) -> None:
+
+        def sc(v: Any) -> Any:
+            return max(1, round(v * k)) if isinstance(v, int) and not isinstance(v, bool) else v
+
+        full = f.get("epochs", RunConfig.model_fields["epochs"].default)
+        ep = f["epochs"] = max(sc(full), min(full, MIN_EPOCHS.get(f.get("method"), 1)))
+        if "eval_every" in f:
+            f["eval_every"] = min(sc(f["eval_every"]), ep)
+        method = f.get("method")
+        sec = lambda name: f.setdefault(name, {}) if isinstance(f.get(name, {}), dict) else {}  # noqa: E731
+        if method == "imp":
+            imp = sec("imp")
+            imp["epochs_per_level"] = sc(imp.get("epochs_per_level", IMPConfig.model_fields["epochs_per_level"].default))
+        elif method == "hyperflux":
+            h = sec("hyperflux")
+            P = h.get("pruning_end", HyperfluxConfig.model_fields["pruning_end"].default)
+            new_p = min(sc(P), ep)
+            if P < full and new_p >= ep and ep >= 2:
+                new_p = ep - 1  # keep a regrowth phase
+            new_p = _feasible_pruning_end(new_p, f.get("sparsity"), h.get("step"), P)
+            f["epochs"] = ep = max(ep, new_p + (1 if P < full else 0))  # a short P cannot reach high sparsity
+            h["pruning_end"] = new_p
+            if "freeze_gates_after" in h:
+                h["freeze_gates_after"] = sc(h["freeze_gates_after"]) if h["freeze_gates_after"] else 0
+        elif method == "gmp":
+            g = sec("gmp")
+            start = min(sc(g["start_epoch"]) if g.get("start_epoch") else 0, max(ep - 1, 0))
+            g["start_epoch"] = start
+            if g.get("end_epoch") is not None:
+                g["end_epoch"] = min(max(sc(g["end_epoch"]), start + 1), ep)
+        elif method in ("l0", "str"):
+            s_ = sec("l0" if method == "l0" else "soft_threshold")
+            if s_.get("search_end") is not None:
+                s_["search_end"] = min(sc(s_["search_end"]), ep)
+        elif method == "cs":
+            c = sec("cs")
+            rounds = c.get("rounds", CSConfig.model_fields["rounds"].default)
+            if c.get("epochs_per_round") is not None:
+                c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds, 1)))
+            if rounds > ep:
+                c["rounds"] = ep
+
+
+def _feasible_pruning_end(p: int, sparsity: Any, step: Any, full: int) -> int:
+    """The smallest P >= p (up to the recipe's own) whose target trajectory reaches the sparsity."""
+    from suite.pruning.hyperflux import PressureScheduler
+
+    step = step if step is not None else HyperfluxConfig.model_fields["step"].default
+    for cand in range(p, max(p, full) + 1):
+        try:
+            PressureScheduler(float(sparsity), cand, step)
+            return cand
+        except (TypeError, ValueError):
+            continue
+    return p  # let the run's own validation name the problem
+
+
 class SweepConfig(_Strict):
     name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: Optional[str] = Field(None, min_length=1, max_length=200)
@@ -492,6 +612,7 @@ class SweepConfig(_Strict):
     launcher: LauncherConfig = LauncherConfig()
     reuse_dense: bool = Field(False, description="start from dense weights already in out_dir (same hash) "
                                                  "even if that dense run is not in this experiment")
+    scale: ScaleConfig = ScaleConfig()
 
     @field_validator("name")
     @classmethod
@@ -515,7 +636,9 @@ class SweepConfig(_Strict):
         return v
 
     def experiment_name(self) -> str:
-        return self.experiment or self.name
+        """The MLflow experiment; a scaled-down (smoke) sweep logs to <experiment>-smoke."""
+        name = self.experiment or self.name
+        return name + "-smoke" if self.scale != ScaleConfig() else name
 
     def expand(self) -> list[RunConfig]:
         """The grid as run configs: dense runs first (one per model and seed), then every
@@ -539,8 +662,9 @@ class SweepConfig(_Strict):
                               data_dir=self.data_dir, out_dir=self.out_dir,
                               experiment=self.experiment_name(), sweep=self.name,
                               tracking_uri=self.tracking_uri)
-                if method == "dense":
+                if method == "dense" and fields.get("init") != "pretrained":
                     fields["init"] = "scratch"
+                self.scale.apply(fields)
                 where = f"overrides.{method}" if method in self.overrides else "base"
                 cfg = _validate(RunConfig, fields, where=where, source=f"run {method}")
                 if cfg.run_hash() not in seen:

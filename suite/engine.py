@@ -182,15 +182,27 @@ def make_loaders(cfg: RunConfig, world: int):
                                 + spec.make_command.format(data_dir=cfg.data_dir))
     spec.validate(cfg.data_dir)  # a truncated or mismatched file fails here, naming it, before training
     make_loader = spec.loader or make_loader  # the dataset's recipe (RGB datasets); Fashion-MNIST's otherwise
-    train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=1,
+    nw = cfg.engine.loader_workers
+    train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=nw,
                         distributed=world > 1)
-    val = make_loader(paths["val"], 500, train=False, num_workers=1)
-    test = make_loader(paths["test"], 500, train=False, num_workers=1)
+    val = make_loader(paths["val"], 500, train=False, num_workers=nw)
+    test = make_loader(paths["test"], 500, train=False, num_workers=nw)
     return spec, train, val, test
 
 
+def autocast(device: str, precision: str):
+    """bf16 mixed precision (torch.autocast) for the forward pass and loss, or a no-op."""
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(x: torch.Tensor, device: str, channels_last: bool = False) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: str, rank: int, world: int) -> float:
+def evaluate(model: nn.Module, loader, device: str, rank: int, world: int, precision: str = "fp32",
+             channels_last: bool = False) -> float:
     """Top-1 on the whole split: rank r takes batches r, r+world, ...; counts are summed."""
     was = model.training
     model.eval()
@@ -198,8 +210,10 @@ def evaluate(model: nn.Module, loader, device: str, rank: int, world: int) -> fl
     for i, (x, y) in enumerate(loader):
         if i % world != rank:
             continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct[0] += (model(x).argmax(1) == y).sum().item()
+        x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(x)
+        correct[0] += (out.argmax(1) == y).sum().item()
         correct[1] += y.numel()
     if world > 1:
         dist.all_reduce(correct)
@@ -335,6 +349,49 @@ def done_result(out: Path, run_hash: str, experiment_id: Optional[str]) -> Optio
     if res.get("run_hash") != run_hash or str(res.get("experiment_id")) != str(experiment_id):
         return None
     return res
+
+
+def load_pretrained(model: nn.Module, path: str | Path, say=print) -> None:
+    """Load a torchvision/timm state dict from a local file (no download, no code executed).
+    Accepted wrappers: the bare state dict, {'model': ...}, {'state_dict': ...}; a 'module.'
+    prefix (DDP) is dropped. The last Linear layer is kept fresh when its shape differs (e.g.
+    ImageNet weights for a 10-class model); any other missing, unexpected or mis-shaped key is
+    an error naming the keys and the file."""
+    obj = torch.load(_existing(path, "pretrained weights"), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        for k in ("state_dict", "model"):
+            if isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"pretrained weights {path}: not a state dict of tensors")
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    own = model.state_dict()
+    head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    head_keys = {f"{head[0]}.weight", f"{head[0]}.bias"} if head else set()
+    shape_diff = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
+    if shape_diff and set(shape_diff) <= head_keys:
+        say(f"[hfbench] pretrained {Path(path).name}: classifier {head[0]} has another shape "
+            f"({tuple(sd[shape_diff[0]].shape)} vs {tuple(own[shape_diff[0]].shape)}); it starts fresh")
+        for k in shape_diff:
+            sd[k] = own[k]
+        shape_diff = []
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected or shape_diff:
+        def few(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"{what}: {few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                            ("other shape", shape_diff)) if keys]
+        raise ValueError(f"pretrained weights {path} do not fit the model; " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -500,10 +557,15 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         if not cfg.init_checkpoint:
             raise ValueError("init is 'dense' but no init_checkpoint was resolved (run it through a sweep)")
         model.load_state_dict(load_weights(cfg.init_checkpoint))
+    elif cfg.init == "pretrained":
+        load_pretrained(model, cfg.pretrained, say=say if rank == 0 else (lambda *a, **k: None))
     layers = mspec.prunable(model)
     steps_per_epoch = cfg.max_steps_per_epoch or len(train_loader)
     pruner, opt = attach_pruner(cfg, model, layers, steps_per_epoch, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, world))
+    cl, precision = cfg.engine.channels_last, cfg.engine.precision
+    if cl:  # after DeepSpeed's broadcast (it views parameters as flat bytes); in place: same Parameters
+        engine.module.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     marks["model"] = time.time()
 
@@ -584,9 +646,10 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             else torch.zeros(2, dtype=torch.float64)
         for i in range(first, steps_per_epoch):
             x, y = stream.next()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device, cl), y.to(device, non_blocking=True)
             probe_batch = (x, y)
-            loss = criterion(engine(x), y)
+            with autocast(device, precision):
+                loss = criterion(engine(x), y)
             extra = pruner.loss_term()
             total = loss + extra if extra is not None else loss
             if fault.get("sleep"):
@@ -610,7 +673,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                 say(f"[hfbench] {cfg.run_name()}: stop requested at epoch {epoch}, step {step}; checkpoint "
                     f"written to {ckpt_path}", flush=True)
                 _hand_over(rank)
-        train_time += time.time() - t0
+        epoch_train = time.time() - t0
+        train_time += epoch_train
         if world > 1:
             dist.all_reduce(loss_sum)
         engine.eval()  # the ruler reads test-time weights (deterministic for stochastic gates)
@@ -623,7 +687,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         flips["regrown_total"] += regrown
         metrics = {"pruned": pruned, "regrown": regrown, **flips,
                    "train_loss": float(loss_sum[0] / loss_sum[1]), "density": dens, "sparsity": 1 - dens,
-                   "lr": w_lr, "gate_lr": g_lr}
+                   "lr": w_lr, "gate_lr": g_lr,
+                   # images per second per rank over this epoch's training steps (no evaluation)
+                   "img_per_s": (steps_per_epoch - first) * cfg.batch_size / max(epoch_train, 1e-9)}
         metrics.update(pruner.end_epoch(epoch, dens))
         if cfg.flux_every and (epoch % cfg.flux_every == 0 or epoch == cfg.epochs) and rank == 0 \
                 and probe_batch is not None:
@@ -631,8 +697,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             metrics.update(flux.statistics(flux.flux_and_grad(engine.module, layers, *probe_batch, criterion)))
             metrics["probe_time_s"] = time.time() - tp
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world)
-            metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world)
+            metrics["val_top1"] = evaluate(engine.module, val_loader, device, rank, world, precision, cl)
+            metrics["test_top1"] = evaluate(engine.module, test_loader, device, rank, world, precision, cl)
             last_eval = {k: metrics[k] for k in ("val_top1", "test_top1")}
         metrics["epoch_time_s"] = time.time() - t0
         logged = {"metrics": metrics, "step": epoch, "ts": int(time.time() * 1000)}

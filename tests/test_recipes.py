@@ -1,0 +1,243 @@
+"""Paper-scale recipes (configs/paper/): the scale knob, dense starting points from local
+weight files, mixed precision / channels_last / throughput in the engine, and every committed
+recipe's smoke run through the real SLURM launcher, FFCV and DeepSpeed on generated data of
+the real layouts (CIFAR python releases, a 1000-class ImageNet JPEG tree)."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from suite import bench, models, tracking
+from suite.config import MIN_EPOCHS, ConfigError, RunConfig, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------ scale knob
+def test_scale_knob_shrinks_every_phase_and_keeps_runs_apart():
+    path = ROOT / "configs/paper/cifar10_resnet50.yaml"
+    full = {r.run_name(): r for r in load_sweep(path).expand()}
+    small_sweep = load_sweep(path, {"scale.epochs": 0.05, "scale.steps_per_epoch": 3})
+    small = {r.run_name(): r for r in small_sweep.expand()}
+    assert small.keys() == full.keys()
+    assert small_sweep.experiment_name() == full["cifar_resnet50-dense-s0"].experiment + "-smoke"
+    for name, r in small.items():
+        f = full[name]
+        assert r.run_hash() != f.run_hash(), name  # a smoke run never stands in for a full one
+        assert r.max_steps_per_epoch == 3
+        if r.method == "hyperflux":  # P scaled (8 of 160 -> at least what the target needs), regrowth kept
+            assert r.hyperflux.pruning_end < r.epochs < f.epochs
+        elif r.method == "imp":
+            assert r.imp.epochs_per_level == 2 and r.imp.rewind_step <= 2 * 3
+        elif r.method == "gmp":
+            assert 0 < r.gmp.end_epoch <= r.epochs == 8
+        else:  # SER and the hybrid keep the epochs their selection and fine-tune need
+            assert r.epochs == max(1, round(f.epochs * 0.05), MIN_EPOCHS.get(r.method, 1)), name
+        assert 1 <= r.eval_every <= r.epochs
+
+
+def test_scale_knob_from_the_cli_lists_the_smoke_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
+                          "--dry-run", "--scale", "0.02", "--steps", "1"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("34 runs") and "resnet50-hyperflux-0.965-s0" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
+                          "--dry-run", "--scale", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "scale.epochs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------ pretrained weights
+def _save_fmnist(path: Path, num_classes: int = 10, extra: dict | None = None) -> dict:
+    torch.manual_seed(3)
+    sd = models.build("fmnist_cnn", num_classes, 1).state_dict()
+    torch.save({"model": {**sd, **(extra or {})}}, path)
+    return sd
+
+
+def test_pretrained_weights_load_and_a_classifier_of_another_size_starts_fresh(tmp_path, capsys):
+    from suite.engine import load_pretrained
+
+    sd = _save_fmnist(tmp_path / "w.pth")
+    m = models.build("fmnist_cnn", 10, 1)
+    load_pretrained(m, tmp_path / "w.pth")
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    m7 = models.build("fmnist_cnn", 7, 1)  # another class count: everything but the last Linear loads
+    fresh = {k: v.clone() for k, v in m7.state_dict().items()}
+    load_pretrained(m7, tmp_path / "w.pth")
+    head = [n for n, mod in m7.named_modules() if isinstance(mod, torch.nn.Linear)][-1]
+    for k, v in m7.state_dict().items():
+        assert torch.equal(v, fresh[k] if k.startswith(head + ".") else sd[k]), k
+    assert "starts fresh" in capsys.readouterr().out
+
+
+def test_pretrained_weights_that_do_not_fit_are_refused_naming_the_keys(tmp_path):
+    from suite.engine import load_pretrained
+
+    _save_fmnist(tmp_path / "extra.pth", extra={"stray.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"extra.pth do not fit the model; unexpected: stray.weight"):
+        load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / "extra.pth")
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "few.pth")
+    with pytest.raises(ValueError, match=r"few.pth do not fit the model; missing: .*other shape: features.0.weight"):
+        load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / "few.pth")
+    with pytest.raises(FileNotFoundError, match="pretrained weights not found"):
+        load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / "nope.pth")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('HFBENCH_PWN_MARK', '/tmp/hfbench-pwned')}",))
+
+
+def test_pretrained_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    from suite.engine import load_pretrained
+
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("HFBENCH_PWN_MARK", str(mark))
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"features.0.weight": _Boom()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / "evil.pth")
+    assert not mark.exists()
+
+
+def test_pretrained_needs_its_file_before_anything_is_submitted(tmp_path):
+    from launchers.sweep import Sweep
+
+    with pytest.raises(ValueError, match="exactly when init is 'pretrained'"):
+        RunConfig(init="pretrained")
+    p = tmp_path / "s.yaml"
+    p.write_text(f"""
+name: pre
+data_dir: {tmp_path}
+out_dir: {tmp_path / 'runs'}
+tracking_uri: sqlite:///{tmp_path / 'm.db'}
+base: {{init: pretrained, pretrained: {tmp_path / 'missing.pth'}}}
+grid: {{methods: [dense, magnitude], sparsities: [0.5]}}
+launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
+""")
+    with pytest.raises(ConfigError, match=r"pretrained: weights file .*missing.pth not found"):
+        Sweep(load_sweep(p)).run()
+    assert not (tmp_path / "sub").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_weights_file_counts_by_name_in_the_run_hash(tmp_path):
+    a = RunConfig(init="pretrained", pretrained=str(tmp_path / "a" / "w.pth"))
+    b = RunConfig(init="pretrained", pretrained=str(tmp_path / "b" / "w.pth"))
+    c = RunConfig(init="pretrained", pretrained=str(tmp_path / "a" / "other.pth"))
+    assert a.run_hash() == b.run_hash() != c.run_hash()
+    # fields added in session 4 enter the hash only when set: older runs keep their hashes
+    assert RunConfig(engine={"loader_workers": 4}).run_hash() == RunConfig().run_hash()
+    assert RunConfig(engine={"precision": "bf16"}).run_hash() != RunConfig().run_hash()
+
+
+# ------------------------------------------------------------------------------ engine
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bf16_channels_last_pretrained_run_logs_throughput(tmp_path, betons):
+    """One real Hyperflux run in this process: bf16 autocast, channels_last, 2 loader threads,
+    starting from a weights file; img/s per epoch in MLflow."""
+    from suite.engine import train
+
+    _save_fmnist(tmp_path / "dense.pth")
+    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=3, max_steps_per_epoch=4, batch_size=32, eval_every=3,
+                    hyperflux={"pruning_end": 2}, init="pretrained", pretrained=str(tmp_path / "dense.pth"),
+                    engine={"precision": "bf16", "channels_last": True, "loader_workers": 2, "device": "cpu"},
+                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment="bf16")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = tracking.ensure_experiment(uri, cfg.experiment)
+    res = train(cfg, exp, uri)
+    assert 0.0 <= res["final_test_top1"] <= 1.0
+    c = tracking.client(uri)
+    (run,) = c.search_runs([exp])
+    hist = c.get_metric_history(run.info.run_id, "img_per_s")
+    assert sorted(h.step for h in hist) == [1, 2, 3] and all(h.value > 0 for h in hist)
+
+
+# ------------------------------------------------------------------------------ every recipe, smoke
+def _fake_cifar_release(root: Path, dataset: str) -> Path:
+    from tests.test_imagefolder import _fake_cifar
+
+    _fake_cifar(root, dataset, n_batch=24, n_test=16, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def paper_data(tmp_path_factory):
+    """data_dir with cifar10, cifar100 and imagenet betons (generated, real layouts) and the
+    pretrained weight files the ImageNet recipes name."""
+    from suite.images import write_cifar, write_imagefolder
+
+    base = tmp_path_factory.mktemp("paper")
+    data = base / "data"
+    for ds in ("cifar10", "cifar100"):
+        write_cifar(ds, _fake_cifar_release(base / f"src-{ds}", ds), data, val_size=16, progress=False)
+    train = bench.make_jpeg_tree(base / "inet" / "train", classes=1000, per_class=1, seed=0, min_side=40,
+                                 max_side=96)
+    val = bench.make_jpeg_tree(base / "inet" / "val", classes=4, per_class=1, seed=1, min_side=40, max_side=96)
+    write_imagefolder(data, train, val, name="imagenet", max_side=96, progress=False)
+    weights = {}
+    for m in ("resnet50", "deit_tiny", "deit_small"):
+        torch.manual_seed(0)
+        weights[m] = base / f"{m}-dense.pth"
+        torch.save(models.build(m, 1000, 3).state_dict(), weights[m])
+    return data, weights
+
+
+@pytest.mark.slow
+@pytest.mark.recipes
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_server, slurm_cluster):
+    """The recipe as committed, shrunk by the scale knob (epochs x 0.01, one batch per epoch,
+    batch 2, CPU, one rank), first sparsity and seed, every method: one SLURM array through
+    `hfbench sweep`, FFCV loaders and DeepSpeed; every run FINISHED in MLflow with its
+    throughput logged, the one-shot magnitude run exactly at its target."""
+    data, weights = paper_data
+    sw = load_sweep(recipe)
+    first = sw.grid.sparsities[:1]
+    sets = {"data_dir": data, "out_dir": tmp_path / "runs", "launcher.folder": tmp_path / "submitit",
+            "launcher.parallelism": 2, "launcher.poll_s": 1, "launcher.slurm.gpus_per_node": 0,
+            "launcher.slurm.mem_gb": "null", "launcher.slurm.cpus_per_task": 1, "launcher.slurm.time_min": 30,
+            "launcher.slurm.signal_delay_s": 60,
+            "base.batch_size": 2, "base.engine.device": "cpu", "base.engine.world_size": 1,
+            "base.engine.precision": "fp32", "base.engine.loader_workers": 1,
+            "grid.seeds": "[0]", "grid.sparsities": "[" + ",".join(map(str, first)) + "]"}
+    if sw.base.get("init") == "pretrained":
+        sets["base.pretrained"] = weights[sw.base["model"]]
+    cmd = [sys.executable, "-m", "suite.cli", "sweep", str(recipe), "--scale", "0.01", "--steps", "1",
+           "--executor", "slurm", "--tracking-uri", mlflow_server]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    t0 = time.time()
+    # started as if from inside a torchrun job: the tasks must not inherit its rendezvous
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1700, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    from suite.cli import _parse_set  # the sweep exactly as the command line built it
+
+    overrides = {**_parse_set([f"{k}={v}" for k, v in sets.items()]),
+                 "scale.epochs": 0.01, "scale.steps_per_epoch": 1, "tracking_uri": mlflow_server}
+    expected = {r.run_hash(): r for r in load_sweep(recipe, overrides).expand()}
+    n = len(expected)
+    assert n == len(sw.grid.methods)  # one sparsity, one seed: a run per method
+    c = tracking.client(mlflow_server)
+    exp = c.get_experiment_by_name(sw.experiment_name() + "-smoke")
+    runs = [r for r in c.search_runs([exp.experiment_id]) if r.info.status == "FINISHED"]
+    by_hash = {r.data.tags.get(tracking.TAG_HASH): r for r in runs}
+    assert set(expected) <= set(by_hash), sorted(expected[h].run_name() for h in set(expected) - set(by_hash))
+    for h, cfg in expected.items():
+        r = by_hash[h]
+        assert c.get_metric_history(r.info.run_id, "img_per_s"), cfg.run_name()
+        if cfg.method == "magnitude":
+            assert abs(r.data.metrics["final_sparsity"] - first[0]) < 1e-4
+    print(f"{recipe.stem}: {n} runs in {time.time() - t0:.0f} s")
