@@ -114,3 +114,30 @@ def test_checker_catches_a_broken_image(report, tmp_path):
                           count=1), encoding="utf-8")
     result, _ = check_page(bad, tmp_path)
     assert len(result["broken"]) == 1
+
+
+SEEDS_REPORT = Path(__file__).resolve().parents[1] / "reports" / "fmnist_seeds"
+
+
+def test_committed_multi_seed_report_in_chromium(tmp_path):
+    """The committed report of the real 3-seed Fashion-MNIST sweep (configs/fmnist_seeds.yaml,
+    built by `hfbench report`): every run finished, three seeds behind every method and
+    sparsity, and index.html renders in Chromium with every image, the accuracy and compute
+    tables (with the overhead benchmark's step-time ratios) and no error."""
+    import csv
+
+    rows = list(csv.DictReader((SEEDS_REPORT / "results.csv").open()))
+    assert rows and {r["status"] for r in rows} == {"FINISHED"}
+    seeds: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        seeds.setdefault((r["method"], r["target_sparsity"]), set()).add(r["seed"])
+    assert len({m for m, _ in seeds}) == 12  # dense and the 11 pruning methods
+    assert all(len(s) >= 3 for s in seeds.values()), {k: v for k, v in seeds.items() if len(v) < 3}
+    result, console = check_page(SEEDS_REPORT / "index.html", tmp_path)
+    pngs = list(SEEDS_REPORT.glob("*.png"))
+    assert result["images"] == len(pngs) > 0
+    assert result["broken"] == [] and result["errors"] == [] and console == [], (result, console)
+    t = result["tables"]
+    assert t.get("accuracy") == 1 and t.get("compute") == 1, t
+    md = (SEEDS_REPORT / "report.md").read_text()
+    assert "95 % t confidence interval" in md and "step-time ratio (bench)" in md
