@@ -154,7 +154,16 @@ def test_bf16_channels_last_pretrained_run_logs_throughput(tmp_path, betons):
                     data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment="bf16")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     exp = tracking.ensure_experiment(uri, cfg.experiment)
-    res = train(cfg, exp, uri)
+    saved = dict(os.environ)
+    try:
+        res = train(cfg, exp, uri)
+    finally:  # in-process training sets RANK/MASTER_PORT and holds the port: later tests' children must not inherit them
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
     assert 0.0 <= res["final_test_top1"] <= 1.0
     c = tracking.client(uri)
     (run,) = c.search_runs([exp])
