@@ -92,20 +92,13 @@ def test_pretrained_weights_that_do_not_fit_are_refused_naming_the_keys(tmp_path
         load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / "nope.pth")
 
 
-class _Boom:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ.get('HFBENCH_PWN_MARK', '/tmp/hfbench-pwned')}",))
-
-
-def test_pretrained_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+def test_pretrained_pickle_that_would_run_code_is_refused(tmp_path):
     from suite.engine import load_pretrained
+    from tests.test_security import _evil_checkpoint  # unpickling it would create `mark`
 
     mark = tmp_path / "pwned"
-    monkeypatch.setenv("HFBENCH_PWN_MARK", str(mark))
-    with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"features.0.weight": _Boom()}, f)
     with pytest.raises(pickle.UnpicklingError):
-        load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / "evil.pth")
+        load_pretrained(models.build("fmnist_cnn", 10, 1), _evil_checkpoint(tmp_path / "evil.pth", mark))
     assert not mark.exists()
 
 
