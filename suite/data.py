@@ -654,8 +654,18 @@ def _import_ffcv() -> None:
     ``torch.set_num_threads(1)`` for the whole process: undo that."""
     if "ffcv.loader" in sys.modules:
         return
-    with _keep_torch_threads():
-        import ffcv.loader  # noqa: F401
+    import numba.typed
+
+    # ffcv/fields/rgb_image.py fills a numba typed Dict at import time ({'jpg': 0, 'raw': 1}),
+    # read only from Python; creating it compiles numba's dict code, which is never cached:
+    # 15 s of every process's startup on a 2-core machine. A plain dict serves the same reads.
+    typed_dict = numba.typed.Dict
+    numba.typed.Dict = dict
+    try:
+        with _keep_torch_threads():
+            import ffcv.loader  # noqa: F401
+    finally:
+        numba.typed.Dict = typed_dict
 
 
 @contextmanager

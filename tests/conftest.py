@@ -47,6 +47,12 @@ _GROUPS = {
 _OUTCOMES: dict[str, list] = {g: [] for g in _GROUPS}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--all-methods", action="store_true",
+                     help="recipe smoke runs (tests/test_recipes.py) train every method of every recipe, "
+                          "not the covering subset make test runs")
+
+
 def pytest_runtest_logreport(report):
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return

@@ -125,6 +125,38 @@ def test_unreadable_images_named_then_skipped(tmp_path):
 
 
 @TIMEOUT
+def test_one_corrupt_file_among_300_is_named(folder, tmp_path):
+    tree = tmp_path / "train"
+    shutil.copytree(folder["train"], tree)
+    victim = sorted((tree / "n00000007").iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        I.write_imagefolder(out, tree, name="big", max_side=128, workers=2, progress=False, timeout=300)
+    assert str(victim) in str(e.value) and "1 unreadable" in str(e.value)
+    assert not (out / "big_train.beton").exists()
+    paths = I.write_imagefolder(out, tree, name="big", max_side=128, workers=2, progress=False, skip_bad=True,
+                                timeout=300)
+    entry = json.loads(paths["meta"].read_text())["files"]["train"]
+    assert entry["count"] == 299 and [s["path"] for s in entry["skipped"]] == [str(victim)]
+    assert entry["label_counts"] == {f"n{c:08d}": 29 if c == 7 else 30 for c in range(10)}
+
+
+def test_ffcv_import_leaves_numba_typed_dict_alone():
+    """suite.data imports FFCV with a plain dict standing in for numba's typed Dict (its one
+    use, a table read from Python, costs 15 s of compilation per process); afterwards numba's
+    own Dict is back in place."""
+    import numba.typed
+    from suite.data import _import_ffcv
+
+    _import_ffcv()
+    from ffcv.fields import rgb_image
+
+    assert dict(rgb_image.IMAGE_MODES) == {"jpg": 0, "raw": 1}
+    assert numba.typed.Dict is not dict and numba.typed.Dict.__module__.startswith("numba")
+
+
+@TIMEOUT
 def test_interrupted_write_then_rerun(folder, tmp_path):
     out = tmp_path / "out"
     # a writer killed (SIGKILL) mid-way: no file under a final name, nothing listed in the meta
