@@ -232,6 +232,9 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
     every run FINISHED in MLflow with its throughput logged, the one-shot magnitude run exactly
     at its target."""
     data, weights = paper_data
+    # checkpoints and weights of these full-size models take ~0.5 GB per run: deleted when the
+    # recipe is done (passed or not); logs, results and MLflow records stay
+    request.addfinalizer(lambda: [p.unlink() for p in (tmp_path / "runs").rglob("*.pt")])
     sw = load_sweep(recipe)
     first = sw.grid.sparsities[:1]
     methods = sw.grid.methods if request.config.getoption("--all-methods") else CI_METHODS[recipe.stem]
