@@ -544,6 +544,7 @@ def _safe_writer_worker(*args):
     """FFCV's writer waits forever for a worker that died; kill the whole group instead."""
     import signal
     import traceback
+    _import_ffcv()
     from ffcv.writer import worker_job_indexed_dataset
     try:
         worker_job_indexed_dataset(*args)
@@ -555,6 +556,7 @@ def _safe_writer_worker(*args):
 
 
 def _write_split(path: Path, ds: _ArrayDataset, num_workers: int) -> None:
+    _import_ffcv()
     from ffcv.fields import IntField, NDArrayField
     from ffcv.utils import chunks
     from ffcv.writer import DatasetWriter
@@ -658,7 +660,7 @@ def _import_ffcv() -> None:
 
     # ffcv/fields/rgb_image.py fills a numba typed Dict at import time ({'jpg': 0, 'raw': 1}),
     # read only from Python; creating it compiles numba's dict code, which is never cached:
-    # 15 s of every process's startup on a 2-core machine. A plain dict serves the same reads.
+    # ~7 s of every process's startup on a 2-core machine. A plain dict serves the same reads.
     typed_dict = numba.typed.Dict
     numba.typed.Dict = dict
     try:

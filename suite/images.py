@@ -36,7 +36,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from suite.data import (DataError, FashionMNISTLoader, _ArrayDataset, _atomic_write_text, _check_alloc_table,
-                        _dir_lock, _import_ffcv, _open_beton, _publish, _run_writer_child, _sha256, _tmp_name)
+                        _dir_lock, _import_ffcv, _open_beton, _publish, _run_writer_child, _safe_writer_worker,
+                        _sha256, _tmp_name)
 
 __all__ = ["write_imagefolder", "write_cifar", "check_image_beton", "check_split_file", "make_image_loader",
            "ImageBetonLoader", "RECIPES", "split_file", "meta_file", "IMG_EXTENSIONS"]
@@ -224,11 +225,10 @@ def _write_with_child(out_dir: Path, name: str, meta: dict[str, Any], todo: list
 
 
 def _write_rgb(path: Path, ds, num_workers: int, page_size: int, **field_kw) -> None:
+    _import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.utils import chunks
     from ffcv.writer import DatasetWriter
-
-    from suite.data import _safe_writer_worker
 
     fields = {"image": RGBImageField(**field_kw), "label": IntField(), "index": IntField()}
     writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)

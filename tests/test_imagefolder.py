@@ -144,7 +144,7 @@ def test_one_corrupt_file_among_300_is_named(folder, tmp_path):
 
 def test_ffcv_import_leaves_numba_typed_dict_alone():
     """suite.data imports FFCV with a plain dict standing in for numba's typed Dict (its one
-    use, a table read from Python, costs 15 s of compilation per process); afterwards numba's
+    use, a table read from Python, costs ~7 s of compilation per process); afterwards numba's
     own Dict is back in place."""
     import numba.typed
     from suite.data import _import_ffcv

@@ -196,7 +196,7 @@ def paper_data(tmp_path_factory):
 
 # Which methods each recipe's smoke run trains in `make test`: dense everywhere (the fine-tuning
 # methods start from it), every other method at least once on a CIFAR network and once on an
-# ImageNet one, Hyperflux on every model: 33 runs (about 12 minutes on 2 cores) instead of 85.
+# ImageNet one, Hyperflux on every model: 33 runs (about 19 minutes on 2 cores) instead of 85.
 # `make test-recipes` (pytest --all-methods) trains every method of every recipe.
 CI_METHODS = {
     "cifar10_resnet50": ["dense", "hyperflux", "magnitude", "gmp"],
