@@ -4,8 +4,9 @@ docs/baselines.md, "Marchenko-Pastur (random-matrix) pruning". The math (MP edge
 layer weights and masks, SER restore) lives in baselines/marchenko_pastur.py; this module
 only schedules it inside the suite's Pruner hooks. Every method starts from the trained dense
 model (cfg.init == "dense"), fits the MP edge of every prunable layer on its *dense* stored
-weight (mp_edge_fit with rmt.alpha, rmt.beta; Conv viewed as out x (in kh kw)), and ends with
-exactly round(s N) zeros over all N prunable weights (the suite's ruler measures it).
+weight (mp_edge_fit with rmt.alpha, rmt.beta, rmt.deflate; Conv viewed as out x (in kh kw)),
+and ends with exactly round(s N) zeros over all N prunable weights (the suite's ruler
+measures it).
 
 NOTE: the papers (arXiv 2503.01922, 2606.02608) stop at 70 % sparsity. Results of these
 methods beyond 0.7 are new ground, not a reproduction; say so in reports.
@@ -118,7 +119,8 @@ class _RMTBase(MaskPruner):
         return super().lrs(epoch)
 
     def fit_all(self) -> list[mp.MPFit]:
-        self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta) for w in self.stored()]
+        self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate)
+                     for w in self.stored()]
         return self.fits
 
     def layer_weights(self, s: float) -> list[float]:

@@ -238,6 +238,23 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_fidelity(a) -> int:
+    from suite import fidelity
+
+    problems = fidelity.check_all()
+    tables = fidelity.load_tables()
+    n = sum(1 for t in tables.values() for _ in fidelity._entries(t))
+    for pr in problems:
+        print(f"hfbench fidelity: {pr}", file=sys.stderr)
+    print(f"{len(tables)} reference tables, {n} (config, method, value) entries: "
+          f"{'all as listed' if not problems else f'{len(problems)} unlisted differences'}")
+    if a.write:
+        out = fidelity.ROOT / "docs" / "fidelity.md"
+        out.write_text(fidelity.render(tables))
+        print(f"wrote {out}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hfbench", description="Pruning benchmark suite: Hyperflux against baselines.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -307,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tracking-uri")
     r.add_argument("--title")
     r.set_defaults(fn=cmd_report)
+
+    fi = sub.add_parser("fidelity", help="check the paper recipes against the reference tables (docs/reference)")
+    fi.add_argument("--write", action="store_true", help="also write docs/fidelity.md from the tables")
+    fi.set_defaults(fn=cmd_fidelity)
 
     m = sub.add_parser("models", help="list the model registry")
     m.add_argument("--count", action="store_true", help="build each model and count prunable weights")

@@ -170,7 +170,13 @@ class RMTConfig(_Strict):
     """Marchenko-Pastur (random-matrix) pruning family (docs: baselines.md; baselines/marchenko_pastur.py)."""
 
     alpha: float = Field(0.25, gt=0, lt=0.5, description="central quantile window of the MP scale fit")
-    beta: float = Field(0.8, gt=0, lt=1, description="Tracy-Widom tail probability of the edge correction")
+    beta: float = Field(0.01, gt=0, lt=1, description="Tracy-Widom tail probability of the edge correction: "
+                        "the chance that a pure-noise layer shows a singular value above the edge (0.01: "
+                        "count the spikes that are there; the papers' public code uses 0.8, an edge inside "
+                        "the bulk that noise crosses most of the time; baselines/marchenko_pastur.py)")
+    deflate: bool = Field(True, description="fit the MP scale on the bulk without the values counted above the "
+                          "edge, refitting until the count is stable (false: one fit on all values, as the public "
+                          "code; many spikes then inflate the scale and hide spikes)")
     seb_b: float = Field(1.0, ge=0, description="SEB: b in w_l(s) = max(0.1, 1 + b d(s) z_l)")
     seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
     seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
@@ -210,8 +216,10 @@ class EngineConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: int = Field(1, ge=1, le=256)
     deterministic: bool = True
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: torch.autocast mixed precision for "
-                                               "forward and loss; weights, gates and optimiser state stay fp32")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 / fp16: torch.autocast mixed precision for forward and loss; weights, gates and "
+                            "optimiser state stay fp32; fp16 adds a dynamic gradient scaler (torch.amp.GradScaler: "
+                            "steps with inf/NaN gradients are skipped), as the Hyperflux reference code trains")
     channels_last: bool = Field(False, description="NHWC memory format for the model and its input batches")
     loader_workers: int = Field(1, ge=1, le=256, description="FFCV loader threads per rank (not in the run hash)")
 
@@ -229,9 +237,18 @@ class RunConfig(_Strict):
     batch_size: int = Field(128, ge=1, le=65536, description="per-rank batch size")
     lr: float = Field(0.05, gt=0, le=10.0)
     lr_end: float = Field(0.0, ge=0, description="final weight LR of the cosine schedule (non-Hyperflux)")
+    lr_schedule: Literal["cosine", "step"] = Field(
+        "cosine", description="weight LR over the run (non-Hyperflux): cosine lr -> lr_end, or step: lr times "
+                              "lr_gamma after each epoch listed in lr_milestones (torch MultiStepLR, per epoch)")
+    lr_milestones: list[int] = Field(default_factory=list, description="step schedule: epochs after which the LR "
+                                     "is multiplied by lr_gamma (e.g. [80, 120] for the reference dense CIFAR run)")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: LR factor at each milestone")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, le=1)
+    weight_decay_on: Literal["all", "conv_linear"] = Field(
+        "all", description="parameters weight decay applies to: every trained one, or only Conv2d/Linear weights "
+                           "(no biases, norms, embeddings; the Hyperflux reference's ImageNet recipe)")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="scale knob: cap batches per epoch")
     eval_every: int = Field(1, ge=1, description="evaluate val/test every k epochs (and always after the last)")
@@ -353,6 +370,15 @@ class RunConfig(_Strict):
                 if self.method == "cs" else (sec.search_end or 1)
             if end > self.epochs:
                 raise ValueError(f"{self.method}: the search phase ({end} epochs) must fit in epochs ({self.epochs})")
+        if self.lr_schedule == "step":
+            ms = self.lr_milestones
+            if any(b <= a for a, b in zip(ms, ms[1:])) or (ms and (ms[0] < 1 or ms[-1] >= self.epochs)):
+                raise ValueError(f"lr_milestones: the step schedule needs strictly increasing epochs in "
+                                 f"[1, epochs - 1] (epochs {self.epochs}), got {ms}")
+        elif self.lr_milestones:
+            raise ValueError("lr_milestones: only used by lr_schedule 'step' (lr_schedule is 'cosine')")
+        if self.engine.zero_stage != 0 and self.engine.precision == "fp16":
+            raise ValueError("engine.precision fp16 (gradient scaler) is not supported with engine.zero_stage > 0")
         if self.engine.zero_stage != 0 and self.method != "dense":
             raise ValueError("engine.zero_stage > 0 is not supported with pruning yet")
         return self
@@ -372,6 +398,10 @@ class RunConfig(_Strict):
         for k, default in (("precision", "fp32"), ("channels_last", False)):
             if eng[k] == default:
                 eng.pop(k)
+        for k, default in (("lr_schedule", "cosine"), ("lr_milestones", []), ("lr_gamma", 0.1),
+                           ("weight_decay_on", "all")):
+            if d[k] == default:
+                d.pop(k)
         if d["pretrained"] is None:
             d.pop("pretrained")
         else:
@@ -550,6 +580,13 @@ class ScaleConfig(_Strict):
         ep = f["epochs"] = max(sc(full), min(full, MIN_EPOCHS.get(f.get("method"), 1)))
         if "eval_every" in f:
             f["eval_every"] = min(sc(f["eval_every"]), ep)
+        if isinstance(f.get("lr_milestones"), list) and f["lr_milestones"]:  # kept inside the run, distinct
+            ms: list = []
+            for m in f["lr_milestones"]:
+                v = min(max(sc(m), ms[-1] + 1 if ms else 1), ep - 1) if isinstance(m, int) else m
+                if not ms or v != ms[-1]:
+                    ms.append(v)
+            f["lr_milestones"] = [m for m in ms if not isinstance(m, int) or m >= 1]
         method = f.get("method")
         sec = lambda name: f.setdefault(name, {}) if isinstance(f.get(name, {}), dict) else {}  # noqa: E731
         if method == "imp":
@@ -713,6 +750,29 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
+MAX_CONFIG_NODES = 200_000
+
+
+def _unshared(data: Any, where: str) -> Any:
+    """A copy in which no mapping or list is shared: YAML aliases (&a / *a) become separate
+    copies, so a `--set` on one place cannot change another. A document whose aliases expand to
+    more than MAX_CONFIG_NODES values (an alias bomb) is refused instead of expanded."""
+    count = [0]
+
+    def walk(v: Any) -> Any:
+        count[0] += 1
+        if count[0] > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: the config expands to more than {MAX_CONFIG_NODES:,} values "
+                              f"(nested YAML aliases?); refused")
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(data)
+
+
 # --------------------------------------------------------------------------- safe names and paths
 def _no_control(v: str, what: str) -> str:
     """Refuse NUL, newlines and other control characters (they end up in file names, sbatch
@@ -817,7 +877,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_sweep(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> SweepConfig:
-    data = load_yaml(path)
+    # a copy without YAML aliases: `--set overrides.magnitude.epochs=30` must not also change the
+    # methods that share magnitude's settings through an alias (&finetune / *finetune)
+    data = _unshared(load_yaml(path), str(path))
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     sweep = _validate(SweepConfig, data, source=str(path))

@@ -191,8 +191,9 @@ def make_loaders(cfg: RunConfig, world: int):
 
 
 def autocast(device: str, precision: str):
-    """bf16 mixed precision (torch.autocast) for the forward pass and loss, or a no-op."""
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 / fp16 mixed precision (torch.autocast) for the forward pass and loss, or a no-op."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def to_device(x: torch.Tensor, device: str, channels_last: bool = False) -> torch.Tensor:
@@ -456,9 +457,18 @@ def _ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
     }
 
 
-def _weight_groups(model: nn.Module, gate_ids: set[int]) -> list[dict]:
-    # frozen parameters (e.g. the frozen_bn_scale quirk) are left out: no update, no weight decay
-    return [{"params": [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]}]
+def _weight_groups(model: nn.Module, gate_ids: set[int], decay_on: str = "all",
+                   weight_decay: float = 0.0) -> list[dict]:
+    """SGD groups of the model's own trained parameters. Frozen parameters (e.g. the
+    frozen_bn_scale quirk) are left out: no update, no weight decay. decay_on 'conv_linear':
+    weight decay only on Conv2d/Linear weights, every other parameter in a group without it."""
+    params = [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]
+    if decay_on == "all":
+        return [{"params": params}]
+    decayed = {id(masks.stored_weight(m)) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    groups = [{"params": [p for p in params if id(p) in decayed]},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def attach_pruner(cfg: RunConfig, model: nn.Module, layers: list, steps_per_epoch: int, device: str):
@@ -470,7 +480,7 @@ def attach_pruner(cfg: RunConfig, model: nn.Module, layers: list, steps_per_epoc
     gates = pruner.gate_parameters()
     extra = pruner.extra_weight_groups()
     own = {id(g) for g in gates} | {id(p) for grp in extra for p in grp["params"]}
-    opt = WeightsAndGates(_weight_groups(model, own) + extra, gates, lr=cfg.lr, momentum=cfg.momentum,
+    opt = WeightsAndGates(_weight_groups(model, own, cfg.weight_decay_on) + extra, gates, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, gate_lr=1e-3)
     pruner.bind_optimizer(opt)
     return pruner, opt
@@ -570,6 +580,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     if cl:  # after DeepSpeed's broadcast (it views parameters as flat bytes); in place: same Parameters
         engine.module.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler = opt.use_grad_scaler(device) if precision == "fp16" else None
+    # gates that add their pressure gradient in backward must scale it like the loss (masks._GatedProduct)
+    gated = [m for m in engine.module.modules() if isinstance(m, masks.GatedWeight)] if scaler is not None else []
     marks["model"] = time.time()
 
     start_epoch, step, in_epoch = 1, 0, 0
@@ -577,6 +590,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         engine.module.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         pruner.load_state_dict(resume["pruner"])
+        if scaler is not None and resume.get("grad_scaler"):
+            scaler.load_state_dict(resume["grad_scaler"])
         torch.set_rng_state(resume["torch_rng"])
         step, in_epoch = resume["step"], resume.get("in_epoch", 0)
         start_epoch = resume["epoch"] if in_epoch else resume["epoch"] + 1
@@ -632,6 +647,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             save_checkpoint({"run_hash": cfg.run_hash(), "epoch": epoch, "in_epoch": in_epoch, "step": step,
                          "loss_sum": loss_sum.tolist(), "model": engine.module.state_dict(),
                          "optimizer": opt.state_dict(), "pruner": pruner.state_dict(),
+                         "grad_scaler": scaler.state_dict() if scaler is not None else None,
                          "torch_rng": torch.get_rng_state(), "mlflow_run_id": logger.run_id,
                          "train_time_s": train_time, "metrics": metrics, "logged": logged, "flips": flips,
                          "active": active, "stream": stream.state(), "layer_rows": layer_rows}, ckpt_path)
@@ -661,6 +677,12 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                 total = total * float("nan")
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss ({total.item()}) at epoch {epoch}, step {step + 1}")
+            if scaler is not None:
+                total = scaler.scale(total)
+                if gated:
+                    s_t = scaler.scale(torch.ones((), device=total.device))  # the scale as a tensor, no sync
+                    for g in gated:
+                        g.loss_scale = s_t
             engine.backward(total)
             engine.step()
             step += 1
@@ -693,6 +715,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                    "lr": w_lr, "gate_lr": g_lr,
                    # images per second per rank over this epoch's training steps (no evaluation)
                    "img_per_s": (steps_per_epoch - first) * cfg.batch_size / max(epoch_train, 1e-9)}
+        if scaler is not None:  # fp16: the dynamic loss scale and the updates it skipped (inf/NaN grads)
+            metrics["grad_scale"] = float(scaler.get_scale())
+            metrics["skipped_steps"] = float(opt.skipped_steps)
         metrics.update(pruner.end_epoch(epoch, dens))
         if cfg.flux_every and (epoch % cfg.flux_every == 0 or epoch == cfg.epochs) and rank == 0 \
                 and probe_batch is not None:

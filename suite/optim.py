@@ -38,13 +38,39 @@ class WeightsAndGates(Optimizer):
                 g["kind"] = "gates"
         # one list of the children's group dicts: changing an LR here changes it there
         self.param_groups = self.sgd.param_groups + (self.adam.param_groups if self.adam else [])
+        self.scaler: torch.amp.GradScaler | None = None  # fp16: set by the engine (use_grad_scaler)
+        self._in_scaler = False
+        self.skipped_steps = 0
+
+    def use_grad_scaler(self, device: str) -> torch.amp.GradScaler:
+        """fp16 training: the loss is multiplied by a dynamic scale before backward (the engine
+        does that), and `step` unscales the gradients, skips the update when any of them is
+        inf/NaN and lets the scaler grow or shrink the scale (torch.amp.GradScaler's rule)."""
+        self.scaler = torch.amp.GradScaler(device.split(":")[0])
+        return self.scaler
 
     def set_lrs(self, weight_lr: float, gate_lr: float) -> None:
         for g in self.param_groups:
             g["lr"] = weight_lr if g["kind"] == "weights" else gate_lr
 
-    @torch.no_grad()
     def step(self, closure=None):
+        if self.scaler is not None and not self._in_scaler:
+            # DeepSpeed calls step() after reducing gradients; the scaler calls it back (below) when
+            # every gradient is finite
+            self._in_scaler = True
+            try:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self)
+                self.scaler.update()
+                if self.scaler.get_scale() < scale:
+                    self.skipped_steps += 1
+            finally:
+                self._in_scaler = False
+            return
+        self._step_both()
+
+    @torch.no_grad()
+    def _step_both(self) -> None:
         self.sgd.step()
         if self.adam is not None:
             self.adam.step()
@@ -55,10 +81,12 @@ class WeightsAndGates(Optimizer):
             self.adam.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sgd": self.sgd.state_dict(), "adam": self.adam.state_dict() if self.adam else None}
+        return {"sgd": self.sgd.state_dict(), "adam": self.adam.state_dict() if self.adam else None,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sgd.load_state_dict(state["sgd"])
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.adam is not None:
             self.adam.load_state_dict(state["adam"])
         self.param_groups = self.sgd.param_groups + (self.adam.param_groups if self.adam else [])

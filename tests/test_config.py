@@ -94,3 +94,24 @@ def test_inputs_of_other_pressure_schedules_do_not_change_identity():
                                          hyperflux={"schedule": "fixed", "fixed_gamma": 1.0}).run_hash()
     assert ctl.variant() == "hyperflux" and by_law.variant() == "hyperflux-law" and fixed.variant() == "hyperflux-fixed"
     assert RunConfig(method="gmp", sparsity=0.5, gmp={"criterion": "taylor"}).variant() == "gmp-taylor"
+
+
+def test_a_set_on_one_method_does_not_reach_its_yaml_aliases():
+    """configs/paper share the fine-tuning settings through an alias (&finetune / *finetune): a
+    `--set overrides.magnitude.epochs=30` changes magnitude only."""
+    from suite.config import load_sweep
+
+    sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"overrides.magnitude.epochs": 30})
+    epochs = {r.method: r.epochs for r in sw.expand() if r.method in ("magnitude", "seb", "ser", "rmt")}
+    assert epochs == {"magnitude": 30, "seb": 40, "ser": 40, "rmt": 40}
+
+
+def test_an_alias_bomb_is_refused_not_expanded(tmp_path):
+    from suite.config import ConfigError, MAX_CONFIG_NODES, load_sweep
+
+    lines = ["name: bomb", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines.append("base: {model: *a8}")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"more than {MAX_CONFIG_NODES:,} values"):
+        load_sweep(tmp_path / "bomb.yaml")

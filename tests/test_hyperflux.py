@@ -109,3 +109,62 @@ def test_flip_counting_on_known_masks():
     after = [torch.tensor([True, False, True, False]), torch.tensor([[False, False], [True, True]])]
     assert flips(before, after) == (2, 2)
     assert flips(after, after) == (0, 0)
+
+
+# The reference code's per-epoch schedule for P = 4, E = 8 (lr 0.1, end_lr_pruning 0.1/30, reset 1e-3 ->
+# 1e-4, gate lr 1e-3, decay 0.75, reset scaler 1, step s 0.2, the network always denser than the
+# target), read from github.com/erupturatis/Hyperflux @ 9aaed27 and traced by running its own classes:
+# - src/infrastructure/schedulers.py:37-38 (PressureSchedulerPolicy1.step returns once epoch >= P),
+#   :48-50 and :55-61 (g += s + I+, I+ += s/4), :66-67 (gamma = g ** 1.5);
+# - src/infrastructure/stages_context/stages_context.py:117-124 (cosine step + controller after each
+#   epoch e <= P), :131-135 (the reset after epoch P + 1), :140-149 (in the same call: one regrowth
+#   cosine step, one gate LambdaLR step, gamma 0);
+# - src/resnet50_cifar10/train_pruned_resnet50_cifar10.py:76, :81-83 (CosineAnnealingLR(T_max=P) and
+#   (T_max=E-P), LambdaLR decay ** it, 0 from it >= 50), :125-141 (train the epoch, then step).
+# Columns: epoch (1-based), gamma the epoch trains with, weight LR, gate LR.
+REFERENCE_OFF_BY_ONE_P4_E8 = [
+    (1, 0.0, 0.1, 1e-3),
+    (2, 0.0894427, 0.0858435, 1e-3),
+    (3, 0.301869, 0.0516667, 1e-3),
+    (4, 0.649519, 0.0174898, 1e-3),
+    (5, 0.649519, 0.00333333, 1e-3),  # P + 1: the pressure and LRs of the pruning phase's end
+    (6, 0.0, 8.681981e-4, 7.5e-4),  # the reset is followed by one cosine and one decay step at once
+    (7, 0.0, 5.5e-4, 5.625e-4),
+    (8, 0.0, 2.318019e-4, 4.21875e-4),
+]
+
+
+def _replay(quirks):
+    model = _tiny()
+    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=8, lr=0.1,
+                    hyperflux={"pruning_end": 4, "step": 0.2, "end_lr_pruning": 0.1 / 30, "reset_lr": 1e-3,
+                               "end_lr_regrowth": 1e-4, "gate_lr": 1e-3, "decay": 0.75, "reset_scaler": 1.0,
+                               "quirks": quirks})
+    hf = Hyperflux(cfg, prunable_layers(model, "conv_linear"), 1)
+    hf.attach(model)
+    rows = []
+    for e in range(1, 9):
+        w_lr, g_lr = hf.lrs(e)
+        rows.append((e, hf.gamma, w_lr, g_lr))
+        hf.end_epoch(e, 1.0)  # always denser than the target: the controller only pushes up
+    return rows
+
+
+def test_phase_off_by_one_quirk_replays_the_reference_schedule():
+    for (e, gamma, w_lr, g_lr), want in zip(_replay(["phase_off_by_one"]), REFERENCE_OFF_BY_ONE_P4_E8):
+        assert (e, gamma, w_lr, g_lr) == (want[0], pytest.approx(want[1], rel=1e-5, abs=1e-12),
+                                          pytest.approx(want[2], rel=1e-5), pytest.approx(want[3], rel=1e-9)), e
+
+
+def test_default_boundary_regrowth_starts_at_p_plus_one():
+    """The suite's documented boundary: pressure in epochs 2..P, regrowth from P + 1 at the reset
+    LRs (reset_lr, gate_lr x reset_scaler), decaying from there; differs from the reference table
+    exactly at epochs 5 (P + 1) and after."""
+    got = _replay([])
+    ref = REFERENCE_OFF_BY_ONE_P4_E8
+    assert got[:4] == [(e, pytest.approx(g, rel=1e-5, abs=1e-12), pytest.approx(w, rel=1e-5), pytest.approx(gl))
+                       for e, g, w, gl in ref[:4]]
+    e, gamma, w_lr, g_lr = got[4]
+    assert gamma == 0.0 and w_lr == pytest.approx(1e-3) and g_lr == pytest.approx(1e-3)
+    for (e, gamma, w_lr, g_lr), (_, _, rw, rg) in zip(got[5:], ref[5:]):  # regrowth epoch j = e - P - 1
+        assert gamma == 0.0 and w_lr == pytest.approx(rw, rel=1e-5) and g_lr == pytest.approx(rg)

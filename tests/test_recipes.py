@@ -4,6 +4,7 @@ recipe's smoke run through the real SLURM launcher, FFCV and DeepSpeed on genera
 the real layouts (CIFAR python releases, a 1000-class ImageNet JPEG tree)."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -135,16 +136,18 @@ def test_weights_file_counts_by_name_in_the_run_hash(tmp_path):
 # ------------------------------------------------------------------------------ engine
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_bf16_channels_last_pretrained_run_logs_throughput(tmp_path, betons):
-    """One real Hyperflux run in this process: bf16 autocast, channels_last, 2 loader threads,
-    starting from a weights file; img/s per epoch in MLflow."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, betons, precision):
+    """One real Hyperflux run in this process: bf16 autocast, or fp16 autocast with the gradient
+    scaler (its scale logged each epoch; the pressure under scaling: tests/test_precision.py), channels_last, 2 loader
+    threads, starting from a weights file; img/s per epoch in MLflow."""
     from suite.engine import train
 
     _save_fmnist(tmp_path / "dense.pth")
     cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=3, max_steps_per_epoch=4, batch_size=32, eval_every=3,
                     hyperflux={"pruning_end": 2}, init="pretrained", pretrained=str(tmp_path / "dense.pth"),
-                    engine={"precision": "bf16", "channels_last": True, "loader_workers": 2, "device": "cpu"},
-                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment="bf16")
+                    engine={"precision": precision, "channels_last": True, "loader_workers": 2, "device": "cpu"},
+                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment=precision)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     exp = tracking.ensure_experiment(uri, cfg.experiment)
     saved = dict(os.environ)
@@ -162,6 +165,12 @@ def test_bf16_channels_last_pretrained_run_logs_throughput(tmp_path, betons):
     (run,) = c.search_runs([exp])
     hist = c.get_metric_history(run.info.run_id, "img_per_s")
     assert sorted(h.step for h in hist) == [1, 2, 3] and all(h.value > 0 for h in hist)
+    scale = c.get_metric_history(run.info.run_id, "grad_scale")
+    if precision == "fp16":  # the scaler ran: a power of two, logged every epoch
+        assert sorted(h.step for h in scale) == [1, 2, 3]
+        assert all(math.log2(h.value) == int(math.log2(h.value)) for h in scale)
+    else:
+        assert scale == []
 
 
 # ------------------------------------------------------------------------------ every recipe, smoke

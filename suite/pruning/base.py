@@ -29,6 +29,15 @@ import torch.nn as nn
 from suite.pruning import masks
 
 
+def weight_lr(cfg, epoch: int) -> float:
+    """The run's weight LR in 1-based `epoch` (non-Hyperflux schedule): cosine from lr (epoch 1)
+    towards lr_end over the run, or the step schedule: lr * lr_gamma ** (milestones passed),
+    where a milestone m takes effect from epoch m + 1 (torch MultiStepLR stepped once per epoch)."""
+    if cfg.lr_schedule == "step":
+        return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if m <= epoch - 1)
+    return cosine(cfg.lr, cfg.lr_end, epoch - 1, cfg.epochs)
+
+
 def cosine(start: float, end: float, i: int, n: int) -> float:
     """Cosine from `start` (i = 0) towards `end` (i = n)."""
     if n <= 0:
@@ -60,8 +69,8 @@ class Pruner:
         pass
 
     def lrs(self, epoch: int) -> tuple[float, float]:
-        """Weight LR (cosine from lr to lr_end over the run) and gate LR for 1-based epoch."""
-        return cosine(self.cfg.lr, self.cfg.lr_end, epoch - 1, self.cfg.epochs), 0.0
+        """Weight LR (the run's schedule, `weight_lr`) and gate LR for 1-based epoch."""
+        return weight_lr(self.cfg, epoch), 0.0
 
     def loss_term(self) -> Optional[torch.Tensor]:
         return None

@@ -127,10 +127,20 @@ class Hyperflux(Pruner):
         return [p.gate for p in self.params]
 
     def lrs(self, epoch: int) -> tuple[float, float]:
+        """(weight LR, gate LR) of 1-based `epoch`.
+
+        Default boundary: pruning is epochs 1..P (weight LR cosine lr -> end_lr_pruning, gate LR
+        gate_lr); regrowth epoch P+1+j (j = 0, 1, ...) runs at cosine(reset_lr -> end_lr_regrowth,
+        j / (E - P)) and gate LR gate_lr * reset_scaler * decay^j, 0 once j >= freeze_gates_after.
+        With the `phase_off_by_one` quirk (the reference code, see end_epoch): epoch P+1 still runs
+        the pruning phase's end values (end_lr_pruning, gate_lr), and the reference's reset is
+        followed in the same call by one cosine step and one decay step, so epoch P+1+j (j >= 1)
+        has the same regrowth formula as the default and no epoch runs at j = 0."""
         P, E, h = self.h.pruning_end, self.cfg.epochs, self.h
-        if epoch <= P:
+        last_pruning = P + 1 if "phase_off_by_one" in h.quirks else P
+        if epoch <= last_pruning:
             end = h.end_lr_pruning if h.end_lr_pruning is not None else self.cfg.lr / 30.0
-            return cosine(self.cfg.lr, end, epoch - 1, P), h.gate_lr
+            return cosine(self.cfg.lr, end, min(epoch - 1, P), P), h.gate_lr
         j = epoch - P - 1  # regrowth epoch index, 0-based
         w_lr = cosine(h.reset_lr, h.end_lr_regrowth, j, max(1, E - P))
         g_lr = 0.0 if j >= h.freeze_gates_after else h.gate_lr * h.reset_scaler * h.decay ** j
@@ -152,19 +162,29 @@ class Hyperflux(Pruner):
         return None  # the pressure term's gradient is added in the gates' backward (see gamma)
 
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
+        """After `epoch`: set the pressure the next epoch trains with.
+
+        Default: the controller updates after epochs 1..P-1 (epochs 2..P train under pressure; its
+        last output, computed after P, is logged but not used) and regrowth (P+1..E) runs without.
+        `phase_off_by_one` (the reference code, schedulers.py: the controller returns once
+        epoch >= P; stages_context.py: the reset comes after epoch P+1): no update after epoch P,
+        so epochs P and P+1 both train with the pressure computed after P-1, and regrowth starts
+        at P+2 without pressure."""
         P = self.h.pruning_end
+        quirk = "phase_off_by_one" in self.h.quirks
         out = {"gamma": self.gamma, "target_density": self.scheduler.target_pct(epoch) / 100.0}
-        # pressure applies through epoch P (P + 1 with the reference code's off-by-one quirk)
-        last = P + 1 if "phase_off_by_one" in self.h.quirks else P
+        pressured_until = P + 1 if quirk else P  # last epoch that trains under pressure
         if self.constant_gamma is not None:  # fixed or law-based pressure: constant through pruning
-            self.gamma = self.constant_gamma if epoch < last else 0.0
+            self.gamma = self.constant_gamma if epoch < pressured_until else 0.0
             return out
-        if epoch < last:
+        if epoch < P:
             self.gamma = self.scheduler.update(epoch, 100.0 * density)
+        elif epoch == P and quirk:
+            pass  # the reference's controller returns here: the pressure stays for epoch P + 1
+        elif epoch == P:
+            self.scheduler.update(epoch, 100.0 * density)  # logged as pressure_g; regrowth has no pressure
+            self.gamma = 0.0
         else:
-            # the controller's last update belongs to the last pressured epoch; regrowth runs without pressure
-            if epoch == last:
-                self.scheduler.update(epoch, 100.0 * density)
             self.gamma = 0.0
         out["pressure_g"] = self.scheduler.g
         return out

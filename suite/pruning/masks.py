@@ -36,9 +36,9 @@ class _GatedProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: float,
-                pressure: float) -> torch.Tensor:
+                pressure: float, loss_scale: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(w, keep)
-        ctx.scale, ctx.pressure, ctx.m_dtype = scale, pressure, m.dtype
+        ctx.scale, ctx.pressure, ctx.m_dtype, ctx.loss_scale = scale, pressure, m.dtype, loss_scale
         return w * keep
 
     @staticmethod
@@ -47,8 +47,10 @@ class _GatedProduct(torch.autograd.Function):
         gw = grad * keep if ctx.needs_input_grad[0] else None
         gm = None
         if ctx.needs_input_grad[1]:
-            gm = torch.addcmul(grad.new_full((), ctx.pressure), grad, w, value=ctx.scale).to(ctx.m_dtype)
-        return gw, gm, None, None, None
+            p = grad.new_full((), ctx.pressure) if ctx.loss_scale is None \
+                else (ctx.loss_scale * ctx.pressure).to(grad.dtype)
+            gm = torch.addcmul(p, grad, w, value=ctx.scale).to(ctx.m_dtype)
+        return gw, gm, None, None, None, None
 
 
 class GatedWeight(nn.Module):
@@ -66,6 +68,7 @@ class GatedWeight(nn.Module):
         self.gate = nn.Parameter(gate)
         self.ste_scale = ste_scale
         self.pressure = 0.0
+        self.loss_scale: torch.Tensor | None = None  # fp16: the gradient scaler's current scale (engine)
         self._keep: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,7 @@ class GatedWeight(nn.Module):
         if k is None or k.shape != w.shape or k.dtype != w.dtype or k.device != w.device:
             k = self._keep = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         torch.ge(self.gate.detach(), 0, out=k)
-        return _GatedProduct.apply(w, self.gate, k, self.ste_scale, self.pressure)
+        return _GatedProduct.apply(w, self.gate, k, self.ste_scale, self.pressure, self.loss_scale)
 
 
 def attach(module: nn.Module, param: nn.Module) -> nn.Module:
