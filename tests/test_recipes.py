@@ -138,31 +138,28 @@ def test_weights_file_counts_by_name_in_the_run_hash(tmp_path):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, betons, precision):
-    """One real Hyperflux run in this process: bf16 autocast, or fp16 autocast with the gradient
-    scaler (its scale logged each epoch; the pressure under scaling: tests/test_precision.py), channels_last, 2 loader
+    """One real Hyperflux run through `hfbench train` (its own process: DeepSpeed keeps one process
+    group per process): bf16 autocast, or fp16 autocast with the gradient scaler (its scale logged
+    each epoch; the pressure under scaling: tests/test_precision.py), channels_last, 2 loader
     threads, starting from a weights file; img/s per epoch in MLflow."""
-    from suite.engine import train
+    from suite.config import dump_run
 
     _save_fmnist(tmp_path / "dense.pth")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=3, max_steps_per_epoch=4, batch_size=32, eval_every=3,
                     hyperflux={"pruning_end": 2}, init="pretrained", pretrained=str(tmp_path / "dense.pth"),
                     engine={"precision": precision, "channels_last": True, "loader_workers": 2, "device": "cpu"},
-                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment=precision)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    exp = tracking.ensure_experiment(uri, cfg.experiment)
-    saved = dict(os.environ)
-    try:
-        res = train(cfg, exp, uri)
-    finally:  # in-process training sets RANK/MASTER_PORT and holds the port: later tests' children must not inherit them
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-    assert 0.0 <= res["final_test_top1"] <= 1.0
+                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment=precision,
+                    tracking_uri=uri)
+    (tmp_path / "run.yaml").write_text(dump_run(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(tmp_path / "run.yaml")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=500, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     c = tracking.client(uri)
-    (run,) = c.search_runs([exp])
+    (run,) = c.search_runs([c.get_experiment_by_name(precision).experiment_id])
+    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["final_test_top1"] <= 1.0
+    assert run.data.params["engine.precision"] == precision
     hist = c.get_metric_history(run.info.run_id, "img_per_s")
     assert sorted(h.step for h in hist) == [1, 2, 3] and all(h.value > 0 for h in hist)
     scale = c.get_metric_history(run.info.run_id, "grad_scale")
