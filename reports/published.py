@@ -37,7 +37,8 @@ MODELS: dict[str, str] = {"resnet50": "resnet50", "timm_resnet50": "resnet50", "
                           "deit_small": "deit_small", "vit_b16": "vit_b16"}
 # suite dataset name -> published dataset name
 DATASETS: dict[str, str] = {"imagenet": "imagenet", "imagenet1k": "imagenet", "imagenet-1k": "imagenet",
-                            "cifar10": "cifar10", "cifar100": "cifar100"}
+                            "cifar10": "cifar10", "cifar100": "cifar100",
+                            "cifar10_full": "cifar10", "cifar100_full": "cifar100"}  # all 50k train images
 
 
 @dataclass(frozen=True)

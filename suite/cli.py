@@ -55,8 +55,15 @@ def cmd_data(a) -> int:
         else:
             if not a.src:
                 raise SystemExit(f"hfbench data {a.dataset}: --src DIR is required")
-            paths = images.write_cifar(a.dataset, a.src, a.out, val_size=a.val_size, split_seed=a.split_seed,
-                                       workers=a.workers, overwrite=a.overwrite)
+            try:
+                paths = images.write_cifar(a.dataset, a.src, a.out, val_size=a.val_size, split_seed=a.split_seed,
+                                           workers=a.workers, overwrite=a.overwrite)
+            except ValueError as e:  # e.g. --val-size out of range: names the value
+                from suite.data import DataError
+
+                if isinstance(e, DataError):  # a bad source file: main() prints it, exit status 2
+                    raise
+                raise SystemExit(f"hfbench data {a.dataset}: {e}") from None
         meta = images._read_json(paths["meta"])
         for k, p in paths.items():
             e = meta.get("files", {}).get(k, {})
@@ -65,6 +72,9 @@ def cmd_data(a) -> int:
             print(f"{k}: {p}{extra}")
             for sk in e.get("skipped", []):
                 print(f"  skipped {sk['path']}: {sk['error']}")
+        if a.dataset != "imagefolder" and a.val_size == 0:
+            print(f"runs train on it with dataset: {images.cifar_full_name(a.dataset)} "
+                  f"(every training image; val and test read the test set)")
         return 0
     raise SystemExit(f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist, imagefolder, cifar10, "
                      f"cifar100)")
@@ -262,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("data", help="write FFCV .beton files")
     d.add_argument("dataset", help="fashion-mnist | imagefolder | cifar10 | cifar100")
     d.add_argument("--out", default="data", help="output folder (default: data)")
-    d.add_argument("--val-size", type=int, default=5000, help="images held out of train for validation")
+    d.add_argument("--val-size", type=int, default=5000,
+                   help="images held out of train for validation; cifar10/cifar100: 0 = none, train on all "
+                        "50,000 (the reference setting): files <name>_full_*, dataset <name>_full")
     d.add_argument("--split-seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--train", help="imagefolder: train class folders (ROOT/<class>/<image>)")

@@ -73,6 +73,28 @@ def _cifar_spec(name: str, classes: int) -> DatasetSpec:
         check=_image_check(name, (32, 32)), loader=_image_loader(name))
 
 
+def _cifar_full_check(name: str):
+    def check(path: Path, classes: int) -> None:
+        from suite.images import check_cifar_full_file
+
+        check_cifar_full_file(path, classes, name, image_size=(32, 32))
+    return check
+
+
+def _cifar_full_spec(base: str, classes: int) -> DatasetSpec:
+    """The reference setting of ``base`` (cifar10/cifar100): train on all 50,000 training
+    images, no held-out split; val and test both read the test set (as ``imagenet`` does).
+    Own files ``<base>_full_{train,test}.beton`` + ``<base>_full_meta.json`` (written by
+    ``hfbench data <base> --val-size 0``); the same classes, input shape and loader recipe
+    (``<base>``: identical augmentation and normalisation) as ``base``."""
+    name = f"{base}_full"
+    return DatasetSpec(
+        name=name, num_classes=classes, input_shape=(3, 32, 32),
+        files={"train": f"{name}_train.beton", "val": f"{name}_test.beton", "test": f"{name}_test.beton"},
+        make_command=f"hfbench data {base} --src CIFAR_PYTHON_FOLDER --out {{data_dir}} --val-size 0",
+        check=_cifar_full_check(name), loader=_image_loader(base))
+
+
 _REGISTRY: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist",
@@ -100,6 +122,9 @@ _REGISTRY: dict[str, DatasetSpec] = {
     # CIFAR: val = 5000 images held out of the 50k training set (split_seed 0), test = the test set
     "cifar10": _cifar_spec("cifar10", 10),
     "cifar100": _cifar_spec("cifar100", 100),
+    # CIFAR as the Hyperflux reference code trains it: all 50k training images, val = test = the test set
+    "cifar10_full": _cifar_full_spec("cifar10", 10),
+    "cifar100_full": _cifar_full_spec("cifar100", 100),
 }
 
 

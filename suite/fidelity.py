@@ -201,7 +201,8 @@ def render(tables: Optional[dict[str, dict[str, Any]]] = None) -> str:
             lines += ["| value | reference | source | status | suite / how |", "|---|---|---|---|---|"]
             for e in block.get("values", []):
                 st = e["status"]
-                how = {"same": "", "option": f"default {_fmt(e.get('suite'))}; `--set {e.get('option')}`",
+                how = {"same": "", "option": f"default {_fmt(e.get('suite'))}; `--set {e.get('option')}`"
+                       + (f": {e['reason']}" if e.get("reason") else ""),
                        "deliberate": f"{_fmt(e.get('suite'))}: {e.get('reason', '')}",
                        "note": e.get("text", "")}[st]
                 field = f"`{e['field']}`" if e.get("field") else "-"

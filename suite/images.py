@@ -11,8 +11,12 @@ it rewrites the others (and removes temporary files of dead writers).
 
 Files of a dataset ``NAME`` in ``OUT``: ``NAME_train.beton``, ``NAME_val.beton`` (CIFAR
 also ``NAME_test.beton``) and ``NAME_meta.json`` (classes, counts, settings, skipped
-files). Schema: ``image`` RGBImageField, ``label`` IntField, ``index`` IntField (position
-of the image in the sorted file list of its split folder / row in the CIFAR source).
+files). CIFAR with ``val_size=0`` (``--val-size 0``, the reference setting: train on every
+training image, evaluate the test set) writes ``NAME_full_train.beton`` (all training
+images), ``NAME_full_test.beton`` and ``NAME_full_meta.json`` instead; the registry dataset
+``NAME_full`` reads the test file as its val and test splits. Schema: ``image``
+RGBImageField, ``label`` IntField, ``index`` IntField (position of the image in the sorted
+file list of its split folder / row in the CIFAR source).
 
 Class folders: class index = position in the sorted train folder names; val uses the same
 mapping (a val folder that train lacks is an error). Files with the extensions torchvision's
@@ -39,8 +43,9 @@ from suite.data import (DataError, FashionMNISTLoader, _ArrayDataset, _atomic_wr
                         _dir_lock, _import_ffcv, _open_beton, _publish, _run_writer_child, _safe_writer_worker,
                         _sha256, _tmp_name)
 
-__all__ = ["write_imagefolder", "write_cifar", "check_image_beton", "check_split_file", "make_image_loader",
-           "ImageBetonLoader", "RECIPES", "split_file", "meta_file", "IMG_EXTENSIONS"]
+__all__ = ["write_imagefolder", "write_cifar", "check_image_beton", "check_split_file", "check_cifar_full_file",
+           "cifar_full_name", "make_image_loader", "ImageBetonLoader", "RECIPES", "split_file", "meta_file",
+           "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 META_VERSION = 1
@@ -146,6 +151,28 @@ def check_split_file(path: str | os.PathLike, num_classes: int, name: str,
     max_side = meta.get("settings", {}).get("max_side") or None
     return check_image_beton(path, expected_count=entry.get("count"), expected_classes=num_classes,
                              image_size=image_size, max_side=max_side)
+
+
+def check_cifar_full_file(path: str | os.PathLike, num_classes: int, name: str,
+                          image_size: tuple[int, int] | None = (32, 32)) -> dict[str, Any]:
+    """The registry check of a file of ``<cifar>_full`` (written by ``write_cifar`` with
+    ``val_size=0``): :func:`check_split_file`, and ``<name>_meta.json`` must say ``val_size``
+    0 and the file must hold every image of its source split (train: all training images,
+    50,000 for the real releases; test: the test set)."""
+    path = Path(path)
+    info = check_split_file(path, num_classes, name, image_size=image_size)
+    mpath = path.parent / meta_file(name)
+    meta = _read_json(mpath)
+    st = meta.get("settings") or {}
+    if st.get("kind") != "cifar" or st.get("val_size") != 0:
+        raise DataError(f"{mpath}: settings kind={st.get('kind')!r} val_size={st.get('val_size')!r}; dataset "
+                        f"{name} needs the whole training set (written by `hfbench data ... --val-size 0`)")
+    split = next(s for s, e in meta.get("files", {}).items() if e.get("name") == path.name)
+    want = (meta.get("source_counts") or {}).get(split)
+    if info["num_samples"] != want:
+        raise DataError(f"{path}: {info['num_samples']} images, the {split} split of the source has {want} "
+                        f"(per {mpath})")
+    return info
 
 
 # --------------------------------------------------------------------------------------
@@ -508,14 +535,21 @@ def cifar_source(src: str | os.PathLike, dataset: str) -> dict[str, Any]:
     return out
 
 
-def _cifar_rows(n_train: int, n_test: int, val_size: int, split_seed: int) -> dict[str, np.ndarray]:
+def cifar_full_name(dataset: str) -> str:
+    """File prefix / registry name of the full-train (``val_size=0``) files of ``dataset``."""
+    return f"{dataset}_full"
+
+
+def _cifar_rows(n_train: int, n_test: int, val_size: int, split_seed: int | None) -> dict[str, np.ndarray]:
+    if val_size == 0:  # reference setting: every training image, no val split
+        return {"train": np.arange(n_train), "test": np.arange(n_test)}
     perm = np.random.default_rng(split_seed).permutation(n_train)
     return {"train": np.sort(perm[val_size:]), "val": np.sort(perm[:val_size]), "test": np.arange(n_test)}
 
 
 def _cifar_body(a: dict[str, Any]) -> None:
-    out_dir, name = Path(a["out_dir"]), a["name"]
-    src = cifar_source(a["src"], name)
+    out_dir, name = Path(a["out_dir"]), a["name"]  # name: the file prefix (<dataset>_full with val_size 0)
+    src = cifar_source(a["src"], a.get("dataset", name))
     st = a["settings"]
     if src["files"] != st["source_sha256"]:
         raise DataError(f"{a['src']}: the source files changed while writing")
@@ -544,39 +578,54 @@ def write_cifar(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike
     """Write ``<dataset>_{train,val,test}.beton`` + meta from a CIFAR python release
     (``src`` = the release folder or its parent). ``val`` = ``val_size`` images of the
     training set (the first of ``default_rng(split_seed).permutation(n_train)``), ``train``
-    the rest, ``test`` the test set; raw (lossless) 32x32 RGB pixels."""
+    the rest, ``test`` the test set; raw (lossless) 32x32 RGB pixels.
+
+    ``val_size=0``: the reference setting (the Hyperflux code trains on all training images
+    and evaluates the test set): ``<dataset>_full_train.beton`` = every training image in
+    source order, ``<dataset>_full_test.beton`` = the test set, ``<dataset>_full_meta.json``
+    (``split_seed`` unused, stored as None); returns keys train, test, meta. Registry dataset
+    ``<dataset>_full`` reads them (val = test). The held-out files are not touched."""
     if dataset not in CIFAR_LAYOUTS:
         raise ValueError(f"unknown CIFAR dataset {dataset!r} (known: {', '.join(CIFAR_LAYOUTS)})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = cifar_source(src, dataset)  # validates every file before anything is written
-    n_train = source["train"][0].shape[0]
-    if not isinstance(val_size, int) or not 0 < val_size < n_train:
-        raise ValueError(f"val_size must be an int in 1..{n_train - 1}, got {val_size!r}")
+    n_train, n_test = source["train"][0].shape[0], source["test"][0].shape[0]
+    if not isinstance(val_size, int) or not 0 <= val_size < n_train:
+        raise ValueError(f"val_size must be an int in 0..{n_train - 1} (0: no val split, train on all {n_train} "
+                         f"training images), got {val_size!r}")
+    full = val_size == 0
+    name = cifar_full_name(dataset) if full else dataset  # file prefix
     lay = CIFAR_LAYOUTS[dataset]
-    settings = {"kind": "cifar", "classes": source["classes"], "val_size": val_size, "split_seed": int(split_seed),
-                "source_sha256": source["files"]}
+    settings = {"kind": "cifar", "classes": source["classes"], "val_size": val_size,
+                "split_seed": None if full else int(split_seed), "source_sha256": source["files"]}
     root = str(_cifar_root(Path(src), lay).resolve())
-    sources = {"train": root, "val": root, "test": root}
-    result = {s: out_dir / split_file(dataset, s) for s in sources}
-    result["meta"] = out_dir / meta_file(dataset)
+    sources = {s: root for s in (("train", "test") if full else ("train", "val", "test"))}
+    result = {s: out_dir / split_file(name, s) for s in sources}
+    result["meta"] = out_dir / meta_file(name)
     del source
 
     def check(p: Path, count: int):
         return check_image_beton(p, count, lay.classes, image_size=(32, 32))
 
-    with _dir_lock(out_dir, f".{dataset}.lock"):
-        meta, todo = _plan(out_dir, dataset, settings, sources, overwrite, check)
+    with _dir_lock(out_dir, f".{name}.lock"):
+        meta, todo = _plan(out_dir, name, settings, sources, overwrite, check)
         if not todo:
-            _say(progress, f"[{dataset}] {out_dir}: betons present and valid, nothing to write")
+            _say(progress, f"[{name}] {out_dir}: betons present and valid, nothing to write")
             return result
-        meta["split"] = ("val = sorted(np.random.default_rng(split_seed).permutation(n_train)[:val_size]); "
-                         "train = the other rows, sorted; test = the test set")
+        if full:
+            meta["source_dataset"] = dataset
+            meta["source_counts"] = {"train": n_train, "test": n_test}
+            meta["split"] = (f"val_size 0 (reference setting): train = every training image, source order; "
+                             f"no val file; test = the test set (dataset {name} reads it as val and test)")
+        else:
+            meta["split"] = ("val = sorted(np.random.default_rng(split_seed).permutation(n_train)[:val_size]); "
+                             "train = the other rows, sorted; test = the test set")
         meta["fields"] = {"image": "RGBImageField raw 32x32", "label": "IntField", "index": "IntField, source row"}
-        _write_with_child(out_dir, dataset, meta, todo,
-                          {"settings": settings, "src": root, "sources": sources,
+        _write_with_child(out_dir, name, meta, todo,
+                          {"settings": settings, "src": root, "sources": sources, "dataset": dataset,
                            "workers": int(workers or min(os.cpu_count() or 1, 4))},
-                          "suite.images:_cifar_child_main", f"{dataset} betons", progress, timeout)
+                          "suite.images:_cifar_child_main", f"{name} betons", progress, timeout)
     return result
 
 

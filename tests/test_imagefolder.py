@@ -283,6 +283,16 @@ def test_registry_entries():
         s = datasets.get(name)
         assert s.num_classes == k and s.input_shape == (3, 32, 32) and s.loader is not None
     assert datasets.get("fashion_mnist").loader is None  # Fashion-MNIST keeps suite.data.make_loader
+    # the reference setting: all training images, val = test = the test set, the same recipe
+    from suite.config import RunConfig
+
+    for name, k in (("cifar10", 10), ("cifar100", 100)):
+        s, f = datasets.get(name), datasets.get(f"{name}_full")
+        assert (f.num_classes, f.input_shape) == (s.num_classes, s.input_shape) == (k, (3, 32, 32))
+        assert f.files == {"train": f"{name}_full_train.beton", "val": f"{name}_full_test.beton",
+                           "test": f"{name}_full_test.beton"}
+        assert f.make_command.endswith("--val-size 0") and f"hfbench data {name} " in f.make_command
+        assert RunConfig(dataset=f"{name}_full", model="cifar_resnet50").dataset == f"{name}_full"
 
 
 @TIMEOUT
@@ -297,3 +307,108 @@ def test_imagenet_validate_names_the_file(tmp_path):
     I.write_imagefolder(out, tree, tree, name="imagenet", workers=1, progress=False, timeout=300)
     with pytest.raises(DataError, match="imagenet_meta.json: 2 classes, dataset imagenet expects 1000"):
         datasets.get("imagenet").validate(out)
+
+
+# ------------------------------------------------------------- CIFAR, reference setting (no val split)
+@TIMEOUT
+def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
+    """`hfbench data cifar10 --val-size 0`: cifar10_full_train.beton holds every training image
+    (source order), cifar10_full_test.beton the test set; dataset cifar10_full trains on the
+    first with the cifar10 recipe and reads the second as val and test, through the sweep's
+    data check and the engine's loaders."""
+    import torch
+    from launchers.sweep import ensure_data
+    from suite import cli
+    from suite.config import RunConfig
+    from suite.engine import make_loaders
+
+    arrays = _fake_cifar(tmp_path / "src", "cifar10")
+    data = tmp_path / "data"
+    cfg = RunConfig(dataset="cifar10_full", model="cifar_resnet50", data_dir=str(data), batch_size=20)
+    with pytest.raises(FileNotFoundError, match="cifar10_full_train.beton.*--val-size 0"):
+        ensure_data([cfg], build=False)
+    assert cli.main(["data", "cifar10", "--src", str(tmp_path / "src"), "--out", str(data), "--val-size", "0",
+                     "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"train: {data / 'cifar10_full_train.beton'} (100 images)" in out and "dataset: cifar10_full" in out
+    assert sorted(p.name for p in data.iterdir() if not p.name.startswith(".")) == [
+        "cifar10_full_meta.json", "cifar10_full_test.beton", "cifar10_full_train.beton"]
+    meta = json.loads((data / "cifar10_full_meta.json").read_text())
+    assert meta["settings"]["val_size"] == 0 and meta["settings"]["split_seed"] is None
+    assert {s: e["count"] for s, e in meta["files"].items()} == {"train": 100, "test": 30}
+    assert meta["source_counts"] == {"train": 100, "test": 30}
+
+    spec = datasets.get("cifar10_full")
+    assert spec.paths(data)["val"] == spec.paths(data)["test"] == data / "cifar10_full_test.beton"
+    ensure_data([cfg], build=False)  # the sweep's check: validates the full files
+    _, train, val, test = make_loaders(cfg, world=1)
+    assert train.recipe is I.RECIPES["cifar10"] and val.recipe is I.RECIPES["cifar10"]
+    train_x = np.concatenate([arrays[f"data_batch_{i}"][0] for i in range(1, 6)])
+    train_y = np.concatenate([arrays[f"data_batch_{i}"][1] for i in range(1, 6)])
+    xt, yt = _collect(train)  # augmented (pad-crop + flip), normalised; 5 batches of 20, drop_last drops none
+    assert xt.shape == (100, 3, 32, 32) and xt.dtype == torch.float32 and -3 < float(xt.mean()) < 3
+    assert Counter(yt.tolist()) == Counter(train_y.tolist())
+    for ld in (val, test):
+        assert _collect(ld)[1].tolist() == arrays["test_batch"][1].tolist()
+    for ld in (train, val, test):
+        ld.close()
+    # pixels exact, every training row in source order (the registry loader without augmentation)
+    xr, yr = _collect(spec.loader(spec.paths(data)["train"], 32, train=False, raw=True))
+    assert torch.equal(xr, torch.from_numpy(train_x.reshape(-1, 3, 32, 32))) and yr.tolist() == train_y.tolist()
+
+    # resumable: a rerun writes nothing; the held-out setting writes its own files beside
+    before = {p.name: p.stat().st_mtime_ns for p in data.glob("cifar10_full_*.beton")}
+    I.write_cifar("cifar10", tmp_path / "src", data, val_size=0, split_seed=7, workers=1, progress=False)
+    assert before == {p.name: p.stat().st_mtime_ns for p in data.glob("cifar10_full_*.beton")}
+    I.write_cifar("cifar10", tmp_path / "src", data, val_size=10, workers=1, progress=False)
+    datasets.get("cifar10").validate(data)
+    spec.validate(data)
+    assert before == {p.name: p.stat().st_mtime_ns for p in data.glob("cifar10_full_*.beton")}
+
+    # the check names the file: a subset of the training set, a file cut short
+    mpath = data / "cifar10_full_meta.json"
+    good = mpath.read_text()
+    bad = json.loads(good)
+    bad["source_counts"]["train"] = 50000
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"cifar10_full_train.beton: 100 images, the train split of the source "
+                                        r"has 50000"):
+        spec.validate(data)
+    bad = json.loads(good)
+    bad["settings"]["val_size"] = 10
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="cifar10_full_meta.json: settings kind='cifar' val_size=10"):
+        spec.validate(data)
+    mpath.write_text(good)
+    blob = (data / "cifar10_full_test.beton").read_bytes()
+    (data / "cifar10_full_test.beton").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="cifar10_full_test.beton"):
+        ensure_data([cfg], build=False)
+
+
+@TIMEOUT
+def test_cifar100_full_and_bad_val_size(tmp_path, capsys):
+    from suite import cli
+
+    arrays = _fake_cifar(tmp_path / "src", "cifar100", n_batch=12, n_test=5)
+    for bad in (-1, 12, 2.5):
+        with pytest.raises(ValueError, match=rf"val_size must be an int in 0\.\.11 \(0: no val split, train on all "
+                                             rf"12 training images\), got {bad}"):
+            I.write_cifar("cifar100", tmp_path / "src", tmp_path / "data", val_size=bad, progress=False)
+    with pytest.raises(SystemExit, match=r"hfbench data cifar100: val_size must be an int in 0\.\.11 .*got -3"):
+        cli.main(["data", "cifar100", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "data"),
+                  "--val-size", "-3"])
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+    paths = I.write_cifar("cifar100", tmp_path / "src", tmp_path / "data", val_size=0, workers=1, progress=False)
+    assert sorted(paths) == ["meta", "test", "train"]
+    assert paths["train"].name == "cifar100_full_train.beton"
+    spec = datasets.get("cifar100_full")
+    spec.validate(tmp_path / "data")
+    info = I.check_image_beton(spec.paths(tmp_path / "data")["train"], 12, 100, image_size=(32, 32))
+    assert info["label_counts"] == dict(Counter(arrays["train"][1].tolist()))
+    assert spec.paths(tmp_path / "data")["val"].name == "cifar100_full_test.beton"
+    ld = spec.loader(spec.paths(tmp_path / "data")["val"], 4, train=False)
+    assert ld.recipe is I.RECIPES["cifar100"] and _collect(ld)[1].tolist() == arrays["test"][1].tolist()
+    # the held-out dataset is another set of files
+    assert [p.name for p in datasets.get("cifar100").missing(tmp_path / "data")] == [
+        "cifar100_train.beton", "cifar100_val.beton", "cifar100_test.beton"]
