@@ -45,9 +45,19 @@ CSV_COLUMNS = [
     "test_top5", "compression_ratio", "theoretical_speedup", "theoretical_speedup_prunable",
     "dense_macs", "remaining_macs", "epochs_run", "optimizer_steps", "batch_size", "world_size",
     "device_hours", "git_commit", "hardware", "torch", "config_artifact", "rerun_command",
+    # the training budget (engine.budget): this run's own, and in total with the run it starts from
+    "budget_steps", "budget_images", "budget_epochs", "budget_device_s",
+    "budget_total_steps", "budget_total_images", "budget_total_epochs", "budget_total_device_s",
+    "budget_parent_counted", "control", "budget_ratio",
 ]
+BUDGET_METRICS = ["budget_steps", "budget_images", "budget_epochs", "budget_device_s", "budget_total_steps",
+                  "budget_total_images", "budget_total_epochs", "budget_total_device_s", "budget_parent_counted"]
+# a pruning run is compared with a budget-matched dense run whose total budget is within this
+# fraction of its own; outside it, the comparison is flagged
+BUDGET_TOLERANCE = 0.05
 
 _DENSE = "dense"
+_MATCHED = "dense-matched"  # dense controls trained for the pruning runs' total budget
 _HYPERFLUX = "hyperflux"
 # Statuses that count as "did not finish" in the failed-runs table.
 _FAILED_STATUSES = ("FAILED", "KILLED")
@@ -94,6 +104,8 @@ class RunRecord:
     dense_macs: int | None = None
     remaining_macs: float | None = None
     cost_note: str = ""
+    control: str = ""  # what the report compares this run with (filled in by build_report)
+    budget_ratio: float | None = None  # total budget / the control's
 
     @property
     def world_size(self) -> int:
@@ -154,6 +166,10 @@ class RunRecord:
     def identity(self) -> str:
         # Re-runs of the same config share a run hash; fall back to the run id when absent.
         return self.run_hash or self.run_id
+
+
+for _k in BUDGET_METRICS:  # results.csv columns read from the run's budget metrics
+    setattr(RunRecord, _k, property(lambda self, k=_k: _to_float(self.metrics.get(k))))
 
 
 # ----------------------------------------------------------------------------------------
@@ -528,6 +544,7 @@ class _Row:
     top5: list[float] = field(default_factory=list)
     compression: list[float] = field(default_factory=list)
     speedup: list[float] = field(default_factory=list)
+    budget: list[float] = field(default_factory=list)  # total training images (budget_total_images)
 
     @property
     def n(self) -> int:
@@ -557,7 +574,7 @@ def _latest_finished(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 
 def _method_order(method: str) -> tuple[int, str]:
-    return (0 if method == _DENSE else 1, method)
+    return (0 if method == _DENSE else 1 if method == _MATCHED else 2, method)
 
 
 def _group_rows(records: list[RunRecord]) -> list[_Row]:
@@ -578,8 +595,29 @@ def _group_rows(records: list[RunRecord]) -> list[_Row]:
                          if r.compression_ratio is not None and math.isfinite(r.compression_ratio)],
             speedup=[r.theoretical_speedup for r in rs
                      if r.theoretical_speedup is not None and math.isfinite(r.theoretical_speedup)],
+            budget=[r.budget_total_images for r in rs if r.budget_total_images],
         ))
     return rows
+
+
+def _mean(vals: list[float]) -> float | None:
+    return statistics.fmean(vals) if vals else None
+
+
+def _control(row: _Row, rows: list[_Row]) -> tuple[_Row | None, float | None]:
+    """The row a pruning row is compared with: the budget-matched dense row (same section) whose
+    mean total budget is closest to the row's, if within BUDGET_TOLERANCE; otherwise none, with
+    the ratio to the closest (or to the short dense run when no matched run exists)."""
+    b = _mean(row.budget)
+    matched = [m for m in rows if m.method == _MATCHED and m.budget]
+    short = [d for d in rows if d.method == _DENSE and d.budget]
+    if b is None:
+        return None, None
+    if not matched:
+        return None, (b / _mean(short[0].budget) if short else None)
+    best = min(matched, key=lambda m: abs(math.log(b / _mean(m.budget))))
+    ratio = b / _mean(best.budget)
+    return (best if abs(ratio - 1.0) <= BUDGET_TOLERANCE else None), ratio
 
 
 def _dense_values(rows: list[_Row], attr: str = "test") -> list[float]:
@@ -626,6 +664,10 @@ def _delta_cell(vals: list[float], dense: list[float], is_dense: bool) -> str:
     return f"{d:+.2f}" if hw is None else f"{d:+.2f} ± {100.0 * hw:.2f}"
 
 
+def _has_matched(sec: "_Section") -> bool:
+    return any(r.method == _MATCHED for r in sec.rows)
+
+
 def _table_cells(row: _Row, sec: "_Section") -> list[str]:
     dense_rows = sec.rows
     cells = [row.method, _pct(row.target), _pct(row.achieved_mean()), _ratio_cell(row.compression),
@@ -633,6 +675,18 @@ def _table_cells(row: _Row, sec: "_Section") -> list[str]:
     if sec.has_top5:
         cells.append(_mean_ci_cell(row.top5))
     cells.append(str(row.n))
+    is_dense = row.method in (_DENSE, _MATCHED)
+    control, ratio = (None, None) if is_dense else _control(row, sec.rows)
+    cells.append("—" if is_dense else "n/a" if ratio is None else f"{ratio:.2f}")
+    if _has_matched(sec):
+        if row.method == _MATCHED:
+            cells.append("—")
+        elif is_dense:
+            cells.append("—")
+        elif control is None:
+            cells.append("n/a (no dense run of this budget)")
+        else:
+            cells.append(_delta_cell(row.test, control.test, False))
     cells.append(_delta_cell(row.test, _dense_values(dense_rows), row.method == _DENSE))
     if sec.has_top5:
         cells.append(_delta_cell(row.top5, _dense_values(dense_rows, "top5"), row.method == _DENSE))
@@ -644,14 +698,24 @@ def _table_header(sec: "_Section") -> list[str]:
          "Theoretical speed-up (×)", "Test top-1 (%)"]
     if sec.has_top5:
         h.append("Test top-5 (%)")
-    h += ["n", "Δ top-1 vs dense (pp)"]
+    h += ["n"]
+    if _has_matched(sec):
+        h += ["Budget (× matched dense)", "Δ top-1 vs budget-matched dense (pp)", "Δ top-1 vs short dense (pp)"]
+    else:
+        h += ["Budget (× dense)", "Δ top-1 vs dense (pp)"]
     if sec.has_top5:
         h.append("Δ top-5 vs dense (pp)")
     return h
 
 
 _ACC_NOTE = ("Top-1 (and top-5) are the mean ± half-width of the 95 % t confidence interval over seeds "
-             "(n runs; a bare mean when n = 1). Δ vs dense is in percentage points against the mean of "
+             "(n runs; a bare mean when n = 1). Budget = the run's total training images (its own and "
+             "those of the run it starts from, logged as budget_total_images) over its control's: the "
+             "budget-matched dense run (dense-matched: a dense run trained for the pruning runs' total "
+             "budget, grid.budget_matched_dense) when the sweep has one within 5 %, else the short dense "
+             "run the pruning runs start from. Δ vs budget-matched dense is the comparison at equal "
+             "training; Δ vs (short) dense also credits the method with its extra training. "
+             "Δ vs dense is in percentage points against the mean of "
              "the dense runs, ± the half-width of the 95 % Welch t interval of the difference (a side with "
              "one run contributes no variance; none when both have one run). Compression = prunable "
              "weights / remaining prunable weights. Theoretical speed-up = dense MACs / remaining MACs per "
@@ -697,7 +761,7 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
     ax = fig.add_subplot()
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
-        if r.method != _DENSE and r.achieved_sparsity is not None and r.test_top1 is not None:
+        if r.method not in (_DENSE, _MATCHED) and r.achieved_sparsity is not None and r.test_top1 is not None:
             by_method[r.method].append(r)
 
     xs_all: list[float] = []
@@ -731,6 +795,11 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
     if section.dense is not None:
         ax.axhline(100.0 * section.dense, color="black", linestyle="--", linewidth=1.2,
                    label=f"dense ({_pct(section.dense)}%)")
+    matched = [v for r in records if r.method == _MATCHED and r.test_top1 is not None for v in [r.test_top1]]
+    if matched:
+        m = statistics.fmean(matched)
+        ax.axhline(100.0 * m, color="dimgray", linestyle=":", linewidth=1.4,
+                   label=f"budget-matched dense ({_pct(m)}%)")
 
     if xs_all:
         lo_x, hi_x = min(xs_all), max(xs_all)
@@ -896,6 +965,31 @@ def _compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
 
 # ----------------------------------------------------------------------------------------
 # writers
+
+
+def _add_controls(records: list[RunRecord]) -> None:
+    """Each finished pruning run's control and budget ratio (results.csv): the budget-matched
+    dense runs of its model and dataset whose mean total budget is within BUDGET_TOLERANCE of the
+    run's, else the short dense run(s) it is measured against, with the ratio either way."""
+    fin = _latest_finished(records)
+    for r in fin:
+        b = r.budget_total_images
+        if r.method in (_DENSE, _MATCHED) or not b:
+            continue
+        same = [x for x in fin if (x.dataset, x.model) == (r.dataset, r.model) and x.budget_total_images]
+        by_epochs: dict[int | None, list[float]] = defaultdict(list)
+        for x in same:
+            if x.method == _MATCHED:
+                by_epochs[x.epochs].append(x.budget_total_images)
+        if by_epochs:
+            ep, vals = min(by_epochs.items(), key=lambda kv: abs(math.log(b / statistics.fmean(kv[1]))))
+            r.budget_ratio = b / statistics.fmean(vals)
+            r.control = f"{_MATCHED} ({ep} epochs)" if abs(r.budget_ratio - 1.0) <= BUDGET_TOLERANCE \
+                else f"none within {100 * BUDGET_TOLERANCE:g} % (closest: {_MATCHED}, {ep} epochs)"
+            continue
+        short = [x.budget_total_images for x in same if x.method == _DENSE]
+        if short:
+            r.control, r.budget_ratio = "dense (short; no budget-matched run)", b / statistics.fmean(short)
 
 
 def _write_csv(path: Path, records: list[RunRecord]) -> None:
@@ -1149,6 +1243,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
     records.sort(key=lambda r: (r.dataset, r.model, _method_order(r.method),
                                 _sparsity_key(r.target_sparsity), r.seed or 0, r.start_time or 0))
     _add_costs(client, records)
+    _add_controls(records)
     csv_path = out_dir / "results.csv"
     _write_csv(csv_path, records)
     written["results.csv"] = csv_path

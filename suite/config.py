@@ -254,6 +254,8 @@ class RunConfig(_Strict):
     eval_every: int = Field(1, ge=1, description="evaluate val/test every k epochs (and always after the last)")
     flux_every: int = Field(1, ge=0, description="flux statistics and NPL saliencies every k epochs (and after "
                             "the last); one extra forward/backward on a training batch; 0: off")
+    budget_matched: bool = Field(False, description="a dense control trained for the total budget of the pruning "
+                                 "runs it is compared with (added by grid.budget_matched_dense; dense only)")
     init: Literal["scratch", "dense", "pretrained"] = Field(
         "scratch", description="start from random init, from the sweep's dense run, or from the weights file "
         "`pretrained` (torchvision/timm state dict on local disk)")
@@ -336,6 +338,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.budget_matched and self.method != "dense":
+            raise ValueError(f"budget_matched: only a dense run can be a budget-matched control (method {self.method!r})")
         if self.method == "dense" and self.sparsity != 0.0:
             raise ValueError("method 'dense' needs sparsity 0 (got %s)" % self.sparsity)
         if self.method != "dense" and self.sparsity == 0.0:
@@ -370,6 +374,12 @@ class RunConfig(_Strict):
                 if self.method == "cs" else (sec.search_end or 1)
             if end > self.epochs:
                 raise ValueError(f"{self.method}: the search phase ({end} epochs) must fit in epochs ({self.epochs})")
+        if self.method == "gmp" and self.gmp.criterion == "taylor" and self.engine.precision == "fp16":
+            raise ValueError("gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
+                             "use engine.precision bf16 or fp32")
+        if self.lr_schedule == "step" and self.method in ("hyperflux", "imp"):
+            raise ValueError(f"lr_schedule: {self.method} has its own weight-LR schedule (hyperflux: the two "
+                             f"phases; imp: a cosine per level); 'step' applies to the other methods")
         if self.lr_schedule == "step":
             ms = self.lr_milestones
             if any(b <= a for a, b in zip(ms, ms[1:])) or (ms and (ms[0] < 1 or ms[-1] >= self.epochs)):
@@ -399,7 +409,7 @@ class RunConfig(_Strict):
             if eng[k] == default:
                 eng.pop(k)
         for k, default in (("lr_schedule", "cosine"), ("lr_milestones", []), ("lr_gamma", 0.1),
-                           ("weight_decay_on", "all")):
+                           ("weight_decay_on", "all"), ("budget_matched", False)):
             if d[k] == default:
                 d.pop(k)
         if d["pretrained"] is None:
@@ -409,8 +419,13 @@ class RunConfig(_Strict):
         for name in METHOD_SECTIONS:
             if name != self.section():
                 d.pop(name)
+        if self.section() == "rmt" and not d["rmt"]["deflate"]:
+            d["rmt"].pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
         if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing
             h = d["hyperflux"]
+            # phase_off_by_one was redefined to match the reference exactly (epoch P+1 also keeps the
+            # pruning LRs): runs made under the old meaning must not be taken for new ones
+            h["quirks"] = ["phase_off_by_one@9aaed27" if q == "phase_off_by_one" else q for q in h["quirks"]]
             if h["schedule"] != "law":
                 h.pop("law")
             if h["schedule"] != "fixed":
@@ -428,6 +443,8 @@ class RunConfig(_Strict):
     def variant(self) -> str:
         """The method with the option that changes what it is (the report's line label):
         hyperflux, hyperflux-law, hyperflux-fixed, gmp, gmp-taylor, ..."""
+        if self.method == "dense" and self.budget_matched:
+            return "dense-matched"
         if self.method == "hyperflux" and self.hyperflux.schedule != "controller":
             return f"hyperflux-{self.hyperflux.schedule}"
         if self.method == "gmp" and self.gmp.criterion != "magnitude":
@@ -436,7 +453,9 @@ class RunConfig(_Strict):
 
     def run_name(self) -> str:
         if self.method == "dense":
-            return f"{self.model}-dense-s{self.seed}"
+            return f"{self.model}-dense-matched-e{self.epochs}x{self.max_steps_per_epoch or 'all'}-s{self.seed}" \
+                if self.budget_matched \
+                else f"{self.model}-dense-s{self.seed}"
         if self.method == "hyperflux" and self.hyperflux.schedule == "fixed":
             return f"{self.model}-hyperflux-g{self.hyperflux.fixed_gamma:g}-s{self.seed}"
         return f"{self.model}-{self.variant()}-{self.sparsity:g}-s{self.seed}"
@@ -514,6 +533,10 @@ class GridConfig(_Strict):
     models: Optional[list[str]] = None
     params: dict[str, list[Any]] = Field(
         default_factory=dict, description="extra grid axes over run fields, e.g. {hyperflux.fixed_gamma: [1, 2, 4]}")
+    budget_matched_dense: bool = Field(
+        False, description="add, per model and seed, a dense run trained for each total budget of the pruning "
+                           "runs (their own epochs, plus the dense run's for those that start from it): the "
+                           "report's control for equal-budget comparisons")
 
     @field_validator("sparsities")
     @classmethod
@@ -583,6 +606,8 @@ class ScaleConfig(_Strict):
         if isinstance(f.get("lr_milestones"), list) and f["lr_milestones"]:  # kept inside the run, distinct
             ms: list = []
             for m in f["lr_milestones"]:
+                if isinstance(m, float) and m.is_integer():
+                    m = int(m)
                 v = min(max(sc(m), ms[-1] + 1 if ms else 1), ep - 1) if isinstance(m, int) else m
                 if not ms or v != ms[-1]:
                     ms.append(v)
@@ -599,7 +624,10 @@ class ScaleConfig(_Strict):
             if P < full and new_p >= ep and ep >= 2:
                 new_p = ep - 1  # keep a regrowth phase
             new_p = _feasible_pruning_end(new_p, f.get("sparsity"), h.get("step"), P)
-            f["epochs"] = ep = max(ep, new_p + (1 if P < full else 0))  # a short P cannot reach high sparsity
+            # a regrowth phase where the recipe has one: one epoch after P, two with the reference boundary
+            # (phase_off_by_one: epoch P + 1 is still a pruning epoch)
+            regrow = (2 if "phase_off_by_one" in (h.get("quirks") or []) else 1) if P < full else 0
+            f["epochs"] = ep = max(ep, new_p + regrow)  # a short P cannot reach high sparsity
             h["pruning_end"] = new_p
             if "freeze_gates_after" in h:
                 h["freeze_gates_after"] = sc(h["freeze_gates_after"]) if h["freeze_gates_after"] else 0
@@ -620,6 +648,56 @@ class ScaleConfig(_Strict):
                 c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds, 1)))
             if rounds > ep:
                 c["rounds"] = ep
+
+
+def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConfig"]:
+    """Dense controls for equal-budget comparisons: for each model / dataset / seed, one dense run
+    per distinct total budget of its pruning runs (their own images, plus the dense run's for
+    those that start from it). The control copies the dense run and trains the same total number
+    of steps of the dense run's batch over as many epochs as the pruning chain has (dense epochs +
+    the run's), each capped at ceil(steps / epochs) (an uncapped epoch is estimated from the
+    dataset's train_images); step milestones scale with the epochs. What each run really saw is
+    measured (budget_total_images) and the report prints the ratio."""
+    import math as _m
+
+    from suite import datasets
+
+    def per_step(r: "RunConfig") -> int:
+        return r.batch_size * r.engine.world_size * r.engine.nodes
+
+    def full_epoch_steps(r: "RunConfig") -> Optional[int]:
+        n = datasets.get(r.dataset).train_images
+        return None if n is None else n // per_step(r)  # the training loader drops the last partial batch
+
+    def epoch_images(r: "RunConfig") -> Optional[float]:
+        full, cap = full_epoch_steps(r), r.max_steps_per_epoch
+        steps = cap if full is None else full if cap is None else min(cap, full)
+        return None if steps is None else float(steps * per_step(r))
+
+    out: list[RunConfig] = []
+    for key, parent in dense.items():
+        p_img, p_full = epoch_images(parent), full_epoch_steps(parent)
+        plans: set[tuple[int, Optional[int]]] = set()
+        for r in runs:
+            if r.method == "dense" or (r.model, r.dataset, r.seed) != key:
+                continue
+            r_img = epoch_images(r)
+            if not p_img or r_img is None:
+                continue
+            from_dense = r.init == "dense"
+            total_steps = (r.epochs * r_img + (parent.epochs * p_img if from_dense else 0)) / per_step(parent)
+            epochs = r.epochs + (parent.epochs if from_dense else 0)
+            cap: Optional[int] = _m.ceil(total_steps / epochs)
+            if p_full is not None and cap >= p_full:  # whole epochs of the dense run's own shape
+                epochs, cap = max(1, round(total_steps / p_full)), parent.max_steps_per_epoch
+            if (epochs, cap) != (parent.epochs, parent.max_steps_per_epoch):
+                plans.add((epochs, cap))
+        for epochs, cap in sorted(plans, key=lambda p: (p[0], p[1] or 0)):
+            k = epochs / parent.epochs
+            ms = sorted({min(max(1, round(m * k)), epochs - 1) for m in parent.lr_milestones})
+            out.append(parent.model_copy(update={"epochs": epochs, "max_steps_per_epoch": cap,
+                                                 "budget_matched": True, "lr_milestones": ms}))
+    return out
 
 
 def _feasible_pruning_end(p: int, sparsity: Any, step: Any, full: int) -> int:
@@ -717,6 +795,8 @@ class SweepConfig(_Strict):
                     raise ConfigError(f"{r.method}: init 'dense' needs 'dense' in grid.methods "
                                       f"(no dense run for model {r.model}, seed {r.seed})")
                 runs[i] = r.model_copy(update={"init_from": parent.run_hash()})
+        if self.grid.budget_matched_dense:
+            runs += _budget_matched_dense(runs, dense)
         # every rank of a GPU run needs a GPU of its node: engine.world_size ranks go on each of
         # engine.nodes nodes (the launcher asks for world_size tasks per node)
         gpus = self.launcher.slurm.gpus_per_node

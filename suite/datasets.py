@@ -22,6 +22,9 @@ class DatasetSpec:
     check: Optional[Callable[[Path, int], None]] = field(default=None, compare=False)  # (file, classes)
     # make_loader(path, batch_size, train=..., seed=..., num_workers=..., distributed=...); None: Fashion-MNIST's
     loader: Optional[Callable[..., Any]] = field(default=None, compare=False)
+    # training images with the default split (an estimate for planning, e.g. budget-matched dense
+    # runs; what a run really saw is measured and logged as budget_images)
+    train_images: Optional[int] = field(default=None, compare=False)
 
     def paths(self, data_dir: str | Path) -> dict[str, Path]:
         return {split: Path(data_dir) / f for split, f in self.files.items()}
@@ -70,7 +73,7 @@ def _cifar_spec(name: str, classes: int) -> DatasetSpec:
         name=name, num_classes=classes, input_shape=(3, 32, 32),
         files={s: f"{name}_{s}.beton" for s in ("train", "val", "test")},
         make_command=f"hfbench data {name} --src CIFAR_PYTHON_FOLDER --out {{data_dir}}",
-        check=_image_check(name, (32, 32)), loader=_image_loader(name))
+        check=_image_check(name, (32, 32)), loader=_image_loader(name), train_images=45_000)
 
 
 def _cifar_full_check(name: str):
@@ -92,7 +95,7 @@ def _cifar_full_spec(base: str, classes: int) -> DatasetSpec:
         name=name, num_classes=classes, input_shape=(3, 32, 32),
         files={"train": f"{name}_train.beton", "val": f"{name}_test.beton", "test": f"{name}_test.beton"},
         make_command=f"hfbench data {base} --src CIFAR_PYTHON_FOLDER --out {{data_dir}} --val-size 0",
-        check=_cifar_full_check(name), loader=_image_loader(base))
+        check=_cifar_full_check(name), loader=_image_loader(base), train_images=50_000)
 
 
 _REGISTRY: dict[str, DatasetSpec] = {
@@ -105,6 +108,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
         make_command="hfbench data fashion-mnist --out {data_dir}",
         build=_build_fashion_mnist,
         check=_check_fashion_mnist,
+        train_images=55_000,
     ),
     # ImageNet-1k from class folders (hfbench data imagefolder --name imagenet). The public
     # val set is the test set of the papers: split "test" reads imagenet_val.beton too, so
@@ -118,6 +122,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
                      "--out {data_dir}",
         check=_image_check("imagenet"),
         loader=_image_loader("imagenet"),
+        train_images=1_281_167,
     ),
     # CIFAR: val = 5000 images held out of the 50k training set (split_seed 0), test = the test set
     "cifar10": _cifar_spec("cifar10", 10),

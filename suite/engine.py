@@ -438,6 +438,41 @@ def startup_costs(marks: dict[str, float]) -> dict[str, float]:
     return out
 
 
+BUDGET_KEYS = ("steps", "images", "epochs", "device_s")
+
+
+def budget(cfg: RunConfig, steps: int, world: int, n_train: int, train_time: float, say=print) -> dict[str, float]:
+    """What this run cost and what it cost in all, counting the run it starts from.
+
+    Own: optimiser steps, training images seen (steps x batch x ranks), dense-equivalent epochs
+    (images / training-set size) and device-seconds (training time x ranks, evaluation excluded).
+    Total: own plus the parent's total, read from the parent's done.json (written when it
+    finished) for `init: dense`. A pretrained weights file, or a parent whose record is missing,
+    adds nothing it can count: budget_parent_counted is 0 then (1 when counted, or no parent)."""
+    images = float(steps * cfg.batch_size * world)
+    own = {"steps": float(steps), "images": images, "epochs": images / max(n_train, 1),
+           "device_s": float(train_time * world)}
+    parent: dict[str, float] = {}
+    counted = 1.0
+    if cfg.init == "pretrained":
+        counted = 0.0
+    elif cfg.init == "dense":
+        rec = Path(cfg.init_checkpoint or "").parent / "done.json"
+        try:
+            import json
+
+            done = json.loads(rec.read_text())
+            parent = {k: float(done[f"budget_total_{k}"]) for k in BUDGET_KEYS}
+        except (OSError, ValueError, KeyError, TypeError):
+            counted = 0.0
+            say(f"[hfbench] {cfg.run_name()}: no budget record of the dense run it starts from ({rec}); "
+                f"its total budget counts this run only")
+    out = {f"budget_{k}": v for k, v in own.items()}
+    out.update({f"budget_total_{k}": v + parent.get(k, 0.0) for k, v in own.items()})
+    out["budget_parent_counted"] = counted
+    return out
+
+
 def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / cfg.run_hash()
 
@@ -667,6 +702,10 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             x, y = stream.next()
             x, y = to_device(x, device, cl), y.to(device, non_blocking=True)
             probe_batch = (x, y)
+            if gated:  # fp16: the gates' injected pressure gradient carries the loss scale of this step
+                s_t = scaler.scale(torch.ones((), device=device))  # the current scale, as a tensor (no sync)
+                for g in gated:
+                    g.loss_scale = s_t
             with autocast(device, precision):
                 loss = criterion(engine(x), y)
             extra = pruner.loss_term()
@@ -679,10 +718,6 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                 raise FloatingPointError(f"non-finite loss ({total.item()}) at epoch {epoch}, step {step + 1}")
             if scaler is not None:
                 total = scaler.scale(total)
-                if gated:
-                    s_t = scaler.scale(torch.ones((), device=total.device))  # the scale as a tensor, no sync
-                    for g in gated:
-                        g.loss_scale = s_t
             engine.backward(total)
             engine.step()
             step += 1
@@ -742,9 +777,11 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
 
     counts = sparsity.count(layers)
     digest = state_digest(engine.module)
+    n_train = getattr(train_loader, "num_samples", len(train_loader) * cfg.batch_size) * world
     final = {"final_test_top1": metrics["test_top1"], "final_val_top1": metrics["val_top1"],
              "final_density": metrics["density"], "final_sparsity": metrics["sparsity"],
-             "train_time_s": train_time, "wall_time_s": time.time() - t_start}
+             "train_time_s": train_time, "wall_time_s": time.time() - t_start,
+             **budget(cfg, step, world, n_train, train_time, say)}
     logger.log_metrics(final, step=cfg.epochs)
     logger.log_text(sparsity.table(counts), "layer_density.csv")
     logger.log_text("epoch,layer,density\n" + "".join(f"{e},{n},{d:.6f}\n" for e, n, d in layer_rows),

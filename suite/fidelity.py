@@ -11,6 +11,9 @@ uses, each with its source (file:line at a commit, or a paper section) and a sta
 - ``note``        a reference behaviour that is not a run field (``field`` omitted): stated,
                   not checkable by resolving a config.
 
+A table marked ``complete: true`` must also name every field that decides what its runs train
+(`check_coverage`), listing the ones that are not recipe values under ``unchecked`` with a reason.
+
 `check_table` resolves every run of each listed (config, method) with the sweep loader, as
 `hfbench sweep` would, and reports any value that differs from the table without being listed.
 `render` writes docs/fidelity.md from the tables (`hfbench fidelity --write`).
@@ -170,8 +173,55 @@ def check_table(name: str, table: dict[str, Any], overrides: Optional[dict[str, 
     return problems
 
 
+# run fields that say what is trained, not how: never reference values
+NOT_RECIPE = {"method", "sparsity", "seed", "init_from", "pretrained"}
+# a derived value that stands for the fields it is computed from
+DERIVED = {"total_batch_size": {"batch_size", "engine.world_size", "engine.nodes"}}
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _leaves(v, key + ".")
+        else:
+            out.add(key)
+    return out
+
+
+def check_coverage(name: str, table: dict[str, Any], overrides: Optional[dict[str, dict[str, Any]]] = None
+                   ) -> list[Problem]:
+    """For a table marked `complete: true`: every field that decides what a listed run trains (its
+    run hash content, RunConfig.semantic_dict) is listed, or named under `unchecked` with a reason.
+    A new recipe value, or a field a config sets that the table never mentions, fails here."""
+    if not table.get("complete"):
+        return []
+    listed: dict[tuple[str, str], set[str]] = {}
+    skip = {(cfg, m) for block in table.get("recipes", []) if block.get("coverage") is False
+            for cfg in (block["configs"] if "configs" in block else [block["config"]])
+            for m in (block["methods"] if "methods" in block else [block["method"]])}
+    for cfg, method, e in _entries(table):
+        if (cfg, method) in skip:
+            continue
+        fields = listed.setdefault((cfg, method), set())
+        if e.get("field"):
+            fields.add(e["field"])
+            fields |= DERIVED.get(e["field"], set())
+    unchecked = table.get("unchecked") or {}
+    problems = []
+    for (cfg, method), fields in listed.items():
+        for run in _runs(cfg, method, (overrides or {}).get(cfg))[:1]:
+            missing = sorted(_leaves(run.semantic_dict()) - fields - NOT_RECIPE - set(unchecked))
+            if missing:
+                problems.append(Problem(name, cfg, method, ", ".join(missing),
+                                        "run fields the table neither lists nor names under `unchecked`"))
+    return problems
+
+
 def check_all(overrides: Optional[dict[str, dict[str, Any]]] = None) -> list[Problem]:
-    return [p for name, t in load_tables().items() for p in check_table(name, t, overrides)]
+    return [p for name, t in load_tables().items()
+            for p in check_table(name, t, overrides) + check_coverage(name, t, overrides)]
 
 
 def _fmt(v: Any) -> str:

@@ -58,15 +58,16 @@ class WeightsAndGates(Optimizer):
             # DeepSpeed calls step() after reducing gradients; the scaler calls it back (below) when
             # every gradient is finite
             self._in_scaler = True
+            self._taken = False
             try:
-                scale = self.scaler.get_scale()
-                self.scaler.step(self)
+                self.scaler.step(self)  # calls step() back only when every gradient is finite
                 self.scaler.update()
-                if self.scaler.get_scale() < scale:
-                    self.skipped_steps += 1
             finally:
                 self._in_scaler = False
+            if not self._taken:
+                self.skipped_steps += 1
             return
+        self._taken = True
         self._step_both()
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from suite.config import load_sweep
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _sweep_file(tmp_path: Path, data_dir: Path, name: str, executor: str, uri: str) -> Path:
+def _sweep_file(tmp_path: Path, data_dir: Path, name: str, executor: str, uri: str, matched: bool = False) -> Path:
     p = tmp_path / f"{name}.yaml"
     p.write_text(textwrap.dedent(f"""
         name: {name}
@@ -24,7 +24,8 @@ def _sweep_file(tmp_path: Path, data_dir: Path, name: str, executor: str, uri: s
         data_dir: {data_dir}
         out_dir: {tmp_path / 'runs'}
         base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 8, batch_size: 64, init: dense}}
-        grid: {{methods: [dense, magnitude, gmp, hyperflux], sparsities: [0.5], seeds: [0]}}
+        grid: {{methods: [dense, magnitude, gmp, hyperflux], sparsities: [0.5], seeds: [0],
+                budget_matched_dense: {str(matched).lower()}}}
         overrides:
           dense: {{epochs: 1, max_steps_per_epoch: 20}}
           hyperflux: {{hyperflux: {{pruning_end: 2, gate_lr: 0.05}}}}
@@ -91,15 +92,28 @@ def test_sweep_through_slurm_into_mlflow_server(tmp_path, betons, mlflow_server,
 def test_sweep_through_local_executor(tmp_path, betons):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     said: list[str] = []
-    outcomes = Sweep(load_sweep(_sweep_file(tmp_path, betons["train"].parent, "e2e-local", "local", uri)),
+    outcomes = Sweep(load_sweep(_sweep_file(tmp_path, betons["train"].parent, "e2e-local", "local", uri,
+                                            matched=True)),
                      say=lambda *a, **k: said.append(" ".join(map(str, a)))).run()
-    assert [o.state for o in outcomes] == ["finished"] * 4, [(o.cfg.run_name(), o.error) for o in outcomes]
+    assert [o.state for o in outcomes] == ["finished"] * 5, [(o.cfg.run_name(), o.error) for o in outcomes]
+    # the training budget, counted exactly: dense 1 x 20 steps of 64 images; every pruning run 3 x 8
+    # of its own, 1,280 + 1,536 = 2,816 images in total with its dense start; the budget-matched dense
+    # run trains 44 steps from scratch (4 epochs of 11: 2,816 images)
+    by = {(o.cfg.method, o.cfg.budget_matched): o.result for o in outcomes}
+    assert (by[("dense", False)]["budget_steps"], by[("dense", False)]["budget_total_images"]) == (20, 1280)
+    for m in ("magnitude", "gmp", "hyperflux"):
+        r = by[(m, False)]
+        assert (r["budget_steps"], r["budget_images"], r["budget_total_images"]) == (24, 1536, 2816), m
+        assert r["budget_total_steps"] == 44 and r["budget_parent_counted"] == 1.0
+    matched = by[("dense", True)]
+    assert (matched["budget_steps"], matched["budget_total_images"]) == (44, 2816)
+    assert outcomes[1].cfg.run_name() == "fmnist_cnn-dense-matched-e4x11-s0"
     # every task timed its startup; the sweep reports the launch cost from those timelines
     for o in outcomes:
         parts = [o.result[k] for k in ("startup_import_s", "startup_mlflow_s", "startup_data_s", "startup_model_s")]
         assert all(p >= 0 for p in parts) and o.result["startup_total_s"] >= sum(parts)
     assert any(line.startswith("[hfbench] launch cost: first training step") for line in said), said[-3:]
-    _check_mlflow(uri, "e2e-local", 4)
+    _check_mlflow(uri, "e2e-local", 5)
     # magnitude reached its target exactly; the pruned runs started from the dense weights
     mag = next(o for o in outcomes if o.cfg.method == "magnitude")
     assert mag.result["final_sparsity"] == pytest.approx(0.5, abs=1e-4)

@@ -70,3 +70,16 @@ def test_option_status_applies_its_line_and_bad_entries_are_reported():
     assert got[0][0] == "engine.precision" and "does not" not in got[0][1] and "bf16" in got[0][1]
     assert got[1] == ("lr", "status deliberate needs a reason")
     assert got[2] == ("no_such_field", "not a run field")
+
+
+def test_a_field_the_complete_table_does_not_name_fails():
+    """hyperflux.yaml is complete: dropping one of its entries, or a config changing a field the
+    table covers only through a derived value (ranks per run -> global batch), is caught."""
+    table = fidelity.load_tables()["hyperflux"]
+    for block in table["recipes"]:
+        block["values"] = [e for e in block["values"] if e.get("field") != "hyperflux.step"]
+    got = fidelity.check_coverage("hyperflux", table)
+    assert got and all("hyperflux.step" in p.field for p in got)
+    assert {p.method for p in got} == {"hyperflux"}
+    got = fidelity.check_all({C10: {"base.engine.world_size": 4, "launcher.slurm.gpus_per_node": 4}})
+    assert {(p.method, p.field) for p in got} == {("hyperflux", "total_batch_size"), ("dense", "total_batch_size")}

@@ -127,3 +127,28 @@ def test_fp16_loss_scaling_leaves_the_hyperflux_pressure_gradient_unchanged():
     torch.testing.assert_close(gate_grad(0.37, S), gate_grad(0.37, None), rtol=1e-6, atol=1e-6)
     # after unscaling, the pressure adds exactly gamma / N to every gate
     torch.testing.assert_close(gate_grad(0.37, S) - gate_grad(0.0, S), torch.full((6, 5), 0.37), rtol=1e-6, atol=1e-5)
+
+
+def test_reference_boundary_has_its_own_hash_and_keeps_a_regrowth_epoch_when_scaled():
+    on = RunConfig(method="hyperflux", sparsity=0.5, epochs=6, hyperflux={"pruning_end": 3,
+                                                                          "quirks": ["phase_off_by_one"]})
+    # the quirk was redefined to match the reference exactly: runs of the old meaning keep other hashes
+    assert on.semantic_dict()["hyperflux"]["quirks"] == ["phase_off_by_one@9aaed27"]
+    for scale in (0.01, 0.02, 0.05):
+        sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"scale.epochs": scale})
+        for r in sw.expand():
+            if r.method == "hyperflux":  # epoch P + 1 still prunes: regrowth needs P + 2
+                assert r.epochs >= r.hyperflux.pruning_end + 2, (scale, r.epochs, r.hyperflux.pruning_end)
+
+
+def test_settings_that_would_be_silently_wrong_are_refused():
+    with pytest.raises(ValueError, match="taylor"):
+        RunConfig(method="gmp", sparsity=0.5, gmp={"criterion": "taylor"}, engine={"precision": "fp16"})
+    for method in ("hyperflux", "imp"):
+        with pytest.raises(ValueError, match="lr_schedule"):
+            RunConfig(method=method, sparsity=0.5, epochs=10, lr_schedule="step", lr_milestones=[3])
+    # integral float milestones (as YAML may write them) scale like ints
+    sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"overrides.dense.lr_milestones": [80.0, 120.0],
+                                                             "scale.epochs": 0.05})
+    (dense,) = [r for r in sw.expand() if r.method == "dense" and r.seed == 0]
+    assert dense.lr_milestones == [4, 6]

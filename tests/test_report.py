@@ -185,9 +185,10 @@ def _expected_rows(logged: list[dict], model: str) -> list[tuple[str, ...]]:
         delta = "—" if method == "dense" else f"{100 * (statistics.fmean(tests) - dense):+.2f}" + (
             "" if hw is None else f" ± {100 * hw:.2f}")
         compression = statistics.fmean(1.0 / (1.0 - r["achieved"]) for r in rs)
+        budget = "—" if method == "dense" else "n/a"  # these runs log no budget metrics
         rows.append((method, f"{100 * target:.2f}",
                      f"{100 * statistics.fmean(r['achieved'] for r in rs):.2f}", f"{compression:.2f}", "n/a",
-                     _mean_std(tests), str(len(rs)), delta))
+                     _mean_std(tests), str(len(rs)), budget, delta))
     return rows
 
 
@@ -348,7 +349,7 @@ def test_large_sweep_tables(large):
             rs = [r for r in fin if r["model"] == model and r["method"] == method and r["target"] == target]
             tests = [r["test"] for r in rs]
             hw = _welch(tests, dense)
-            cells = [_mean_std(tests), str(len(rs)),
+            cells = [_mean_std(tests), str(len(rs)), "n/a",  # no budget metrics logged
                      f"{100 * (statistics.fmean(tests) - statistics.fmean(dense)):+.2f}"
                      + ("" if hw is None else f" ± {100 * hw:.2f}")]
             assert " | " + " | ".join(cells) + " |" in section, (model, method, target, cells)
@@ -395,3 +396,40 @@ def test_published_table_shows_matches_side_by_side():
     row = t.rows[0]
     assert row[0] == "str" and row[4] == "str" and row[6] == "76.12" and row[7] == "77.01" and "Kusupati" in row[-1]
     assert all("published" in h for h in t.header[4:10])
+
+
+def test_budget_matched_dense_is_the_control_and_the_budget_ratio_is_shown(tmp_path):
+    """Planted: a short dense run (budget 100), a budget-matched dense run (budget 200), a pruning
+    run of total budget 204 (within 5 %: compared with the matched run) and one of 400 (no dense
+    run of that budget: no equal-budget delta, ratio 2.00 against the short dense run)."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("budget")
+    ts = int(time.time() * 1000)
+
+    def run(variant, method, target, test, budget, epochs, i):
+        r = client.create_run(exp, tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": method,
+                                         "hfbench.variant": variant}, run_name=f"{variant}-{target}")
+        metrics = {"final_test_top1": test, "final_val_top1": test, "final_sparsity": target,
+                   "final_density": 1 - target, "budget_total_images": budget, "budget_images": budget / 2}
+        client.log_batch(r.info.run_id, metrics=[Metric(k, v, ts, epochs) for k, v in metrics.items()],
+                         params=[Param(k, v) for k, v in {"method": method, "model": MODEL, "dataset": DATASET,
+                                                          "sparsity": str(target), "seed": "0",
+                                                          "epochs": str(epochs)}.items()])
+        client.set_terminated(r.info.run_id, "FINISHED")
+
+    run("dense", "dense", 0.0, 0.90, 100.0, 5, 1)
+    run("dense-matched", "dense", 0.0, 0.92, 200.0, 10, 2)
+    run("magnitude", "magnitude", 0.5, 0.91, 204.0, 5, 3)
+    run("gmp", "gmp", 0.5, 0.915, 400.0, 15, 4)
+    out = build_report(uri, "budget", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Budget (× matched dense) | Δ top-1 vs budget-matched dense (pp) | Δ top-1 vs short dense (pp)" in md
+    assert "| magnitude | 50.00 | 50.00 | 2.00 | n/a | 91.00 | 1 | 1.02 | -1.00 | +1.00 |" in md
+    assert "| gmp | 50.00 | 50.00 | 2.00 | n/a | 91.50 | 1 | 2.00 | n/a (no dense run of this budget) | +1.50 |" in md
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "rep" / "results.csv").open())}
+    assert rows["magnitude"]["control"] == "dense-matched (10 epochs)"
+    assert float(rows["magnitude"]["budget_ratio"]) == pytest.approx(1.02)
+    assert rows["gmp"]["control"].startswith("none within 5 %") and float(rows["gmp"]["budget_ratio"]) == 2.0
+    assert float(rows["gmp"]["budget_total_images"]) == 400.0 and float(rows["gmp"]["budget_images"]) == 200.0
+    assert out is not None

@@ -26,10 +26,11 @@ open(out, "w").write(json.dumps(res))
 """
 
 
-def _cfg(tmp_path: Path, data_dir: Path, out: str, method: str) -> dict:
+def _cfg(tmp_path: Path, data_dir: Path, out: str, method: str, precision: str = "fp32") -> dict:
     from suite.config import RunConfig
 
     return RunConfig(method=method, sparsity=0.8, epochs=4, max_steps_per_epoch=15, batch_size=64,
+                     engine={"precision": precision, "device": "cpu"},
                      data_dir=str(data_dir), out_dir=str(tmp_path / out), experiment="resume",
                      hyperflux={"pruning_end": 3, "gate_lr": 0.02},
                      gmp={"start_epoch": 0, "end_epoch": 3, "update_every": 4}).model_dump(mode="json")
@@ -40,20 +41,23 @@ def _start(cfg: dict, uri: str, result: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("method", ["hyperflux", "gmp"])
-def test_usr2_mid_epoch_then_resume_is_bit_exact(tmp_path, betons, method):
+@pytest.mark.parametrize("method,precision", [("hyperflux", "fp32"), ("gmp", "fp32"), ("hyperflux", "fp16")],
+                         ids=["hyperflux", "gmp", "hyperflux-fp16"])
+def test_usr2_mid_epoch_then_resume_is_bit_exact(tmp_path, betons, method, precision):
+    """fp16: the gradient scaler's state and the loss scale the gates' pressure gradient carries
+    must survive the resume too."""
     from suite import tracking
 
     data = betons["train"].parent
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.ensure_experiment(uri, "resume")
 
-    ref = _start(_cfg(tmp_path, data, "ref", method), uri, tmp_path / "ref.json")
+    ref = _start(_cfg(tmp_path, data, "ref", method, precision), uri, tmp_path / "ref.json")
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
     reference = json.loads((tmp_path / "ref.json").read_text())
 
-    cfg = _cfg(tmp_path, data, "cut", method)
+    cfg = _cfg(tmp_path, data, "cut", method, precision)
     p = _start(cfg, uri, tmp_path / "cut.json")
     lines = []
     for line in p.stdout:  # wait for epoch 2 to begin, then signal in the middle of it
