@@ -58,6 +58,15 @@ BUDGET_TOLERANCE = 0.05
 
 _DENSE = "dense"
 _MATCHED = "dense-matched"  # dense controls trained for the pruning runs' total budget
+
+
+def _is_matched(method: str) -> bool:
+    """A budget-matched dense control; its label carries its plan, e.g. 'dense-matched 85x49'."""
+    return method.startswith(_MATCHED)
+
+
+def _is_dense(method: str) -> bool:
+    return method == _DENSE or _is_matched(method)
 _HYPERFLUX = "hyperflux"
 # Statuses that count as "did not finish" in the failed-runs table.
 _FAILED_STATUSES = ("FAILED", "KILLED")
@@ -300,6 +309,9 @@ def _record_from_run(run) -> RunRecord | None:
     method = tags.get("hfbench.variant") or params.get("method") or tags.get("hfbench.method")
     if not method:
         return None
+    if method == _MATCHED:  # one row per control plan: epochs x steps per epoch
+        method = f"{_MATCHED} {params.get('epochs', '?')}x{params.get('max_steps_per_epoch', 'None')}".replace(
+            "xNone", "xall")
     final_density = _to_float(metrics.get("final_density"))
     achieved = _first(
         _to_float(metrics.get("final_sparsity")),
@@ -545,6 +557,7 @@ class _Row:
     compression: list[float] = field(default_factory=list)
     speedup: list[float] = field(default_factory=list)
     budget: list[float] = field(default_factory=list)  # total training images (budget_total_images)
+    budget_incomplete: bool = False  # a run started from a dense run whose budget was not recorded
 
     @property
     def n(self) -> int:
@@ -574,7 +587,7 @@ def _latest_finished(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 
 def _method_order(method: str) -> tuple[int, str]:
-    return (0 if method == _DENSE else 1 if method == _MATCHED else 2, method)
+    return (0 if method == _DENSE else 1 if _is_matched(method) else 2, method)
 
 
 def _group_rows(records: list[RunRecord]) -> list[_Row]:
@@ -595,7 +608,8 @@ def _group_rows(records: list[RunRecord]) -> list[_Row]:
                          if r.compression_ratio is not None and math.isfinite(r.compression_ratio)],
             speedup=[r.theoretical_speedup for r in rs
                      if r.theoretical_speedup is not None and math.isfinite(r.theoretical_speedup)],
-            budget=[r.budget_total_images for r in rs if r.budget_total_images],
+            budget=[r.budget_total_images for r in rs if r.budget_total_images and not _uncounted(r)],
+            budget_incomplete=any(_uncounted(r) for r in rs),
         ))
     return rows
 
@@ -604,18 +618,21 @@ def _mean(vals: list[float]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _uncounted(r: RunRecord) -> bool:
+    """A run that started from the sweep's dense run without that run's budget record (e.g. a
+    dense run trained before budgets were logged): its total budget is its own only."""
+    return r.params.get("init") == "dense" and r.budget_parent_counted == 0.0
+
+
 def _control(row: _Row, rows: list[_Row]) -> tuple[_Row | None, float | None]:
-    """The row a pruning row is compared with: the budget-matched dense row (same section) whose
-    mean total budget is closest to the row's, if within BUDGET_TOLERANCE; otherwise none, with
-    the ratio to the closest (or to the short dense run when no matched run exists)."""
+    """The row a pruning row is compared with: the dense row (the short dense run or a
+    budget-matched one, same section) whose mean total budget is closest to the row's, if within
+    BUDGET_TOLERANCE; otherwise none, with the ratio to the closest."""
     b = _mean(row.budget)
-    matched = [m for m in rows if m.method == _MATCHED and m.budget]
-    short = [d for d in rows if d.method == _DENSE and d.budget]
-    if b is None:
+    cands = [d for d in rows if _is_dense(d.method) and d.budget]
+    if b is None or not cands:
         return None, None
-    if not matched:
-        return None, (b / _mean(short[0].budget) if short else None)
-    best = min(matched, key=lambda m: abs(math.log(b / _mean(m.budget))))
+    best = min(cands, key=lambda d: abs(math.log(b / _mean(d.budget))))
     ratio = b / _mean(best.budget)
     return (best if abs(ratio - 1.0) <= BUDGET_TOLERANCE else None), ratio
 
@@ -665,7 +682,7 @@ def _delta_cell(vals: list[float], dense: list[float], is_dense: bool) -> str:
 
 
 def _has_matched(sec: "_Section") -> bool:
-    return any(r.method == _MATCHED for r in sec.rows)
+    return any(_is_matched(r.method) for r in sec.rows)
 
 
 def _table_cells(row: _Row, sec: "_Section") -> list[str]:
@@ -675,18 +692,22 @@ def _table_cells(row: _Row, sec: "_Section") -> list[str]:
     if sec.has_top5:
         cells.append(_mean_ci_cell(row.top5))
     cells.append(str(row.n))
-    is_dense = row.method in (_DENSE, _MATCHED)
+    is_dense = _is_dense(row.method)
     control, ratio = (None, None) if is_dense else _control(row, sec.rows)
-    cells.append("—" if is_dense else "n/a" if ratio is None else f"{ratio:.2f}")
+    if is_dense:
+        cells.append("—")
+    elif row.budget_incomplete:
+        cells.append("n/a (dense start's budget not recorded)")
+    else:
+        cells.append("n/a" if ratio is None else f"{ratio:.2f}")
     if _has_matched(sec):
-        if row.method == _MATCHED:
-            cells.append("—")
-        elif is_dense:
+        if is_dense:
             cells.append("—")
         elif control is None:
             cells.append("n/a (no dense run of this budget)")
         else:
-            cells.append(_delta_cell(row.test, control.test, False))
+            cells.append(_delta_cell(row.test, control.test, False) + ("" if control.method == _DENSE
+                                                                       else f" ({control.method})"))
     cells.append(_delta_cell(row.test, _dense_values(dense_rows), row.method == _DENSE))
     if sec.has_top5:
         cells.append(_delta_cell(row.top5, _dense_values(dense_rows, "top5"), row.method == _DENSE))
@@ -700,7 +721,7 @@ def _table_header(sec: "_Section") -> list[str]:
         h.append("Test top-5 (%)")
     h += ["n"]
     if _has_matched(sec):
-        h += ["Budget (× matched dense)", "Δ top-1 vs budget-matched dense (pp)", "Δ top-1 vs short dense (pp)"]
+        h += ["Budget (× control)", "Δ top-1 vs equal-budget dense (pp)", "Δ top-1 vs short dense (pp)"]
     else:
         h += ["Budget (× dense)", "Δ top-1 vs dense (pp)"]
     if sec.has_top5:
@@ -710,11 +731,11 @@ def _table_header(sec: "_Section") -> list[str]:
 
 _ACC_NOTE = ("Top-1 (and top-5) are the mean ± half-width of the 95 % t confidence interval over seeds "
              "(n runs; a bare mean when n = 1). Budget = the run's total training images (its own and "
-             "those of the run it starts from, logged as budget_total_images) over its control's: the "
-             "budget-matched dense run (dense-matched: a dense run trained for the pruning runs' total "
-             "budget, grid.budget_matched_dense) when the sweep has one within 5 %, else the short dense "
-             "run the pruning runs start from. Δ vs budget-matched dense is the comparison at equal "
-             "training; Δ vs (short) dense also credits the method with its extra training. "
+             "those of the run it starts from, logged as budget_total_images) over those of the dense "
+             "run closest in budget: the short dense run or a budget-matched one (dense-matched EPOCHSxSTEPS: "
+             "a dense run trained for the pruning runs' total budget, grid.budget_matched_dense). Within 5 % "
+             "it is the equal-budget control; Δ vs equal-budget dense compares at equal training, Δ vs short "
+             "dense also credits the method with its extra training. "
              "Δ vs dense is in percentage points against the mean of "
              "the dense runs, ± the half-width of the 95 % Welch t interval of the difference (a side with "
              "one run contributes no variance; none when both have one run). Compression = prunable "
@@ -761,7 +782,7 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
     ax = fig.add_subplot()
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
-        if r.method not in (_DENSE, _MATCHED) and r.achieved_sparsity is not None and r.test_top1 is not None:
+        if not _is_dense(r.method) and r.achieved_sparsity is not None and r.test_top1 is not None:
             by_method[r.method].append(r)
 
     xs_all: list[float] = []
@@ -795,11 +816,13 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
     if section.dense is not None:
         ax.axhline(100.0 * section.dense, color="black", linestyle="--", linewidth=1.2,
                    label=f"dense ({_pct(section.dense)}%)")
-    matched = [v for r in records if r.method == _MATCHED and r.test_top1 is not None for v in [r.test_top1]]
-    if matched:
-        m = statistics.fmean(matched)
-        ax.axhline(100.0 * m, color="dimgray", linestyle=":", linewidth=1.4,
-                   label=f"budget-matched dense ({_pct(m)}%)")
+    plans: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if _is_matched(r.method) and r.test_top1 is not None:
+            plans[r.method].append(r.test_top1)
+    for label, vals in sorted(plans.items()):
+        m = statistics.fmean(vals)
+        ax.axhline(100.0 * m, color="dimgray", linestyle=":", linewidth=1.4, label=f"{label} ({_pct(m)}%)")
 
     if xs_all:
         lo_x, hi_x = min(xs_all), max(xs_all)
@@ -968,28 +991,27 @@ def _compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
 
 
 def _add_controls(records: list[RunRecord]) -> None:
-    """Each finished pruning run's control and budget ratio (results.csv): the budget-matched
-    dense runs of its model and dataset whose mean total budget is within BUDGET_TOLERANCE of the
-    run's, else the short dense run(s) it is measured against, with the ratio either way."""
+    """Each finished pruning run's control and budget ratio (results.csv): among the dense runs of
+    its model and dataset (the short one and each budget-matched plan), the one whose mean total
+    budget is closest to the run's; it is the control when within BUDGET_TOLERANCE."""
     fin = _latest_finished(records)
     for r in fin:
         b = r.budget_total_images
-        if r.method in (_DENSE, _MATCHED) or not b:
+        if _is_dense(r.method) or not b:
             continue
-        same = [x for x in fin if (x.dataset, x.model) == (r.dataset, r.model) and x.budget_total_images]
-        by_epochs: dict[int | None, list[float]] = defaultdict(list)
-        for x in same:
-            if x.method == _MATCHED:
-                by_epochs[x.epochs].append(x.budget_total_images)
-        if by_epochs:
-            ep, vals = min(by_epochs.items(), key=lambda kv: abs(math.log(b / statistics.fmean(kv[1]))))
-            r.budget_ratio = b / statistics.fmean(vals)
-            r.control = f"{_MATCHED} ({ep} epochs)" if abs(r.budget_ratio - 1.0) <= BUDGET_TOLERANCE \
-                else f"none within {100 * BUDGET_TOLERANCE:g} % (closest: {_MATCHED}, {ep} epochs)"
+        if _uncounted(r):
+            r.control = "none: the dense run it starts from has no budget record (its total counts this run only)"
             continue
-        short = [x.budget_total_images for x in same if x.method == _DENSE]
-        if short:
-            r.control, r.budget_ratio = "dense (short; no budget-matched run)", b / statistics.fmean(short)
+        plans: dict[str, list[float]] = defaultdict(list)
+        for x in fin:
+            if (x.dataset, x.model) == (r.dataset, r.model) and _is_dense(x.method) and x.budget_total_images:
+                plans[x.method].append(x.budget_total_images)
+        if not plans:
+            continue
+        label, vals = min(plans.items(), key=lambda kv: abs(math.log(b / statistics.fmean(kv[1]))))
+        r.budget_ratio = b / statistics.fmean(vals)
+        r.control = label if abs(r.budget_ratio - 1.0) <= BUDGET_TOLERANCE \
+            else f"none within {100 * BUDGET_TOLERANCE:g} % (closest: {label})"
 
 
 def _write_csv(path: Path, records: list[RunRecord]) -> None:
@@ -1255,7 +1277,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
 
     # every metric history the plots and tables read, in one bulk query per key
     hist = Histories(client)
-    pruning = [r for r in finished if r.method != _DENSE and r.final_density is not None]
+    pruning = [r for r in finished if not _is_dense(r.method) and r.final_density is not None]
     hyperflux = [r for r in finished if r.method.startswith(_HYPERFLUX)]
     hist.prefetch_records(pruning + hyperflux, "density")
     for key in ("target_density", "pruned", "regrown"):
@@ -1288,7 +1310,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
         sec.published = _published_table(sec, published_table)
         sec.compute = _compute_table(recs, bench)
 
-        if any(r.method != _DENSE for r in recs):
+        if any(not _is_dense(r.method) for r in recs):
             name = f"acc_vs_sparsity_{stem}.png"
             _plot_accuracy(sec, out_dir / name, recs)
             sec.plots.append((name, f"Test top-1 vs achieved sparsity, {dataset} / {model}"))

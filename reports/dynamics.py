@@ -105,7 +105,8 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
     """Tables and plots (file name, caption) for the pruning runs `recs` of one section."""
     tables: list[Table] = []
     plots: list[tuple[str, str]] = []
-    pruning = [r for r in recs if r.method != "dense" and r.final_density is not None]
+    # dense runs (the short one, and budget-matched controls "dense-matched ...") prune nothing
+    pruning = [r for r in recs if not r.method.startswith("dense") and r.final_density is not None]
     if not pruning:
         return tables, plots
 

@@ -694,9 +694,11 @@ def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConf
                 plans.add((epochs, cap))
         for epochs, cap in sorted(plans, key=lambda p: (p[0], p[1] or 0)):
             k = epochs / parent.epochs
-            ms = sorted({min(max(1, round(m * k)), epochs - 1) for m in parent.lr_milestones})
-            out.append(parent.model_copy(update={"epochs": epochs, "max_steps_per_epoch": cap,
-                                                 "budget_matched": True, "lr_milestones": ms}))
+            ms = sorted({round(m * k) for m in parent.lr_milestones} & set(range(1, epochs)))
+            fields = {**parent.model_dump(), "epochs": epochs, "max_steps_per_epoch": cap,
+                      "budget_matched": True, "lr_milestones": ms}
+            out.append(_validate(RunConfig, fields, where="grid.budget_matched_dense",
+                                 source=f"budget-matched dense run for {parent.run_name()}"))
     return out
 
 

@@ -115,3 +115,30 @@ def test_an_alias_bomb_is_refused_not_expanded(tmp_path):
     (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=f"more than {MAX_CONFIG_NODES:,} values"):
         load_sweep(tmp_path / "bomb.yaml")
+
+
+def test_budget_matched_dense_plans_one_control_per_total_budget(tmp_path):
+    from suite.config import load_sweep
+
+    sw = load_sweep("configs/demo.yaml")  # dense 5 x 429 steps + 80 x 25 of every pruning run = 4,145
+    matched = [r for r in sw.expand() if r.budget_matched]
+    assert [(r.epochs, r.max_steps_per_epoch, r.init) for r in matched] == [(85, 49, "scratch")]
+    assert matched[0].variant() == "dense-matched" and matched[0].run_hash() != sw.expand()[0].run_hash()
+    # CIFAR recipe: the from-scratch methods train the dense run's 160 epochs (no extra control);
+    # fine-tuning 40 epochs after the dense 160 -> 200; Hyperflux's 160 after it -> 320; IMP's levels
+    # from scratch -> 480 / 600 / 760
+    sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"grid.budget_matched_dense": True})
+    plans = sorted({(r.epochs, tuple(r.lr_milestones)) for r in sw.expand() if r.budget_matched})
+    assert plans == [(200, (100, 150)), (320, (160, 240)), (480, (240, 360)), (600, (300, 450)),
+                     (760, (380, 570))]
+    # a control shorter than the milestones keeps only those inside it, and is validated
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\nbase: {epochs: 1, max_steps_per_epoch: 5}\n"
+                 "grid: {methods: [dense, gmp], sparsities: [0.5], budget_matched_dense: true}\n"
+                 "overrides: {dense: {epochs: 4, max_steps_per_epoch: 10, lr_schedule: step, "
+                 "lr_milestones: [2, 3]}, gmp: {gmp: {end_epoch: 1}}}\n")
+    (ctl,) = [r for r in load_sweep(p).expand() if r.budget_matched]
+    assert (ctl.epochs, ctl.max_steps_per_epoch, ctl.lr_milestones) == (1, 5, [])
+    assert not RunConfig(method="dense").budget_matched
+    with pytest.raises(ValueError, match="budget_matched"):
+        RunConfig(method="gmp", sparsity=0.5, budget_matched=True)

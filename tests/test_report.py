@@ -398,38 +398,57 @@ def test_published_table_shows_matches_side_by_side():
     assert all("published" in h for h in t.header[4:10])
 
 
-def test_budget_matched_dense_is_the_control_and_the_budget_ratio_is_shown(tmp_path):
-    """Planted: a short dense run (budget 100), a budget-matched dense run (budget 200), a pruning
-    run of total budget 204 (within 5 %: compared with the matched run) and one of 400 (no dense
-    run of that budget: no equal-budget delta, ratio 2.00 against the short dense run)."""
+def test_equal_budget_controls_each_run_gets_its_own(tmp_path):
+    """Planted: a short dense run (budget 100), two budget-matched plans (200: two seeds; 400: one),
+    and pruning runs of total budget 204 (-> the 200 plan), 400 (-> the 400 plan), 100 (from
+    scratch -> the short dense run), 300 (no dense run within 5 %: closest 400, ratio 0.75) and
+    one whose dense start left no budget record (flagged, not compared)."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("budget")
     ts = int(time.time() * 1000)
+    n = iter(range(1, 100))
 
-    def run(variant, method, target, test, budget, epochs, i):
+    def run(variant, method, target, test, budget, epochs, seed=0, init="dense", counted=1.0):
+        i = next(n)
         r = client.create_run(exp, tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": method,
-                                         "hfbench.variant": variant}, run_name=f"{variant}-{target}")
+                                         "hfbench.variant": variant}, run_name=f"{variant}-{target}-{seed}")
         metrics = {"final_test_top1": test, "final_val_top1": test, "final_sparsity": target,
-                   "final_density": 1 - target, "budget_total_images": budget, "budget_images": budget / 2}
+                   "final_density": 1 - target, "budget_total_images": budget, "budget_images": budget / 2,
+                   "budget_parent_counted": counted}
+        params = {"method": method, "model": MODEL, "dataset": DATASET, "sparsity": str(target),
+                  "seed": str(seed), "epochs": str(epochs), "init": init}
         client.log_batch(r.info.run_id, metrics=[Metric(k, v, ts, epochs) for k, v in metrics.items()],
-                         params=[Param(k, v) for k, v in {"method": method, "model": MODEL, "dataset": DATASET,
-                                                          "sparsity": str(target), "seed": "0",
-                                                          "epochs": str(epochs)}.items()])
+                         params=[Param(k, v) for k, v in params.items()])
         client.set_terminated(r.info.run_id, "FINISHED")
 
-    run("dense", "dense", 0.0, 0.90, 100.0, 5, 1)
-    run("dense-matched", "dense", 0.0, 0.92, 200.0, 10, 2)
-    run("magnitude", "magnitude", 0.5, 0.91, 204.0, 5, 3)
-    run("gmp", "gmp", 0.5, 0.915, 400.0, 15, 4)
-    out = build_report(uri, "budget", tmp_path / "rep")
+    run("dense", "dense", 0.0, 0.90, 100.0, 5, init="scratch")
+    run("dense-matched", "dense", 0.0, 0.92, 200.0, 10, init="scratch")
+    run("dense-matched", "dense", 0.0, 0.93, 200.0, 10, seed=1, init="scratch")
+    run("dense-matched", "dense", 0.0, 0.95, 400.0, 20, init="scratch")
+    run("magnitude", "magnitude", 0.5, 0.91, 204.0, 5)
+    run("gmp", "gmp", 0.5, 0.915, 400.0, 15)
+    run("str", "str", 0.5, 0.89, 100.0, 5, init="scratch")
+    run("cs", "cs", 0.5, 0.88, 300.0, 10, init="scratch")
+    run("hyperflux", "hyperflux", 0.5, 0.9, 104.0, 5, counted=0.0)
+    build_report(uri, "budget", tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "Budget (× matched dense) | Δ top-1 vs budget-matched dense (pp) | Δ top-1 vs short dense (pp)" in md
-    assert "| magnitude | 50.00 | 50.00 | 2.00 | n/a | 91.00 | 1 | 1.02 | -1.00 | +1.00 |" in md
-    assert "| gmp | 50.00 | 50.00 | 2.00 | n/a | 91.50 | 1 | 2.00 | n/a (no dense run of this budget) | +1.50 |" in md
-    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "rep" / "results.csv").open())}
-    assert rows["magnitude"]["control"] == "dense-matched (10 epochs)"
-    assert float(rows["magnitude"]["budget_ratio"]) == pytest.approx(1.02)
-    assert rows["gmp"]["control"].startswith("none within 5 %") and float(rows["gmp"]["budget_ratio"]) == 2.0
-    assert float(rows["gmp"]["budget_total_images"]) == 400.0 and float(rows["gmp"]["budget_images"]) == 200.0
-    assert out is not None
+    assert "Budget (× control) | Δ top-1 vs equal-budget dense (pp) | Δ top-1 vs short dense (pp)" in md
+    table = md.split("Δ top-1 vs short dense (pp) |", 1)[1].split("\n\n", 1)[0]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ") for ln in table.splitlines() if ln.startswith("| ")}
+    assert rows["dense-matched 10xall"][6] == "2" and rows["dense-matched 20xall"][6] == "1"  # one row a plan
+    mag, gmp, str_, cs, hf = rows["magnitude"], rows["gmp"], rows["str"], rows["cs"], rows["hyperflux"]
+    assert mag[7] == "1.02" and mag[8].startswith("-1.50 ± ") and mag[8].endswith("(dense-matched 10xall)")
+    assert (gmp[7], gmp[8]) == ("1.00", "-3.50 (dense-matched 20xall)")
+    assert (str_[7], str_[8]) == ("1.00", "-1.00")  # the short dense run is its equal-budget control
+    assert (cs[7], cs[8]) == ("0.75", "n/a (no dense run of this budget)")
+    assert hf[7] == "n/a (dense start's budget not recorded)" and hf[8] == "n/a (no dense run of this budget)"
+    csv_rows = {r["method"]: r for r in csv.DictReader((tmp_path / "rep" / "results.csv").open())}
+    assert csv_rows["magnitude"]["control"] == "dense-matched 10xall"
+    assert float(csv_rows["magnitude"]["budget_ratio"]) == pytest.approx(1.02)
+    assert csv_rows["gmp"]["control"] == "dense-matched 20xall"
+    assert csv_rows["str"]["control"] == "dense"
+    assert csv_rows["cs"]["control"] == "none within 5 % (closest: dense-matched 20xall)"
+    assert float(csv_rows["cs"]["budget_ratio"]) == pytest.approx(0.75)
+    assert csv_rows["hyperflux"]["control"].startswith("none: the dense run it starts from has no budget record")
+    assert float(csv_rows["gmp"]["budget_total_images"]) == 400.0 and float(csv_rows["gmp"]["budget_images"]) == 200.0
