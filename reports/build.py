@@ -558,6 +558,7 @@ class _Row:
     speedup: list[float] = field(default_factory=list)
     budget: list[float] = field(default_factory=list)  # total training images (budget_total_images)
     budget_incomplete: bool = False  # a run started from a dense run whose budget was not recorded
+    check: Any = None  # reports.protocol.Check, filled in by _protocol_tables
 
     @property
     def n(self) -> int:
@@ -658,6 +659,7 @@ class _Section:
     notes: list[str] = field(default_factory=list)  # under the accuracy table
     published: Any = None  # dynamics.Table, or a sentence when nothing matches
     compute: Any = None  # dynamics.Table
+    flagged: int = 0  # protocol cells flagged (reports.protocol)
 
 
 def _mean_ci_cell(vals: list[float]) -> str:
@@ -711,6 +713,8 @@ def _table_cells(row: _Row, sec: "_Section") -> list[str]:
     cells.append(_delta_cell(row.test, _dense_values(dense_rows), row.method == _DENSE))
     if sec.has_top5:
         cells.append(_delta_cell(row.top5, _dense_values(dense_rows, "top5"), row.method == _DENSE))
+    cells.append("—" if row.check is None else ("flagged: " + "; ".join(row.check.flags)) if row.check.flags
+                 else "ok")
     return cells
 
 
@@ -726,6 +730,7 @@ def _table_header(sec: "_Section") -> list[str]:
         h += ["Budget (× dense)", "Δ top-1 vs dense (pp)"]
     if sec.has_top5:
         h.append("Δ top-5 vs dense (pp)")
+    h.append("Protocol")
     return h
 
 
@@ -873,13 +878,19 @@ def _plot_density(section: _Section, path: Path,
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}%"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("density (% of prunable weights)")
-    ax.set_title(f"{section.dataset} / {section.model}: Hyperflux density per epoch", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
     # A fixed corner: with one line per run, matplotlib's "best" placement search dominates
     # the plotting time.  Densities fall over training, so the lower left is usually empty.
-    ax.legend(fontsize=7, loc="lower left")
+    _finish(fig, ax, path, "epoch", "density (% of prunable weights)",
+            f"{section.dataset} / {section.model}: Hyperflux density per epoch", "lower left")
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """Labels, grid, a legend in a fixed corner, saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc=legend_loc)
     fig.savefig(path)
 
 
@@ -1012,6 +1023,110 @@ def _add_controls(records: list[RunRecord]) -> None:
         r.budget_ratio = b / statistics.fmean(vals)
         r.control = label if abs(r.budget_ratio - 1.0) <= BUDGET_TOLERANCE \
             else f"none within {100 * BUDGET_TOLERANCE:g} % (closest: {label})"
+
+
+def _row_runs(row: _Row, recs: list[RunRecord]) -> list[RunRecord]:
+    return [r for r in recs if r.method == row.method and _sparsity_key(r.target_sparsity) == _sparsity_key(row.target)]
+
+
+def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
+    """The protocol check, the paired comparisons with their calls and the ranking per target,
+    and the accuracy at each target read off each method's own curve (reports.protocol)."""
+    from reports import protocol as P
+    from reports.dynamics import Table
+
+    checks, comps, targets = [], [], sorted({r.target for r in sec.rows if not _is_dense(r.method) and r.target})
+    for row in sec.rows:
+        if _is_dense(row.method):
+            continue
+        control, ratio = _control(row, sec.rows)
+        mine = _row_runs(row, recs)
+        ctl_runs = _row_runs(control, recs) if control else [r for r in recs if r.method == _DENSE]
+        row.check = P.check_cell(row.method, row.target, mine, ctl_runs, None if row.budget_incomplete else ratio)
+        checks.append(row.check)
+        if control is None:
+            comps.append(P.Comparison(row.method, row.target, "none of equal budget", 0, call="n/a (no equal-budget control)"))
+            continue
+        n, d, hw, p = P.paired({r.seed: r.test_top1 for r in mine if r.test_top1 is not None},
+                               {r.seed: r.test_top1 for r in ctl_runs if r.test_top1 is not None})
+        comps.append(P.Comparison(row.method, row.target, control.method, n, d, hw, p))
+    P.holm(comps)
+    sec.flagged = sum(1 for c in checks if c.flags)
+    tables = []
+    if checks:
+        tables.append(Table(
+            "Protocol", ["method", "target %", "seeds", "budget (× control)", "achieved − target (pp)",
+                         "shared settings that differ from the control", "flags"],
+            [[c.method, _pct(c.target), str(c.seeds), "n/a" if c.budget_ratio is None else f"{c.budget_ratio:.2f}",
+              "n/a" if c.miss_pp is None else f"{c.miss_pp:+.2f}", "; ".join(c.differs) or "none",
+              "; ".join(c.flags) or "ok"] for c in checks],
+            note=(f"A cell is flagged when its total training budget is outside {P.BUDGET_RANGE[0]}-"
+                  f"{P.BUDGET_RANGE[1]} of its control's, its achieved sparsity is more than {P.TARGET_MISS_PP:g} pp "
+                  f"from the target, it has fewer than {P.MIN_SEEDS} seeds, or a shared setting ({', '.join(P.SHARED)}) "
+                  f"differs from its control's. Flagged cells: {sec.flagged} of {len(checks)}."),
+            kind="protocol"))
+    if comps:
+        by_target: dict[float, list] = defaultdict(list)
+        for c in comps:
+            by_target[_sparsity_key(c.target)].append(c)
+        rank_rows = []
+        row_of = {(r.method, _sparsity_key(r.target)): r for r in sec.rows}
+        for t in sorted(by_target):
+            ranked, missed = [], []
+            for c in by_target[t]:
+                row = row_of[(c.method, t)]
+                miss = row.check.miss_pp
+                (missed if miss is not None and abs(miss) > P.EQUAL_SPARSITY_PP else ranked).append((row, c))
+            ranked.sort(key=lambda rc: -(rc[0].test_mean() or 0.0))
+            for i, (row, c) in enumerate(ranked, 1):
+                rank_rows.append([_pct(t), str(i), c.method, _mean_ci_cell(row.test), c.control,
+                                  "n/a" if c.diff is None else f"{100 * c.diff:+.2f}"
+                                  + ("" if c.ci is None else f" ± {100 * c.ci:.2f}"),
+                                  "n/a" if c.p_holm is None else f"{c.p_holm:.3g}", c.call])
+            for row, c in missed:
+                rank_rows.append([_pct(t), "—", c.method, f"missed (achieved {_pct(row.achieved_mean())} %)",
+                                  c.control, "—", "—", "not ranked"])
+        tables.append(Table(
+            "Ranking per target sparsity", ["target %", "rank", "method", "test top-1 (%)", "control",
+                                            "paired Δ vs control (pp)", "p (Holm)", "call"], rank_rows,
+            note=(f"Methods within {P.EQUAL_SPARSITY_PP:g} pp of the target, by mean test top-1. Δ is paired by "
+                  "seed (the same seed shares the dense start) against the equal-budget dense control, with a "
+                  "95 % t interval; p from the paired t test, Holm-corrected over every comparison of this "
+                  f"section (alpha {P.ALPHA:g}); better / worse only where the corrected test rejects."),
+            kind="ranking"))
+    methods = sorted({r.method for r in sec.rows if not _is_dense(r.method)}, key=_method_order)
+    if methods and targets:
+        interp_rows = []
+        for m in methods:
+            pts = [(r.achieved_sparsity, r.test_top1) for r in recs
+                   if r.method == m and r.achieved_sparsity is not None and r.test_top1 is not None]
+            vals = [P.interpolate_at(pts, t) for t in targets]
+            interp_rows.append([m] + ["—" if v is None else f"{_pct(v)} (interpolated)" for v in vals])
+        tables.append(Table(
+            "Accuracy at each target, read off each method's curve", ["method"] + [f"{_pct(t)} %" for t in targets],
+            interp_rows,
+            note=("Monotone cubic (PCHIP) interpolation of mean test top-1 against achieved sparsity, in "
+                  "log(1 − sparsity), through each method's own points; '—' where the target lies outside "
+                  "the sparsities the method reached (never extrapolated)."),
+            kind="interpolated"))
+    return tables
+
+
+def _plot_cost(section: "_Section", path: Path, records: list[RunRecord]) -> None:
+    """Test top-1 against total training budget (dense-equivalent epochs), one point per run."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    by: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.test_top1 is not None and r.budget_total_epochs:
+            by[r.method].append(r)
+    for i, (m, rs) in enumerate(sorted(by.items(), key=lambda kv: _method_order(kv[0]))):
+        marker = "s" if _is_dense(m) else "o"
+        ax.scatter([r.budget_total_epochs for r in rs], [100.0 * r.test_top1 for r in rs], s=22, marker=marker,
+                   color=f"C{i % 10}", label=m)
+    ax.set_xscale("log")
+    _finish(fig, ax, path, "total training budget (dense-equivalent epochs, including the run it starts from)",
+            "test top-1 (%)", f"{section.dataset} / {section.model}: accuracy against training cost", "lower right")
 
 
 def _write_csv(path: Path, records: list[RunRecord]) -> None:
@@ -1327,6 +1442,11 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
             sec.plots.append((name, f"Hyperflux density per epoch vs target, {dataset} / {model}"))
 
         sec.tables, more = dynamics.build(hist, recs, out_dir, stem, f"{dataset} / {model}")
+        sec.tables = _protocol_tables(sec, recs) + sec.tables
+        if any(not _is_dense(r.method) and r.budget_total_images for r in recs):
+            name = f"acc_vs_budget_{stem}.png"
+            _plot_cost(sec, out_dir / name, recs)
+            more = [(name, f"Test top-1 vs total training budget (dense-equivalent epochs), {dataset} / {model}")] + more
         sec.plots += more
         for name, _ in sec.plots:
             written[name] = out_dir / name

@@ -186,9 +186,11 @@ def _expected_rows(logged: list[dict], model: str) -> list[tuple[str, ...]]:
             "" if hw is None else f" ± {100 * hw:.2f}")
         compression = statistics.fmean(1.0 / (1.0 - r["achieved"]) for r in rs)
         budget = "—" if method == "dense" else "n/a"  # these runs log no budget metrics
+        seeds = len({r["seed"] for r in rs})
+        proto = "—" if method == "dense" else "ok" if seeds >= 3 else f"flagged: {seeds} seed{'s' if seeds != 1 else ''}, fewer than 3"
         rows.append((method, f"{100 * target:.2f}",
                      f"{100 * statistics.fmean(r['achieved'] for r in rs):.2f}", f"{compression:.2f}", "n/a",
-                     _mean_std(tests), str(len(rs)), budget, delta))
+                     _mean_std(tests), str(len(rs)), budget, delta, proto))
     return rows
 
 

@@ -1,0 +1,145 @@
+"""The comparison protocol, checked on the runs themselves: equal budgets, targets hit, enough
+seeds, the same shared hyper-parameters; paired statistics with a multiple-comparison correction;
+accuracy at each target sparsity read off each method's own curve.
+
+Everything here works on `reports.build.RunRecord`s of one (dataset, model) section and returns
+plain rows for the report writers:
+
+- `interpolate_at(points, s)`: a method's accuracy at sparsity s from its (achieved sparsity,
+  accuracy) points, by monotone cubic (PCHIP, scipy) interpolation in x = log(1 - s); None
+  outside the measured range (never extrapolated).
+- `comparisons(...)`: per (method, target) the paired difference from its equal-budget control
+  (same seed: the same dense start), a 95 % t interval and a p value (scipy.stats), Holm-corrected
+  over every comparison of the section (statsmodels), and the call: better / worse only when the
+  corrected test rejects, else "no difference".
+- `checks(...)`: per (method, target) the protocol flags: budget ratio outside 0.95-1.05 of the
+  control, target missed by more than 1 pp, fewer than 3 seeds, a shared hyper-parameter that
+  differs from the control's.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+BUDGET_RANGE = (0.95, 1.05)
+TARGET_MISS_PP = 1.0  # flag: achieved sparsity further than this from the target
+EQUAL_SPARSITY_PP = 0.5  # "missed (achieved X %)": left out of the ranking at that target
+MIN_SEEDS = 3
+ALPHA = 0.05
+# run fields every compared run should share with its control (method-specific settings and the
+# LR, which fine-tuning legitimately lowers, are not in this list)
+SHARED = ("dataset", "model", "batch_size", "weight_decay", "weight_decay_on", "momentum", "nesterov",
+          "label_smoothing", "engine.precision", "engine.world_size")
+
+
+def _x(s: float) -> float:
+    return math.log(max(1.0 - s, 1e-12))
+
+
+def interpolate_at(points: list[tuple[float, float]], s: float) -> Optional[float]:
+    """Accuracy at sparsity `s` on the monotone (PCHIP) interpolant through `points` (achieved
+    sparsity, accuracy) in x = log(1 - sparsity); points at the same sparsity are averaged. None
+    when s lies outside the measured sparsities, or with fewer than two distinct points (unless s
+    is one of them)."""
+    by: dict[float, list[float]] = defaultdict(list)
+    for sp, acc in points:
+        by[round(sp, 9)].append(acc)
+    xs_s = sorted(by)
+    if not xs_s or not (xs_s[0] - 1e-9 <= s <= xs_s[-1] + 1e-9):
+        return None
+    if len(xs_s) == 1:
+        return statistics.fmean(by[xs_s[0]])
+    from scipy.interpolate import PchipInterpolator
+
+    xs = [_x(v) for v in reversed(xs_s)]  # x decreases as sparsity grows: reverse for ascending x
+    ys = [statistics.fmean(by[v]) for v in reversed(xs_s)]
+    return float(PchipInterpolator(xs, ys, extrapolate=False)(_x(s)))
+
+
+@dataclass
+class Comparison:
+    method: str
+    target: Optional[float]
+    control: str
+    n_pairs: int
+    diff: Optional[float] = None  # mean paired difference, accuracy units
+    ci: Optional[float] = None  # 95 % t half-width
+    p: Optional[float] = None
+    p_holm: Optional[float] = None
+    call: str = "n/a"
+
+
+def paired(a: dict[Any, float], b: dict[Any, float]) -> tuple[int, Optional[float], Optional[float], Optional[float]]:
+    """(pairs, mean difference a - b, 95 % t half-width, two-sided p) over the seeds both have."""
+    from scipy import stats
+
+    keys = sorted(set(a) & set(b), key=str)
+    d = [a[k] - b[k] for k in keys]
+    if not d:
+        return 0, None, None, None
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return len(d), m, None, None
+    sd = statistics.stdev(d)
+    if sd == 0.0:
+        return len(d), m, 0.0, (0.0 if m != 0 else 1.0)
+    se = sd / math.sqrt(len(d))
+    hw = float(stats.t.ppf(0.975, len(d) - 1)) * se
+    p = float(2 * stats.t.sf(abs(m) / se, len(d) - 1))
+    return len(d), m, hw, p
+
+
+def holm(comps: list[Comparison]) -> None:
+    """Holm-corrected p values and calls, over the comparisons that have a p value."""
+    from statsmodels.stats.multitest import multipletests
+
+    tested = [c for c in comps if c.p is not None]
+    if tested:
+        reject, p_adj, _, _ = multipletests([c.p for c in tested], alpha=ALPHA, method="holm")
+        for c, r, pa in zip(tested, reject, p_adj):
+            c.p_holm = float(pa)
+            c.call = ("better" if c.diff > 0 else "worse") if r else "no difference"
+    for c in comps:
+        if c.p is None and c.call == "n/a":  # a call set by the caller (e.g. no control) stays
+            c.call = "n/a (fewer than 2 paired seeds)" if c.n_pairs < 2 else "n/a"
+
+
+@dataclass
+class Check:
+    method: str
+    target: Optional[float]
+    seeds: int
+    budget_ratio: Optional[float]
+    miss_pp: Optional[float]  # achieved - target, percentage points (mean over seeds)
+    differs: list[str] = field(default_factory=list)  # "weight_decay: 0.001 (control 0.0005)"
+    flags: list[str] = field(default_factory=list)
+
+
+def _param(r, key: str) -> Optional[str]:
+    return r.params.get(key)
+
+
+def check_cell(method: str, target: Optional[float], runs: list, control_runs: list,
+               budget_ratio: Optional[float]) -> Check:
+    """The protocol flags of one (method, target) cell against its control runs."""
+    ach = [r.achieved_sparsity for r in runs if r.achieved_sparsity is not None]
+    miss = None if target is None or not ach else 100.0 * (statistics.fmean(ach) - target)
+    c = Check(method, target, len({r.seed for r in runs}), budget_ratio, miss)
+    if budget_ratio is not None and not BUDGET_RANGE[0] <= budget_ratio <= BUDGET_RANGE[1]:
+        c.flags.append(f"budget x{budget_ratio:.2f} of its control")
+    if miss is not None and abs(miss) > TARGET_MISS_PP:
+        c.flags.append(f"target missed by {miss:+.1f} pp")
+    if c.seeds < MIN_SEEDS:
+        c.flags.append(f"{c.seeds} seed{'s' if c.seeds != 1 else ''}, fewer than {MIN_SEEDS}")
+    if control_runs:
+        for key in SHARED:
+            mine = sorted({str(_param(r, key)) for r in runs if _param(r, key) is not None})
+            theirs = sorted({str(_param(r, key)) for r in control_runs if _param(r, key) is not None})
+            if mine and theirs and mine != theirs:
+                c.differs.append(f"{key}: {', '.join(mine)} (control {', '.join(theirs)})")
+        if c.differs:
+            c.flags.append("differs from its control: " + "; ".join(d.split(":")[0] for d in c.differs))
+    return c

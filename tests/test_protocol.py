@@ -1,0 +1,120 @@
+"""The comparison protocol (reports/protocol.py) and its place in the report: planted protocol
+breaks are flagged, exactly those; accuracy at a target read off a curve known in closed form, never
+extrapolated; paired statistics against scipy's paired t test and a hand-computed Holm correction."""
+from __future__ import annotations
+
+import csv
+import math
+import time
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from reports import protocol as P
+from reports.build import build_report
+
+
+# ------------------------------------------------------------------------------ interpolation
+def test_interpolation_is_exact_on_a_curve_linear_in_log_density_and_never_extrapolates():
+    a, b = 0.93, 0.021  # acc(s) = a + b * ln(1 - s): PCHIP reproduces a linear function exactly
+    acc = lambda s: a + b * math.log(1 - s)  # noqa: E731
+    pts = [(s, acc(s)) for s in (0.5, 0.8, 0.9, 0.95)]
+    for s in (0.5, 0.6, 0.85, 0.93, 0.95):
+        assert P.interpolate_at(pts, s) == pytest.approx(acc(s), abs=1e-12)
+    assert P.interpolate_at(pts, 0.49) is None and P.interpolate_at(pts, 0.96) is None
+    assert P.interpolate_at(pts[:1], 0.5) == pytest.approx(acc(0.5)) and P.interpolate_at(pts[:1], 0.6) is None
+    assert P.interpolate_at([], 0.5) is None
+
+
+def test_interpolation_keeps_a_monotone_curve_monotone_between_points():
+    """A curve that falls steeply past 90 %: between any two measured points the interpolant
+    stays between their values (no overshoot, unlike a plain cubic spline)."""
+    pts = [(0.5, 0.91), (0.8, 0.905), (0.9, 0.89), (0.95, 0.80), (0.98, 0.40)]
+    for (s0, y0), (s1, y1) in zip(pts, pts[1:]):
+        for k in range(1, 10):
+            s = s0 + (s1 - s0) * k / 10
+            v = P.interpolate_at(pts, s)
+            assert min(y0, y1) - 1e-12 <= v <= max(y0, y1) + 1e-12, (s, v)
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_paired_difference_matches_scipy_and_holm_matches_its_definition():
+    from scipy import stats
+
+    a = {0: 0.912, 1: 0.905, 2: 0.917, 3: 0.909}
+    b = {0: 0.900, 1: 0.899, 2: 0.903, 3: 0.902, 9: 0.5}  # seed 9 has no partner: ignored
+    n, d, hw, p = P.paired(a, b)
+    ref = stats.ttest_rel([a[k] for k in range(4)], [b[k] for k in range(4)])
+    assert n == 4 and p == pytest.approx(ref.pvalue, rel=1e-10)
+    diffs = [a[k] - b[k] for k in range(4)]
+    assert d == pytest.approx(sum(diffs) / 4)
+    sd = math.sqrt(sum((x - d) ** 2 for x in diffs) / 3)
+    assert hw == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2)
+    comps = [P.Comparison("m", 0.5, "dense", 4, 0.01, None, pv) for pv in (0.01, 0.04, 0.03, 0.2)]
+    comps.append(P.Comparison("x", 0.9, "dense", 1, 0.01, None, None))
+    P.holm(comps)
+    # Holm by hand: sorted p (0.01, 0.03, 0.04, 0.2) times (4, 3, 2, 1), running maximum
+    assert [c.p_holm for c in comps[:4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert [c.call for c in comps] == ["better", "no difference", "no difference", "no difference",
+                                       "n/a (fewer than 2 paired seeds)"]
+
+
+# ------------------------------------------------------------------------------ planted protocol breaks
+def _log(client, exp, i, variant, target, seed, test, budget, achieved=None, wd="0.0005"):
+    r = client.create_run(exp, tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": variant.split("-")[0],
+                                     "hfbench.variant": variant}, run_name=f"{variant}-{target}-{seed}")
+    ach = target if achieved is None else achieved
+    metrics = {"final_test_top1": test, "final_val_top1": test, "final_sparsity": ach, "final_density": 1 - ach,
+               "budget_total_images": budget, "budget_images": budget, "budget_total_epochs": budget / 10,
+               "budget_parent_counted": 1.0}
+    params = {"method": variant, "model": "fmnist_cnn", "dataset": "fashion_mnist", "sparsity": str(target),
+              "seed": str(seed), "epochs": "5", "init": "scratch", "weight_decay": wd, "batch_size": "128",
+              "label_smoothing": "0.1"}
+    client.log_batch(r.info.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 5) for k, v in metrics.items()],
+                     params=[Param(k, v) for k, v in params.items()])
+    client.set_terminated(r.info.run_id, "FINISHED")
+
+
+def test_planted_protocol_breaks_are_flagged_exactly(tmp_path):
+    """Every method from scratch with the dense run's budget, 3 seeds, on target, same weight decay,
+    except: gmp trains twice the budget, l0 misses its target by 3 pp, str has 2 seeds, cs uses
+    another weight decay. The report flags those four cells and nothing else."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("planted")
+    i = 0
+    for seed in (0, 1, 2):
+        for variant, budget, achieved, wd, test in (
+                ("dense", 100.0, 0.0, "0.0005", 0.90), ("magnitude", 100.0, None, "0.0005", 0.89),
+                ("gmp", 200.0, None, "0.0005", 0.905), ("l0", 100.0, 0.47, "0.0005", 0.88),
+                ("str", 100.0, None, "0.0005", 0.885), ("cs", 100.0, None, "0.001", 0.87)):
+            if variant == "str" and seed == 2:
+                continue
+            i += 1
+            target = 0.0 if variant == "dense" else 0.5
+            _log(client, exp, i, variant, target, seed, test + 0.001 * seed, budget, achieved, wd)
+    build_report(uri, "planted", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    proto = md.split("Protocol", 2)[2] if md.count("Protocol") > 1 else md
+    table = md.split("| method | target % | seeds | budget (× control) |", 1)[1].split("\n\n", 1)[0]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ") for ln in table.splitlines()[1:]
+            if ln.startswith("| ")}
+    flags = {m: r[-1] for m, r in rows.items()}
+    assert flags == {"magnitude": "ok", "gmp": "budget x2.00 of its control", "l0": "target missed by -3.0 pp",
+                     "str": "2 seeds, fewer than 3",
+                     "cs": "differs from its control: weight_decay"}, flags
+    assert rows["cs"][5] == "weight_decay: 0.001 (control 0.0005)"
+    assert "Flagged cells: 4 of 5." in proto
+    # flagged where the number stands: the accuracy table's Protocol column
+    acc = md.split("| Protocol |", 1)[1].split("\n\n", 1)[0]
+    assert sum(1 for ln in acc.splitlines() if ln.endswith("| ok |")) == 1
+    assert sum(1 for ln in acc.splitlines() if "| flagged: " in ln) == 4
+    # ranking: l0 is not ranked at 50 % (missed by more than 0.5 pp); gmp has no equal-budget control
+    rank = md.split("| target % | rank | method |", 1)[1].split("\n\n", 1)[0]
+    assert "| l0 | missed (achieved 47.00 %) |" in rank and "not ranked" in rank
+    assert "n/a (no equal-budget control)" in rank
+    # the cost plot is written, one point per run
+    assert (tmp_path / "rep" / "acc_vs_budget_fashion_mnist_fmnist_cnn.png").is_file()
+    with (tmp_path / "rep" / "results.csv").open() as fh:
+        assert sum(1 for r in csv.DictReader(fh) if r["budget_total_images"]) == 17
