@@ -227,6 +227,9 @@ def cmd_report(a) -> int:
     from suite import tracking
 
     uri = a.tracking_uri or tracking.default_uri()
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        print(f"hfbench report: --out {a.out} is a file; give a folder (it is created if missing)", file=sys.stderr)
+        return 2
     out = build_report(uri, a.experiment, Path(a.out), title=a.title)
     for name, p in out.items():
         if name in ("index.html", "report.md", "results.csv"):
@@ -361,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hfbench: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from reports.build import ReportError
         from suite.data import DataError
 
-        if isinstance(e, DataError):  # a bad data file, named in the message
+        if isinstance(e, (DataError, ReportError)):  # a bad data file or experiment, named in the message
             print(f"hfbench: {e}", file=sys.stderr)
             return 2
         raise

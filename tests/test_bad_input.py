@@ -61,6 +61,11 @@ CASES = [
     ("lr-not-number", "run", run(lr="fast"), "lr"),
     ("nesterov-not-bool", "run", run(nesterov="sometimes"), "nesterov"),
     ("yaml-date-in-base", "sweep", "name: t\nbase: {epochs: 3, when: 2024-01-01}\n", "base.when"),
+    ("yaml-duplicate-key", "sweep", "name: t\nbase: {epochs: 3}\nbase: {epochs: 4}\n", "duplicate key 'base' (first on line 2)"),
+    ("yaml-duplicate-nested-key", "sweep", "name: t\nbase:\n  lr: 0.1\n  lr: 0.2\n", "duplicate key 'lr' (first on line 3)"),
+    ("inf-lr-end", "sweep", "name: t\nbase: {lr_end: .inf}\n", "base.lr_end: Input should be a finite number"),
+    ("nan-hyperflux-step", "sweep", "name: t\ngrid: {methods: [hyperflux]}\noverrides: {hyperflux: {hyperflux: {step: .nan}}}\n",
+     "hyperflux.step: Input should be a finite number"),
     ("yaml-binary-in-override", "sweep", "name: t\noverrides: {dense: {x: !!binary aGk=}}\n", "overrides.dense.x"),
     # unknown keys
     ("unknown-top-level-key", "sweep", sweep(colour="blue"), "colour"),
@@ -367,3 +372,18 @@ YAML_BITS = ["name: t\n", "base:\n", "  epochs: ", "grid: {methods: [", "gmp", "
 def test_fuzz_random_yaml_text(text):
     _load_or_config_error(load_sweep, text)
     _load_or_config_error(load_run, text)
+
+
+def test_report_refusals_are_one_line_with_exit_2(tmp_path, capsys):
+    from suite.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["report", "--experiment", "no-such-experiment", "--out", str(tmp_path / "r"),
+                 "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # MLflow's own INFO lines about a new sqlite store aside
+    assert err[-1] == "hfbench: MLflow experiment 'no-such-experiment' does not exist"
+    assert not any("Traceback" in ln for ln in err)
+    (tmp_path / "file").write_text("x")
+    assert main(["report", "--experiment", "e", "--out", str(tmp_path / "file"), "--tracking-uri", uri]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
