@@ -187,9 +187,11 @@ class Sweep:
         check_resources(self.sweep, runs, self.kind)  # before data, the experiment or any job
         check_files(runs)
         ensure_data(runs, say=self.say)
-        exp_id = tracking.ensure_experiment(self.uri, self.sweep.experiment_name())
-        self.exp_id = exp_id
-        finished = tracking.finished_hashes(self.uri, exp_id)
+        with tracking.bounded(self.uri, self.sweep.launcher.tracking_timeout_s) as b:
+            exp_id = b.call(tracking.ensure_experiment, self.uri, self.sweep.experiment_name(),
+                            what="experiment lookup")
+            self.exp_id = exp_id
+            finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="finished-run lookup")
         self.say(f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
                  f"{self.sweep.experiment_name()!r} (id {exp_id}) at {tracking.redact(self.uri)}; executor {self.kind}")
         outcomes: dict[str, Outcome] = {}

@@ -366,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from reports.build import ReportError
         from suite.data import DataError
+        from suite.tracking import TrackingUnavailable
+
+        if isinstance(e, TrackingUnavailable):  # an environment problem, said in one line
+            print(f"hfbench: {e}", file=sys.stderr)
+            return 1
 
         if isinstance(e, (DataError, ReportError)):  # a bad data file or experiment, named in the message
             print(f"hfbench: {e}", file=sys.stderr)

@@ -116,14 +116,15 @@ class Preempted(RuntimeError):
 def _injected_fault(run_hash: str) -> dict[str, int]:
     """Testing hook: HFBENCH_INJECT='<run hash>:nan@<step>' makes that run's loss NaN at that
     step; '<run hash>:sleep@<ms>' adds that many milliseconds to each of its steps (a slow run,
-    e.g. to meet a time limit). Items are comma-separated; '*' matches every run. Unset in
-    normal use."""
+    e.g. to meet a time limit); '<run hash>:exitfinal@1' kills the process right after its final
+    metrics are logged, before its weights and done marker are written. Items are
+    comma-separated; '*' matches every run. Unset in normal use."""
     out: dict[str, int] = {}
     for item in filter(None, os.environ.get("HFBENCH_INJECT", "").split(",")):
         h, _, what = item.partition(":")
         if h in (run_hash, "*"):
             kind, _, value = what.partition("@")
-            if kind in ("nan", "sleep"):
+            if kind in ("nan", "sleep", "exitfinal"):
                 out[kind] = int(value)
     return out
 
@@ -441,6 +442,20 @@ def startup_costs(marks: dict[str, float]) -> dict[str, float]:
 BUDGET_KEYS = ("steps", "images", "epochs", "device_s")
 
 
+def _load_final(path: Path, run_hash: str) -> tuple[Optional[dict[str, float]], Optional[int]]:
+    """The final metrics an earlier attempt of this run computed and logged (final_metrics.json),
+    with their timestamp; (None, None) when there are none (or they belong to another run)."""
+    import json
+
+    try:
+        rec = json.loads(path.read_text())
+        if rec.get("run_hash") == run_hash:
+            return {k: float(v) for k, v in rec["metrics"].items()}, int(rec["ts"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None, None
+
+
 def budget(cfg: RunConfig, steps: int, world: int, n_train: int, train_time: float, say=print) -> dict[str, float]:
     """What this run cost and what it cost in all, counting the run it starts from.
 
@@ -638,6 +653,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     if resume is not None:
         logger.set_tag("hfbench.resumed_at_step", str(step))
     else:
+        if rank == 0:  # a fresh start: final metrics of an earlier attempt describe another training
+            (out / "final_metrics.json").unlink(missing_ok=True)
         engine.eval()
         start_active = sparsity.active(layers)  # before a one-shot prune, which then counts as pruned in epoch 1
         pruner.on_train_start()
@@ -777,12 +794,25 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
 
     counts = sparsity.count(layers)
     digest = state_digest(engine.module)
-    n_train = getattr(train_loader, "num_samples", len(train_loader) * cfg.batch_size) * world
-    final = {"final_test_top1": metrics["test_top1"], "final_val_top1": metrics["val_top1"],
-             "final_density": metrics["density"], "final_sparsity": metrics["sparsity"],
-             "train_time_s": train_time, "wall_time_s": time.time() - t_start,
-             **budget(cfg, step, world, n_train, train_time, say)}
-    logger.log_metrics(final, step=cfg.epochs)
+    # the final metrics are computed once: a process killed after logging them and before its done
+    # marker logs the very same (key, value, step, timestamp) entries again when resumed, which
+    # MLflow stores once (wall time included)
+    final_path = out / "final_metrics.json"
+    final, final_ts = _load_final(final_path, cfg.run_hash())
+    if final is None:
+        n_train = getattr(train_loader, "num_samples", len(train_loader) * cfg.batch_size) * world
+        final = {"final_test_top1": metrics["test_top1"], "final_val_top1": metrics["val_top1"],
+                 "final_density": metrics["density"], "final_sparsity": metrics["sparsity"],
+                 "train_time_s": train_time, "wall_time_s": time.time() - t_start,
+                 **budget(cfg, step, world, n_train, train_time, say)}
+        final_ts = int(time.time() * 1000)
+        if rank == 0:
+            import json
+
+            save_text_atomic(json.dumps({"run_hash": cfg.run_hash(), "ts": final_ts, "metrics": final}), final_path)
+    logger.log_metrics(final, step=cfg.epochs, ts=final_ts)
+    if fault.get("exitfinal"):
+        os._exit(3)
     logger.log_text(sparsity.table(counts), "layer_density.csv")
     logger.log_text("epoch,layer,density\n" + "".join(f"{e},{n},{d:.6f}\n" for e, n, d in layer_rows),
                     "layer_density_epochs.csv")

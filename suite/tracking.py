@@ -29,6 +29,49 @@ def default_uri() -> str:
         f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer in time (named in the message)."""
+
+
+class bounded:
+    """Within this block, every MLflow HTTP call gives up after `timeout_s` seconds, without
+    MLflow's own retries (minutes by default): `call` runs a tracking call and turns a timeout or
+    refused connection into TrackingUnavailable naming the URI. The previous settings are
+    restored on exit (training tasks keep their own)."""
+
+    KEYS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+
+    def __init__(self, uri: str, timeout_s: float):
+        self.uri, self.timeout_s = uri, timeout_s
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.KEYS}
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(self.timeout_s)))
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
+
+    def call(self, fn, *args, what: str = "tracking call"):
+        t0 = time.time()
+        try:
+            return fn(*args)
+        except Exception as e:  # requests' timeouts and connection errors, wrapped by MLflow
+            text = f"{type(e).__name__}: {e}"
+            if any(w in text.lower() for w in ("timed out", "timeout", "connection", "max retries")):
+                raise TrackingUnavailable(
+                    f"the MLflow server at {redact(self.uri)} did not answer the sweep's {what} within "
+                    f"{self.timeout_s:g} s ({time.time() - t0:.0f} s spent); is it up? "
+                    f"(launcher.tracking_timeout_s sets the limit)") from None
+            raise
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 

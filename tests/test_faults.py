@@ -115,6 +115,31 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tm
     assert c.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
 
 
+def test_kill_after_the_final_metrics_then_rerun_logs_each_value_once(tmp_path, betons):
+    """A run killed right after logging its final metrics, before its weights and done marker
+    (HFBENCH_INJECT exitfinal), resumes, finishes, and MLflow holds each final value once: the
+    rerun logs the same values with the same timestamp (final_metrics.json)."""
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "faults")
+    cfg = _run_cfg(tmp_path, betons["train"].parent, epochs=2)
+    p = _popen(cfg, uri, tmp_path / "r.json", HFBENCH_INJECT="*:exitfinal@1")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 3 and not (tmp_path / "r.json").exists(), out[-3000:]
+    again = _popen(cfg, uri, tmp_path / "r.json")
+    out2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "resuming" in out2, out2[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    c = tracking.client(uri)
+    assert c.get_run(res["mlflow_run_id"]).info.status == "FINISHED"
+    assert len(c.search_runs([c.get_experiment_by_name("faults").experiment_id])) == 1
+    for key in ("final_test_top1", "final_sparsity", "train_time_s", "wall_time_s", "budget_total_images"):
+        hist = c.get_metric_history(res["mlflow_run_id"], key)
+        assert len(hist) == 1 and hist[0].step == 2, (key, [(h.value, h.timestamp) for h in hist])
+        assert hist[0].value == pytest.approx(res[key])
+
+
 # ----------------------------------------------------------------------------- MLflow outage
 def _free_port() -> int:
     with socket.socket() as s:
@@ -399,3 +424,47 @@ def test_a_poll_that_lands_on_node_fail_does_not_end_the_run(tmp_path, monkeypat
     assert not runner._settled(job)
     time.sleep(0.1)
     assert runner._settled(job)  # never requeued: failed after the grace period
+
+
+def test_a_tracking_server_that_never_answers_is_reported_naming_it(tmp_path, betons):
+    """A server that accepts connections and never answers: the sweep's own MLflow calls give up
+    after launcher.tracking_timeout_s and the sweep ends with one line naming the server, before
+    anything is submitted."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list = []
+    stop = threading.Event()
+
+    def accept():  # take connections, never answer
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    uri = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: silent\ntracking_uri: {uri}\ndata_dir: {betons['train'].parent}\n"
+                   f"out_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1, max_steps_per_epoch: 2}}\n"
+                   f"launcher: {{executor: local, folder: {tmp_path / 'sub'}, tracking_timeout_s: 2}}\n")
+    try:
+        out = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)], capture_output=True, text=True,
+                             timeout=120, env=_env(), cwd=ROOT)
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        srv.close()
+    assert out.returncode == 1, out.stdout + out.stderr
+    err = out.stderr.strip().splitlines()
+    assert err[-1].startswith(f"hfbench: the MLflow server at {uri} did not answer the sweep's experiment lookup "
+                              f"within 2 s"), out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "sub").exists() and not (tmp_path / "runs").exists()  # nothing submitted
