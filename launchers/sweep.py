@@ -105,6 +105,12 @@ def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
             continue
         done.add(key)
         spec = datasets.get(r.dataset)
+        for p in spec.paths(r.data_dir).values():  # a folder (or socket, ...) under a data file's name
+            if p.exists() and not p.is_file():
+                from suite.data import DataError
+
+                raise DataError(f"{p}: expected a .beton data file, found a {'folder' if p.is_dir() else 'non-file'}; "
+                                f"move it away (the sweep would write the file there)")
         missing = spec.missing(r.data_dir)
         if not missing:
             spec.validate(r.data_dir)  # before anything is submitted

@@ -890,7 +890,8 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_lo
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc=legend_loc)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc=legend_loc)
     fig.savefig(path)
 
 

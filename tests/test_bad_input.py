@@ -387,3 +387,17 @@ def test_report_refusals_are_one_line_with_exit_2(tmp_path, capsys):
     assert main(["report", "--experiment", "e", "--out", str(tmp_path / "file"), "--tracking-uri", uri]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_folder_under_a_data_file_name_is_refused_naming_it(tmp_path, capsys):
+    from suite.cli import main
+
+    (tmp_path / "data" / "fashion_mnist_train.beton").mkdir(parents=True)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: d\ndata_dir: {tmp_path / 'data'}\nout_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1}}\n"
+                   f"launcher: {{executor: local, folder: {tmp_path / 'sub'}}}\n")
+    assert main(["sweep", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"hfbench: {tmp_path / 'data' / 'fashion_mnist_train.beton'}: expected a .beton data file, "
+                       f"found a folder; move it away (the sweep would write the file there)")
+    assert (tmp_path / "data" / "fashion_mnist_train.beton").is_dir() and not (tmp_path / "sub").exists()
