@@ -625,17 +625,24 @@ def _uncounted(r: RunRecord) -> bool:
     return r.params.get("init") == "dense" and r.budget_parent_counted == 0.0
 
 
+def _closest_budget(b: float, plans: dict[str, float]) -> tuple[str, float, bool]:
+    """Among dense plans (label -> mean total budget), the one closest to budget `b` in ratio:
+    (label, b / its budget, whether that is within BUDGET_TOLERANCE)."""
+    label = min(plans, key=lambda k: abs(math.log(b / plans[k])))
+    ratio = b / plans[label]
+    return label, ratio, abs(ratio - 1.0) <= BUDGET_TOLERANCE
+
+
 def _control(row: _Row, rows: list[_Row]) -> tuple[_Row | None, float | None]:
     """The row a pruning row is compared with: the dense row (the short dense run or a
     budget-matched one, same section) whose mean total budget is closest to the row's, if within
     BUDGET_TOLERANCE; otherwise none, with the ratio to the closest."""
     b = _mean(row.budget)
-    cands = [d for d in rows if _is_dense(d.method) and d.budget]
+    cands = {d.method: d for d in rows if _is_dense(d.method) and d.budget}
     if b is None or not cands:
         return None, None
-    best = min(cands, key=lambda d: abs(math.log(b / _mean(d.budget))))
-    ratio = b / _mean(best.budget)
-    return (best if abs(ratio - 1.0) <= BUDGET_TOLERANCE else None), ratio
+    label, ratio, within = _closest_budget(b, {m: _mean(d.budget) for m, d in cands.items()})
+    return (cands[label] if within else None), ratio
 
 
 def _dense_values(rows: list[_Row], attr: str = "test") -> list[float]:
@@ -1020,10 +1027,8 @@ def _add_controls(records: list[RunRecord]) -> None:
                 plans[x.method].append(x.budget_total_images)
         if not plans:
             continue
-        label, vals = min(plans.items(), key=lambda kv: abs(math.log(b / statistics.fmean(kv[1]))))
-        r.budget_ratio = b / statistics.fmean(vals)
-        r.control = label if abs(r.budget_ratio - 1.0) <= BUDGET_TOLERANCE \
-            else f"none within {100 * BUDGET_TOLERANCE:g} % (closest: {label})"
+        label, r.budget_ratio, within = _closest_budget(b, {k: statistics.fmean(v) for k, v in plans.items()})
+        r.control = label if within else f"none within {100 * BUDGET_TOLERANCE:g} % (closest: {label})"
 
 
 def _row_runs(row: _Row, recs: list[RunRecord]) -> list[RunRecord]:
