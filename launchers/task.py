@@ -10,6 +10,7 @@ Every rank of a multi-process task (SLURM ntasks, or submitit's local multi-task
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import submitit
@@ -31,4 +32,15 @@ class TrainTask(submitit.helpers.Checkpointable):
         from suite.engine import install_stop_handler
 
         install_stop_handler()
-        return run(cfg_data, tracking_uri, experiment_id)
+        result = run(cfg_data, tracking_uri, experiment_id)
+        _ignore_late_stop_signal()
+        return result
+
+
+def _ignore_late_stop_signal() -> None:
+    """The run is finished; a USR2 from here on (SLURM's time-limit warning landing while the
+    process writes its result and exits) has nothing left to save. Ignore it: Python resets
+    the handlers it installed to the default action while it shuts down, and the default
+    action of USR2 kills the process, so SLURM would record a finished run as FAILED. An
+    ignored signal stays ignored through shutdown."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)

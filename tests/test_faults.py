@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -468,3 +469,25 @@ def test_a_tracking_server_that_never_answers_is_reported_naming_it(tmp_path, be
                               f"within 2 s"), out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "sub").exists() and not (tmp_path / "runs").exists()  # nothing submitted
+
+
+def test_usr2_after_a_finished_task_does_not_fail_the_job(tmp_path):
+    """SLURM's time-limit warning can land just after a task finished training, while submitit
+    writes the result and Python shuts down (seen in CI: the run was done, sacct said FAILED).
+    Python resets the handlers it installed to the default action while it exits, and USR2's
+    default action kills the process. A finished task therefore leaves USR2 ignored, which
+    survives shutdown. Checked in a child process: the handler after the call, and a USR2 sent
+    to the child then, which must leave it alive with exit code 0."""
+    child = textwrap.dedent("""
+        import os, signal
+        import launchers.task as task
+        task.run = lambda *a: {"state": "finished"}
+        out = task.TrainTask()({}, "", "")
+        assert out == {"state": "finished"}, out
+        print("handler", signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        print("alive", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["handler", "True", "alive"], proc.stdout
