@@ -218,19 +218,59 @@ class Spool:
         shutil.rmtree(self.files, ignore_errors=True)
 
 
-def deliver(c, run_id: str, spool: Spool) -> int:
+# MLflow error codes that mean "the server answered and refuses this call" (it will refuse it
+# again); anything else (no answer, a 5xx, a timeout) is an outage and the call stays pending.
+REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
+            "MALFORMED_REQUEST", "RESOURCE_ALREADY_EXISTS"}
+
+
+def rejected(e: BaseException) -> bool:
+    return getattr(e, "error_code", None) in REJECTED
+
+
+def deliver(c, run_id: str, spool: Spool, say=print) -> int:
     """Send the spool's pending calls in order; returns how many were sent. Raises on the
-    first call the server does not take (the rest stay pending). Clears the spool once the
-    run's terminal status is delivered."""
+    first call the server does not answer (the rest stay pending). A call the server answers
+    with a refusal (e.g. a param whose value differs from the one the run already has) is
+    set aside in mlflow_spool.rejected.jsonl and reported, and delivery goes on: retrying it
+    would fail forever and hold back everything after it. Clears the spool once the run's
+    terminal status is delivered."""
     recs, pos = spool.pending()
     sent = 0
     for rec in recs:
-        apply(c, run_id, rec)
+        try:
+            apply(c, run_id, rec)
+        except Exception as e:
+            if not rejected(e):
+                raise
+            _apply_piecewise(c, run_id, rec, spool, say)
         sent += 1
         spool.advance(pos + sent)
     if recs and recs[-1]["op"] == "terminate":
         spool.clear()
     return sent
+
+
+def _apply_piecewise(c, run_id: str, rec: dict, spool: Spool, say) -> None:
+    """A refused call: send what the server takes one piece at a time, set the rest aside."""
+    import json
+
+    pieces = [rec]
+    if rec["op"] == "batch":
+        pieces = ([{"op": "batch", "metrics": rec.get("metrics", []), "tags": rec.get("tags", [])}]
+                  if rec.get("metrics") or rec.get("tags") else [])
+        pieces += [{"op": "batch", "params": [p]} for p in rec.get("params", [])]
+    for piece in pieces:
+        try:
+            apply(c, run_id, piece)
+        except Exception as e:
+            if not rejected(e):
+                raise
+            why = f"{getattr(e, 'error_code', type(e).__name__)}: {str(e)[:300]}"
+            with open(spool.dir / "mlflow_spool.rejected.jsonl", "a") as f:
+                f.write(json.dumps({"run_id": run_id, "call": piece, "reason": why}) + "\n")
+            say(f"[hfbench] WARNING: MLflow refused a call for run {run_id} ({why}); set aside in "
+                f"{spool.dir / 'mlflow_spool.rejected.jsonl'}", flush=True)
 
 
 def apply(c, run_id: str, rec: dict) -> None:
@@ -257,6 +297,7 @@ class RunLogger:
     goes through the run's Spool, so an MLflow outage during training loses nothing."""
 
     RETRY_S = 15.0  # while the server is down, try again at most this often
+    FINISH_WAITS = (0, 5, 10, 20)  # s: a restarting server gets this long before `hfbench sync` is left to it
 
     def __init__(self, uri: str, experiment_id: str, cfg, run_id: Optional[str] = None,
                  spool_dir: Optional[Path] = None, connect_s: float = 120.0, say=print):
@@ -270,6 +311,7 @@ class RunLogger:
         self.spool = Spool(spool_dir if spool_dir is not None else Path(tempfile.mkdtemp(prefix="hfbench-spool-")))
         self._down_since: Optional[float] = None
         self._next_try = 0.0
+        self._settle_previous(run_id, connect_s)
         if run_id is None:
             tags = {TAG_HASH: cfg.run_hash(), "hfbench.method": cfg.method, "hfbench.variant": cfg.variant(),
                     "hfbench.model": cfg.model,
@@ -295,6 +337,56 @@ class RunLogger:
         (self.spool.dir / "mlflow_spool.meta.json").write_text(
             json.dumps({"run_id": run_id, "uri": uri, "experiment_id": experiment_id}))
         self.flush(force=True)  # calls a previous segment of this run left behind
+
+    def _settle_previous(self, keep: Optional[str], connect_s: float) -> None:
+        """A spool left in this folder by another MLflow run (an attempt that failed or was
+        killed while the server was down, rerun without `hfbench sync`) belongs to that run:
+        deliver it there and give that run its terminal status (FAILED if the attempt died
+        without one) before this attempt logs anything. Without the server this attempt does
+        not start, so nothing ends up in the wrong run."""
+        import json
+
+        meta_p = self.spool.dir / "mlflow_spool.meta.json"
+        if not meta_p.is_file():
+            return
+        try:
+            old = json.loads(meta_p.read_text()).get("run_id")
+        except ValueError:
+            return
+        if not old or old == keep:
+            return  # the same run continues: its pending calls are its own
+        if not self.spool.path.is_file():  # all delivered; but a killed attempt never sent its status
+            try:
+                if self.c.get_run(old).info.status == "RUNNING":
+                    apply(self.c, old, {"op": "batch", "tags": [["hfbench.error", "the attempt ended without a "
+                                                                 "status (killed?); a new attempt replaced it"]]})
+                    apply(self.c, old, {"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)})
+                    self.say(f"[hfbench] the previous attempt (MLflow run {old}) ended without a status; "
+                             f"marked it FAILED", flush=True)
+            except Exception:
+                pass  # best effort: the new attempt does not depend on it
+            return
+        recs, _ = self.spool.pending()
+        terminated = bool(recs) and recs[-1]["op"] == "terminate"
+        if not terminated:  # it died without a status: close it as FAILED, saying why
+            self.spool.append({"op": "batch", "tags": [["hfbench.error", "the attempt ended without a status "
+                                                        "(killed?); a new attempt replaced it"]]})
+            self.spool.append({"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)})
+        deadline = time.time() + connect_s
+        while True:
+            try:
+                n = deliver(self.c, old, self.spool, say=self.say)  # refusals are set aside, not fatal
+                break
+            except Exception as e:
+                if time.time() > deadline:
+                    raise RuntimeError(
+                        f"the previous attempt of this run (MLflow run {old}) left logging in {self.spool.path} "
+                        f"and MLflow at {redact(self.uri)} did not take it for {connect_s:.0f} s ({type(e).__name__}: "
+                        f"{str(e)[:200]}); this attempt was not started. Deliver it with "
+                        f"`hfbench sync {self.spool.dir}` or rerun when the server answers") from None
+                time.sleep(5)
+        self.say(f"[hfbench] delivered {n} calls the previous attempt (MLflow run {old}) left behind, to that run"
+                 + ("" if terminated else "; marked it FAILED (it ended without a status)"), flush=True)
 
     # every call: spool first, then try to deliver what is pending
     def _push(self, rec: dict, force: bool = False) -> None:
@@ -322,7 +414,7 @@ class RunLogger:
         if not force and time.time() < self._next_try:
             return False
         try:
-            n = deliver(self.c, self.run_id, self.spool)
+            n = deliver(self.c, self.run_id, self.spool, say=self.say)
         except Exception as e:
             if self._down_since is None:
                 self._down_since = time.time()
@@ -368,7 +460,7 @@ class RunLogger:
         except OSError as e:
             self._direct(rec, e)
             return
-        for wait in (0, 5, 10, 20):  # give a restarting server a little time before leaving it to `hfbench sync`
+        for wait in self.FINISH_WAITS:
             time.sleep(wait)
             if self.flush(force=True):
                 return
@@ -393,7 +485,7 @@ def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
             uri = uri_for(meta) if uri_for else meta["uri"]
             spool = Spool(spool_file.parent)
             try:
-                n = deliver(client(uri), meta["run_id"], spool)
+                n = deliver(client(uri), meta["run_id"], spool, say=say)
             except Exception as e:
                 say(f"[hfbench] {spool_file}: MLflow at {redact(uri)} refused or unreachable "
                     f"({type(e).__name__}: {str(e)[:200]}); kept")

@@ -491,3 +491,73 @@ def test_usr2_after_a_finished_task_does_not_fail_the_job(tmp_path):
     proc = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["handler", "True", "alive"], proc.stdout
+
+
+@pytest.mark.slow
+def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
+    """Issue 16, bug 3: an attempt fails while MLflow is down, the user reruns without
+    `hfbench sync`. The old attempt's pending calls go to the old run, which gets its terminal
+    status, before the new attempt starts; a killed attempt (no status in its spool) is closed
+    as FAILED; a call the server refuses (a param whose value changed) is set aside and
+    reported, and the calls after it are still delivered."""
+    from suite import tracking
+    from suite.config import RunConfig
+
+    monkeypatch.setattr(tracking.RunLogger, "FINISH_WAITS", (0,))
+    monkeypatch.setattr(tracking.RunLogger, "RETRY_S", 0.0)
+    srv = _Server(tmp_path)
+    srv.start()
+    said: list[str] = []
+    try:
+        exp = tracking.ensure_experiment(srv.uri, f"spool-{uuid.uuid4().hex[:8]}")
+        cfg = RunConfig(method="magnitude", sparsity=0.5, epochs=2, out_dir=str(tmp_path / "runs"))
+        folder = tmp_path / "runs" / cfg.run_hash()
+        c = tracking.client(srv.uri)
+
+        def logger():
+            return tracking.RunLogger(srv.uri, exp, cfg, spool_dir=folder, connect_s=60,
+                                      say=lambda *a, **k: said.append(" ".join(map(str, a))))
+
+        # attempt 1 fails while the server is down: its error and metric wait in the spool
+        a1 = logger()
+        srv.stop()
+        a1.log_metrics({"train_loss": 1.5}, step=1)
+        a1.finish("FAILED", error="RuntimeError: attempt one broke")
+        assert (folder / "mlflow_spool.jsonl").is_file()
+        srv.start()
+        a2 = logger()  # the rerun
+        r1, r2 = c.get_run(a1.run_id), c.get_run(a2.run_id)
+        assert r1.info.status == "FAILED" and "attempt one broke" in r1.data.tags["hfbench.error"]
+        assert [m.value for m in c.get_metric_history(a1.run_id, "train_loss")] == [1.5]
+        assert r2.info.status == "RUNNING" and "hfbench.error" not in r2.data.tags
+        assert c.get_metric_history(a2.run_id, "train_loss") == []
+
+        # attempt 2 is killed (no status) while the server is down; attempt 3 closes it as FAILED
+        srv.stop()
+        a2.log_metrics({"train_loss": 1.25}, step=1)
+        srv.start()
+        a3 = logger()
+        r2 = c.get_run(a2.run_id)
+        assert r2.info.status == "FAILED" and "without a status" in r2.data.tags["hfbench.error"]
+        assert [m.value for m in c.get_metric_history(a2.run_id, "train_loss")] == [1.25]
+        assert c.get_metric_history(a3.run_id, "train_loss") == []
+
+        # a refused call is set aside, not retried forever, and what follows it is delivered
+        a3.log_params({"note": "first"})
+        srv.stop()
+        a3.log_params({"note": "second", "other": "kept"})
+        a3.log_metrics({"train_loss": 1.0}, step=1)
+        srv.start()
+        assert a3.flush(force=True)
+        r3 = c.get_run(a3.run_id)
+        assert r3.data.params["note"] == "first" and r3.data.params["other"] == "kept"
+        assert [m.value for m in c.get_metric_history(a3.run_id, "train_loss")] == [1.0]
+        assert tracking.Spool(folder).pending()[0] == []
+        rejected = [json.loads(ln) for ln in (folder / "mlflow_spool.rejected.jsonl").read_text().splitlines()]
+        assert [r["call"]["params"] for r in rejected] == [[["note", "second"]]]
+        assert any("refused" in s and "set aside" in s for s in said), said
+        a3.finish("FINISHED")
+        assert c.get_run(a3.run_id).info.status == "FINISHED"
+        assert not (folder / "mlflow_spool.jsonl").exists()
+    finally:
+        srv.stop()
