@@ -353,6 +353,32 @@ def done_result(out: Path, run_hash: str, experiment_id: Optional[str]) -> Optio
     return res
 
 
+def reuse_finished(run, out: Path, cfg: RunConfig, experiment_id: str, say=print) -> dict[str, Any]:
+    """This run hash was trained to FINISHED in this experiment by a sweep with another
+    out_dir (its MLflow run names the folder). Make this folder look as if it had trained it:
+    its final weights (which a dense parent's children load) and its done marker. The other
+    folder must be readable from here (a shared file system); if not, say so."""
+    import json
+    import shutil
+
+    src = Path(run.data.tags.get("hfbench.run_dir", ""))
+    done = done_result(src, cfg.run_hash(), experiment_id) if src.name else None
+    if done is None or not (src / "final_weights.pt").is_file():
+        raise RuntimeError(f"{cfg.run_name()} ({cfg.run_hash()}) was trained in this experiment by another sweep "
+                           f"(MLflow run {run.info.run_id}, folder {src or 'not recorded'}), whose weights and done "
+                           f"marker this process cannot read; point out_dir at that folder's parent, or copy it here")
+    out.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != out.resolve():
+        tmp = out / f".final_weights.pt.tmp{os.getpid()}"
+        shutil.copyfile(src / "final_weights.pt", tmp)
+        os.replace(tmp, out / "final_weights.pt")
+    res = {**done, "weights": str(out / "final_weights.pt"), "reused_from": str(src)}
+    save_text_atomic(json.dumps(res, default=str), out / "done.json")
+    say(f"[hfbench] {cfg.run_name()} ({cfg.run_hash()}) was trained by another sweep into {src} (MLflow run "
+        f"{run.info.run_id}); reusing it, not training it again", flush=True)
+    return res
+
+
 def load_pretrained(model: nn.Module, path: str | Path, say=print) -> None:
     """Load a torchvision/timm state dict from a local file (no download, no code executed).
     Accepted wrappers: the bare state dict, {'model': ...}, {'state_dict': ...}; a 'module.'
@@ -556,6 +582,7 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
 
     lock = None
     earlier = None
+    claim = None
     if rank == 0:
         lock = RunLock(out)
         if not lock.try_acquire():
@@ -563,6 +590,13 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
                 f"waiting for it", flush=True)
             lock.acquire()
         earlier = done_result(out, cfg.run_hash(), experiment_id)
+        if earlier is None and experiment_id is not None:
+            claim = tracking.Claim(tracking_uri or cfg.tracking_uri or tracking.default_uri(), experiment_id,
+                                   cfg.run_hash(), owner=str(out.resolve()), say=say)
+            other = claim.acquire()
+            if other is not None:
+                claim.release()
+                earlier = reuse_finished(other, out, cfg, experiment_id, say)
     if world > 1:
         box = [earlier]
         dist.broadcast_object_list(box, src=0)
@@ -573,19 +607,24 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
                 f"MLflow run {earlier.get('mlflow_run_id')}; not training it again", flush=True)
             return {**earlier, "rank": rank, "reused": True}
         return _train_locked(cfg, device, rank, world, out, ckpt_path, say, t_start, marks, experiment_id,
-                             tracking_uri)
+                             tracking_uri, claim)
     finally:
+        if claim is not None and not _STOP["handing_over"]:
+            claim.release()  # finished or failed; a preempted run keeps its claim until it resumes
         if lock is not None:
             lock.release()
 
 
-def _train_locked(cfg, device, rank, world, out, ckpt_path, say, t_start, marks, experiment_id, tracking_uri):
+def _train_locked(cfg, device, rank, world, out, ckpt_path, say, t_start, marks, experiment_id, tracking_uri,
+                  claim=None):
     resume = load_checkpoint(out, cfg.run_hash(), say)
     uri = tracking_uri or cfg.tracking_uri or tracking.default_uri()
     logger: Any = tracking.NullLogger()
     if rank == 0 and experiment_id is not None:
         logger = tracking.RunLogger(uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None,
                                     spool_dir=out, say=say)
+        if claim is not None:
+            claim.set_run(logger.run_id)
     marks["mlflow"] = time.time()
     try:
         result = _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_start, marks)

@@ -561,3 +561,43 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         assert not (folder / "mlflow_spool.jsonl").exists()
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_two_sweeps_with_different_out_dirs_train_each_hash_once(tmp_path, betons, mlflow_server):
+    """Issue 16, bug 5: the run folder's lock cannot keep apart two sweeps that train into
+    different out_dirs. Started at the same moment over the same grid and experiment, each run
+    hash is trained once (one MLflow run per hash, all FINISHED); the other sweep waits for it
+    and reuses it, with the dense weights copied into its own folder so its pruned runs start."""
+    from suite import tracking
+
+    experiment = f"claims-{uuid.uuid4().hex[:8]}"
+    data = betons["train"].parent
+    procs = []
+    for name in ("sweep-a", "sweep-b"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(SWEEP.format(name=name, experiment=experiment, data=data, out=tmp_path / f"runs-{name}",
+                                     sparsities="[0.5, 0.8]", folder=tmp_path / "submitit"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path),
+                                       "--tracking-uri", mlflow_server],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        assert "FAILED" not in out and "3 runs: 3 finished" in out.replace("1 skipped", ""), out[-3000:]
+    c = tracking.client(mlflow_server)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    hashes = sorted(r.data.tags["hfbench.run_hash"] for r in runs)
+    assert len(hashes) == 3 and len(set(hashes)) == 3, hashes  # dense + 2 sparsities, each trained once
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # each hash: one folder trained it (its MLflow run names that folder), the other reused it
+    for r in runs:
+        h, trained_in = r.data.tags["hfbench.run_hash"], Path(r.data.tags["hfbench.run_dir"])
+        folders = [tmp_path / f"runs-{name}" / h for name in ("sweep-a", "sweep-b")]
+        assert trained_in in [f.resolve() for f in folders], (trained_in, folders)
+        other = next(f for f in folders if f.resolve() != trained_in)
+        assert json.loads((other / "done.json").read_text())["reused_from"] == str(trained_in)
+        assert (other / "final_weights.pt").is_file() and (trained_in / "final_weights.pt").is_file()
+        assert (other / "final_weights.pt").read_bytes() == (trained_in / "final_weights.pt").read_bytes()
+    assert not c.search_registered_models(f"name LIKE 'hfbench-claim-{exp.experiment_id}-%'")  # all dropped
