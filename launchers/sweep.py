@@ -28,6 +28,10 @@ _COMING_BACK = ("NODE_FAIL", "PREEMPTED")
 TRANSIENT_GRACE_S = 300
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while the sweep waits; the message says what was cancelled."""
+
+
 @dataclass
 class Outcome:
     cfg: RunConfig
@@ -286,13 +290,22 @@ class Sweep:
         try:
             return self._poll(running, waiting, done, limit, bar)
         except KeyboardInterrupt:
-            bar.write("[hfbench] interrupted: cancelling the running jobs")
+            cancelled = [f"{r.run_name()} (job {job.job_id})" for r, job in running]
             for _, job in running:
                 try:
                     job.cancel(check=False)
                 except Exception:
                     pass
-            raise
+            parts = [f"cancelled {len(cancelled)} running: {', '.join(cancelled) or 'none'}"]
+            if waiting:
+                parts.append(f"{len(waiting)} not started")
+            if self.deferred:
+                parts.append(f"{len(self.deferred)} left to the other process training them")
+            parts.append(f"{sum(o.state == 'finished' for o in done)} finished and "
+                         f"{sum(o.state == 'failed' for o in done)} failed before")
+            raise SweepInterrupted(
+                f"sweep {self.sweep.name} interrupted: {'; '.join(parts)}. Rerun the same command to go on: "
+                f"finished runs are skipped, checkpointed ones resume") from None
         finally:
             bar.close()
 

@@ -108,11 +108,24 @@ def cmd_sweep(a) -> int:
         return 0
     import signal
 
+    got: list[int] = []
+
     def _term(signum, frame):  # `kill` of the sweep behaves like Ctrl-C: running jobs are cancelled
+        got.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
-    outcomes = Sweep(sweep).run()
+    try:
+        outcomes = Sweep(sweep).run()
+    except KeyboardInterrupt as e:
+        from launchers.sweep import SweepInterrupted
+
+        what = "SIGTERM" if got else "Ctrl-C"
+        print(f"hfbench: {e} ({what})" if isinstance(e, SweepInterrupted) else
+              f"hfbench: sweep {sweep.name} interrupted ({what}) while no job was running; rerun the same "
+              f"command to go on",
+              file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if got else signal.SIGINT)
     return 1 if any(o.state == "failed" for o in outcomes) else 0
 
 

@@ -91,8 +91,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tm
     data = betons["train"].parent
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.ensure_experiment(uri, "faults")
+    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"  # its own store: one experiment trains a hash once
+    tracking.ensure_experiment(ref_uri, "faults")
     ref_cfg = _run_cfg(tmp_path / "ref", data)
-    ref = _start(ref_cfg, uri, tmp_path / "ref.json")
+    ref = _start(ref_cfg, ref_uri, tmp_path / "ref.json")
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out[-3000:]
     reference = json.loads((tmp_path / "ref.json").read_text())
@@ -601,3 +603,39 @@ def test_two_sweeps_with_different_out_dirs_train_each_hash_once(tmp_path, beton
         assert (other / "final_weights.pt").is_file() and (trained_in / "final_weights.pt").is_file()
         assert (other / "final_weights.pt").read_bytes() == (trained_in / "final_weights.pt").read_bytes()
     assert not c.search_registered_models(f"name LIKE 'hfbench-claim-{exp.experiment_id}-%'")  # all dropped
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons):
+    """`kill` of a running sweep: it cancels the run it was waiting for, says which (one line,
+    no traceback), exits 143, and the training process is gone."""
+    data = betons["train"].parent
+    path = tmp_path / "term.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: term
+        experiment: term-{uuid.uuid4().hex[:8]}
+        tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+        data_dir: {data}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 200, batch_size: 32, init: scratch}}
+        grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: local, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 0.5}}
+    """))
+    p = subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=_env(HFBENCH_INJECT="*:sleep@100"))
+    lines: list[str] = []
+    _read_until(p, "running: dense", lines)
+    p.send_signal(signal.SIGTERM)
+    rest, _ = p.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert p.returncode == 143, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    msg = [ln for ln in out.splitlines() if ln.startswith("hfbench: sweep term interrupted")]
+    assert len(msg) == 1 and "cancelled 1 running: fmnist_cnn-dense-s0 (job " in msg[0] and "(SIGTERM)" in msg[0], out
+    pids = [ln.split()[0] for ln in subprocess.run(["pgrep", "-af", "submitit"], capture_output=True,
+                                                   text=True).stdout.splitlines() if str(tmp_path) in ln]
+    t0 = time.time()
+    while pids and time.time() - t0 < 30:  # the cancelled task exits on its own signal
+        time.sleep(0.5)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not pids, f"training processes left running: {pids}"

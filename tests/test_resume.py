@@ -52,7 +52,11 @@ def test_usr2_mid_epoch_then_resume_is_bit_exact(tmp_path, betons, method, preci
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.ensure_experiment(uri, "resume")
 
-    ref = _start(_cfg(tmp_path, data, "ref", method, precision), uri, tmp_path / "ref.json")
+    # the uninterrupted reference in a store of its own: in the same experiment the run hash would
+    # be claimed and reused, not trained again (one training per hash per experiment)
+    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
+    tracking.ensure_experiment(ref_uri, "resume")
+    ref = _start(_cfg(tmp_path, data, "ref", method, precision), ref_uri, tmp_path / "ref.json")
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
     reference = json.loads((tmp_path / "ref.json").read_text())
