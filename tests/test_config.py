@@ -1,5 +1,7 @@
 """Config validation: every bad field is refused before anything runs, naming the field."""
+import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,22 @@ def test_budget_matched_dense_plans_one_control_per_total_budget(tmp_path):
     assert not RunConfig(method="dense").budget_matched
     with pytest.raises(ValueError, match="budget_matched"):
         RunConfig(method="gmp", sparsity=0.5, budget_matched=True)
+
+
+def test_golden_run_hashes_of_every_committed_config():
+    """Run identity is what decides that a finished run is not trained again. Every run of
+    every committed config, and each method's default run, must keep the hash recorded in
+    tests/golden_hashes.json. Migration rule when this fails: a change that does not alter
+    what is trained (a new option, a refactor) must keep the old hashes (a new field enters
+    semantic_dict only when set away from its default); a change that does alter training
+    gets new hashes on purpose: run `python scripts/golden_hashes.py --write` and say in the
+    commit that finished runs of those configs will train again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("golden", Path(__file__).resolve().parents[1] / "scripts" / "golden_hashes.py")
+    golden = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(golden)
+    recorded = json.loads(golden.GOLDEN.read_text())
+    changed = golden.diff(recorded, golden.current())
+    assert not changed, "run hashes changed (see this test's docstring for the rule):\n" + "\n".join(changed[:40])
+    assert sum(len(v) for v in recorded.values()) >= 700  # every committed config is in it
