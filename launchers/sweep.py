@@ -77,6 +77,9 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
     'auto' where a GPU is visible) needs engine.world_size <= the GPUs visible here, and
     launcher.slurm.gpus_per_node (passed on to the local jobs) may not exceed them either.
     Debug executor (in this process): one rank, one node."""
+    if kind == "slurm":
+        check_cluster(sweep, runs)
+        return
     if kind not in ("local", "debug"):
         return
     import torch
@@ -98,6 +101,99 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
             raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) is more than the "
                               f"{visible} GPU(s) visible on this machine (engine.device {r.engine.device}); "
                               f"lower it or set engine.device: cpu")
+
+
+def _scontrol(what: str) -> list[dict[str, str]]:
+    """`scontrol show <what> -o`, one dict per line (key=value fields)."""
+    out = subprocess.run(["scontrol", "show", what, "-o"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip() or f"scontrol show {what} failed")
+    rows = []
+    for line in out.stdout.splitlines():
+        row: dict[str, str] = {}
+        for tok in line.split():
+            k, eq, v = tok.partition("=")
+            if eq:
+                row[k] = v
+        if row:
+            rows.append(row)
+    return rows
+
+
+def slurm_minutes(v: str) -> Optional[float]:
+    """SLURM's time format ([D-]HH:MM:SS, MM:SS, MM, UNLIMITED) in minutes; None = no limit."""
+    if v in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return None
+    days, _, rest = v.rpartition("-")
+    parts = [float(x) for x in rest.split(":")]
+    if len(parts) == 3:
+        h, m, sec = parts
+    elif len(parts) == 2:
+        h, (m, sec) = 0.0, parts
+    else:
+        h, m, sec = 0.0, parts[0], 0.0
+    return (float(days) if days else 0.0) * 1440 + h * 60 + m + sec / 60
+
+
+def check_cluster(sweep: SweepConfig, runs: list[RunConfig]) -> None:
+    """Refuse, before the experiment is created or anything is submitted, SLURM requests the
+    cluster can never satisfy (they would wait in the queue forever, or fail inside sbatch):
+    an unknown partition, time_min above the partition's MaxTime, more CPUs, memory or GPUs
+    per node, or more nodes, than the partition has. Each refusal names the field."""
+    S = sweep.launcher.slurm
+    try:
+        parts = {p["PartitionName"]: p for p in _scontrol("partition")}
+        nodes = _scontrol("node")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"[hfbench] WARNING: could not read the cluster's partitions ({e}); requests not checked", flush=True)
+        return
+    if S.partition:
+        name = S.partition
+        if name not in parts:
+            raise ConfigError(f"launcher.slurm.partition: {name!r} is not a partition of this cluster "
+                              f"(partitions: {', '.join(sorted(parts)) or 'none'})")
+    else:
+        name = next((n for n, p in parts.items() if p.get("Default") == "YES"), "")
+        if not name:
+            raise ConfigError("launcher.slurm.partition is not set and the cluster has no default partition "
+                              f"(partitions: {', '.join(sorted(parts)) or 'none'})")
+    part = parts[name]
+    limit = slurm_minutes(part.get("MaxTime", "UNLIMITED"))
+    if limit is not None and S.time_min > limit:
+        raise ConfigError(f"launcher.slurm.time_min ({S.time_min}) is above partition {name!r}'s time limit "
+                          f"({limit:g} min); the jobs would wait forever")
+    members = [n for n in nodes if name in n.get("Partitions", "").split(",")]
+    if not members:
+        raise ConfigError(f"launcher.slurm.partition: {name!r} has no nodes")
+
+    def gpus(n: dict) -> int:
+        import re
+
+        return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", n.get("Gres", "")))
+
+    max_cpu = max(int(n.get("CPUTot", 0)) for n in members)
+    max_mem = max(int(n.get("RealMemory", 0)) for n in members)  # MB
+    max_gpu = max(gpus(n) for n in members)
+    if S.mem_gb and S.mem_gb * 1024 > max_mem:
+        raise ConfigError(f"launcher.slurm.mem_gb ({S.mem_gb:g}) is more than any node of partition {name!r} has "
+                          f"({max_mem / 1024:g} GB)")
+    if S.gpus_per_node > max_gpu:
+        raise ConfigError(f"launcher.slurm.gpus_per_node ({S.gpus_per_node}) is more than any node of partition "
+                          f"{name!r} has ({max_gpu})")
+    for r in runs:
+        cpus = max(r.engine.threads_per_rank, S.cpus_per_task) * r.engine.world_size
+        if cpus > max_cpu:
+            raise ConfigError(f"run {r.run_name()}: launcher.slurm.cpus_per_task x engine.world_size "
+                              f"({max(r.engine.threads_per_rank, S.cpus_per_task)} x {r.engine.world_size} = {cpus} "
+                              f"CPUs) is more than any node of partition {name!r} has ({max_cpu})")
+        if r.engine.nodes > len(members):
+            raise ConfigError(f"run {r.run_name()}: engine.nodes ({r.engine.nodes}) is more than partition "
+                              f"{name!r} has ({len(members)})")
+    usable = [n for n in members if not any(s in n.get("State", "") for s in ("DOWN", "DRAIN", "FAIL"))]
+    if not usable:
+        print(f"[hfbench] WARNING: every node of partition {name!r} is down or drained "
+              f"({'; '.join(n['NodeName'] + ': ' + n.get('State', '?') for n in members)}); the jobs will wait",
+              flush=True)
 
 
 def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:

@@ -211,3 +211,41 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, "train_loss"))
     assert steps == list(range(1, 7)), steps  # none lost, none twice
     print(f"node failure: states {states}, {time.time() - t0:.0f} s")
+
+
+@pytest.mark.parametrize("request_,field", [
+    ("cpus_per_task: 64", "launcher.slurm.cpus_per_task"),
+    ("time_min: 600", "launcher.slurm.time_min"),  # the partition allows 240
+    ("mem_gb: 4096", "launcher.slurm.mem_gb"),
+    ("partition: no-such-partition", "launcher.slurm.partition"),
+], ids=["cpus", "time", "mem", "partition"])
+def test_requests_the_cluster_cannot_satisfy_are_refused_before_submission(tmp_path, betons, slurm_cluster,
+                                                                          request_, field):
+    """Issue 21: a request no node or partition of the cluster can meet used to wait in the queue
+    forever (CPUs, time limit) or fail inside sbatch with a traceback after the experiment was
+    created (memory, partition). Now: exit 2, one line naming the field, read from the cluster's
+    own `scontrol show partition/node`; no experiment, no job, no submitit folder."""
+    import sys
+
+    from tests.test_faults import _env
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = _write(tmp_path, "bad", f"""
+        name: e2e-unsatisfiable
+        tracking_uri: {uri}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 5}}
+        grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: slurm, folder: {tmp_path / 'submitit'}, slurm: {{{request_}}}}}
+    """)
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(p)], capture_output=True, text=True,
+                       env=_env(), timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hfbench: ") and field in err[0], r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "submitit").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)
