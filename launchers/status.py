@@ -56,6 +56,28 @@ def _sacct(job: str) -> tuple[str, int]:
     return states[-1], requeues
 
 
+# final SLURM states of a task that ended without finishing its run
+ENDED = ("CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "FAILED", "BOOT_FAIL", "DEADLINE")
+
+
+def _pending_reason(job: str) -> str:
+    """Why SLURM keeps a job waiting (squeue's reason, e.g. Resources, Priority,
+    ReqNodeNotAvail) and, for a drained or down node, that node's state and reason."""
+    if not job or shutil.which("squeue") is None:
+        return ""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True,
+                             timeout=30).stdout.strip().splitlines()
+        if not out or not out[0].startswith("PENDING"):
+            return ""
+        reason = out[0].split("|", 1)[1]
+        nodes = subprocess.run(["sinfo", "-h", "-R", "-o", "%N: %T (%E)"], capture_output=True, text=True,
+                               timeout=30).stdout.strip().replace("\n", "; ")
+        return f"pending: {reason}" + (f"; nodes {nodes}" if nodes else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatus]:
     uri = uri or sweep.tracking_uri or tracking.default_uri()
     c = tracking.client(uri)
@@ -82,16 +104,21 @@ def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatu
             else:
                 hist = c.get_metric_history(latest.info.run_id, "density")
                 st.progress = f"{max((x.step for x in hist), default=0)}/{cfg.epochs}"
-                if latest.info.status == "FAILED":
-                    st.state = "failed"
+                if latest.info.status in ("FAILED", "KILLED"):
+                    st.state = "cancelled" if latest.info.status == "KILLED" else "failed"
                     err = (latest.data.tags.get("hfbench.error") or "").strip()
                     st.error = err.splitlines()[0][:200] if err else ""
+                elif slurm_state in ENDED:  # the task is gone, its MLflow run was never ended
+                    st.state, st.error = slurm_state.lower(), f"SLURM {slurm_state}; the MLflow run was left RUNNING"
                 elif slurm_state in ("PENDING", "REQUEUED") or (st.requeues and slurm_state != "RUNNING"):
                     st.state = "requeued"
+                    st.error = _pending_reason(job)
                 else:
                     st.state = "running"
         elif rec:
             st.state = "queued" if slurm_state in ("", "PENDING", "RUNNING", "REQUEUED") else slurm_state.lower()
+            if st.state == "queued":
+                st.error = _pending_reason(job)
         rows.append(st)
     return rows
 

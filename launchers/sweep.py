@@ -321,7 +321,11 @@ class Sweep:
             if w.is_file():
                 ready.append(r.model_copy(update={"init_checkpoint": str(w.resolve())}))
             else:
-                outcomes[r.run_hash()] = Outcome(r, "failed", error=f"dense parent {r.init_from} has no weights ({w})")
+                parent = outcomes.get(r.init_from)
+                why = (f"dense parent {parent.cfg.run_name()} ({r.init_from}) "
+                       + (f"{parent.result.get('slurm_state', '').lower() or 'failed'}: {parent.error}"
+                          if parent is not None and parent.state == "failed" else f"has no weights ({w})"))
+                outcomes[r.run_hash()] = Outcome(r, "failed", error=why[:400])
         for o in self._launch(ready):
             outcomes[o.cfg.run_hash()] = o
         ordered = [outcomes[r.run_hash()] for r in runs]
@@ -428,8 +432,7 @@ class Sweep:
                            + (" (trained by another launch of the same run; not trained twice)"
                               if res.get("reused") else ""))
                 except Exception as e:  # the task raised, was cancelled or died
-                    o = Outcome(r, "failed", error=_first_line(e), job_id=str(job.job_id))
-                    msg = f"FAILED {r.run_name()}: {o.error} (log: {getattr(job, 'paths', None) and job.paths.stderr})"
+                    o, msg = self._judge_failed(r, job, e)
                 done.append(o)
                 bar.write(f"[hfbench] {msg}")
                 bar.update(1)
@@ -438,6 +441,36 @@ class Sweep:
             if running or waiting or self.deferred:
                 time.sleep(self.sweep.launcher.poll_s)
         return done
+
+    def _judge_failed(self, r: RunConfig, job, err: BaseException) -> tuple[Outcome, str]:
+        """A job that gave no result. The run's own done marker decides whether it finished (the
+        result file can be lost while training completed, e.g. a deleted submitit folder). If
+        not, the failure names SLURM's final state (CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...), and
+        an MLflow run of this folder left RUNNING by the dead task is ended with that reason."""
+        from suite.engine import done_result
+
+        out = Path(r.out_dir) / r.run_hash()
+        res = done_result(out, r.run_hash(), self.exp_id)
+        if res is not None:
+            return (Outcome(r, "finished", result=res, job_id=str(job.job_id)),
+                    f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% sparsity "
+                    f"{100 * res['final_sparsity']:.2f}% (from its done marker; the job's own result was lost: "
+                    f"{_first_line(err)[:120]})")
+        state = ""
+        if type(job).__name__ == "SlurmJob":
+            from launchers.status import _sacct
+
+            state = _sacct(str(job.job_id))[0]
+        error = _first_line(err)
+        if state and state not in ("COMPLETED", "FAILED") and state not in error:
+            error = f"SLURM {state}: {error}"
+        ended = tracking.end_orphaned_runs(self.uri, self.exp_id, r.run_hash(), out,
+                                           status="KILLED" if state == "CANCELLED" else "FAILED",
+                                           reason=f"job {job.job_id} ended{' ' + state if state else ''}: {error}")
+        o = Outcome(r, "failed", error=error, job_id=str(job.job_id))
+        o.result = {"slurm_state": state}
+        return o, (f"FAILED {r.run_name()}: {error} (log: {getattr(job, 'paths', None) and job.paths.stderr})"
+                   + (f"; MLflow run {', '.join(ended)} ended" if ended else ""))
 
     def _settled(self, job) -> bool:
         """job.done(), except for a SLURM job that is coming back. submitit counts NODE_FAIL and

@@ -498,6 +498,28 @@ def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
     return done, left
 
 
+def end_orphaned_runs(uri: str, experiment_id: str, run_hash: str, run_dir: Path, status: str,
+                      reason: str) -> list[str]:
+    """End the MLflow runs of this hash trained into `run_dir` that are still RUNNING although
+    their task is gone (cancelled, killed, out of memory): status KILLED or FAILED, with the
+    reason in hfbench.error. Runs of the same hash trained into other folders are not touched.
+    Best effort: returns the run ids it ended."""
+    ended = []
+    try:
+        c = client(uri)
+        runs = c.search_runs([str(experiment_id)], max_results=50,
+                             filter_string=f"tags.`{TAG_HASH}` = '{run_hash}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            if run.data.tags.get("hfbench.run_dir") not in (None, str(Path(run_dir).resolve())):
+                continue
+            c.set_tag(run.info.run_id, "hfbench.error", reason[:5000])
+            c.set_terminated(run.info.run_id, status=status)
+            ended.append(run.info.run_id)
+    except Exception:
+        pass
+    return ended
+
+
 class Claim:
     """One training per run hash per experiment, whatever folder a sweep trains into.
 

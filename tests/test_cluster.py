@@ -249,3 +249,78 @@ def test_requests_the_cluster_cannot_satisfy_are_refused_before_submission(tmp_p
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "submitit").exists()
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before)
+
+
+def _start_sweep(tmp_path: Path, name: str, uri: str, data: Path, **env):
+    """A dense run (slowed by the engine's test hook) and a magnitude child, on SLURM, in a
+    thread; returns (thread, box, sweep config, dense job id once its epoch 1 is logged)."""
+    import threading
+
+    p = _write(tmp_path, name, f"""
+        name: {name}
+        tracking_uri: {uri}
+        data_dir: {data}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 40, batch_size: 32, init: dense}}
+        grid: {{methods: [dense, magnitude], sparsities: [0.5], seeds: [0]}}
+        overrides: {{magnitude: {{epochs: 1, max_steps_per_epoch: 5}}}}
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1}}
+    """)
+    sweep = load_sweep(p)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(out=Sweep(sweep).run()))
+    t.start()
+    deadline, job_id = time.time() + 300, None
+    while time.time() < deadline and job_id is None:
+        for log in (tmp_path / "submitit").rglob("*_log.out"):
+            if " epoch 1/3 " in log.read_text(errors="replace"):
+                job_id = log.name.split("_log.out")[0].rsplit("_", 1)[0]
+        time.sleep(0.2)
+    assert job_id, "the dense task never reached epoch 1"
+    return t, box, sweep, job_id
+
+
+def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, betons, mlflow_server,
+                                                                   slurm_cluster, monkeypatch):
+    """Issue 21, case 1: `scancel` of a running task. The sweep names SLURM's state, the MLflow
+    run is ended (KILLED, with the reason) instead of staying RUNNING for good, `status` says
+    cancelled, and the dependent run says its parent was cancelled."""
+    from launchers.status import sweep_status
+
+    monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@100")
+    t, box, sweep, job_id = _start_sweep(tmp_path, "e2e-cancel", mlflow_server, betons["train"].parent)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    t.join(timeout=300)
+    assert not t.is_alive()
+    dense, child = box["out"]
+    assert dense.state == "failed" and "CANCELLED" in dense.error, dense.error
+    assert child.state == "failed" and "dense parent fmnist_cnn-dense-s0" in child.error \
+        and "cancelled" in child.error, child.error
+    c = tracking.client(mlflow_server)
+    exp = c.get_experiment_by_name("e2e-cancel").experiment_id
+    (run,) = c.search_runs([exp])
+    assert run.info.status == "KILLED" and "CANCELLED" in run.data.tags["hfbench.error"]
+    rows = {r.run: r for r in sweep_status(sweep, mlflow_server)}
+    assert rows["fmnist_cnn-dense-s0"].state == "cancelled", rows
+
+
+def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(tmp_path, betons, mlflow_server,
+                                                                              slurm_cluster, monkeypatch):
+    """Issue 21, case 4: the submitit folder (job pickles, logs, result files) is deleted while
+    the dense task trains. Training finishes (weights, done marker, MLflow FINISHED); the sweep
+    judges it by its done marker, reports it finished, trains the child from its weights, and
+    exits with every run finished."""
+    import shutil
+
+    monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@60")
+    t, box, sweep, job_id = _start_sweep(tmp_path, "e2e-nofolder", mlflow_server, betons["train"].parent)
+    for d in (tmp_path / "submitit" / "e2e-nofolder").iterdir():
+        if d.is_dir():
+            shutil.rmtree(d)
+    t.join(timeout=600)
+    assert not t.is_alive()
+    outs = box["out"]
+    assert [o.state for o in outs] == ["finished", "finished"], [(o.state, o.error) for o in outs]
+    c = tracking.client(mlflow_server)
+    exp = c.get_experiment_by_name("e2e-nofolder").experiment_id
+    assert sorted(r.info.status for r in c.search_runs([exp])) == ["FINISHED", "FINISHED"]
