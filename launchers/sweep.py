@@ -28,6 +28,10 @@ _COMING_BACK = ("NODE_FAIL", "PREEMPTED")
 TRANSIENT_GRACE_S = 300
 
 
+class SubmitFailed(RuntimeError):
+    """SLURM did not take a submission (refused it, or its controller stayed silent)."""
+
+
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM while the sweep waits; the message says what was cancelled."""
 
@@ -342,6 +346,7 @@ class Sweep:
         for r in runs:
             groups.setdefault((r.engine.world_size, r.engine.nodes, r.engine.threads_per_rank), []).append(r)
         pending: list[tuple[RunConfig, Any]] = []
+        unsubmitted: list[Outcome] = []  # SLURM never took them
         waiting: list[tuple[RunConfig, Any]] = []  # local executor: (cfg, executor) not yet submitted
         deferred: list[tuple[RunConfig, Any]] = []  # being trained right now by another launch (e.g. another sweep)
         from launchers import task
@@ -358,15 +363,44 @@ class Sweep:
                 if not rs:
                     continue
             if self.kind == "slurm":
-                with ex.batch():
-                    jobs = [ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs]
+                def submit_all(ex=ex, rs=rs):
+                    with ex.batch():
+                        return [ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
+                                for r in rs]
+                try:
+                    jobs = self._submit(submit_all, f"{len(rs)} runs")
+                except SubmitFailed as e:
+                    self.say(f"[hfbench] {e}")
+                    unsubmitted += [Outcome(r, "failed", error=str(e)[:400]) for r in rs]
+                    continue
                 pending += list(zip(rs, jobs))
                 self._record(list(zip(rs, jobs)))
                 self.say(f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
                          f"x {ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
             else:
                 waiting += [(r, ex) for r in rs]
-        return self._wait(pending, waiting, deferred)
+        return unsubmitted + self._wait(pending, waiting, deferred)
+
+    def _submit(self, fn, what: str):
+        """Run a SLURM submission; while the controller does not answer (sinfo fails too), retry
+        with growing pauses for up to launcher.submit_retry_s, saying so. A refusal by a
+        controller that answers is not retried."""
+        deadline = time.time() + self.sweep.launcher.submit_retry_s
+        pause = 5.0
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                why = _first_line(e)[:200]
+                if slurm_reachable(timeout=10):
+                    raise SubmitFailed(f"SLURM refused the submission of {what}: {why}") from None
+                if time.time() + pause > deadline:
+                    raise SubmitFailed(f"SLURM controller did not answer for {self.sweep.launcher.submit_retry_s} s "
+                                       f"(launcher.submit_retry_s); {what} not submitted: {why}") from None
+                self.say(f"[hfbench] SLURM controller not answering ({why}); retrying the submission of {what} "
+                         f"in {pause:.0f} s")
+                time.sleep(pause)
+                pause = min(2 * pause, 60.0)
 
     def _record(self, submitted) -> None:
         """Append (run hash -> job id) to the sweep's job log, read by `hfbench status`."""
@@ -512,7 +546,14 @@ class Sweep:
                           f"{100 * res['final_test_top1']:.2f}% sparsity {100 * res['final_sparsity']:.2f}%")
                 bar.update(1)
             elif self.kind == "slurm":
-                job = ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
+                try:
+                    job = self._submit(lambda: ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri,
+                                                         self.exp_id), r.run_name())
+                except SubmitFailed as e:
+                    done.append(Outcome(r, "failed", error=str(e)[:400]))
+                    bar.write(f"[hfbench] FAILED {r.run_name()}: {e}")
+                    bar.update(1)
+                    continue
                 running.append((r, job))
                 self._record([(r, job)])
             else:

@@ -18,6 +18,9 @@
 #                                                 the node are SIGKILLed at once (no clean-up), and
 #                                                 the controller is told the node is DOWN
 #   scripts/services.sh restart-node [STATE_DIR]  bring the node back (slurmd, state RESUME)
+#   scripts/services.sh stop-controller  [STATE_DIR]  fault injection: slurmctld goes away (jobs keep
+#                                                      running; sbatch/squeue/scontrol fail meanwhile)
+#   scripts/services.sh start-controller [STATE_DIR]  bring it back (it recovers its state)
 #
 # STATE_DIR defaults to $HFBENCH_SERVICES_DIR, else /tmp/hfbench-services. Clients do
 #   source "$STATE_DIR/env.sh"
@@ -58,7 +61,7 @@ WANT_MLFLOW=1
 
 cmd="${1:-}"
 STATE="${2:-${HFBENCH_SERVICES_DIR:-/tmp/hfbench-services}}"
-case "$cmd" in start|stop|status|env|crash-node|restart-node) ;; *)
+case "$cmd" in start|stop|status|env|crash-node|restart-node|stop-controller|start-controller) ;; *)
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
 esac
 [[ $(id -u) -eq 0 ]] || { echo "services.sh: must run as root (SlurmUser=root)" >&2; exit 1; }
@@ -497,7 +500,20 @@ restart_node() {
      timeout 10 sinfo -h -N -o %T | grep -Eqx '(idle|mixed|allocated|completing)'" "$LOG/slurmd.log" "$LOG/slurmctld.log"
 }
 
+stop_controller() {
+  stop_group slurmctld
+  say "slurmctld stopped"
+}
+
+start_controller() {
+  rm -f "$RUN/slurmctld.daemon.pid"
+  launch slurmctld slurmctld -D -f "$SLURM_CONF"
+  wait_for slurmctld "timeout 10 scontrol ping | grep -q UP" "$LOG/slurmctld.log" "$LOG/slurmctld.out"
+}
+
 case "$cmd" in
+  stop-controller)  stop_controller ;;
+  start-controller) start_controller ;;
   crash-node)   crash_node ;;
   restart-node) restart_node ;;
   start)  start_all ;;

@@ -521,6 +521,8 @@ class LauncherConfig(_Strict):
     slurm: SlurmConfig = SlurmConfig()
     poll_s: float = Field(2.0, gt=0, le=600)
     max_requeues: int = Field(10, ge=0, le=1000, description="preemptions/time-outs a task may be requeued after")
+    submit_retry_s: int = Field(600, ge=0, le=86400, description="how long a SLURM submission is retried "
+                                "while the controller does not answer (0: no retry)")
     tracking_timeout_s: float = Field(30.0, gt=0, le=3600, description="the sweep's own MLflow calls (experiment, "
                                       "finished runs) give up after this long and name the server")
 

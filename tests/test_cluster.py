@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import textwrap
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -288,7 +289,8 @@ def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, be
     from launchers.status import sweep_status
 
     monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@100")
-    t, box, sweep, job_id = _start_sweep(tmp_path, "e2e-cancel", mlflow_server, betons["train"].parent)
+    name = f"e2e-cancel-{uuid.uuid4().hex[:6]}"  # unique: the server outlives this test
+    t, box, sweep, job_id = _start_sweep(tmp_path, name, mlflow_server, betons["train"].parent)
     subprocess.run(["scancel", job_id], check=True, timeout=30)
     t.join(timeout=300)
     assert not t.is_alive()
@@ -297,7 +299,7 @@ def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, be
     assert child.state == "failed" and "dense parent fmnist_cnn-dense-s0" in child.error \
         and "cancelled" in child.error, child.error
     c = tracking.client(mlflow_server)
-    exp = c.get_experiment_by_name("e2e-cancel").experiment_id
+    exp = c.get_experiment_by_name(name).experiment_id
     (run,) = c.search_runs([exp])
     assert run.info.status == "KILLED" and "CANCELLED" in run.data.tags["hfbench.error"]
     rows = {r.run: r for r in sweep_status(sweep, mlflow_server)}
@@ -313,8 +315,9 @@ def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(t
     import shutil
 
     monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@60")
-    t, box, sweep, job_id = _start_sweep(tmp_path, "e2e-nofolder", mlflow_server, betons["train"].parent)
-    for d in (tmp_path / "submitit" / "e2e-nofolder").iterdir():
+    name = f"e2e-nofolder-{uuid.uuid4().hex[:6]}"
+    t, box, sweep, job_id = _start_sweep(tmp_path, name, mlflow_server, betons["train"].parent)
+    for d in (tmp_path / "submitit" / name).iterdir():
         if d.is_dir():
             shutil.rmtree(d)
     t.join(timeout=600)
@@ -322,5 +325,53 @@ def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(t
     outs = box["out"]
     assert [o.state for o in outs] == ["finished", "finished"], [(o.state, o.error) for o in outs]
     c = tracking.client(mlflow_server)
-    exp = c.get_experiment_by_name("e2e-nofolder").experiment_id
+    exp = c.get_experiment_by_name(name).experiment_id
     assert sorted(r.info.status for r in c.search_runs([exp])) == ["FINISHED", "FINISHED"]
+
+
+def test_a_controller_outage_at_a_stage_boundary_is_waited_out(tmp_path, betons, mlflow_server,
+                                                               slurm_cluster, monkeypatch):
+    """Issue 21, case 2: slurmctld goes down while the dense stage runs, so the next stage's
+    sbatch cannot reach it. The sweep says so and retries the submission (it used to end with
+    a raw traceback and never submit the rest); once the controller is back the child is
+    submitted and trains, and the sweep ends with its summary, every run finished. The test
+    restarts the controller only after the sweep has said it is retrying."""
+    import os
+    import threading
+
+    monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@30")
+    said: list[str] = []
+    services = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
+    state = os.environ.get("HFBENCH_SERVICES_DIR", "/tmp/hfbench-services")
+    p = _write(tmp_path, "outage", f"""
+        name: e2e-ctld-outage-{uuid.uuid4().hex[:6]}
+        tracking_uri: {mlflow_server}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 2, max_steps_per_epoch: 40, batch_size: 32, init: dense}}
+        grid: {{methods: [dense, magnitude], sparsities: [0.5], seeds: [0]}}
+        overrides: {{magnitude: {{epochs: 1, max_steps_per_epoch: 5}}}}
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1, submit_retry_s: 300}}
+    """)
+    box: dict = {}
+    sweep = load_sweep(p)
+    t = threading.Thread(target=lambda: box.update(out=Sweep(sweep, say=lambda *a, **k: said.append(" ".join(map(str, a)))).run()))
+    t.start()
+    deadline, running = time.time() + 300, False
+    while time.time() < deadline and not running:  # the dense task trains (it no longer needs the controller)
+        running = any(" epoch 1/2 " in log.read_text(errors="replace")
+                      for log in (tmp_path / "submitit").rglob("*_log.out"))
+        time.sleep(0.2)
+    assert running, "the dense task never reached epoch 1"
+    subprocess.run(["bash", str(services), "stop-controller", state], check=True, timeout=60)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not any("retrying the submission" in s for s in said) and t.is_alive():
+            time.sleep(0.5)
+        assert any("retrying the submission" in s for s in said), said
+    finally:
+        subprocess.run(["bash", str(services), "start-controller", state], check=True, timeout=120)
+    t.join(timeout=600)
+    assert not t.is_alive()
+    assert [o.state for o in box["out"]] == ["finished", "finished"], [(o.state, o.error) for o in box["out"]]
+    assert any("2 runs: 2 finished" in s for s in said), said[-5:]
