@@ -140,7 +140,7 @@ def cmd_status(a) -> int:
     from launchers.status import format_table, sweep_status
     from suite.config import load_sweep
 
-    overrides: dict = {}
+    overrides = _parse_set(a.set)  # the same overrides as the sweep, so the same runs are found
     _scale_overrides(a, overrides)
     sweep = load_sweep(a.config, overrides)
     print(format_table(sweep_status(sweep, a.tracking_uri)))
@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_sweep)
 
     st = sub.add_parser("status", help="state of every run of a sweep (MLflow + SLURM accounting)")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="the same overrides the sweep was started with (e.g. name=..., out_dir=...)")
     st.add_argument("config")
     st.add_argument("--tracking-uri")
     _scale_args(st)

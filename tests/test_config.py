@@ -163,3 +163,34 @@ def test_golden_run_hashes_of_every_committed_config():
     changed = golden.diff(recorded, golden.current())
     assert not changed, "run hashes changed (see this test's docstring for the rule):\n" + "\n".join(changed[:40])
     assert sum(len(v) for v in recorded.values()) >= 700  # every committed config is in it
+
+
+def test_status_takes_the_sweeps_overrides_and_finds_its_runs(tmp_path, capsys):
+    """Issue 21, case 5: a sweep started with `--set name=... --set base.epochs=...` could not be
+    inspected (status had no --set). With the same overrides status finds the finished run,
+    whose hash depends on the override; without them it does not."""
+    from suite import tracking
+    from suite.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        name: plain
+        tracking_uri: {uri}
+        data_dir: {tmp_path / 'data'}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 3, init: scratch}}
+        grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
+    """))
+    sets = ["name=renamed", "base.epochs=2"]
+    run = load_sweep(str(cfg), {"name": "renamed", "base.epochs": 2}).expand()[0]
+    exp = tracking.ensure_experiment(uri, "renamed")
+    c = tracking.client(uri)
+    r = c.create_run(exp, tags={tracking.TAG_HASH: run.run_hash()})
+    c.set_terminated(r.info.run_id, "FINISHED")
+    assert main(["status", str(cfg)] + [x for s in sets for x in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "1 finished" in out and run.run_hash() in out, out
+    assert main(["status", str(cfg)]) == 0
+    assert "1 not submitted" in capsys.readouterr().out
