@@ -107,6 +107,33 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
                               f"lower it or set engine.device: cpu")
 
 
+def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
+    """On a shared cluster, whoever can write into launcher.folder (the job pickles submitit
+    loads) or a run folder (checkpoints torch loads) runs code as the submitter. Refuse such
+    folders when they exist but belong to another user or are writable by group or others,
+    and make everything this sweep creates private to its user (umask 077, inherited by the
+    jobs through sbatch's environment)."""
+    import stat
+
+    os.umask(0o077)
+    me = os.getuid()
+    folders = [("launcher.folder", Path(sweep.launcher.folder)),
+               ("launcher.folder", Path(sweep.launcher.folder) / sweep.name)]
+    folders += [("out_dir", Path(o)) for o in sorted({r.out_dir for r in runs})]
+    for field_name, d in folders:
+        try:
+            st = d.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != me:
+            raise ConfigError(f"{field_name}: {d} belongs to another user (uid {st.st_uid}); anyone who owns it "
+                              f"can replace what your jobs load. Use a folder of your own")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{field_name}: {d} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
+                              f"(mode {stat.S_IMODE(st.st_mode):o}); anyone who can write there can replace what "
+                              f"your jobs load. Run `chmod go-w {d}` or use a private folder")
+
+
 def _scontrol(what: str) -> list[dict[str, str]]:
     """`scontrol show <what> -o`, one dict per line (key=value fields)."""
     out = subprocess.run(["scontrol", "show", what, "-o"], capture_output=True, text=True, timeout=30)
@@ -296,6 +323,7 @@ class Sweep:
         runs = self.sweep.expand()
         check_resources(self.sweep, runs, self.kind)  # before data, the experiment or any job
         check_files(runs)
+        check_private(self.sweep, runs)
         ensure_data(runs, say=self.say)
         with tracking.bounded(self.uri, self.sweep.launcher.tracking_timeout_s) as b:
             exp_id = b.call(tracking.ensure_experiment, self.uri, self.sweep.experiment_name(),

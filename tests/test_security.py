@@ -319,3 +319,67 @@ def test_explicit_absolute_paths_and_harmless_names_are_accepted(tmp_path):
     assert Sweep(s, executor="local").folder.parent.parent == tmp_path / "sub"
     assert jobs_file(s) == tmp_path / "sub" / "v1..2" / "jobs.jsonl"
     assert RunConfig(out_dir="runs/a..b").out_dir == "runs/a..b"
+
+
+@pytest.mark.parametrize("case", ["world-writable", "group-writable", "other-owner"])
+def test_shared_or_foreign_folders_are_refused_before_submission(tmp_path, betons, case):
+    """Issue 21, case 6: a launcher folder (job pickles) or out_dir (checkpoints) that another
+    user owns, or that group/others can write, would let them run code as the submitter. The
+    sweep refuses it by field, exit 2, before any experiment or job exists."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / ("runs" if case == "group-writable" else "sub")
+    target.mkdir()
+    if case == "world-writable":
+        target.chmod(0o777)
+    elif case == "group-writable":
+        target.chmod(0o775)
+    else:
+        os.chown(target, 65534, 65534)  # nobody
+        target.chmod(0o755)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""
+name: shared
+tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+data_dir: {betons['train'].parent}
+out_dir: {tmp_path / 'runs'}
+base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2}}
+grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
+launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
+""")
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 2, r.stdout + r.stderr
+    field = "out_dir" if case == "group-writable" else "launcher.folder"
+    assert r.stderr.startswith(f"hfbench: {field}: {target}") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_files_a_run_writes_are_private_to_its_user(tmp_path, betons):
+    """Everything the sweep and its task create (submitit pickles, logs, checkpoints, weights,
+    the done marker) is readable and writable by the submitter only, whatever the umask."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""
+name: private
+tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+data_dir: {betons['train'].parent}
+out_dir: {tmp_path / 'runs'}
+base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2, batch_size: 16, init: scratch}}
+grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
+launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
+""")
+    r = subprocess.run(["bash", "-c", f"umask 000; exec {sys.executable} -m suite.cli sweep {cfg}"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    made = [p for root in (tmp_path / "runs", tmp_path / "sub") for p in [root, *root.rglob("*")]]
+    assert any(p.name == "final_weights.pt" for p in made) and any(p.name.endswith("_submitted.pkl") for p in made)
+    loose = [f"{p} {stat.S_IMODE(p.stat().st_mode):o}" for p in made if p.stat().st_mode & 0o077]
+    assert not loose, loose
