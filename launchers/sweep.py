@@ -128,7 +128,7 @@ def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
         if st.st_uid != me:
             raise ConfigError(f"{field_name}: {d} belongs to another user (uid {st.st_uid}); anyone who owns it "
                               f"can replace what your jobs load. Use a folder of your own")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:  # sticky, like /tmp: ok
             raise ConfigError(f"{field_name}: {d} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
                               f"(mode {stat.S_IMODE(st.st_mode):o}); anyone who can write there can replace what "
                               f"your jobs load. Run `chmod go-w {d}` or use a private folder")
