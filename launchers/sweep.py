@@ -623,6 +623,20 @@ class _Progress:
             self.bar.close()
 
 
+_REASONS: dict[str, tuple[float, str]] = {}  # job id -> (when asked, "pending: <reason>")
+
+
+def _queued_reason(job_id: str) -> str:
+    """SLURM's reason for a queued job (asked at most every 30 s per job)."""
+    t, reason = _REASONS.get(job_id, (0.0, ""))
+    if time.time() - t > 30:
+        from launchers.status import _pending_reason
+
+        reason = _pending_reason(job_id)
+        _REASONS[job_id] = (time.time(), reason)
+    return reason
+
+
 def _progress(running) -> str:
     """'hyperflux-0.9 e7/20, gmp-0.5 e3/20' from the last epoch line of each running job's log."""
     import re
@@ -637,6 +651,8 @@ def _progress(running) -> str:
                 ep = "e" + found[-1]
         except (OSError, AttributeError):
             pass
+        if ep == "starting" and type(job).__name__ == "SlurmJob":
+            ep = _queued_reason(str(job.job_id)) or ep
         label = r.run_name().removeprefix(f"{r.model}-").removesuffix(f"-s{r.seed}")
         parts.append(f"{label} {ep}")
     return "running: " + (", ".join(parts) if parts else "-") + (" ..." if len(running) > 4 else "")

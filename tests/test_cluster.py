@@ -375,3 +375,49 @@ def test_a_controller_outage_at_a_stage_boundary_is_waited_out(tmp_path, betons,
     assert not t.is_alive()
     assert [o.state for o in box["out"]] == ["finished", "finished"], [(o.state, o.error) for o in box["out"]]
     assert any("2 runs: 2 finished" in s for s in said), said[-5:]
+
+
+def test_a_queued_run_shows_why_it_waits(tmp_path, betons, mlflow_server, slurm_cluster):
+    """Issue 21, case 2 (second half): with the only node drained, the run waits in the queue;
+    the progress line and `status` show SLURM's pending reason and the drained node with its
+    reason, instead of "starting" / "queued" alone. The node is resumed and the run finishes."""
+    import socket
+    import threading
+
+    from launchers.status import sweep_status
+
+    node = socket.gethostname().split(".")[0]
+    name = f"e2e-drained-{uuid.uuid4().hex[:6]}"
+    p = _write(tmp_path, "drained", f"""
+        name: {name}
+        tracking_uri: {mlflow_server}
+        data_dir: {betons['train'].parent}
+        out_dir: {tmp_path / 'runs'}
+        base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 3, batch_size: 32, init: scratch}}
+        grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1}}
+    """)
+    sweep = load_sweep(p)
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=drain", "reason=hfbench-maintenance"],
+                   check=True, timeout=30)
+    said: list[str] = []
+    try:
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(out=Sweep(sweep, say=lambda *a, **k: said.append(str(a[0]))).run()))
+        t.start()
+        deadline, row = time.time() + 120, None
+        while time.time() < deadline:
+            rows = sweep_status(sweep, mlflow_server)
+            if rows and "pending:" in rows[0].error:
+                row = rows[0]
+                break
+            time.sleep(1)
+        assert row is not None and row.state == "queued", [vars(r) for r in rows]
+        assert "hfbench-maintenance" in row.error and node in row.error, row.error
+        from launchers.sweep import _queued_reason  # what the progress line shows for a queued run
+
+        assert "hfbench-maintenance" in _queued_reason(row.job), row.job
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True, timeout=30)
+    t.join(timeout=300)
+    assert [o.state for o in box["out"]] == ["finished"]
