@@ -327,9 +327,9 @@ class Sweep:
         ensure_data(runs, say=self.say)
         with tracking.bounded(self.uri, self.sweep.launcher.tracking_timeout_s) as b:
             exp_id = b.call(tracking.ensure_experiment, self.uri, self.sweep.experiment_name(),
-                            what="experiment lookup")
+                            what="sweep's experiment lookup")
             self.exp_id = exp_id
-            finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="finished-run lookup")
+            finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="sweep's finished-run lookup")
         self.say(f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
                  f"{self.sweep.experiment_name()!r} (id {exp_id}) at {tracking.redact(self.uri)}; executor {self.kind}")
         outcomes: dict[str, Outcome] = {}

@@ -32,6 +32,7 @@
 # Environment knobs: HFBENCH_VENV (venv holding mlflow; default <repo>/.venv),
 # HFBENCH_SERVICES_TIMEOUT (seconds to wait for each service; default 120),
 # HFBENCH_MLFLOW_WORKERS (mlflow server worker processes; default 1),
+# HFBENCH_MLFLOW_AUTH=1 (MLflow's basic-auth app: clients need the user and password env.sh exports),
 # HFBENCH_SERVICES_NO_MLFLOW=1 (SLURM only; HFBENCH_MLFLOW_URI is then not exported),
 # HFBENCH_MLFLOW_HOST (address the MLflow server binds; default 127.0.0.1, i.e. only this
 # machine can reach it. The server has no authentication: 0.0.0.0 exposes it, read and write,
@@ -386,10 +387,23 @@ start_all() {
   # CPU on 2 cores), and a single writer suits the sqlite store.
   if ((WANT_MLFLOW)); then
     mkdir -p "$STATE/mlflow/artifacts"
-    launch mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$MLFLOW_BIN" server \
+    AUTH_ARGS=() AUTH_ENV=()
+    if [[ "${HFBENCH_MLFLOW_AUTH:-0}" == 1 ]]; then
+      # MLflow's basic-auth app: every request needs a user and password; the admin account
+      # below is the one the clients of this state dir use (env.sh, readable by root only).
+      MLFLOW_AUTH_PASS="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+      (umask 077; printf '%s\n' "[mlflow]" "default_permission = READ" \
+        "database_uri = sqlite:///$STATE/mlflow/auth.db" "admin_username = hfbench" \
+        "admin_password = $MLFLOW_AUTH_PASS" \
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" >"$ETC/mlflow_auth.ini")
+      AUTH_ARGS=(--app-name basic-auth)
+      AUTH_ENV=("MLFLOW_AUTH_CONFIG_PATH=$ETC/mlflow_auth.ini"
+                "MLFLOW_FLASK_SERVER_SECRET_KEY=$(head -c 18 /dev/urandom | od -An -tx1 | tr -d " \\n")")
+    fi
+    launch mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "${AUTH_ENV[@]}" "$MLFLOW_BIN" server \
       --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
       --default-artifact-root "$STATE/mlflow/artifacts" \
-      --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS"
+      --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" "${AUTH_ARGS[@]}"
     if [[ $MLFLOW_HOST == 127.0.0.1 ]]; then
       say "mlflow binds 127.0.0.1:$MLFLOW_PORT (this machine only; HFBENCH_MLFLOW_HOST changes it)"
     else
@@ -466,6 +480,11 @@ EOF
   if ((WANT_MLFLOW)); then
     echo "export HFBENCH_MLFLOW_URI='http://$MLFLOW_CLIENT_HOST:$MLFLOW_PORT'" >>"$STATE/env.sh"
     echo "export HFBENCH_MLFLOW_HOST='$MLFLOW_HOST'" >>"$STATE/env.sh"
+    if [[ -n "${MLFLOW_AUTH_PASS:-}" ]]; then  # MLflow's client reads these two
+      chmod 600 "$STATE/env.sh"
+      echo "export MLFLOW_TRACKING_USERNAME='hfbench'" >>"$STATE/env.sh"
+      echo "export MLFLOW_TRACKING_PASSWORD='$MLFLOW_AUTH_PASS'" >>"$STATE/env.sh"
+    fi
   fi
   say "all services up"
   echo "$STATE/env.sh"

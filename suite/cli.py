@@ -143,7 +143,12 @@ def cmd_status(a) -> int:
     overrides = _parse_set(a.set)  # the same overrides as the sweep, so the same runs are found
     _scale_overrides(a, overrides)
     sweep = load_sweep(a.config, overrides)
-    print(format_table(sweep_status(sweep, a.tracking_uri)))
+    from suite import tracking
+
+    uri = a.tracking_uri or sweep.tracking_uri or tracking.default_uri()
+    with tracking.bounded(uri, sweep.launcher.tracking_timeout_s) as b:
+        rows = b.call(sweep_status, sweep, uri, what="status lookup")
+    print(format_table(rows))
     return 0
 
 
@@ -243,7 +248,8 @@ def cmd_report(a) -> int:
     if Path(a.out).exists() and not Path(a.out).is_dir():
         print(f"hfbench report: --out {a.out} is a file; give a folder (it is created if missing)", file=sys.stderr)
         return 2
-    out = build_report(uri, a.experiment, Path(a.out), title=a.title)
+    with tracking.bounded(uri, 60) as b:  # a silent server is named within a minute, not after MLflow's retries
+        out = b.call(build_report, uri, a.experiment, Path(a.out), a.title, what="report's reads")
     for name, p in out.items():
         if name in ("index.html", "report.md", "results.csv"):
             print(f"{name}: {p}")
@@ -386,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrackingUnavailable):  # an environment problem, said in one line
             print(f"hfbench: {e}", file=sys.stderr)
             return 1
+        from suite.tracking import TrackingRefused
+
+        if isinstance(e, TrackingRefused):  # missing or wrong credentials: the user's to fix
+            print(f"hfbench: {e}", file=sys.stderr)
+            return 2
 
         if isinstance(e, (DataError, ReportError)):  # a bad data file or experiment, named in the message
             print(f"hfbench: {e}", file=sys.stderr)

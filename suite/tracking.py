@@ -34,6 +34,10 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server did not answer in time (named in the message)."""
 
 
+class TrackingRefused(RuntimeError):
+    """The tracking server answered and refused us (no or wrong credentials)."""
+
+
 class bounded:
     """Within this block, every MLflow HTTP call gives up after `timeout_s` seconds, without
     MLflow's own retries (minutes by default): `call` runs a tracking call and turns a timeout or
@@ -64,10 +68,19 @@ class bounded:
         try:
             return fn(*args)
         except Exception as e:  # requests' timeouts and connection errors, wrapped by MLflow
+            if getattr(e, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+                raise TrackingRefused(
+                    f"the MLflow server at {redact(self.uri)} refused the {what}: "
+                    + (f"user {who!r} is not allowed ({e.error_code}); check MLFLOW_TRACKING_USERNAME / "
+                       f"MLFLOW_TRACKING_PASSWORD" if who else
+                       "it requires a user and password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                       "(scripts/services.sh writes them into its env.sh when it starts the server with "
+                       "HFBENCH_MLFLOW_AUTH=1)")) from None
             text = f"{type(e).__name__}: {e}"
             if any(w in text.lower() for w in ("timed out", "timeout", "connection", "max retries")):
                 raise TrackingUnavailable(
-                    f"the MLflow server at {redact(self.uri)} did not answer the sweep's {what} within "
+                    f"the MLflow server at {redact(self.uri)} did not answer the {what} within "
                     f"{self.timeout_s:g} s ({time.time() - t0:.0f} s spent); is it up? "
                     f"(launcher.tracking_timeout_s sets the limit)") from None
             raise

@@ -383,3 +383,61 @@ launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
     assert any(p.name == "final_weights.pt" for p in made) and any(p.name.endswith("_submitted.pkl") for p in made)
     loose = [f"{p} {stat.S_IMODE(p.stat().st_mode):o}" for p in made if p.stat().st_mode & 0o077]
     assert not loose, loose
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_authenticated_tracking_server_takes_credentials_from_the_environment(tmp_path, betons):
+    """Issue 21, case 6: on a shared cluster the MLflow server must not be open to every user.
+    scripts/services.sh with HFBENCH_MLFLOW_AUTH=1 starts MLflow's basic-auth app and writes the
+    user and password into its env.sh (mode 600). A sweep with them logs its run; a sweep
+    without them is refused in one line (exit 2) before anything runs."""
+    import stat
+    import subprocess
+    import sys
+    import uuid
+
+    root = Path(__file__).resolve().parents[1]
+    state = tmp_path / "svc"
+    env = {**os.environ, "HFBENCH_MLFLOW_AUTH": "1", "PYTHONPATH": str(root)}
+    start = subprocess.run(["bash", str(root / "scripts" / "services.sh"), "start", str(state)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    try:
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        envsh = state / "env.sh"
+        assert stat.S_IMODE(envsh.stat().st_mode) == 0o600
+        creds = dict(re.findall(r"^export (\w+)='([^']*)'", envsh.read_text(), re.M))
+        uri = creds["HFBENCH_MLFLOW_URI"]
+        assert creds["MLFLOW_TRACKING_USERNAME"] and creds["MLFLOW_TRACKING_PASSWORD"]
+        name = f"auth-{uuid.uuid4().hex[:6]}"
+        cfg = tmp_path / "s.yaml"
+        cfg.write_text(f"""
+name: {name}
+tracking_uri: {uri}
+data_dir: {betons['train'].parent}
+out_dir: {tmp_path / 'runs'}
+base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2, batch_size: 16, init: scratch}}
+grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
+launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
+""")
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        bare["PYTHONPATH"] = str(root)
+        refused = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)], env=bare,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.stderr.count("\n") == 1 and "MLFLOW_TRACKING_USERNAME" in refused.stderr, refused.stderr
+        assert not (tmp_path / "runs").exists()
+        ok = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)],
+                            env={**bare, "MLFLOW_TRACKING_USERNAME": creds["MLFLOW_TRACKING_USERNAME"],
+                                 "MLFLOW_TRACKING_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"]},
+                            capture_output=True, text=True, timeout=400)
+        assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as e:  # the server itself refuses an anonymous read
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}", timeout=10)
+        assert e.value.code == 401
+    finally:
+        subprocess.run(["bash", str(root / "scripts" / "services.sh"), "stop", str(state)], env=env,
+                       capture_output=True, timeout=120)
