@@ -22,21 +22,43 @@ from pathlib import Path
 def _parse_set(items: list[str]) -> dict:
     import yaml
 
+    from suite.config import ConfigError
+
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise SystemExit(f"hfbench: --set expects KEY=VALUE, got {it!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
         try:
             out[k.strip()] = yaml.safe_load(v)
-        except (yaml.YAMLError, ValueError) as e:
-            raise SystemExit(f"hfbench: --set {k.strip()}: value is not valid YAML ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            raise ConfigError(f"--set {k.strip()}: value is not valid YAML ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return out
 
 
 def cmd_data(a) -> int:
+    from suite.config import ConfigError
+
+    if a.split_seed < 0:
+        raise ConfigError(f"--split-seed must be >= 0, got {a.split_seed}")
+    if a.val_size < 0:
+        raise ConfigError(f"--val-size must be >= 0, got {a.val_size}")
+    out = Path(a.out)
+    for parent in [out, *out.parents]:  # the nearest existing folder on the way must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {a.out}: {parent} is not a folder")
+            break
+    import signal
+
+    def _term(signum, frame):  # like Ctrl-C: the writer process is stopped and nothing is left half-written
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)
     if a.dataset in ("fashion-mnist", "fashion_mnist"):
+        if not 0 < a.val_size < 60000:
+            raise ConfigError(f"--val-size for fashion-mnist must be between 1 and 59999 (of 60,000 training "
+                              f"images), got {a.val_size}")
         from suite.data import write_fashion_mnist
 
         paths = write_fashion_mnist(a.out, val_size=a.val_size, split_seed=a.split_seed, overwrite=a.overwrite)
@@ -245,6 +267,13 @@ def cmd_report(a) -> int:
     from suite import tracking
 
     uri = a.tracking_uri or tracking.default_uri()
+    if not a.out.strip():
+        print("hfbench report: --out is empty; give a folder", file=sys.stderr)
+        return 2
+    blocked = next((p for p in Path(a.out).parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        print(f"hfbench report: --out {a.out}: {blocked} is a file, not a folder", file=sys.stderr)
+        return 2
     if Path(a.out).exists() and not Path(a.out).is_dir():
         print(f"hfbench report: --out {a.out} is a file; give a folder (it is created if missing)", file=sys.stderr)
         return 2
@@ -378,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return a.fn(a)
+    except KeyboardInterrupt:
+        print(f"hfbench {a.cmd}: interrupted; nothing half-written is kept, run the same command again", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"hfbench: {e}", file=sys.stderr)
         return 2

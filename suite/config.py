@@ -865,7 +865,9 @@ def _unshared(data: Any, where: str) -> Any:
 def _no_control(v: str, what: str) -> str:
     """Refuse NUL, newlines and other control characters (they end up in file names, sbatch
     scripts and log lines)."""
-    bad = [c for c in v if ord(c) < 32 or ord(c) == 127]
+    import unicodedata
+
+    bad = [c for c in v if unicodedata.category(c) in ("Cc", "Zl", "Zp")]  # C0, DEL, C1 (\x85, \x9b), U+2028/9
     if bad:
         raise ValueError(f"{what} must not contain control characters (found {bad[0]!r})")
     return v
