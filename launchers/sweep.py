@@ -117,6 +117,15 @@ def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
 
     os.umask(0o077)
     me = os.getuid()
+    wanted = [("launcher.folder", Path(sweep.launcher.folder))]
+    wanted += [("out_dir", Path(o)) for o in sorted({r.out_dir for r in runs})]
+    wanted += [("data_dir", Path(d)) for d in sorted({r.data_dir for r in runs})]
+    for field_name, d in wanted:  # the nearest existing folder on the way must be a folder
+        for p in [d, *d.parents]:
+            if p.exists():
+                if not p.is_dir():
+                    raise ConfigError(f"{field_name}: {d}: {p} is a file, not a folder")
+                break
     folders = [("launcher.folder", Path(sweep.launcher.folder)),
                ("launcher.folder", Path(sweep.launcher.folder) / sweep.name)]
     folders += [("out_dir", Path(o)) for o in sorted({r.out_dir for r in runs})]

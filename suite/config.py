@@ -238,7 +238,7 @@ class RunConfig(_Strict):
     epochs: int = Field(10, ge=1, le=10000)
     batch_size: int = Field(128, ge=1, le=65536, description="per-rank batch size")
     lr: float = Field(0.05, gt=0, le=10.0)
-    lr_end: float = Field(0.0, ge=0, description="final weight LR of the cosine schedule (non-Hyperflux)")
+    lr_end: float = Field(0.0, ge=0, le=10, description="final weight LR of the cosine schedule (non-Hyperflux)")
     lr_schedule: Literal["cosine", "step"] = Field(
         "cosine", description="weight LR over the run (non-Hyperflux): cosine lr -> lr_end, or step: lr times "
                               "lr_gamma after each epoch listed in lr_milestones (torch MultiStepLR, per epoch)")
@@ -742,10 +742,15 @@ class SweepConfig(_Strict):
     def _name_is_a_folder(cls, v: str) -> str:
         return safe_component(v, "name")  # <launcher.folder>/<name>/...
 
-    @field_validator("experiment", "tracking_uri")
+    @field_validator("experiment")
     @classmethod
     def _no_control_chars(cls, v: Optional[str], info) -> Optional[str]:
         return v if v is None else _no_control(v, info.field_name)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store_uri(cls, v: Optional[str], info) -> Optional[str]:
+        return _tracking_uri(v, info.field_name)
 
     @field_validator("data_dir", "out_dir")
     @classmethod
@@ -769,7 +774,14 @@ class SweepConfig(_Strict):
         runs: list[RunConfig] = []
         models = self.grid.models or [self.base.get("model", RunConfig.model_fields["model"].default)]
         seen: set[str] = set()
-        axes = list(self.grid.params.items())
+        axes = [(k, list({json.dumps(x, sort_keys=True): x for x in v}.values()))  # repeats are one value
+                for k, v in self.grid.params.items()]
+        n = len(models) * len(self.grid.seeds) * len(self.grid.methods) * len(self.grid.sparsities)
+        for _, v in axes:
+            n *= max(1, len(v))
+        if n > MAX_GRID_RUNS:
+            raise ConfigError(f"grid: models x seeds x methods x sparsities x grid.params values gives {n:,} runs "
+                              f"(more than {MAX_GRID_RUNS:,}); split the sweep")
         combos = list(itertools.product(*[v for _, v in axes])) if axes else [()]
         for model, seed, method, combo in itertools.product(models, self.grid.seeds, self.grid.methods, combos):
             if method == "dense" and combo != combos[0]:
@@ -816,6 +828,12 @@ class SweepConfig(_Strict):
                         f"than launcher.slurm.gpus_per_node ({gpus}); every rank needs its own GPU (use "
                         f"engine.nodes for more, or engine.device: cpu)")
         runs.sort(key=lambda r: r.method != "dense")
+        names: dict[str, float] = {}
+        for r in runs:  # sparsities the run name (and the report's columns) cannot tell apart
+            other = names.setdefault(r.run_name(), r.sparsity)
+            if other != r.sparsity:
+                raise ConfigError(f"grid.sparsities: {other!r} and {r.sparsity!r} are both shown as "
+                                  f"{r.run_name()!r}; make them distinct")
         return runs
 
     @model_validator(mode="after")
@@ -862,6 +880,23 @@ def _unshared(data: Any, where: str) -> Any:
 
 
 # --------------------------------------------------------------------------- safe names and paths
+MAX_GRID_RUNS = 20_000
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def _tracking_uri(v: Optional[str], what: str) -> Optional[str]:
+    """A tracking URI MLflow can use as a store: one of its schemes, or an absolute path."""
+    if v is None:
+        return v
+    _no_control(v, what)
+    scheme = v.split(":", 1)[0].split("+", 1)[0].lower() if ":" in v else ""
+    if not (scheme in TRACKING_SCHEMES or v.startswith("/")):
+        raise ValueError(f"{what}: {v!r} is not a tracking store MLflow can use (schemes: "
+                         f"{', '.join(TRACKING_SCHEMES)}; e.g. http://host:5000 or sqlite:////path/mlflow.db)")
+    return v
+
+
 def _no_control(v: str, what: str) -> str:
     """Refuse NUL, newlines and other control characters (they end up in file names, sbatch
     scripts and log lines)."""

@@ -590,6 +590,13 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
                 f"waiting for it", flush=True)
             lock.acquire()
         earlier = done_result(out, cfg.run_hash(), experiment_id)
+        uri = tracking_uri or cfg.tracking_uri or tracking.default_uri()
+        if earlier is not None and not (out / "final_weights.pt").is_file():
+            say(f"[hfbench] {cfg.run_name()}: its final weights are gone; training them again", flush=True)
+            earlier = None
+        if earlier is not None and experiment_id is not None and \
+                not tracking.run_in_store(uri, earlier.get("mlflow_run_id"), experiment_id):
+            earlier = None  # finished for another store or experiment (same out_dir): not for this one
         if earlier is None and experiment_id is not None:
             claim = tracking.Claim(tracking_uri or cfg.tracking_uri or tracking.default_uri(), experiment_id,
                                    cfg.run_hash(), owner=str(out.resolve()), say=say)
@@ -619,6 +626,16 @@ def _train_locked(cfg, device, rank, world, out, ckpt_path, say, t_start, marks,
                   claim=None):
     resume = load_checkpoint(out, cfg.run_hash(), say)
     uri = tracking_uri or cfg.tracking_uri or tracking.default_uri()
+    if resume is not None and rank == 0 and experiment_id is not None and resume.get("mlflow_run_id") and \
+            not tracking.run_in_store(uri, resume["mlflow_run_id"], experiment_id):
+        say(f"[hfbench] {cfg.run_name()}: the checkpoint in {out} belongs to MLflow run {resume['mlflow_run_id']}, "
+            f"which is not in this experiment or store; training this run afresh here", flush=True)
+        resume = None
+    if world > 1:  # every rank starts where rank 0 decided
+        box = [resume is None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            resume = None
     logger: Any = tracking.NullLogger()
     if rank == 0 and experiment_id is not None:
         logger = tracking.RunLogger(uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None,

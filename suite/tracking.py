@@ -192,8 +192,13 @@ class Spool:
         import json
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # a line cut short by a crash mid-append: end it, so it stays one bad line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(rec) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
@@ -215,8 +220,8 @@ class Spool:
         for ln in lines[pos:]:
             try:
                 recs.append(json.loads(ln))
-            except ValueError:
-                break  # a line cut short by a crash while appending: never delivered, never acknowledged
+            except ValueError:  # a line cut short by a crash while appending: that call never
+                recs.append({"op": "skip"})  # completed; passed over, the calls after it still go
         return recs, pos
 
     def advance(self, pos: int) -> None:
@@ -234,8 +239,10 @@ class Spool:
 
 # MLflow error codes that mean "the server answered and refuses this call" (it will refuse it
 # again); anything else (no answer, a 5xx, a timeout) is an outage and the call stays pending.
-REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
-            "MALFORMED_REQUEST", "RESOURCE_ALREADY_EXISTS"}
+REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST",
+            "RESOURCE_ALREADY_EXISTS"}
+# RESOURCE_DOES_NOT_EXIST is not among them: a server that does not know the run is the wrong
+# store (or the run was deleted), and the calls wait for the right one instead of being set aside.
 
 
 def rejected(e: BaseException) -> bool:
@@ -292,6 +299,8 @@ def apply(c, run_id: str, rec: dict) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     op = rec["op"]
+    if op == "skip":
+        return
     if op == "batch":
         c.log_batch(run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in rec.get("metrics", [])],
                     params=[Param(k, v) for k, v in rec.get("params", [])],
@@ -345,6 +354,10 @@ class RunLogger:
             self._params = {**cfg.flat_params(), "config_hash": cfg.run_hash()}
         else:
             self._params = {}
+            try:  # the last epoch this run has on the server: a resume from an older checkpoint
+                self.logged_upto = max((m.step for m in self.c.get_metric_history(run_id, "train_loss")), default=0)
+            except Exception:
+                pass
         self.run_id = run_id
         import json
 
@@ -450,7 +463,11 @@ class RunLogger:
             self._push({"op": "batch", "params": items[i:i + 100]})
         self._params = {}
 
+    logged_upto = 0  # epochs (steps) of per-epoch metrics already on the server when this process began
+
     def log_metrics(self, metrics: dict[str, float], step: int, ts: Optional[int] = None) -> None:
+        if "train_loss" in metrics and step <= self.logged_upto:
+            return  # trained again after a fallback to an older checkpoint: the first record stands
         ts = int(time.time() * 1000) if ts is None else ts
         self._push({"op": "batch", "metrics": [[k, float(v), ts, step] for k, v in metrics.items()]})
 
@@ -496,8 +513,14 @@ def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
                 say(f"[hfbench] {spool_file}: no meta file (run id, tracking URI); skipped")
                 left += 1
                 continue
-            meta = json.loads(meta_p.read_text())
-            uri = uri_for(meta) if uri_for else meta["uri"]
+            try:
+                meta = json.loads(meta_p.read_text())
+                uri = uri_for(meta) if uri_for else meta["uri"]
+                meta["run_id"]
+            except (ValueError, KeyError, TypeError) as e:
+                say(f"[hfbench] {meta_p}: unreadable meta file ({type(e).__name__}: {e}); kept, skipped")
+                left += 1
+                continue
             spool = Spool(spool_file.parent)
             try:
                 n = deliver(client(uri), meta["run_id"], spool, say=say)
@@ -509,6 +532,19 @@ def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
             say(f"[hfbench] {spool_file.parent}: delivered {n} calls to run {meta['run_id']}")
             done += 1
     return done, left
+
+
+def run_in_store(uri: str, run_id: Optional[str], experiment_id: str) -> bool:
+    """Whether MLflow run `run_id` exists in this store under this experiment. A run folder
+    can outlive its store or be reused by another experiment (same out_dir, same run hash):
+    its done marker and checkpoint then belong to a run this experiment does not have. True
+    when the server does not answer (an outage is no reason to train again)."""
+    if not run_id:
+        return False
+    try:
+        return str(client(uri).get_run(run_id).info.experiment_id) == str(experiment_id)
+    except Exception as e:
+        return getattr(e, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def end_orphaned_runs(uri: str, experiment_id: str, run_hash: str, run_dir: Path, status: str,
@@ -531,6 +567,16 @@ def end_orphaned_runs(uri: str, experiment_id: str, run_hash: str, run_dir: Path
     except Exception:
         pass
     return ended
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
 
 
 class Claim:
@@ -556,9 +602,11 @@ class Claim:
         self.held = False
 
     def finished_run(self):
-        runs = self.c.search_runs([self.experiment_id], max_results=1,
+        """A FINISHED run of this hash trained into another folder (this folder's own finished
+        run is this folder's business: the engine came here because it lacks something)."""
+        runs = self.c.search_runs([self.experiment_id], max_results=20,
                                   filter_string=f"tags.`{TAG_HASH}` = '{self.hash}' and attributes.status = 'FINISHED'")
-        return runs[0] if runs else None
+        return next((r for r in runs if r.data.tags.get("hfbench.run_dir") != self.owner), None)
 
     def acquire(self):
         """Hold the claim (returns None), or return the FINISHED MLflow run of this hash that
@@ -604,6 +652,8 @@ class Claim:
                 except MlflowException:
                     status = "KILLED"  # the run it named is gone
             age = time.time() - float(tags.get("since", "0") or 0)
+            if tags.get("host") == socket.gethostname() and not _alive(tags.get("pid", "")):
+                status = status if status in ("FAILED", "KILLED") else "KILLED"  # its process is gone
             if status in ("FAILED", "KILLED") or (status is None and age > self.stale_s):
                 try:  # drop it only if it is still the one judged stale (another taker may have replaced it)
                     if (self.c.get_registered_model(self.name).tags or {}).get("since") == tags.get("since"):

@@ -401,3 +401,58 @@ def test_a_folder_under_a_data_file_name_is_refused_naming_it(tmp_path, capsys):
     assert err[-1] == (f"hfbench: {tmp_path / 'data' / 'fashion_mnist_train.beton'}: expected a .beton data file, "
                        f"found a folder; move it away (the sweep would write the file there)")
     assert (tmp_path / "data" / "fashion_mnist_train.beton").is_dir() and not (tmp_path / "sub").exists()
+
+
+# ----------------------------------------------------------------------------- hostile round two
+# Cases a hostile tester found (issue 16's second round); each used to end in a traceback, a
+# hang, or a run that failed later. Each is now one line, exit 2, before anything runs.
+HOSTILE = [
+    ("tracking-uri-not-a-store", ["--set", "tracking_uri=not a uri"], "tracking_uri"),
+    ("tracking-uri-ftp", ["--set", "tracking_uri=ftp://example/x"], "tracking_uri"),
+    ("lr-end-huge", ["--set", "base.lr_end=1e300"], "lr_end"),
+    ("grid-explosion", ["--set", "grid.params={lr: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08], "
+                        "weight_decay: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], momentum: [0.1, 0.2, 0.3, 0.4, "
+                        "0.5, 0.6, 0.7, 0.8], label_smoothing: [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]}"],
+     "grid"),
+    ("near-duplicate-sparsities", ["--set", "grid.sparsities=[0.5, 0.500000000001]"], "grid.sparsities"),
+    ("set-without-value", ["--set", "foo"], "--set"),
+    ("set-nested-too-deep", ["--set", "base.x=" + "[" * 700 + "]" * 700], "--set base.x"),
+    ("unicode-control-in-partition", ["--set", "launcher.slurm.partition=gpu\x9bx"], "partition"),
+]
+
+
+@pytest.mark.parametrize("args,field", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_round_two_is_refused_in_one_line(args, field, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", "configs/demo.yaml", "--dry-run", *args],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stdout[-500:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and field in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field,value", [("out_dir", "{f}/runs"), ("launcher.folder", "{f}/sub"), ("data_dir", "{f}")])
+def test_a_folder_under_a_file_is_refused_naming_the_field(tmp_path, field, value):
+    import subprocess
+    import sys
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", "configs/demo.yaml", "--set",
+                        f"{field}={value.format(f=f)}", "--set", f"tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                        "--set", "launcher.executor=local"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and r.stderr.startswith(f"hfbench: {field}: ") and "is a file" in r.stderr, r.stderr
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("args,what", [(["--val-size", "-5"], "--val-size"), (["--split-seed", "-1"], "--split-seed"),
+                                       (["--val-size", "60000"], "--val-size")])
+def test_data_arguments_are_refused_by_name(tmp_path, args, what):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "data", "fashion-mnist", "--out", str(tmp_path / "d"), *args],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and what in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]

@@ -639,3 +639,67 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons):
         time.sleep(0.5)
         pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     assert not pids, f"training processes left running: {pids}"
+
+
+def test_a_line_cut_short_in_the_spool_does_not_block_the_calls_after_it(tmp_path):
+    """A crash in the middle of an append leaves half a JSON line. The calls written after it
+    (by the resumed run) must still be delivered, and the half line passed over."""
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = tracking.ensure_experiment(uri, "cut")
+    c = tracking.client(uri)
+    run = c.create_run(exp).info.run_id
+    sp = tracking.Spool(tmp_path / "run")
+    sp.append({"op": "batch", "metrics": [["train_loss", 1.0, 1, 1]]})
+    with open(sp.path, "a") as f:
+        f.write('{"op": "batch", "metrics": [["train_lo')  # the crash
+    sp.append({"op": "batch", "metrics": [["train_loss", 0.5, 2, 2]]})
+    sp.append({"op": "terminate", "status": "FINISHED"})
+    assert tracking.deliver(c, run, sp, say=lambda *a, **k: None) == 4
+    assert [m.value for m in c.get_metric_history(run, "train_loss")] == [1.0, 0.5]
+    assert c.get_run(run).info.status == "FINISHED" and not sp.path.exists()
+
+
+def test_a_store_that_does_not_know_the_run_keeps_the_spool(tmp_path):
+    """`hfbench sync` pointed at the wrong store: every call would be answered 'no such run'.
+    That is not a refusal of one call: nothing is set aside, the spool stays whole."""
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    tracking.ensure_experiment(uri, "other")
+    sp = tracking.Spool(tmp_path / "run")
+    sp.append({"op": "batch", "metrics": [["train_loss", 1.0, 1, 1]]})
+    sp.append({"op": "terminate", "status": "FINISHED"})
+    with pytest.raises(Exception) as e:
+        tracking.deliver(tracking.client(uri), "0123456789abcdef0123456789abcdef", sp, say=lambda *a, **k: None)
+    assert getattr(e.value, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+    assert len(sp.pending()[0]) == 2 and not (sp.dir / "mlflow_spool.rejected.jsonl").exists()
+
+
+def test_a_run_folder_of_another_store_or_experiment_is_trained_for_this_one(tmp_path, betons):
+    """The same out_dir used with a fresh tracking store, or with another experiment name,
+    used to report the run finished although the new store had no run (its done marker and
+    checkpoint belonged to the old one). Now the new store gets its own trained run; and a run
+    whose final weights were deleted is trained again rather than reported done without them."""
+    from suite import tracking
+
+    data = betons["train"].parent
+    cfg = _run_cfg(tmp_path, data, epochs=1)
+    outs = {}
+    for name in ("a", "b"):
+        uri = f"sqlite:///{tmp_path / (name + '.db')}"
+        tracking.ensure_experiment(uri, "faults")
+        p = _start(cfg, uri, tmp_path / f"{name}.json")
+        log, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, log[-3000:]
+        outs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        runs = tracking.client(uri).search_runs([tracking.ensure_experiment(uri, "faults")])
+        assert [r.info.status for r in runs] == ["FINISHED"], name  # trained and logged in this store
+    assert outs["a"]["mlflow_run_id"] != outs["b"]["mlflow_run_id"]
+    weights = Path(cfg["out_dir"]) / outs["b"]["run_hash"] / "final_weights.pt"
+    weights.unlink()
+    p = _start(cfg, f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "c.json")
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0 and "final weights are gone" in log, log[-3000:]
+    assert weights.is_file()
