@@ -463,10 +463,17 @@ class Sweep:
         except KeyboardInterrupt:
             cancelled = [f"{r.run_name()} (job {job.job_id})" for r, job in running]
             for _, job in running:
+                if getattr(job, "_process", None) is not None:
+                    continue  # local: stopped below (submitit's SIGINT may be ignored, and prints a traceback)
                 try:
                     job.cancel(check=False)
                 except Exception:
                     pass
+            _stop_local_jobs([job for _, job in running])
+            for r, job in running:  # their MLflow runs end now, not RUNNING for good
+                tracking.end_orphaned_runs(self.uri, self.exp_id, r.run_hash(), Path(r.out_dir) / r.run_hash(),
+                                           status="KILLED", reason=f"the sweep was interrupted; job {job.job_id} "
+                                                                   f"cancelled")
             parts = [f"cancelled {len(cancelled)} running: {', '.join(cancelled) or 'none'}"]
             if waiting:
                 parts.append(f"{len(waiting)} not started")
@@ -644,6 +651,50 @@ def _queued_reason(job_id: str) -> str:
         reason = _pending_reason(job_id)
         _REASONS[job_id] = (time.time(), reason)
     return reason
+
+
+def _stop_local_jobs(jobs, grace_s: float = 5.0) -> None:
+    """Stop local jobs: SIGTERM to every process of the job (submitit's wrapper and the
+    training process under it), SIGKILL to those still alive after `grace_s` (the job ignores
+    SIGTERM). submitit's own cancel sends SIGINT, which a sweep started in the background by a
+    script has set to ignored."""
+    import signal as _signal
+
+    pids = [job._process.pid for job in jobs if getattr(job, "_process", None) is not None]
+    if not pids:
+        return
+
+    def tree(root: int) -> list[int]:
+        kids: dict[int, list[int]] = {}
+        for st in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = st.read_text().rsplit(")", 1)[1].split()
+                kids.setdefault(int(fields[1]), []).append(int(st.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        out, todo = [], [root]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo += kids.get(p, [])
+        return out
+
+    deadline = time.time() + grace_s
+    live = [p for root in pids for p in tree(root)]
+    for p in live:
+        try:
+            os.kill(p, _signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    while live and time.time() < deadline:
+        time.sleep(0.5)
+        live = [p for p in live if Path(f"/proc/{p}").exists() and
+                "zombie" not in (Path(f"/proc/{p}/status").read_text(errors="replace") if Path(f"/proc/{p}/status").exists() else "zombie")]
+    for p in live:
+        try:
+            os.kill(p, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _progress(running) -> str:

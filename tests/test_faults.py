@@ -606,9 +606,14 @@ def test_two_sweeps_with_different_out_dirs_train_each_hash_once(tmp_path, beton
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons, sigint):
     """`kill` of a running sweep: it cancels the run it was waiting for, says which (one line,
-    no traceback), exits 143, and the training process is gone."""
+    no traceback), exits 143, the training process is gone and its MLflow run is ended, not
+    left RUNNING. "ignored": the sweep was started in the background by a script, so SIGINT
+    (what submitit cancels a local job with) is ignored by the sweep and its jobs."""
+    from suite import tracking
+
     data = betons["train"].parent
     path = tmp_path / "term.yaml"
     path.write_text(textwrap.dedent(f"""
@@ -621,10 +626,19 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons):
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
         launcher: {{executor: local, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 0.5}}
     """))
+    ign = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
     p = subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=_env(HFBENCH_INJECT="*:sleep@100"))
+                         stderr=subprocess.STDOUT, text=True, env=_env(HFBENCH_INJECT="*:sleep@100"),
+                         preexec_fn=ign)
     lines: list[str] = []
     _read_until(p, "running: dense", lines)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t0 = time.time()
+    while time.time() - t0 < 300:  # its MLflow run exists: the task is training
+        exp = tracking.client(uri).get_experiment_by_name(path.read_text().split("experiment: ")[1].split()[0])
+        if exp is not None and tracking.client(uri).search_runs([exp.experiment_id]):
+            break
+        time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     rest, _ = p.communicate(timeout=300)
     out = "".join(lines) + rest
@@ -639,6 +653,8 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons):
         time.sleep(0.5)
         pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     assert not pids, f"training processes left running: {pids}"
+    (run,) = tracking.client(uri).search_runs([exp.experiment_id])
+    assert run.info.status in ("KILLED", "FAILED"), run.info.status
 
 
 def test_a_line_cut_short_in_the_spool_does_not_block_the_calls_after_it(tmp_path):
