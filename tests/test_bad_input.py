@@ -180,8 +180,16 @@ def _visible_gpus() -> int:
     ("local", dict(base__engine={"world_size": 64, "device": "cuda"}), "engine.world_size"),
     ("local", dict(launcher__slurm={"gpus_per_node": 16}), "launcher.slurm.gpus_per_node"),
 ], ids=["local-multi-node", "debug-multi-rank", "local-more-ranks-than-gpus", "local-gpus-per-node"])
-def test_executor_conflicts_are_refused_before_submission(tmp_path, kind, changes, field):
+def test_executor_conflicts_are_refused_before_submission(tmp_path, kind, changes, field, monkeypatch):
+    import launchers.sweep as sw
     from launchers.sweep import check_resources
+
+    # "a cluster can": a cluster with two 64-CPU, 16-GPU nodes (what `scontrol show` would list),
+    # whatever SLURM this machine runs (the real one-node test cluster has neither)
+    big = {"partition": [{"PartitionName": "gpu", "Default": "YES", "MaxTime": "2-00:00:00"}],
+           "node": [{"NodeName": f"n{i}", "CPUTot": "64", "RealMemory": "512000", "Gres": "gpu:h100:16",
+                     "Partitions": "gpu", "State": "IDLE"} for i in (1, 2)]}
+    monkeypatch.setattr(sw, "_scontrol", lambda what: big[what])
 
     if field == "launcher.slurm.gpus_per_node" and _visible_gpus() >= 16:
         pytest.skip("this machine has 16 GPUs")
