@@ -281,17 +281,18 @@ def _start_sweep(tmp_path: Path, name: str, uri: str, data: Path, **env):
     return t, box, sweep, job_id
 
 
+@pytest.mark.parametrize("target", ["task", "array"])
 def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, betons, mlflow_server,
-                                                                   slurm_cluster, monkeypatch):
-    """Issue 21, case 1: `scancel` of a running task. The sweep names SLURM's state, the MLflow
-    run is ended (KILLED, with the reason) instead of staying RUNNING for good, `status` says
-    cancelled, and the dependent run says its parent was cancelled."""
+                                                                   slurm_cluster, monkeypatch, target):
+    """Issue 21, case 1: `scancel` of a running task, or of its whole array. The sweep names
+    SLURM's state, the MLflow run is ended (KILLED, with the reason) instead of staying RUNNING
+    for good, `status` says cancelled, and the dependent run says its parent was cancelled."""
     from launchers.status import sweep_status
 
     monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@100")
     name = f"e2e-cancel-{uuid.uuid4().hex[:6]}"  # unique: the server outlives this test
     t, box, sweep, job_id = _start_sweep(tmp_path, name, mlflow_server, betons["train"].parent)
-    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    subprocess.run(["scancel", job_id if target == "task" else job_id.split("_")[0]], check=True, timeout=30)
     t.join(timeout=300)
     assert not t.is_alive()
     dense, child = box["out"]
