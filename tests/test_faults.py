@@ -116,6 +116,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tm
     assert resumed["state_digest"] == reference["state_digest"]  # as if nothing had happened
     c = tracking.client(uri)
     assert c.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+    # epoch 3 was trained twice (once before the kill, again from prev.pt): stored once
+    for key in ("train_loss", "epoch_time_s", "density"):
+        steps = [m.step for m in c.get_metric_history(resumed["mlflow_run_id"], key)]
+        assert sorted(steps) == [1, 2, 3, 4], (key, steps)
 
 
 def test_kill_after_the_final_metrics_then_rerun_logs_each_value_once(tmp_path, betons):
@@ -719,3 +723,73 @@ def test_a_run_folder_of_another_store_or_experiment_is_trained_for_this_one(tmp
     log, _ = p.communicate(timeout=600)
     assert p.returncode == 0 and "final weights are gone" in log, log[-3000:]
     assert weights.is_file()
+
+
+def test_status_and_report_name_a_silent_server_instead_of_hanging(tmp_path):
+    """`status` and `report` against a tracking URI nobody answers used to wait minutes in
+    MLflow's retries and end in a traceback; like the sweep, they now say so in one line."""
+    port = _free_port()  # nothing listens there
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: s\ntracking_uri: http://127.0.0.1:{port}\nout_dir: {tmp_path}/runs\n"
+                   f"base: {{model: fmnist_cnn, epochs: 1}}\ngrid: {{methods: [magnitude], sparsities: [0.5]}}\n"
+                   f"launcher: {{folder: {tmp_path}/sub}}\n")
+    for args in (["status", str(cfg)], ["report", "--experiment", "s", "--out", str(tmp_path / "r"),
+                                        "--tracking-uri", f"http://127.0.0.1:{port}"]):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "suite.cli", *args], capture_output=True, text=True, env=_env(),
+                           timeout=200)
+        assert r.returncode == 1 and time.time() - t0 < 120, (args, r.stderr[-1500:])
+        assert r.stderr.count("\n") == 1 and f"127.0.0.1:{port} did not answer" in r.stderr, r.stderr[-1500:]
+
+
+def test_sync_reports_an_unreadable_meta_file_and_goes_on(tmp_path):
+    """A spool whose meta file is cut short is reported and kept; the next spool is still
+    delivered (it used to stop `hfbench sync` with a traceback)."""
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = tracking.client(uri)
+    run = c.create_run(tracking.ensure_experiment(uri, "sync")).info.run_id
+    bad, good = tracking.Spool(tmp_path / "runs" / "a"), tracking.Spool(tmp_path / "runs" / "b")
+    for sp in (bad, good):
+        sp.append({"op": "batch", "metrics": [["train_loss", 1.0, 1, 1]]})
+        sp.append({"op": "terminate", "status": "FINISHED"})
+    (bad.dir / "mlflow_spool.meta.json").write_text("{trunc")
+    (good.dir / "mlflow_spool.meta.json").write_text(json.dumps({"run_id": run, "uri": uri}))
+    said: list[str] = []
+    assert tracking.sync([tmp_path / "runs"], say=said.append) == (1, 1)
+    assert any("unreadable meta file" in s for s in said), said
+    assert bad.path.is_file() and not good.path.exists() and c.get_run(run).info.status == "FINISHED"
+
+
+def test_a_claim_whose_process_is_gone_from_this_host_is_taken_over(tmp_path):
+    """A sweep killed hard leaves its claim (its MLflow run stays RUNNING). Another folder
+    asking for the same run used to wait for it forever; a claim naming a process of this host
+    that no longer exists is stale and is taken over at once."""
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = tracking.ensure_experiment(uri, "claims")
+    c = tracking.client(uri)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    holder = c.create_run(exp).info.run_id  # RUNNING for good
+    c.create_registered_model(f"hfbench-claim-{exp}-abc123", tags={
+        "owner": str(tmp_path / "a"), "host": socket.gethostname(), "pid": dead, "since": str(time.time()),
+        "run_id": holder})
+    claim = tracking.Claim(uri, exp, "abc123", owner=str(tmp_path / "b"), say=lambda *a, **k: None, poll_s=0.1)
+    t0 = time.time()
+    assert claim.acquire() is None and claim.held and time.time() - t0 < 30
+    assert c.get_registered_model(f"hfbench-claim-{exp}-abc123").tags["owner"] == str(tmp_path / "b")
+    # a claim held by a live process of this host is waited for, not taken
+    c.set_registered_model_tag(f"hfbench-claim-{exp}-abc123", "pid", str(os.getpid()))
+    other = tracking.Claim(uri, exp, "abc123", owner=str(tmp_path / "c"), say=lambda *a, **k: None, poll_s=0.1)
+    import threading
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=other.acquire()), daemon=True)
+    t.start()
+    t.join(timeout=3)
+    assert t.is_alive() and not other.held  # still waiting
+    claim.release()  # the holder ends: the waiter gets it
+    t.join(timeout=30)
+    assert not t.is_alive() and other.held
