@@ -226,8 +226,12 @@ class Spool:
 
     def advance(self, pos: int) -> None:
         tmp = self.cursor.with_name(self.cursor.name + ".tmp")
-        tmp.write_text(str(pos))
-        os.replace(tmp, self.cursor)
+        try:
+            tmp.write_text(str(pos))
+            os.replace(tmp, self.cursor)
+        except OSError:  # a full disk: no partial file left behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     def clear(self) -> None:
         import shutil
