@@ -341,11 +341,13 @@ class Sweep:
             finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="sweep's finished-run lookup")
         self.say(f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
                  f"{self.sweep.experiment_name()!r} (id {exp_id}) at {tracking.redact(self.uri)}; executor {self.kind}")
+        from suite.engine import weights_readable
+
         outcomes: dict[str, Outcome] = {}
         todo: list[RunConfig] = []
         for r in runs:
             h = r.run_hash()
-            weights_ok = r.method != "dense" or (Path(r.out_dir) / h / "final_weights.pt").is_file()
+            weights_ok = r.method != "dense" or weights_readable(Path(r.out_dir) / h / "final_weights.pt")
             if (h in finished and weights_ok) or (r.method == "dense" and self.sweep.reuse_dense and weights_ok):
                 outcomes[h] = Outcome(r, "skipped")
             else:
@@ -359,13 +361,13 @@ class Sweep:
         ready = []
         for r in stage2:
             w = Path(r.out_dir) / r.init_from / "final_weights.pt"
-            if w.is_file():
+            if weights_readable(w):
                 ready.append(r.model_copy(update={"init_checkpoint": str(w.resolve())}))
             else:
                 parent = outcomes.get(r.init_from)
                 why = (f"dense parent {parent.cfg.run_name()} ({r.init_from}) "
                        + (f"{parent.result.get('slurm_state', '').lower() or 'failed'}: {parent.error}"
-                          if parent is not None and parent.state == "failed" else f"has no weights ({w})"))
+                          if parent is not None and parent.state == "failed" else f"has no readable weights ({w})"))
                 outcomes[r.run_hash()] = Outcome(r, "failed", error=why[:400])
         for o in self._launch(ready):
             outcomes[o.cfg.run_hash()] = o

@@ -427,8 +427,21 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"starting weights not found: {p}")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that would run code
+        raise ValueError(f"starting weights {p} are unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                         f"delete the file (or its run folder) to train them again") from None
     return obj.get("model", obj) if isinstance(obj, dict) and "model" in obj else obj
+
+
+def weights_readable(path: Path) -> bool:
+    """A weights file that exists and is a whole zip archive (torch.save's format): a file cut
+    short loses its central directory, which is at the end. Cheap enough to ask before trusting
+    a finished run's weights."""
+    import zipfile
+
+    return path.is_file() and zipfile.is_zipfile(path)
 
 
 def state_digest(model: nn.Module) -> str:
@@ -591,8 +604,9 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
             lock.acquire()
         earlier = done_result(out, cfg.run_hash(), experiment_id)
         uri = tracking_uri or cfg.tracking_uri or tracking.default_uri()
-        if earlier is not None and not (out / "final_weights.pt").is_file():
-            say(f"[hfbench] {cfg.run_name()}: its final weights are gone; training them again", flush=True)
+        if earlier is not None and not weights_readable(out / "final_weights.pt"):
+            say(f"[hfbench] {cfg.run_name()}: its final weights are gone or unreadable; training them again",
+                flush=True)
             earlier = None
         if earlier is not None and experiment_id is not None and \
                 not tracking.run_in_store(uri, earlier.get("mlflow_run_id"), experiment_id):
@@ -669,6 +683,9 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     import deepspeed
 
     spec, train_loader, val_loader, test_loader = make_loaders(cfg, world)
+    if len(train_loader) == 0:  # FFCV would wait forever for a first batch that cannot be filled
+        raise ValueError(f"batch_size {cfg.batch_size} x {world} ranks is larger than the training set of "
+                         f"{cfg.dataset}: not one full batch per epoch; lower batch_size")
     marks["data"] = time.time()
     mspec = models.get(cfg.model)
     model = mspec.build(spec.num_classes, spec.input_shape[0])

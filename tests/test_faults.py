@@ -793,3 +793,37 @@ def test_a_claim_whose_process_is_gone_from_this_host_is_taken_over(tmp_path):
     claim.release()  # the holder ends: the waiter gets it
     t.join(timeout=30)
     assert not t.is_alive() and other.held
+
+
+def test_weights_cut_short_are_not_taken_for_finished_weights(tmp_path):
+    """A truncated final_weights.pt used to count as a finished dense run: it was skipped and
+    every child failed on the unreadable file, on every rerun. A whole file passes the check,
+    a cut one does not, and loading it says which file and what to do."""
+    from suite.engine import load_weights, weights_readable
+
+    p = tmp_path / "final_weights.pt"
+    torch.save({"w": torch.randn(64, 64)}, p)
+    assert weights_readable(p)
+    p.write_bytes(p.read_bytes()[:1000])
+    assert not weights_readable(p) and not weights_readable(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"final_weights.pt are unreadable .*delete the file"):
+        load_weights(p)
+
+
+def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, betons):
+    """FFCV waits forever for a first batch it cannot fill (batch_size 60,000 over 55,000
+    training images hung `hfbench train` for minutes). The run now fails at once, naming
+    batch_size, and its MLflow run is FAILED with that reason."""
+    from suite import tracking
+
+    cfg = tmp_path / "run.yaml"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg.write_text(f"method: dense\nepochs: 1\nbatch_size: 60000\nmax_steps_per_epoch: 2\n"
+                   f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\ntracking_uri: {uri}\n"
+                   f"experiment: big-batch\n")
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(cfg)], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert r.returncode != 0 and "batch_size 60000 x 1 ranks is larger than the training set" in r.stderr, \
+        r.stderr[-2000:]
+    (run,) = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("big-batch").experiment_id])
+    assert run.info.status == "FAILED" and "batch_size 60000" in run.data.tags["hfbench.error"]
