@@ -768,10 +768,32 @@ class SweepConfig(_Strict):
         name = self.experiment or self.name
         return name + "-smoke" if self.scale != ScaleConfig() else name
 
+    # run fields the sweep sets itself for every run: a value under base/overrides/grid.params
+    # would be overwritten without a word
+    _SWEEP_SET = {"method": "grid.methods", "sparsity": "grid.sparsities", "seed": "grid.seeds",
+                  "data_dir": "data_dir", "out_dir": "out_dir", "experiment": "experiment", "sweep": "name",
+                  "tracking_uri": "tracking_uri"}
+
+    def _refuse_shadowed_fields(self) -> None:
+        places = [("base", self.base)] + [(f"overrides.{m}", o) for m, o in self.overrides.items()]
+        places.append(("grid.params", {k.split(".")[0]: v for k, v in self.grid.params.items()}))
+        for where, d in places:
+            for key, owner in self._SWEEP_SET.items():
+                if key in d and not (where == "base" and key == "method"):
+                    raise ConfigError(f"{where}.{key}: the sweep sets {key} for every run from {owner}; "
+                                      f"set it there (this value would be ignored)")
+            if "model" in d and where != "base":
+                raise ConfigError(f"{where}.model: the sweep sets the model from "
+                                  f"{'grid.models' if self.grid.models else 'base.model'}; set it there")
+        if self.grid.models and self.base.get("model") not in (None, *self.grid.models):
+            raise ConfigError(f"base.model: {self.base['model']!r} is not used, grid.models "
+                              f"({', '.join(map(str, self.grid.models))}) sets the models; drop it or add it there")
+
     def expand(self) -> list[RunConfig]:
         """The grid as run configs: dense runs first (one per model and seed), then every
         pruning method x sparsity x seed x model. Raises ConfigError naming the bad field."""
         runs: list[RunConfig] = []
+        self._refuse_shadowed_fields()
         models = self.grid.models or [self.base.get("model", RunConfig.model_fields["model"].default)]
         seen: set[str] = set()
         axes = [(k, list({json.dumps(x, sort_keys=True): x for x in v}.values()))  # repeats are one value

@@ -425,6 +425,10 @@ HOSTILE = [
     ("near-duplicate-sparsities", ["--set", "grid.sparsities=[0.5, 0.500000000001]"], "grid.sparsities"),
     ("set-without-value", ["--set", "foo"], "--set"),
     ("set-nested-too-deep", ["--set", "base.x=" + "[" * 700 + "]" * 700], "--set base.x"),
+    ("override-of-a-grid-field", ["--set", "overrides.gmp.sparsity=0.3"], "overrides.gmp.sparsity"),
+    ("grid-param-of-a-grid-field", ["--set", "grid.params={seed: [1, 2]}"], "grid.params.seed"),
+    ("base-path-the-sweep-sets", ["--set", "base.out_dir=/tmp/elsewhere"], "base.out_dir"),
+    ("override-model", ["--set", "overrides.gmp.model=resnet50_cifar"], "overrides.gmp.model"),
     ("unicode-control-in-partition", ["--set", "launcher.slurm.partition=gpu\x9bx"], "partition"),
 ]
 
