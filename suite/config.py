@@ -34,15 +34,15 @@ class HyperfluxConfig(_Strict):
 
     pruning_end: int = Field(8, ge=1, description="P: last epoch of the pruning phase")
     gate_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate of the gates")
-    gate_init_low: float = 0.2
-    gate_init_high: float = 0.5
-    ste_scale: float = Field(0.25, gt=0, description="straight-through gradient scale of the hard gate")
+    gate_init_low: float = Field(0.2, ge=-100, le=100)
+    gate_init_high: float = Field(0.5, ge=-100, le=100)
+    ste_scale: float = Field(0.25, gt=0, le=100, description="straight-through gradient scale of the hard gate")
     step: float = Field(0.2, gt=0, le=10, description="controller step s (0.2 CIFAR, 0.15 ImageNet/ViT)")
-    end_lr_pruning: Optional[float] = Field(None, ge=0, description="weight LR at the end of pruning (default lr/30)")
-    reset_lr: float = Field(1e-3, ge=0, description="weight LR at the start of regrowth")
-    end_lr_regrowth: float = Field(1e-4, ge=0, description="weight LR at the end of regrowth")
+    end_lr_pruning: Optional[float] = Field(None, ge=0, le=10, description="weight LR at the end of pruning (default lr/30)")
+    reset_lr: float = Field(1e-3, ge=0, le=10, description="weight LR at the start of regrowth")
+    end_lr_regrowth: float = Field(1e-4, ge=0, le=10, description="weight LR at the end of regrowth")
     decay: float = Field(0.75, gt=0, le=1, description="gate LR multiplier per regrowth epoch")
-    reset_scaler: float = Field(1.0, gt=0, description="gate LR at regrowth start = gate_lr * reset_scaler")
+    reset_scaler: float = Field(1.0, gt=0, le=1e4, description="gate LR at regrowth start = gate_lr * reset_scaler")
     freeze_gates_after: int = Field(50, ge=0, description="gate LR set to 0 after this many regrowth epochs")
     schedule: Literal["controller", "fixed", "law"] = Field(
         "controller", description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
