@@ -612,8 +612,7 @@ def train(cfg: RunConfig, experiment_id: Optional[str] = None, tracking_uri: Opt
                 not tracking.run_in_store(uri, earlier.get("mlflow_run_id"), experiment_id):
             earlier = None  # finished for another store or experiment (same out_dir): not for this one
         if earlier is None and experiment_id is not None:
-            claim = tracking.Claim(tracking_uri or cfg.tracking_uri or tracking.default_uri(), experiment_id,
-                                   cfg.run_hash(), owner=str(out.resolve()), say=say)
+            claim = tracking.Claim(uri, experiment_id, cfg.run_hash(), owner=str(out.resolve()), say=say)
             other = claim.acquire()
             if other is not None:
                 claim.release()

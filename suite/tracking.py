@@ -317,6 +317,13 @@ def apply(c, run_id: str, rec: dict) -> None:
         raise ValueError(f"unknown spooled call {op!r}")
 
 
+def _closing_calls() -> list[dict]:
+    """The calls that close an attempt which died without a status: its reason, then FAILED."""
+    return [{"op": "batch", "tags": [["hfbench.error", "the attempt ended without a status (killed?); "
+                                                       "a new attempt replaced it"]]},
+            {"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)}]
+
+
 class RunLogger:
     """Logs one training run. Only rank 0 makes one; other ranks get a NullLogger.
 
@@ -390,9 +397,8 @@ class RunLogger:
         if not self.spool.path.is_file():  # all delivered; but a killed attempt never sent its status
             try:
                 if self.c.get_run(old).info.status == "RUNNING":
-                    apply(self.c, old, {"op": "batch", "tags": [["hfbench.error", "the attempt ended without a "
-                                                                 "status (killed?); a new attempt replaced it"]]})
-                    apply(self.c, old, {"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)})
+                    for rec in _closing_calls():
+                        apply(self.c, old, rec)
                     self.say(f"[hfbench] the previous attempt (MLflow run {old}) ended without a status; "
                              f"marked it FAILED", flush=True)
             except Exception:
@@ -401,9 +407,8 @@ class RunLogger:
         recs, _ = self.spool.pending()
         terminated = bool(recs) and recs[-1]["op"] == "terminate"
         if not terminated:  # it died without a status: close it as FAILED, saying why
-            self.spool.append({"op": "batch", "tags": [["hfbench.error", "the attempt ended without a status "
-                                                        "(killed?); a new attempt replaced it"]]})
-            self.spool.append({"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)})
+            for rec in _closing_calls():
+                self.spool.append(rec)
         deadline = time.time() + connect_s
         while True:
             try:
