@@ -38,6 +38,11 @@ Choices where the doc is open:
   controller raised lam 30-90x over the rest of the round and the next round, restarting at
   beta 1, collapsed (density 0.62 -> 0.22 in two epochs against a target of 0.31; final
   sparsity 84.9 % with s0 0.5, 91.1 % with s0 0.1).
+- the end-of-search snap (calibration.snap_pp, see suite/pruning/calibration.py): after the last
+  search epoch the cut c of the hard mask 1[s > c] (0 until then) is set by bisection so that
+  the mask gives exactly the target sparsity, when the knob left the run within snap_pp points
+  of it; the binarisation that follows uses 1[s > c]. The masks still rank the weights; only the
+  cut moves. c is part of the pruner state.
 - defaults tuned under that protocol (measured): s0 = 0.1 (0.5 needs two epochs at mask_lr
   0.01 to reach 0, a lag the controller overshoots on); lookahead 3 (CS's own calibration
   default; the trend term has to brake before a round's pruning burst lands); rewind off: the
@@ -52,9 +57,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from suite.pruning import masks
+from suite.pruning import masks, sparsity
 from suite.pruning.base import Pruner
-from suite.pruning.calibration import KnobController
+from suite.pruning.calibration import KnobController, snap_to
 
 _OWN = ".parametrizations.weight.0."  # state-dict infix of the mask parametrization's tensors
 
@@ -68,12 +73,13 @@ class CSMask(nn.Module):
         self.scale = 1.0 / (1.0 / (1.0 + math.exp(-s0)))  # 1 / sigmoid(s0)
         self.beta = 1.0
         self.binary = False
+        self.cut = 0.0  # the hard mask is 1[s > cut]; moved only by the end-of-search snap
 
     def soft(self) -> torch.Tensor:
         return torch.sigmoid(self.beta * self.s) * self.scale
 
     def hard(self) -> torch.Tensor:
-        return (self.s > 0).to(self.s.dtype) * self.scale
+        return (self.s > self.cut).to(self.s.dtype) * self.scale
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.binary:
@@ -98,6 +104,8 @@ class ContinuousSparsification(Pruner):
         self.t = 0  # optimiser steps done
         self.snapshot: Optional[dict[str, torch.Tensor]] = None
         self.optimizer = None
+        self.cut = 0.0
+        self.snapped = False
 
     # ------------------------------------------------------------------ setup
     def attach(self, model) -> None:
@@ -133,7 +141,7 @@ class ContinuousSparsification(Pruner):
     @torch.no_grad()
     def _binarise(self, rewind: bool) -> None:
         for p in self.params:
-            p.final_mask.copy_((p.s > 0).to(p.final_mask.dtype) * (1.0 if rewind else p.scale))
+            p.final_mask.copy_((p.s > p.cut).to(p.final_mask.dtype) * (1.0 if rewind else p.scale))
         if rewind and self.snapshot is not None:
             state = self.model.state_dict()
             for k, v in self.snapshot.items():
@@ -182,15 +190,42 @@ class ContinuousSparsification(Pruner):
         else:
             self.controller.hold(density)
             out["knob_held"] = 1.0
+        if epoch >= self.search_end and not self.snapped and not self.binary:
+            self.snapped = True
+            out.update(self._snap(density))
         return out
+
+    @torch.no_grad()
+    def _snap(self, density: float) -> dict[str, float]:
+        def cut(x: float) -> None:
+            self._set_cut(x)
+
+        s_all = torch.cat([p.s.detach().flatten() for p in self.params])
+        lo, hi = float(s_all.min()) - 1.0, float(s_all.max()) + 1.0
+        prev = self.params[0].training if self.params else False
+        for p in self.params:
+            p.eval()  # the ruler reads the hard mask
+        try:
+            return snap_to(1.0 - self.cfg.sparsity, self.h.calibration.snap_limit(), density, cut,
+                           lambda: sparsity.density(self.layers), lo, hi)
+        finally:
+            for p in self.params:
+                p.train(prev)
+
+    def _set_cut(self, x: float) -> None:
+        self.cut = float(x)
+        for p in self.params:
+            p.cut = self.cut
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "round": self.round, "binary": self.binary,
-                "t": self.t, "snapshot": self.snapshot}
+                "t": self.t, "snapshot": self.snapshot, "cut": self.cut, "snapped": self.snapped}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.controller.load_state_dict(st["controller"])
         self.round, self.t, self.snapshot = st["round"], st["t"], st["snapshot"]
+        self.snapped = st.get("snapped", False)
+        self._set_cut(st.get("cut", 0.0))
         if st["binary"]:
             self._mark_binary()  # final_mask and the rewound weights come with the model state
         self._set_beta(self.beta_at(self.t))

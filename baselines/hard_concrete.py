@@ -20,6 +20,9 @@ Every prunable layer gets a parametrization W_eff = W * z with a learnable log_a
   (Adam, lr l0.gate_lr) during the search phase, epochs 1..search_end (default 3/4 of epochs).
 - `lam` is the knob: calibration.KnobController moves it after every search epoch so that the
   measured density follows the cubic target trajectory (calibration.mode "off": fixed lam).
+- at the end of the search (calibration.snap_pp, see suite/pruning/calibration.py) every log_alpha
+  is shifted by one common amount, found by bisection, so that the frozen gates give exactly the
+  target sparsity, when the knob left the run within snap_pp points of it.
 - after search_end the gates are frozen at their test-time value (not binarised: the surviving
   gates keep their value in (0, 1], which the weights were trained with; pruned gates are
   exactly 0): the gate LR is 0, the gate is detached (no gradient, no noise), there is no
@@ -33,9 +36,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from suite.pruning import masks
+from suite.pruning import masks, sparsity
 from suite.pruning.base import Pruner
-from suite.pruning.calibration import KnobController
+from suite.pruning.calibration import KnobController, snap_to
 
 
 class HardConcreteGate(nn.Module):
@@ -129,9 +132,21 @@ class HardConcreteL0(Pruner):
         with torch.no_grad():
             out["expected_density"] = float(self.expected_density())
         self.controller.update(epoch, density)
-        if epoch >= self.search_end:
+        if epoch >= self.search_end and not self.frozen:
             self._freeze()
+            out.update(self._snap(density))
         return out
+
+    @torch.no_grad()
+    def _snap(self, density: float) -> dict[str, float]:
+        base = [p.log_alpha.detach().clone() for p in self.params]
+
+        def shift(x: float) -> None:  # larger x: every gate lower, fewer survive
+            for p, b in zip(self.params, base):
+                p.log_alpha.copy_(b - x)
+
+        return snap_to(1.0 - self.cfg.sparsity, self.h.calibration.snap_limit(), density, shift,
+                       lambda: sparsity.density(self.layers), -100.0, 100.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "frozen": self.frozen}

@@ -119,10 +119,14 @@ class IterativeMagnitude(MaskPruner):
         self.snapshot: dict[str, torch.Tensor] | None = None
 
     def level_sparsity(self, level: int) -> float:
-        """Sparsity after `level` pruning levels: 1 - (1 - f)^level, the last level exactly the target."""
+        """Sparsity after `level` pruning levels: 1 - (1 - f)^level, the last level exactly the target
+        (f = 1 - (1 - s)^(1 / levels) when imp.prune_fraction is null)."""
         if level >= self.levels:
             return self.cfg.sparsity
-        return min(self.cfg.sparsity, 1.0 - (1.0 - self.imp.prune_fraction) ** level)
+        f = self.imp.prune_fraction
+        if f is None:
+            f = 1.0 - (1.0 - self.cfg.sparsity) ** (1.0 / self.levels)
+        return min(self.cfg.sparsity, 1.0 - (1.0 - f) ** level)
 
     def attach(self, model) -> None:
         super().attach(model)

@@ -23,6 +23,10 @@ Choices where the doc is open:
   weights stay pruned and the sparsity can only creep up a little during fine-tuning. The STR
   paper trains s to the end of the run; freezing gives the fine-tuning phase every calibrated
   method in the suite has.
+- at the freeze (calibration.snap_pp, see suite/pruning/calibration.py) every layer's frozen
+  threshold is multiplied by one common factor, found by bisection, so that the sparsity is
+  exactly the target when the knob left the run within snap_pp points of it: the ratios of the
+  learned per-layer thresholds, STR's layer-wise budget, are kept.
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from suite.pruning import masks
+import math
+
+from suite.pruning import masks, sparsity
 from suite.pruning.base import Pruner
-from suite.pruning.calibration import KnobController
+from suite.pruning.calibration import KnobController, snap_to
 
 
 def soft_threshold(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -118,9 +124,21 @@ class SoftThreshold(Pruner):
             out[f"threshold/{name}"] = float(p.threshold().detach())
         self.controller.update(epoch, density)
         self._set_knob()
-        if epoch >= self.search_end:
+        if epoch >= self.search_end and not self.frozen:
             self._freeze()
+            out.update(self._snap(density))
         return out
+
+    @torch.no_grad()
+    def _snap(self, density: float) -> dict[str, float]:
+        base = [p.frozen_threshold.clone() for p in self.params]
+
+        def scale(x: float) -> None:  # thresholds x e^x: larger x, fewer survivors
+            for p, b in zip(self.params, base):
+                p.frozen_threshold.copy_(b * math.exp(x))
+
+        return snap_to(1.0 - self.cfg.sparsity, self.h.calibration.snap_limit(), density, scale,
+                       lambda: sparsity.density(self.layers), -30.0, 30.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "frozen": self.frozen}

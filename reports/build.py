@@ -1062,15 +1062,22 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
     if checks:
         tables.append(Table(
             "Protocol", ["method", "target %", "seeds", "budget (× control)", "achieved − target (pp)",
-                         "shared settings that differ from the control", "flags"],
+                         "snap (pp)", "shared settings that differ from the control", "flags"],
             [[c.method, _pct(c.target), str(c.seeds), "n/a" if c.budget_ratio is None else f"{c.budget_ratio:.2f}",
-              "n/a" if c.miss_pp is None else f"{c.miss_pp:+.2f}", "; ".join(c.differs) or "none",
+              "n/a" if c.miss_pp is None else f"{c.miss_pp:+.2f}",
+              "—" if c.snap_pp is None else f"{c.snap_pp:.2f}", "; ".join(c.differs) or "none",
               "; ".join(c.flags) or "ok"] for c in checks],
             note=(f"A cell is flagged when its total training budget is outside {P.BUDGET_RANGE[0]}-"
                   f"{P.BUDGET_RANGE[1]} of its control's, its achieved sparsity is more than {P.TARGET_MISS_PP:g} pp "
                   f"from the target, it has fewer than {P.MIN_SEEDS} seeds, or a shared setting ({', '.join(P.SHARED)}) "
-                  f"differs from its control's. Flagged cells: {sec.flagged} of {len(checks)}."),
+                  f"differs from its control's. Flagged cells: {sec.flagged} of {len(checks)}. Snap: for the "
+                  "methods whose sparsity follows a calibrated knob (L0, STR, CS), the mean distance in sparsity "
+                  "points between where the knob left the run and the target, closed at the end of the search by "
+                  "one global scalar of the method's own mask rule (calibration.snap_pp; '—': not such a method)."),
             kind="protocol"))
+    conv = _convergence(sec, recs)
+    if conv is not None:
+        tables.append(conv)
     if comps:
         by_target: dict[float, list] = defaultdict(list)
         for c in comps:
@@ -1116,6 +1123,43 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
                   "the sparsities the method reached (never extrapolated)."),
             kind="interpolated"))
     return tables
+
+
+def _convergence(sec: "_Section", recs: list[RunRecord]):
+    """The dense convergence check: each budget-matched dense plan of about twice the dense
+    start's budget (grid.dense_convergence), its paired gain over the dense start. None when the
+    section has no such plan."""
+    from reports import protocol as P
+    from reports.dynamics import Table
+
+    short = next((r for r in sec.rows if r.method == _DENSE), None)
+    if short is None or not short.budget:
+        return None
+    rows = []
+    for row in sec.rows:
+        if not _is_matched(row.method) or not row.budget:
+            continue
+        ratio = _mean(row.budget) / _mean(short.budget)
+        if not P.DOUBLED[0] <= ratio <= P.DOUBLED[1]:
+            continue
+        c = P.convergence({r.seed: r.test_top1 for r in _row_runs(short, recs) if r.test_top1 is not None},
+                          {r.seed: r.test_top1 for r in _row_runs(row, recs) if r.test_top1 is not None},
+                          row.method, ratio)
+        gain = "n/a" if c.gain is None else f"{100 * c.gain:+.2f}" + ("" if c.ci is None else f" ± {100 * c.ci:.2f}")
+        verdict = "n/a" if c.converged is None else (
+            f"converged (gain < {P.CONVERGED_PP:g} pp)" if c.converged
+            else f"not converged (gain ≥ {P.CONVERGED_PP:g} pp): the dense start is undertrained")
+        rows.append([row.method, f"{ratio:.2f}", str(c.n_pairs), _mean_ci_cell(short.test), _mean_ci_cell(row.test),
+                     gain, verdict])
+    if not rows:
+        return None
+    return Table("Dense convergence", ["longer dense run", "budget (× dense start)", "paired seeds",
+                                       "dense start top-1 (%)", "longer run top-1 (%)", "gain (pp)", "verdict"],
+                 rows, note=("A pruning method compared with an undertrained dense model is credited with the "
+                             "dense model's missing training. The dense start counts as converged when a dense "
+                             f"run of twice its budget (grid.dense_convergence) gains less than {P.CONVERGED_PP:g} "
+                             "pp of test top-1 on average over the seeds (paired by seed, 95 % t interval)."),
+                 kind="convergence")
 
 
 def _plot_cost(section: "_Section", path: Path, records: list[RunRecord]) -> None:

@@ -14,7 +14,10 @@ plain rows for the report writers:
   corrected test rejects, else "no difference".
 - `checks(...)`: per (method, target) the protocol flags: budget ratio outside 0.95-1.05 of the
   control, target missed by more than 1 pp, fewer than 3 seeds, a shared hyper-parameter that
-  differs from the control's.
+  differs from the control's; and how far the end-of-search snap moved a calibrated method.
+- `convergence(...)`: whether the dense model had converged: the paired gain of a dense run
+  trained for twice the budget (grid.dense_convergence) over the dense start, against
+  CONVERGED_PP.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ TARGET_MISS_PP = 1.0  # flag: achieved sparsity further than this from the targe
 EQUAL_SPARSITY_PP = 0.5  # "missed (achieved X %)": left out of the ranking at that target
 MIN_SEEDS = 3
 ALPHA = 0.05
+CONVERGED_PP = 0.2  # the dense start counts as converged when doubling its budget gains less than this
+DOUBLED = (1.9, 2.1)  # a dense control of this budget ratio to the dense start is its doubling
 # run fields every compared run should share with its control (method-specific settings and the
 # LR, which fine-tuning legitimately lowers, are not in this list)
 SHARED = ("dataset", "model", "batch_size", "weight_decay", "weight_decay_on", "momentum", "nesterov",
@@ -116,6 +121,7 @@ class Check:
     miss_pp: Optional[float]  # achieved - target, percentage points (mean over seeds)
     differs: list[str] = field(default_factory=list)  # "weight_decay: 0.001 (control 0.0005)"
     flags: list[str] = field(default_factory=list)
+    snap_pp: Optional[float] = None  # mean |move| of the end-of-search snap (calibrated methods)
 
 
 def _param(r, key: str) -> Optional[str]:
@@ -128,6 +134,8 @@ def check_cell(method: str, target: Optional[float], runs: list, control_runs: l
     ach = [r.achieved_sparsity for r in runs if r.achieved_sparsity is not None]
     miss = None if target is None or not ach else 100.0 * (statistics.fmean(ach) - target)
     c = Check(method, target, len({r.seed for r in runs}), budget_ratio, miss)
+    snaps = [abs(r.metrics["snap_pp"]) for r in runs if "snap_pp" in getattr(r, "metrics", {})]
+    c.snap_pp = statistics.fmean(snaps) if snaps else None
     if budget_ratio is not None and not BUDGET_RANGE[0] <= budget_ratio <= BUDGET_RANGE[1]:
         c.flags.append(f"budget x{budget_ratio:.2f} of its control")
     if miss is not None and abs(miss) > TARGET_MISS_PP:
@@ -143,3 +151,20 @@ def check_cell(method: str, target: Optional[float], runs: list, control_runs: l
         if c.differs:
             c.flags.append("differs from its control: " + "; ".join(d.split(":")[0] for d in c.differs))
     return c
+
+
+@dataclass
+class Convergence:
+    control: str  # the longer dense run's label
+    ratio: float  # its budget over the dense start's
+    n_pairs: int
+    gain: Optional[float]  # mean paired test top-1 gain, accuracy units
+    ci: Optional[float]  # 95 % t half-width
+    converged: Optional[bool]  # gain < CONVERGED_PP (None: no pair)
+
+
+def convergence(short: dict[Any, float], long: dict[Any, float], control: str, ratio: float) -> Convergence:
+    """Paired (by seed) gain of the longer dense run over the dense start; converged when the
+    mean gain is below CONVERGED_PP percentage points."""
+    n, d, hw, _ = paired(long, short)
+    return Convergence(control, ratio, n, d, hw, None if d is None else 100.0 * d < CONVERGED_PP)

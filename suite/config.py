@@ -44,6 +44,10 @@ class HyperfluxConfig(_Strict):
     decay: float = Field(0.75, gt=0, le=1, description="gate LR multiplier per regrowth epoch")
     reset_scaler: float = Field(1.0, gt=0, le=1e4, description="gate LR at regrowth start = gate_lr * reset_scaler")
     freeze_gates_after: int = Field(50, ge=0, description="gate LR set to 0 after this many regrowth epochs")
+    snap_pp: float = Field(0.0, ge=0, le=100, description="not in the paper (0: off): when the gates freeze "
+                           "(freeze_gates_after regrowth epochs, before the last epoch) within this many points of "
+                           "the target, every gate is shifted by one common amount so the target is met exactly; "
+                           "the fair protocol's equal-sparsity rule for every method")
     schedule: Literal["controller", "fixed", "law"] = Field(
         "controller", description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
                                   "law: constant gamma solved from a fitted gamma-density law for the target")
@@ -97,12 +101,21 @@ class IMPConfig(_Strict):
     the classic ticket), resets the optimiser state and retrains with the LR schedule
     restarted. The run's total epochs = (levels + 1) x epochs_per_level."""
 
-    prune_fraction: float = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned per level")
+    prune_fraction: Optional[float] = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned "
+                                            "per level; null with `levels` set: the same share at every level, "
+                                            "1 - (1 - s)^(1 / levels), so the last level lands on the target (an "
+                                            "equal budget at every sparsity: the run is always levels + 1 segments)")
     rewind_step: int = Field(0, ge=0, description="k: rewind to the weights after k steps of the first segment")
     levels: Optional[int] = Field(None, ge=1, le=100, description="pruning levels (default: "
                                   "ceil(ln(1 - s) / ln(1 - prune_fraction)))")
     epochs_per_level: int = Field(1, ge=1, le=10000, description="epochs of each training segment")
     scope: Literal["global", "layer"] = "global"
+
+    @model_validator(mode="after")
+    def _fraction_or_levels(self):
+        if self.prune_fraction is None and self.levels is None:
+            raise ValueError("imp.prune_fraction null (an equal share per level) needs imp.levels")
+        return self
 
 
 class CalibrationConfig(_Strict):
@@ -117,6 +130,15 @@ class CalibrationConfig(_Strict):
     max_factor: float = Field(2.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
     lookahead: float = Field(1.0, ge=0, le=10, description="k: compare the trend prediction d (d / d_prev)^k "
                              "with target(epoch + k) (0: the measured density with target(epoch))")
+    snap_pp: float = Field(10.0, ge=0, le=100, description="end of the search: when the knob left the sparsity "
+                           "within this many points of the target, one global scalar of the method's own mask rule "
+                           "is moved so the target is met exactly (the size of the move is logged as snap_pp; "
+                           "0: off)")
+
+    def snap_limit(self) -> float:
+        """The snap's reach: snap_pp while the controller steers the knob; none with mode off (the
+        configured knob is used as given, as a paper would)."""
+        return self.snap_pp if self.mode == "controller" else 0.0
 
 
 class L0Config(_Strict):
@@ -202,6 +224,7 @@ def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
     the target (8 for 80 %, 11 for 90 %, 14 for 95 % at 20 % per level)."""
     if imp.levels is not None:
         return imp.levels
+    assert imp.prune_fraction is not None  # IMPConfig refuses null without levels
     return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - imp.prune_fraction) - 1e-9))
 
 
@@ -349,6 +372,11 @@ class RunConfig(_Strict):
         if self.method == "hyperflux" and self.hyperflux.pruning_end > self.epochs:
             raise ValueError(
                 f"hyperflux.pruning_end ({self.hyperflux.pruning_end}) must be <= epochs ({self.epochs})")
+        if self.method == "hyperflux" and self.hyperflux.snap_pp > 0 and \
+                self.hyperflux.pruning_end + self.hyperflux.freeze_gates_after >= self.epochs:
+            raise ValueError(f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch pruning_end + "
+                             f"freeze_gates_after ({self.hyperflux.pruning_end} + {self.hyperflux.freeze_gates_after}), "
+                             f"which must come before the last epoch ({self.epochs})")
         if self.method == "hyperflux":
             from suite.pruning.hyperflux import PressureScheduler
 
@@ -428,6 +456,8 @@ class RunConfig(_Strict):
             # phase_off_by_one was redefined to match the reference exactly (epoch P+1 also keeps the
             # pruning LRs): runs made under the old meaning must not be taken for new ones
             h["quirks"] = ["phase_off_by_one@9aaed27" if q == "phase_off_by_one" else q for q in h["quirks"]]
+            if h["snap_pp"] == 0.0:
+                h.pop("snap_pp")  # added later: runs without it keep their hashes
             if h["schedule"] != "law":
                 h.pop("law")
             if h["schedule"] != "fixed":
@@ -543,6 +573,10 @@ class GridConfig(_Strict):
         False, description="add, per model and seed, a dense run trained for each total budget of the pruning "
                            "runs (their own epochs, plus the dense run's for those that start from it): the "
                            "report's control for equal-budget comparisons")
+    dense_convergence: bool = Field(
+        False, description="add, per model and seed, a dense run trained for twice the dense run's epochs: the "
+                           "report shows what doubling the dense budget gains (the dense start counts as converged "
+                           "below 0.2 pp)")
 
     @field_validator("sparsities")
     @classmethod
@@ -708,6 +742,18 @@ def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConf
     return out
 
 
+def _doubled_dense(dense: dict) -> list["RunConfig"]:
+    """The convergence check of each dense run: the same run with twice the epochs (step
+    milestones doubled), a budget-matched plan of twice its budget for the report."""
+    out = []
+    for parent in dense.values():
+        fields = {**parent.model_dump(), "epochs": 2 * parent.epochs, "budget_matched": True,
+                  "lr_milestones": [2 * m for m in parent.lr_milestones]}
+        out.append(_validate(RunConfig, fields, where="grid.dense_convergence",
+                             source=f"doubled dense run for {parent.run_name()}"))
+    return out
+
+
 def _feasible_pruning_end(p: int, sparsity: Any, step: Any, full: int) -> int:
     """The smallest P >= p (up to the recipe's own) whose target trajectory reaches the sparsity."""
     from suite.pruning.hyperflux import PressureScheduler
@@ -839,6 +885,9 @@ class SweepConfig(_Strict):
                 runs[i] = r.model_copy(update={"init_from": parent.run_hash()})
         if self.grid.budget_matched_dense:
             runs += _budget_matched_dense(runs, dense)
+        if self.grid.dense_convergence:
+            have = {r.run_hash() for r in runs}
+            runs += [r for r in _doubled_dense(dense) if r.run_hash() not in have]
         # every rank of a GPU run needs a GPU of its node: engine.world_size ranks go on each of
         # engine.nodes nodes (the launcher asks for world_size tasks per node)
         gpus = self.launcher.slurm.gpus_per_node

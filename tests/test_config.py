@@ -146,6 +146,43 @@ def test_budget_matched_dense_plans_one_control_per_total_budget(tmp_path):
         RunConfig(method="gmp", sparsity=0.5, budget_matched=True)
 
 
+def test_dense_convergence_adds_the_doubled_dense_run_per_seed():
+    """grid.dense_convergence: per model and seed one dense run with twice the dense epochs (step
+    milestones doubled), a budget-matched plan the report reads as the convergence check; the fair
+    protocol also has the equal-budget control, and nothing is added twice."""
+    from suite.config import load_sweep
+
+    runs = load_sweep("configs/fmnist_fair.yaml").expand()
+    dense = {r.seed: r for r in runs if r.method == "dense" and not r.budget_matched}
+    doubled = [r for r in runs if r.budget_matched and r.epochs == 2 * dense[r.seed].epochs]
+    assert sorted(r.seed for r in doubled) == [0, 1, 2]
+    for r in doubled:
+        d = dense[r.seed]
+        assert (r.max_steps_per_epoch, r.lr, r.init) == (d.max_steps_per_epoch, d.lr, "scratch")
+        assert r.model_dump(exclude={"epochs", "budget_matched"}) == d.model_dump(exclude={"epochs", "budget_matched"})
+    controls = [r for r in runs if r.budget_matched and r not in doubled]
+    assert len(controls) == 3 and len({r.run_hash() for r in runs}) == len(runs)
+    plain = load_sweep("configs/fmnist_fair.yaml", {"grid.dense_convergence": False}).expand()
+    assert len(plain) == len(runs) - 3
+    sw = load_sweep("configs/fmnist_fair.yaml", {"grid.dense_convergence": True, "overrides.dense.lr_schedule": "step",
+                                                 "overrides.dense.lr_milestones": [10, 20]})
+    (r0,) = [r for r in sw.expand() if r.budget_matched and r.epochs == 60 and r.seed == 0]
+    assert r0.lr_milestones == [20, 40]
+
+
+def test_fair_protocol_gives_every_pruning_run_the_same_budget():
+    """configs/fmnist_fair.yaml: every pruning run (IMP included, at every target) trains the same
+    optimiser steps from the same dense start of its seed."""
+    from suite.config import load_sweep
+
+    runs = load_sweep("configs/fmnist_fair.yaml").expand()
+    pruning = [r for r in runs if r.method != "dense"]
+    assert len(pruning) == 11 * 5 * 3
+    assert {(r.epochs, r.max_steps_per_epoch, r.batch_size, r.init) for r in pruning} == {(80, 25, 128, "dense")}
+    dense = {r.seed: r.run_hash() for r in runs if r.method == "dense" and not r.budget_matched}
+    assert all(r.init_from == dense[r.seed] for r in pruning)
+
+
 def test_golden_run_hashes_of_every_committed_config():
     """Run identity is what decides that a finished run is not trained again. Every run of
     every committed config, and each method's default run, must keep the hash recorded in

@@ -168,3 +168,43 @@ def test_default_boundary_regrowth_starts_at_p_plus_one():
     assert gamma == 0.0 and w_lr == pytest.approx(1e-3) and g_lr == pytest.approx(1e-3)
     for (e, gamma, w_lr, g_lr), (_, _, rw, rg) in zip(got[5:], ref[5:]):  # regrowth epoch j = e - P - 1
         assert gamma == 0.0 and w_lr == pytest.approx(rw, rel=1e-5) and g_lr == pytest.approx(rg)
+
+
+def test_snap_at_the_gate_freeze_meets_the_target_with_the_gates_own_ranking():
+    """hyperflux.snap_pp (fair protocol, off by default): after epoch P + freeze_gates_after, the
+    last epoch the gates train, every gate is shifted by one amount so the frozen mask meets the
+    target to one weight; the survivors are the top-k gates (torch.topk as the reference); the
+    gates do not move afterwards (gate LR 0). No other epoch snaps, and a run outside snap_pp
+    is left alone."""
+    model = _tiny()
+    layers = prunable_layers(model, "conv_linear")
+    cfg = RunConfig(method="hyperflux", sparsity=0.6, epochs=6,
+                    hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0})
+    hf = Hyperflux(cfg, layers, 1)
+    hf.attach(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        raw = [torch.randn(p.gate.shape, generator=g) for p in hf.params]
+        cut = torch.quantile(torch.cat([r.flatten() for r in raw]), 0.58)  # the run sits at 58 %
+        for p, r in zip(hf.params, raw):
+            p.gate.copy_(r - cut)
+    n = sum(p.gate.numel() for p in hf.params)
+    scores = torch.cat([p.gate.detach().flatten() for p in hf.params])
+    before = sparsity.density(layers)
+    for e in (1, 2, 3, 4):
+        assert "snap_pp" not in hf.end_epoch(e, before)
+    assert sparsity.density(layers) == before
+    out = hf.end_epoch(5, before)  # P + freeze_gates_after
+    assert abs(sparsity.sparsity(layers) - 0.6) <= 1.0 / n
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[torch.topk(scores, round(0.4 * n)).indices] = True
+    assert int((torch.cat([(m.weight != 0).flatten() for _, m in layers]) != ref).sum()) <= 1
+    assert out["snap_pp"] == pytest.approx(100 * (before - sparsity.density(layers)))
+    assert hf.lrs(6)[1] == 0.0  # frozen from here on
+    far = Hyperflux(cfg.model_copy(update={"sparsity": 0.7}), layers, 1)  # 10 points away
+    far.params = hf.params
+    d = sparsity.density(layers)
+    assert far.end_epoch(5, d)["snap_pp"] == 0.0 and sparsity.density(layers) == d
+    with pytest.raises(ValueError, match="snap_pp"):  # the freeze must leave epochs to train after it
+        RunConfig(method="hyperflux", sparsity=0.6, epochs=5,
+                  hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0})

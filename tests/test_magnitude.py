@@ -132,3 +132,24 @@ def test_imp_restarts_the_lr_schedule_each_level():
     lrs = [p.lrs(e)[0] for e in range(1, cfg.epochs + 1)]
     assert lrs[0] == lrs[3] == lrs[6] == pytest.approx(0.1)
     assert lrs[1] < lrs[0] and lrs[2] < lrs[1]
+
+
+@pytest.mark.parametrize("s", [0.5, 0.9, 0.98])
+def test_imp_equal_share_per_level_lands_on_the_target_in_a_fixed_budget(s):
+    """imp.prune_fraction null with imp.levels: every level prunes the same share of what is
+    left, f = 1 - (1 - s)^(1 / levels), so the run has levels + 1 segments at every target (the
+    fair protocol's equal budget) and level k leaves 1 - (1 - s)^(k / levels)."""
+    cfg = RunConfig(method="imp", sparsity=s, epochs=3, imp={"levels": 4, "prune_fraction": None,
+                                                              "epochs_per_level": 2})
+    assert cfg.epochs == 10  # the same at every target
+    p = IterativeMagnitude(cfg, prunable_layers(_net(), "conv_linear"), 5)
+    got = [p.level_sparsity(k) for k in range(5)]
+    assert got == pytest.approx([1 - (1 - s) ** (k / 4) for k in range(5)], abs=1e-12)
+    assert got[4] == s
+    shares = [(got[k + 1] - got[k]) / (1 - got[k]) for k in range(4)]
+    assert shares == pytest.approx([shares[0]] * 4)
+
+
+def test_imp_null_fraction_needs_levels():
+    with pytest.raises(Exception, match="prune_fraction null"):
+        RunConfig(method="imp", sparsity=0.9, imp={"prune_fraction": None})

@@ -61,13 +61,13 @@ def test_paired_difference_matches_scipy_and_holm_matches_its_definition():
 
 
 # ------------------------------------------------------------------------------ planted protocol breaks
-def _log(client, exp, i, variant, target, seed, test, budget, achieved=None, wd="0.0005"):
+def _log(client, exp, i, variant, target, seed, test, budget, achieved=None, wd="0.0005", extra=None):
     r = client.create_run(exp, tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": variant.split("-")[0],
                                      "hfbench.variant": variant}, run_name=f"{variant}-{target}-{seed}")
     ach = target if achieved is None else achieved
     metrics = {"final_test_top1": test, "final_val_top1": test, "final_sparsity": ach, "final_density": 1 - ach,
                "budget_total_images": budget, "budget_images": budget, "budget_total_epochs": budget / 10,
-               "budget_parent_counted": 1.0}
+               "budget_parent_counted": 1.0, **(extra or {})}
     params = {"method": variant, "model": "fmnist_cnn", "dataset": "fashion_mnist", "sparsity": str(target),
               "seed": str(seed), "epochs": "5", "init": "scratch", "weight_decay": wd, "batch_size": "128",
               "label_smoothing": "0.1"}
@@ -104,7 +104,8 @@ def test_planted_protocol_breaks_are_flagged_exactly(tmp_path):
     assert flags == {"magnitude": "ok", "gmp": "budget x2.00 of its control", "l0": "target missed by -3.0 pp",
                      "str": "2 seeds, fewer than 3",
                      "cs": "differs from its control: weight_decay"}, flags
-    assert rows["cs"][5] == "weight_decay: 0.001 (control 0.0005)"
+    assert rows["cs"][6] == "weight_decay: 0.001 (control 0.0005)"
+    assert rows["magnitude"][5] == "—"  # no calibrated knob, no snap
     assert "Flagged cells: 4 of 5." in proto
     # flagged where the number stands: the accuracy table's Protocol column
     acc = md.split("| Protocol |", 1)[1].split("\n\n", 1)[0]
@@ -118,3 +119,54 @@ def test_planted_protocol_breaks_are_flagged_exactly(tmp_path):
     assert (tmp_path / "rep" / "acc_vs_budget_fashion_mnist_fmnist_cnn.png").is_file()
     with (tmp_path / "rep" / "results.csv").open() as fh:
         assert sum(1 for r in csv.DictReader(fh) if r["budget_total_images"]) == 17
+
+
+@pytest.mark.parametrize("gains_pp,verdict", [((0.1, 0.3, 0.05), "converged (gain < 0.2 pp)"),
+                                              ((0.4, 0.2, 0.3), "not converged (gain ≥ 0.2 pp)")])
+def test_dense_convergence_table_pairs_the_doubled_dense_by_seed(tmp_path, gains_pp, verdict):
+    """grid.dense_convergence's run (a dense-matched plan of twice the dense budget) against the
+    dense start, paired by seed: the gain is the mean of the per-seed differences, its interval
+    scipy's paired t interval, and the verdict compares the mean gain with 0.2 pp. A dense-matched
+    plan of another budget (1.3x, the pruning runs' control) is not taken for the doubling."""
+    from scipy import stats
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("conv")
+    base = (0.910, 0.905, 0.915)
+    i = 0
+    for seed, (b, g) in enumerate(zip(base, gains_pp)):
+        for variant, budget, test in (("dense", 100.0, b), ("dense-matched", 200.0, b + g / 100),
+                                      ("dense-matched", 130.0, b + 0.01)):
+            i += 1
+            _log(client, exp, i, variant, 0.0, seed, test, budget)
+            if budget != 100.0:  # the plan's label comes from its epochs
+                r = client.search_runs([exp], f"tags.`hfbench.run_hash` = '{i:012x}'")[0]
+                client.log_param(r.info.run_id, "max_steps_per_epoch", str(int(budget)))
+    build_report(uri, "conv", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    table = md.split("#### Dense convergence", 1)[1].split("\n\n", 2)[1]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| dense")]
+    assert len(lines) == 1 and lines[0].startswith("| dense-matched 5x200 | 2.00 | 3 |"), table
+    cells = lines[0].strip("| ").split(" | ")
+    d = [g for g in gains_pp]
+    m = sum(d) / 3
+    hw = stats.t.ppf(0.975, 2) * stats.tstd(d) / math.sqrt(3)
+    assert cells[5] == f"{m:+.2f} ± {hw:.2f}"
+    assert cells[6].startswith(verdict)
+
+
+def test_snap_column_shows_the_mean_move_of_the_calibrated_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("snap")
+    i = 0
+    for seed, snap in enumerate((1.5, -0.5, 0.0)):
+        i += 1
+        _log(client, exp, i, "dense", 0.0, seed, 0.9, 100.0)
+        i += 1
+        _log(client, exp, i, "l0", 0.9, seed, 0.88, 100.0, extra={"snap_pp": snap, "knob_sparsity": 0.9 - snap / 100})
+    build_report(uri, "snap", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    row = next(ln for ln in md.split("| method | target % | seeds |", 1)[1].splitlines() if ln.startswith("| l0 |"))
+    assert row.split(" | ")[5] == "0.67"  # mean |move|: (1.5 + 0.5 + 0) / 3

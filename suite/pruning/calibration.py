@@ -21,10 +21,20 @@ online, in the same run, instead of a search over many short runs:
 The sparsity the run reaches is measured by the suite's one ruler, logged and reported as
 reached; the controller only makes reaching the target likely. `calibration.mode: off`
 uses the configured knob unchanged (for a manual search, or to reproduce a paper's value).
+
+The last step of the search is a snap (`calibration.snap_pp`, 0: off): when the knob has left
+the run within `snap_pp` percentage points of the target, one scalar of the method's own
+decision rule (L0: a shift of every log_alpha; STR: one factor on every layer's threshold; CS:
+the cut on s that binarises the mask) is set by bisection so that the ruler reads the target.
+The method's own scores still decide which weights survive and how the layers share the budget;
+only the global cut moves. The knob's own result is logged (`knob_sparsity`) and so is the size
+of the move (`snap_pp`), so the report can say how far the knob got. A run the knob left further
+away than `snap_pp` is not moved, and the report lists it as missed.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 
 def cubic_target_density(epoch: int, end: int, final_density: float) -> float:
@@ -77,3 +87,43 @@ class KnobController:
     def load_state_dict(self, st: dict[str, float]) -> None:
         self.knob = st["knob"]
         self.prev_density = st.get("prev_density")
+
+
+def bisect_density(apply: Callable[[float], None], measure: Callable[[], float], target: float,
+                   lo: float, hi: float, iters: int = 60) -> tuple[float, float]:
+    """The x in [lo, hi] whose density, after apply(x), is closest to `target`, for a rule whose
+    density does not increase with x (a threshold). Returns (x, density) and leaves apply(x) in
+    force. Bisection measures the real density each time, so it holds for any rule and for ties
+    (the closest reachable density is kept)."""
+    best: tuple[float, float] | None = None
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        apply(mid)
+        d = measure()
+        if best is None or abs(d - target) < abs(best[1] - target):
+            best = (mid, d)
+        if d > target:
+            lo = mid
+        elif d < target:
+            hi = mid
+        else:
+            break
+    assert best is not None
+    apply(best[0])
+    return best
+
+
+def snap_to(target_density: float, max_pp: float, density_now: float,
+            apply: Callable[[float], None], measure: Callable[[], float], lo: float, hi: float
+            ) -> dict[str, float]:
+    """The end-of-search snap: when the knob left the density within `max_pp` points of the
+    target (and max_pp > 0), move the rule's scalar so the ruler reads the target. Returns the
+    metrics to log: knob_sparsity (before), snap_pp (the move, in sparsity points; 0 when not
+    moved)."""
+    out = {"knob_sparsity": 1.0 - density_now, "snap_pp": 0.0}
+    gap_pp = 100.0 * abs(density_now - target_density)
+    if max_pp <= 0 or gap_pp > max_pp or gap_pp == 0.0:
+        return out
+    _, d = bisect_density(apply, measure, target_density, lo, hi)
+    out["snap_pp"] = 100.0 * (density_now - d)
+    return out

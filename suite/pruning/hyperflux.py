@@ -9,6 +9,11 @@
   controller moves gamma so the measured density follows the target trajectory D*(t).
 - Phase 2 (epochs P+1..E): gamma = 0; weight LR reset_lr -> end_lr_regrowth (cosine); gate LR
   gate_lr * reset_scaler, times `decay` each epoch, 0 after `freeze_gates_after` epochs.
+- Not in the paper, off by default: `snap_pp` > 0 shifts every gate by one common amount when
+  the gates freeze (after epoch P + freeze_gates_after), so that the frozen mask meets the target
+  exactly when the run is within snap_pp points of it (the fair protocol's equal-sparsity rule,
+  the same snap the calibrated baselines get, suite/pruning/calibration.py); the gates' own
+  values still rank the weights. Logged: knob_sparsity (before), snap_pp (the move).
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from suite.pruning import masks
+from suite.pruning import masks, sparsity
 from suite.pruning.base import Pruner, cosine
+from suite.pruning.calibration import snap_to
 
 
 def _sigmoid(x: float) -> float:
@@ -187,7 +193,21 @@ class Hyperflux(Pruner):
         else:
             self.gamma = 0.0
         out["pressure_g"] = self.scheduler.g
+        if self.h.snap_pp > 0 and epoch == P + self.h.freeze_gates_after:
+            out.update(self._snap(density))
         return out
+
+    @torch.no_grad()
+    def _snap(self, density: float) -> dict[str, float]:
+        base = [p.gate.detach().clone() for p in self.params]
+        top = max(float(b.abs().max()) for b in base) + 1.0
+
+        def shift(x: float) -> None:  # larger x: every gate lower, fewer survive
+            for p, b in zip(self.params, base):
+                p.gate.copy_(b - x)
+
+        return snap_to(1.0 - self.cfg.sparsity, self.h.snap_pp, density, shift,
+                       lambda: sparsity.density(self.layers), -top, top)
 
     def state_dict(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "scheduler": self.scheduler.state_dict()}
