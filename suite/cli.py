@@ -266,7 +266,28 @@ def cmd_report(a) -> int:
     from reports.build import build_report
     from suite import tracking
 
-    uri = a.tracking_uri or tracking.default_uri()
+    if a.config and a.experiment:
+        print("hfbench report: give a sweep config or --experiment, not both", file=sys.stderr)
+        return 2
+    if not a.config and not a.experiment:
+        print("hfbench report: which experiment? give a sweep config (hfbench report configs/demo.yaml) or "
+              "--experiment NAME", file=sys.stderr)
+        return 2
+    cfg_uri = None
+    if a.config:
+        from suite.config import load_sweep
+
+        sweep = load_sweep(a.config, _parse_set(a.set))
+        a.experiment, cfg_uri = sweep.experiment_name(), sweep.tracking_uri
+        if a.out is None:
+            a.out = str(Path("reports") / a.experiment)
+    elif a.set:
+        print("hfbench report: --set applies to a sweep config; give the config", file=sys.stderr)
+        return 2
+    if a.out is None:
+        print("hfbench report: --out is missing; give a folder", file=sys.stderr)
+        return 2
+    uri = a.tracking_uri or cfg_uri or tracking.default_uri()
     if not a.out.strip():
         print("hfbench report: --out is empty; give a folder", file=sys.stderr)
         return 2
@@ -299,6 +320,61 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_list(a) -> int:
+    """Methods (with the module that holds each), models and datasets the configs can name."""
+    from suite import datasets, models
+    from suite.config import SECTION_OF
+    from suite.pruning import registry
+
+    what = a.what
+    if what in ("all", "methods"):
+        print("methods (grid.methods; settings under the section named):")
+        for m in registry.names():
+            cls = registry.get(m)
+            print(f"  {m:<12} section {SECTION_OF.get(m, m) if m != 'dense' else '-':<15} {cls.__module__}.{cls.__name__}")
+    if what in ("all", "models"):
+        print("models (base.model / grid.models):")
+        for n in models.names():
+            spec = models.get(n)
+            print(f"  {n:<16} {spec.input_size:>4}px  {spec.note}")
+    if what in ("all", "datasets"):
+        print("datasets (base.dataset):")
+        for n in datasets.names():
+            spec = datasets.get(n)
+            files = ", ".join(spec.files.values())
+            print(f"  {n:<18} {spec.num_classes:>5} classes  {files}")
+    return 0
+
+
+def cmd_config_show(a) -> int:
+    """The runs a sweep config expands to (as `sweep --dry-run`, with each run's length and
+    start), or one run's resolved config as YAML (--run NAME or hash)."""
+    import yaml
+
+    from suite.config import ConfigError, load_sweep
+
+    overrides = _parse_set(a.set)
+    _scale_overrides(a, overrides)
+    sweep = load_sweep(a.config, overrides)
+    runs = sweep.expand()
+    if a.run:
+        hit = [r for r in runs if a.run in (r.run_name(), r.run_hash())]
+        if not hit:
+            from suite.config import did_you_mean
+
+            raise ConfigError(f"--run {a.run!r}: no run of {a.config} has that name or hash"
+                              f"{did_you_mean(a.run, [r.run_name() for r in runs])}")
+        print(yaml.safe_dump(hit[0].model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    print(f"{'hash':<13} {'run':<44} {'epochs':>6} {'steps/ep':>8} {'init':<10}")
+    for r in runs:
+        print(f"{r.run_hash():<13} {r.run_name():<44} {r.epochs:>6} {str(r.max_steps_per_epoch or 'all'):>8} "
+              f"{r.init:<10}")
+    print(f"{len(runs)} runs; experiment {sweep.experiment_name()!r}; one run in full: "
+          f"hfbench config show {a.config} --run NAME")
+    return 0
+
+
 def cmd_fidelity(a) -> int:
     from suite import fidelity
 
@@ -316,9 +392,30 @@ def cmd_fidelity(a) -> int:
     return 1 if problems else 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        v = metadata.version("hyperflux-bench")
+    except metadata.PackageNotFoundError:
+        v = "unknown"
+    from suite.tracking import git_commit
+
+    return f"hfbench {v} (git {git_commit() or 'unknown'})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hfbench", description="Pruning benchmark suite: Hyperflux against baselines.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="hfbench", description="Pruning benchmark suite: Hyperflux against baselines.",
+                                epilog="start here: hfbench sweep configs/demo.yaml, then hfbench report configs/demo.yaml",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    _sub_add = sub.add_parser
+
+    def add_parser(name, **kw):  # every command shows its defaults in --help
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        return _sub_add(name, **kw)
+    sub.add_parser = add_parser
 
     d = sub.add_parser("data", help="write FFCV .beton files")
     d.add_argument("dataset", help="fashion-mnist | imagefolder | cifar10 | cifar100")
@@ -384,11 +481,27 @@ def main(argv: list[str] | None = None) -> int:
     sy.set_defaults(fn=cmd_sync)
 
     r = sub.add_parser("report", help="build reports from an MLflow experiment")
-    r.add_argument("--experiment", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--tracking-uri")
-    r.add_argument("--title")
+    r.add_argument("config", nargs="?", help="a sweep config: report its experiment (instead of --experiment)")
+    r.add_argument("--experiment", help="the MLflow experiment to report on")
+    r.add_argument("--out", help="output folder (default with a config: reports/<experiment>)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the sweep was started with")
+    r.add_argument("--tracking-uri", help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI or ./mlflow.db")
+    r.add_argument("--title", help="report title (default: the experiment name)")
     r.set_defaults(fn=cmd_report)
+
+    ls = sub.add_parser("list", help="the methods, models and datasets a config can name")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "methods", "models", "datasets"])
+    ls.set_defaults(fn=cmd_list)
+
+    cf = sub.add_parser("config", help="inspect a sweep config")
+    cfs = cf.add_subparsers(dest="config_cmd", metavar="show", required=True)
+    cs = cfs.add_parser("show", help="the runs a sweep config expands to, or one run's resolved config",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cs.add_argument("config")
+    cs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, as sweep does")
+    cs.add_argument("--run", help="print this run's resolved config (run name or hash) as YAML")
+    _scale_args(cs)
+    cs.set_defaults(fn=cmd_config_show)
 
     fi = sub.add_parser("fidelity", help="check the paper recipes against the reference tables (docs/reference)")
     fi.add_argument("--write", action="store_true", help="also write docs/fidelity.md from the tables")
@@ -403,10 +516,18 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_parser(sub)
 
     a = p.parse_args(argv)
+    if a.cmd is None:  # bare `hfbench`: the commands, not an argparse error
+        p.print_help()
+        return 0
     from suite.config import ConfigError
 
     try:
         return a.fn(a)
+    except BrokenPipeError:  # the reader went away (`hfbench list | head`): nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"hfbench {a.cmd}: interrupted; nothing half-written is kept, run the same command again", file=sys.stderr)
         return 130

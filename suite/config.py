@@ -310,7 +310,7 @@ class RunConfig(_Strict):
         from suite.pruning import registry
 
         if v not in registry.names():
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(registry.names())}")
+            raise ValueError(f"unknown method {v!r}{did_you_mean(v, registry.names())}; known: {', '.join(registry.names())}")
         return v
 
     @field_validator("model")
@@ -319,7 +319,7 @@ class RunConfig(_Strict):
         from suite import models
 
         if v not in models.names():
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(models.names())}")
+            raise ValueError(f"unknown model {v!r}{did_you_mean(v, models.names())}; known: {', '.join(models.names())}")
         return v
 
     @field_validator("dataset")
@@ -328,7 +328,7 @@ class RunConfig(_Strict):
         from suite import datasets
 
         if v not in datasets.names():
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(datasets.names())}")
+            raise ValueError(f"unknown dataset {v!r}{did_you_mean(v, datasets.names())}; known: {', '.join(datasets.names())}")
         return v
 
     @field_validator("data_dir", "out_dir", "init_checkpoint", "pretrained")
@@ -911,12 +911,17 @@ class SweepConfig(_Strict):
     def _check(self):
         from suite.pruning import registry
 
-        for i, m in enumerate(self.grid.methods):
-            if m not in registry.names():
-                raise ValueError(f"grid.methods[{i}]: unknown method {m!r}; known: {', '.join(registry.names())}")
-        for m in self.overrides:
-            if m not in registry.names():
-                raise ValueError(f"overrides: unknown method {m!r}")
+        bad = [f"grid.methods[{i}]: unknown method {m!r}{did_you_mean(m, registry.names())}"
+               for i, m in enumerate(self.grid.methods) if m not in registry.names()]
+        bad += [f"overrides.{m}: unknown method {m!r}{did_you_mean(m, registry.names())}"
+                for m in self.overrides if m not in registry.names()]
+        if bad:
+            bad[-1] += f" (known: {', '.join(registry.names())})"
+        bad += _unknown_keys(self.base, RunConfig, "base")
+        for m, o in self.overrides.items():
+            bad += _unknown_keys(o, RunConfig, f"overrides.{m}")
+        if bad:  # every problem at once, one per line, each at the place it was written
+            raise ValueError("\n  ".join(bad))
         for k in ("method", "sparsity", "seed", "experiment", "sweep"):
             if k in self.base:
                 raise ValueError(f"base.{k}: set by the grid or the sweep, not in base")
@@ -1033,6 +1038,36 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- loading
+def did_you_mean(name: Any, options) -> str:
+    """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_keys(d: Any, model: type[BaseModel], prefix: str) -> list[str]:
+    """Keys of `d` that `model` (and its nested sections) does not have, each with its dotted
+    place and the closest known key: a typo is named where it was written."""
+    out: list[str] = []
+    if not isinstance(d, dict):
+        return out
+    fields = model.model_fields
+    for k, v in d.items():
+        if k not in fields:
+            out.append(f"{prefix}.{k}: unknown key{did_you_mean(k, fields)}")
+            continue
+        ann = fields[k].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_unknown_keys(v, ann, f"{prefix}.{k}"))
+    return out
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _format_errors(err: ValidationError, where: str = "") -> str:
     lines = []
     for e in err.errors():
@@ -1044,7 +1079,14 @@ def _format_errors(err: ValidationError, where: str = "") -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required field missing"
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        if e["type"] == "value_error" and not e["loc"] and not where:
+            lines.append(f"  {msg}")  # a whole-config check: its message names the field
+        elif e["type"] == "missing" or (e["type"] == "value_error" and not e["loc"]):
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines.append(f"  {loc}: {msg} (got {_short(e.get('input'))})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,111 @@
+"""The CLI guides (issue 19): help on bare `hfbench`, --version, a listing of what configs can
+name, `config show`, `report` taking a sweep config, and config errors that name every problem
+at the place it was written, with the closest known name."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from suite.cli import main
+from suite.config import RunConfig, load_sweep
+
+
+def test_bare_hfbench_prints_the_commands_and_exits_0():
+    p = subprocess.run([sys.executable, "-m", "suite.cli"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for cmd in ("sweep", "status", "report", "list", "config", "data", "train"):
+        assert f"    {cmd} " in p.stdout
+    assert "error" not in p.stderr
+
+
+def test_version_names_the_package_version_and_commit(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"hfbench {metadata.version('hyperflux-bench')} (git ")
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 5000)" in out and "(default: data)" in out
+
+
+def test_list_names_every_registered_method_model_and_dataset(capsys):
+    from suite import datasets, models
+    from suite.pruning import registry
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    named = {ln.split()[0] for ln in lines if ln.startswith("  ")}
+    assert set(registry.names()) | set(models.names()) | set(datasets.names()) <= named
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert "hyperflux" in out and "fmnist_cnn" not in out
+
+
+def test_config_show_lists_the_sweeps_runs_and_one_run_round_trips(capsys):
+    assert main(["config", "show", "configs/demo.yaml"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    runs = load_sweep("configs/demo.yaml").expand()
+    assert {ln.split()[0] for ln in out[1:-1]} == {r.run_hash() for r in runs}
+    assert out[-1].startswith(f"{len(runs)} runs;")
+    gmp = next(r for r in runs if r.run_name() == "fmnist_cnn-gmp-0.9-s0")
+    assert main(["config", "show", "configs/demo.yaml", "--run", gmp.run_name()]) == 0
+    again = RunConfig.model_validate(yaml.safe_load(capsys.readouterr().out))
+    assert again.run_hash() == gmp.run_hash() and again.init_from == gmp.init_from
+    assert main(["config", "show", "configs/demo.yaml", "--run", "fmnist_cnn-gmp-0.9-s9"]) == 2
+    assert "did you mean 'fmnist_cnn-gmp-0.9-s0'" in capsys.readouterr().err
+
+
+def test_config_errors_name_every_problem_where_it_was_written_with_the_closest_name(tmp_path, capsys):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(textwrap.dedent("""
+        name: t
+        base: {model: fmnist_cnn, epochs: 3, hyperflux: {pruning_edn: 3}}
+        grid: {methods: [dense, hyperflx, magnitde], sparsities: [0.5]}
+        overrides: {dense: {lrr: 0.1}}
+    """))
+    assert main(["sweep", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln.strip() for ln in err.splitlines()[1:]]
+    assert lines[0] == "grid.methods[1]: unknown method 'hyperflx' (did you mean 'hyperflux'?)"
+    assert lines[1].startswith("grid.methods[2]: unknown method 'magnitde' (did you mean 'magnitude'?)")
+    assert "base.hyperflux.pruning_edn: unknown key (did you mean 'pruning_end'?)" in lines
+    assert "overrides.dense.lrr: unknown key (did you mean 'lr'?)" in lines
+    assert "Value error" not in err and "{'name'" not in err and "Traceback" not in err
+    cfg.write_text("name: t\nbase: {model: fmnist_cnnn}\ngrid: {methods: [dense]}\n")
+    assert main(["sweep", str(cfg), "--dry-run"]) == 2
+    assert "unknown model 'fmnist_cnnn' (did you mean 'fmnist_cnn'?)" in capsys.readouterr().err
+
+
+def test_report_takes_a_sweep_config_and_writes_under_reports(tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: tiny\nexperiment: tiny-exp\ntracking_uri: {uri}\ngrid: {{methods: [dense]}}\n")
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("tiny-exp")
+    r = c.create_run(exp, tags={"hfbench.run_hash": "0" * 12, "hfbench.method": "dense"})
+    c.log_batch(r.info.run_id, metrics=[Metric("final_test_top1", 0.9, int(time.time() * 1000), 1)],
+                params=[Param("method", "dense"), Param("model", "fmnist_cnn"), Param("dataset", "fashion_mnist"),
+                        Param("sparsity", "0.0"), Param("seed", "0"), Param("epochs", "1")])
+    c.set_terminated(r.info.run_id, "FINISHED")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(cfg)]) == 0
+    assert (tmp_path / "reports" / "tiny-exp" / "report.md").is_file()
+    capsys.readouterr()
+    assert main(["report"]) == 2
+    assert "give a sweep config" in capsys.readouterr().err
+    assert main(["report", str(cfg), "--experiment", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
