@@ -354,6 +354,11 @@ class Sweep:
                 todo.append(r)
         if outcomes:
             self.say(f"[hfbench] {len(outcomes)} runs already FINISHED in this experiment: skipped")
+        ui = (f"mlflow ui --backend-store-uri {tracking.redact(self.uri)}" if self.uri.startswith(("sqlite:", "/", "file:"))
+              else tracking.redact(self.uri))
+        self.say(f"[hfbench] job logs: {self.folder}; run folders: {Path(self.sweep.out_dir).resolve()}; "
+                 f"MLflow UI: {ui}; progress: hfbench status <config>")
+        self._t0, self._n_total, self._n_done = time.time(), len(todo), 0
         stage1 = [r for r in todo if r.init != "dense"]
         stage2 = [r for r in todo if r.init == "dense"]
         for o in self._launch(stage1):
@@ -459,9 +464,12 @@ class Sweep:
         done: list[Outcome] = []
         running = list(pending)
         limit = self.sweep.launcher.parallelism
-        bar = _Progress(total, f"sweep {self.sweep.name}")
+        bar = _Progress(max(total, getattr(self, "_n_total", 0)), f"sweep {self.sweep.name}",
+                        done=getattr(self, "_n_done", 0), t0=getattr(self, "_t0", None))
         try:
-            return self._poll(running, waiting, done, limit, bar)
+            out = self._poll(running, waiting, done, limit, bar)
+            self._n_done = getattr(self, "_n_done", 0) + len(out)
+            return out
         except KeyboardInterrupt:
             cancelled = [f"{r.run_name()} (job {job.job_id})" for r, job in running]
             for _, job in running:
@@ -610,13 +618,24 @@ class Sweep:
 class _Progress:
     """A tqdm bar on a terminal; on a log file, one plain status line every 30 s."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, done: int = 0, t0: float | None = None):
+        """`total` runs of the whole sweep, `done` of them settled in earlier stages, since `t0`."""
         self.tty = sys.stderr.isatty()
-        self.total, self.n, self.desc, self.last = total, 0, desc, 0.0
+        self.total, self.n, self.desc, self.last = total, done, desc, 0.0
+        self.t0 = t0 if t0 is not None else time.time()
+        self.n0 = done
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def timing(self) -> str:
+        """'elapsed 12m 05s, ETA ~31m' (the ETA from the mean time per settled run so far)."""
+        el = time.time() - self.t0
+        txt = f"elapsed {_dur(el)}"
+        if self.n > 0 and self.n < self.total:
+            txt += f", ETA ~{_dur(el / self.n * (self.total - self.n))}"
+        return txt
 
     def write(self, msg: str) -> None:
         if self.tty:
@@ -634,11 +653,18 @@ class _Progress:
             self.bar.set_postfix_str(text)
         elif time.time() - self.last > 30:
             self.last = time.time()
-            print(f"[hfbench] {self.desc}: {self.n}/{self.total} done; {text}", file=sys.stderr, flush=True)
+            print(f"[hfbench] {self.desc}: {self.n}/{self.total} done ({self.timing()}); {text}", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.tty:
             self.bar.close()
+
+
+def _dur(s: float) -> str:
+    s = int(round(s))
+    h, m, sec = s // 3600, (s % 3600) // 60, s % 60
+    return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s" if m else f"{sec}s"
 
 
 _REASONS: dict[str, tuple[float, str]] = {}  # job id -> (when asked, "pending: <reason>")

@@ -158,6 +158,9 @@ class RunRecord:
 
     @property
     def config_artifact(self) -> str:
+        local = _local_path(self.artifact_uri)
+        if local is not None:
+            return _portable(f"{local.rstrip('/')}/config.yaml")
         return f"{self.artifact_uri.rstrip('/')}/config.yaml" if self.artifact_uri else ""
 
     @property
@@ -165,7 +168,7 @@ class RunRecord:
         """One command that retrains exactly this run (same config, so the same run hash)."""
         local = _local_path(self.artifact_uri)
         if local is not None:
-            return f"hfbench train {local}/config.yaml"
+            return f"hfbench train {_portable(local.rstrip('/') + '/config.yaml')}"
         if not self.artifact_uri:
             return ""
         return (f"mlflow artifacts download -r {self.run_id} -a config.yaml -d rerun-{self.identity} && "
@@ -237,6 +240,25 @@ def _safe_uri(uri: str) -> str:
         if parts.port:
             host = f"{host}:{parts.port}"
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def _portable(path: str) -> str:
+    """A local path as the report shows it: relative to the folder the report was built from when
+    it lies below it (a committed report then names no machine's folders), else unchanged."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return path
+
+
+def _portable_uri(uri: str) -> str:
+    """sqlite:////abs/below/cwd/x.db -> sqlite:///x.db (relative), file:// paths likewise; others as is."""
+    for prefix in ("sqlite:///", "file://"):
+        if uri.startswith(prefix) and uri[len(prefix):].startswith("/"):
+            rel = _portable(uri[len(prefix):])
+            if not rel.startswith("/"):
+                return ("sqlite:///" if prefix == "sqlite:///" else "") + rel
     return uri
 
 
@@ -1518,7 +1540,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
         title=title or f"hfbench report: {experiment}",
         experiment=exp.name,
         experiment_id=str(exp.experiment_id),
-        tracking_uri=_safe_uri(tracking_uri),
+        tracking_uri=_portable_uri(_safe_uri(tracking_uri)),
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         counts=dict(counts),
         sweeps=sorted({r.sweep for r in records if r.sweep}),

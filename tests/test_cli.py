@@ -109,3 +109,22 @@ def test_report_takes_a_sweep_config_and_writes_under_reports(tmp_path, monkeypa
     assert "give a sweep config" in capsys.readouterr().err
     assert main(["report", str(cfg), "--experiment", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_sweep_progress_counts_the_whole_sweep_with_elapsed_time_and_eta(monkeypatch, capsys):
+    """A log-file progress line counts every run of the sweep (a later stage goes on from the
+    runs an earlier one settled: 9 dense runs then 165 pruning runs read 10/174, not 1/165) and
+    gives the elapsed time and an ETA from the mean time per settled run."""
+    import launchers.sweep as S
+
+    now = [1000.0]
+    monkeypatch.setattr(S.time, "time", lambda: now[0])
+    monkeypatch.setattr(S.sys.stderr, "isatty", lambda: False, raising=False)
+    bar = S._Progress(174, "sweep fair", done=9, t0=900.0)
+    bar.update(1)
+    now[0] = 1000.0
+    bar.status("failed 0; running: -")
+    line = capsys.readouterr().err.strip()
+    # 100 s for 10 runs: 10 s a run, 164 to go
+    assert line == "[hfbench] sweep fair: 10/174 done (elapsed 1m 40s, ETA ~27m 20s); failed 0; running: -"
+    assert S._dur(3 * 3600 + 125) == "3h 02m" and S._dur(59) == "59s"

@@ -454,3 +454,23 @@ def test_equal_budget_controls_each_run_gets_its_own(tmp_path):
     assert float(csv_rows["cs"]["budget_ratio"]) == pytest.approx(0.75)
     assert csv_rows["hyperflux"]["control"].startswith("none: the dense run it starts from has no budget record")
     assert float(csv_rows["gmp"]["budget_total_images"]) == 400.0 and float(csv_rows["gmp"]["budget_images"]) == 200.0
+
+
+def test_a_report_built_beside_its_store_names_no_machine_folders(tmp_path, monkeypatch):
+    """Built from the folder that holds the store (as the committed reports are, from the
+    repository root), the report shows the tracking URI, each run's config artifact and its
+    retrain command relative to that folder, and they resolve there; nothing names tmp_path."""
+    from reports.bench_build import EXPERIMENT as SYN, make_store
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_store(uri, 6, tmp_path / "artifacts", epochs=2, failed_every=0)
+    files = build_report(uri, SYN, tmp_path / "out")
+    md = files["report.md"].read_text()
+    assert "at `sqlite:///mlflow.db`" in md and str(tmp_path) not in md
+    with files["results.csv"].open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(str(tmp_path) not in v for r in rows for v in r.values())
+    for r in rows:
+        assert (tmp_path / r["config_artifact"]).is_file()
+        assert r["rerun_command"] == f"hfbench train {r['config_artifact']}"
