@@ -335,7 +335,7 @@ class Sweep:
         check_private(self.sweep, runs)
         ensure_data(runs, say=self.say)
         with tracking.bounded(self.uri, self.sweep.launcher.tracking_timeout_s) as b:
-            exp_id = b.call(tracking.ensure_experiment, self.uri, self.sweep.experiment_name(),
+            exp_id = b.call(tracking.ensure_experiment, self.uri, self.sweep.experiment_name(), describe(self.sweep, runs),
                             what="sweep's experiment lookup")
             self.exp_id = exp_id
             finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="sweep's finished-run lookup")
@@ -613,6 +613,17 @@ class Sweep:
             else:
                 waiting.append((r, ex))
         self.deferred = still
+
+
+def describe(sweep, runs) -> str:
+    """The experiment's note in MLflow: what the sweep compares, under which protocol."""
+    g = sweep.grid
+    models = sorted({r.model for r in runs})
+    data = sorted({r.dataset for r in runs})
+    return (f"hfbench sweep `{sweep.name}`: {', '.join(g.methods)} on {', '.join(data)} / {', '.join(models)} at "
+            f"{', '.join(f'{100 * s:g} %' for s in g.sparsities)} sparsity, seeds {', '.join(map(str, g.seeds))}; "
+            f"{len(runs)} runs. Each run's config is its `config.yaml` artifact; `hfbench report` turns this "
+            f"experiment into tables and plots.")
 
 
 class _Progress:

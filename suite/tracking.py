@@ -92,19 +92,34 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """Create the experiment if needed (call once, before any job starts); return its id."""
+# MLflow 3's UI opens an experiment on its GenAI traces view unless the experiment says it holds
+# model training runs
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ensure_experiment(uri: str, name: str, description: str | None = None) -> str:
+    """Create the experiment if needed (call once, before any job starts); return its id. It is
+    marked as holding training runs (the UI opens on them), and `description` becomes its note
+    when it has none yet."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
         try:
-            return c.create_experiment(name)
+            exp_id = c.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created meanwhile by someone else
             exp = c.get_experiment_by_name(name)
             if exp is None:
                 raise
+        else:
+            if description:
+                c.set_experiment_tag(exp_id, "mlflow.note.content", description)
+            return exp_id
     if exp.lifecycle_stage == "deleted":
         raise RuntimeError(f"MLflow experiment {name!r} exists but is deleted; restore it or pick another name")
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    if description and "mlflow.note.content" not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, "mlflow.note.content", description)
     return exp.experiment_id
 
 
@@ -350,7 +365,11 @@ class RunLogger:
             tags = {TAG_HASH: cfg.run_hash(), "hfbench.method": cfg.method, "hfbench.variant": cfg.variant(),
                     **({"hfbench.run_dir": str(Path(spool_dir).resolve())} if spool_dir is not None else {}),
                     "hfbench.model": cfg.model,
-                    "hfbench.dataset": cfg.dataset, "hfbench.sweep": cfg.sweep, "mlflow.runName": cfg.run_name()}
+                    "hfbench.dataset": cfg.dataset, "hfbench.sweep": cfg.sweep, "mlflow.runName": cfg.run_name(),
+                    "mlflow.source.name": "hfbench", "mlflow.source.type": "JOB"}
+            commit = git_commit().split("+")[0]
+            if commit and commit != "unknown":  # MLflow's own place for the commit (the UI shows it); dirty trees say so in env.git_commit
+                tags["mlflow.source.git.commit"] = commit
             deadline = time.time() + connect_s
             while True:
                 try:

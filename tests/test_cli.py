@@ -128,3 +128,36 @@ def test_sweep_progress_counts_the_whole_sweep_with_elapsed_time_and_eta(monkeyp
     # 100 s for 10 runs: 10 s a run, 164 to go
     assert line == "[hfbench] sweep fair: 10/174 done (elapsed 1m 40s, ETA ~27m 20s); failed 0; running: -"
     assert S._dur(3 * 3600 + 125) == "3h 02m" and S._dur(59) == "59s"
+
+
+def test_mlflow_experiment_opens_on_training_runs_with_a_note_and_runs_carry_the_git_commit(tmp_path):
+    """MLflow as its users expect (issue 19): the experiment is marked as model training (MLflow 3
+    opens it on the runs, not the GenAI traces view) and carries a note saying what the sweep
+    compares; each run has the commit in MLflow's standard tag, the sha `git rev-parse HEAD` gives."""
+    from pathlib import Path
+
+    from launchers.sweep import describe
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    sweep = load_sweep("configs/demo.yaml")
+    runs = sweep.expand()
+    exp = tracking.ensure_experiment(uri, "described", describe(sweep, runs))
+    tags = MlflowClient(tracking_uri=uri).get_experiment(exp).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    note = tags["mlflow.note.content"]
+    assert note.startswith("hfbench sweep `demo`: dense, magnitude, gmp, hyperflux on fashion_mnist / fmnist_cnn")
+    assert "50 %, 80 %, 90 %, 95 % sparsity" in note and f"{len(runs)} runs" in note
+    # an experiment made before keeps its own note and gains the kind
+    c = MlflowClient(tracking_uri=uri)
+    old = c.create_experiment("older")
+    c.set_experiment_tag(old, "mlflow.note.content", "mine")
+    tracking.ensure_experiment(uri, "older", "theirs")
+    t = c.get_experiment(old).tags
+    assert t["mlflow.note.content"] == "mine" and t["mlflow.experimentKind"] == "custom_model_development"
+    logger = tracking.RunLogger(uri, exp, runs[0], spool_dir=tmp_path / "run")
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    logger.finish("FINISHED")
+    run = c.get_run(logger.run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == head and len(head) == 40
