@@ -1130,6 +1130,8 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
                   f"section (alpha {P.ALPHA:g}); better / worse only where the corrected test rejects."),
             kind="ranking"))
     methods = sorted({r.method for r in sec.rows if not _is_dense(r.method)}, key=_method_order)
+    if comps and methods and targets:
+        tables.insert(0, _summary_grid(sec, comps, methods, targets))
     if methods and targets:
         interp_rows = []
         for m in methods:
@@ -1145,6 +1147,53 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
                   "the sparsities the method reached (never extrapolated)."),
             kind="interpolated"))
     return tables
+
+
+def _summary_grid(sec: "_Section", comps: list, methods: list[str], targets: list[float]):
+    """The answer first: test top-1 per method (rows) and target sparsity (columns), mean ± 95 %
+    half-width; ★ marks the best mean among the methods that met the target (within 0.5 pp),
+    ▲ / ▼ a difference from the equal-budget dense control that survives the Holm correction;
+    a cell whose run missed its target says so instead of giving a number to compare."""
+    from reports import protocol as P
+    from reports.dynamics import Table
+
+    row_of = {(r.method, _sparsity_key(r.target)): r for r in sec.rows}
+    call_of = {(c.method, _sparsity_key(c.target)): c.call for c in comps}
+    best: dict[float, str] = {}
+    for t in targets:
+        ok = [(row_of[(m, _sparsity_key(t))].test_mean(), m) for m in methods if (m, _sparsity_key(t)) in row_of
+              and row_of[(m, _sparsity_key(t))].check is not None
+              and row_of[(m, _sparsity_key(t))].check.miss_pp is not None
+              and abs(row_of[(m, _sparsity_key(t))].check.miss_pp) <= P.EQUAL_SPARSITY_PP
+              and row_of[(m, _sparsity_key(t))].test_mean() is not None]
+        if ok:
+            best[_sparsity_key(t)] = max(ok)[1]
+    rows = []
+    for m in methods:
+        cells = [m]
+        for t in targets:
+            row = row_of.get((m, _sparsity_key(t)))
+            if row is None:
+                cells.append("—")
+                continue
+            miss = row.check.miss_pp if row.check is not None else None
+            if miss is not None and abs(miss) > P.EQUAL_SPARSITY_PP:
+                cells.append(f"missed ({_pct(row.achieved_mean())} %)")
+                continue
+            call = call_of.get((m, _sparsity_key(t)), "")
+            mark = " ▲" if call == "better" else " ▼" if call == "worse" else ""
+            star = " ★" if best.get(_sparsity_key(t)) == m else ""
+            cells.append(_mean_ci_cell(row.test) + mark + star)
+        rows.append(cells)
+    controls = "; ".join(f"{r.method} {_mean_ci_cell(r.test)} %" for r in sec.rows if _is_dense(r.method))
+    return Table("Summary: test top-1 (%) by method and target sparsity",
+                 ["method"] + [f"{_pct(t)} %" for t in targets], rows,
+                 note=("Mean ± 95 % t half-width over seeds. ★ best mean among the methods within "
+                       f"{P.EQUAL_SPARSITY_PP:g} pp of the target; ▲ / ▼ better / worse than the equal-budget dense "
+                       "control, paired by seed, Holm-corrected (no mark: no difference the test can show, or "
+                       "too few seeds); 'missed' when the run ended more than "
+                       f"{P.EQUAL_SPARSITY_PP:g} pp from the target. Dense controls: {controls or 'none'}."),
+                 numeric=set(range(1, len(targets) + 1)), kind="summary")
 
 
 def _convergence(sec: "_Section", recs: list[RunRecord]):
@@ -1276,24 +1325,22 @@ def _render_md(c: _Content) -> str:
     out.append(_counts_line(c.counts) + ".")
     if c.sweeps:
         out.append(f"Sweeps: {', '.join(f'`{s}`' for s in c.sweeps)}.")
-    out += ["", "## Environment", ""]
-    if c.env:
-        out += [f"- `{k}`: {_md_escape(v)}" for k, v in c.env]
-    else:
-        out.append("No `env.*` parameters were logged.")
-    out.append("")
+    out += [""]
     out += ["## Results", "", _ACC_NOTE, "",
             "Reproduce any point: results.csv has one row per run with its run hash, config hash, git "
             "commit, hardware, the run's config.yaml artifact and the command that retrains it "
             "(`hfbench train <config.yaml>`).", ""]
     for s in c.sections:
         out += [f"### {s.dataset} / {s.model}", ""]
+        summary = [t for t in s.tables if getattr(t, "kind", "") == "summary"]
+        for t in summary:  # the answer first
+            out += [f"#### {t.title}", ""] + _md_table(t.header, t.rows) + ["", t.note, ""]
         out += _md_table(_table_header(s), [_table_cells(r, s) for r in s.rows])
         out.append("")
         out += [n for note in s.notes for n in (note, "")]
         for name, caption in s.plots:
             out += [f"![{caption}]({name})", ""]
-        tables = [t for t in (s.published, s.compute) if t is not None] + list(s.tables)
+        tables = [t for t in (s.published, s.compute) if t is not None] + [t for t in s.tables if t not in summary]
         for t in tables:
             if isinstance(t, str):
                 out += ["#### Published numbers", "", t, ""]
@@ -1314,6 +1361,12 @@ def _render_md(c: _Content) -> str:
         out += ["## Plots", ""]
         out += [f"- [{cap}]({n})" for n, cap in plots]
         out.append("")
+    out += ["## Environment", ""]
+    if c.env:
+        out += [f"- `{k}`: {_md_escape(v)}" for k, v in c.env]
+    else:
+        out.append("No `env.*` parameters were logged.")
+    out.append("")
     return "\n".join(out)
 
 
@@ -1359,18 +1412,17 @@ def _render_html(c: _Content, images: dict[str, bytes]) -> str:
            f"<p>{e(_counts_line(c.counts))}.</p>"]
     if c.sweeps:
         out.append("<p>Sweeps: " + ", ".join(f"<code>{e(s)}</code>" for s in c.sweeps) + ".</p>")
-    out.append("<h2>Environment</h2>")
-    if c.env:
-        out.append("<ul>" + "".join(f"<li><code>{e(k)}</code>: {e(_one_line(v))}</li>" for k, v in c.env)
-                   + "</ul>")
-    else:
-        out.append("<p>No <code>env.*</code> parameters were logged.</p>")
     out += ["<h2>Results</h2>", f"<p>{e(_ACC_NOTE)}</p>",
             "<p>Reproduce any point: results.csv has one row per run with its run hash, config hash, git "
             "commit, hardware, the run's config.yaml artifact and the command that retrains it "
             "(<code>hfbench train &lt;config.yaml&gt;</code>).</p>"]
     for s in c.sections:
         out.append(f"<h3>{e(s.dataset)} / {e(s.model)}</h3>")
+        summary = [t for t in s.tables if getattr(t, "kind", "") == "summary"]
+        for t in summary:  # the answer first
+            out.append(f"<h4>{e(t.title)}</h4>")
+            out.append(_html_table(t.header, t.rows, numeric=t.numeric, kind=t.kind))
+            out.append(f"<p>{e(t.note)}</p>")
         header = _table_header(s)
         out.append(_html_table(header, [_table_cells(r, s) for r in s.rows],
                                numeric=set(range(1, len(header))), kind="accuracy"))
@@ -1379,7 +1431,7 @@ def _render_html(c: _Content, images: dict[str, bytes]) -> str:
             b64 = base64.b64encode(images[name]).decode("ascii")
             out.append(f'<figure id="{e(name)}"><img src="data:image/png;base64,{b64}" '
                        f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)})</figcaption></figure>')
-        tables = [t for t in (s.published, s.compute) if t is not None] + list(s.tables)
+        tables = [t for t in (s.published, s.compute) if t is not None] + [t for t in s.tables if t not in summary]
         for t in tables:
             if isinstance(t, str):
                 out += ["<h4>Published numbers</h4>", f'<p data-kind="published-none">{e(t)}</p>']
@@ -1399,6 +1451,12 @@ def _render_html(c: _Content, images: dict[str, bytes]) -> str:
     if plots:
         out.append("<h2>Plots</h2>")
         out.append("<ul>" + "".join(f'<li><a href="#{e(n)}">{e(cap)}</a></li>' for n, cap in plots) + "</ul>")
+    out.append("<h2>Environment</h2>")
+    if c.env:
+        out.append("<ul>" + "".join(f"<li><code>{e(k)}</code>: {e(_one_line(v))}</li>" for k, v in c.env)
+                   + "</ul>")
+    else:
+        out.append("<p>No <code>env.*</code> parameters were logged.</p>")
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
 

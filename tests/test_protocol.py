@@ -170,3 +170,35 @@ def test_snap_column_shows_the_mean_move_of_the_calibrated_runs(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     row = next(ln for ln in md.split("| method | target % | seeds |", 1)[1].splitlines() if ln.startswith("| l0 |"))
     assert row.split(" | ")[5] == "0.67"  # mean |move|: (1.5 + 0.5 + 0) / 3
+
+
+def test_summary_grid_leads_the_section_with_best_calls_and_misses(tmp_path):
+    """The report opens each section on the method x target grid: mean ± 95 % half-width (scipy's
+    t interval), ★ on the best method that met the target, ▼ where the Holm-corrected paired test
+    says worse than the equal-budget dense, 'missed (X %)' for a run off its target; the grid comes
+    before the long table and the environment comes last."""
+    from scipy import stats
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("grid")
+    i = 0
+    noise = (0.0, 0.0004, -0.0003)
+    for seed in (0, 1, 2):
+        for variant, achieved, test in (("dense", 0.0, 0.90), ("magnitude", None, 0.88), ("gmp", None, 0.899),
+                                        ("l0", 0.47, 0.95)):
+            i += 1
+            _log(client, exp, i, variant, 0.0 if variant == "dense" else 0.5, seed,
+                 test + noise[seed] + (0.002 * seed if variant == "gmp" else 0.0), 100.0, achieved)
+    build_report(uri, "grid", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.index("#### Summary: test top-1") < md.index("| Method | Target sparsity") < md.index("## Environment")
+    grid = md.split("#### Summary: test top-1 (%) by method and target sparsity", 1)[1].split("\n\n", 2)[1]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln.strip("| ").split(" | ")[1] for ln in grid.splitlines()[2:]}
+    mag = [0.88 + n for n in noise]
+    m, hw = sum(mag) / 3, stats.t.ppf(0.975, 2) * stats.tstd(mag) / math.sqrt(3)
+    assert rows["magnitude"] == f"{100 * m:.2f} ± {100 * hw:.2f} ▼"
+    assert rows["gmp"].endswith(" ★") and "▼" not in rows["gmp"] and "▲" not in rows["gmp"]
+    assert rows["l0"] == "missed (47.00 %)"  # 95 % top-1, but not at the target: no number to compare
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert html.index('data-kind="summary"') < html.index('data-kind="accuracy"') < html.index("<h2>Environment</h2>")

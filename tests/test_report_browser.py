@@ -96,6 +96,7 @@ def test_index_html_in_chromium(report, tmp_path):
     t = result["tables"]
     sections = 2  # fmnist_cnn and lenet300
     assert t.get("accuracy") == sections
+    assert t.get("summary") == sections  # the method x target grid leads each section
     assert t.get("compute") == sections
     assert t.get("targeting") == sections
     assert t.get("npl") == sections
