@@ -359,7 +359,11 @@ class Sweep:
         self.say(f"[hfbench] job logs: {self.folder}; run folders: {Path(self.sweep.out_dir).resolve()}; "
                  f"MLflow UI: {ui}; progress: hfbench status <config>")
         self._t0, self._n_total, self._n_done = time.time(), len(todo), 0
-        stage1 = [r for r in todo if r.init != "dense"]
+        # stage 1: the runs others start from; stage 2: the runs that start from them, with the
+        # dense controls (budget-matched, doubled) that nothing waits for, long ones first, so no
+        # slot idles while a control finishes alone
+        stage1 = [r for r in todo if r.init != "dense" and not r.budget_matched]
+        controls = [r for r in todo if r.budget_matched]
         stage2 = [r for r in todo if r.init == "dense"]
         for o in self._launch(stage1):
             outcomes[o.cfg.run_hash()] = o
@@ -374,7 +378,8 @@ class Sweep:
                        + (f"{parent.result.get('slurm_state', '').lower() or 'failed'}: {parent.error}"
                           if parent is not None and parent.state == "failed" else f"has no readable weights ({w})"))
                 outcomes[r.run_hash()] = Outcome(r, "failed", error=why[:400])
-        for o in self._launch(ready):
+        controls.sort(key=lambda r: -r.epochs * (r.max_steps_per_epoch or 10**6))
+        for o in self._launch(controls + ready):
             outcomes[o.cfg.run_hash()] = o
         ordered = [outcomes[r.run_hash()] for r in runs]
         self.say(summary_table(ordered))
