@@ -277,12 +277,14 @@ def cmd_report(a) -> int:
     if a.config:
         from suite.config import load_sweep
 
-        sweep = load_sweep(a.config, _parse_set(a.set))
+        overrides = _parse_set(a.set)
+        _scale_overrides(a, overrides)  # --scale/--steps: the smoke experiment, as the sweep named it
+        sweep = load_sweep(a.config, overrides)
         a.experiment, cfg_uri = sweep.experiment_name(), sweep.tracking_uri
         if a.out is None:
             a.out = str(Path("reports") / a.experiment)
-    elif a.set:
-        print("hfbench report: --set applies to a sweep config; give the config", file=sys.stderr)
+    elif a.set or a.scale is not None or a.steps is not None:
+        print("hfbench report: --set/--scale/--steps apply to a sweep config; give the config", file=sys.stderr)
         return 2
     if a.out is None:
         print("hfbench report: --out is missing; give a folder", file=sys.stderr)
@@ -487,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the sweep was started with")
     r.add_argument("--tracking-uri", help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI or ./mlflow.db")
     r.add_argument("--title", help="report title (default: the experiment name)")
+    _scale_args(r)
     r.set_defaults(fn=cmd_report)
 
     ls = sub.add_parser("list", help="the methods, models and datasets a config can name")

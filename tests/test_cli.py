@@ -109,6 +109,9 @@ def test_report_takes_a_sweep_config_and_writes_under_reports(tmp_path, monkeypa
     assert "give a sweep config" in capsys.readouterr().err
     assert main(["report", str(cfg), "--experiment", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+    # --scale names the smoke experiment, as `sweep --scale` does
+    assert main(["report", str(cfg), "--scale", "0.5"]) == 2
+    assert "'tiny-exp-smoke' does not exist" in capsys.readouterr().err
 
 
 def test_sweep_progress_counts_the_whole_sweep_with_elapsed_time_and_eta(monkeypatch, capsys):
