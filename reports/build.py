@@ -60,6 +60,30 @@ _DENSE = "dense"
 _MATCHED = "dense-matched"  # dense controls trained for the pruning runs' total budget
 
 
+# one colour and marker per method, the same in every plot of every report: twelve methods need
+# more than matplotlib's ten default colours, and a colour that follows the sort order changes
+# meaning between plots with different method sets
+_STYLE = {
+    "dense": ("#000000", "s"), "magnitude": ("#1f77b4", "o"), "gmp": ("#ff7f0e", "v"), "gmp-taylor": ("#ffbb78", "v"),
+    "imp": ("#2ca02c", "^"), "seb": ("#8c564b", "<"), "ser": ("#e377c2", ">"), "rmt_hybrid": ("#7f7f7f", "P"),
+    "rmt": ("#bcbd22", "X"), "l0": ("#17becf", "D"), "str": ("#9467bd", "d"), "cs": ("#aec7e8", "h"),
+    "hyperflux": ("#d62728", "*"), "hyperflux-law": ("#ff9896", "*"), "hyperflux-fixed": ("#c49c94", "*"),
+}
+_SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1"]
+
+
+def method_style(method: str) -> tuple[str, str]:
+    """(colour, marker) of a method or variant; budget-matched dense controls are grey squares,
+    unknown variants get a stable spare colour (by name, not by position)."""
+    if method in _STYLE:
+        return _STYLE[method]
+    if method.startswith("dense"):
+        return ("#555555", "s")
+    import zlib
+
+    return (_SPARE[zlib.crc32(method.encode()) % len(_SPARE)], "o")
+
+
 def _is_matched(method: str) -> bool:
     """A budget-matched dense control; its label carries its plan, e.g. 'dense-matched 85x49'."""
     return method.startswith(_MATCHED)
@@ -835,9 +859,9 @@ def _plot_accuracy(section: _Section, path: Path, records: list[RunRecord]) -> N
         ys = [p[1] for p in pts]
         ns = sorted({p[3] for p in pts})
         xs_all += xs
-        colour = f"C{i % 10}"
+        colour, mk = method_style(method)
         n_txt = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}"
-        ax.plot(xs, ys, marker="o", color=colour, label=f"{method} ({n_txt})")
+        ax.plot(xs, ys, marker=mk, color=colour, label=f"{method} ({n_txt})")
         band = [(x, y - hw, y + hw) for x, y, hw, _ in pts if hw is not None]
         any_band = any_band or bool(band)
         if len(band) >= 2:
@@ -1242,9 +1266,9 @@ def _plot_cost(section: "_Section", path: Path, records: list[RunRecord]) -> Non
         if r.test_top1 is not None and r.budget_total_epochs:
             by[r.method].append(r)
     for i, (m, rs) in enumerate(sorted(by.items(), key=lambda kv: _method_order(kv[0]))):
-        marker = "s" if _is_dense(m) else "o"
+        colour, marker = method_style(m)
         ax.scatter([r.budget_total_epochs for r in rs], [100.0 * r.test_top1 for r in rs], s=22, marker=marker,
-                   color=f"C{i % 10}", label=m)
+                   color=colour, label=m)
     ax.set_xscale("log")
     _finish(fig, ax, path, "total training budget (dense-equivalent epochs, including the run it starts from)",
             "test top-1 (%)", f"{section.dataset} / {section.model}: accuracy against training cost", "lower right")

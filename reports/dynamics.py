@@ -205,8 +205,10 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         rows = []
         fig = _fig()
         ax = fig.add_subplot()
+        from reports.build import method_style
+
         for i, ((variant, label), xy) in enumerate(sorted(pts.items())):
-            c = f"C{i % 10}"
+            c = method_style(variant)[0] if sum(1 for v, _ in pts if v == variant) == 1 else f"C{i % 10}"
             if xy:
                 ax.scatter([s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6,
                            label=f"{variant}: {label}")

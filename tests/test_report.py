@@ -474,3 +474,14 @@ def test_a_report_built_beside_its_store_names_no_machine_folders(tmp_path, monk
     for r in rows:
         assert (tmp_path / r["config_artifact"]).is_file()
         assert r["rerun_command"] == f"hfbench train {r['config_artifact']}"
+
+
+def test_every_method_has_its_own_colour_in_every_plot():
+    """Twelve methods, twelve distinct colours (matplotlib's default cycle has ten, and CS and STR
+    shared one); a method's style does not depend on which other methods a report holds."""
+    from reports.build import method_style
+    from suite.pruning import registry
+
+    styles = {m: method_style(m) for m in registry.names()}
+    assert len({c for c, _ in styles.values()}) == len(styles) == 12
+    assert method_style("dense-matched 85x49")[1] == "s" and method_style("my-variant") == method_style("my-variant")
