@@ -22,7 +22,8 @@ Choices where the doc is open:
   limit of the training mask as beta -> infinity; the measured density during the search is
   the one the final binarisation gives, and the controller steers that. Since the ruler reads
   1[s > 0], s0 must be > 0 for the run to start dense (default 0.1, see below; the reference code's
-  -0.01 would read as 100 % sparse at the start and after every round reset). For s0 > 0 the
+  default s0 = 0.0, lolemacs/continuous-sparsification main.py:28 at 5bd4039, and its high-sparsity
+  setting -0.1 would read as 100 % sparse at the start and after every round reset). For s0 > 0 the
   round reset min(beta s, s0) keeps the sign of every s, so it does not change the hard mask.
 - final mask: 1[s > 0] when rewinding (the rewound weights were trained without a mask, so no
   scale), 1[s > 0] / sigmoid(s0) without rewinding (the scale the weights were trained with).

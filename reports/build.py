@@ -952,14 +952,17 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_lo
 # published numbers, compute, overhead benchmark
 
 
-def _published_table(sec: _Section, table: list) -> Any:
+def _published_table(sec: _Section, table: list, inits: dict[str, str] | None = None) -> Any:
+    """Published rows like for like with each suite row; `inits`: method -> the runs' start
+    (init param), when all its runs share one."""
     from reports import published
 
     rows = []
     for row in sec.rows:
         if row.method == _DENSE:
             continue
-        for p in published.matches(sec.dataset, sec.model, row.method, row.target, table):
+        for p in published.matches(sec.dataset, sec.model, row.method, row.target, table,
+                                   (inits or {}).get(row.method)):
             pub_delta = "n/a" if p.dense_top1 is None else f"{p.top1 - p.dense_top1:+.2f}"
             rows.append([row.method, _pct(row.target), _mean_ci_cell(row.test), str(row.n),
                          p.method, f"{100 * p.sparsity:.2f}", f"{p.top1:.2f}",
@@ -1576,7 +1579,12 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
         cost_notes = sorted({r.cost_note for r in recs if r.cost_note})
         if cost_notes:
             sec.notes.append("Speed-up / compression caveats: " + "; ".join(cost_notes) + ".")
-        sec.published = _published_table(sec, published_table)
+        starts: dict[str, set[str]] = defaultdict(set)
+        for r in recs:
+            if r.params.get("init"):
+                starts[r.method].add(r.params["init"])
+        sec.published = _published_table(sec, published_table,
+                                          {m: next(iter(v)) for m, v in starts.items() if len(v) == 1})
         sec.compute = _compute_table(recs, bench)
 
         if any(not _is_dense(r.method) for r in recs):

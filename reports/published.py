@@ -7,7 +7,12 @@ training budget, and the source). A suite result is matched to a published row w
 * the dataset maps (DATASETS), the model maps (MODELS) and the suite variant maps to the
   published method (METHODS: explicit, one suite variant to the published names it reproduces);
 * the run's target sparsity is within SPARSITY_TOL of the published sparsity (published
-  sparsities such as STR's 81.27 % are achieved values, not round targets).
+  sparsities such as STR's 81.27 % are achieved values, not round targets), and that published
+  row is the nearest one of its method: a target halfway between two published points (96.5 %
+  between 95 and 98) matches neither;
+* the run starts where the published method starts (START: from scratch, or from a trained
+  network for the methods that fine-tune one); a run that starts elsewhere is not comparable
+  (IMP rewinding to pretrained weights is not Frankle et al.'s ticket from scratch).
 
 Only matches are shown; unmatched published rows and suite rows without a published
 counterpart are left out (the report says when nothing matches).
@@ -23,7 +28,8 @@ SPARSITY_TOL = 0.02
 
 # suite variant -> published method names it is compared with
 METHODS: dict[str, tuple[str, ...]] = {
-    "gmp": ("gmp_uniform", "gmp_global"),  # Gale et al. 2019 GMP (Zhu & Gupta schedule)
+    "gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
+    "gmp-layer": ("gmp_uniform",),  # Gale et al. 2019: the same sparsity in every layer
     "str": ("str",),  # Kusupati et al. 2020
     "imp": ("imp_rewind",),  # Frankle et al. 2020, IMP with rewinding
     "l0": ("l0_hard_concrete",),  # Louizos et al. 2018 as run by Gale et al. 2019
@@ -32,6 +38,12 @@ METHODS: dict[str, tuple[str, ...]] = {
     "ser": ("mp_ser",),  # arXiv 2606.02608: spectral edge restore
     "rmt_hybrid": ("mp_hybrid_mag_ser",),  # arXiv 2606.02608: magnitude up to 0.2, SER beyond
 }
+# where each published method starts: "scratch" (a random initialisation) or "trained" (it prunes
+# a trained network and fine-tunes it); a suite run is compared only with rows of its own start
+START: dict[str, str] = {"gmp_uniform": "scratch", "gmp_global": "scratch", "str": "scratch", "rigl_erk": "scratch",
+                         "rigl_erk_5x": "scratch", "imp_rewind": "scratch", "l0_hard_concrete": "scratch",
+                         "magnitude": "trained", "mp_classical": "trained", "mp_ser": "trained",
+                         "mp_hybrid_mag_ser": "trained"}
 # suite model name -> published model name
 MODELS: dict[str, str] = {"resnet50": "resnet50", "timm_resnet50": "resnet50", "deit_tiny": "deit_tiny",
                           "deit_small": "deit_small", "vit_b16": "vit_b16"}
@@ -63,19 +75,39 @@ def load(path: Path = PUBLISHED_CSV) -> list[Published]:
     return out
 
 
+def start_of(init: str | None) -> str | None:
+    """A run's `init` as a published start: scratch -> "scratch", dense/pretrained -> "trained"."""
+    return None if init is None else "scratch" if init == "scratch" else "trained"
+
+
 def matches(dataset: str, model: str, method: str, target: float | None,
-            table: list[Published]) -> list[Published]:
-    """Published rows comparable with a suite result (see the module docstring)."""
+            table: list[Published], init: str | None = None) -> list[Published]:
+    """Published rows comparable with a suite result (see the module docstring). `init` is the
+    runs' start (None: not known, the start is not checked)."""
     ds, mo, names = DATASETS.get(dataset), MODELS.get(model), METHODS.get(method, ())
     if ds is None or mo is None or not names or target is None:
         return []
-    return [p for p in table if p.dataset == ds and p.model == mo and p.method in names
-            and abs(p.sparsity - target) <= SPARSITY_TOL]
+    start = start_of(init)
+    out = []
+    for name in names:
+        if start is not None and START.get(name, start) != start:
+            continue
+        near = [p for p in table if p.dataset == ds and p.model == mo and p.method == name
+                and abs(p.sparsity - target) <= SPARSITY_TOL]
+        if not near:
+            continue
+        d = min(abs(p.sparsity - target) for p in near)
+        best = [p for p in near if abs(abs(p.sparsity - target) - d) < 1e-9]
+        if len({p.sparsity for p in best}) == 1:  # a tie between two published points: neither
+            out += best
+    return out
 
 
 def mapping_note() -> str:
     m = "; ".join(f"{k} ↔ {'/'.join(v)}" for k, v in METHODS.items())
     return (f"Published numbers (labelled published) come from reports/published.csv with their sources. "
             f"Matched on dataset, model, method ({m}) and target sparsity within "
-            f"{100 * SPARSITY_TOL:g} pp of the published sparsity. Published training budgets differ "
+            f"{100 * SPARSITY_TOL:g} pp of the published sparsity (the nearest published point; none on a "
+            f"tie), and on the start: a run from scratch only with methods published from scratch, a run "
+            f"from trained weights only with methods that fine-tune. Published training budgets differ "
             f"(column training); compare with care.")

@@ -479,8 +479,9 @@ class RunConfig(_Strict):
             return "dense-matched"
         if self.method == "hyperflux" and self.hyperflux.schedule != "controller":
             return f"hyperflux-{self.hyperflux.schedule}"
-        if self.method == "gmp" and self.gmp.criterion != "magnitude":
-            return f"gmp-{self.gmp.criterion}"
+        if self.method == "gmp":  # per-layer GMP (Gale et al.'s uniform) is another method than global
+            return "gmp" + (f"-{self.gmp.criterion}" if self.gmp.criterion != "magnitude" else "") + \
+                ("-layer" if self.gmp.scope == "layer" else "")
         return self.method
 
     def run_name(self) -> str:

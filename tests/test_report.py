@@ -380,7 +380,7 @@ def test_t_quantile_and_published_matching():
     got = published.matches("imagenet", "resnet50", "str", 0.8, table)
     assert [(p.method, p.sparsity, p.top1) for p in got] == [("str", 0.8127, 76.12)]
     assert "Kusupati" in got[0].source
-    assert [p.top1 for p in published.matches("imagenet", "timm_resnet50", "gmp", 0.9, table)] == [73.91]
+    assert [p.top1 for p in published.matches("imagenet", "timm_resnet50", "gmp-layer", 0.9, table)] == [73.91]
     assert published.matches("imagenet", "resnet50", "hyperflux", 0.9, table) == []
     assert published.matches("fashion_mnist", "fmnist_cnn", "gmp", 0.9, table) == []
 
@@ -485,3 +485,24 @@ def test_every_method_has_its_own_colour_in_every_plot():
     styles = {m: method_style(m) for m in registry.names()}
     assert len({c for c, _ in styles.values()}) == len(styles) == 12
     assert method_style("dense-matched 85x49")[1] == "s" and method_style("my-variant") == method_style("my-variant")
+
+
+def test_published_rows_are_matched_like_for_like():
+    """Issue 20: global GMP is not Gale et al.'s uniform GMP; a run from trained weights is not
+    compared with a method published from scratch (nor the reverse); a target halfway between two
+    published points matches neither; the nearest published point wins."""
+    from reports import published
+    from suite.config import RunConfig
+
+    table = published.load()
+    assert RunConfig(method="gmp", sparsity=0.9, gmp={"scope": "layer"}).variant() == "gmp-layer"
+    assert RunConfig(method="gmp", sparsity=0.9).variant() == "gmp"
+    assert [p.method for p in published.matches("imagenet", "resnet50", "gmp-layer", 0.9, table, "scratch")] \
+        == ["gmp_uniform"]
+    assert published.matches("imagenet", "resnet50", "gmp", 0.9, table, "scratch") == []  # no global GMP row
+    assert published.matches("imagenet", "resnet50", "imp", 0.9, table, "pretrained") == []
+    assert [p.top1 for p in published.matches("imagenet", "resnet50", "imp", 0.9, table, "scratch")] == [73.61]
+    assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "scratch") == []
+    assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "pretrained")[0].top1 == 75.76
+    assert published.matches("imagenet", "resnet50", "gmp-layer", 0.965, table, "scratch") == []  # 95 and 98 tie
+    assert [p.sparsity for p in published.matches("imagenet", "resnet50", "str", 0.96, table, "scratch")] == [0.9515]
