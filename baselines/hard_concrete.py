@@ -23,6 +23,14 @@ Every prunable layer gets a parametrization W_eff = W * z with a learnable log_a
 - at the end of the search (calibration.snap_pp, see suite/pruning/calibration.py) every log_alpha
   is shifted by one common amount, found by bisection, so that the frozen gates give exactly the
   target sparsity, when the knob left the run within snap_pp points of it.
+- reference mode (`l0.mode: reference`, variant l0-ref; AMLab-Amsterdam/L0_regularization at
+  39a5fe6: l0_layers.py, models.py, train_lenet5.py): lam is the paper's lambda per training
+  example and stays fixed: penalty lam * sum_g n_g P_g / N (N the training images); log_alpha is
+  clamped to [ln 0.01, ln 100] after every step; the gated weights get no SGD weight decay, their
+  L2 is weight_decay / 2 * sum_g P_g |theta_g|^2 in the loss (so it also pulls the gates); unit
+  gates of a Linear cover its input columns, of a Conv2d its output channels; the gates train to
+  the last epoch; no calibration, no snap. Differences left: the gates' own Adam (lr l0.gate_lr;
+  the reference trains them in the weights' optimiser), and drop_init is one value for every layer.
 - after search_end the gates are frozen at their test-time value (not binarised: the surviving
   gates keep their value in (0, 1], which the weights were trained with; pruned gates are
   exactly 0): the gate LR is 0, the gate is detached (no gradient, no noise), there is no
@@ -79,11 +87,20 @@ class HardConcreteL0(Pruner):
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
         self.h = cfg.l0
-        self.search_end = self.h.search_end or max(1, (3 * cfg.epochs) // 4)
+        self.ref = self.h.mode == "reference"
+        self.search_end = cfg.epochs if self.ref else (self.h.search_end or max(1, (3 * cfg.epochs) // 4))
         c = self.h.calibration
-        self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end, c.mode, c.gain,
-                                         c.max_factor, c.lookahead)
+        self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end,
+                                         "off" if self.ref else c.mode, c.gain, c.max_factor, c.lookahead)
         self.frozen = False
+        self.n_train: Optional[int] = None
+        if self.ref:
+            from suite import datasets
+
+            self.n_train = datasets.get(cfg.dataset).train_images
+            if not self.n_train:
+                raise ValueError(f"l0.mode reference: the penalty is per training example, and dataset "
+                                 f"{cfg.dataset!r} does not declare its number of training images")
 
     def attach(self, model) -> None:
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
@@ -93,7 +110,12 @@ class HardConcreteL0(Pruner):
         self.sizes: list[int] = []  # weights per gate, per layer
         for _, mod in self.layers:
             w = mod.weight
-            shape = w.shape if self.h.granularity == "weight" else (w.shape[0],) + (1,) * (w.dim() - 1)
+            if self.h.granularity == "weight":
+                shape = w.shape
+            elif self.ref and isinstance(mod, nn.Linear):  # the reference gates a Linear's input units
+                shape = (1, w.shape[1])
+            else:
+                shape = (w.shape[0],) + (1,) * (w.dim() - 1)
             la = la0 + 0.01 * torch.randn(shape, generator=gen)
             self.params.append(masks.attach(mod, HardConcreteGate(la.to(w.device), self.h.beta, self.h.gamma,
                                                                   self.h.zeta)))
@@ -102,6 +124,19 @@ class HardConcreteL0(Pruner):
 
     def gate_parameters(self):
         return [p.log_alpha for p in self.params]
+
+    def extra_weight_groups(self) -> list[dict]:
+        """Reference mode: the gated weights in a group without SGD weight decay (their L2 is the
+        P(z != 0)-weighted term of loss_term)."""
+        if not self.ref:
+            return []
+        return [{"params": [masks.stored_weight(mod) for _, mod in self.layers], "weight_decay": 0.0}]
+
+    def after_step(self, step: int) -> None:
+        if self.ref and not self.frozen:
+            with torch.no_grad():
+                for p in self.params:
+                    p.log_alpha.clamp_(math.log(0.01), math.log(100.0))
 
     @property
     def lam(self) -> float:
@@ -125,6 +160,11 @@ class HardConcreteL0(Pruner):
     def loss_term(self) -> Optional[torch.Tensor]:
         if self.frozen:
             return None
+        if self.ref:
+            l0 = torch.stack([(p.p_nonzero() * k).sum() for p, k in zip(self.params, self.sizes)]).sum()
+            l2 = torch.stack([(p.p_nonzero() * masks.stored_weight(mod).pow(2)).sum()
+                              for p, (_, mod) in zip(self.params, self.layers)]).sum()
+            return self.lam * l0 / self.n_train + 0.5 * self.cfg.weight_decay * l2
         return self.lam * self.expected_density()
 
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
@@ -134,7 +174,8 @@ class HardConcreteL0(Pruner):
         self.controller.update(epoch, density)
         if epoch >= self.search_end and not self.frozen:
             self._freeze()
-            out.update(self._snap(density))
+            if not self.ref:  # the reference reports the sparsity its fixed lambda gives
+                out.update(self._snap(density))
         return out
 
     @torch.no_grad()

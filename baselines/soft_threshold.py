@@ -23,6 +23,11 @@ Choices where the doc is open:
   weights stay pruned and the sparsity can only creep up a little during fine-tuning. The STR
   paper trains s to the end of the run; freezing gives the fine-tuning phase every calibrated
   method in the suite has.
+- reference mode (`soft_threshold.mode: reference`, variant str-ref; RAIVNLab/STR at cc74d38,
+  main.py:394-397 and args.py:199: s is decayed with the weights' own weight decay): the s group's
+  weight decay is the run's weight_decay, the thresholds train to the last epoch, nothing is
+  steered or snapped; the sparsity follows from s_init and weight_decay (reference ResNet-50 at
+  90.23 %: s_init -3200, weight decay 2.25e-5, 100 epochs, configs/largescale/resnet50-str.yaml).
 - at the freeze (calibration.snap_pp, see suite/pruning/calibration.py) every layer's frozen
   threshold is multiplied by one common factor, found by bisection, so that the sparsity is
   exactly the target when the knob left the run within snap_pp points of it: the ratios of the
@@ -74,9 +79,12 @@ class SoftThreshold(Pruner):
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
         self.h = cfg.soft_threshold
-        self.search_end = self.h.search_end or max(1, (3 * cfg.epochs) // 4)
+        self.ref = self.h.mode == "reference"
+        self.search_end = cfg.epochs if self.ref else (self.h.search_end or max(1, (3 * cfg.epochs) // 4))
         c = self.h.calibration
-        self.controller = KnobController(self.h.s_weight_decay, 1.0 - cfg.sparsity, self.search_end, c.mode,
+        # reference: the knob is the weights' own decay, fixed (a zero decay is held as a tiny one)
+        knob = max(cfg.weight_decay, 1e-300) if self.ref else self.h.s_weight_decay
+        self.controller = KnobController(knob, 1.0 - cfg.sparsity, self.search_end, "off" if self.ref else c.mode,
                                          c.gain, c.max_factor, c.lookahead)
         self.frozen = False
         self.optimizer = None
@@ -126,7 +134,8 @@ class SoftThreshold(Pruner):
         self._set_knob()
         if epoch >= self.search_end and not self.frozen:
             self._freeze()
-            out.update(self._snap(density))
+            if not self.ref:
+                out.update(self._snap(density))
         return out
 
     @torch.no_grad()

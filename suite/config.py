@@ -155,6 +155,12 @@ class L0Config(_Strict):
     search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
                                       "afterwards the test-time gates are frozen and the weights fine-tune")
     calibration: CalibrationConfig = CalibrationConfig()
+    mode: Literal["calibrated", "reference"] = Field(
+        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, snap, gates frozen "
+        "at search_end); reference: AMLab-Amsterdam/L0_regularization's recipe: lam is the paper's lambda per "
+        "training example, fixed; gates train to the last epoch; log_alpha clamped to [ln 0.01, ln 100]; the "
+        "weights' L2 is weight_decay/2 * sum_g P(z_g != 0) |theta_g|^2 in the loss instead of SGD decay; unit "
+        "gates of a Linear cover its input columns (variant l0-ref)")
 
 
 class STRConfig(_Strict):
@@ -165,6 +171,11 @@ class STRConfig(_Strict):
                                   "calibrated unless calibration.mode is off")
     search_end: Optional[int] = Field(None, ge=1, description="last epoch thresholds train (default 3/4 of epochs)")
     calibration: CalibrationConfig = CalibrationConfig()
+    mode: Literal["calibrated", "reference"] = Field(
+        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, thresholds frozen at "
+        "search_end, snap); reference: RAIVNLab/STR's recipe: s decays with the weights' own weight_decay "
+        "(s_weight_decay unused), thresholds train to the last epoch, no steering; the sparsity follows from "
+        "s_init and weight_decay (variant str-ref)")
 
 
 class CSConfig(_Strict):
@@ -449,6 +460,9 @@ class RunConfig(_Strict):
         for name in METHOD_SECTIONS:
             if name != self.section():
                 d.pop(name)
+        for sec in ("l0", "soft_threshold"):
+            if sec in d and d[sec].get("mode") == "calibrated":
+                d[sec].pop("mode")  # added later: calibrated runs keep their hashes
         if self.section() == "rmt" and not d["rmt"]["deflate"]:
             d["rmt"].pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
         if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing
@@ -479,6 +493,10 @@ class RunConfig(_Strict):
             return "dense-matched"
         if self.method == "hyperflux" and self.hyperflux.schedule != "controller":
             return f"hyperflux-{self.hyperflux.schedule}"
+        if self.method == "l0" and self.l0.mode == "reference":
+            return "l0-ref"
+        if self.method == "str" and self.soft_threshold.mode == "reference":
+            return "str-ref"
         if self.method == "gmp":  # per-layer GMP (Gale et al.'s uniform) is another method than global
             return "gmp" + (f"-{self.gmp.criterion}" if self.gmp.criterion != "magnitude" else "") + \
                 ("-layer" if self.gmp.scope == "layer" else "")

@@ -1,4 +1,5 @@
 """Hard-concrete L0, STR, Continuous Sparsification and the knob controller."""
+import itertools
 import math
 
 import pytest
@@ -385,3 +386,82 @@ def test_snap_leaves_a_run_the_knob_left_too_far_and_is_off_without_the_controll
     before = sparsity.density(layers)
     out = p.end_epoch(3, before)
     assert out["snap_pp"] == 0.0 and sparsity.density(layers) == before
+
+
+# ---------------------------------------------------------------- reference modes (issue 20)
+def test_l0_reference_penalty_by_hand_with_the_gated_l2_term():
+    """l0.mode reference (AMLab-Amsterdam/L0_regularization): loss term = lam * sum_g n_g P_g / N
+    + weight_decay / 2 * sum_g P_g |theta_g|^2, P_g = sigmoid(log_alpha - beta ln(-gamma / zeta)),
+    N the training images; computed here by hand from the formula, per gate and weight."""
+    from suite import datasets
+
+    net, layers, cfg, p, opt = _setup("l0", sparsity=0.5, epochs=4, weight_decay=0.01,
+                                      l0={"mode": "reference", "lam": 3.0, "granularity": "unit"})
+    n_train = datasets.get(cfg.dataset).train_images
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for q in p.params:
+            q.log_alpha.copy_(torch.randn(q.log_alpha.shape, generator=g))
+    shift = (2 / 3) * math.log(0.1 / 1.1)
+    want_l0, want_l2 = 0.0, 0.0
+    for q, (_, mod) in zip(p.params, layers):
+        w = masks.stored_weight(mod).detach()
+        la = q.log_alpha.detach()
+        for idx in itertools.product(*(range(n) for n in w.shape)):  # every weight, with its gate
+            gidx = tuple(0 if la.shape[d] == 1 else i for d, i in enumerate(idx))
+            pz = 1.0 / (1.0 + math.exp(-(float(la[gidx]) - shift)))
+            want_l0 += pz  # sum_g n_g P_g counts each covered weight once
+            want_l2 += pz * float(w[idx]) ** 2
+    got = float(p.loss_term())
+    assert got == pytest.approx(3.0 * want_l0 / n_train + 0.5 * 0.01 * want_l2, rel=1e-5)
+    # unit gates: a Linear's input columns, a Conv2d's output channels
+    assert p.params[-1].log_alpha.shape == (1, 128) and p.params[0].log_alpha.shape == (8, 1, 1, 1)
+    # the L2 term reaches the gates even where the L0 term is negligible
+    p.loss_term().backward()
+    assert all(q.log_alpha.grad.abs().sum() > 0 for q in p.params)
+
+
+def test_l0_reference_clamps_log_alpha_trains_to_the_end_and_never_snaps():
+    from suite.engine import _weight_groups  # noqa: F401  (the engine builds the groups below)
+    from suite.engine import attach_pruner
+
+    net = _net()
+    layers = prunable_layers(net, "conv_linear")
+    cfg = RunConfig(method="l0", sparsity=0.5, epochs=4, weight_decay=0.01, l0={"mode": "reference", "lam": 1.0})
+    p, opt = attach_pruner(cfg, net, layers, 10, "cpu")
+    assert cfg.variant() == "l0-ref" and p.search_end == 4
+    stored = {id(masks.stored_weight(m)) for _, m in layers}
+    groups = opt.param_groups
+    mine = [g for g in groups if {id(x) for x in g["params"]} == stored]
+    assert len(mine) == 1 and mine[0]["weight_decay"] == 0.0  # their L2 lives in the loss term
+    assert all(id(x) not in stored for g in groups if g is not mine[0] for x in g["params"])
+    with torch.no_grad():
+        p.params[0].log_alpha.fill_(9.0)
+        p.params[1].log_alpha.fill_(-9.0)
+    p.after_step(1)
+    assert float(p.params[0].log_alpha.max()) == pytest.approx(math.log(100.0))
+    assert float(p.params[1].log_alpha.min()) == pytest.approx(math.log(0.01))
+    for e in (1, 2, 3):
+        out = p.end_epoch(e, 0.9)
+        assert not p.frozen and out["knob"] == 1.0  # no steering
+    out = p.end_epoch(4, 0.9)
+    assert "snap_pp" not in out
+    cal = RunConfig(method="l0", sparsity=0.5, epochs=4, weight_decay=0.01)
+    assert cal.run_hash() != cfg.run_hash() and cal.variant() == "l0"
+
+
+def test_str_reference_decays_s_with_the_weights_decay_and_is_not_steered():
+    net, layers, cfg, p, opt = _setup("str", sparsity=0.9, epochs=4, weight_decay=3e-5,
+                                      soft_threshold={"mode": "reference", "s_init": -3.0})
+    assert cfg.variant() == "str-ref" and p.search_end == 4
+    assert p.s_group()["weight_decay"] == 3e-5
+    data = _data()
+    s0 = [float(q.s) for q in p.params]
+    _train_epoch(net, p, opt, 1, 3, data)
+    out = p.end_epoch(1, 1.0)  # far denser than the target: a calibrated run would raise the knob
+    assert out["knob"] == 3e-5 and p.s_group()["weight_decay"] == 3e-5
+    assert [float(q.s) for q in p.params] != s0 and not any(q.frozen for q in p.params)
+    for e in (2, 3):
+        p.end_epoch(e, 1.0)
+    assert not any(q.frozen for q in p.params)
+    assert "snap_pp" not in p.end_epoch(4, 1.0)
