@@ -27,7 +27,7 @@ Choices where the doc is open:
   main.py:394-397 and args.py:199: s is decayed with the weights' own weight decay): the s group's
   weight decay is the run's weight_decay, the thresholds train to the last epoch, nothing is
   steered or snapped; the sparsity follows from s_init and weight_decay (reference ResNet-50 at
-  90.23 %: s_init -3200, weight decay 2.25e-5, 100 epochs, configs/largescale/resnet50-str.yaml).
+  90.23 %: s_init -3200, weight decay 2.25e-5, 100 epochs, the STR repository's resnet50-str.yaml).
 - at the freeze (calibration.snap_pp, see suite/pruning/calibration.py) every layer's frozen
   threshold is multiplied by one common factor, found by bisection, so that the sparsity is
   exactly the target when the knob left the run within snap_pp points of it: the ratios of the
