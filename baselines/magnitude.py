@@ -12,7 +12,9 @@
   2020): train a segment, prune `prune_fraction` of the remaining weights by global
   magnitude, rewind every surviving weight (and every other parameter and buffer) to its
   value after `rewind_step` steps of the first segment, reset the optimiser state, retrain
-  with the LR schedule restarted; repeat for `levels` levels, the last one pruning exactly to
+  with the LR schedule restarted (`imp.rewind: lr`, learning-rate rewinding after Renda et al.
+  2020: the survivors keep their trained values, only the LR schedule restarts); repeat for
+  `levels` levels, the last one pruning exactly to
   the target. Its training cost is (levels + 1) segments: the run's epochs are set to
   (levels + 1) x imp.epochs_per_level (suite/config.py) and logged, so the report can divide
   by the dense run's epochs.
@@ -138,11 +140,11 @@ class IterativeMagnitude(MaskPruner):
                          if not k.endswith(".mask")}
 
     def on_train_start(self) -> None:
-        if self.imp.rewind_step == 0:
+        if self.imp.rewind_step == 0 and self.imp.rewind == "weights":
             self._take_snapshot()
 
     def after_step(self, step: int) -> None:
-        if step == self.imp.rewind_step and self.snapshot is None:
+        if step == self.imp.rewind_step and self.snapshot is None and self.imp.rewind == "weights":
             self._take_snapshot()
 
     def lrs(self, epoch: int) -> tuple[float, float]:
@@ -155,12 +157,14 @@ class IterativeMagnitude(MaskPruner):
         out = {"imp_level": float(level), "imp_levels": float(self.levels),
                "target_density": 1.0 - self.level_sparsity(level)}
         if epoch % self.epl == 0 and level < self.levels:
-            if self.snapshot is None:
+            lr_rewind = self.imp.rewind == "lr"  # Renda et al.: keep the trained weights, restart the LR
+            if self.snapshot is None and not lr_rewind:
                 raise RuntimeError("IMP: no rewind point was saved (imp.rewind_step never reached)")
             self.prune_to(self.level_sparsity(level + 1), self.imp.scope)
-            missing, unexpected = self.model.load_state_dict(self.snapshot, strict=False)
-            if unexpected or any(not k.endswith(".mask") for k in missing):
-                raise RuntimeError(f"IMP rewind: state mismatch (missing {missing}, unexpected {unexpected})")
+            if not lr_rewind:
+                missing, unexpected = self.model.load_state_dict(self.snapshot, strict=False)
+                if unexpected or any(not k.endswith(".mask") for k in missing):
+                    raise RuntimeError(f"IMP rewind: state mismatch (missing {missing}, unexpected {unexpected})")
             opt = getattr(self, "optimizer", None)
             if opt is not None:
                 opt.sgd.state.clear()  # momentum of the previous segment does not carry over

@@ -110,6 +110,10 @@ class IMPConfig(_Strict):
                                   "ceil(ln(1 - s) / ln(1 - prune_fraction)))")
     epochs_per_level: int = Field(1, ge=1, le=10000, description="epochs of each training segment")
     scope: Literal["global", "layer"] = "global"
+    rewind: Literal["weights", "lr"] = Field(
+        "weights", description="weights: the survivors go back to their values at rewind_step (Frankle et al.; "
+        "a ticket when the run starts from scratch); lr: learning-rate rewinding (Renda et al. 2020): the survivors "
+        "keep their trained values and only the LR schedule restarts (variant imp-lrr)")
 
     @model_validator(mode="after")
     def _fraction_or_levels(self):
@@ -463,6 +467,8 @@ class RunConfig(_Strict):
         for sec in ("l0", "soft_threshold"):
             if sec in d and d[sec].get("mode") == "calibrated":
                 d[sec].pop("mode")  # added later: calibrated runs keep their hashes
+        if "imp" in d and d["imp"].get("rewind") == "weights":
+            d["imp"].pop("rewind")
         if self.section() == "rmt" and not d["rmt"]["deflate"]:
             d["rmt"].pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
         if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing
@@ -493,6 +499,8 @@ class RunConfig(_Strict):
             return "dense-matched"
         if self.method == "hyperflux" and self.hyperflux.schedule != "controller":
             return f"hyperflux-{self.hyperflux.schedule}"
+        if self.method == "imp" and self.imp.rewind == "lr":
+            return "imp-lrr"
         if self.method == "l0" and self.l0.mode == "reference":
             return "l0-ref"
         if self.method == "str" and self.soft_threshold.mode == "reference":

@@ -153,3 +153,36 @@ def test_imp_equal_share_per_level_lands_on_the_target_in_a_fixed_budget(s):
 def test_imp_null_fraction_needs_levels():
     with pytest.raises(Exception, match="prune_fraction null"):
         RunConfig(method="imp", sparsity=0.9, imp={"prune_fraction": None})
+
+
+def test_imp_learning_rate_rewinding_keeps_the_trained_weights():
+    """imp.rewind: lr (Renda et al. 2020, variant imp-lrr): at each level the survivors keep the
+    values they were trained to (masked), the optimiser state is cleared and the LR restarts; no
+    rewind point is stored. Weight rewinding (the default) puts them back to the start."""
+    results = {}
+    for mode in ("weights", "lr"):
+        torch.manual_seed(0)
+        net = _net()
+        layers = prunable_layers(net, "conv_linear")
+        cfg = RunConfig(method="imp", sparsity=0.6, epochs=1, imp={"epochs_per_level": 2, "rewind": mode})
+        p = IterativeMagnitude(cfg, layers, steps_per_epoch=5)
+        p.attach(net)
+
+        class Opt:
+            sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        p.bind_optimizer(Opt)
+        p.on_train_start()
+        start = [masks.stored_weight(m).detach().clone() for _, m in layers]
+        for _ in _imp_steps(p, net, layers, 2, 5, Opt.sgd.state):
+            pass
+        # after epoch 2 the first level was pruned: compare the survivors with the start
+        now = [masks.stored_weight(m).detach().clone() for _, m in layers]
+        results[mode] = (start, now, p, Opt)
+        assert sparsity.sparsity(layers) == pytest.approx(1 - 0.8, abs=1e-3)
+        assert len(Opt.sgd.state) == 0
+    start, now, p, _ = results["weights"]
+    assert all(torch.equal(a, b) for a, b in zip(start, now)) and p.snapshot is not None
+    start, now, p, _ = results["lr"]
+    assert all(not torch.equal(a, b) for a, b in zip(start, now)) and p.snapshot is None
+    assert RunConfig(method="imp", sparsity=0.6, imp={"rewind": "lr"}).variant() == "imp-lrr"
+    assert p.lrs(3) == p.lrs(1)  # the LR schedule restarts with the level
