@@ -1118,11 +1118,12 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
               "; ".join(c.flags) or "ok"] for c in checks],
             note=(f"A cell is flagged when its total training budget is outside {P.BUDGET_RANGE[0]}-"
                   f"{P.BUDGET_RANGE[1]} of its control's, its achieved sparsity is more than {P.TARGET_MISS_PP:g} pp "
-                  f"from the target, it has fewer than {P.MIN_SEEDS} seeds, or a shared setting ({', '.join(P.SHARED)}) "
+                  f"from the target in any run, it has fewer than {P.MIN_SEEDS} seeds, or a shared setting ({', '.join(P.SHARED)}) "
                   f"differs from its control's. Flagged cells: {sec.flagged} of {len(checks)}. Snap: for the "
-                  "methods whose sparsity follows a calibrated knob (L0, STR, CS), the mean distance in sparsity "
-                  "points between where the knob left the run and the target, closed at the end of the search by "
-                  "one global scalar of the method's own mask rule (calibration.snap_pp; '—': not such a method)."),
+                  "methods whose sparsity follows a calibrated knob (L0, STR, CS; Hyperflux with hyperflux.snap_pp), "
+                  "the mean size in sparsity points of the move that closed, at the end of the search, the gap the "
+                  "knob left to the target, by one global scalar of the method's own mask rule (calibration.snap_pp; "
+                  "the gap itself is logged per run as snap_gap_pp; '—': not such a method)."),
             kind="protocol"))
     conv = _convergence(sec, recs)
     if conv is not None:
@@ -1137,7 +1138,7 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
             ranked, missed = [], []
             for c in by_target[t]:
                 row = row_of[(c.method, t)]
-                miss = row.check.miss_pp
+                miss = row.check.worst_pp
                 (missed if miss is not None and abs(miss) > P.EQUAL_SPARSITY_PP else ranked).append((row, c))
             ranked.sort(key=lambda rc: -(rc[0].test_mean() or 0.0))
             for i, (row, c) in enumerate(ranked, 1):
@@ -1151,7 +1152,7 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
         tables.append(Table(
             "Ranking per target sparsity", ["target %", "rank", "method", "test top-1 (%)", "control",
                                             "paired Δ vs control (pp)", "p (Holm)", "call"], rank_rows,
-            note=(f"Methods within {P.EQUAL_SPARSITY_PP:g} pp of the target, by mean test top-1. Δ is paired by "
+            note=(f"Methods whose every run is within {P.EQUAL_SPARSITY_PP:g} pp of the target, by mean test top-1. Δ is paired by "
                   "seed (the same seed shares the dense start) against the equal-budget dense control, with a "
                   "95 % t interval; p from the paired t test, Holm-corrected over every comparison of this "
                   f"section (alpha {P.ALPHA:g}); better / worse only where the corrected test rejects."),
@@ -1190,8 +1191,8 @@ def _summary_grid(sec: "_Section", comps: list, methods: list[str], targets: lis
     for t in targets:
         ok = [(row_of[(m, _sparsity_key(t))].test_mean(), m) for m in methods if (m, _sparsity_key(t)) in row_of
               and row_of[(m, _sparsity_key(t))].check is not None
-              and row_of[(m, _sparsity_key(t))].check.miss_pp is not None
-              and abs(row_of[(m, _sparsity_key(t))].check.miss_pp) <= P.EQUAL_SPARSITY_PP
+              and row_of[(m, _sparsity_key(t))].check.worst_pp is not None
+              and abs(row_of[(m, _sparsity_key(t))].check.worst_pp) <= P.EQUAL_SPARSITY_PP
               and row_of[(m, _sparsity_key(t))].test_mean() is not None]
         if ok:
             best[_sparsity_key(t)] = max(ok)[1]
@@ -1203,7 +1204,7 @@ def _summary_grid(sec: "_Section", comps: list, methods: list[str], targets: lis
             if row is None:
                 cells.append("—")
                 continue
-            miss = row.check.miss_pp if row.check is not None else None
+            miss = row.check.worst_pp if row.check is not None else None
             if miss is not None and abs(miss) > P.EQUAL_SPARSITY_PP:
                 cells.append(f"missed ({_pct(row.achieved_mean())} %)")
                 continue
@@ -1215,10 +1216,10 @@ def _summary_grid(sec: "_Section", comps: list, methods: list[str], targets: lis
     controls = "; ".join(f"{r.method} {_mean_ci_cell(r.test)} %" for r in sec.rows if _is_dense(r.method))
     return Table("Summary: test top-1 (%) by method and target sparsity",
                  ["method"] + [f"{_pct(t)} %" for t in targets], rows,
-                 note=("Mean ± 95 % t half-width over seeds. ★ best mean among the methods within "
-                       f"{P.EQUAL_SPARSITY_PP:g} pp of the target; ▲ / ▼ better / worse than the equal-budget dense "
+                 note=("Mean ± 95 % t half-width over seeds. ★ best mean among the methods whose every run "
+                       f"is within {P.EQUAL_SPARSITY_PP:g} pp of the target; ▲ / ▼ better / worse than the equal-budget dense "
                        "control, paired by seed, Holm-corrected (no mark: no difference the test can show, or "
-                       "too few seeds); 'missed' when the run ended more than "
+                       "too few seeds); 'missed' when a run ended more than "
                        f"{P.EQUAL_SPARSITY_PP:g} pp from the target. Dense controls: {controls or 'none'}."),
                  numeric=set(range(1, len(targets) + 1)), kind="summary")
 

@@ -394,6 +394,16 @@ def cmd_fidelity(a) -> int:
     return 1 if problems else 0
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that shows each option's default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -409,19 +419,19 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hfbench", description="Pruning benchmark suite: Hyperflux against baselines.",
                                 epilog="start here: hfbench sweep configs/demo.yaml, then hfbench report configs/demo.yaml",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _sub_add = sub.add_parser
 
     def add_parser(name, **kw):  # every command shows its defaults in --help
-        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kw.setdefault("formatter_class", _DefaultsHelp)
         return _sub_add(name, **kw)
     sub.add_parser = add_parser
 
     d = sub.add_parser("data", help="write FFCV .beton files")
     d.add_argument("dataset", help="fashion-mnist | imagefolder | cifar10 | cifar100")
-    d.add_argument("--out", default="data", help="output folder (default: data)")
+    d.add_argument("--out", default="data", help="output folder")
     d.add_argument("--val-size", type=int, default=5000,
                    help="images held out of train for validation; cifar10/cifar100: 0 = none, train on all "
                         "50,000 (the reference setting): files <name>_full_*, dataset <name>_full")
@@ -468,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     fn = sub.add_parser("fit-npl", help="fit the Neural Pruning Law (density vs minimum surviving saliency)")
     fn.add_argument("--experiment", required=True)
     fn.add_argument("--tracking-uri")
-    fn.add_argument("--lo", type=float, default=0.005, help="fit only densities above this (default 0.005)")
-    fn.add_argument("--hi", type=float, default=0.5, help="and at most this (default 0.5)")
+    fn.add_argument("--lo", type=float, default=0.005, help="fit only densities above this")
+    fn.add_argument("--hi", type=float, default=0.5, help="and at most this")
     fn.set_defaults(fn=cmd_fit_npl)
 
     t = sub.add_parser("train", help="train one run config in this process")
@@ -499,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     cf = sub.add_parser("config", help="inspect a sweep config")
     cfs = cf.add_subparsers(dest="config_cmd", metavar="show", required=True)
     cs = cfs.add_parser("show", help="the runs a sweep config expands to, or one run's resolved config",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_DefaultsHelp)
     cs.add_argument("config")
     cs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, as sweep does")
     cs.add_argument("--run", help="print this run's resolved config (run name or hash) as YAML")

@@ -387,11 +387,13 @@ class RunConfig(_Strict):
         if self.method == "hyperflux" and self.hyperflux.pruning_end > self.epochs:
             raise ValueError(
                 f"hyperflux.pruning_end ({self.hyperflux.pruning_end}) must be <= epochs ({self.epochs})")
-        if self.method == "hyperflux" and self.hyperflux.snap_pp > 0 and \
-                self.hyperflux.pruning_end + self.hyperflux.freeze_gates_after >= self.epochs:
-            raise ValueError(f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch pruning_end + "
-                             f"freeze_gates_after ({self.hyperflux.pruning_end} + {self.hyperflux.freeze_gates_after}), "
-                             f"which must come before the last epoch ({self.epochs})")
+        if self.method == "hyperflux" and self.hyperflux.snap_pp > 0:
+            from suite.pruning.hyperflux import snap_epoch
+
+            if snap_epoch(self.hyperflux) >= self.epochs:
+                raise ValueError(f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch "
+                                 f"{snap_epoch(self.hyperflux)} (pruning_end + freeze_gates_after, at least pruning_end "
+                                 f"+ 1 with phase_off_by_one), which must come before the last epoch ({self.epochs})")
         if self.method == "hyperflux":
             from suite.pruning.hyperflux import PressureScheduler
 
@@ -698,6 +700,12 @@ class ScaleConfig(_Strict):
             h["pruning_end"] = new_p
             if "freeze_gates_after" in h:
                 h["freeze_gates_after"] = sc(h["freeze_gates_after"]) if h["freeze_gates_after"] else 0
+                if h.get("snap_pp") and isinstance(h["freeze_gates_after"], int):
+                    # the snap needs an epoch after the freeze: shorten the regrowth's gate training, else
+                    # lengthen the run by the missing epochs
+                    quirk = 1 if "phase_off_by_one" in (h.get("quirks") or []) else 0
+                    h["freeze_gates_after"] = max(quirk, min(h["freeze_gates_after"], ep - 1 - new_p))
+                    f["epochs"] = ep = max(ep, new_p + max(h["freeze_gates_after"], quirk) + 1)
         elif method == "gmp":
             g = sec("gmp")
             start = min(sc(g["start_epoch"]) if g.get("start_epoch") else 0, max(ep - 1, 0))
@@ -895,7 +903,15 @@ class SweepConfig(_Strict):
                 if method == "dense" and fields.get("init") != "pretrained":
                     fields["init"] = "scratch"
                 self.scale.apply(fields)
-                where = f"overrides.{method}" if method in self.overrides else "base"
+                ov = self.overrides.get(method, {})
+
+                def where(loc, ov=ov, method=method):  # the value's own place: the method's overrides, or base
+                    node = ov
+                    for part in loc:
+                        if not isinstance(node, dict) or part not in node:
+                            return "base"
+                        node = node[part]
+                    return f"overrides.{method}"
                 cfg = _validate(RunConfig, fields, where=where, source=f"run {method}")
                 if cfg.run_hash() not in seen:
                     seen.add(cfg.run_hash())
@@ -1095,15 +1111,32 @@ def _short(v: Any, limit: int = 80) -> str:
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
-def _format_errors(err: ValidationError, where: str = "") -> str:
+def _model_at(model: Any, loc: tuple) -> Any:
+    """The pydantic model class that holds the field at `loc` (None past a dict or list)."""
+    for part in loc[:-1]:
+        f = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        ann = getattr(f, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _format_errors(err: ValidationError, where: Any = "", model: Any = None) -> str:
+    """One line per error at its dotted place; `where` is a prefix, or a function of the error's
+    location that gives it (a run's field may come from base or from its method's overrides)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if where:
-            loc = f"{where}.{loc}" if e["loc"] else where
+        w = where(e["loc"]) if callable(where) else where
+        if w:
+            loc = f"{w}.{loc}" if e["loc"] else w
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            holder = _model_at(model, tuple(e["loc"])) if model is not None else None
+            if holder is not None and e["loc"]:
+                msg += did_you_mean(e["loc"][-1], holder.model_fields)
         elif e["type"] == "missing":
             msg = "required field missing"
         elif e["type"] == "value_error":
@@ -1117,11 +1150,11 @@ def _format_errors(err: ValidationError, where: str = "") -> str:
     return "\n".join(lines)
 
 
-def _validate(model: type[BaseModel], data: Any, where: str = "", source: str = "config"):
+def _validate(model: type[BaseModel], data: Any, where: Any = "", source: str = "config"):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid {model.__name__}:\n{_format_errors(err, where)}") from None
+        raise ConfigError(f"{source}: invalid {model.__name__}:\n{_format_errors(err, where, model)}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

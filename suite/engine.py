@@ -843,6 +843,12 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             metrics["grad_scale"] = float(scaler.get_scale())
             metrics["skipped_steps"] = float(opt.skipped_steps)
         metrics.update(pruner.end_epoch(epoch, dens))
+        if metrics.get("snap_pp"):  # the method moved its mask at the epoch's end: the ruler reads it again
+            now = sparsity.active(layers)
+            layer_rows[-len(layers):] = [(epoch, name, float(a.float().mean())) for (name, _), a in zip(layers, now)]
+            dens = sparsity.density_of(now)
+            active = now
+            metrics.update(density=dens, sparsity=1 - dens)
         if cfg.flux_every and (epoch % cfg.flux_every == 0 or epoch == cfg.epochs) and rank == 0 \
                 and probe_batch is not None:
             tp = time.time()  # diagnostics on this epoch's last batch; training never sees them

@@ -164,3 +164,21 @@ def test_mlflow_experiment_opens_on_training_runs_with_a_note_and_runs_carry_the
     logger.finish("FINISHED")
     run = c.get_run(logger.run_id)
     assert run.data.tags["mlflow.source.git.commit"] == head and len(head) == 40
+
+
+def test_config_errors_point_at_base_or_overrides_by_where_the_value_was_written(tmp_path, capsys):
+    """Hostile review: `--set base.imp.prune_fraction=null` was reported under overrides.dense;
+    sweep-level typos had no did-you-mean."""
+    assert main(["config", "show", "configs/demo.yaml", "--set", "base.imp.prune_fraction=null"]) == 2
+    err = capsys.readouterr().err
+    assert "  base.imp: imp.prune_fraction null" in err and "overrides.dense" not in err
+    assert main(["config", "show", "configs/demo.yaml", "--set", "overrides.gmp.gmp.end_epoch=900"]) == 2
+    assert "  overrides.gmp: gmp.end_epoch must be in" in capsys.readouterr().err
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("name: t\nexperimnt: x\ngrid: {methods: [dense], dense_convergnce: true}\nlauncher: {paralelism: 2}\n")
+    assert main(["sweep", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    for line in ("grid.dense_convergnce: unknown key (did you mean 'dense_convergence'?)",
+                 "launcher.paralelism: unknown key (did you mean 'parallelism'?)",
+                 "experimnt: unknown key (did you mean 'experiment'?)"):
+        assert line in err

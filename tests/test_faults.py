@@ -827,3 +827,32 @@ def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, 
         r.stderr[-2000:]
     (run,) = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("big-batch").experiment_id])
     assert run.info.status == "FAILED" and "batch_size 60000" in run.data.tags["hfbench.error"]
+
+
+def test_a_snap_in_the_last_epoch_is_what_the_run_records(tmp_path, betons):
+    """Hostile review: L0 snapped at the end of its only epoch (search_end = epochs), yet the run
+    recorded the density measured before the snap (final_sparsity 0.0 for a 5 % run whose
+    weights were 5 % sparse). The ruler now reads the mask again after the epoch's end."""
+    import json
+
+    from suite import tracking
+
+    cfg = tmp_path / "run.yaml"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg.write_text(f"method: l0\nmodel: lenet300\nsparsity: 0.05\nepochs: 1\nmax_steps_per_epoch: 2\n"
+                   f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\ntracking_uri: {uri}\n"
+                   f"experiment: snap-last\n")
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(cfg)], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = tracking.client(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("snap-last").experiment_id])
+    m = run.data.metrics
+    n = 784 * 300 + 300 * 100 + 100 * 10
+    assert m["snap_pp"] > 0 and abs(m["final_sparsity"] - 0.05) <= 1.0 / n, m
+    assert m["sparsity"] == m["final_sparsity"]
+    import mlflow
+
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/layer_density.csv")
+    rows = [ln.split(",") for ln in text.splitlines()[1:]]
+    assert abs(1 - sum(int(r[3]) for r in rows) / n - 0.05) <= 1.0 / n

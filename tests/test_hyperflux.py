@@ -208,3 +208,40 @@ def test_snap_at_the_gate_freeze_meets_the_target_with_the_gates_own_ranking():
     with pytest.raises(ValueError, match="snap_pp"):  # the freeze must leave epochs to train after it
         RunConfig(method="hyperflux", sparsity=0.6, epochs=5,
                   hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0})
+
+
+def test_snap_works_for_every_pressure_schedule_and_waits_for_the_quirks_extra_epoch():
+    """Hostile review: with schedule fixed the snap was skipped; with phase_off_by_one and
+    freeze_gates_after 0 it came at epoch P, one epoch before the gates stop training."""
+    from suite.pruning.hyperflux import snap_epoch
+
+    model = _tiny()
+    layers = prunable_layers(model, "conv_linear")
+    cfg = RunConfig(method="hyperflux", sparsity=0.6, epochs=6,
+                    hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0, "schedule": "fixed",
+                               "fixed_gamma": 0.1})
+    hf = Hyperflux(cfg, layers, 1)
+    hf.attach(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        raw = [torch.randn(p.gate.shape, generator=g) for p in hf.params]
+        cut = torch.quantile(torch.cat([r.flatten() for r in raw]), 0.58)
+        for p, r in zip(hf.params, raw):
+            p.gate.copy_(r - cut)
+    n = sum(p.gate.numel() for p in hf.params)
+    out = hf.end_epoch(5, sparsity.density(layers))
+    assert "snap_pp" in out and abs(sparsity.sparsity(layers) - 0.6) <= 1.0 / n
+    h = RunConfig(method="hyperflux", sparsity=0.6, epochs=6,
+                  hyperflux={"pruning_end": 3, "freeze_gates_after": 0, "snap_pp": 5.0,
+                             "quirks": ["phase_off_by_one"]}).hyperflux
+    assert snap_epoch(h) == 4  # epoch P + 1 still trains the gates under the quirk
+    with pytest.raises(ValueError, match="snap_pp"):
+        RunConfig(method="hyperflux", sparsity=0.6, epochs=4,
+                  hyperflux={"pruning_end": 3, "freeze_gates_after": 0, "snap_pp": 5.0, "quirks": ["phase_off_by_one"]})
+    # a smoke scale keeps the snap before the last epoch (the fair protocol at --scale 0.1 was refused)
+    from suite.config import load_sweep
+
+    runs = load_sweep("configs/fmnist_fair.yaml", {"scale.epochs": 0.1}).expand()
+    for r in runs:
+        if r.method == "hyperflux":
+            assert snap_epoch(r.hyperflux) < r.epochs

@@ -465,3 +465,13 @@ def test_str_reference_decays_s_with_the_weights_decay_and_is_not_steered():
         p.end_epoch(e, 1.0)
     assert not any(q.frozen for q in p.params)
     assert "snap_pp" not in p.end_epoch(4, 1.0)
+
+
+def test_snap_reports_the_gap_and_closes_a_gap_of_exactly_snap_pp():
+    from suite.pruning.calibration import snap_to
+
+    moved = []
+    out = snap_to(0.4, 10.0, 0.5, lambda x: moved.append(x), lambda: 0.4, 0.0, 1.0)  # 0.5 - 0.4: 10 pp in floats
+    assert moved and out["snap_gap_pp"] == pytest.approx(10.0) and out["snap_pp"] == pytest.approx(10.0)
+    out = snap_to(0.1, 10.0, 0.5, lambda x: None, lambda: 0.1, 0.0, 1.0)  # 40 pp: left, gap logged
+    assert out["snap_pp"] == 0.0 and out["snap_gap_pp"] == pytest.approx(40.0)

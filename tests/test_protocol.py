@@ -202,3 +202,23 @@ def test_summary_grid_leads_the_section_with_best_calls_and_misses(tmp_path):
     assert rows["l0"] == "missed (47.00 %)"  # 95 % top-1, but not at the target: no number to compare
     html = (tmp_path / "rep" / "index.html").read_text()
     assert html.index('data-kind="summary"') < html.index('data-kind="accuracy"') < html.index("<h2>Environment</h2>")
+
+
+def test_a_cell_is_missed_when_any_of_its_runs_is_off_target_not_by_its_mean(tmp_path):
+    """Hostile review: seeds at 48 / 52 / 50 % for a 50 % target averaged to the target and got ★;
+    a comparison at equal sparsity needs every run on target."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("spread")
+    i = 0
+    for seed, ach in enumerate((0.48, 0.52, 0.50)):
+        for variant, a, test in (("dense", 0.0, 0.90), ("magnitude", ach, 0.93), ("gmp", None, 0.89)):
+            i += 1
+            _log(client, exp, i, variant, 0.0 if variant == "dense" else 0.5, seed, test + 0.001 * seed, 100.0, a)
+    build_report(uri, "spread", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    grid = md.split("#### Summary: test top-1 (%) by method and target sparsity", 1)[1].split("\n\n", 2)[1]
+    assert "| magnitude | missed (50.00 %) |" in grid and "★" in next(ln for ln in grid.splitlines() if "| gmp |" in ln)
+    proto = md.split("| method | target % | seeds | budget (× control) |", 1)[1].split("\n\n", 1)[0]
+    mag = next(ln for ln in proto.splitlines() if ln.startswith("| magnitude |"))
+    assert "target missed by -2.0 pp (one seed)" in mag and mag.split(" | ")[4] == "+0.00"

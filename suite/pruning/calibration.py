@@ -26,10 +26,15 @@ The last step of the search is a snap (`calibration.snap_pp`, 0: off): when the 
 the run within `snap_pp` percentage points of the target, one scalar of the method's own
 decision rule (L0: a shift of every log_alpha; STR: one factor on every layer's threshold; CS:
 the cut on s that binarises the mask) is set by bisection so that the ruler reads the target.
-The method's own scores still decide which weights survive and how the layers share the budget;
-only the global cut moves. The knob's own result is logged (`knob_sparsity`) and so is the size
-of the move (`snap_pp`), so the report can say how far the knob got. A run the knob left further
-away than `snap_pp` is not moved, and the report lists it as missed.
+The method's own scores still decide which weights survive and how the layers share the budget.
+For CS and Hyperflux only the cut moves; L0's shift also changes the value of every surviving
+gate (z = clamp(1.2 sigmoid(log_alpha - x) - 0.1)) and STR's factor the shrinkage of every
+surviving weight, which the epochs after the snap train with. Logged: where the knob left the run
+(`knob_sparsity`), the gap to the target (`snap_gap_pp`) and the move made (`snap_pp`), so the
+report can say how far the knob got. A run further away than `snap_pp` is not moved (the report
+lists it as missed); a rule that cannot reach the target (ties) moves to the closest density it
+can. STR's sparsity can still creep up after its freeze (weights shrinking under the frozen
+threshold), so its final sparsity is measured, not assumed.
 """
 from __future__ import annotations
 
@@ -120,9 +125,10 @@ def snap_to(target_density: float, max_pp: float, density_now: float,
     target (and max_pp > 0), move the rule's scalar so the ruler reads the target. Returns the
     metrics to log: knob_sparsity (before), snap_pp (the move, in sparsity points; 0 when not
     moved)."""
-    out = {"knob_sparsity": 1.0 - density_now, "snap_pp": 0.0}
+    out = {"knob_sparsity": 1.0 - density_now, "snap_pp": 0.0,
+           "snap_gap_pp": 100.0 * (density_now - target_density)}  # what was left to close, moved or not
     gap_pp = 100.0 * abs(density_now - target_density)
-    if max_pp <= 0 or gap_pp > max_pp or gap_pp == 0.0:
+    if max_pp <= 0 or gap_pp > max_pp + 1e-9 or gap_pp == 0.0:  # 1e-9: a gap of exactly max_pp is closed
         return out
     _, d = bisect_density(apply, measure, target_density, lo, hi)
     out["snap_pp"] = 100.0 * (density_now - d)

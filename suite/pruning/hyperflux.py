@@ -10,7 +10,8 @@
 - Phase 2 (epochs P+1..E): gamma = 0; weight LR reset_lr -> end_lr_regrowth (cosine); gate LR
   gate_lr * reset_scaler, times `decay` each epoch, 0 after `freeze_gates_after` epochs.
 - Not in the paper, off by default: `snap_pp` > 0 shifts every gate by one common amount when
-  the gates freeze (after epoch P + freeze_gates_after), so that the frozen mask meets the target
+  the gates freeze (after epoch P + freeze_gates_after; at least P + 1 with phase_off_by_one,
+  whose epoch P + 1 still trains the gates), so that the frozen mask meets the target
   exactly when the run is within snap_pp points of it (the fair protocol's equal-sparsity rule,
   the same snap the calibrated baselines get, suite/pruning/calibration.py); the gates' own
   values still rank the weights. Logged: knob_sparsity (before), snap_pp (the move).
@@ -29,6 +30,11 @@ from suite.pruning.calibration import snap_to
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
+
+
+def snap_epoch(h) -> int:
+    """The epoch after which hyperflux.snap_pp snaps (see Hyperflux.snap_epoch)."""
+    return h.pruning_end + max(h.freeze_gates_after, 1 if "phase_off_by_one" in h.quirks else 0)
 
 
 class PressureScheduler:
@@ -182,6 +188,8 @@ class Hyperflux(Pruner):
         pressured_until = P + 1 if quirk else P  # last epoch that trains under pressure
         if self.constant_gamma is not None:  # fixed or law-based pressure: constant through pruning
             self.gamma = self.constant_gamma if epoch < pressured_until else 0.0
+            if self.h.snap_pp > 0 and epoch == self.snap_epoch():
+                out.update(self._snap(density))
             return out
         if epoch < P:
             self.gamma = self.scheduler.update(epoch, 100.0 * density)
@@ -193,9 +201,14 @@ class Hyperflux(Pruner):
         else:
             self.gamma = 0.0
         out["pressure_g"] = self.scheduler.g
-        if self.h.snap_pp > 0 and epoch == P + self.h.freeze_gates_after:
+        if self.h.snap_pp > 0 and epoch == self.snap_epoch():
             out.update(self._snap(density))
         return out
+
+    def snap_epoch(self) -> int:
+        """The last epoch in which the gates train: P + freeze_gates_after, and at least P + 1 with
+        the reference's phase_off_by_one (its epoch P + 1 trains gates under pressure)."""
+        return snap_epoch(self.h)
 
     @torch.no_grad()
     def _snap(self, density: float) -> dict[str, float]:
