@@ -227,11 +227,14 @@ def matrix_view(W: torch.Tensor) -> torch.Tensor:
 DEFAULT_ALPHA = 0.25  # fit window: the central half of the eigenvalues (the public code's alpha)
 DEFAULT_BETA = 0.01   # TW tail probability of the edge; see "Default beta" in the module docstring
 DEFAULT_DEFLATE = True  # fit sigma^2 on the bulk without the values counted above the edge
+# quantile position of the i-th smallest value in the scale fit: (i + 0.5) / p, the midpoint of
+# its probability cell; the public code (RMT_pruning_ViT RMT.py:172 at b839c13) uses i / p
+DEFAULT_QUANTILE_OFFSET = 0.5
 
 
 @torch.no_grad()
 def mp_edge_fit(W: torch.Tensor, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-                deflate: bool = DEFAULT_DEFLATE) -> MPFit:
+                deflate: bool = DEFAULT_DEFLATE, quantile_offset: float = DEFAULT_QUANTILE_OFFSET) -> MPFit:
     """Fit the MP bulk of one weight tensor and locate its upper edge (module docstring has
     the conventions). alpha: window quantiles alpha .. 1 - alpha; beta: TW level, the edge
     uses the (1 - beta) quantile of TW_1, so beta is the chance that pure noise shows a
@@ -240,10 +243,11 @@ def mp_edge_fit(W: torch.Tensor, alpha: float = DEFAULT_ALPHA, beta: float = DEF
     (False: one fit on all p values, as the public code)."""
     X = matrix_view(W.detach()).to("cpu", torch.float64)
     return mp_edge_fit_svals(torch.linalg.svdvals(X).numpy(), tuple(X.shape), alpha=alpha, beta=beta,
-                             deflate=deflate)
+                             deflate=deflate, quantile_offset=quantile_offset)
 
 
-def _bulk_fit(s: np.ndarray, n: int, p: int, k: int, alpha: float) -> tuple[float, float]:
+def _bulk_fit(s: np.ndarray, n: int, p: int, k: int, alpha: float,
+              offset: float = DEFAULT_QUANTILE_OFFSET) -> tuple[float, float]:
     """(sigma2, ks) of the p - k smallest singular values (s descending) taken as the
     singular values of an (n - k) x (p - k) noise matrix: eigenvalues s^2 / (n - k) against
     the unit MP law with ratio (p - k) / (n - k). k = 0 is the plain fit."""
@@ -254,7 +258,7 @@ def _bulk_fit(s: np.ndarray, n: int, p: int, k: int, alpha: float) -> tuple[floa
     if hi <= lo:
         raise ValueError(f"empty fit window for {pk} singular values at alpha={alpha}")
     idx = np.arange(lo, hi)
-    q = mp_quantile((idx + 0.5) / pk, gk)
+    q = mp_quantile((idx + offset) / pk, gk)
     sigma2 = float(np.dot(q, lam[idx]) / np.dot(q, q))
     if sigma2 > 0.0:
         F = mp_cdf(lam[idx] / sigma2, gk)
@@ -265,7 +269,8 @@ def _bulk_fit(s: np.ndarray, n: int, p: int, k: int, alpha: float) -> tuple[floa
 
 
 def mp_edge_fit_svals(s: np.ndarray, shape: tuple[int, int], alpha: float = DEFAULT_ALPHA,
-                      beta: float = DEFAULT_BETA, deflate: bool = DEFAULT_DEFLATE) -> MPFit:
+                      beta: float = DEFAULT_BETA, deflate: bool = DEFAULT_DEFLATE,
+                      quantile_offset: float = DEFAULT_QUANTILE_OFFSET) -> MPFit:
     """`mp_edge_fit` from the singular values `s` (any order) of an N x M matrix view, so
     that several settings can be tried on one SVD (scripts/mp_fit_check.py does)."""
     if not 0.0 <= alpha < 0.5:
@@ -286,7 +291,7 @@ def mp_edge_fit_svals(s: np.ndarray, shape: tuple[int, int], alpha: float = DEFA
     k, seen = 0, set()
     while True:
         seen.add(k)
-        sigma2, ks = _bulk_fit(s, n, p, k, alpha)
+        sigma2, ks = _bulk_fit(s, n, p, k, alpha, quantile_offset)
         sv_edge = math.sqrt(n * max(sigma2 * edge_unit, 0.0))
         n_above = int(np.sum(s > sv_edge))
         k_next = min(n_above, k_max)

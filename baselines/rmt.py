@@ -119,7 +119,8 @@ class _RMTBase(MaskPruner):
         return super().lrs(epoch)
 
     def fit_all(self) -> list[mp.MPFit]:
-        self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate)
+        self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate,
+                                    quantile_offset=self.r.quantile_offset)
                      for w in self.stored()]
         return self.fits
 
@@ -197,6 +198,10 @@ class SpectralEdgeRestore(_RMTBase):
         return hook
 
     def over_target(self) -> float:
+        """The over-pruned sparsity SER selects from: rho * s (the paper's multiplicative rule), or
+        s + rmt.ser_reinsert (the released code: 3 % of all weights, absolute), at most 0.999."""
+        if self.r.ser_reinsert is not None:
+            return min(self.cfg.sparsity + self.r.ser_reinsert, 0.999)
         return min(self.r.ser_rho * self.cfg.sparsity, 0.999)
 
     @torch.no_grad()

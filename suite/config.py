@@ -220,6 +220,10 @@ class RMTConfig(_Strict):
     seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
     seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
     ser_rho: float = Field(1.1, ge=1, description="SER: over-prune to min(rho * s, 0.999) before restoring")
+    ser_reinsert: Optional[float] = Field(None, gt=0, lt=1, description="SER: over-prune to s + this (absolute) "
+                                          "instead of rho * s; the released code reinserts 0.03 of all weights")
+    quantile_offset: float = Field(0.5, ge=0, lt=1, description="MP scale fit: the i-th smallest value sits at "
+                                   "quantile (i + offset) / p (0.5: its cell's midpoint; the public code: 0)")
     hybrid_switch: float = Field(0.2, gt=0, lt=1, description="hybrid: magnitude up to this sparsity, SER beyond")
     regularised_epochs: int = Field(1, ge=0, description="classical RMT: epochs of the short regularised fine-tune")
     l1: float = Field(1e-5, ge=0, description="classical RMT: L1 coefficient (on sum |w| of the prunable weights) "
@@ -471,6 +475,11 @@ class RunConfig(_Strict):
                 d[sec].pop("mode")  # added later: calibrated runs keep their hashes
         if "imp" in d and d["imp"].get("rewind") == "weights":
             d["imp"].pop("rewind")
+        if self.section() == "rmt":  # added later: runs without them keep their hashes
+            if d["rmt"].get("ser_reinsert") is None:
+                d["rmt"].pop("ser_reinsert", None)
+            if d["rmt"].get("quantile_offset") == 0.5:
+                d["rmt"].pop("quantile_offset", None)
         if self.section() == "rmt" and not d["rmt"]["deflate"]:
             d["rmt"].pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
         if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing

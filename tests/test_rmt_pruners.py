@@ -329,3 +329,36 @@ def test_each_method_through_its_hooks_hits_the_target(method, s):
     q = registry.get(method)(p.cfg, layers, 6)
     q.params = p.params
     q.load_state_dict(st)
+
+
+def test_ser_reinsert_over_prunes_by_an_absolute_share_as_the_released_code():
+    """rmt.ser_reinsert 0.03 (the released code's prune-then-restore 3 %): the over-pruned
+    sparsity is s + 0.03, not rho * s; SER still ends on the target."""
+    s = 0.5
+    net, layers, p, opt = _setup("ser", s, epochs=2, rmt={"ser_reinsert": 0.03})
+    assert p.over_target() == pytest.approx(0.53)
+    p.on_train_start()
+    N = _n(layers)
+    assert sum(int((o == 0).sum()) for o in p.over) == round(0.53 * N)
+    assert RunConfig(method="ser", sparsity=0.5, rmt={"ser_reinsert": 0.03}).run_hash() != \
+        RunConfig(method="ser", sparsity=0.5).run_hash()
+
+
+def test_mp_fit_quantile_offset_reproduces_the_public_codes_i_over_p():
+    """rmt.quantile_offset 0 puts the i-th smallest eigenvalue at quantile i / p (the public code);
+    sigma^2 is then the least-squares scale against those quantiles, computed here directly."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    W = torch.randn(200, 80, dtype=torch.float64)
+    s = torch.linalg.svdvals(W).numpy()
+    n, p = 200, 80
+    lam = np.sort(s ** 2 / n)
+    lo, hi = int(0.25 * p), int(0.75 * p)
+    idx = np.arange(lo, hi)
+    for off in (0.0, 0.5):
+        q = mp.mp_quantile((idx + off) / p, p / n)
+        want = float(np.dot(q, lam[idx]) / np.dot(q, q))
+        got = mp.mp_edge_fit(W, deflate=False, quantile_offset=off).sigma2
+        assert got == pytest.approx(want, rel=1e-12)
+    assert mp.mp_edge_fit(W, deflate=False, quantile_offset=0.0).sigma2 != mp.mp_edge_fit(W, deflate=False).sigma2
