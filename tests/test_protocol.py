@@ -222,3 +222,30 @@ def test_a_cell_is_missed_when_any_of_its_runs_is_off_target_not_by_its_mean(tmp
     proto = md.split("| method | target % | seeds | budget (× control) |", 1)[1].split("\n\n", 1)[0]
     mag = next(ln for ln in proto.splitlines() if ln.startswith("| magnitude |"))
     assert "target missed by -2.0 pp (one seed)" in mag and mag.split(" | ")[4] == "+0.00"
+
+
+def test_methods_table_says_which_mode_ran(tmp_path):
+    """The report's "Methods in this section" reads each method's mode from its runs' params:
+    a calibrated L0 with its snap limit, a reference-mode STR, IMP's kind of rewinding."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("modes")
+    extra = {"l0": {"l0.mode": "calibrated", "l0.calibration.snap_pp": "10.0"},
+             "str-ref": {"soft_threshold.mode": "reference"}, "imp-lrr": {"imp.rewind": "lr"}}
+    i = 0
+    for seed in (0, 1, 2):
+        for variant in ("dense", "l0", "str-ref", "imp-lrr"):
+            i += 1
+            _log(client, exp, i, variant, 0.0 if variant == "dense" else 0.5, seed, 0.9, 100.0)
+            run = client.search_runs([exp], f"tags.`hfbench.run_hash` = '{i:012x}'")[0]
+            for k, v in extra.get(variant, {}).items():
+                client.log_param(run.info.run_id, k, v)
+            if variant != "dense":
+                client.set_tag(run.info.run_id, "hfbench.method", variant.split("-")[0])
+    build_report(uri, "modes", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    table = md.split("#### Methods in this section", 1)[1].split("\n\n", 2)[1]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines()[2:]}
+    assert "calibrated mode" in rows["l0"] and "at most 10.0 pp" in rows["l0"]
+    assert "reference mode" in rows["str-ref"]
+    assert "learning-rate rewinding" in rows["imp-lrr"]
