@@ -138,6 +138,7 @@ class RunRecord:
     remaining_macs: float | None = None
     cost_note: str = ""
     control: str = ""  # what the report compares this run with (filled in by build_report)
+    layer_counts: list | None = None  # its layer_density.csv rows (filled in by build_report)
     budget_ratio: float | None = None  # total budget / the control's
 
     @property
@@ -1319,6 +1320,52 @@ def _convergence(sec: "_Section", recs: list[RunRecord]):
                  kind="convergence")
 
 
+def _layer_target(recs: list[RunRecord]) -> float | None:
+    """The target the per-layer view shows: 90 % when runs have it, else the highest target that
+    at least two methods reached with layer counts."""
+    by: dict[float, set[str]] = defaultdict(set)
+    for r in recs:
+        if not _is_dense(r.method) and r.layer_counts and r.target_sparsity:
+            by[_sparsity_key(r.target_sparsity)].add(r.method)
+    ok = [t for t, ms in by.items() if len(ms) >= 2]
+    if not ok:
+        return None
+    return 0.9 if 0.9 in ok else max(ok)
+
+
+def _plot_layers(section: "_Section", path: Path, recs: list[RunRecord], target: float) -> None:
+    """Density of each prunable layer per method at one target (mean over seeds): how each method
+    spreads the same budget over the layers."""
+    import numpy as np
+
+    by: dict[str, list[list[dict]]] = defaultdict(list)
+    for r in recs:
+        if not _is_dense(r.method) and r.layer_counts and _sparsity_key(r.target_sparsity) == target:
+            by[r.method].append(r.layer_counts)
+    methods = sorted(by, key=_method_order)
+    layers = [row["layer"] for row in by[methods[0]][0]]
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    width = 0.8 / len(methods)
+    x = np.arange(len(layers))
+    for i, m in enumerate(methods):
+        dens = [statistics.fmean(c[j]["nonzero"] / max(c[j]["numel"], 1) for c in by[m] if j < len(c))
+                for j in range(len(layers))]
+        colour, _ = method_style(m)
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, [100 * d for d in dens], width, color=colour, label=m)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+    ax.set_xticks(x, layers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("density of the layer (%, log scale)")
+    ax.set_title(f"{section.dataset} / {section.model}: density per layer at {_pct(target)} % sparsity")
+    ax.legend(fontsize=7, ncol=2)
+    fig.subplots_adjust(bottom=0.22, left=0.12)
+    fig.savefig(path)
+
+
 def _plot_cost(section: "_Section", path: Path, records: list[RunRecord]) -> None:
     """Test top-1 against total training budget (dense-equivalent epochs), one point per run."""
     fig = _new_figure()
@@ -1558,6 +1605,7 @@ def _add_costs(client, records: list[RunRecord]) -> None:
     texts = _read_artifacts(client, done, "layer_density.csv")
     for r in done:
         layers = flops.parse_layer_density(texts[r.run_id]) if r.run_id in texts else None
+        r.layer_counts = layers
         geo = flops.geometry(r.model, r.dataset) if layers else None
         c = flops.run_cost(layers, geo, r.final_density)
         r.compression_ratio, r.theoretical_speedup = c.compression, c.speedup
@@ -1650,6 +1698,12 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
             name = f"acc_vs_sparsity_{stem}.png"
             _plot_accuracy(sec, out_dir / name, recs)
             sec.plots.append((name, f"Test top-1 vs achieved sparsity, {dataset} / {model}"))
+
+        lt = _layer_target(recs)
+        if lt is not None:
+            name = f"layers_{stem}.png"
+            _plot_layers(sec, out_dir / name, recs, lt)
+            sec.plots.append((name, f"Density per prunable layer at {_pct(lt)} % sparsity, by method, {dataset} / {model}"))
 
         hf = [r for r in recs if r.method.startswith(_HYPERFLUX)]
         curves = []

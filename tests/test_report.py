@@ -506,3 +506,13 @@ def test_published_rows_are_matched_like_for_like():
     assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "pretrained")[0].top1 == 75.76
     assert published.matches("imagenet", "resnet50", "gmp-layer", 0.965, table, "scratch") == []  # 95 and 98 tie
     assert [p.sparsity for p in published.matches("imagenet", "resnet50", "str", 0.96, table, "scratch")] == [0.9515]
+
+
+def test_per_layer_density_view_shows_each_methods_layer_budget(large):
+    """The per-layer view (issue 19): one bar per method and prunable layer at 90 %, from each
+    run's layer_density.csv; listed among the report's plots."""
+    files = large["files"]
+    names = [n for n in files if n.startswith("layers_")]
+    assert names and all(files[n].stat().st_size > 0 for n in names)
+    md = files["report.md"].read_text()
+    assert all(f"]({n})" in md for n in names) and "Density per prunable layer at 90.00 % sparsity" in md
