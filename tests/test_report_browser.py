@@ -142,3 +142,32 @@ def test_committed_multi_seed_report_in_chromium(tmp_path):
     assert t.get("accuracy") == 1 and t.get("compute") == 1, t
     md = (SEEDS_REPORT / "report.md").read_text()
     assert "95 % t confidence interval" in md and "step-time ratio (bench)" in md
+
+
+FAIR_REPORT = Path(__file__).resolve().parents[1] / "reports" / "fmnist_fair"
+
+
+def test_committed_fair_report_in_chromium(tmp_path):
+    """The committed report of the fair protocol (configs/fmnist_fair.yaml, 174 runs): every run
+    finished, 3 seeds behind every method and target, every run within 0.5 pp of its target, no
+    protocol flag, the dense convergence shown; index.html renders in Chromium with every image,
+    the summary grid first, and no error."""
+    import csv
+
+    rows = list(csv.DictReader((FAIR_REPORT / "results.csv").open()))
+    assert len(rows) == 174 and {r["status"] for r in rows} == {"FINISHED"}
+    seeds: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        seeds.setdefault((r["method"], r["target_sparsity"]), set()).add(r["seed"])
+        if float(r["target_sparsity"]) > 0:
+            assert abs(float(r["achieved_sparsity"]) - float(r["target_sparsity"])) <= 0.005, r["run_name"]
+    assert all(len(s) == 3 for s in seeds.values())
+    md = (FAIR_REPORT / "report.md").read_text()
+    assert "Flagged cells: 0 of 55." in md and "converged (gain < 0.2 pp)" in md
+    result, console = check_page(FAIR_REPORT / "index.html", tmp_path)
+    assert result["images"] == len(list(FAIR_REPORT.glob("*.png"))) > 0
+    assert result["broken"] == [] and result["errors"] == [] and console == [], (result, console)
+    t = result["tables"]
+    assert t.get("summary") == 1 and t.get("convergence") == 1 and t.get("protocol") == 1, t
+    html = (FAIR_REPORT / "index.html").read_text()
+    assert html.index('data-kind="summary"') < html.index('data-kind="accuracy"')
