@@ -810,19 +810,26 @@ def test_weights_cut_short_are_not_taken_for_finished_weights(tmp_path):
         load_weights(p)
 
 
+def _train_one(tmp_path, betons, fields: str, experiment: str):
+    """`hfbench train` of one run config (`fields` plus data, output and a sqlite store under
+    tmp_path) in its own process: (the finished process, the tracking URI)."""
+    cfg = tmp_path / "run.yaml"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg.write_text(fields + f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\n"
+                   f"tracking_uri: {uri}\nexperiment: {experiment}\n")
+    r = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(cfg)], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    return r, uri
+
+
 def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, betons):
     """FFCV waits forever for a first batch it cannot fill (batch_size 60,000 over 55,000
     training images hung `hfbench train` for minutes). The run now fails at once, naming
     batch_size, and its MLflow run is FAILED with that reason."""
     from suite import tracking
 
-    cfg = tmp_path / "run.yaml"
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    cfg.write_text(f"method: dense\nepochs: 1\nbatch_size: 60000\nmax_steps_per_epoch: 2\n"
-                   f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\ntracking_uri: {uri}\n"
-                   f"experiment: big-batch\n")
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(cfg)], capture_output=True, text=True,
-                       env=_env(), timeout=300)
+    r, uri = _train_one(tmp_path, betons, "method: dense\nepochs: 1\nbatch_size: 60000\nmax_steps_per_epoch: 2\n",
+                        "big-batch")
     assert r.returncode != 0 and "batch_size 60000 x 1 ranks is larger than the training set" in r.stderr, \
         r.stderr[-2000:]
     (run,) = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("big-batch").experiment_id])
@@ -833,17 +840,10 @@ def test_a_snap_in_the_last_epoch_is_what_the_run_records(tmp_path, betons):
     """Hostile review: L0 snapped at the end of its only epoch (search_end = epochs), yet the run
     recorded the density measured before the snap (final_sparsity 0.0 for a 5 % run whose
     weights were 5 % sparse). The ruler now reads the mask again after the epoch's end."""
-    import json
-
     from suite import tracking
 
-    cfg = tmp_path / "run.yaml"
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    cfg.write_text(f"method: l0\nmodel: lenet300\nsparsity: 0.05\nepochs: 1\nmax_steps_per_epoch: 2\n"
-                   f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\ntracking_uri: {uri}\n"
-                   f"experiment: snap-last\n")
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(cfg)], capture_output=True, text=True,
-                       env=_env(), timeout=300)
+    r, uri = _train_one(tmp_path, betons, "method: l0\nmodel: lenet300\nsparsity: 0.05\nepochs: 1\n"
+                        "max_steps_per_epoch: 2\n", "snap-last")
     assert r.returncode == 0, r.stderr[-2000:]
     c = tracking.client(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("snap-last").experiment_id])
