@@ -422,7 +422,6 @@ def test_l0_reference_penalty_by_hand_with_the_gated_l2_term():
 
 
 def test_l0_reference_clamps_log_alpha_trains_to_the_end_and_never_snaps():
-    from suite.engine import _weight_groups  # noqa: F401  (the engine builds the groups below)
     from suite.engine import attach_pruner
 
     net = _net()
