@@ -148,14 +148,19 @@ class CalibrationConfig(_Strict):
 class L0Config(_Strict):
     """Hard-concrete L0 gates (Louizos, Welling & Kingma 2018)."""
 
-    granularity: Literal["weight", "unit"] = Field("weight", description="one gate per weight, or per output unit")
+    granularity: Optional[Literal["weight", "unit"]] = Field(
+        None, description="one gate per weight, or per unit (a Conv2d's output channel; a Linear's output row, "
+        "its input column in reference mode); default: weight, reference mode unit (the reference code has no "
+        "per-weight gates)")
     lam: float = Field(1.0, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
                        "normalised by the number of gates); calibrated unless calibration.mode is off")
     beta: float = Field(2 / 3, gt=0, description="temperature of the hard-concrete distribution")
     gamma: float = Field(-0.1, lt=0, description="stretch interval lower end")
     zeta: float = Field(1.1, gt=1, description="stretch interval upper end")
-    drop_init: float = Field(0.1, gt=0, lt=1, description="initial drop probability of each gate")
-    gate_lr: float = Field(0.05, gt=0, le=10, description="Adam learning rate of log_alpha")
+    drop_init: Optional[float] = Field(None, gt=0, lt=1, description="initial drop probability of each gate "
+                                       "(default 0.1; reference mode 0.5, the reference's LeNet-5 script)")
+    gate_lr: Optional[float] = Field(None, gt=0, le=10, description="Adam learning rate of log_alpha (default "
+                                     "0.05; reference mode 0.001, the LeNet-5 script's Adam)")
     search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
                                       "afterwards the test-time gates are frozen and the weights fine-tune")
     calibration: CalibrationConfig = CalibrationConfig()
@@ -165,6 +170,17 @@ class L0Config(_Strict):
         "training example, fixed; gates train to the last epoch; log_alpha clamped to [ln 0.01, ln 100]; the "
         "weights' L2 is weight_decay/2 * sum_g P(z_g != 0) |theta_g|^2 in the loss instead of SGD decay; unit "
         "gates of a Linear cover its input columns (variant l0-ref)")
+
+    @model_validator(mode="after")
+    def _mode_defaults(self):
+        ref = self.mode == "reference"
+        if self.granularity is None:
+            self.granularity = "unit" if ref else "weight"
+        if self.drop_init is None:
+            self.drop_init = 0.5 if ref else 0.1
+        if self.gate_lr is None:
+            self.gate_lr = 1e-3 if ref else 0.05
+        return self
 
 
 class STRConfig(_Strict):
@@ -185,24 +201,53 @@ class STRConfig(_Strict):
 class CSConfig(_Strict):
     """Continuous Sparsification (Savarese et al. 2020): mask sigmoid(beta s) / sigmoid(s0)."""
 
+    mode: Literal["calibrated", "reference"] = Field(
+        "calibrated", description="calibrated: the suite's equal-sparsity mode (lam steered, beta per step, Adam on "
+        "the masks, anti-windup, snap); reference: lolemacs/continuous-sparsification's recipe: lam fixed, the knob "
+        "is s0; beta x beta_final^(1/(epochs_per_round-1)) per epoch, back to 1 each round; round reset "
+        "s <- min(s, s0) (the code's order); masks trained by the weights' SGD (no weight decay); the LR schedule "
+        "restarts every round and for the retraining; soft mask at evaluation during the search; after the search "
+        "the weights rewind to the start of epoch rewind_epoch and the ticket 1[s > 0] / sigmoid(s0) retrains "
+        "for the remaining epochs (variant cs-ref)")
     rounds: int = Field(3, ge=1, le=100, description="search rounds (beta annealed 1 -> beta_final in each)")
-    epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds")
+    epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds "
+                                            "(reference mode: epochs / (rounds + 1), the last share retrains)")
     beta_final: float = Field(200.0, gt=1, description="temperature reached at the end of each round")
-    s_init: float = Field(0.1, gt=0, description="s0: initial mask parameter (mask starts at 1); > 0 so that the "
-                          "hard mask 1[s > 0] the suite measures starts dense; small, so a mask reaches 0 within "
-                          "an epoch of the knob asking for it (0.5: two epochs of lag, overshoot)")
-    lam: float = Field(1e-8, gt=0, description="knob: lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); "
-                       "calibrated unless calibration.mode is off; start value: with s0 0.1, 1e-7 pruned 26 % in "
-                       "the first epoch (target 4 %) and the controller settled near 1e-8 in round 1 (measured)")
-    mask_lr: float = Field(0.01, gt=0, le=100, description="Adam learning rate of the mask parameters")
+    s_init: Optional[float] = Field(None, ge=-100, le=100, description="s0: initial mask parameter (default 0.1; "
+                                    "reference mode 0.0, the reference's knob: lower is sparser). Calibrated mode "
+                                    "needs s0 > 0, so that the hard mask 1[s > 0] the suite measures starts dense; "
+                                    "small, so a mask reaches 0 within an epoch of the knob asking for it (0.5: two "
+                                    "epochs of lag, overshoot)")
+    lam: float = Field(1e-8, gt=0, description="lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); the "
+                       "knob, calibrated, unless calibration.mode is off or mode is reference (fixed); start "
+                       "value: with s0 0.1, 1e-7 pruned 26 % in the first epoch (target 4 %) and the controller "
+                       "settled near 1e-8 in round 1 (measured)")
+    mask_lr: float = Field(0.01, gt=0, le=100, description="Adam learning rate of the mask parameters (calibrated "
+                           "mode; reference mode trains them with the weights' SGD and LR)")
     control_beta_s: float = Field(2.0, gt=0, description="the knob controller holds the knob while beta * s_init "
                                   "exceeds this (anti-windup: the density stops moving at beta * s0 ~ 3, about 60 % "
                                   "into a round; without the hold the knob wound up 30-90x and the next round "
                                   "collapsed, measured)")
-    rewind: bool = Field(False, description="retrain the final binary mask from the run's starting weights (off: "
-                         "in the 80 x 25 protocol the 20 low-LR fine-tuning epochs cannot recover the rewound "
-                         "weights, 90.1 % -> 77.9 % top-1 at 91 % sparsity, measured)")
+    rewind: Optional[bool] = Field(None, description="retrain the final binary mask from the weights at the start "
+                                   "of epoch rewind_epoch (default: off in calibrated mode, on in reference mode; "
+                                   "off: in the 80 x 25 protocol the 20 low-LR fine-tuning epochs of the calibrated "
+                                   "mode cannot recover the rewound weights, 90.1 % -> 77.9 % top-1 at 91 % "
+                                   "sparsity, measured)")
+    rewind_epoch: int = Field(2, ge=0, description="the rewind point: the weights at the start of this 0-based "
+                              "epoch of the first round (after this many epochs; the reference's 2)")
     calibration: CalibrationConfig = CalibrationConfig(lookahead=3.0)  # see cs docstring (measured)
+
+    @model_validator(mode="after")
+    def _mode_defaults(self):
+        ref = self.mode == "reference"
+        if self.s_init is None:
+            self.s_init = 0.0 if ref else 0.1
+        if self.rewind is None:
+            self.rewind = ref
+        if not ref and self.s_init <= 0:
+            raise ValueError(f"cs.s_init = {self.s_init:g}: the calibrated mode needs s0 > 0 (the hard mask 1[s > 0] "
+                             f"must start dense); s0 <= 0 is for mode: reference")
+        return self
 
 
 class RMTConfig(_Strict):
@@ -236,6 +281,25 @@ METHOD_SECTIONS = {"hyperflux": HyperfluxConfig, "magnitude": MagnitudeConfig, "
                    "imp": IMPConfig, "l0": L0Config, "soft_threshold": STRConfig, "cs": CSConfig, "rmt": RMTConfig}
 # methods that read another method's section (the RMT family shares one)
 SECTION_OF = {"str": "soft_threshold", "seb": "rmt", "ser": "rmt", "rmt_hybrid": "rmt"}
+# named variants a sweep can list in grid.methods (and key overrides by): a method with the one
+# option that makes it another recipe; RunConfig.variant() gives the name back
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "l0-ref": ("l0", {"l0": {"mode": "reference"}}),
+    "str-ref": ("str", {"soft_threshold": {"mode": "reference"}}),
+    "cs-ref": ("cs", {"cs": {"mode": "reference"}}),
+    "imp-lrr": ("imp", {"imp": {"rewind": "lr"}}),
+    "gmp-layer": ("gmp", {"gmp": {"scope": "layer"}}),
+}
+
+
+def cs_round_epochs(run) -> int:
+    """Epochs of one CS search round: as given, or 3/4 of the run split over the rounds (calibrated),
+    or the run split into rounds + 1 equal segments, the last retraining the ticket (reference)."""
+    c = run.cs
+    if c.epochs_per_round:
+        return c.epochs_per_round
+    share = run.epochs // (c.rounds + 1) if c.mode == "reference" else (3 * run.epochs) // 4 // c.rounds
+    return max(1, share)
 
 
 def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
@@ -425,6 +489,17 @@ class RunConfig(_Strict):
                 if self.method == "cs" else (sec.search_end or 1)
             if end > self.epochs:
                 raise ValueError(f"{self.method}: the search phase ({end} epochs) must fit in epochs ({self.epochs})")
+        if self.method == "cs" and self.cs.mode == "reference":
+            epr = cs_round_epochs(self)
+            if self.cs.rounds * epr >= self.epochs:
+                raise ValueError(f"cs: reference mode retrains the ticket after {self.cs.rounds} rounds of {epr} "
+                                 f"epochs; epochs ({self.epochs}) leaves no retraining")
+            if self.cs.rewind and self.cs.rewind_epoch >= epr:
+                raise ValueError(f"cs.rewind_epoch ({self.cs.rewind_epoch}) must fall inside the first round "
+                                 f"({epr} epochs)")
+            if self.lr_schedule == "step" and self.lr_milestones and self.lr_milestones[-1] >= epr:
+                raise ValueError(f"lr_milestones: cs reference mode restarts the schedule every round, so its "
+                                 f"milestones count within a round of {epr} epochs; got {self.lr_milestones}")
         if self.method == "gmp" and self.gmp.criterion == "taylor" and self.engine.precision == "fp16":
             raise ValueError("gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
                              "use engine.precision bf16 or fp32")
@@ -470,9 +545,11 @@ class RunConfig(_Strict):
         for name in METHOD_SECTIONS:
             if name != self.section():
                 d.pop(name)
-        for sec in ("l0", "soft_threshold"):
+        for sec in ("l0", "soft_threshold", "cs"):
             if sec in d and d[sec].get("mode") == "calibrated":
                 d[sec].pop("mode")  # added later: calibrated runs keep their hashes
+        if "cs" in d and not d["cs"]["rewind"]:
+            d["cs"].pop("rewind_epoch")  # added later, read only when rewinding
         if "imp" in d and d["imp"].get("rewind") == "weights":
             d["imp"].pop("rewind")
         if self.section() == "rmt":  # added later: runs without them keep their hashes
@@ -727,6 +804,8 @@ class ScaleConfig(_Strict):
                 s_["search_end"] = min(sc(s_["search_end"]), ep)
         elif method == "cs":
             c = sec("cs")
+            if c.get("rewind_epoch"):
+                c["rewind_epoch"] = sc(c["rewind_epoch"])
             rounds = c.get("rounds", CSConfig.model_fields["rounds"].default)
             if c.get("epochs_per_round") is not None:
                 c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds, 1)))
@@ -821,7 +900,9 @@ class SweepConfig(_Strict):
     base: dict[str, Any] = Field(default_factory=dict, description="run fields shared by every run")
     grid: GridConfig = GridConfig()
     overrides: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per-method run fields, e.g. {hyperflux: {epochs: 12}}")
+        default_factory=dict, description="per-method run fields, e.g. {hyperflux: {epochs: 12}}; a key may "
+        "also be a variant of grid.methods (l0-ref: {...}) or one target of a method or variant (str-ref@0.9: "
+        "{...}, as a published recipe sets its knob per sparsity); applied in that order, the most specific last")
     launcher: LauncherConfig = LauncherConfig()
     reuse_dense: bool = Field(False, description="start from dense weights already in out_dir (same hash) "
                                                  "even if that dense run is not in this experiment")
@@ -895,13 +976,19 @@ class SweepConfig(_Strict):
             raise ConfigError(f"grid: models x seeds x methods x sparsities x grid.params values gives {n:,} runs "
                               f"(more than {MAX_GRID_RUNS:,}); split the sweep")
         combos = list(itertools.product(*[v for _, v in axes])) if axes else [()]
-        for model, seed, method, combo in itertools.product(models, self.grid.seeds, self.grid.methods, combos):
+        for model, seed, entry, combo in itertools.product(models, self.grid.seeds, self.grid.methods, combos):
+            method, preset = VARIANTS.get(entry, (entry, {}))
             if method == "dense" and combo != combos[0]:
                 continue  # extra axes vary the pruning runs; one dense run per model and seed
             sparsities = [0.0] if method == "dense" else self.grid.sparsities
             for s in sparsities:
                 fields = _deep_copy(self.base)
-                _deep_update(fields, self.overrides.get(method, {}))
+                keys = [method] + ([entry] if entry != method else []) + [f"{entry}@{s:g}"]
+                layers = [(k, self.overrides.get(k, {})) for k in keys]
+                _deep_update(fields, layers[0][1])
+                _deep_update(fields, _deep_copy(preset))
+                for _, ov in layers[1:]:
+                    _deep_update(fields, ov)
                 if method != "dense":
                     for (key, _), value in zip(axes, combo):
                         set_dotted(fields, key, value)
@@ -912,15 +999,16 @@ class SweepConfig(_Strict):
                 if method == "dense" and fields.get("init") != "pretrained":
                     fields["init"] = "scratch"
                 self.scale.apply(fields)
-                ov = self.overrides.get(method, {})
-
-                def where(loc, ov=ov, method=method):  # the value's own place: the method's overrides, or base
-                    node = ov
-                    for part in loc:
-                        if not isinstance(node, dict) or part not in node:
-                            return "base"
-                        node = node[part]
-                    return f"overrides.{method}"
+                def where(loc, layers=layers):  # the value's own place: the most specific overrides, or base
+                    for key, ov in reversed(layers):
+                        node = ov
+                        for part in loc:
+                            if not isinstance(node, dict) or part not in node:
+                                break
+                            node = node[part]
+                        else:
+                            return f"overrides.{key}"
+                    return "base"
                 cfg = _validate(RunConfig, fields, where=where, source=f"run {method}")
                 if cfg.run_hash() not in seen:
                     seen.add(cfg.run_hash())
@@ -963,12 +1051,18 @@ class SweepConfig(_Strict):
     def _check(self):
         from suite.pruning import registry
 
-        bad = [f"grid.methods[{i}]: unknown method {m!r}{did_you_mean(m, registry.names())}"
-               for i, m in enumerate(self.grid.methods) if m not in registry.names()]
-        bad += [f"overrides.{m}: unknown method {m!r}{did_you_mean(m, registry.names())}"
-                for m in self.overrides if m not in registry.names()]
+        known = registry.names() + sorted(VARIANTS)
+        bad = [f"grid.methods[{i}]: unknown method {m!r}{did_you_mean(m, known)}"
+               for i, m in enumerate(self.grid.methods) if m not in known]
+        for m in self.overrides:
+            name, at, target = m.partition("@")
+            if name not in known:
+                bad.append(f"overrides.{m}: unknown method {name!r}{did_you_mean(name, known)}")
+            elif at and _target(target) not in self.grid.sparsities:
+                bad.append(f"overrides.{m}: {target!r} is not one of grid.sparsities "
+                           f"({', '.join(f'{x:g}' for x in self.grid.sparsities)})")
         if bad:
-            bad[-1] += f" (known: {', '.join(registry.names())})"
+            bad[-1] += f" (known: {', '.join(known)})"
         bad += _unknown_keys(self.base, RunConfig, "base")
         for m, o in self.overrides.items():
             bad += _unknown_keys(o, RunConfig, f"overrides.{m}")
@@ -978,6 +1072,13 @@ class SweepConfig(_Strict):
             if k in self.base:
                 raise ValueError(f"base.{k}: set by the grid or the sweep, not in base")
         return self
+
+
+def _target(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

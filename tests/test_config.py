@@ -231,3 +231,47 @@ def test_status_takes_the_sweeps_overrides_and_finds_its_runs(tmp_path, capsys):
     assert "1 finished" in out and run.run_hash() in out, out
     assert main(["status", str(cfg)]) == 0
     assert "1 not submitted" in capsys.readouterr().out
+
+
+VARIANT_SWEEP = """
+name: t
+base: {model: fmnist_cnn, epochs: 8, init: dense}
+grid: {methods: [dense, l0, l0-ref, imp-lrr, gmp-layer], sparsities: [0.5, 0.9], seeds: [0]}
+overrides:
+  l0: {l0: {lam: 2.0}}
+  l0-ref: {l0: {drop_init: 0.3}}
+  l0-ref@0.9: {l0: {lam: 7.0}}
+"""
+
+
+def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(VARIANT_SWEEP)
+    runs = {(r.variant(), r.sparsity): r for r in load_sweep(p).expand()}
+    # every listed variant runs under its own name, at every target
+    assert set(runs) == {("dense", 0.0)} | {(v, s) for v in ("l0", "l0-ref", "imp-lrr", "gmp-layer")
+                                             for s in (0.5, 0.9)}
+    assert runs[("l0-ref", 0.5)].l0.mode == "reference" and runs[("l0", 0.5)].l0.mode == "calibrated"
+    assert runs[("imp-lrr", 0.5)].imp.rewind == "lr" and runs[("gmp-layer", 0.9)].gmp.scope == "layer"
+    # the method's overrides reach its variant; the variant's and the target's own come after
+    assert runs[("l0", 0.5)].l0.lam == runs[("l0", 0.9)].l0.lam == 2.0
+    assert runs[("l0-ref", 0.5)].l0.lam == 2.0 and runs[("l0-ref", 0.9)].l0.lam == 7.0
+    assert runs[("l0-ref", 0.5)].l0.drop_init == 0.3 and runs[("l0", 0.5)].l0.drop_init != 0.3
+
+
+@pytest.mark.parametrize("key,names", [("l0-reff", "did you mean 'l0-ref'"),
+                                       ("l0-ref@0.8", "0.8' is not one of grid.sparsities (0.5, 0.9)")])
+def test_bad_override_keys_are_refused_naming_the_key(tmp_path, key, names):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(VARIANT_SWEEP.replace("l0-ref@0.9:", f"{key}:"))
+    with pytest.raises(ConfigError) as e:
+        load_sweep(p)
+    assert f"overrides.{key}" in str(e.value) and names in str(e.value)
+
+
+def test_a_bad_value_in_a_target_override_is_placed_there(tmp_path):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(VARIANT_SWEEP.replace("lam: 7.0", "lam: -1"))
+    with pytest.raises(ConfigError) as e:
+        load_sweep(p).expand()
+    assert "overrides.l0-ref@0.9.l0.lam" in str(e.value)

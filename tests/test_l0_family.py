@@ -194,7 +194,7 @@ def test_cs_mask_anneals_to_the_hard_mask():
 def test_cs_schedule_round_reset_binarise_and_rewind():
     net, layers, cfg, p, opt = _setup("cs", sparsity=0.5, epochs=5, cs={"rounds": 2, "epochs_per_round": 2,
                                                                         "beta_final": 100.0, "s_init": 0.1,
-                                                                        "rewind": True})
+                                                                        "rewind": True, "rewind_epoch": 0})
     assert p.search_end == 4 and sparsity.density(layers) == 1.0
     start = {k: v.clone() for k, v in net.state_dict().items() if "parametrizations.weight.0" not in k}
     assert p.beta_at(0) == 1.0 and p.beta_at(19) == pytest.approx(100.0) and p.beta_at(20) == 1.0
@@ -224,11 +224,84 @@ def test_cs_schedule_round_reset_binarise_and_rewind():
     now = net.state_dict()
     for k, v in start.items():
         assert torch.equal(now[k], v), k
+    scale = 1 + math.exp(-0.1)  # 1 / sigmoid(s0): the ticket keeps the training scale, as the reference's
     for q, sg, (_, mod) in zip(p.params, signs, layers):
-        assert torch.equal(q.final_mask, sg.float())
+        assert torch.equal(q.final_mask, sg.float() * q.scale) and q.scale == pytest.approx(scale)
         net.train()
-        assert torch.equal(mod.weight, masks.stored_weight(mod) * sg.float())
+        assert torch.equal(mod.weight, masks.stored_weight(mod) * (sg.float() * q.scale))
     assert p.state_dict()["snapshot"] is None
+
+
+def test_cs_reference_mode_follows_the_reference_loop():
+    """cs.mode reference against lolemacs/continuous-sparsification main.py (5bd4039), computed the
+    way its loop does: temp *= final_temp ** (1 / (epochs - 1)) at each later epoch of a round and
+    back to 1 for the next, s <- min(s, s0) between rounds, the LR schedule by the round's epoch,
+    weights rewound to the start of epoch 2, the ticket 1[s > 0] / sigmoid(s0)."""
+    net, layers, cfg, p, opt = _setup("cs", sparsity=0.5, epochs=12, lr=0.1, lr_schedule="step",
+                                      lr_milestones=[2], lr_gamma=0.1,
+                                      cs={"mode": "reference", "rounds": 2, "beta_final": 100.0})
+    assert cfg.cs.s_init == 0.0 and cfg.cs.rewind is True and cfg.cs.rewind_epoch == 2  # reference defaults
+    assert p.epr == 4 and p.search_end == 8  # 12 epochs = 2 rounds of 4 + 4 retraining
+    assert p.gate_parameters() == []  # the masks train in the weights' SGD, without weight decay
+    mask_group = [g for g in opt.sgd.param_groups if any(q is p.params[0].s for q in g["params"])]
+    assert len(mask_group) == 1 and mask_group[0]["weight_decay"] == 0.0
+    temp_increase = 100.0 ** (1 / (4 - 1))
+    temp, want_beta, want_lr = 1.0, [], []
+    for epoch in range(8):  # the reference's two rounds
+        e = epoch % 4
+        temp = 1.0 if e == 0 else temp * temp_increase
+        want_beta.append(temp)
+        want_lr.append(0.1 * (0.1 if e >= 2 else 1.0))
+    data = _data()
+    lrs, betas, snap = [], [], None
+    for epoch in range(1, 9):
+        if epoch == 5:  # round 2 starts: the reset after the temperature went back to 1
+            with torch.no_grad():
+                p.params[0].s.view(-1)[:3] = torch.tensor([-0.4, 0.3, 0.0])
+            s_before = p.params[0].s.detach().clone()
+        w_lr, g_lr = p.lrs(epoch)
+        if epoch == 5:
+            assert torch.equal(p.params[0].s, torch.clamp(s_before, max=0.0))
+        if epoch == 3:  # the rewind point: the weights at the start of 0-based epoch 2
+            snap = {k: v.clone() for k, v in net.state_dict().items() if "parametrizations.weight.0" not in k}
+        lrs.append(w_lr)
+        betas.append(p.params[0].beta)
+        assert g_lr == 0.0
+        opt.set_lrs(w_lr, g_lr)
+        net.train()
+        for i in range(3):
+            loss = nn.functional.cross_entropy(net(data[0]), data[1])
+            term = p.loss_term()
+            q = p.params[1]  # the penalty: lam * sum(sigmoid(beta s) / sigmoid(s0)) over every mask
+            want = cfg.cs.lam * sum((torch.sigmoid(m.beta * m.s) / 0.5).sum() for m in p.params)
+            assert term.item() == pytest.approx(want.item(), rel=1e-6)
+            opt.zero_grad()
+            (loss + term).backward()
+            opt.step()
+            p.after_step((epoch - 1) * 3 + i + 1)
+            assert q.beta == betas[-1]  # one temperature per epoch
+        net.eval()
+        mod = layers[0][1]  # evaluation sees the soft mask at the epoch's temperature
+        m0 = p.params[0]
+        assert torch.allclose(mod.weight, masks.stored_weight(mod) * torch.sigmoid(m0.beta * m0.s) / 0.5)
+    assert betas == pytest.approx(want_beta) and lrs == pytest.approx(want_lr)
+    signs = [(q.s > 0).float() for q in p.params]
+    w_lr, _ = p.lrs(9)
+    assert w_lr == pytest.approx(0.1) and p.binary and p.loss_term() is None  # the retraining restarts the LR
+    assert p.lrs(11)[0] == pytest.approx(0.01)
+    now = net.state_dict()
+    for k, v in snap.items():
+        assert torch.equal(now[k], v), k
+    for q, sg in zip(p.params, signs):
+        assert torch.equal(q.final_mask, sg * 2.0)  # 1[s > 0] / sigmoid(0)
+    assert opt.sgd.state == {}
+
+
+def test_cs_reference_mode_refuses_a_run_without_retraining():
+    with pytest.raises(Exception, match="leaves no retraining"):
+        RunConfig(method="cs", sparsity=0.5, epochs=6, cs={"mode": "reference", "rounds": 3, "epochs_per_round": 2})
+    with pytest.raises(Exception, match="calibrated mode needs s0 > 0"):
+        RunConfig(method="cs", sparsity=0.5, epochs=6, cs={"s_init": 0.0})
 
 
 # ---------------------------------------------------------------- controller
