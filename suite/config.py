@@ -593,6 +593,8 @@ class RunConfig(_Strict):
             return "l0-ref"
         if self.method == "str" and self.soft_threshold.mode == "reference":
             return "str-ref"
+        if self.method == "cs" and self.cs.mode == "reference":
+            return "cs-ref"
         if self.method == "gmp":  # per-layer GMP (Gale et al.'s uniform) is another method than global
             return "gmp" + (f"-{self.gmp.criterion}" if self.gmp.criterion != "magnitude" else "") + \
                 ("-layer" if self.gmp.scope == "layer" else "")

@@ -244,6 +244,13 @@ overrides:
 """
 
 
+def test_every_named_variant_runs_under_its_name():
+    from suite.config import VARIANTS
+    for name, (method, preset) in VARIANTS.items():
+        assert RunConfig(method=method, sparsity=0.9, epochs=8, **preset).variant() == name
+        assert RunConfig(method=method, sparsity=0.9, epochs=8).variant() != name
+
+
 def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
     p = tmp_path / "sweep.yaml"
     p.write_text(VARIANT_SWEEP)
