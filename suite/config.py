@@ -186,7 +186,10 @@ class L0Config(_Strict):
 class STRConfig(_Strict):
     """Soft threshold reparameterisation (Kusupati et al. 2020): W_hat = sign(W) relu(|W| - sigmoid(s_l))."""
 
-    s_init: float = Field(-8.0, le=0, description="initial threshold parameter s_l of every layer")
+    s_init: Optional[float] = Field(None, ge=-1e6, le=0, description="initial threshold parameter s_l of every "
+                                    "layer (default -8; reference mode -3200, RAIVNLab/STR's ResNet-50 at 90.23 %: "
+                                    "there the loss gradient on s is 0 and the weight decay alone raises it, which "
+                                    "takes tens of ImageNet epochs; a short run needs a knob of its own)")
     s_weight_decay: float = Field(1e-2, gt=0, description="knob: weight decay on s_l (drives thresholds up); "
                                   "calibrated unless calibration.mode is off")
     search_end: Optional[int] = Field(None, ge=1, description="last epoch thresholds train (default 3/4 of epochs)")
@@ -196,6 +199,12 @@ class STRConfig(_Strict):
         "search_end, snap); reference: RAIVNLab/STR's recipe: s decays with the weights' own weight_decay "
         "(s_weight_decay unused), thresholds train to the last epoch, no steering; the sparsity follows from "
         "s_init and weight_decay (variant str-ref)")
+
+    @model_validator(mode="after")
+    def _mode_defaults(self):
+        if self.s_init is None:
+            self.s_init = -3200.0 if self.mode == "reference" else -8.0
+        return self
 
 
 class CSConfig(_Strict):
@@ -806,13 +815,16 @@ class ScaleConfig(_Strict):
                 s_["search_end"] = min(sc(s_["search_end"]), ep)
         elif method == "cs":
             c = sec("cs")
-            if c.get("rewind_epoch"):
-                c["rewind_epoch"] = sc(c["rewind_epoch"])
             rounds = c.get("rounds", CSConfig.model_fields["rounds"].default)
+            ref = c.get("mode") == "reference"
             if c.get("epochs_per_round") is not None:
-                c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds, 1)))
-            if rounds > ep:
-                c["rounds"] = ep
+                c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds + ref, 1)))
+            if rounds + ref > ep:
+                c["rounds"] = rounds = max(1, ep - ref)
+            # the rewind point stays inside the (shortened) first round
+            epr = c.get("epochs_per_round") or max(1, ep // (rounds + 1) if ref else (3 * ep) // 4 // rounds)
+            c["rewind_epoch"] = min(round(c.get("rewind_epoch", CSConfig.model_fields["rewind_epoch"].default) * k),
+                                    epr - 1)
 
 
 def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConfig"]:

@@ -175,8 +175,10 @@ def check_table(name: str, table: dict[str, Any], overrides: Optional[dict[str, 
 
 # run fields that say what is trained, not how: never reference values
 NOT_RECIPE = {"method", "sparsity", "seed", "init_from", "pretrained"}
-# a derived value that stands for the fields it is computed from
-DERIVED = {"total_batch_size": {"batch_size", "engine.world_size", "engine.nodes"}}
+# a derived value that stands for the fields it is computed from (IMP's run length is
+# (levels + 1) x imp.epochs_per_level, set by the config, not given)
+DERIVED = {"total_batch_size": {"batch_size", "engine.world_size", "engine.nodes"},
+           "imp.epochs_per_level": {"epochs"}}
 
 
 def _leaves(d: dict[str, Any], prefix: str = "") -> set[str]:

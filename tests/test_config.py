@@ -247,8 +247,8 @@ overrides:
 def test_every_named_variant_runs_under_its_name():
     from suite.config import VARIANTS
     for name, (method, preset) in VARIANTS.items():
-        assert RunConfig(method=method, sparsity=0.9, epochs=8, **preset).variant() == name
-        assert RunConfig(method=method, sparsity=0.9, epochs=8).variant() != name
+        assert RunConfig(method=method, sparsity=0.9, epochs=16, **preset).variant() == name
+        assert RunConfig(method=method, sparsity=0.9, epochs=16).variant() != name
 
 
 def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
@@ -282,3 +282,17 @@ def test_a_bad_value_in_a_target_override_is_placed_there(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_sweep(p).expand()
     assert "overrides.l0-ref@0.9.l0.lam" in str(e.value)
+
+
+@pytest.mark.parametrize("k", [0.05, 0.1, 0.3])
+def test_scale_keeps_the_cs_reference_rounds_retraining_and_rewind_point(tmp_path, k):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(VARIANT_SWEEP.replace("[dense, l0, l0-ref, imp-lrr, gmp-layer]", "[dense, cs-ref]")
+                 .replace("epochs: 8", "epochs: 340").replace("overrides:", "overrides:\n  cs-ref: {cs: {rewind_epoch: 2}}"))
+    full = [r for r in load_sweep(p).expand() if r.method == "cs"]
+    small = [r for r in load_sweep(p, {"scale.epochs": k}).expand() if r.method == "cs"]
+    assert full[0].cs.rewind_epoch == 2 and len(small) == len(full) == 2
+    from suite.config import cs_round_epochs
+    for r in small:  # validated, so: every round fits, a retraining remains, the rewind point is in round 1
+        epr = cs_round_epochs(r)
+        assert r.cs.rounds * epr < r.epochs < 340 and r.cs.rewind_epoch < epr

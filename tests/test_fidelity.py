@@ -82,4 +82,24 @@ def test_a_field_the_complete_table_does_not_name_fails():
     assert got and all("hyperflux.step" in p.field for p in got)
     assert {p.method for p in got} == {"hyperflux"}
     got = fidelity.check_all({C10: {"base.engine.world_size": 4, "launcher.slurm.gpus_per_node": 4}})
-    assert {(p.method, p.field) for p in got} == {("hyperflux", "total_batch_size"), ("dense", "total_batch_size")}
+    every = set(load_sweep(ROOT / C10).grid.methods)
+    assert {(p.method, p.field) for p in got} == {(m, "total_batch_size") for m in every}
+
+
+def test_the_baseline_table_is_complete_and_catches_a_changed_baseline_value():
+    """baselines.yaml is complete too: every field of every baseline run is listed, so dropping an
+    entry fails, and a changed recipe value of a baseline is caught naming its reference line."""
+    table = fidelity.load_tables()["baselines"]
+    assert table["complete"] is True
+    for block in table["recipes"]:
+        block["values"] = [e for e in block["values"] if e.get("field") != "cs.beta_final"]
+    got = fidelity.check_coverage("baselines", table)
+    assert got and {p.method for p in got} == {"cs"} and all("cs.beta_final" in p.field for p in got)
+    for key, value, method, field, source in (
+            ("overrides.cs.cs.beta_final", 100.0, "cs", "cs.beta_final", "main.py:27"),
+            ("overrides.imp.imp.prune_fraction", 0.3, "imp", "imp.prune_fraction", "sparse_global.py:17"),
+            ("overrides.l0.l0.beta", 0.5, "l0", "l0.beta", "l0_layers.py:15"),
+            ("base.rmt.alpha", 0.2, None, "rmt.alpha", "prune.py:38")):
+        got = fidelity.check_all({C10: {key: value}})
+        assert got and all(p.field == field and source in p.message for p in got), (key, [str(p) for p in got])
+        assert {p.method for p in got} == ({method} if method else {"seb", "ser", "rmt_hybrid", "rmt"})
