@@ -68,6 +68,9 @@ _STYLE = {
     "imp": ("#2ca02c", "^"), "seb": ("#8c564b", "<"), "ser": ("#e377c2", ">"), "rmt_hybrid": ("#7f7f7f", "P"),
     "rmt": ("#bcbd22", "X"), "l0": ("#17becf", "D"), "str": ("#9467bd", "d"), "cs": ("#aec7e8", "h"),
     "hyperflux": ("#d62728", "*"), "hyperflux-law": ("#ff9896", "*"), "hyperflux-fixed": ("#c49c94", "*"),
+    # variants: a darker or lighter shade of their method's colour, the same marker
+    "gmp-layer": ("#b35900", "v"), "imp-ticket": ("#1a661a", "^"), "imp-lrr": ("#98df8a", "^"),
+    "l0-ref": ("#0b7d87", "D"), "str-ref": ("#5e3c86", "d"), "cs-ref": ("#5a7fb0", "h"),
 }
 _SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1"]
 
@@ -1198,6 +1201,23 @@ _HOW = {
 }
 
 
+# what each reference mode runs (its section's params fill the braces)
+_REFERENCE_MODE = {
+    "l0": "AMLab-Amsterdam/L0_regularization's recipe, lambda {lam} per training example fixed, {granularity} "
+          "gates, log_alpha clamped to [ln 0.01, ln 100], the L2 weighted by P(z != 0), gates trained to the end",
+    "str": "RAIVNLab/STR's recipe, s from {s_init} decayed by the weights' own weight decay, thresholds trained "
+           "to the end",
+    "cs": "lolemacs/continuous-sparsification's recipe, lambda {lam} fixed, the knob s0 = {s_init}, beta per epoch "
+          "to {beta_final} in each of {rounds} rounds, masks in the weights' SGD, the LR restarted each round, the "
+          "ticket 1[s > 0] retrained from the weights at epoch {rewind_epoch}",
+}
+
+
+class _OrUnknown(dict):
+    def __missing__(self, key: str) -> str:  # a run logged before the param existed
+        return "?"
+
+
 def _methods_table(sec: "_Section", recs: list[RunRecord]):
     """Which mode of each method ran, from what start, for how long, and how it reached its
     sparsity (the calibrated knob, the snap, a reference recipe), read from the runs' params."""
@@ -1214,7 +1234,9 @@ def _methods_table(sec: "_Section", recs: list[RunRecord]):
         if base in ("l0", "str", "cs"):
             sec_name = {"str": "soft_threshold"}.get(base, base)
             if p.get(f"{sec_name}.mode") == "reference":
-                how += "; reference mode: the paper's recipe, its knob fixed, reached sparsity reported as is"
+                own = {k.split(".")[-1]: v for k, v in p.items() if k.startswith(sec_name + ".")}
+                how += "; reference mode: " + _REFERENCE_MODE[base].format_map(_OrUnknown(own)) + \
+                    "; the sparsity is what the fixed knob gave (no steering, no snap)"
             else:
                 snap = p.get(f"{sec_name}.calibration.snap_pp")
                 how += ("; calibrated mode: knob steered online along a cubic density path, then the end-of-search "
@@ -1222,8 +1244,14 @@ def _methods_table(sec: "_Section", recs: list[RunRecord]):
         if base == "hyperflux" and float(p.get("hyperflux.snap_pp", "0") or 0) > 0:
             how += f"; the gate-freeze snap (at most {p.get('hyperflux.snap_pp')} pp, not in the paper)"
         if base == "imp":
-            how += ("; learning-rate rewinding (Renda et al.)" if p.get("imp.rewind") == "lr" else
-                    "; weight rewinding: a lottery ticket only from scratch")
+            if p.get("imp.rewind") == "lr":
+                how += "; learning-rate rewinding (Renda et al. 2020): the survivors keep their values, the LR restarts"
+            elif p.get("init") == "scratch":
+                how += (f"; a lottery ticket (Frankle et al.): survivors rewound to step {p.get('imp.rewind_step')} "
+                        "of this run from scratch")
+            else:
+                how += ("; survivors rewound to the trained starting network, not a lottery ticket (closer to "
+                        "learning-rate rewinding); compared with no published ticket")
         inits = sorted({r.params.get("init", "?") for r in rs})
         epochs = sorted({r.epochs for r in rs if r.epochs is not None})
         rows.append([m, ", ".join(inits), ", ".join(map(str, epochs)), how])

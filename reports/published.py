@@ -31,7 +31,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
     "gmp-layer": ("gmp_uniform",),  # Gale et al. 2019: the same sparsity in every layer
     "str": ("str",),  # Kusupati et al. 2020
-    "imp": ("imp_rewind",),  # Frankle et al. 2020, IMP with rewinding
+    "imp-ticket": ("imp_rewind",),  # Frankle et al. 2020: IMP rewinding within a run from scratch
+    "imp": ("imp_rewind",),  # IMP from a trained network: listed apart (START), never matched to a ticket
     "l0": ("l0_hard_concrete",),  # Louizos et al. 2018 as run by Gale et al. 2019
     "magnitude": ("magnitude",),  # one-shot magnitude + fine-tune
     "rmt": ("mp_classical",),  # arXiv 2606.02608: classical MP pruning

@@ -297,6 +297,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "str-ref": ("str", {"soft_threshold": {"mode": "reference"}}),
     "cs-ref": ("cs", {"cs": {"mode": "reference"}}),
     "imp-lrr": ("imp", {"imp": {"rewind": "lr"}}),
+    "imp-ticket": ("imp", {"init": "scratch"}),
     "gmp-layer": ("gmp", {"gmp": {"scope": "layer"}}),
 }
 
@@ -598,6 +599,8 @@ class RunConfig(_Strict):
             return f"hyperflux-{self.hyperflux.schedule}"
         if self.method == "imp" and self.imp.rewind == "lr":
             return "imp-lrr"
+        if self.method == "imp" and self.init == "scratch":  # weight rewinding within a run from scratch
+            return "imp-ticket"
         if self.method == "l0" and self.l0.mode == "reference":
             return "l0-ref"
         if self.method == "str" and self.soft_threshold.mode == "reference":

@@ -247,8 +247,8 @@ overrides:
 def test_every_named_variant_runs_under_its_name():
     from suite.config import VARIANTS
     for name, (method, preset) in VARIANTS.items():
-        assert RunConfig(method=method, sparsity=0.9, epochs=16, **preset).variant() == name
-        assert RunConfig(method=method, sparsity=0.9, epochs=16).variant() != name
+        assert RunConfig(method=method, sparsity=0.9, epochs=16, **{"init": "dense", **preset}).variant() == name
+        assert RunConfig(method=method, sparsity=0.9, epochs=16, init="dense").variant() != name
 
 
 def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
