@@ -327,16 +327,39 @@ def mp_layer_report(layers: Sequence[tuple[str, nn.Module]], alpha: float = DEFA
 SEB_B, SEB_SD, SEB_P = 1.0, 1.0, 1.0
 
 
-def seb_layer_weights(fits: Sequence[MPFit], s: float, b: float = SEB_B, s_d: float = SEB_SD,
+def seb_layer_weights(fits: Sequence[MPFit], s: float, b: "float | Sequence[float]" = SEB_B, s_d: float = SEB_SD,
                       p: float = SEB_P) -> list[float]:
     """w_l(s) = max(0.1, 1 + b d(s) z_l), d(s) = max(0, 1 - s / s_d)^p, z_l the z-score of
-    sv_edge across the given layers (population std). Equal edges, or a single layer, give
-    z = 0 and w = 1 everywhere (plain global magnitude)."""
+    sv_edge across the given layers (population std); b one value, or one per layer (the
+    paper's high-sparsity regime weights attention and MLP layers differently). Equal edges, or
+    a single layer, give z = 0 and w = 1 everywhere (plain global magnitude)."""
     edges = np.array([f.sv_edge for f in fits], dtype=np.float64)
     sd = float(edges.std()) if len(edges) > 1 else 0.0
     z = (edges - edges.mean()) / sd if sd > 0.0 else np.zeros_like(edges)
     d = max(0.0, 1.0 - s / s_d) ** p
-    return [max(0.1, 1.0 + b * d * float(zl)) for zl in z]
+    bs = [float(b)] * len(z) if isinstance(b, (int, float)) else [float(x) for x in b]
+    if len(bs) != len(z):
+        raise ValueError(f"{len(bs)} values of b for {len(z)} layers")
+    return [max(0.1, 1.0 + bl * d * float(zl)) for bl, zl in zip(bs, z)]
+
+
+def seb_paper_regime(s: float, names: Sequence[str]) -> tuple[list[float], float]:
+    """(b per layer, s_d) of the SEB paper's regimes at target sparsity s (arXiv 2606.02608;
+    RMT_based_pruning_in_deep_learning @ d7c0cff, cast_2e/methodology.tex:1079-1085, 1179-1183,
+    run_finetune_pipeline.py:69-82): below 0.30 plain magnitude (b = 0); 0.30-0.40 b 1.0, s_d 0.50;
+    to 0.55 b 1.25, s_d 0.70; above, s_d 0.85 with b 1.0 for attention layers, 2.0 for MLP layers
+    and 1.5 for the others (its classify_layer_type: 'attn' in the name; 'mlp' or '.fc')."""
+    if s < 0.30:
+        return [0.0] * len(names), 1.0
+    if s <= 0.40:
+        return [1.0] * len(names), 0.50
+    if s <= 0.55:
+        return [1.25] * len(names), 0.70
+
+    def kind(n: str) -> float:
+        return 1.0 if "attn" in n else 2.0 if ("mlp" in n or ".fc" in n) else 1.5
+
+    return [kind(n) for n in names], 0.85
 
 
 def seb_scores(weights: Sequence[torch.Tensor], layer_weights: Sequence[float]) -> list[torch.Tensor]:
@@ -345,7 +368,7 @@ def seb_scores(weights: Sequence[torch.Tensor], layer_weights: Sequence[float]) 
 
 
 def seb_masks(weights: Sequence[torch.Tensor], fits: Sequence[MPFit], sparsity: float,
-              b: float = SEB_B, s_d: float = SEB_SD, p: float = SEB_P,
+              b: "float | Sequence[float]" = SEB_B, s_d: float = SEB_SD, p: float = SEB_P,
               budget_sparsity: Optional[float] = None) -> list[torch.Tensor]:
     """0/1 masks removing the round(sparsity * N) smallest |W| / w_l over all layers together.
     w_l is evaluated at `budget_sparsity` (default: `sparsity`); SER over-prunes to rho * s

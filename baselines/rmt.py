@@ -124,8 +124,15 @@ class _RMTBase(MaskPruner):
                      for w in self.stored()]
         return self.fits
 
+    def seb_b_sd(self, s: float) -> tuple["float | list[float]", float]:
+        """SEB's b (one, or per layer) and s_d at target s: as configured, or the paper's regime."""
+        if self.r.seb_regime == "paper":
+            return mp.seb_paper_regime(s, [n for n, _ in self.layers])
+        return self.r.seb_b, self.r.seb_sd
+
     def layer_weights(self, s: float) -> list[float]:
-        return mp.seb_layer_weights(self.fits, s, b=self.r.seb_b, s_d=self.r.seb_sd, p=self.r.seb_p)
+        b, s_d = self.seb_b_sd(s)
+        return mp.seb_layer_weights(self.fits, s, b=b, s_d=s_d, p=self.r.seb_p)
 
     @torch.no_grad()
     def _reset_momentum(self) -> None:
@@ -216,7 +223,8 @@ class SpectralEdgeRestore(_RMTBase):
         W = self.stored()
         prior = prior if prior is not None else [torch.ones_like(w) for w in W]
         if prior is None or all(bool(p.all()) for p in prior):
-            over = mp.seb_masks(W, self.fits, self.over_target(), b=self.r.seb_b, s_d=self.r.seb_sd,
+            b, s_d = self.seb_b_sd(s)
+            over = mp.seb_masks(W, self.fits, self.over_target(), b=b, s_d=s_d,
                                 p=self.r.seb_p, budget_sparsity=s)
         else:  # previously removed entries rank first (score -1 < any |W| / w_l)
             scores = [torch.where(p.bool(), sc, torch.full_like(sc, -1.0))

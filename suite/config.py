@@ -273,6 +273,10 @@ class RMTConfig(_Strict):
     seb_b: float = Field(1.0, ge=0, description="SEB: b in w_l(s) = max(0.1, 1 + b d(s) z_l)")
     seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
     seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
+    seb_regime: Literal["fixed", "paper"] = Field(
+        "fixed", description="SEB's b and s_d: fixed (seb_b, seb_sd for every target), or the paper's regimes by "
+        "target (below 0.30 plain magnitude; to 0.40 b 1.0, s_d 0.5; to 0.55 b 1.25, s_d 0.7; above, s_d 0.85 with "
+        "b 1.0 attention / 2.0 MLP / 1.5 other layers; baselines/marchenko_pastur.py seb_paper_regime)")
     ser_rho: float = Field(1.1, ge=1, description="SER: over-prune to min(rho * s, 0.999) before restoring")
     ser_reinsert: Optional[float] = Field(None, gt=0, lt=1, description="SER: over-prune to s + this (absolute) "
                                           "instead of rho * s; the released code reinserts 0.03 of all weights")
@@ -567,6 +571,8 @@ class RunConfig(_Strict):
                 d["rmt"].pop("ser_reinsert", None)
             if d["rmt"].get("quantile_offset") == 0.5:
                 d["rmt"].pop("quantile_offset", None)
+            if d["rmt"].get("seb_regime") == "fixed":
+                d["rmt"].pop("seb_regime", None)
         if self.section() == "rmt" and not d["rmt"]["deflate"]:
             d["rmt"].pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
         if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing

@@ -100,6 +100,35 @@ def test_seb_exact_target_and_large_edge_layer_pruned_harder(s):
     assert "npl_threshold" in p.end_epoch(1, 1 - s)
 
 
+@pytest.mark.parametrize("s,b,s_d", [(0.2, 0.0, 1.0), (0.3, 1.0, 0.5), (0.4, 1.0, 0.5), (0.5, 1.25, 0.7),
+                                     (0.55, 1.25, 0.7)])
+def test_seb_paper_regime_picks_the_papers_b_and_s_d_by_target(s, b, s_d):
+    """seb_regime paper against the regimes of arXiv 2606.02608 (methodology.tex:1079-1085,
+    1179-1183): the pruner's masks are those of seb_masks with the paper's (b, s_d) given by hand."""
+    net, layers, p, _ = _setup("seb", s, rmt={"seb_regime": "paper"}, scales=(1.0, 1.5, 1.0))
+    dense = [w.detach().clone() for w in p.stored()]
+    p.on_train_start()
+    fits = [mp.mp_edge_fit(w) for w in dense]
+    want = mp.seb_masks(dense, fits, s, b=b, s_d=s_d, p=1.0)
+    assert all(torch.equal(par.mask, m) for par, m in zip(p.params, want))
+    assert _zeros(layers) == round(s * _n(layers))
+    if s < 0.3:  # plain global magnitude below 0.30
+        assert all(torch.equal(a, c) for a, c in zip(want, masks.magnitude_masks(dense, s, "global")))
+
+
+def test_seb_paper_regime_weights_layer_types_above_055():
+    names = ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "head", "layer1.0.conv1"]
+    b, s_d = mp.seb_paper_regime(0.7, names)
+    assert (b, s_d) == ([1.5, 1.0, 2.0, 1.5, 1.5], 0.85)
+    from types import SimpleNamespace
+    fits = [SimpleNamespace(sv_edge=e) for e in (1.0, 2.0, 3.0, 4.0, 5.0)]  # only the edge is read
+    z = [-1.414213562373095, -0.7071067811865475, 0.0, 0.7071067811865475, 1.414213562373095]
+    d = 1 - 0.7 / 0.85
+    assert mp.seb_layer_weights(fits, 0.7, b=b, s_d=s_d) == pytest.approx([max(0.1, 1 + bl * d * zl) for bl, zl in zip(b, z)])
+    assert RunConfig(method="seb", sparsity=0.7).run_hash() != RunConfig(method="seb", sparsity=0.7,
+                                                                        rmt={"seb_regime": "paper"}).run_hash()
+
+
 # ----------------------------------------------------------------------------- SER
 def test_ser_selection_trains_only_removed_entries_and_restores_exactly():
     s = 0.5
