@@ -88,6 +88,12 @@ rmt  ClassicalRMT (2503.01922; public code RMT_pruning_ViT src/SplittableLayers.
         (public `freeze_pruned_weights`: pruned weights get no gradient), so the pruned
         weights stay frozen at zero through both fine-tunes.
 
+     rmt.cycles > 1 (the public code's gradual schedule, 34 cycles): steps 1-2 run once per cycle,
+     every cycle_every() steps (rmt.cycle_steps, default the first half of the run split evenly),
+     on the current pruned weights, the shares to the power 1.5 / i in cycle i, the sparsity
+     path of cycle_path (c 1.02^i of the remaining weights per cycle, ending on the target);
+     pruned weights stay pruned.
+
 state_dict / load_state_dict: masks are buffers in the model and the stored weights are in the
 model checkpoint. The pruner state holds the phase, the SER over-pruned masks and reservoir,
 the layer weights, per-layer shares and thresholds; the SER survivor snapshot is re-taken from
@@ -338,6 +344,64 @@ class HybridMagnitudeSER(SpectralEdgeRestore):
 
 
 # ----------------------------------------------------------------------------- classical RMT
+def cycle_path(s: float, cycles: int) -> list[float]:
+    """Sparsity after each of `cycles` pruning cycles: cycle i removes c 1.02^i of the weights still
+    there (the public code's 0.06 x 1.02^i, RMT_pruning_ViT prune.py:106), with c chosen so that
+    the last cycle lands on s exactly (the public code's total is an outcome, not a target)."""
+    if cycles <= 1:
+        return [s]
+
+    def path(c: float) -> list[float]:
+        d, out = 1.0, []
+        for i in range(1, cycles + 1):
+            d *= 1.0 - min(1.0, c * 1.02 ** i)
+            out.append(1.0 - d)
+        return out
+
+    lo, hi = 0.0, 1.0 / 1.02 ** cycles
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if path(mid)[-1] < s:
+            lo = mid
+        else:
+            hi = mid
+    out = path(hi)
+    out[-1] = s
+    return out
+
+
+def _extra_counts(q: list[float], active: list[int], limits: list[int], total: int) -> list[int]:
+    """Integer extra zeros per layer, k_l ~ min(limit_l, c q_l active_l), summing to `total`."""
+    qmax = max(q) if q and max(q) > 0 else 1.0
+    qf = [max(x, 1e-6 * qmax) if qmax > 0 else 1.0 for x in q]
+    if total > sum(limits):
+        raise ValueError(f"{total} more zeros exceed the per-layer room ({sum(limits)})")
+
+    def zeros(c: float) -> float:
+        return sum(min(lim, c * x * a) for x, a, lim in zip(qf, active, limits))
+
+    lo, hi = 0.0, 1.0
+    while zeros(hi) < total:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if zeros(mid) < total:
+            lo = mid
+        else:
+            hi = mid
+    real = [min(lim, hi * x * a) for x, a, lim in zip(qf, active, limits)]
+    k = [min(int(math.floor(r)), lim) for r, lim in zip(real, limits)]
+    for i in sorted(range(len(k)), key=lambda j: real[j] - k[j], reverse=True) * (len(k) + 1):
+        if sum(k) >= total:
+            break
+        if k[i] < limits[i]:
+            k[i] += 1
+    while sum(k) > total:
+        i = max(range(len(k)), key=lambda j: k[j])
+        k[i] -= 1
+    return k
+
+
 def _shares_to_counts(q: list[float], sizes: list[int], total_zeros: int, cap: float) -> list[int]:
     """Integer zeros per layer, k_l ~ min(cap, c q_l) n_l with sum k_l = total_zeros exactly."""
     qmax = max(q) if q and max(q) > 0 else 1.0
@@ -399,8 +463,17 @@ def denoise_noise_components(W: torch.Tensor, fit: mp.MPFit, tau: float) -> torc
 class ClassicalRMT(_RMTBase):
     name = "rmt"
 
+    def __init__(self, cfg, layers, steps_per_epoch):
+        super().__init__(cfg, layers, steps_per_epoch)
+        self.path = cycle_path(cfg.sparsity, cfg.rmt.cycles)
+        self.cycle = 0
+
     @torch.no_grad()
     def on_train_start(self) -> None:
+        if self.r.cycles > 1:  # gradual: cycle 1 now, the others by after_step
+            self.cycle = 1
+            self._cycle(1)
+            return
         s = self.cfg.sparsity
         fits = self.fit_all()
         W = self.stored()
@@ -427,20 +500,77 @@ class ClassicalRMT(_RMTBase):
         self.set_masks(new)
         self.layer_sparsity = [k / n for k, n in zip(counts, sizes)]
 
+    # ------------------------------------------------------------------ gradual cycles
+    def cycle_every(self) -> int:
+        """Optimiser steps between cycles: rmt.cycle_steps, or the first half of the run split evenly."""
+        if self.r.cycle_steps:
+            return self.r.cycle_steps
+        return max(1, (self.cfg.epochs * self.steps_per_epoch) // 2 // self.r.cycles)
+
+    @torch.no_grad()
+    def _cycle(self, i: int) -> None:
+        """Cycle i of rmt.cycles: refit the edge on the current (pruned) weights, denoise the noise
+        components, and prune the active weights to the path's sparsity, layer shares
+        ((1 - ks) frac_below)^(1.5 / i) as the public code's cycle i (prune.py:106)."""
+        W = self.stored()
+        M = [p.mask for p in self.params]
+        eff = [w * m for w, m in zip(W, M)]
+        fits = [mp.mp_edge_fit(e, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate,
+                               quantile_offset=self.r.quantile_offset) for e in eff]
+        self.fits = fits
+        for w, e, f in zip(W, eff, fits):
+            w.copy_(denoise_noise_components(e, f, self.r.sv_tau))
+        frac_below = [1.0 - f.n_above / f.n_total for f in fits]
+        ks = [0.0 if math.isnan(f.ks) else min(1.0, f.ks) for f in fits]
+        q = [((1.0 - k) * fb) ** (1.5 / i) for k, fb in zip(ks, frac_below)]
+        sizes = [w.numel() for w in W]
+        zeros_now = [int((m == 0).sum()) for m in M]
+        s_i = self.path[i - 1]
+        total = int(round(s_i * sum(sizes)))
+        add = total - sum(zeros_now)
+        if add <= 0:
+            return
+        for cap in ((1.0 + self.cfg.sparsity) / 2.0, 0.99, 0.999):
+            limits = [max(0, int(math.floor(cap * n)) - z) for n, z in zip(sizes, zeros_now)]
+            if add <= sum(limits):
+                break
+        active = [n - z for n, z in zip(sizes, zeros_now)]
+        extra = _extra_counts(q, active, limits, add)
+        new = []
+        for w, m, k in zip(W, M, extra):
+            m = m.clone()
+            if k > 0:
+                score = w.detach().abs().reshape(-1).clone()
+                score[m.reshape(-1) == 0] = float("inf")  # pruned stay pruned
+                m.view(-1)[torch.topk(score, k, largest=False).indices] = 0
+            new.append(m)
+        self.set_masks(new)
+        self.frac_below = frac_below
+        self.layer_sparsity = [int((m == 0).sum()) / n for m, n in zip(new, sizes)]
+
+    def after_step(self, step: int) -> None:
+        if self.r.cycles > 1 and self.cycle < self.r.cycles and step >= self.cycle * self.cycle_every():
+            self.cycle += 1
+            self._cycle(self.cycle)
+
     def loss_term(self) -> Optional[torch.Tensor]:
         if self.epoch > self.r.regularised_epochs or self.r.l1 <= 0:
             return None
         return self.r.l1 * sum(mod.weight.abs().sum() for _, mod in self.layers)
 
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
-        return {"rmt_regularised": float(epoch <= self.r.regularised_epochs)}
+        out = {"rmt_regularised": float(epoch <= self.r.regularised_epochs)}
+        if self.r.cycles > 1:
+            out["rmt_cycle"] = float(self.cycle)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "layer_sparsity": getattr(self, "layer_sparsity", None),
-                "frac_below": getattr(self, "frac_below", None)}
+                "frac_below": getattr(self, "frac_below", None), "cycle": self.cycle}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.epoch = st.get("epoch", self.epoch)
+        self.cycle = st.get("cycle", self.cycle)
         for k in ("layer_sparsity", "frac_below"):
             if st.get(k) is not None:
                 setattr(self, k, st[k])

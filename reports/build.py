@@ -1193,7 +1193,7 @@ _HOW = {
     "seb": "exact: spectral-edge budgets by layer (MP fit), one shot",
     "ser": "exact: over-prune, select and restore, then fine-tune",
     "rmt_hybrid": "exact: magnitude to the switch, SER beyond (the paper prunes in 0.05 cycles)",
-    "rmt": "exact: per-layer shares by MP noise fraction, one shot (the public code prunes in 34 cycles)",
+    "rmt": "exact: per-layer shares by MP noise fraction, one shot unless rmt.cycles (the public code: 34 cycles)",
     "hyperflux": "the paper's pressure controller",
     "l0": "hard-concrete gates",
     "str": "learned per-layer soft thresholds",

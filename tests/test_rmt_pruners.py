@@ -391,3 +391,42 @@ def test_mp_fit_quantile_offset_reproduces_the_public_codes_i_over_p():
         got = mp.mp_edge_fit(W, deflate=False, quantile_offset=off).sigma2
         assert got == pytest.approx(want, rel=1e-12)
     assert mp.mp_edge_fit(W, deflate=False, quantile_offset=0.0).sigma2 != mp.mp_edge_fit(W, deflate=False).sigma2
+
+
+# ----------------------------------------------------------------------------- classical RMT, gradual
+def test_cycle_path_follows_the_public_codes_growing_share_and_lands_on_the_target():
+    from baselines.rmt import cycle_path
+    path = cycle_path(0.9, 34)
+    assert len(path) == 34 and path[-1] == 0.9 and all(b > a for a, b in zip(path, path[1:]))
+    # cycle i removes c 1.02^i of what remains (RMT_pruning_ViT prune.py:106): the ratio of
+    # successive removed shares is 1.02 (the last is set to the target exactly)
+    dens = [1.0] + [1 - p for p in path]
+    shares = [1 - dens[i + 1] / dens[i] for i in range(33)]
+    assert all(b / a == pytest.approx(1.02, rel=1e-9) for a, b in zip(shares, shares[1:]))
+    assert cycle_path(0.9, 1) == [0.9]
+
+
+def test_classical_rmt_in_cycles_prunes_along_the_path_and_never_revives():
+    s, cycles = 0.8, 4
+    net, layers, p, opt = _setup("rmt", s, epochs=4, steps=6, rmt={"cycles": cycles})
+    assert p.cycle_every() == (4 * 6) // 2 // 4  # 3 steps: the first half of the run
+    p.on_train_start()
+    n = _n(layers)
+    seen = [_zeros(layers)]
+    assert seen[0] == round(p.path[0] * n)
+    data = _data(n=6)
+    step = 0
+    masks_before = [par.mask.clone() for par in p.params]
+    for epoch in (1, 2):
+        _, out, step = _epoch(net, layers, p, opt, epoch, data, step)
+        for a, par in zip(masks_before, p.params):
+            assert bool(((a == 0) <= (par.mask == 0)).all())  # pruned stay pruned
+        masks_before = [par.mask.clone() for par in p.params]
+    assert p.cycle == cycles and out["rmt_cycle"] == cycles
+    assert _zeros(layers) == round(s * n)  # the last cycle lands on the target exactly
+    st = p.state_dict()
+    q = _setup("rmt", s, epochs=4, steps=6, rmt={"cycles": cycles})[2]
+    q.load_state_dict(st)
+    assert q.cycle == cycles  # a resumed run does not prune again
+    assert RunConfig(method="rmt", sparsity=s).run_hash() != RunConfig(method="rmt", sparsity=s,
+                                                                      rmt={"cycles": 34}).run_hash()
