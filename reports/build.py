@@ -972,15 +972,16 @@ def _published_table(sec: _Section, table: list, inits: dict[str, str] | None = 
                          p.method, f"{100 * p.sparsity:.2f}", f"{p.top1:.2f}",
                          "n/a" if p.dense_top1 is None else f"{p.dense_top1:.2f}", pub_delta,
                          p.training, p.source])
+    apart = published.unmatched_note(r.method for r in sec.rows)
     if not rows:
         return (f"No published number matches {sec.dataset} / {sec.model} for these methods and "
-                f"sparsities. " + published.mapping_note())
+                f"sparsities. " + published.mapping_note() + apart)
     return dynamics.Table(
         "Published numbers (published, not measured here) next to this suite's",
         ["suite method", "target %", "suite top-1 % (95 % CI)", "n", "published method",
          "published sparsity %", "published top-1 %", "published dense top-1 %",
          "published Δ vs dense (pp)", "published training", "source"],
-        rows, published.mapping_note(), numeric={1, 2, 3, 5, 6, 7, 8}, kind="published")
+        rows, published.mapping_note() + apart, numeric={1, 2, 3, 5, 6, 7, 8}, kind="published")
 
 
 def _overhead(client) -> dict | None:

@@ -377,7 +377,8 @@ def test_t_quantile_and_published_matching():
     assert mean_ci([0.5]) == (0.5, None)
     assert diff_ci([0.5], [0.6]) is None
     table = published.load()
-    got = published.matches("imagenet", "resnet50", "str", 0.8, table)
+    got = published.matches("imagenet", "resnet50", "str-ref", 0.8, table)
+    assert published.matches("imagenet", "resnet50", "str", 0.8, table) == []  # calibrated: not STR's recipe
     assert [(p.method, p.sparsity, p.top1) for p in got] == [("str", 0.8127, 76.12)]
     assert "Kusupati" in got[0].source
     assert [p.top1 for p in published.matches("imagenet", "timm_resnet50", "gmp-layer", 0.9, table)] == [73.91]
@@ -390,13 +391,13 @@ def test_published_table_shows_matches_side_by_side():
     from reports.build import _published_table, _Row, _Section
 
     rows = [_Row("dense", 0.0, [0.0], [0.765, 0.767], [0, 1]),
-            _Row("str", 0.8, [0.8], [0.751, 0.755], [0, 1]),
+            _Row("str-ref", 0.8, [0.8], [0.751, 0.755], [0, 1]),
             _Row("hyperflux", 0.8, [0.8], [0.76], [0])]
     t = _published_table(_Section("imagenet", "resnet50", rows, 0.766), published.load())
     assert not isinstance(t, str) and t.kind == "published"
     assert len(t.rows) == 1
     row = t.rows[0]
-    assert row[0] == "str" and row[4] == "str" and row[6] == "76.12" and row[7] == "77.01" and "Kusupati" in row[-1]
+    assert row[0] == "str-ref" and row[4] == "str" and row[6] == "76.12" and row[7] == "77.01" and "Kusupati" in row[-1]
     assert all("published" in h for h in t.header[4:10])
 
 
@@ -501,11 +502,14 @@ def test_published_rows_are_matched_like_for_like():
         == ["gmp_uniform"]
     assert published.matches("imagenet", "resnet50", "gmp", 0.9, table, "scratch") == []  # no global GMP row
     assert published.matches("imagenet", "resnet50", "imp", 0.9, table, "pretrained") == []
-    assert [p.top1 for p in published.matches("imagenet", "resnet50", "imp", 0.9, table, "scratch")] == [73.61]
+    assert published.matches("imagenet", "resnet50", "imp", 0.9, table, "scratch") == []  # not a ticket
+    assert [p.top1 for p in published.matches("imagenet", "resnet50", "imp-ticket", 0.9, table, "scratch")] == [73.61]
     assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "scratch") == []
     assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "pretrained")[0].top1 == 75.76
     assert published.matches("imagenet", "resnet50", "gmp-layer", 0.965, table, "scratch") == []  # 95 and 98 tie
-    assert [p.sparsity for p in published.matches("imagenet", "resnet50", "str", 0.96, table, "scratch")] == [0.9515]
+    assert [p.sparsity for p in published.matches("imagenet", "resnet50", "str-ref", 0.96, table, "scratch")] == [0.9515]
+    note = published.unmatched_note(["str", "str-ref", "imp", "hyperflux"])
+    assert "str: calibrated mode" in note and "imp: IMP from a trained network" in note and "hyperflux" not in note
 
 
 def test_per_layer_density_view_shows_each_methods_layer_budget(large):
