@@ -1032,6 +1032,8 @@ class SweepConfig(_Strict):
                 self.scale.apply(fields)
                 def where(loc, layers=layers):  # the value's own place: the most specific overrides, or base
                     for key, ov in reversed(layers):
+                        if key not in self.overrides:
+                            continue  # nothing written there
                         node = ov
                         for part in loc:
                             if not isinstance(node, dict) or part not in node:
