@@ -65,6 +65,32 @@ def test_gmp_cubic_schedule_and_monotone_masks():
     assert sparsity.sparsity(layers) == pytest.approx(0.9, abs=1e-4)
 
 
+def test_gmp_per_layer_prunes_every_layer_to_the_cubic_schedule_as_the_references():
+    """gmp.scope layer (variant gmp-layer: STR main.py:349-357, Distiller and TF prune every layer to
+    the same rate): at every update each layer holds exactly its share of the schedule's sparsity,
+    s_t = s_f (1 - (1 - t / n)^3) (Zhu & Gupta; TF model_pruning _setup_sparsity), computed here
+    from the formula, and within a layer the smallest |w| of the still-active weights go first."""
+    net = _net()
+    layers = prunable_layers(net, "conv_linear")
+    cfg = RunConfig(method="gmp", sparsity=0.8, epochs=3, gmp={"start_epoch": 0, "end_epoch": 2, "update_every": 4,
+                                                                "scope": "layer"})
+    assert cfg.variant() == "gmp-layer"
+    p = GradualMagnitude(cfg, layers, steps_per_epoch=10)
+    p.attach(net)
+    for step in range(1, 31):
+        before = [par.mask.clone() for par in p.params]
+        p.after_step(step)
+        if step <= 20 and (step % 4 == 0 or step == 20):
+            s_t = 0.8 * (1 - (1 - step / 20) ** 3)
+            for (_, m), par, old in zip(layers, p.params, before):
+                w = masks.stored_weight(m).detach().abs()
+                assert int((par.mask == 0).sum()) == round(s_t * w.numel())  # this layer's own share
+                alive = w[par.mask.bool()]
+                gone = w[(old.bool()) & (par.mask == 0)]
+                if gone.numel() and alive.numel():
+                    assert float(gone.max()) <= float(alive.min())
+
+
 # ----------------------------------------------------------------------------- IMP
 @pytest.mark.parametrize("s,levels", [(0.5, 4), (0.8, 8), (0.9, 11), (0.95, 14)])
 def test_imp_levels_and_epochs_follow_the_target(s, levels):
