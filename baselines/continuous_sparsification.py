@@ -7,10 +7,11 @@ The search runs cs.rounds rounds of cs.epochs_per_round epochs (default 3/4 of t
 divided by the rounds). Within a round beta grows geometrically from 1 to cs.beta_final, updated
 after every optimiser step (beta = beta_final ** (k / (K - 1)) before the round's step k of K).
 At the start of each later round s <- min(beta_final * s, s0) and beta restarts at 1. After the
-last round the mask becomes binary, 1[s > 0], and fixed; with cs.rewind every model parameter and
-buffer except the mask parameters (the prunable layers' stored weights, biases, normalisation
-statistics) is restored to its value at the start of the run (snapshot in on_train_start) and
-the SGD momentum is cleared; the remaining epochs retrain with the fixed binary mask.
+last round the mask becomes 1[s > c] / sigmoid(s0) (c = 0 unless the snap moved it) and fixed;
+with cs.rewind every model parameter and buffer except the mask parameters (the prunable layers'
+stored weights, biases, normalisation statistics) is restored to its value at the start of
+0-based epoch cs.rewind_epoch (snapshot taken then, in lrs; in on_train_start for epoch 0) and
+the SGD momentum is cleared; the remaining epochs retrain with the fixed mask.
 
 Reference mode (`cs.mode: reference`, variant cs-ref) follows lolemacs/continuous-sparsification
 at 5bd4039 (main.py, models/layers.py, models/networks.py) instead:

@@ -467,6 +467,10 @@ class ClassicalRMT(_RMTBase):
         super().__init__(cfg, layers, steps_per_epoch)
         self.path = cycle_path(cfg.sparsity, cfg.rmt.cycles)
         self.cycle = 0
+        last = (cfg.rmt.cycles - 1) * self.cycle_every()
+        if cfg.rmt.cycles > 1 and last >= cfg.epochs * steps_per_epoch:
+            raise ValueError(f"rmt.cycles: the last of {cfg.rmt.cycles} cycles would come at step {last}, after the "
+                             f"run's {cfg.epochs * steps_per_epoch} steps (lower rmt.cycle_steps)")
 
     @torch.no_grad()
     def on_train_start(self) -> None:

@@ -325,7 +325,9 @@ def cmd_models(a) -> int:
 def cmd_list(a) -> int:
     """Methods (with the module that holds each), models and datasets the configs can name."""
     from suite import datasets, models
-    from suite.config import SECTION_OF
+    import json
+
+    from suite.config import SECTION_OF, VARIANTS
     from suite.pruning import registry
 
     what = a.what
@@ -334,6 +336,9 @@ def cmd_list(a) -> int:
         for m in registry.names():
             cls = registry.get(m)
             print(f"  {m:<12} section {SECTION_OF.get(m, m) if m != 'dense' else '-':<15} {cls.__module__}.{cls.__name__}")
+        print("variants (grid.methods too; a method with the option that makes it another recipe):")
+        for v, (m, preset) in sorted(VARIANTS.items()):
+            print(f"  {v:<12} {m} with {json.dumps(preset, separators=(', ', ': '))}")
     if what in ("all", "models"):
         print("models (base.model / grid.models):")
         for n in models.names():

@@ -242,7 +242,9 @@ class CSConfig(_Strict):
                                    "off: in the 80 x 25 protocol the 20 low-LR fine-tuning epochs of the calibrated "
                                    "mode cannot recover the rewound weights, 90.1 % -> 77.9 % top-1 at 91 % "
                                    "sparsity, measured)")
-    rewind_epoch: int = Field(2, ge=0, description="the rewind point: the weights at the start of this 0-based "
+    rewind_epoch: Optional[int] = Field(None, ge=0, description="the rewind point (default 2, the reference's, or "
+                                        "the round's last epoch in a run whose rounds are shorter): the weights at "
+                                        "the start of this 0-based "
                               "epoch of the first round (after this many epochs; the reference's 2)")
     calibration: CalibrationConfig = CalibrationConfig(lookahead=3.0)  # see cs docstring (measured)
 
@@ -508,14 +510,16 @@ class RunConfig(_Strict):
                 if self.method == "cs" else (sec.search_end or 1)
             if end > self.epochs:
                 raise ValueError(f"{self.method}: the search phase ({end} epochs) must fit in epochs ({self.epochs})")
+        if self.cs.rewind_epoch is None:  # the reference's epoch 2, inside the first round
+            self.cs.rewind_epoch = min(2, max(0, cs_round_epochs(self) - 1))
+        if self.method == "cs" and self.cs.rewind and self.cs.rewind_epoch >= cs_round_epochs(self):
+            raise ValueError(f"cs.rewind_epoch ({self.cs.rewind_epoch}) must fall inside the first round "
+                             f"({cs_round_epochs(self)} epochs)")
         if self.method == "cs" and self.cs.mode == "reference":
             epr = cs_round_epochs(self)
             if self.cs.rounds * epr >= self.epochs:
                 raise ValueError(f"cs: reference mode retrains the ticket after {self.cs.rounds} rounds of {epr} "
                                  f"epochs; epochs ({self.epochs}) leaves no retraining")
-            if self.cs.rewind and self.cs.rewind_epoch >= epr:
-                raise ValueError(f"cs.rewind_epoch ({self.cs.rewind_epoch}) must fall inside the first round "
-                                 f"({epr} epochs)")
             if self.lr_schedule == "step" and self.lr_milestones and self.lr_milestones[-1] >= epr:
                 raise ValueError(f"lr_milestones: cs reference mode restarts the schedule every round, so its "
                                  f"milestones count within a round of {epr} epochs; got {self.lr_milestones}")
@@ -838,10 +842,12 @@ class ScaleConfig(_Strict):
                 c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds + ref, 1)))
             if rounds + ref > ep:
                 c["rounds"] = rounds = max(1, ep - ref)
-            # the rewind point stays inside the (shortened) first round
+            # the rewind point and (reference mode) the step milestones stay inside the (shortened) first round
             epr = c.get("epochs_per_round") or max(1, ep // (rounds + 1) if ref else (3 * ep) // 4 // rounds)
-            c["rewind_epoch"] = min(round(c.get("rewind_epoch", CSConfig.model_fields["rewind_epoch"].default) * k),
-                                    epr - 1)
+            if c.get("rewind_epoch") is not None:
+                c["rewind_epoch"] = max(0, min(round(c["rewind_epoch"] * k), epr - 1))
+            if ref and isinstance(f.get("lr_milestones"), list):
+                f["lr_milestones"] = sorted({m for m in f["lr_milestones"] if isinstance(m, int) and 1 <= m < epr})
 
 
 def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConfig"]:
@@ -1014,7 +1020,7 @@ class SweepConfig(_Strict):
             sparsities = [0.0] if method == "dense" else self.grid.sparsities
             for s in sparsities:
                 fields = _deep_copy(self.base)
-                keys = [method] + ([entry] if entry != method else []) + [f"{entry}@{s:g}"]
+                keys = list(dict.fromkeys([method, entry, f"{method}@{s:g}", f"{entry}@{s:g}"]))
                 layers = [(k, self.overrides.get(k, {})) for k in keys]
                 _deep_update(fields, layers[0][1])
                 _deep_update(fields, _deep_copy(preset))
@@ -1087,13 +1093,17 @@ class SweepConfig(_Strict):
         known = registry.names() + sorted(VARIANTS)
         bad = [f"grid.methods[{i}]: unknown method {m!r}{did_you_mean(m, known)}"
                for i, m in enumerate(self.grid.methods) if m not in known]
+        listed = set(self.grid.methods) | {VARIANTS[m][0] for m in self.grid.methods if m in VARIANTS}
+        targets = [f"{x:g}" for x in self.grid.sparsities]
         for m in self.overrides:
             name, at, target = m.partition("@")
             if name not in known:
                 bad.append(f"overrides.{m}: unknown method {name!r}{did_you_mean(name, known)}")
-            elif at and _target(target) not in self.grid.sparsities:
-                bad.append(f"overrides.{m}: {target!r} is not one of grid.sparsities "
-                           f"({', '.join(f'{x:g}' for x in self.grid.sparsities)})")
+            elif at and target not in targets:
+                bad.append(f"overrides.{m}: {target!r} is not one of grid.sparsities as written in run names "
+                           f"({', '.join(targets)})")
+            elif (at or name in VARIANTS) and name not in listed:
+                bad.append(f"overrides.{m}: {name} is not in grid.methods, so these values would never apply")
         if bad:
             bad[-1] += f" (known: {', '.join(known)})"
         bad += _unknown_keys(self.base, RunConfig, "base")
@@ -1105,13 +1115,6 @@ class SweepConfig(_Strict):
             if k in self.base:
                 raise ValueError(f"base.{k}: set by the grid or the sweep, not in base")
         return self
-
-
-def _target(text: str) -> Optional[float]:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

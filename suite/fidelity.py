@@ -213,11 +213,12 @@ def check_coverage(name: str, table: dict[str, Any], overrides: Optional[dict[st
     unchecked = table.get("unchecked") or {}
     problems = []
     for (cfg, method), fields in listed.items():
-        for run in _runs(cfg, method, (overrides or {}).get(cfg))[:1]:
-            missing = sorted(_leaves(run.semantic_dict()) - fields - NOT_RECIPE - set(unchecked))
-            if missing:
-                problems.append(Problem(name, cfg, method, ", ".join(missing),
-                                        "run fields the table neither lists nor names under `unchecked`"))
+        runs = _runs(cfg, method, (overrides or {}).get(cfg))
+        leaves = set().union(*(_leaves(r.semantic_dict()) for r in runs)) if runs else set()
+        missing = sorted(leaves - fields - NOT_RECIPE - set(unchecked))  # over every run of the pair
+        if missing:
+            problems.append(Problem(name, cfg, method, ", ".join(missing),
+                                    "run fields the table neither lists nor names under `unchecked`"))
     return problems
 
 

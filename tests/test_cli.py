@@ -49,7 +49,8 @@ def test_list_names_every_registered_method_model_and_dataset(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     named = {ln.split()[0] for ln in lines if ln.startswith("  ")}
-    assert set(registry.names()) | set(models.names()) | set(datasets.names()) <= named
+    from suite.config import VARIANTS
+    assert set(registry.names()) | set(VARIANTS) | set(models.names()) | set(datasets.names()) <= named
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
     assert "hyperflux" in out and "fmnist_cnn" not in out

@@ -264,10 +264,17 @@ def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
     assert runs[("l0", 0.5)].l0.lam == runs[("l0", 0.9)].l0.lam == 2.0
     assert runs[("l0-ref", 0.5)].l0.lam == 2.0 and runs[("l0-ref", 0.9)].l0.lam == 7.0
     assert runs[("l0-ref", 0.5)].l0.drop_init == 0.3 and runs[("l0", 0.5)].l0.drop_init != 0.3
+    # a method's target key reaches its variants' runs at that target too, before the variant's own
+    p.write_text(VARIANT_SWEEP.replace("  l0-ref@0.9:", "  l0@0.9: {l0: {beta: 0.5}}\n  l0-ref@0.9:"))
+    runs = {(r.variant(), r.sparsity): r for r in load_sweep(p).expand()}
+    assert runs[("l0", 0.9)].l0.beta == runs[("l0-ref", 0.9)].l0.beta == 0.5 and runs[("l0", 0.5)].l0.beta != 0.5
 
 
 @pytest.mark.parametrize("key,names", [("l0-reff", "did you mean 'l0-ref'"),
-                                       ("l0-ref@0.8", "0.8' is not one of grid.sparsities (0.5, 0.9)")])
+                                       ("l0-ref@0.8", "'0.8' is not one of grid.sparsities as written in run names (0.5, 0.9)"),
+                                       ("l0-ref@0.90", "'0.90' is not one of grid.sparsities"),
+                                       ("cs-ref", "cs-ref is not in grid.methods, so these values would never apply"),
+                                       ("str@0.9", "str is not in grid.methods")])
 def test_bad_override_keys_are_refused_naming_the_key(tmp_path, key, names):
     p = tmp_path / "sweep.yaml"
     p.write_text(VARIANT_SWEEP.replace("l0-ref@0.9:", f"{key}:"))
@@ -287,12 +294,17 @@ def test_a_bad_value_in_a_target_override_is_placed_there(tmp_path):
 @pytest.mark.parametrize("k", [0.05, 0.1, 0.3])
 def test_scale_keeps_the_cs_reference_rounds_retraining_and_rewind_point(tmp_path, k):
     p = tmp_path / "sweep.yaml"
-    p.write_text(VARIANT_SWEEP.replace("[dense, l0, l0-ref, imp-lrr, gmp-layer]", "[dense, cs-ref]")
-                 .replace("epochs: 8", "epochs: 340").replace("overrides:", "overrides:\n  cs-ref: {cs: {rewind_epoch: 2}}"))
+    p.write_text("name: t\nbase: {model: fmnist_cnn, epochs: 340, init: dense, lr_schedule: step, lr_milestones: [56, 71]}\n"
+                 "grid: {methods: [dense, cs-ref], sparsities: [0.5, 0.9], seeds: [0]}\n"
+                 "overrides:\n  dense: {lr_milestones: [80, 120]}\n  cs-ref: {cs: {rewind_epoch: 2}}\n")
     full = [r for r in load_sweep(p).expand() if r.method == "cs"]
     small = [r for r in load_sweep(p, {"scale.epochs": k}).expand() if r.method == "cs"]
     assert full[0].cs.rewind_epoch == 2 and len(small) == len(full) == 2
     from suite.config import cs_round_epochs
-    for r in small:  # validated, so: every round fits, a retraining remains, the rewind point is in round 1
-        epr = cs_round_epochs(r)
+    for r in small:  # validated, so: every round fits, a retraining remains, the rewind point and the
+        epr = cs_round_epochs(r)  # step milestones (counted within a round) are inside round 1
         assert r.cs.rounds * epr < r.epochs < 340 and r.cs.rewind_epoch < epr
+        assert all(1 <= m < epr for m in r.lr_milestones)
+    assert RunConfig(method="cs", sparsity=0.9, cs={"mode": "reference"}).cs.rewind_epoch == 1  # 10 epochs: rounds of 2
+    with pytest.raises(Exception, match="must fall inside the first round"):  # calibrated mode checks it too
+        RunConfig(method="cs", sparsity=0.9, epochs=20, cs={"rewind": True, "rewind_epoch": 50})
