@@ -124,10 +124,11 @@ class _RMTBase(MaskPruner):
         self.epoch = epoch
         return super().lrs(epoch)
 
-    def fit_all(self) -> list[mp.MPFit]:
+    def fit_all(self, weights: Optional[list[torch.Tensor]] = None) -> list[mp.MPFit]:
+        """MP edge fits of `weights` (default: the stored weights), kept as self.fits."""
         self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate,
                                     quantile_offset=self.r.quantile_offset)
-                     for w in self.stored()]
+                     for w in (self.stored() if weights is None else weights)]
         return self.fits
 
     def seb_b_sd(self, s: float) -> tuple["float | list[float]", float]:
@@ -370,48 +371,21 @@ def cycle_path(s: float, cycles: int) -> list[float]:
     return out
 
 
-def _extra_counts(q: list[float], active: list[int], limits: list[int], total: int) -> list[int]:
-    """Integer extra zeros per layer, k_l ~ min(limit_l, c q_l active_l), summing to `total`."""
+def _shares_to_counts(q: list[float], sizes: list[int], total_zeros: int, cap: "float | list[float]",
+                      int_caps: Optional[list[int]] = None) -> list[int]:
+    """Integer zeros per layer, k_l ~ min(cap_l, c q_l) n_l with sum k_l = total_zeros exactly. `cap`
+    is one share for every layer or one per layer; `int_caps` the most zeros each layer may take
+    (default floor(cap_l n_l)). A gradual RMT cycle passes the active weights as `sizes` and the
+    room each layer has left as `int_caps`."""
     qmax = max(q) if q and max(q) > 0 else 1.0
     qf = [max(x, 1e-6 * qmax) if qmax > 0 else 1.0 for x in q]
-    if total > sum(limits):
-        raise ValueError(f"{total} more zeros exceed the per-layer room ({sum(limits)})")
-
-    def zeros(c: float) -> float:
-        return sum(min(lim, c * x * a) for x, a, lim in zip(qf, active, limits))
-
-    lo, hi = 0.0, 1.0
-    while zeros(hi) < total:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if zeros(mid) < total:
-            lo = mid
-        else:
-            hi = mid
-    real = [min(lim, hi * x * a) for x, a, lim in zip(qf, active, limits)]
-    k = [min(int(math.floor(r)), lim) for r, lim in zip(real, limits)]
-    for i in sorted(range(len(k)), key=lambda j: real[j] - k[j], reverse=True) * (len(k) + 1):
-        if sum(k) >= total:
-            break
-        if k[i] < limits[i]:
-            k[i] += 1
-    while sum(k) > total:
-        i = max(range(len(k)), key=lambda j: k[j])
-        k[i] -= 1
-    return k
-
-
-def _shares_to_counts(q: list[float], sizes: list[int], total_zeros: int, cap: float) -> list[int]:
-    """Integer zeros per layer, k_l ~ min(cap, c q_l) n_l with sum k_l = total_zeros exactly."""
-    qmax = max(q) if q and max(q) > 0 else 1.0
-    qf = [max(x, 1e-6 * qmax) if qmax > 0 else 1.0 for x in q]
-    caps = [int(math.floor(cap * n)) for n in sizes]
+    frac = [cap] * len(sizes) if isinstance(cap, (int, float)) else list(cap)
+    caps = int_caps if int_caps is not None else [int(math.floor(f * n)) for f, n in zip(frac, sizes)]
     if total_zeros > sum(caps):
         raise ValueError(f"target {total_zeros} zeros exceeds the per-layer caps ({sum(caps)})")
 
     def zeros(c: float) -> float:
-        return sum(min(cap, c * x) * n for x, n in zip(qf, sizes))
+        return sum(min(f, c * x) * n for f, x, n in zip(frac, qf, sizes))
 
     lo, hi = 0.0, 1.0
     while zeros(hi) < total_zeros:
@@ -422,7 +396,7 @@ def _shares_to_counts(q: list[float], sizes: list[int], total_zeros: int, cap: f
             lo = mid
         else:
             hi = mid
-    real = [min(cap, hi * x) * n for x, n in zip(qf, sizes)]
+    real = [min(f, hi * x) * n for f, x, n in zip(frac, qf, sizes)]
     k = [min(int(math.floor(r)), cp) for r, cp in zip(real, caps)]
     rest = total_zeros - sum(k)
     order = sorted(range(len(k)), key=lambda i: real[i] - k[i], reverse=True)
@@ -519,9 +493,7 @@ class ClassicalRMT(_RMTBase):
         W = self.stored()
         M = [p.mask for p in self.params]
         eff = [w * m for w, m in zip(W, M)]
-        fits = [mp.mp_edge_fit(e, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate,
-                               quantile_offset=self.r.quantile_offset) for e in eff]
-        self.fits = fits
+        fits = self.fit_all(eff)
         for w, e, f in zip(W, eff, fits):
             w.copy_(denoise_noise_components(e, f, self.r.sv_tau))
         frac_below = [1.0 - f.n_above / f.n_total for f in fits]
@@ -539,7 +511,7 @@ class ClassicalRMT(_RMTBase):
             if add <= sum(limits):
                 break
         active = [n - z for n, z in zip(sizes, zeros_now)]
-        extra = _extra_counts(q, active, limits, add)
+        extra = _shares_to_counts(q, active, add, [lim / a if a else 0.0 for lim, a in zip(limits, active)], limits)
         new = []
         for w, m, k in zip(W, M, extra):
             m = m.clone()
