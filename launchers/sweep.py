@@ -100,11 +100,23 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
         if kind == "debug" and r.engine.world_size > 1:
             raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) > 1 cannot run on the "
                               f"debug executor (one process); use launcher.executor local or slurm")
+        threads = _loader_thread_limit()
+        if r.engine.loader_workers > threads:
+            raise ConfigError(f"run {r.run_name()}: engine.loader_workers ({r.engine.loader_workers}) is more than "
+                              f"the {threads} loader threads this machine allows (its CPUs, or NUMBA_NUM_THREADS)")
         on_gpu = r.engine.device == "cuda" or (r.engine.device == "auto" and visible > 0)
         if on_gpu and r.engine.world_size > visible:
             raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) is more than the "
                               f"{visible} GPU(s) visible on this machine (engine.device {r.engine.device}); "
                               f"lower it or set engine.device: cpu")
+
+
+def _loader_thread_limit() -> int:
+    """FFCV's loader threads are numba's, which allows at most NUMBA_NUM_THREADS (by default the
+    CPU count) per process; the engine checks the same on the node that runs the task."""
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
 
 
 def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
@@ -766,7 +778,10 @@ def launch_costs(outcomes: list[Outcome], t0: float) -> str:
     """What launching cost this sweep, from the tasks' startup timelines (suite.engine):
     `hfbench sweep` start -> first training step of the first task, and the median fixed cost
     per task with its parts."""
-    res = [o.result for o in outcomes if o.state == "finished" and "startup_total_s" in o.result]
+    # only runs this sweep trained: a run reused from an earlier training (another sweep's claim,
+    # a folder already done) carries that training's timeline, from before this sweep began
+    res = [o.result for o in outcomes if o.state == "finished" and "startup_total_s" in o.result
+           and not o.result.get("reused") and not o.result.get("reused_from")]
     if not res:
         return ""
     import statistics

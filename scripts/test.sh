@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, `make test`, .ci/run): install what is missing, start a real
-# one-node SLURM cluster (with accounting) and an MLflow server, run the whole pytest suite
+# two-node SLURM cluster (with accounting) and an MLflow server, run the whole pytest suite
 # (slow end-to-end tests included), stop the services whatever happened.
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x. The paper recipes'
 # smoke runs train a covering subset of each recipe's methods here; `make test-recipes`
@@ -24,6 +24,8 @@ export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cach
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
 export MPLBACKEND=Agg
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the shared venv points at
+# A full run (no arguments) rewrites docs/reliability.md: each promise, its tests and their outcomes.
+(($#)) || export HFBENCH_RELIABILITY_DOC="$ROOT/docs/reliability.md"
 set +e
 "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
 rc=$?

@@ -44,6 +44,8 @@ def cmd_data(a) -> int:
         raise ConfigError(f"--split-seed must be >= 0, got {a.split_seed}")
     if a.val_size < 0:
         raise ConfigError(f"--val-size must be >= 0, got {a.val_size}")
+    if not 1 <= a.quality <= 100:  # Pillow's JPEG quality scale (above 95 only grows files)
+        raise ConfigError(f"--quality must be between 1 and 100, got {a.quality}")
     out = Path(a.out)
     for parent in [out, *out.parents]:  # the nearest existing folder on the way must be a folder
         if parent.exists():
@@ -124,6 +126,10 @@ def cmd_sweep(a) -> int:
     sweep = load_sweep(a.config, overrides)
     if a.dry_run:
         runs = sweep.expand()
+        if sweep.launcher.executor in ("local", "debug"):  # what this machine cannot run is refused here too
+            from launchers.sweep import check_resources
+
+            check_resources(sweep, runs, sweep.launcher.executor)
         for r in runs:
             print(f"{r.run_hash()}  {r.run_name()}")
         print(f"{len(runs)} runs")

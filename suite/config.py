@@ -1159,6 +1159,10 @@ def _tracking_uri(v: Optional[str], what: str) -> Optional[str]:
     if not (scheme in TRACKING_SCHEMES or v.startswith("/")):
         raise ValueError(f"{what}: {v!r} is not a tracking store MLflow can use (schemes: "
                          f"{', '.join(TRACKING_SCHEMES)}; e.g. http://host:5000 or sqlite:////path/mlflow.db)")
+    if scheme == "sqlite" and v.startswith("sqlite:///"):
+        db = Path(v[len("sqlite:///"):].split("?", 1)[0])
+        if db.is_dir():
+            raise ValueError(f"{what}: {v!r} names a folder, not a database file (e.g. sqlite:///{db / 'mlflow.db'})")
     return v
 
 

@@ -67,7 +67,7 @@ def resolve_device(cfg: RunConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- preemption
-_STOP: dict[str, Any] = {"signum": None, "frame": None, "previous": None, "handing_over": False}
+_STOP: dict[str, Any] = {"signum": None, "frame": None, "previous": None, "handing_over": False, "installed": {}}
 
 
 def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> None:
@@ -77,10 +77,15 @@ def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> None:
     (submitit's, which requeues the job)."""
     for sig in signals:
         previous = signal.getsignal(sig)
+        if getattr(previous, "hfbench_stop_request", False):  # installed twice in one process (debug
+            previous = previous.replaced                        # executor, tests): keep the original
+        _STOP["installed"][sig] = previous  # for a rank that learns of the stop only from the others
 
         def request(signum, frame, previous=previous):
             _STOP.update(signum=signum, frame=frame, previous=previous)
 
+        request.hfbench_stop_request = True  # type: ignore[attr-defined]
+        request.replaced = previous  # type: ignore[attr-defined]
         signal.signal(sig, request)
 
 
@@ -101,7 +106,10 @@ def _stop_requested(world: int, step: int) -> bool:
 def _hand_over(rank: int) -> None:
     """After the checkpoint is written: let submitit requeue (rank 0), or wait to be stopped."""
     _STOP["handing_over"] = True
-    previous, signum = _STOP["previous"], _STOP["signum"] or signal.SIGUSR2
+    signum = _STOP["signum"] or signal.SIGUSR2
+    # A rank that got no signal itself (the stop agreement told it) still hands over to the
+    # handler it replaced: on rank 0 that is submitit's, which requeues the whole job.
+    previous = _STOP["previous"] if _STOP["signum"] is not None else _STOP["installed"].get(signum)
     if callable(previous):
         previous(signum, _STOP["frame"])  # submitit: checkpoint() + requeue + exit on rank 0
     if rank != 0:
@@ -117,14 +125,17 @@ def _injected_fault(run_hash: str) -> dict[str, int]:
     """Testing hook: HFBENCH_INJECT='<run hash>:nan@<step>' makes that run's loss NaN at that
     step; '<run hash>:sleep@<ms>' adds that many milliseconds to each of its steps (a slow run,
     e.g. to meet a time limit); '<run hash>:exitfinal@1' kills the process right after its final
-    metrics are logged, before its weights and done marker are written. Items are
-    comma-separated; '*' matches every run. Unset in normal use."""
+    metrics are logged, before its weights and done marker are written; '<run hash>:usr2@<step>'
+    makes the last rank send itself SIGUSR2 right after that global step (a preemption warning
+    at a known point, which the other ranks learn of only through the stop agreement; a resumed
+    run is past that step and is not signalled again). Items are comma-separated; '*' matches
+    every run. Unset in normal use."""
     out: dict[str, int] = {}
     for item in filter(None, os.environ.get("HFBENCH_INJECT", "").split(",")):
         h, _, what = item.partition(":")
         if h in (run_hash, "*"):
             kind, _, value = what.partition("@")
-            if kind in ("nan", "sleep", "exitfinal"):
+            if kind in ("nan", "sleep", "exitfinal", "usr2"):
                 out[kind] = int(value)
     return out
 
@@ -184,6 +195,11 @@ def make_loaders(cfg: RunConfig, world: int):
     spec.validate(cfg.data_dir)  # a truncated or mismatched file fails here, naming it, before training
     make_loader = spec.loader or make_loader  # the dataset's recipe (RGB datasets); Fashion-MNIST's otherwise
     nw = cfg.engine.loader_workers
+    import numba  # FFCV's loader threads are numba's; it allows at most this many on this node
+
+    if nw > numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"engine.loader_workers is {nw}, more than the {numba.config.NUMBA_NUM_THREADS} loader "
+                         f"threads this node allows (its CPU count, or NUMBA_NUM_THREADS): lower it")
     train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=nw,
                         distributed=world > 1)
     val = make_loader(paths["val"], 500, train=False, num_workers=nw)
@@ -453,6 +469,27 @@ def state_digest(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def observed_settings(model: nn.Module, logits: torch.Tensor) -> dict[str, str]:
+    """What the first training step really ran with, read off its tensors (not the config): the
+    forward's compute dtype (bf16/fp16 autocast shows in the logits) and the memory format of the
+    convolution weights. A precision or channels_last flag that did not take effect shows here."""
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    return {"observed.compute_dtype": str(logits.dtype).replace("torch.", ""),
+            # a weight with one input channel or a 1x1 kernel is in both formats at once
+            "observed.channels_last": str(all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+                                          and any(not p.is_contiguous() for p in convs))}
+
+
+def optimizer_state_numel(opt: Any) -> int:
+    """Elements of optimiser state (momentum, Adam moments) this rank holds: all of it without
+    ZeRO, about 1/world of it with ZeRO stage 1 or 2, which partitions that state over the ranks
+    (DeepSpeed's ZeRO optimiser wraps the client optimiser as `.optimizer`)."""
+    base = getattr(opt, "optimizer", opt)
+    parts = [o for o in (getattr(base, "sgd", None), getattr(base, "adam", None)) if o is not None] or [base]
+    return sum(int(t.numel()) for o in parts for st in o.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
 
 
 def process_start_time(default: float) -> float:
@@ -796,7 +833,8 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
                 for g in gated:
                     g.loss_scale = s_t
             with autocast(device, precision):
-                loss = criterion(engine(x), y)
+                logits = engine(x)
+                loss = criterion(logits, y)
             extra = pruner.loss_term()
             total = loss + extra if extra is not None else loss
             if fault.get("sleep"):
@@ -811,12 +849,15 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
             engine.step()
             step += 1
             pruner.after_step(step)
+            if fault.get("usr2") == step and rank == world - 1:
+                os.kill(os.getpid(), signal.SIGUSR2)
             loss_sum[0] += loss.item()
             loss_sum[1] += 1
             if not startup:
                 marks["first_step"] = time.time()
                 startup = startup_costs(marks)
                 logger.log_metrics(startup, step=step)
+                logger.log_params(observed_settings(engine.module, logits))
             if _stop_requested(world, step):
                 checkpoint(epoch, i + 1, loss_sum, train_time + time.time() - t0)
                 say(f"[hfbench] {cfg.run_name()}: stop requested at epoch {epoch}, step {step}; checkpoint "
@@ -905,6 +946,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
     final["run_hash"] = cfg.run_hash()
     final["state_digest"] = digest
     final["rank"] = rank
+    final["optimizer_state_numel"] = optimizer_state_numel(engine.optimizer)
     final["weights"] = str(out / "final_weights.pt")
     final.update(startup)
     if startup:

@@ -384,6 +384,7 @@ class RunLogger:
             self._params = {**cfg.flat_params(), "config_hash": cfg.run_hash()}
         else:
             self._params = {}
+            self._resumed = True
             try:  # the last epoch this run has on the server: a resume from an older checkpoint
                 self.logged_upto = max((m.step for m in self.c.get_metric_history(run_id, "train_loss")), default=0)
             except Exception:
@@ -511,9 +512,13 @@ class RunLogger:
     def set_tag(self, key: str, value: str) -> None:
         self._push({"op": "batch", "tags": [[key, value[:5000]]]})
 
+    _resumed = False  # this process continues an MLflow run an earlier attempt started
+
     def finish(self, status: str = "FINISHED", error: Optional[str] = None) -> None:
         if error:
             self.set_tag("hfbench.error", error)
+        elif status == "FINISHED" and self._resumed:
+            self.set_tag("hfbench.error", "")  # an earlier attempt's failure is not this run's outcome
         rec = {"op": "terminate", "status": status, "end_time": int(time.time() * 1000)}
         try:
             self.spool.append(rec)

@@ -4,6 +4,7 @@ one and does not find it fails with the command that starts it."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -53,15 +54,70 @@ def pytest_addoption(parser):
                           "not the covering subset make test runs")
 
 
+_PROMISE_OUTCOMES: dict[str, dict[str, str]] = {}  # promise -> {node id: outcome}
+
+
 def pytest_runtest_logreport(report):
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return
+    from tests.reliability import PROMISES
+
+    for promise, _, prefixes in PROMISES:
+        if report.nodeid.startswith(prefixes):
+            _PROMISE_OUTCOMES.setdefault(promise, {})[report.nodeid] = report.outcome
     for group, prefixes in _GROUPS.items():
         if report.nodeid.startswith(prefixes):
             _OUTCOMES[group].append((report.outcome, report.duration))
 
 
+def _reliability_table() -> list[str]:
+    from tests.reliability import PROMISES
+
+    rows = ["| promise | made in | tests | passed | failed | skipped |", "|---|---|---:|---:|---:|---:|"]
+    for promise, where, _ in PROMISES:
+        got = list(_PROMISE_OUTCOMES.get(promise, {}).values())
+        rows.append(f"| {promise} | {where} | {len(got)} | {got.count('passed')} | {got.count('failed')} | "
+                    f"{got.count('skipped')} |")
+    return rows
+
+
+def _write_reliability_doc(path: str) -> str:
+    """docs/reliability.md from this session's outcomes; only when every promise was tried (a
+    partial run, e.g. -k, must not overwrite the full table with small counts)."""
+    import datetime
+    import subprocess
+
+    from tests.reliability import PROMISES
+
+    if any(not _PROMISE_OUTCOMES.get(p) for p, _, _ in PROMISES):
+        return "not written: this run did not try every promise"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    text = "\n".join([
+        "# Reliability: each promise and the tests that try to break it",
+        "",
+        "Written by `make test` (tests/conftest.py, from the promises in tests/reliability.py) at the end",
+        f"of a full run: commit {commit}, {datetime.date.today().isoformat()}. A test counts for every",
+        "promise it serves. Failed or skipped tests are counted as such, never as passed; a test of",
+        "the slow tier needs the services `make test` starts.",
+        "",
+        *_reliability_table(),
+        "",
+    ])
+    Path(path).write_text(text)
+    return f"written to {path}"
+
+
 def pytest_terminal_summary(terminalreporter):
+    import os
+
+    if _PROMISE_OUTCOMES:
+        terminalreporter.section("hfbench reliability table")
+        for line in _reliability_table():
+            terminalreporter.write_line(line)
+        doc = os.environ.get("HFBENCH_RELIABILITY_DOC")
+        if doc:
+            terminalreporter.write_line(f"reliability table {_write_reliability_doc(doc)}")
     if not any(_OUTCOMES.values()):
         return
     tr = terminalreporter

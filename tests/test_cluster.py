@@ -2,6 +2,7 @@
 parallelism, time limits, multi-rank tasks. Slow; run in CI by the test command."""
 from __future__ import annotations
 
+import re
 import subprocess
 import textwrap
 import time
@@ -14,6 +15,10 @@ import pytest
 from launchers.sweep import Sweep
 from suite import tracking
 from suite.config import load_sweep
+
+# experiment names on the shared MLflow server are unique per test session: a rerun against the
+# same server must train again, not find the last session's finished runs
+TAG = uuid.uuid4().hex[:6]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -96,7 +101,7 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_s
     the run outlasts one allocation however fast the machine is."""
     monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@80")
     p = _write(tmp_path, "tl", f"""
-        name: e2e-timelimit
+        name: e2e-timelimit-{TAG}
         tracking_uri: {mlflow_server}
         data_dir: {betons['train'].parent}
         out_dir: {tmp_path / 'runs'}
@@ -116,7 +121,7 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_s
     logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.*"))
     assert "stop requested at epoch" in logs and "resuming" in logs, logs[-3000:]
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name("e2e-timelimit").experiment_id])
+    runs = c.search_runs([c.get_experiment_by_name(f"e2e-timelimit-{TAG}").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     hist = c.get_metric_history(runs[0].info.run_id, "train_loss")
     assert sorted(h.step for h in hist) == [1, 2, 3], [h.step for h in hist]
@@ -127,7 +132,7 @@ def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slu
     """engine.world_size 2: one SLURM task allocation with two processes (ntasks-per-node 2)
     that rendezvous from the SLURM environment; both train, only rank 0 logs."""
     p = _write(tmp_path, "r2", f"""
-        name: e2e-2rank
+        name: e2e-2rank-{TAG}
         tracking_uri: {mlflow_server}
         data_dir: {betons['train'].parent}
         out_dir: {tmp_path / 'runs'}
@@ -147,13 +152,85 @@ def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slu
     assert all("Job completed successfully" in t for t in outs.values()), {k: v[-500:] for k, v in outs.items()}
     assert o.result["rank"] == 0
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name("e2e-2rank").experiment_id])
+    runs = c.search_runs([c.get_experiment_by_name(f"e2e-2rank-{TAG}").experiment_id])
     assert len(runs) == 1, f"{len(runs)} MLflow runs for one 2-rank task"
     r = runs[0]
     assert r.info.status == "FINISHED" and r.data.params["env.world_size"] == "2"
     for key in ("train_loss", "density"):
         hist = c.get_metric_history(r.info.run_id, key)
         assert sorted(h.step for h in hist) == [1, 2, 3], f"{key} logged {[h.step for h in hist]}"
+
+
+def test_two_node_run_checkpoints_requeues_resumes_and_matches_one_node(tmp_path, betons, mlflow_server,
+                                                                         slurm_cluster, monkeypatch):
+    """engine.nodes 2 on a real two-node SLURM partition (two slurmd with their own node names,
+    scripts/services.sh): one rank per node rendezvous from the SLURM environment. The rank on
+    the second node gets a preemption signal at step 7 (the engine's test hook, so the moment
+    is fixed, not raced); rank 0 learns of it through the stop agreement, the ranks checkpoint
+    at the step they agree on, submitit requeues the job, both nodes resume, and the run ends
+    with the same weights, bit for bit, as the same run on one node with two ranks (local
+    executor, a store of its own), logged once in one MLflow run."""
+    import os
+
+    multi = os.environ.get("HFBENCH_SLURM_MULTI_PARTITION")
+    if not multi:
+        pytest.fail("HFBENCH_SLURM_MULTI_PARTITION is unset: start the services with scripts/services.sh "
+                    "(it starts two nodes and exports the partition that holds both)")
+    name = f"e2e-2node-{uuid.uuid4().hex[:8]}"
+    base = ("{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 12, batch_size: 32, init: scratch, "
+            "hyperflux: {pruning_end: 2, gate_lr: 0.05}, engine: {nodes: NODES, world_size: RANKS, device: cpu}}")
+
+    def sweep_file(tag: str, nodes: int, ranks: int, uri: str, launcher: str) -> Path:
+        return _write(tmp_path, tag, f"""
+            name: {name}
+            tracking_uri: {uri}
+            data_dir: {betons['train'].parent}
+            out_dir: {tmp_path / tag}
+            base: {base.replace('NODES', str(nodes)).replace('RANKS', str(ranks))}
+            grid: {{methods: [hyperflux], sparsities: [0.5], seeds: [0]}}
+            launcher: {launcher}
+        """)
+
+    one = sweep_file("one", 1, 2, f"sqlite:///{tmp_path / 'one.db'}",
+                     f"{{executor: local, folder: {tmp_path / 'sub-one'}, poll_s: 1}}")
+    (ref,) = Sweep(load_sweep(one)).run()
+    assert ref.state == "finished", ref.error
+
+    monkeypatch.setenv("HFBENCH_INJECT", "*:usr2@7")
+    two = sweep_file("two", 2, 1, mlflow_server,
+                     f"{{executor: slurm, parallelism: 1, folder: {tmp_path / 'sub-two'}, poll_s: 1, "
+                     f"max_requeues: 3, slurm: {{time_min: 15, partition: {multi}}}}}")
+    (o,) = Sweep(load_sweep(two)).run()
+    assert o.state == "finished", o.error
+    rows = _sacct(o.job_id, "JobID,State,NNodes,NodeList", duplicates=True)
+    states = [r[1] for r in rows]
+    assert states[-1] == "COMPLETED" and "REQUEUED" in states, states
+    assert all(r[2] == "2" for r in rows), f"not every allocation spanned two nodes: {rows}"
+    def nodes_of(partition: str) -> set[str]:
+        return set(subprocess.run(["sinfo", "-h", "-p", partition, "-N", "-o", "%N"], capture_output=True,
+                                  text=True, timeout=30).stdout.split())
+
+    (second,) = nodes_of(multi) - nodes_of(os.environ.get("HFBENCH_SLURM_PARTITION", "debug"))
+    # the second node's own slurmd started a task of every allocation (the first and the requeued one)
+    launched = (Path(os.environ["HFBENCH_SERVICES_DIR"]) / "log" / f"slurmd-{second}.log").read_text()
+    assert launched.count(f"launch task StepId={o.job_id}.0 ") == len(rows), (second, rows)
+    logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "sub-two").rglob("*_log.*"))
+    # rank 1 (second node) got the signal at step 7; both stopped at the agreed step 10 and resumed there
+    assert "stop requested at epoch 1, step 10" in logs, logs[-3000:]
+    assert re.search(r"\] resuming \S+ at epoch 1, step 10\b", logs), logs[-3000:]
+    assert "resuming from" not in logs, "fell back to an older checkpoint"
+
+    assert o.result["state_digest"] == ref.result["state_digest"], "two nodes ended elsewhere than one node"
+    for k in ("final_test_top1", "final_density"):
+        assert o.result[k] == ref.result[k], k
+    c = tracking.client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name(name).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
+    assert runs[0].data.params["env.world_size"] == "2"
+    for key in ("train_loss", "density"):
+        steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, key))
+        assert steps == [1, 2, 3], f"{key} logged at {steps}"
+    print(f"two nodes: states {states}, nodes {rows[-1][3]}")
 
 
 def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slurm_cluster):
@@ -167,7 +244,7 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     root = Path(__file__).resolve().parents[1]
     services = os.environ["HFBENCH_SERVICES_DIR"]
     p = _write(tmp_path, "nf", f"""
-        name: e2e-nodefail
+        name: e2e-nodefail-{TAG}
         tracking_uri: {mlflow_server}
         data_dir: {betons['train'].parent}
         out_dir: {tmp_path / 'runs'}
@@ -198,8 +275,8 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     assert back.returncode == 0, back.stdout + back.stderr
     out, _ = sweep.communicate(timeout=900)
     assert sweep.returncode == 0 and "done   fmnist_cnn-dense-s0" in out, out[-3000:]
-    jobs = [json.loads(line) for line in (tmp_path / "submitit" / "e2e-nodefail" / "jobs.jsonl").read_text().splitlines()
-            if line.strip()] if (tmp_path / "submitit" / "e2e-nodefail" / "jobs.jsonl").exists() else []
+    jobs = [json.loads(line) for line in (tmp_path / "submitit" / f"e2e-nodefail-{TAG}" / "jobs.jsonl").read_text().splitlines()
+            if line.strip()] if (tmp_path / "submitit" / f"e2e-nodefail-{TAG}" / "jobs.jsonl").exists() else []
     job = jobs[-1]["job_id"] if jobs else None
     assert job, "no job recorded"
     states = [r[1] for r in _sacct(job, "JobID,State", duplicates=True)]
@@ -207,7 +284,7 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.*"))
     assert "resuming" in logs, logs[-3000:]
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name("e2e-nodefail").experiment_id])
+    runs = c.search_runs([c.get_experiment_by_name(f"e2e-nodefail-{TAG}").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
     steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, "train_loss"))
     assert steps == list(range(1, 7)), steps  # none lost, none twice

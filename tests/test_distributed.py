@@ -36,7 +36,9 @@ def test_two_ranks_end_identical(tmp_path, betons, method):
 
 def test_zero_stages_train_the_same_dense_model(tmp_path, betons):
     """engine.zero_stage 1 and 2 (optimiser state, then gradients too, partitioned over two
-    gloo ranks) end with the same weights as stage 0, to float tolerance."""
+    gloo ranks) end with the same weights as stage 0, to float tolerance; and the flag takes
+    effect: under stage 0 each rank holds the momentum of every parameter, under 1 and 2 each
+    holds about half (the partition), together all of it."""
     import submitit
     import torch
 
@@ -44,7 +46,7 @@ def test_zero_stages_train_the_same_dense_model(tmp_path, betons):
     from suite import tracking
     from suite.config import RunConfig
 
-    finals = {}
+    finals, held = {}, {}
     for stage in (0, 1, 2):
         cfg = RunConfig(method="dense", epochs=2, max_steps_per_epoch=5, batch_size=32, eval_every=2,
                         data_dir=str(betons["train"].parent), out_dir=str(tmp_path / f"runs{stage}"),
@@ -56,6 +58,11 @@ def test_zero_stages_train_the_same_dense_model(tmp_path, betons):
         results = ex.submit(task.run, cfg.model_dump(mode="json"), uri, exp).results()
         assert results[0]["state_digest"] == results[1]["state_digest"], f"stage {stage}: ranks diverged"
         finals[stage] = torch.load(results[0]["weights"], weights_only=True)
+        held[stage] = [r["optimizer_state_numel"] for r in results]
+    n = sum(v.numel() for k, v in finals[0].items() if v.is_floating_point() and "running_" not in k)
+    assert held[0] == [n, n], (held[0], n)  # SGD momentum: one element per parameter element, on each rank
+    for stage in (1, 2):
+        assert sum(held[stage]) >= n and all(h <= 0.55 * n for h in held[stage]), (stage, held[stage], n)
     for stage in (1, 2):
         for k, v in finals[0].items():
             torch.testing.assert_close(finals[stage][k], v, rtol=1e-4, atol=1e-5, msg=f"stage {stage}: {k}")

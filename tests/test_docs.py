@@ -274,3 +274,24 @@ def test_citation_scanner():
     assert bad == [(2, f"{D}/{HF} section 4"), (3, f"{D}/{HF} section 5"),
                    (6, f'{D}/{BL} section "Nope"')]
     assert _numbers("1-6") == [1, 2, 3, 4, 5, 6] and _numbers("5 and 7") == [5, 7]
+
+
+def test_every_test_the_reliability_table_names_exists_and_the_table_lists_every_promise():
+    """tests/reliability.py maps each promise to node-id prefixes; a prefix that matches no test
+    function (renamed, deleted) would silently drop tests from the table."""
+    import ast
+
+    from tests.reliability import PROMISES
+
+    ids = []
+    for f in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                ids.append(f"tests/{f.name}::{node.name}")
+    for promise, where, prefixes in PROMISES:
+        assert (ROOT / where).is_file(), (promise, where)
+        for p in prefixes:
+            assert any(i.startswith(p) for i in ids), f"no test matches {p!r} ({promise})"
+    doc = (ROOT / "docs/reliability.md").read_text()
+    for promise, _, _ in PROMISES:
+        assert f"| {promise} |" in doc, f"docs/reliability.md lacks: {promise} (run make test)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ import pytest
 from launchers.sweep import Sweep
 from suite import tracking
 from suite.config import load_sweep
+
+# experiment names on the shared MLflow server are unique per test session: a rerun against the
+# same server must train again, not find the last session's finished runs
+TAG = uuid.uuid4().hex[:6]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -49,6 +54,8 @@ def _check_mlflow(uri: str, experiment: str, n: int) -> list:
         assert 0.0 < m["final_test_top1"] <= 1.0
         assert r.data.params["config_hash"] == r.data.tags[tracking.TAG_HASH]
         assert "env.git_commit" in r.data.params and "env.deepspeed" in r.data.params
+        # fp32 and the default memory format, read off the first step's tensors
+        assert (r.data.params["observed.compute_dtype"], r.data.params["observed.channels_last"]) == ("float32", "False")
         hist = c.get_metric_history(r.info.run_id, "val_top1")
         assert [h.step for h in sorted(hist, key=lambda h: h.step)] == list(range(1, int(r.data.params["epochs"]) + 1))
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
@@ -66,7 +73,7 @@ def _run(path: Path):
 
 def test_sweep_through_slurm_into_mlflow_server(tmp_path, betons, mlflow_server, slurm_cluster):
     data_dir = betons["train"].parent
-    sweep, outcomes = _run(_sweep_file(tmp_path, data_dir, "e2e-slurm", "slurm", mlflow_server))
+    sweep, outcomes = _run(_sweep_file(tmp_path, data_dir, f"e2e-slurm-{TAG}", "slurm", mlflow_server))
     assert [o.state for o in outcomes] == ["finished"] * 4, [(o.cfg.run_name(), o.error) for o in outcomes]
     # they really ran as SLURM jobs: the pruning runs as one array, all COMPLETED in accounting
     pruned = [o for o in outcomes if o.cfg.method != "dense"]
@@ -79,14 +86,18 @@ def test_sweep_through_slurm_into_mlflow_server(tmp_path, betons, mlflow_server,
                 break
             time.sleep(0.5)
         assert out.stdout.split() == ["COMPLETED"], (o.job_id, out.stdout, out.stderr)
-    runs = _check_mlflow(mlflow_server, "e2e-slurm", 4)
+    runs = _check_mlflow(mlflow_server, f"e2e-slurm-{TAG}", 4)
+    weights = {r.data.params["method"]: int(r.data.params["prunable_weights"]) for r in runs}
     for o in outcomes:
-        if o.cfg.method != "dense":
+        if o.cfg.method in ("magnitude", "gmp"):  # exact: half the prunable weights, rounded
+            n = weights[o.cfg.method]
+            assert o.result["final_sparsity"] * n == pytest.approx(round(0.5 * n), abs=1e-6), o.result["final_sparsity"]
+        elif o.cfg.method == "hyperflux":  # a controller, not a count: near the target, not on it
             assert abs(o.result["final_sparsity"] - 0.5) < 0.2
     # run again: everything FINISHED is skipped, nothing is trained twice
-    sweep, again = _run(_sweep_file(tmp_path, data_dir, "e2e-slurm", "slurm", mlflow_server))
+    sweep, again = _run(_sweep_file(tmp_path, data_dir, f"e2e-slurm-{TAG}", "slurm", mlflow_server))
     assert [o.state for o in again] == ["skipped"] * 4
-    assert len(_check_mlflow(mlflow_server, "e2e-slurm", 4)) == len(runs)
+    assert len(_check_mlflow(mlflow_server, f"e2e-slurm-{TAG}", 4)) == len(runs)
 
 
 def test_sweep_through_local_executor(tmp_path, betons):
@@ -118,23 +129,59 @@ def test_sweep_through_local_executor(tmp_path, betons):
     mag = next(o for o in outcomes if o.cfg.method == "magnitude")
     assert mag.result["final_sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert mag.cfg.init_from == outcomes[0].cfg.run_hash()
+    _report_of_engine_runs(tmp_path, uri, outcomes)
 
 
-def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflow_server, slurm_cluster):
-    """USR2 to a running SLURM task (what SLURM sends before preemption or the time limit):
-    checkpoint, requeue by submitit, resume; same final state as an uninterrupted run, one
-    MLflow run."""
+def _report_of_engine_runs(tmp_path: Path, uri: str, outcomes) -> None:
+    """The report built by the CLI from runs the engine really trained (not synthetic MLflow
+    runs): every run is a row whose numbers are the ones the run logged, and the report names
+    every method, its budget and its equal-budget control. A renamed or missing metric fails here."""
+    import csv
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "suite.cli", "report", "--experiment", "e2e-local",
+                           "--tracking-uri", uri, "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r["run_hash"]: r for r in csv.DictReader((out / "results.csv").open(newline=""))}
+    assert set(rows) == {o.cfg.run_hash() for o in outcomes}
+    c = tracking.client(uri)
+    for o in outcomes:
+        row, m = rows[o.cfg.run_hash()], c.get_run(o.result["mlflow_run_id"]).data.metrics
+        assert row["status"] == "FINISHED"
+        assert row["method"].split()[0] == ("dense-matched" if o.cfg.budget_matched else o.cfg.method), row["method"]
+        assert float(row["test_top1"]) == m["final_test_top1"] == o.result["final_test_top1"]
+        assert float(row["achieved_sparsity"]) == m["final_sparsity"]
+        assert int(float(row["budget_total_images"])) == o.result["budget_total_images"]
+        assert row["control"] != "" or o.cfg.method == "dense", row
+    md = (out / "report.md").read_text()
+    for row in rows.values():  # every method (and the matched control, by its name) has its results row
+        assert f"\n| {row['method']} | " in md, row["method"]
+    assert (out / "index.html").stat().st_size > 10_000
+
+
+def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflow_server, slurm_cluster,
+                                                         monkeypatch):
+    """USR2 to a running SLURM task (what SLURM sends before preemption or the time limit), sent
+    by `scancel --signal`: checkpoint, requeue by submitit, resume; same final state as an
+    uninterrupted run, one MLflow run. Each step is slowed by 40 ms (the engine's test hook;
+    it changes no number) so the signal, sent once epoch 1 is logged, lands well before the
+    run's end on any machine."""
     import json
     import sys
     import threading
     import time
 
-    from tests.test_resume import SCRIPT
+    from tests.test_resume import SCRIPT_ONE
 
     data = betons["train"].parent
     p = tmp_path / "pre.yaml"
     p.write_text(textwrap.dedent(f"""
-        name: e2e-preempt
+        name: e2e-preempt-{TAG}
         tracking_uri: {mlflow_server}
         data_dir: {data}
         out_dir: {tmp_path / 'runs'}
@@ -143,6 +190,7 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
         grid: {{methods: [hyperflux], sparsities: [0.8], seeds: [3]}}
         launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1}}
     """))
+    monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@40")
     sweep = load_sweep(p)
     cfg = sweep.expand()[0]
     box = {}
@@ -167,7 +215,7 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
     # the uninterrupted reference, same config, in a plain process
     ref_cfg = cfg.model_copy(update={"out_dir": str(tmp_path / "ref"), "experiment": "e2e-preempt-ref"})
     uri = f"sqlite:///{tmp_path / 'ref.db'}"
-    r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(ref_cfg.model_dump(mode='json')), uri,
+    r = subprocess.run([sys.executable, "-c", SCRIPT_ONE, json.dumps(ref_cfg.model_dump(mode='json')), uri,
                         str(tmp_path / "ref.json")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ref = json.loads((tmp_path / "ref.json").read_text())
@@ -175,7 +223,7 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
     assert o.result["final_test_top1"] == ref["final_test_top1"]
 
     c = tracking.client(mlflow_server)
-    exp = c.get_experiment_by_name("e2e-preempt").experiment_id
+    exp = c.get_experiment_by_name(f"e2e-preempt-{TAG}").experiment_id
     runs = c.search_runs([exp])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, "density")}) == [1, 2, 3, 4]
@@ -188,7 +236,7 @@ def test_failing_task_is_isolated_reported_and_resumed(tmp_path, betons, mlflow_
 
     p = tmp_path / "fail.yaml"
     p.write_text(textwrap.dedent(f"""
-        name: e2e-fail
+        name: e2e-fail-{TAG}
         tracking_uri: {mlflow_server}
         data_dir: {betons['train'].parent}
         out_dir: {tmp_path / 'runs'}
@@ -212,7 +260,7 @@ def test_failing_task_is_isolated_reported_and_resumed(tmp_path, betons, mlflow_
     second = Sweep(sweep).run()
     assert [o.state for o in second] == ["skipped", "finished"]
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name("e2e-fail").experiment_id])
+    runs = c.search_runs([c.get_experiment_by_name(f"e2e-fail-{TAG}").experiment_id])
     finished = [r.data.tags[tracking.TAG_HASH] for r in runs if r.info.status == "FINISHED"]
     assert sorted(finished) == sorted([mag.run_hash(), gmp.run_hash()])
     assert len(runs) == 3  # the failed attempt stays on record, marked FAILED

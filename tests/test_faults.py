@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_resume import SCRIPT, _start
+from tests.test_resume import SCRIPT_ONE as SCRIPT
+from tests.test_resume import start_one as _start
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
@@ -856,3 +857,69 @@ def test_a_snap_in_the_last_epoch_is_what_the_run_records(tmp_path, betons):
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/layer_density.csv")
     rows = [ln.split(",") for ln in text.splitlines()[1:]]
     assert abs(1 - sum(int(r[3]) for r in rows) / n - 0.05) <= 1.0 / n
+
+
+def test_a_rank_told_of_the_stop_by_the_others_hands_over_to_the_handler_it_replaced():
+    """The stop agreement (every rank stops at the same step, whichever rank got USR2) reaches
+    ranks that got no signal. Rank 0 must still hand over to the handler it replaced (submitit's,
+    which requeues the job); it used to look only at a handler recorded when a signal arrived,
+    found none and ended the job as failed instead of requeued (found by the two-node test)."""
+    import signal
+
+    from suite import engine
+
+    calls = []
+    before = signal.getsignal(signal.SIGUSR2)
+    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in engine._STOP.items()}
+    try:
+        signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+        engine.install_stop_handler()
+        engine.install_stop_handler()  # twice in one process (the debug executor): still the original
+        assert engine._STOP["signum"] is None  # this rank received nothing
+        with pytest.raises(engine.Preempted):
+            engine._hand_over(rank=0)
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+        engine._STOP.clear()
+        engine._STOP.update(saved)
+
+
+def test_a_failed_attempt_resumed_to_the_end_leaves_no_error_on_the_finished_run(tmp_path, betons):
+    """A run whose loss turns NaN in epoch 2 (injected) fails with the reason as its
+    hfbench.error tag; the rerun resumes the same MLflow run from epoch 1's checkpoint and
+    finishes. The finished run must not carry the failed attempt's error (the report and
+    `hfbench status` read that tag as the run's outcome)."""
+    from suite import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "faults")
+    cfg = _run_cfg(tmp_path, betons["train"].parent, epochs=2)
+    p = _popen(cfg, uri, tmp_path / "r.json", HFBENCH_INJECT="*:nan@20")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode != 0 and "non-finite loss" in out, out[-3000:]
+    c = tracking.client(uri)
+    (failed,) = c.search_runs([c.get_experiment_by_name("faults").experiment_id])
+    assert failed.info.status == "FAILED" and "non-finite loss" in failed.data.tags["hfbench.error"]
+    again = _start(cfg, uri, tmp_path / "r.json")
+    out2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "resuming" in out2, out2[-3000:]
+    run = c.get_run(json.loads((tmp_path / "r.json").read_text())["mlflow_run_id"])
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags.get("hfbench.error", "") == ""
+
+
+def test_the_launch_cost_line_leaves_out_runs_reused_from_an_earlier_training():
+    """A run the sweep reused (trained by another sweep or an earlier one) carries that
+    training's startup timeline; counted, it made the first-step time negative."""
+    from launchers.sweep import Outcome, launch_costs
+    from suite.config import RunConfig
+
+    t0 = 1_000_000.0
+    timeline = {"startup_total_s": 9.0, "startup_import_s": 4.0}
+    reused = Outcome(RunConfig(), "finished", {**timeline, "first_step_unix": t0 - 3600, "reused": True})
+    claimed = Outcome(RunConfig(), "finished", {**timeline, "first_step_unix": t0 - 60, "reused_from": "/x"})
+    fresh = Outcome(RunConfig(), "finished", {**timeline, "first_step_unix": t0 + 12.5})
+    line = launch_costs([reused, claimed, fresh], t0)
+    assert "first training step 12.5 s after the sweep started" in line and "median of 1," in line, line
+    assert launch_costs([reused, claimed], t0) == ""

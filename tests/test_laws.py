@@ -17,9 +17,18 @@ def test_pressure_law_recovers_coefficients_and_inverts():
     fit = pressure_law_fit(gammas, dens)
     assert fit["a0"] == pytest.approx(0.45, abs=0.02) and fit["a1"] == pytest.approx(0.04, abs=0.01)
     assert fit["r2"] > 0.99
+    # an independent reference: numpy's quadratic least squares in (ln gamma, ln density)
+    p2, p1, p0 = np.polyfit(np.log(gammas), np.log(dens), 2)
+    assert (fit["a1"], fit["a0"], math.log(fit["c"])) == pytest.approx((-p2, -p1, p0), rel=1e-9, abs=1e-12)
+    # the inversion against a root finder on the falling branch (density falls for gamma above
+    # the law's turning point exp(-a0 / (2 a1)))
+    from scipy.optimize import brentq
+
     for target in (0.3, 0.1, 0.05):
         g = pressure_law_gamma(law, target)
-        assert pressure_law_density(law, g) == pytest.approx(target, rel=1e-9)
+        ref = math.exp(brentq(lambda x: math.log(pressure_law_density(law, math.exp(x))) - math.log(target),
+                              -law["a0"] / (2 * law["a1"]), 20.0, xtol=1e-14))
+        assert g == pytest.approx(ref, rel=1e-9)
     with pytest.raises(ValueError):
         pressure_law_gamma({"c": 0.6, "a0": -0.1, "a1": 0.0}, 0.1)
 

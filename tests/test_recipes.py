@@ -160,6 +160,10 @@ def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, 
     (run,) = c.search_runs([c.get_experiment_by_name(precision).experiment_id])
     assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["final_test_top1"] <= 1.0
     assert run.data.params["engine.precision"] == precision
+    # the flags took effect: the first step's logits came out of autocast in that dtype, and every
+    # convolution weight was in channels_last memory format (read off the tensors by the engine)
+    assert run.data.params["observed.compute_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert run.data.params["observed.channels_last"] == "True"
     hist = c.get_metric_history(run.info.run_id, "img_per_s")
     assert sorted(h.step for h in hist) == [1, 2, 3] and all(h.value > 0 for h in hist)
     scale = c.get_metric_history(run.info.run_id, "grad_scale")
@@ -278,6 +282,8 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
     assert set(expected) <= set(by_hash), sorted(expected[h].run_name() for h in set(expected) - set(by_hash))
     for h, cfg in expected.items():
         r = by_hash[h]
+        # trained by this test, not found finished from an earlier session on the same server
+        assert r.info.start_time >= 1000 * t0 - 1000, cfg.run_name()
         assert c.get_metric_history(r.info.run_id, "img_per_s"), cfg.run_name()
         if cfg.method == "magnitude":
             assert abs(r.data.metrics["final_sparsity"] - first[0]) < 1e-4

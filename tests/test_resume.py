@@ -1,19 +1,51 @@
-"""Preemption and resume: a run stopped by USR2 mid-epoch writes a checkpoint at the next step,
-and the resumed run ends bit for bit where the uninterrupted run ends, in one MLflow run."""
+"""Preemption and resume, for every method: a run stopped by USR2 mid-epoch writes a checkpoint
+at the next step, and the rerun (a fresh process) ends bit for bit where the uninterrupted run
+ends, in one MLflow run.
+
+The runs are grouped to keep the test fast: per group of runs (precision, loader threads), one
+process trains every uninterrupted reference, another (at the same time) every interrupted run,
+and a third, fresh process resumes them all."""
 from __future__ import annotations
 
 import json
-import signal
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+from suite.pruning import registry
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+# argv: a JSON list of jobs [config, tracking URI, HFBENCH_INJECT or ""], an output JSON path.
+# Each job's outcome: its result, or "preempted"; and its log lines.
 SCRIPT = r"""
+import json, os, sys
+from suite import engine, tracking
+from suite.config import RunConfig
+jobs, out = json.loads(sys.argv[1]), sys.argv[2]
+engine.install_stop_handler()
+done = {}
+for cfg_data, uri, inject in jobs:
+    cfg = RunConfig.model_validate(cfg_data)
+    os.environ.pop("HFBENCH_INJECT", None)
+    if inject:
+        os.environ["HFBENCH_INJECT"] = inject
+    lines = []
+    say = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    try:
+        res = engine.train(cfg, tracking.ensure_experiment(uri, cfg.experiment), uri, log=say)
+    except engine.Preempted:
+        res = "preempted"
+        engine._STOP.update(signum=None, frame=None, previous=None, handing_over=False)
+    done[cfg.run_hash()] = {"result": res, "log": lines}
+open(out, "w").write(json.dumps(done))
+"""
+
+# One run in its own process (the fault tests): argv config JSON, tracking URI, result path.
+SCRIPT_ONE = r"""
 import json, sys
 from suite import tracking
 from suite.config import RunConfig
@@ -26,67 +58,119 @@ open(out, "w").write(json.dumps(res))
 """
 
 
-def _cfg(tmp_path: Path, data_dir: Path, out: str, method: str, precision: str = "fp32") -> dict:
+def start_one(cfg: dict, uri: str, result: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT_ONE, json.dumps(cfg), uri, str(result)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+METHODS = registry.names()  # every registered method, whatever is added later
+CASES = [(m, "fp32", 1) for m in METHODS] + [("hyperflux", "fp16", 1), ("hyperflux", "fp32", 2)]
+IDS = [m + ("" if p == "fp32" else f"-{p}") + ("" if w == 1 else f"-workers{w}") for m, p, w in CASES]
+STOP_AT = 20  # global step of the signal: epoch 2 of 4, step 5 of 15
+
+
+def _cfg(root: Path, data_dir: Path, method: str, precision: str, workers: int) -> dict:
     from suite.config import RunConfig
 
-    return RunConfig(method=method, sparsity=0.8, epochs=4, max_steps_per_epoch=15, batch_size=64,
-                     engine={"precision": precision, "device": "cpu"},
-                     data_dir=str(data_dir), out_dir=str(tmp_path / out), experiment="resume",
+    return RunConfig(method=method, sparsity=0.0 if method == "dense" else 0.8, epochs=4, max_steps_per_epoch=15,
+                     batch_size=64, engine={"precision": precision, "device": "cpu", "loader_workers": workers},
+                     data_dir=str(data_dir), out_dir=str(root), experiment="resume",
                      hyperflux={"pruning_end": 3, "gate_lr": 0.02},
                      gmp={"start_epoch": 0, "end_epoch": 3, "update_every": 4}).model_dump(mode="json")
 
 
-def _start(cfg: dict, uri: str, result: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cfg), uri, str(result)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(jobs: list, out: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "HFBENCH_INJECT"}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(jobs), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-@pytest.mark.parametrize("method,precision", [("hyperflux", "fp32"), ("gmp", "fp32"), ("hyperflux", "fp16")],
-                         ids=["hyperflux", "gmp", "hyperflux-fp16"])
-def test_usr2_mid_epoch_then_resume_is_bit_exact(tmp_path, betons, method, precision):
-    """fp16: the gradient scaler's state and the loss scale the gates' pressure gradient carries
-    must survive the resume too."""
+def _finish(procs: list[tuple[subprocess.Popen, Path]], also: list[subprocess.Popen] = ()) -> None:
+    """Wait for these processes; if one fails, stop them all (and `also`) before failing."""
+    try:
+        for p, out in procs:
+            log, _ = p.communicate(timeout=1500)
+            assert p.returncode == 0 and out.exists(), log[-4000:]
+    finally:
+        for p in [q for q, _ in procs] + list(also):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, betons):
+    """Train every case three ways; returns {case id: (reference, cut, resumed, URI, reference URI)}.
+    Each group (precision, loader threads) has its own folders and stores: loader threads are
+    not part of the run hash, so two groups may hold the same hash."""
+    from suite import tracking
+    from suite.config import RunConfig
+
+    tmp = tmp_path_factory.mktemp("resume")
+    data = betons["train"].parent
+    groups: dict[tuple, list] = {}
+    for case_id, (method, precision, workers) in zip(IDS, CASES):
+        groups.setdefault((precision, workers), []).append((case_id, method))
+    procs: dict[str, list] = {"ref": [], "cut": [], "again": []}
+    plan = {}
+    for (precision, workers), members in groups.items():
+        root = tmp / f"{precision}-w{workers}"
+        # the uninterrupted references in a store of their own: in the same experiment the run
+        # hash would be claimed and reused, not trained again (one training per hash per experiment)
+        uri, ref_uri = f"sqlite:///{root}-mlflow.db", f"sqlite:///{root}-ref.db"
+        for u in (uri, ref_uri):
+            tracking.ensure_experiment(u, "resume")
+        jobs: dict[str, list] = {"ref": [], "cut": [], "again": []}
+        for case_id, method in members:
+            cfg = _cfg(root / "cut", data, method, precision, workers)
+            h = RunConfig.model_validate(cfg).run_hash()
+            jobs["ref"].append([_cfg(root / "ref", data, method, precision, workers), ref_uri, ""])
+            jobs["cut"].append([cfg, uri, f"{h}:usr2@{STOP_AT}"])
+            jobs["again"].append([cfg, uri, ""])
+            plan[case_id] = (f"{root}-ref.json", f"{root}-cut.json", f"{root}-again.json", h, uri, ref_uri)
+        for phase in jobs:
+            procs[phase].append((jobs[phase], Path(f"{root}-{phase}.json")))
+    # the references train side by side with the interrupted runs; the reruns come after, in fresh processes
+    started = {ph: [(_start(j, out), out) for j, out in procs[ph]] for ph in ("ref", "cut")}
+    _finish(started["cut"], also=[p for p, _ in started["ref"]])
+    _finish(started["ref"])
+    _finish([(_start(j, out), out) for j, out in procs["again"]])
+    out = {}
+    for case_id, (ref_f, cut_f, again_f, h, uri, ref_uri) in plan.items():
+        got = [json.loads(Path(f).read_text())[h] for f in (ref_f, cut_f, again_f)]
+        out[case_id] = (*got, uri, ref_uri)
+    return out
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_usr2_mid_epoch_then_resume_is_bit_exact(resumed, case):
+    """Every method (random gates, per-level rewinds and spectral fits included): a preemption
+    signal in the middle of epoch 2 (the engine's test hook sends it at that exact step, so
+    nothing races), a checkpoint at the next step, a rerun that resumes: the weights, gates,
+    masks and final metrics equal those of the uninterrupted run, bit for bit, in one MLflow
+    run. fp16: the gradient scaler's state and the loss scale the gates' pressure gradient
+    carries must survive the resume too; workers 2: the loader's position with two threads."""
     from suite import tracking
 
-    data = betons["train"].parent
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "resume")
+    ref, cut, again, uri, ref_uri = resumed[case]
+    log = "\n".join(cut["log"])
+    assert cut["result"] == "preempted" and f"stop requested at epoch 2, step {STOP_AT}" in log, log[-3000:]
+    assert not any("stop requested" in line for line in ref["log"])
+    # resumed from the checkpoint of the stop itself, not from an older one it fell back to
+    assert any(line.startswith("[hfbench] resuming ") and line.endswith(f" at epoch 2, step {STOP_AT}")
+               for line in again["log"]), "\n".join(again["log"])[-3000:]
+    assert not any("WARNING" in line and "instead" in line for line in again["log"]), again["log"]
+    reference, result = ref["result"], again["result"]
 
-    # the uninterrupted reference in a store of its own: in the same experiment the run hash would
-    # be claimed and reused, not trained again (one training per hash per experiment)
-    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
-    tracking.ensure_experiment(ref_uri, "resume")
-    ref = _start(_cfg(tmp_path, data, "ref", method, precision), ref_uri, tmp_path / "ref.json")
-    out, _ = ref.communicate(timeout=600)
-    assert ref.returncode == 0, out
-    reference = json.loads((tmp_path / "ref.json").read_text())
-
-    cfg = _cfg(tmp_path, data, "cut", method, precision)
-    p = _start(cfg, uri, tmp_path / "cut.json")
-    lines = []
-    for line in p.stdout:  # wait for epoch 2 to begin, then signal in the middle of it
-        lines.append(line)
-        if " epoch 1/4 " in line:
-            time.sleep(0.3)
-            p.send_signal(signal.SIGUSR2)
-            break
-    rest, _ = p.communicate(timeout=300)
-    log = "".join(lines) + rest
-    assert p.returncode != 0 and "stop requested at epoch" in log and "Preempted" in log, log[-3000:]
-    assert not (tmp_path / "cut.json").exists()
-
-    again = _start(cfg, uri, tmp_path / "cut.json")
-    out2, _ = again.communicate(timeout=600)
-    assert again.returncode == 0 and "resuming" in out2, out2[-3000:]
-    resumed = json.loads((tmp_path / "cut.json").read_text())
-
-    assert resumed["state_digest"] == reference["state_digest"], "resumed run diverged from the uninterrupted one"
+    assert result["state_digest"] == reference["state_digest"], "resumed run diverged from the uninterrupted one"
     for k in ("final_test_top1", "final_val_top1", "final_density"):
-        assert resumed[k] == reference[k], k
-    # one MLflow run for the interrupted config, finished, with every epoch logged
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name("resume").experiment_id
-    runs = [r for r in c.search_runs([exp]) if r.info.run_id == resumed["mlflow_run_id"]]
-    assert len(c.search_runs([exp])) == 1 and len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, "density")})
-    assert steps == [1, 2, 3, 4]
+        assert result[k] == reference[k], k
+    # one MLflow run for the interrupted config, finished, with every epoch logged once
+    c, rc = tracking.client(uri), tracking.client(ref_uri)
+    run = c.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert len([r for r in c.search_runs([run.info.experiment_id])
+                if r.data.tags.get(tracking.TAG_HASH) == run.data.tags.get(tracking.TAG_HASH)]) == 1
+    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "density"))
+    expected = sorted(m.step for m in rc.get_metric_history(reference["mlflow_run_id"], "density"))
+    assert steps == expected == list(range(1, len(expected) + 1)), steps  # every epoch, once (IMP: every level's)
