@@ -437,7 +437,7 @@ class Sweep:
                 pending += list(zip(rs, jobs))
                 self._record(list(zip(rs, jobs)))
                 self.say(f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
-                         f"x {ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
+                         f"x {f'{nodes} nodes x ' if nodes > 1 else ''}{ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
             else:
                 waiting += [(r, ex) for r in rs]
         return unsubmitted + self._wait(pending, waiting, deferred)

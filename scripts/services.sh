@@ -536,7 +536,7 @@ crash_node() {
   node="$(hostname -s)"
   # the job steps of this node only (the second node's slurmstepd carry their own node name)
   steps="$(for p in $(marked_pids); do [[ "$(cat "/proc/$p/comm" 2>/dev/null)" == slurmstepd ]] \
-             && grep -qzxF "HFBENCH_SERVICES_NODE=$node" "/proc/$p/environ" 2>/dev/null && echo "$p"; done)"
+             && grep -qzxF "HFBENCH_SERVICES_NODE=$node" "/proc/$p/environ" 2>/dev/null && echo "$p"; done; true)"
   # shellcheck disable=SC2086
   pids="$(session_members $steps) $steps $(pid_of slurmd)"
   say "crashing node $node: SIGKILL to slurmd and job processes: $(echo $pids)"

@@ -401,7 +401,14 @@ def load_pretrained(model: nn.Module, path: str | Path, say=print) -> None:
     prefix (DDP) is dropped. The last Linear layer is kept fresh when its shape differs (e.g.
     ImageNet weights for a 10-class model); any other missing, unexpected or mis-shaped key is
     an error naming the keys and the file."""
-    obj = torch.load(_existing(path, "pretrained weights"), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(_existing(path, "pretrained weights"), map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:  # not a torch file, cut short, or a pickle that would run code
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"pretrained weights {path}: unreadable as torch weights ({type(e).__name__}: {first})") \
+            from None
     if isinstance(obj, dict):
         for k in ("state_dict", "model"):
             if isinstance(obj.get(k), dict):

@@ -185,7 +185,7 @@ def test_executor_conflicts_are_refused_before_submission(tmp_path, kind, change
     from launchers.sweep import check_resources
 
     # "a cluster can": a cluster with two 64-CPU, 16-GPU nodes (what `scontrol show` would list),
-    # whatever SLURM this machine runs (the real one-node test cluster has neither)
+    # whatever SLURM this machine runs (the real test cluster on this machine has neither)
     big = {"partition": [{"PartitionName": "gpu", "Default": "YES", "MaxTime": "2-00:00:00"}],
            "node": [{"NodeName": f"n{i}", "CPUTot": "64", "RealMemory": "512000", "Gres": "gpu:h100:16",
                      "Partitions": "gpu", "State": "IDLE"} for i in (1, 2)]}

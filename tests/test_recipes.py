@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -98,9 +97,22 @@ def test_pretrained_pickle_that_would_run_code_is_refused(tmp_path):
     from tests.test_security import _evil_checkpoint  # unpickling it would create `mark`
 
     mark = tmp_path / "pwned"
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"evil.pth: unreadable as torch weights \(UnpicklingError: Weights only"):
         load_pretrained(models.build("fmnist_cnn", 10, 1), _evil_checkpoint(tmp_path / "evil.pth", mark))
     assert not mark.exists()
+
+
+def test_pretrained_file_that_is_not_torch_weights_is_named(tmp_path):
+    """A file of another kind, or one cut short, used to end in torch's own error, which does
+    not name the file."""
+    from suite.engine import load_pretrained
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all" * 10)
+    _save_fmnist(tmp_path / "cut.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "cut.pth").read_bytes()[:5000])
+    for name in ("junk.pth", "cut.pth"):
+        with pytest.raises(ValueError, match=rf"pretrained weights .*{name}: unreadable as torch weights"):
+            load_pretrained(models.build("fmnist_cnn", 10, 1), tmp_path / name)
 
 
 def test_pretrained_needs_its_file_before_anything_is_submitted(tmp_path):

@@ -86,16 +86,18 @@ def _start(jobs: list, out: Path) -> subprocess.Popen:
 
 
 def _finish(procs: list[tuple[subprocess.Popen, Path]], also: list[subprocess.Popen] = ()) -> None:
-    """Wait for these processes; if one fails, stop them all (and `also`) before failing."""
+    """Wait for these processes; if one fails (or the wait does), stop them all and `also`
+    (nothing keeps training on the test machine's cores), then fail."""
     try:
         for p, out in procs:
             log, _ = p.communicate(timeout=1500)
             assert p.returncode == 0 and out.exists(), log[-4000:]
-    finally:
+    except BaseException:
         for p in [q for q, _ in procs] + list(also):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        raise
 
 
 @pytest.fixture(scope="module")
