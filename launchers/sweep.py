@@ -100,7 +100,9 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
         if kind == "debug" and r.engine.world_size > 1:
             raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) > 1 cannot run on the "
                               f"debug executor (one process); use launcher.executor local or slurm")
-        threads = _loader_thread_limit()
+        from suite.data import loader_thread_limit
+
+        threads = loader_thread_limit()
         if r.engine.loader_workers > threads:
             raise ConfigError(f"run {r.run_name()}: engine.loader_workers ({r.engine.loader_workers}) is more than "
                               f"the {threads} loader threads this machine allows (its CPUs, or NUMBA_NUM_THREADS)")
@@ -109,14 +111,6 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
             raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) is more than the "
                               f"{visible} GPU(s) visible on this machine (engine.device {r.engine.device}); "
                               f"lower it or set engine.device: cpu")
-
-
-def _loader_thread_limit() -> int:
-    """FFCV's loader threads are numba's, which allows at most NUMBA_NUM_THREADS (by default the
-    CPU count) per process; the engine checks the same on the node that runs the task."""
-    import numba
-
-    return int(numba.config.NUMBA_NUM_THREADS)
 
 
 def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:

@@ -683,6 +683,14 @@ def _keep_torch_threads():
             torch.set_num_threads(n)
 
 
+def loader_thread_limit() -> int:
+    """FFCV's loader threads are numba's, which allows at most NUMBA_NUM_THREADS (by default the
+    CPU count) per process: the most engine.loader_workers can be on this machine."""
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
 class FashionMNISTLoader:
     """Iterable over ``(x, y)`` batches of a Fashion-MNIST beton (see :func:`make_loader`).
 

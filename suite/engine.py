@@ -195,10 +195,10 @@ def make_loaders(cfg: RunConfig, world: int):
     spec.validate(cfg.data_dir)  # a truncated or mismatched file fails here, naming it, before training
     make_loader = spec.loader or make_loader  # the dataset's recipe (RGB datasets); Fashion-MNIST's otherwise
     nw = cfg.engine.loader_workers
-    import numba  # FFCV's loader threads are numba's; it allows at most this many on this node
+    from suite.data import loader_thread_limit
 
-    if nw > numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(f"engine.loader_workers is {nw}, more than the {numba.config.NUMBA_NUM_THREADS} loader "
+    if nw > loader_thread_limit():  # the sweep checks it too, for the local executor, before submitting
+        raise ValueError(f"engine.loader_workers is {nw}, more than the {loader_thread_limit()} loader "
                          f"threads this node allows (its CPU count, or NUMBA_NUM_THREADS): lower it")
     train = make_loader(paths["train"], cfg.batch_size, train=True, seed=cfg.seed, num_workers=nw,
                         distributed=world > 1)
