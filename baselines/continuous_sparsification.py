@@ -78,15 +78,82 @@ Choices where the doc is open (calibrated mode):
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
+from pydantic import Field, model_validator
 
-from suite.config import cs_round_epochs
-from suite.pruning import masks, sparsity
-from suite.pruning.base import Pruner, cosine
-from suite.pruning.calibration import KnobController, snap_to
+from suite.pruning import masks, registry, sparsity
+from suite.pruning.base import Pruner, cosine, scaled
+from suite.pruning.calibration import Calibrated, CalibrationConfig, KnobController, snap_to
+from suite.schema import Strict
+
+
+class CSConfig(Strict):
+    """Continuous Sparsification (Savarese et al. 2020): mask sigmoid(beta s) / sigmoid(s0)."""
+
+    mode: Literal["calibrated", "reference"] = Field(
+        "calibrated", description="calibrated: the suite's equal-sparsity mode (lam steered, beta per step, Adam on "
+        "the masks, anti-windup, snap); reference: lolemacs/continuous-sparsification's recipe: lam fixed, the knob "
+        "is s0; beta x beta_final^(1/(epochs_per_round-1)) per epoch, back to 1 each round; round reset "
+        "s <- min(s, s0) (the code's order); masks trained by the weights' SGD (no weight decay); the LR schedule "
+        "restarts every round and for the retraining; soft mask at evaluation during the search; after the search "
+        "the weights rewind to the start of epoch rewind_epoch and the ticket 1[s > 0] / sigmoid(s0) retrains "
+        "for the remaining epochs (variant cs-ref)")
+    rounds: int = Field(3, ge=1, le=100, description="search rounds (beta annealed 1 -> beta_final in each)")
+    epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds "
+                                            "(reference mode: epochs / (rounds + 1), the last share retrains)")
+    beta_final: float = Field(200.0, gt=1, description="temperature reached at the end of each round")
+    s_init: Optional[float] = Field(None, ge=-100, le=100, description="s0: initial mask parameter (default 0.1; "
+                                    "reference mode 0.0, the reference's knob: lower is sparser). Calibrated mode "
+                                    "needs s0 > 0, so that the hard mask 1[s > 0] the suite measures starts dense; "
+                                    "small, so a mask reaches 0 within an epoch of the knob asking for it (0.5: two "
+                                    "epochs of lag, overshoot)")
+    lam: float = Field(1e-8, gt=0, description="lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); the "
+                       "knob, calibrated, unless calibration.mode is off or mode is reference (fixed); start "
+                       "value: with s0 0.1, 1e-7 pruned 26 % in the first epoch (target 4 %) and the controller "
+                       "settled near 1e-8 in round 1 (measured)")
+    mask_lr: float = Field(0.01, gt=0, le=100, description="Adam learning rate of the mask parameters (calibrated "
+                           "mode; reference mode trains them with the weights' SGD and LR)")
+    control_beta_s: float = Field(2.0, gt=0, description="the knob controller holds the knob while beta * s_init "
+                                  "exceeds this (anti-windup: the density stops moving at beta * s0 ~ 3, about 60 % "
+                                  "into a round; without the hold the knob wound up 30-90x and the next round "
+                                  "collapsed, measured)")
+    rewind: Optional[bool] = Field(None, description="retrain the final binary mask from the weights at the start "
+                                   "of epoch rewind_epoch (default: off in calibrated mode, on in reference mode; "
+                                   "off: in the 80 x 25 protocol the 20 low-LR fine-tuning epochs of the calibrated "
+                                   "mode cannot recover the rewound weights, 90.1 % -> 77.9 % top-1 at 91 % "
+                                   "sparsity, measured)")
+    rewind_epoch: Optional[int] = Field(None, ge=0, description="the rewind point (default 2, the reference's, or "
+                                        "the round's last epoch in a run whose rounds are shorter): the weights at "
+                                        "the start of this 0-based "
+                              "epoch of the first round (after this many epochs; the reference's 2)")
+    calibration: CalibrationConfig = CalibrationConfig(lookahead=3.0)  # see cs docstring (measured)
+
+    @model_validator(mode="after")
+    def _mode_defaults(self):
+        ref = self.mode == "reference"
+        if self.s_init is None:
+            self.s_init = 0.0 if ref else 0.1
+        if self.rewind is None:
+            self.rewind = ref
+        if not ref and self.s_init <= 0:
+            raise ValueError(f"cs.s_init = {self.s_init:g}: the calibrated mode needs s0 > 0 (the hard mask 1[s > 0] "
+                             f"must start dense); s0 <= 0 is for mode: reference")
+        return self
+
+
+def cs_round_epochs(run) -> int:
+    """Epochs of one CS search round: as given, or 3/4 of the run split over the rounds (calibrated),
+    or the run split into rounds + 1 equal segments, the last retraining the ticket (reference)."""
+    c = run.cs
+    if c.epochs_per_round:
+        return c.epochs_per_round
+    share = run.epochs // (c.rounds + 1) if c.mode == "reference" else (3 * run.epochs) // 4 // c.rounds
+    return max(1, share)
+
+
 
 _OWN = ".parametrizations.weight.0."  # state-dict infix of the mask parametrization's tensors
 
@@ -116,8 +183,65 @@ class CSMask(nn.Module):
         return w * m.to(w.dtype)
 
 
-class ContinuousSparsification(Pruner):
+@registry.register
+class ContinuousSparsification(Calibrated, Pruner):
     name = "cs"
+    section = "cs"
+    options = CSConfig
+    variants = {"cs-ref": {"cs": {"mode": "reference"}}}
+    summary = "continuous sparsification masks, 3 rounds"
+    reference_recipe = ("lolemacs/continuous-sparsification's recipe, lambda {lam} fixed, the knob s0 = {s_init}, "
+                        "beta per epoch to {beta_final} in each of {rounds} rounds, masks in the weights' SGD, the LR "
+                        "restarted each round, the ticket 1[s > 0] retrained from the weights at epoch {rewind_epoch}")
+    published_note = "no published CS row in reports/published.csv"
+
+    @classmethod
+    def search_epochs(cls, run) -> int:
+        c = run.cs
+        return c.rounds * c.epochs_per_round if c.epochs_per_round else c.rounds
+
+    @classmethod
+    def check(cls, run) -> None:
+        super().check(run)
+        c = run.cs
+        if c.rewind_epoch is None:  # the reference's epoch 2, inside the first round
+            c.rewind_epoch = min(2, max(0, cs_round_epochs(run) - 1))
+        if c.rewind and c.rewind_epoch >= cs_round_epochs(run):
+            raise ValueError(f"cs.rewind_epoch ({c.rewind_epoch}) must fall inside the first round "
+                             f"({cs_round_epochs(run)} epochs)")
+        if c.mode == "reference":
+            epr = cs_round_epochs(run)
+            if c.rounds * epr >= run.epochs:
+                raise ValueError(f"cs: reference mode retrains the ticket after {c.rounds} rounds of {epr} "
+                                 f"epochs; epochs ({run.epochs}) leaves no retraining")
+            if run.lr_schedule == "step" and run.lr_milestones and run.lr_milestones[-1] >= epr:
+                raise ValueError(f"lr_milestones: cs reference mode restarts the schedule every round, so its "
+                                 f"milestones count within a round of {epr} epochs; got {run.lr_milestones}")
+
+    @classmethod
+    def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
+        if k == 1.0:
+            return
+        c = f.setdefault("cs", {}) if isinstance(f.get("cs", {}), dict) else {}
+        ep = f["epochs"]
+        rounds = c.get("rounds", CSConfig.model_fields["rounds"].default)
+        ref = c.get("mode") == "reference"
+        if c.get("epochs_per_round") is not None:
+            c["epochs_per_round"] = max(1, min(scaled(c["epochs_per_round"], k), ep // max(rounds + ref, 1)))
+        if rounds + ref > ep:
+            c["rounds"] = rounds = max(1, ep - ref)
+        # the rewind point and (reference mode) the step milestones stay inside the (shortened) first round
+        epr = c.get("epochs_per_round") or max(1, ep // (rounds + 1) if ref else (3 * ep) // 4 // rounds)
+        if c.get("rewind_epoch") is not None:
+            c["rewind_epoch"] = max(0, min(round(c["rewind_epoch"] * k), epr - 1))
+        if ref and isinstance(f.get("lr_milestones"), list):
+            f["lr_milestones"] = sorted({m for m in f["lr_milestones"] if isinstance(m, int) and 1 <= m < epr})
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run) -> None:
+        super().hash_options(d, run)
+        if not d["rewind"]:
+            d.pop("rewind_epoch")  # added later, read only when rewinding
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
@@ -191,7 +315,7 @@ class ContinuousSparsification(Pruner):
             for k, v in self.snapshot.items():
                 state[k].copy_(v)
             if self.optimizer is not None:
-                self.optimizer.sgd.state.clear()
+                self.optimizer.reset_weight_state()
             self.snapshot = None
         self._mark_binary()
 
@@ -212,35 +336,26 @@ class ContinuousSparsification(Pruner):
         return cosine(self.cfg.lr, self.cfg.lr_end, i, n)
 
     def lrs(self, epoch: int) -> tuple[float, float]:
+        if self.ref:
+            return self.segment_lr(epoch), 0.0
+        w_lr, _ = super().lrs(epoch)
+        return (w_lr, 0.0) if epoch > self.search_end else (w_lr, self.h.mask_lr)
+
+    def start_epoch(self, epoch: int) -> None:
+        """The search's state at the start of `epoch`: the rewind snapshot, the round reset and beta,
+        or the binary ticket once the search is over."""
         if self.h.rewind and self.snapshot is None and not self.binary and epoch == self.h.rewind_epoch + 1:
             self._take_snapshot()  # the start of 0-based epoch rewind_epoch (main.py:65)
-        if self.ref:
-            return self._lrs_reference(epoch)
-        w_lr, _ = super().lrs(epoch)
         if epoch > self.search_end:
             if not self.binary:
                 self._binarise(self.h.rewind)
-            return w_lr, 0.0
+            return
         r = (epoch - 1) // self.epr + 1  # 1-based round of this epoch
         while self.round < r:
             if self.round >= 1:
                 self._round_reset()
             self.round += 1
-        self._set_beta(self.beta_at(self.t))
-        return w_lr, self.h.mask_lr
-
-    def _lrs_reference(self, epoch: int) -> tuple[float, float]:
-        if epoch > self.search_end:
-            if not self.binary:
-                self._binarise(self.h.rewind)
-            return self.segment_lr(epoch), 0.0
-        r = (epoch - 1) // self.epr + 1
-        while self.round < r:
-            if self.round >= 1:
-                self._round_reset()
-            self.round += 1
-        self._set_beta(self.beta_of_epoch(epoch))
-        return self.segment_lr(epoch), 0.0
+        self._set_beta(self.beta_of_epoch(epoch) if self.ref else self.beta_at(self.t))
 
     def after_step(self, step: int) -> None:
         self.t = step

@@ -39,14 +39,56 @@ Every prunable layer gets a parametrization W_eff = W * z with a learnable log_a
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
+from pydantic import Field, model_validator
 
-from suite.pruning import masks, sparsity
+from suite.pruning import masks, registry, sparsity
 from suite.pruning.base import Pruner
-from suite.pruning.calibration import KnobController, snap_to
+from suite.pruning.calibration import Calibrated, CalibrationConfig, KnobController, snap_to
+from suite.schema import Strict
+
+
+class L0Config(Strict):
+    """Hard-concrete L0 gates (Louizos, Welling & Kingma 2018)."""
+
+    granularity: Optional[Literal["weight", "unit"]] = Field(
+        None, description="one gate per weight, or per unit (a Conv2d's output channel; a Linear's output row, "
+        "its input column in reference mode); default: weight, reference mode unit (the reference code has no "
+        "per-weight gates)")
+    lam: float = Field(1.0, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
+                       "normalised by the number of gates); calibrated unless calibration.mode is off")
+    beta: float = Field(2 / 3, gt=0, description="temperature of the hard-concrete distribution")
+    gamma: float = Field(-0.1, lt=0, description="stretch interval lower end")
+    zeta: float = Field(1.1, gt=1, description="stretch interval upper end")
+    drop_init: Optional[float] = Field(None, gt=0, lt=1, description="initial drop probability of each gate "
+                                       "(default 0.1; reference mode 0.5, the reference's LeNet-5 script)")
+    gate_lr: Optional[float] = Field(None, gt=0, le=10, description="Adam learning rate of log_alpha (default "
+                                     "0.05; reference mode 0.001, the LeNet-5 script's Adam)")
+    search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
+                                      "afterwards the test-time gates are frozen and the weights fine-tune")
+    calibration: CalibrationConfig = CalibrationConfig()
+    mode: Literal["calibrated", "reference"] = Field(
+        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, snap, gates frozen "
+        "at search_end); reference: AMLab-Amsterdam/L0_regularization's recipe: lam is the paper's lambda per "
+        "training example, fixed; gates train to the last epoch; log_alpha clamped to [ln 0.01, ln 100]; the "
+        "weights' L2 is weight_decay/2 * sum_g P(z_g != 0) |theta_g|^2 in the loss instead of SGD decay; unit "
+        "gates of a Linear cover its input columns (variant l0-ref)")
+
+    @model_validator(mode="after")
+    def _mode_defaults(self):
+        ref = self.mode == "reference"
+        if self.granularity is None:
+            self.granularity = "unit" if ref else "weight"
+        if self.drop_init is None:
+            self.drop_init = 0.5 if ref else 0.1
+        if self.gate_lr is None:
+            self.gate_lr = 1e-3 if ref else 0.05
+        return self
+
+
 
 
 class HardConcreteGate(nn.Module):
@@ -81,8 +123,20 @@ class HardConcreteGate(nn.Module):
         return w * z.to(w.dtype)
 
 
-class HardConcreteL0(Pruner):
+@registry.register
+class HardConcreteL0(Calibrated, Pruner):
     name = "l0"
+    section = "l0"
+    options = L0Config
+    variants = {"l0-ref": {"l0": {"mode": "reference"}}}
+    summary = "hard-concrete gates"
+    reference_recipe = ("AMLab-Amsterdam/L0_regularization's recipe, lambda {lam} per training example fixed, "
+                        "{granularity} gates, log_alpha clamped to [ln 0.01, ln 100], the L2 weighted by P(z != 0), "
+                        "gates trained to the end")
+    # Louizos et al. 2018 as run by Gale et al. 2019 (a fixed lambda)
+    published = {"l0-ref": ("l0_hard_concrete",)}
+    published_note = ("calibrated mode (lambda steered to the target, snapped); the published L0 rows use a fixed "
+                      "lambda: l0-ref")
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
@@ -149,10 +203,11 @@ class HardConcreteL0(Pruner):
 
     def lrs(self, epoch: int) -> tuple[float, float]:
         w_lr, _ = super().lrs(epoch)
+        return (w_lr, 0.0) if epoch > self.search_end else (w_lr, self.h.gate_lr)
+
+    def start_epoch(self, epoch: int) -> None:
         if epoch > self.search_end:
             self._freeze()
-            return w_lr, 0.0
-        return w_lr, self.h.gate_lr
 
     def expected_density(self) -> torch.Tensor:
         return torch.stack([(p.p_nonzero() * k).sum() for p, k in zip(self.params, self.sizes)]).sum() / self.n

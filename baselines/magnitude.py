@@ -23,23 +23,132 @@ Neural Pruning Law fits (`hfbench fit-npl`).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field, ValidationError, model_validator
 
-from suite.config import imp_levels
-from suite.pruning.base import MaskPruner, cosine
+from suite.pruning import registry
+from suite.pruning.base import MaskPruner, cosine, scaled
+from suite.schema import Strict
 
 
+class MagnitudeConfig(Strict):
+    """One-shot global magnitude pruning, then fine-tuning with the mask fixed."""
+
+    scope: Literal["global", "layer"] = "global"
+
+
+class GMPConfig(Strict):
+    """Gradual magnitude pruning (Zhu & Gupta 2017), cubic schedule."""
+
+    start_epoch: int = Field(0, ge=0, description="t0, in epochs")
+    end_epoch: Optional[int] = Field(None, ge=1, description="last pruning epoch (default: 3/4 of epochs)")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    update_every: int = Field(50, ge=1, description="dt: steps between mask updates")
+    scope: Literal["global", "layer"] = "global"
+    criterion: Literal["magnitude", "taylor"] = Field(
+        "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)")
+
+
+class IMPConfig(Strict):
+    """Iterative magnitude pruning with rewinding (lottery ticket, Frankle et al.; open_lth).
+
+    The run is levels + 1 training segments of `epochs_per_level` epochs each: segment 0
+    trains from the run's starting weights (a fresh init, or the dense model), then each
+    level prunes `prune_fraction` of the remaining weights by global magnitude (the last level
+    prunes exactly to the target), rewinds the survivors and every other parameter and
+    buffer to their values after `rewind_step` steps of segment 0 (0: the starting weights,
+    the classic ticket), resets the optimiser state and retrains with the LR schedule
+    restarted. The run's total epochs = (levels + 1) x epochs_per_level."""
+
+    prune_fraction: Optional[float] = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned "
+                                            "per level; null with `levels` set: the same share at every level, "
+                                            "1 - (1 - s)^(1 / levels), so the last level lands on the target (an "
+                                            "equal budget at every sparsity: the run is always levels + 1 segments)")
+    rewind_step: int = Field(0, ge=0, description="k: rewind to the weights after k steps of the first segment")
+    levels: Optional[int] = Field(None, ge=1, le=100, description="pruning levels (default: "
+                                  "ceil(ln(1 - s) / ln(1 - prune_fraction)))")
+    epochs_per_level: int = Field(1, ge=1, le=10000, description="epochs of each training segment")
+    scope: Literal["global", "layer"] = "global"
+    rewind: Literal["weights", "lr"] = Field(
+        "weights", description="weights: the survivors go back to their values at rewind_step (Frankle et al.; "
+        "a ticket when the run starts from scratch); lr: learning-rate rewinding (Renda et al. 2020): the survivors "
+        "keep their trained values and only the LR schedule restarts (variant imp-lrr)")
+
+    @model_validator(mode="after")
+    def _fraction_or_levels(self):
+        if self.prune_fraction is None and self.levels is None:
+            raise ValueError("imp.prune_fraction null (an equal share per level) needs imp.levels")
+        return self
+
+
+def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
+    """Pruning levels of an IMP run: as given, or enough levels of `prune_fraction` to reach
+    the target (8 for 80 %, 11 for 90 %, 14 for 95 % at 20 % per level)."""
+    if imp.levels is not None:
+        return imp.levels
+    assert imp.prune_fraction is not None  # IMPConfig refuses null without levels
+    return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - imp.prune_fraction) - 1e-9))
+
+
+
+
+@registry.register
 class OneShotMagnitude(MaskPruner):
     name = "magnitude"
+    section = "magnitude"
+    options = MagnitudeConfig
+    summary = "exact: one-shot global magnitude pruning, then fine-tuning (Han et al. 2015)"
+    published = {"magnitude": ("magnitude",)}  # one-shot magnitude + fine-tune
+    dynamics = {"magnitude": [("min surviving |w|", "epoch", "npl_threshold")]}
 
     def on_train_start(self) -> None:
         self.prune_to(self.cfg.sparsity, self.cfg.magnitude.scope)
 
 
+@registry.register
 class GradualMagnitude(MaskPruner):
     name = "gmp"
+    section = "gmp"
+    options = GMPConfig
+    variants = {"gmp-layer": {"gmp": {"scope": "layer"}}}
+    summary = "exact: Zhu & Gupta's cubic schedule (Gale et al. 2019 prune per layer: gmp.scope layer)"
+    published = {"gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
+                 "gmp-layer": ("gmp_uniform",)}  # Gale et al. 2019: the same sparsity in every layer
+    dynamics = {"gmp": [("min surviving |w|", "epoch", "npl_threshold")],
+                "gmp-taylor": [("min surviving |w*g|", "epoch", "npl_threshold")]}
+
+    @classmethod
+    def check(cls, run) -> None:
+        g = run.gmp
+        end = g.end_epoch if g.end_epoch is not None else run.epochs
+        if end > run.epochs or end <= g.start_epoch:
+            raise ValueError(f"gmp.end_epoch must be in (gmp.start_epoch, epochs]; got {end}")
+        if g.initial_sparsity > run.sparsity:
+            raise ValueError("gmp.initial_sparsity must be <= sparsity")
+        if g.criterion == "taylor" and run.engine.precision == "fp16":
+            raise ValueError("gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
+                             "use engine.precision bf16 or fp32")
+
+    @classmethod
+    def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
+        if k == 1.0:
+            return
+        g = f.setdefault("gmp", {}) if isinstance(f.get("gmp", {}), dict) else {}
+        ep = f["epochs"]
+        start = min(scaled(g["start_epoch"], k) if g.get("start_epoch") else 0, max(ep - 1, 0))
+        g["start_epoch"] = start
+        if g.get("end_epoch") is not None:
+            g["end_epoch"] = min(max(scaled(g["end_epoch"], k), start + 1), ep)
+
+    @classmethod
+    def variant(cls, run) -> str:
+        # per-layer GMP (Gale et al.'s uniform) is another method than global
+        g = run.gmp
+        return cls.name + (f"-{g.criterion}" if g.criterion != "magnitude" else "") + \
+            ("-layer" if g.scope == "layer" else "")
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
@@ -107,8 +216,74 @@ class GradualMagnitude(MaskPruner):
         self.taylor_steps = st.get("taylor_steps", 0)
 
 
+@registry.register
 class IterativeMagnitude(MaskPruner):
     name = "imp"
+    section = "imp"
+    options = IMPConfig
+    own_lr_schedule = True  # a cosine per level
+    variants = {"imp-lrr": {"imp": {"rewind": "lr"}}, "imp-ticket": {"init": "scratch"}}
+    summary = "exact: the last level prunes to the target"
+    # Frankle et al. 2020: IMP rewinding within a run from scratch
+    published = {"imp-ticket": ("imp_rewind",)}
+    published_note = "IMP from a trained network rewinds to trained weights, not a lottery ticket: imp-ticket is compared"
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """IMP's length follows from its levels: epochs = (levels + 1) x imp.epochs_per_level."""
+        try:
+            imp = IMPConfig.model_validate(data.get("imp", {}))
+            s = float(data.get("sparsity", 0.0))
+        except (ValidationError, TypeError, ValueError, OverflowError):
+            return data  # the field validators report it
+        if 0.0 < s < 1.0:
+            try:
+                levels = imp_levels(s, imp)
+            except (ArithmeticError, ValueError):  # log(1 - prune_fraction) == 0: tiny fraction
+                raise ValueError(f"imp.prune_fraction ({imp.prune_fraction}) is too small to reach "
+                                 f"sparsity {s} in a finite number of levels") from None
+            data = dict(data)
+            data["epochs"] = (levels + 1) * imp.epochs_per_level
+        return data
+
+    @classmethod
+    def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
+        imp = f.setdefault("imp", {}) if isinstance(f.get("imp", {}), dict) else {}
+        if k != 1.0:
+            imp["epochs_per_level"] = scaled(imp.get("epochs_per_level",
+                                                     IMPConfig.model_fields["epochs_per_level"].default), k)
+        if imp.get("rewind_step"):
+            if k != 1.0:
+                imp["rewind_step"] = max(1, round(imp["rewind_step"] * k))
+            cap = f.get("max_steps_per_epoch")
+            if cap:  # the rewind point must fall inside the (shortened) first segment
+                imp["rewind_step"] = min(imp["rewind_step"], imp.get("epochs_per_level", 1) * cap)
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run) -> None:
+        if d.get("rewind") == "weights":
+            d.pop("rewind")  # added later: runs without it keep their hashes
+
+    @classmethod
+    def variant(cls, run) -> str:
+        if run.imp.rewind == "lr":
+            return "imp-lrr"
+        if run.init == "scratch":  # weight rewinding within a run from scratch
+            return "imp-ticket"
+        return cls.name
+
+    @classmethod
+    def recipe(cls, params: dict[str, str], variant: str) -> str:
+        how = cls.summary
+        if params.get("imp.rewind") == "lr":
+            how += "; learning-rate rewinding (Renda et al. 2020): the survivors keep their values, the LR restarts"
+        elif params.get("init") == "scratch":
+            how += (f"; a lottery ticket (Frankle et al.): survivors rewound to step {params.get('imp.rewind_step')} "
+                    "of this run from scratch")
+        else:
+            how += ("; survivors rewound to the trained starting network, not a lottery ticket (closer to "
+                    "learning-rate rewinding); compared with no published ticket")
+        return how
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
@@ -167,7 +342,7 @@ class IterativeMagnitude(MaskPruner):
                     raise RuntimeError(f"IMP rewind: state mismatch (missing {missing}, unexpected {unexpected})")
             opt = getattr(self, "optimizer", None)
             if opt is not None:
-                opt.sgd.state.clear()  # momentum of the previous segment does not carry over
+                opt.reset_weight_state()  # momentum of the previous segment does not carry over
         out.update(super().end_epoch(epoch, density))
         return out
 

@@ -102,17 +102,75 @@ the model on load (mid-selection the model holds exactly the snapshot values).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field
 
 from baselines import marchenko_pastur as mp
-from suite.pruning import masks
+from suite.pruning import masks, registry
 from suite.pruning.base import MaskPruner
+from suite.schema import Strict
+
+
+class RMTConfig(Strict):
+    """Marchenko-Pastur (random-matrix) pruning family (docs: baselines.md; baselines/marchenko_pastur.py)."""
+
+    alpha: float = Field(0.25, gt=0, lt=0.5, description="central quantile window of the MP scale fit")
+    beta: float = Field(0.01, gt=0, lt=1, description="Tracy-Widom tail probability of the edge correction: "
+                        "the chance that a pure-noise layer shows a singular value above the edge (0.01: "
+                        "count the spikes that are there; the papers' public code uses 0.8, an edge inside "
+                        "the bulk that noise crosses most of the time; baselines/marchenko_pastur.py)")
+    deflate: bool = Field(True, description="fit the MP scale on the bulk without the values counted above the "
+                          "edge, refitting until the count is stable (false: one fit on all values, as the public "
+                          "code; many spikes then inflate the scale and hide spikes)")
+    seb_b: float = Field(1.0, ge=0, description="SEB: b in w_l(s) = max(0.1, 1 + b d(s) z_l)")
+    seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
+    seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
+    seb_regime: Literal["fixed", "paper"] = Field(
+        "fixed", description="SEB's b and s_d: fixed (seb_b, seb_sd for every target), or the paper's regimes by "
+        "target (below 0.30 plain magnitude; to 0.40 b 1.0, s_d 0.5; to 0.55 b 1.25, s_d 0.7; above, s_d 0.85 with "
+        "b 1.0 attention / 2.0 MLP / 1.5 other layers; baselines/marchenko_pastur.py seb_paper_regime)")
+    ser_rho: float = Field(1.1, ge=1, description="SER: over-prune to min(rho * s, 0.999) before restoring")
+    ser_reinsert: Optional[float] = Field(None, gt=0, lt=1, description="SER: over-prune to s + this (absolute) "
+                                          "instead of rho * s; the released code reinserts 0.03 of all weights")
+    quantile_offset: float = Field(0.5, ge=0, lt=1, description="MP scale fit: the i-th smallest value sits at "
+                                   "quantile (i + offset) / p (0.5: its cell's midpoint; the public code: 0)")
+    hybrid_switch: float = Field(0.2, gt=0, lt=1, description="hybrid: magnitude up to this sparsity, SER beyond")
+    regularised_epochs: int = Field(1, ge=0, description="classical RMT: epochs of the short regularised fine-tune")
+    l1: float = Field(1e-5, ge=0, description="classical RMT: L1 coefficient (on sum |w| of the prunable weights) "
+                      "in the regularised fine-tune")
+    cycles: int = Field(1, ge=1, le=1000, description="classical RMT: pruning cycles (1: one shot at the start; "
+                        "the public code: 34, each removing 0.06 x 1.02^i of the remaining weights with layer shares "
+                        "to the power 1.5 / i; here scaled so the last cycle lands on the target)")
+    cycle_steps: Optional[int] = Field(None, ge=1, description="classical RMT: optimiser steps between cycles "
+                                       "(default: the first half of the run split evenly)")
+    sv_tau: float = Field(1.0, ge=0, description="classical RMT: noise singular-vector entries below "
+                          "sv_tau (1 - s_i / sv_edge) / sqrt(dim) are zeroed")
+
+
 
 
 class _RMTBase(MaskPruner):
-    """Shared: MP fits of the dense weights, SEB layer weights, epoch tracking."""
+    """Shared: MP fits of the dense weights, SEB layer weights, epoch tracking; one config section."""
+
+    section = "rmt"
+    options = RMTConfig
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run) -> None:
+        # added later: runs without them keep their hashes
+        if d.get("ser_reinsert") is None:
+            d.pop("ser_reinsert", None)
+        if d.get("quantile_offset") == 0.5:
+            d.pop("quantile_offset", None)
+        if d.get("seb_regime") == "fixed":
+            d.pop("seb_regime", None)
+        if d.get("cycles") == 1:
+            d.pop("cycles", None)
+            d.pop("cycle_steps", None)
+        if not d["deflate"]:
+            d.pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
@@ -120,9 +178,8 @@ class _RMTBase(MaskPruner):
         self.epoch = 1
         self.fits: list[mp.MPFit] = []
 
-    def lrs(self, epoch: int) -> tuple[float, float]:
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        return super().lrs(epoch)
 
     def fit_all(self, weights: Optional[list[torch.Tensor]] = None) -> list[mp.MPFit]:
         """MP edge fits of `weights` (default: the stored weights), kept as self.fits."""
@@ -144,18 +201,15 @@ class _RMTBase(MaskPruner):
     @torch.no_grad()
     def _reset_momentum(self) -> None:
         opt = getattr(self, "optimizer", None)
-        sgd = getattr(opt, "sgd", opt)
-        if sgd is None or not hasattr(sgd, "state"):
-            return
-        for w in self.stored():
-            st = sgd.state.get(w)
-            if st and st.get("momentum_buffer") is not None:
-                st["momentum_buffer"].zero_()
+        if opt is not None:
+            opt.zero_momentum(self.stored())
 
 
 # ----------------------------------------------------------------------------- SEB
+@registry.register
 class SpectralEdgeBudget(_RMTBase):
     name = "seb"
+    summary = "exact: spectral-edge budgets by layer (MP fit), one shot"
 
     @torch.no_grad()
     def on_train_start(self) -> None:
@@ -179,11 +233,27 @@ class SpectralEdgeBudget(_RMTBase):
 
 
 # ----------------------------------------------------------------------------- SER
+@registry.register
 class SpectralEdgeRestore(_RMTBase):
     """Over-prune by SEB, one selection epoch training only the removed entries, restore to s."""
 
     name = "ser"
     selection_epoch = 1  # the epoch whose steps train the reservoir; restore at its end
+    # SER restores at the end of its selection epoch and then fine-tunes: at least 2 epochs
+    min_epochs = 2
+    summary = "exact: over-prune, select and restore, then fine-tune"
+    published = {"ser": ("mp_ser",)}  # arXiv 2606.02608: spectral edge restore
+
+    @classmethod
+    def needed_epochs(cls, run) -> int:
+        return cls.min_epochs
+
+    @classmethod
+    def check(cls, run) -> None:
+        need = cls.needed_epochs(run)
+        if run.epochs < need:
+            raise ValueError(f"epochs: {cls.name} needs at least {need} (a selection epoch, then a fine-tune "
+                             f"after the restore), got {run.epochs}")
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)
@@ -301,10 +371,19 @@ class SpectralEdgeRestore(_RMTBase):
 
 
 # ----------------------------------------------------------------------------- hybrid
+@registry.register
 class HybridMagnitudeSER(SpectralEdgeRestore):
     """Magnitude for s <= switch; beyond: magnitude to the switch, one fine-tune epoch, then SER."""
 
     name = "rmt_hybrid"
+    min_epochs = 3  # above the switch: its magnitude epoch, SER's selection epoch, a fine-tune
+    summary = "exact: magnitude to the switch, SER beyond (the paper prunes in 0.05 cycles)"
+    # arXiv 2606.02608: magnitude up to 0.2, SER beyond
+    published = {"rmt_hybrid": ("mp_hybrid_mag_ser",)}
+
+    @classmethod
+    def needed_epochs(cls, run) -> int:
+        return cls.min_epochs if run.sparsity > run.rmt.hybrid_switch else 1  # one-shot magnitude below
 
     def __init__(self, cfg, layers, steps_per_epoch):
         self.use_ser = cfg.sparsity > cfg.rmt.hybrid_switch
@@ -434,8 +513,11 @@ def denoise_noise_components(W: torch.Tensor, fit: mp.MPFit, tau: float) -> torc
     return ((U * S) @ Vh).reshape(W.shape).to(W.dtype)
 
 
+@registry.register
 class ClassicalRMT(_RMTBase):
     name = "rmt"
+    summary = "exact: per-layer shares by MP noise fraction, one shot unless rmt.cycles (the public code: 34 cycles)"
+    published = {"rmt": ("mp_classical",)}  # arXiv 2606.02608: classical MP pruning
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)

@@ -5,7 +5,8 @@
 * ``results.csv``   one row per training run (every status), the raw material;
 * ``report.md``     environment, one accuracy table per (dataset, model), failed runs, plot links;
 * ``acc_vs_sparsity_<dataset>_<model>.png``  test top-1 against achieved sparsity per method;
-* ``density_<dataset>_<model>.png``  Hyperflux density trajectories against their targets;
+* ``density_<dataset>_<model>.png``  density trajectories against their targets, for the methods
+  that steer along a target trajectory of their own (target_density in their epoch line);
 * ``index.html``    the same content as report.md, fully self-contained (images inlined).
 
 The run schema it reads is the one the training code logs on rank 0:
@@ -60,31 +61,63 @@ _DENSE = "dense"
 _MATCHED = "dense-matched"  # dense controls trained for the pruning runs' total budget
 
 
-# one colour and marker per method, the same in every plot of every report: twelve methods need
-# more than matplotlib's ten default colours, and a colour that follows the sort order changes
-# meaning between plots with different method sets
-_STYLE = {
-    "dense": ("#000000", "s"), "magnitude": ("#1f77b4", "o"), "gmp": ("#ff7f0e", "v"), "gmp-taylor": ("#ffbb78", "v"),
-    "imp": ("#2ca02c", "^"), "seb": ("#8c564b", "<"), "ser": ("#e377c2", ">"), "rmt_hybrid": ("#7f7f7f", "P"),
-    "rmt": ("#bcbd22", "X"), "l0": ("#17becf", "D"), "str": ("#9467bd", "d"), "cs": ("#aec7e8", "h"),
-    "hyperflux": ("#d62728", "*"), "hyperflux-law": ("#ff9896", "*"), "hyperflux-fixed": ("#c49c94", "*"),
-    # variants: a darker or lighter shade of their method's colour, the same marker
-    "gmp-layer": ("#b35900", "v"), "imp-ticket": ("#1a661a", "^"), "imp-lrr": ("#98df8a", "^"),
-    "l0-ref": ("#0b7d87", "D"), "str-ref": ("#5e3c86", "d"), "cs-ref": ("#5a7fb0", "h"),
-}
-_SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1"]
+# one colour and marker per method and variant, the same in every plot of a report: the registry
+# has more methods than matplotlib's ten default colours, and a colour that followed the methods
+# a plot happens to hold would change meaning between plots. The dense control is a black square,
+# budget-matched dense controls grey squares; every other label takes, in registry order, the next
+# (colour, marker) of a 40-colour qualitative palette crossed with a 13-marker cycle (distinct
+# pairs for 520 labels).
+_CONTROL_STYLE = ("#000000", "s")
+_MATCHED_STYLE = ("#555555", "s")
+_MARKERS = ("o", "v", "^", "<", ">", "D", "P", "X", "d", "h", "p", "*", "H")  # 13, coprime with 40
+
+
+@functools.lru_cache(maxsize=1)
+def _colours() -> tuple[str, ...]:
+    """tab20's ten dark shades, then its ten light ones, then tab20b shade by shade: neighbours
+    in the registry order get different hues first."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    t20 = [to_hex(c) for c in colormaps["tab20"].colors]
+    t20b = [to_hex(c) for c in colormaps["tab20b"].colors]
+    return tuple(t20[0::2] + t20[1::2] + [c for k in range(4) for c in t20b[k::4]])
+
+
+def style_labels() -> list[str]:
+    """Every report label the registry knows, in palette order: the pruning methods (registry
+    order, so they take the strongest colours), then their variants and the other labels their
+    declarations name (published, dynamics), sorted."""
+    from suite.pruning import registry
+
+    names = registry.pruning_names()
+    more: set[str] = set()
+    for name in names:
+        cls = registry.get(name)
+        more |= set(cls.variants) | set(cls.published) | set(cls.dynamics)
+    return names + sorted(more - set(names) - {m for m in more if _is_dense(m)})
+
+
+@functools.lru_cache(maxsize=8)
+def _palette(labels: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    colours = _colours()
+    return {label: (colours[i % len(colours)], _MARKERS[i % len(_MARKERS)]) for i, label in enumerate(labels)}
 
 
 def method_style(method: str) -> tuple[str, str]:
     """(colour, marker) of a method or variant; budget-matched dense controls are grey squares,
-    unknown variants get a stable spare colour (by name, not by position)."""
-    if method in _STYLE:
-        return _STYLE[method]
-    if method.startswith("dense"):
-        return ("#555555", "s")
+    labels the registry does not know get a stable colour and marker (by name, not by position)."""
+    if method == _DENSE:
+        return _CONTROL_STYLE
+    if _is_matched(method) or method.startswith(_DENSE):
+        return _MATCHED_STYLE
+    style = _palette(tuple(style_labels())).get(method)
+    if style is not None:
+        return style
     import zlib
 
-    return (_SPARE[zlib.crc32(method.encode()) % len(_SPARE)], "o")
+    h = zlib.crc32(method.encode())
+    return (_colours()[h % len(_colours())], _MARKERS[(h // len(_colours())) % len(_MARKERS)])
 
 
 def _is_matched(method: str) -> bool:
@@ -94,7 +127,30 @@ def _is_matched(method: str) -> bool:
 
 def _is_dense(method: str) -> bool:
     return method == _DENSE or _is_matched(method)
-_HYPERFLUX = "hyperflux"
+
+
+def _registry_family(label: str) -> str:
+    from suite.pruning import registry
+
+    return registry.family(label)
+
+
+def _family(r: "RunRecord") -> str:
+    """The registry method of a run (its variant's family), '' when no registered method claims it."""
+    from suite.pruning import registry
+
+    return registry.family(r.base_method) or registry.family(r.method)
+
+
+def _tracks_target(r: "RunRecord") -> bool:
+    """A run of a method that steers along a target density trajectory of its own and says so by
+    printing target_density in its epoch line (its `epoch_metrics`): the density plot's runs."""
+    from suite.pruning import registry
+
+    fam = _family(r)
+    return bool(fam) and fam != registry.CONTROL and "target_density" in registry.get(fam).epoch_metrics
+
+
 # Statuses that count as "did not finish" in the failed-runs table.
 _FAILED_STATUSES = ("FAILED", "KILLED")
 
@@ -130,7 +186,7 @@ class RunRecord:
     env: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # latest value of every metric
     params: dict[str, str] = field(default_factory=dict)
-    base_method: str = ""  # the registry method (the variant's family), e.g. gmp for gmp-taylor
+    base_method: str = ""  # the registry method (the variant's family, registry.family of the label)
     test_top5: float | None = None
     artifact_uri: str = ""
     # filled in by build_report
@@ -355,7 +411,7 @@ def _record_from_run(run) -> RunRecord | None:
     params = run.data.params
     tags = run.data.tags
     metrics = run.data.metrics  # latest value of every key
-    # the variant (e.g. hyperflux-law, gmp-taylor) labels the line; older runs only have the method
+    # the variant (a method's named recipe) labels the line; older runs only have the method
     method = tags.get("hfbench.variant") or params.get("method") or tags.get("hfbench.method")
     if not method:
         return None
@@ -394,7 +450,7 @@ def _record_from_run(run) -> RunRecord | None:
         env={k: v for k, v in params.items() if k.startswith("env.")},
         metrics=dict(metrics),
         params=dict(params),
-        base_method=params.get("method") or tags.get("hfbench.method") or method,
+        base_method=params.get("method") or tags.get("hfbench.method") or _registry_family(method) or method,
         # only when the runs log it (the engine logs top-1; nothing is made up here)
         test_top5=_first(_to_float(metrics.get("final_test_top5")), _to_float(metrics.get("test_top5"))),
         artifact_uri=getattr(run.info, "artifact_uri", "") or "",
@@ -938,7 +994,12 @@ def _plot_density(section: _Section, path: Path,
     # A fixed corner: with one line per run, matplotlib's "best" placement search dominates
     # the plotting time.  Densities fall over training, so the lower left is usually empty.
     _finish(fig, ax, path, "epoch", "density (% of prunable weights)",
-            f"{section.dataset} / {section.model}: Hyperflux density per epoch", "lower left")
+            f"{section.dataset} / {section.model}: density per epoch ({_label_list(curves)})", "lower left")
+
+
+def _label_list(curves) -> str:
+    """The methods (report labels) of the density curves, for a title."""
+    return ", ".join(sorted({c[0].method for c in curves}, key=_method_order))
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
@@ -1125,10 +1186,11 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
                   f"{P.BUDGET_RANGE[1]} of its control's, its achieved sparsity is more than {P.TARGET_MISS_PP:g} pp "
                   f"from the target in any run, it has fewer than {P.MIN_SEEDS} seeds, or a shared setting ({', '.join(P.SHARED)}) "
                   f"differs from its control's. Flagged cells: {sec.flagged} of {len(checks)}. Snap: for the "
-                  "methods whose sparsity follows a calibrated knob (L0, STR, CS; Hyperflux with hyperflux.snap_pp), "
-                  "the mean size in sparsity points of the move that closed, at the end of the search, the gap the "
-                  "knob left to the target, by one global scalar of the method's own mask rule (calibration.snap_pp; "
-                  "the gap itself is logged per run as snap_gap_pp; '—': not such a method)."),
+                  "methods whose sparsity follows a calibrated knob and that snap to the target (their runs log "
+                  "snap_pp), the mean size in sparsity points of the move that closed, at the end of the search, the "
+                  "gap the knob left to the target, by one global scalar of the method's own mask rule (the "
+                  "method's snap_pp option; the gap itself is logged per run as snap_gap_pp; '—': not such a "
+                  "method)."),
             kind="protocol"))
     methods_table = _methods_table(sec, recs)
     if methods_table is not None:
@@ -1185,74 +1247,21 @@ def _protocol_tables(sec: "_Section", recs: list[RunRecord]) -> list:
     return tables
 
 
-# how each method (by its registry name) reaches its sparsity, and where the paper differs; the
-# mode-dependent part is read from the runs' params
-_HOW = {
-    "magnitude": "exact: one-shot global magnitude pruning, then fine-tuning (Han et al. 2015)",
-    "gmp": "exact: Zhu & Gupta's cubic schedule (Gale et al. 2019 prune per layer: gmp.scope layer)",
-    "imp": "exact: the last level prunes to the target",
-    "seb": "exact: spectral-edge budgets by layer (MP fit), one shot",
-    "ser": "exact: over-prune, select and restore, then fine-tune",
-    "rmt_hybrid": "exact: magnitude to the switch, SER beyond (the paper prunes in 0.05 cycles)",
-    "rmt": "exact: per-layer shares by MP noise fraction, one shot unless rmt.cycles (the public code: 34 cycles)",
-    "hyperflux": "the paper's pressure controller",
-    "l0": "hard-concrete gates",
-    "str": "learned per-layer soft thresholds",
-    "cs": "continuous sparsification masks, 3 rounds",
-}
-
-
-# what each reference mode runs (its section's params fill the braces)
-_REFERENCE_MODE = {
-    "l0": "AMLab-Amsterdam/L0_regularization's recipe, lambda {lam} per training example fixed, {granularity} "
-          "gates, log_alpha clamped to [ln 0.01, ln 100], the L2 weighted by P(z != 0), gates trained to the end",
-    "str": "RAIVNLab/STR's recipe, s from {s_init} decayed by the weights' own weight decay, thresholds trained "
-           "to the end",
-    "cs": "lolemacs/continuous-sparsification's recipe, lambda {lam} fixed, the knob s0 = {s_init}, beta per epoch "
-          "to {beta_final} in each of {rounds} rounds, masks in the weights' SGD, the LR restarted each round, the "
-          "ticket 1[s > 0] retrained from the weights at epoch {rewind_epoch}",
-}
-
-
-class _OrUnknown(dict):
-    def __missing__(self, key: str) -> str:  # a run logged before the param existed
-        return "?"
-
-
 def _methods_table(sec: "_Section", recs: list[RunRecord]):
     """Which mode of each method ran, from what start, for how long, and how it reached its
-    sparsity (the calibrated knob, the snap, a reference recipe), read from the runs' params."""
+    sparsity (the calibrated knob, the snap, a reference recipe), read from the runs' params by
+    each method's `recipe`."""
     from reports.dynamics import Table
+    from suite.pruning import registry
 
     rows = []
     for m in sorted({r.method for r in recs if not _is_dense(r.method)}, key=_method_order):
         rs = [r for r in recs if r.method == m and r.status == "FINISHED"]
         if not rs:
             continue
-        base = (rs[0].base_method or m).split("-")[0]  # the registry method of a variant (gmp-taylor -> gmp)
-        p = rs[0].params
-        how = _HOW.get(base, "see its module's docstring")
-        if base in ("l0", "str", "cs"):
-            sec_name = {"str": "soft_threshold"}.get(base, base)
-            if p.get(f"{sec_name}.mode") == "reference":
-                own = {k.split(".")[-1]: v for k, v in p.items() if k.startswith(sec_name + ".")}
-                how += "; reference mode: " + _REFERENCE_MODE[base].format_map(_OrUnknown(own)) + \
-                    "; the sparsity is what the fixed knob gave (no steering, no snap)"
-            else:
-                snap = p.get(f"{sec_name}.calibration.snap_pp")
-                how += ("; calibrated mode: knob steered online along a cubic density path, then the end-of-search "
-                        f"snap (at most {snap} pp) — not the paper's fixed knob")
-        if base == "hyperflux" and float(p.get("hyperflux.snap_pp", "0") or 0) > 0:
-            how += f"; the gate-freeze snap (at most {p.get('hyperflux.snap_pp')} pp, not in the paper)"
-        if base == "imp":
-            if p.get("imp.rewind") == "lr":
-                how += "; learning-rate rewinding (Renda et al. 2020): the survivors keep their values, the LR restarts"
-            elif p.get("init") == "scratch":
-                how += (f"; a lottery ticket (Frankle et al.): survivors rewound to step {p.get('imp.rewind_step')} "
-                        "of this run from scratch")
-            else:
-                how += ("; survivors rewound to the trained starting network, not a lottery ticket (closer to "
-                        "learning-rate rewinding); compared with no published ticket")
+        # the method's own sentence, from this run's logged params (Pruner.recipe)
+        fam = _family(rs[0])
+        how = registry.get(fam).recipe(rs[0].params, m) if fam else "see its module's docstring"
         inits = sorted({r.params.get("init", "?") for r in rs})
         epochs = sorted({r.epochs for r in rs if r.epochs is not None})
         rows.append([m, ", ".join(inits), ", ".join(map(str, epochs)), how])
@@ -1686,13 +1695,17 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
     # every metric history the plots and tables read, in one bulk query per key
     hist = Histories(client)
     pruning = [r for r in finished if not _is_dense(r.method) and r.final_density is not None]
-    hyperflux = [r for r in finished if r.method.startswith(_HYPERFLUX)]
-    hist.prefetch_records(pruning + hyperflux, "density")
-    for key in ("target_density", "pruned", "regrown"):
-        hist.prefetch_records(hyperflux, key)
+    # the density plot's runs (a target trajectory of their own) and the flips plot's (regrowth)
+    tracking = [r for r in finished if _tracks_target(r)]
+    regrowing = [r for r in pruning if dynamics.regrew(r)]
+    hist.prefetch_records(pruning + tracking, "density")
+    hist.prefetch_records(tracking, "target_density")
+    for key in ("pruned", "regrown"):
+        hist.prefetch_records(regrowing, key)
+    declared = dynamics.saliencies()
     npl_keys: dict[str, list[RunRecord]] = defaultdict(list)
     for r in pruning:
-        for _label, kind, key in dynamics.NPL_SALIENCY.get(r.method, []):
+        for _label, kind, key in declared.get(r.method, []):
             if kind == "epoch":
                 npl_keys[key].append(r)
     for key, rs in npl_keys.items():
@@ -1734,16 +1747,15 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path,
             _plot_layers(sec, out_dir / name, recs, lt)
             sec.plots.append((name, f"Density per prunable layer at {_pct(lt)} % sparsity, by method, {dataset} / {model}"))
 
-        hf = [r for r in recs if r.method.startswith(_HYPERFLUX)]
         curves = []
-        for r in hf:
+        for r in (r for r in recs if _tracks_target(r)):
             measured = hist.history(r.run_id, "density")
             if measured:
                 curves.append((r, measured, hist.history(r.run_id, "target_density")))
         if curves:
             name = f"density_{stem}.png"
             _plot_density(sec, out_dir / name, curves)
-            sec.plots.append((name, f"Hyperflux density per epoch vs target, {dataset} / {model}"))
+            sec.plots.append((name, f"Density per epoch vs target ({_label_list(curves)}), {dataset} / {model}"))
 
         sec.tables, more = dynamics.build(hist, recs, out_dir, stem, f"{dataset} / {model}")
         sec.tables = _protocol_tables(sec, recs) + sec.tables

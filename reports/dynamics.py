@@ -4,11 +4,15 @@ From the per-epoch metrics the engine logs (suite/engine.py) it builds:
 * a targeting table: per pruning run, target vs achieved sparsity, the error in percentage
   points, the first epoch from which the density stays within 1 pp of the final target, and
   the weights pruned and regrown over the run (gate or mask flips between epoch ends);
-* ``flips_<stem>.png``: weights pruned and regrown per epoch for the Hyperflux runs;
-* ``pressure_law_<stem>.png`` and a fit line: final density against fixed pressure gamma,
-  with d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)) fitted (suite.pruning.laws);
+* ``flips_<stem>.png``: weights pruned and regrown per epoch for the runs that regrew weights
+  (regrown_total > 0: the gated methods; a 0/1-mask method's pruned weights stay pruned);
+* ``pressure_law_<stem>.png`` and a fit line: final density against the knob a variant fixes
+  instead of steering to a target (a "final" entry of its method's `dynamics`: the fixed
+  pressure gamma), with d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)) fitted (suite.pruning.laws);
+  one per such variant (the second and later: ``pressure_law_<variant>_<stem>.png``);
 * ``npl_<stem>.png`` and a table: the Neural Pruning Law ln d = ln c - alpha ln s per method
-  and saliency, fitted where 0.5 % < density <= 50 %.
+  and saliency (each method's `dynamics`), fitted where 0.5 % < density <= 50 %.
+Nothing here names a method: what a method logs and how to read it comes from the registry.
 """
 from __future__ import annotations
 
@@ -18,18 +22,37 @@ from pathlib import Path
 
 from suite.pruning.laws import npl_fit, pressure_law_fit
 
-# Which logged saliency is each method's own pruning criterion (hyperflux.md section 8).
-# per epoch: (density, metric) at every epoch; "final": one point per run (final density, param)
-NPL_SALIENCY: dict[str, list[tuple[str, str, str]]] = {
-    # variant: [(label, kind, key)]
-    "gmp": [("min surviving |w|", "epoch", "npl_threshold")],
-    "magnitude": [("min surviving |w|", "epoch", "npl_threshold")],
-    "gmp-taylor": [("min surviving |w*g|", "epoch", "npl_threshold")],
-    "hyperflux-fixed": [("pressure gamma", "final", "hyperflux.fixed_gamma"),
-                        ("min surviving flux", "epoch", "flux_active_min")],
-    "hyperflux": [("min surviving flux", "epoch", "flux_active_min")],
-    "hyperflux-law": [("min surviving flux", "epoch", "flux_active_min")],
-}
+
+def saliencies() -> dict[str, list[tuple[str, str, str]]]:
+    """Variant -> [(label, kind, key)]: which logged saliency is each method's own pruning
+    criterion (hyperflux.md section 8), merged over the `dynamics` of every registered method
+    when called (plugins included). kind "epoch": (density, metric `key`) at every epoch;
+    "final": one point per run (final density, param `key`), for a variant that fixes a knob
+    instead of steering to a target."""
+    from suite.pruning import registry
+
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for name in registry.names():
+        for variant, specs in registry.get(name).dynamics.items():
+            out.setdefault(variant, []).extend(specs)
+    return out
+
+
+def fixed_knob(variant: str, specs: dict[str, list[tuple[str, str, str]]] | None = None) -> tuple[str, str] | None:
+    """(label, param key) of the knob a variant fixes instead of steering to a target (its first
+    "final" dynamics entry), or None: such runs have no target (their sparsity only names a
+    reference), and their final densities against the knob give the pressure law."""
+    for label, kind, key in (saliencies() if specs is None else specs).get(variant, []):
+        if kind == "final":
+            return label, key
+    return None
+
+
+def regrew(r) -> bool:
+    """A run that regrew weights (flips from pruned back to active between epoch ends)."""
+    return (r.metrics.get("regrown_total") or 0) > 0
+
+
 
 
 @dataclass
@@ -62,8 +85,9 @@ def epochs_within(density: list[tuple[int, float]], target_density: float, tol: 
 def npl_points(client, recs) -> dict[tuple[str, str], list[tuple[float, float]]]:
     """(variant, saliency label) -> [(density, saliency)], positive saliencies only."""
     pts: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    declared = saliencies()
     for r in recs:
-        specs = NPL_SALIENCY.get(r.method, [])
+        specs = declared.get(r.method, [])
         dens = None
         for label, kind, key in specs:
             if kind == "final":
@@ -111,9 +135,10 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         return tables, plots
 
     # -- targeting, pruning and regrowth -------------------------------------------------
+    declared = saliencies()
     rows, flips = [], []
     for r in sorted(pruning, key=lambda r: (r.method, r.target_sparsity or 0, r.seed or 0)):
-        if r.method == "hyperflux-fixed":
+        if fixed_knob(r.method, declared):
             continue  # no target: its sparsity only names the reference trajectory
         dens = _history(client, r.run_id, "density")
         target_d = 1.0 - (r.target_sparsity or 0.0)
@@ -123,7 +148,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         rows.append([r.method, f"{100 * (r.target_sparsity or 0):.1f}", f"{100 * (r.achieved_sparsity or 0):.2f}",
                      "-" if err is None else f"{err:.2f}", "-" if within is None else f"{within}/{r.epochs}",
                      f"{int(m.get('pruned_total', 0))}", f"{int(m.get('regrown_total', 0))}"])
-        if r.method.startswith("hyperflux"):
+        if regrew(r):  # the runs that regrew weights: their flips per epoch
             pr, rg = _history(client, r.run_id, "pruned"), _history(client, r.run_id, "regrown")
             if pr or rg:
                 flips.append((r, pr, rg))
@@ -132,7 +157,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             "Sparsity targeting, pruning and regrowth",
             ["method", "target %", "achieved %", "|error| pp", "within 1 pp from epoch", "pruned", "regrown"],
             rows, "pruned / regrown: weights that went from active to pruned / pruned to active between "
-                  "consecutive epoch ends, summed over the run (Hyperflux: gate sign flips).",
+                  "consecutive epoch ends, summed over the run (for gated methods: gate sign flips).",
             numeric={1, 2, 3, 5, 6}, kind="targeting"))
     if flips:
         fig = _fig()
@@ -164,17 +189,25 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("weights per epoch (0 drawn at 0.5)")
-        ax.set_title(f"{title}: Hyperflux weights pruned and regrown per epoch", fontsize=10)
+        ax.set_title(f"{title}: weights pruned and regrown per epoch, runs that regrew", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, loc="upper right", ncol=2)
         name = f"flips_{stem}.png"
         fig.savefig(out_dir / name)
-        plots.append((name, f"Hyperflux weights pruned (dashed) and regrown (solid) per epoch, {title}"))
+        plots.append((name, f"Weights pruned (dashed) and regrown (solid) per epoch, runs that regrew weights, "
+                            f"{title}"))
 
     # -- pressure law ----------------------------------------------------------------------
-    fixed = [(float(r.params["hyperflux.fixed_gamma"]), r.final_density) for r in pruning
-             if r.method == "hyperflux-fixed" and r.params.get("hyperflux.fixed_gamma")]
-    if len(fixed) >= 3:
+    # final density against the knob a variant fixes (its "final" dynamics entry), one law per
+    # variant; the first keeps the plain file name
+    from reports.build import _slug
+
+    knobs = {v: k for v in sorted({r.method for r in pruning}) if (k := fixed_knob(v, declared))}
+    for n, (variant, (label, key)) in enumerate(sorted(knobs.items())):
+        fixed = [(float(r.params[key]), r.final_density) for r in pruning
+                 if r.method == variant and r.params.get(key)]
+        if len(fixed) < 3:
+            continue
         fixed.sort()
         note = ""
         try:
@@ -183,7 +216,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                     f"R^2 = {law['r2']:.4f} on {law['n']} runs.")
         except (ValueError, ArithmeticError) as e:
             law, note = None, f"the law could not be fitted: {e}"
-        tables.append(Table("Pressure law (fixed-pressure Hyperflux runs)", ["gamma", "final density %"],
+        tables.append(Table(f"Pressure law ({variant} runs, fixed {label})", [label, "final density %"],
                             [[f"{g:.4g}", f"{100 * d:.3f}"] for g, d in fixed], note, numeric={0, 1},
                             kind="pressure_law"))
         fig = _fig()
@@ -194,10 +227,10 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             gs = [math.exp(lo + (hi - lo) * i / 100) for i in range(101)]
             ax.plot(gs, [100 * law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
                          for g in gs], color="C1", label=f"fit, R^2 = {law['r2']:.4f}")
-        _loglog(ax, "pressure gamma", "final density (%)", f"{title}: pressure law")
-        name = f"pressure_law_{stem}.png"
+        _loglog(ax, label, "final density (%)", f"{title}: pressure law, {variant}")
+        name = f"pressure_law_{stem}.png" if n == 0 else f"pressure_law_{_slug(variant)}_{stem}.png"
         fig.savefig(out_dir / name)
-        plots.append((name, f"Final density against fixed pressure, with the fitted law, {title}"))
+        plots.append((name, f"Final density against fixed {label} ({variant}), with the fitted law, {title}"))
 
     # -- Neural Pruning Law ------------------------------------------------------------------
     pts = npl_points(client, pruning)

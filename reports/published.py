@@ -5,13 +5,15 @@ published point: dataset, model, method, sparsity, top-1 %, the paper's dense to
 training budget, and the source). A suite result is matched to a published row when
 
 * the dataset maps (DATASETS), the model maps (MODELS) and the suite variant maps to the
-  published method (METHODS: explicit, one suite variant to the published names it reproduces);
+  published method (`methods()`: each registered method's `published`, explicit, one suite
+  variant to the published names it reproduces);
 * the run's target sparsity is within SPARSITY_TOL of the published sparsity (published
   sparsities such as STR's 81.27 % are achieved values, not round targets), and that published
   row is the nearest one of its method: a target halfway between two published points (96.5 %
   between 95 and 98) matches neither;
-* the run starts where the published method starts (START: from scratch, or from a trained
-  network for the methods that fine-tune one); a run that starts elsewhere is not comparable
+* the run starts where the published method starts (START, read from reports/published_start.csv:
+  from scratch, or from a trained network for the methods that fine-tune one); a run that starts
+  elsewhere is not comparable
   (IMP rewinding to pretrained weights is not Frankle et al.'s ticket from scratch).
 
 Only matches are shown; unmatched published rows and suite rows without a published
@@ -24,33 +26,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
+START_CSV = Path(__file__).with_name("published_start.csv")
 SPARSITY_TOL = 0.02
 
-# suite variant -> published method names it is compared with
-METHODS: dict[str, tuple[str, ...]] = {
-    "gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
-    "gmp-layer": ("gmp_uniform",),  # Gale et al. 2019: the same sparsity in every layer
-    "str-ref": ("str",),  # Kusupati et al. 2020: STR's own recipe, a hand-set decay per sparsity
-    "imp-ticket": ("imp_rewind",),  # Frankle et al. 2020: IMP rewinding within a run from scratch
-    "l0-ref": ("l0_hard_concrete",),  # Louizos et al. 2018 as run by Gale et al. 2019 (a fixed lambda)
-    "magnitude": ("magnitude",),  # one-shot magnitude + fine-tune
-    "rmt": ("mp_classical",),  # arXiv 2606.02608: classical MP pruning
-    "ser": ("mp_ser",),  # arXiv 2606.02608: spectral edge restore
-    "rmt_hybrid": ("mp_hybrid_mag_ser",),  # arXiv 2606.02608: magnitude up to 0.2, SER beyond
-}
-# variants that are deliberately not matched, and why (the report lists them apart)
-UNMATCHED: dict[str, str] = {
-    "l0": "calibrated mode (lambda steered to the target, snapped); the published L0 rows use a fixed lambda: l0-ref",
-    "str": "calibrated mode (threshold decay steered to the target, snapped); published STR sets its decay by hand: str-ref",
-    "imp": "IMP from a trained network rewinds to trained weights, not a lottery ticket: imp-ticket is compared",
-    "cs": "no published CS row in reports/published.csv",
-}
+
+def methods() -> dict[str, tuple[str, ...]]:
+    """Suite variant -> the published method names it is compared with: each registered method's
+    `published` (explicit, one variant to the published names it reproduces), read from the
+    registry when called, so that methods registered by plugins are included."""
+    from suite.pruning import registry
+
+    out: dict[str, tuple[str, ...]] = {}
+    for name in registry.names():
+        out.update(registry.get(name).published)
+    return out
+
+
+def unmatched() -> dict[str, str]:
+    """Method -> why its own runs are deliberately not matched with a published row (its
+    `published_note`; the report lists them apart)."""
+    from suite.pruning import registry
+
+    return {name: registry.get(name).published_note for name in registry.names()
+            if registry.get(name).published_note}
+
+
+def _load_start(path: Path) -> dict[str, str]:
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        return {row["method"]: row["start"] for row in csv.DictReader(fh)}
+
+
 # where each published method starts: "scratch" (a random initialisation) or "trained" (it prunes
-# a trained network and fine-tunes it); a suite run is compared only with rows of its own start
-START: dict[str, str] = {"gmp_uniform": "scratch", "gmp_global": "scratch", "str": "scratch", "rigl_erk": "scratch",
-                         "rigl_erk_5x": "scratch", "imp_rewind": "scratch", "l0_hard_concrete": "scratch",
-                         "magnitude": "trained", "mp_classical": "trained", "mp_ser": "trained",
-                         "mp_hybrid_mag_ser": "trained"}
+# a trained network and fine-tunes it); a suite run is compared only with rows of its own start.
+# Keyed by published method name (reports/published_start.csv), not by suite method.
+START: dict[str, str] = _load_start(START_CSV)
+
 # suite model name -> published model name
 MODELS: dict[str, str] = {"resnet50": "resnet50", "timm_resnet50": "resnet50", "deit_tiny": "deit_tiny",
                           "deit_small": "deit_small", "vit_b16": "vit_b16"}
@@ -91,7 +101,7 @@ def matches(dataset: str, model: str, method: str, target: float | None,
             table: list[Published], init: str | None = None) -> list[Published]:
     """Published rows comparable with a suite result (see the module docstring). `init` is the
     runs' start (None: not known, the start is not checked)."""
-    ds, mo, names = DATASETS.get(dataset), MODELS.get(model), METHODS.get(method, ())
+    ds, mo, names = DATASETS.get(dataset), MODELS.get(model), methods().get(method, ())
     if ds is None or mo is None or not names or target is None:
         return []
     start = start_of(init)
@@ -111,7 +121,7 @@ def matches(dataset: str, model: str, method: str, target: float | None,
 
 
 def mapping_note() -> str:
-    m = "; ".join(f"{k} ↔ {'/'.join(v)}" for k, v in METHODS.items())
+    m = "; ".join(f"{k} ↔ {'/'.join(v)}" for k, v in methods().items())
     return (f"Published numbers (labelled published) come from reports/published.csv with their sources. "
             f"Matched on dataset, model, method ({m}) and target sparsity within "
             f"{100 * SPARSITY_TOL:g} pp of the published sparsity (the nearest published point; none on a "
@@ -120,7 +130,8 @@ def mapping_note() -> str:
             f"(column training); compare with care.")
 
 
-def unmatched_note(methods) -> str:
+def unmatched_note(labels) -> str:
     """Why these suite variants are never shown beside a published row (empty if none is here)."""
-    why = [f"{m}: {UNMATCHED[m]}" for m in sorted(set(methods)) if m in UNMATCHED]
+    notes = unmatched()
+    why = [f"{m}: {notes[m]}" for m in sorted(set(labels)) if m in notes]
     return (" Not compared, by design: " + "; ".join(why) + ".") if why else ""

@@ -44,6 +44,6 @@ ds=(--deepspeed)
 [ "${DEEPSPEED:-1}" = 0 ] && ds=()
 "$PY" -c "import torch; print('gpu_bench: torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-"$PY" -m suite.cli bench overhead --model "${MODEL:-resnet50}" --size "${SIZE:-224}" --batch "${BATCH:-128}" \
+"$PY" -m launchers.cli bench overhead --model "${MODEL:-resnet50}" --size "${SIZE:-224}" --batch "${BATCH:-128}" \
   --device "${DEVICE:-cuda}" --dtype bf16 --channels-last "${ds[@]}" --steps "${STEPS:-10}" \
   --warmup "${WARMUP:-5}" --repeats "${REPEATS:-5}" "${track[@]}" "$@" 2>&1 | tee "$OUT/overhead.txt"

@@ -38,10 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS_ORDER = ["magnitude", "gmp", "imp", "l0", "str", "cs", "rmt", "seb", "ser", "rmt_hybrid", "hyperflux"]
 # per-method settings that put the method in its costly training regime at step 1: Hyperflux's
 # controller starts with gamma = 0 (no loss term in epoch 1), so the bench uses a fixed pressure
-BENCH_SETS: dict[str, dict[str, Any]] = {"hyperflux": {"hyperflux.schedule": "fixed", "hyperflux.fixed_gamma": 1.0}}
 STEPS_PER_EPOCH = 1000  # what schedule-driven methods (gmp) believe; the bench stays in epoch 1
 
 
@@ -73,10 +71,12 @@ def interleave(a: str, b: str, rounds: int) -> list[str]:
 # ----------------------------------------------------------------------------- overhead
 def bench_config(method: str, model: str, batch: int, sparsity: float = 0.9, sets: Optional[dict] = None):
     from suite.config import RunConfig, _validate, set_dotted
+    from suite.pruning import registry
 
     data: dict[str, Any] = {"method": method, "model": model, "batch_size": batch, "epochs": 100, "seed": 0,
-                            "sparsity": 0.0 if method == "dense" else sparsity}
-    for k, v in {**BENCH_SETS.get(method, {}), **(sets or {})}.items():
+                            "sparsity": 0.0 if method == registry.CONTROL else sparsity}
+    # the method's own settings for a representative step (e.g. a constant pressure instead of a controller)
+    for k, v in {**registry.get(method).bench_sets, **(sets or {})}.items():
         set_dotted(data, k, v)
     return _validate(RunConfig, data, source=f"bench {method}")
 
@@ -125,6 +125,7 @@ class Trainee:
         self.pruner.on_train_start()  # one-shot prunes happen here (random init, sparsity from cfg)
         model.train()
         self.opt.set_lrs(*self.pruner.lrs(1))
+        self.pruner.start_epoch(1)
         if channels_last:  # after DeepSpeed's broadcast (it views parameters as bytes: needs stride 1)
             model.to(memory_format=fmt)  # in place: optimiser and engine keep the same Parameter objects
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -253,7 +254,9 @@ def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, metho
 
     from suite.pruning import registry
 
-    methods = [m for m in (methods or METHODS_ORDER) if m != "dense"]
+    from suite.pruning import registry
+
+    methods = [m for m in (methods or registry.pruning_names()) if m != registry.CONTROL]
     for m in methods:
         registry.get(m)  # unknown names fail before any work
     device = _setup(device, threads, use_deepspeed)
@@ -549,7 +552,8 @@ def add_parser(sub) -> None:
     o.add_argument("--model", default="resnet50")
     o.add_argument("--size", type=int, default=32, help="input side in pixels (default 32)")
     o.add_argument("--batch", type=int, default=32)
-    o.add_argument("--methods", help=f"comma-separated (default: all: {','.join(METHODS_ORDER)}); dense is the reference")
+    o.add_argument("--methods", help="comma-separated (default: every registered pruning method; `hfbench methods` lists them); "
+                                        "dense is the reference")
     o.add_argument("--steps", type=int, default=3, help="steps per block (default 3)")
     o.add_argument("--warmup", type=int, default=2, help="untimed steps per model before its first block")
     o.add_argument("--repeats", type=int, default=5, help="rounds of (dense block, method block) per method")

@@ -16,325 +16,17 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from suite.pruning.registry import CONTROL
+from suite.schema import Strict, did_you_mean
 
 
 class ConfigError(ValueError):
     """A configuration was rejected. The message names the file and the field."""
 
 
-class _Strict(BaseModel):
-    # inf / nan are refused in every float field: none of them means anything there (an inf LR
-    # would only fail at the second step)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-# --------------------------------------------------------------------------- method sections
-class HyperfluxConfig(_Strict):
-    """Hyperflux hyper-parameters (docs: hyperflux.md sections 1-6)."""
-
-    pruning_end: int = Field(8, ge=1, description="P: last epoch of the pruning phase")
-    gate_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate of the gates")
-    gate_init_low: float = Field(0.2, ge=-100, le=100)
-    gate_init_high: float = Field(0.5, ge=-100, le=100)
-    ste_scale: float = Field(0.25, gt=0, le=100, description="straight-through gradient scale of the hard gate")
-    step: float = Field(0.2, gt=0, le=10, description="controller step s (0.2 CIFAR, 0.15 ImageNet/ViT)")
-    end_lr_pruning: Optional[float] = Field(None, ge=0, le=10, description="weight LR at the end of pruning (default lr/30)")
-    reset_lr: float = Field(1e-3, ge=0, le=10, description="weight LR at the start of regrowth")
-    end_lr_regrowth: float = Field(1e-4, ge=0, le=10, description="weight LR at the end of regrowth")
-    decay: float = Field(0.75, gt=0, le=1, description="gate LR multiplier per regrowth epoch")
-    reset_scaler: float = Field(1.0, gt=0, le=1e4, description="gate LR at regrowth start = gate_lr * reset_scaler")
-    freeze_gates_after: int = Field(50, ge=0, description="gate LR set to 0 after this many regrowth epochs")
-    snap_pp: float = Field(0.0, ge=0, le=100, description="not in the paper (0: off): when the gates freeze "
-                           "(freeze_gates_after regrowth epochs, before the last epoch) within this many points of "
-                           "the target, every gate is shifted by one common amount so the target is met exactly; "
-                           "the fair protocol's equal-sparsity rule for every method")
-    schedule: Literal["controller", "fixed", "law"] = Field(
-        "controller", description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
-                                  "law: constant gamma solved from a fitted gamma-density law for the target")
-    fixed_gamma: Optional[float] = Field(None, gt=0, le=1e6, description="pressure for schedule 'fixed'")
-    law: Optional[dict[str, float]] = Field(None, description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
-                                                              "for schedule 'law' (from `hfbench fit-law`)")
-    quirks: list[Literal["phase_off_by_one", "frozen_bn_scale"]] = Field(
-        default_factory=list,
-        description="reference-code behaviours, off by default (hyperflux.md sections 5 and 7): "
-                    "phase_off_by_one: the first regrowth epoch still runs with the last pressure; "
-                    "frozen_bn_scale: BatchNorm scales are never optimised")
-
-    @model_validator(mode="after")
-    def _init_range(self):
-        if not self.gate_init_low <= self.gate_init_high:
-            raise ValueError("gate_init_low must be <= gate_init_high")
-        if self.schedule == "fixed" and self.fixed_gamma is None:
-            raise ValueError("schedule 'fixed' needs fixed_gamma")
-        if self.schedule == "law":
-            if not self.law or set(self.law) != {"c", "a0", "a1"}:
-                raise ValueError("schedule 'law' needs law: {c: .., a0: .., a1: ..}")
-        return self
-
-
-class MagnitudeConfig(_Strict):
-    """One-shot global magnitude pruning, then fine-tuning with the mask fixed."""
-
-    scope: Literal["global", "layer"] = "global"
-
-
-class GMPConfig(_Strict):
-    """Gradual magnitude pruning (Zhu & Gupta 2017), cubic schedule."""
-
-    start_epoch: int = Field(0, ge=0, description="t0, in epochs")
-    end_epoch: Optional[int] = Field(None, ge=1, description="last pruning epoch (default: 3/4 of epochs)")
-    initial_sparsity: float = Field(0.0, ge=0, lt=1)
-    update_every: int = Field(50, ge=1, description="dt: steps between mask updates")
-    scope: Literal["global", "layer"] = "global"
-    criterion: Literal["magnitude", "taylor"] = Field(
-        "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)")
-
-
-class IMPConfig(_Strict):
-    """Iterative magnitude pruning with rewinding (lottery ticket, Frankle et al.; open_lth).
-
-    The run is levels + 1 training segments of `epochs_per_level` epochs each: segment 0
-    trains from the run's starting weights (a fresh init, or the dense model), then each
-    level prunes `prune_fraction` of the remaining weights by global magnitude (the last level
-    prunes exactly to the target), rewinds the survivors and every other parameter and
-    buffer to their values after `rewind_step` steps of segment 0 (0: the starting weights,
-    the classic ticket), resets the optimiser state and retrains with the LR schedule
-    restarted. The run's total epochs = (levels + 1) x epochs_per_level."""
-
-    prune_fraction: Optional[float] = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned "
-                                            "per level; null with `levels` set: the same share at every level, "
-                                            "1 - (1 - s)^(1 / levels), so the last level lands on the target (an "
-                                            "equal budget at every sparsity: the run is always levels + 1 segments)")
-    rewind_step: int = Field(0, ge=0, description="k: rewind to the weights after k steps of the first segment")
-    levels: Optional[int] = Field(None, ge=1, le=100, description="pruning levels (default: "
-                                  "ceil(ln(1 - s) / ln(1 - prune_fraction)))")
-    epochs_per_level: int = Field(1, ge=1, le=10000, description="epochs of each training segment")
-    scope: Literal["global", "layer"] = "global"
-    rewind: Literal["weights", "lr"] = Field(
-        "weights", description="weights: the survivors go back to their values at rewind_step (Frankle et al.; "
-        "a ticket when the run starts from scratch); lr: learning-rate rewinding (Renda et al. 2020): the survivors "
-        "keep their trained values and only the LR schedule restarts (variant imp-lrr)")
-
-    @model_validator(mode="after")
-    def _fraction_or_levels(self):
-        if self.prune_fraction is None and self.levels is None:
-            raise ValueError("imp.prune_fraction null (an equal share per level) needs imp.levels")
-        return self
-
-
-class CalibrationConfig(_Strict):
-    """How a method without a sparsity knob is steered to the requested sparsity.
-
-    controller: after each search epoch, knob *= exp(gain * ln(density / target(epoch))) (with the trend term of `lookahead`, see suite/pruning/calibration.py), where
-    target(epoch) follows Zhu & Gupta's cubic from 100 % to the requested density at the end
-    of the search phase; the knob then stays where it is. off: the knob is used as given."""
-
-    mode: Literal["controller", "off"] = "controller"
-    gain: float = Field(1.0, gt=0, le=100, description="log-space gain of the controller")
-    max_factor: float = Field(2.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
-    lookahead: float = Field(1.0, ge=0, le=10, description="k: compare the trend prediction d (d / d_prev)^k "
-                             "with target(epoch + k) (0: the measured density with target(epoch))")
-    snap_pp: float = Field(10.0, ge=0, le=100, description="end of the search: when the knob left the sparsity "
-                           "within this many points of the target, one global scalar of the method's own mask rule "
-                           "is moved so the target is met exactly (the size of the move is logged as snap_pp; "
-                           "0: off)")
-
-    def snap_limit(self) -> float:
-        """The snap's reach: snap_pp while the controller steers the knob; none with mode off (the
-        configured knob is used as given, as a paper would)."""
-        return self.snap_pp if self.mode == "controller" else 0.0
-
-
-class L0Config(_Strict):
-    """Hard-concrete L0 gates (Louizos, Welling & Kingma 2018)."""
-
-    granularity: Optional[Literal["weight", "unit"]] = Field(
-        None, description="one gate per weight, or per unit (a Conv2d's output channel; a Linear's output row, "
-        "its input column in reference mode); default: weight, reference mode unit (the reference code has no "
-        "per-weight gates)")
-    lam: float = Field(1.0, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
-                       "normalised by the number of gates); calibrated unless calibration.mode is off")
-    beta: float = Field(2 / 3, gt=0, description="temperature of the hard-concrete distribution")
-    gamma: float = Field(-0.1, lt=0, description="stretch interval lower end")
-    zeta: float = Field(1.1, gt=1, description="stretch interval upper end")
-    drop_init: Optional[float] = Field(None, gt=0, lt=1, description="initial drop probability of each gate "
-                                       "(default 0.1; reference mode 0.5, the reference's LeNet-5 script)")
-    gate_lr: Optional[float] = Field(None, gt=0, le=10, description="Adam learning rate of log_alpha (default "
-                                     "0.05; reference mode 0.001, the LeNet-5 script's Adam)")
-    search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
-                                      "afterwards the test-time gates are frozen and the weights fine-tune")
-    calibration: CalibrationConfig = CalibrationConfig()
-    mode: Literal["calibrated", "reference"] = Field(
-        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, snap, gates frozen "
-        "at search_end); reference: AMLab-Amsterdam/L0_regularization's recipe: lam is the paper's lambda per "
-        "training example, fixed; gates train to the last epoch; log_alpha clamped to [ln 0.01, ln 100]; the "
-        "weights' L2 is weight_decay/2 * sum_g P(z_g != 0) |theta_g|^2 in the loss instead of SGD decay; unit "
-        "gates of a Linear cover its input columns (variant l0-ref)")
-
-    @model_validator(mode="after")
-    def _mode_defaults(self):
-        ref = self.mode == "reference"
-        if self.granularity is None:
-            self.granularity = "unit" if ref else "weight"
-        if self.drop_init is None:
-            self.drop_init = 0.5 if ref else 0.1
-        if self.gate_lr is None:
-            self.gate_lr = 1e-3 if ref else 0.05
-        return self
-
-
-class STRConfig(_Strict):
-    """Soft threshold reparameterisation (Kusupati et al. 2020): W_hat = sign(W) relu(|W| - sigmoid(s_l))."""
-
-    s_init: Optional[float] = Field(None, ge=-1e6, le=0, description="initial threshold parameter s_l of every "
-                                    "layer (default -8; reference mode -3200, RAIVNLab/STR's ResNet-50 at 90.23 %: "
-                                    "there the loss gradient on s is 0 and the weight decay alone raises it, which "
-                                    "takes tens of ImageNet epochs; a short run needs a knob of its own)")
-    s_weight_decay: float = Field(1e-2, gt=0, description="knob: weight decay on s_l (drives thresholds up); "
-                                  "calibrated unless calibration.mode is off")
-    search_end: Optional[int] = Field(None, ge=1, description="last epoch thresholds train (default 3/4 of epochs)")
-    calibration: CalibrationConfig = CalibrationConfig()
-    mode: Literal["calibrated", "reference"] = Field(
-        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, thresholds frozen at "
-        "search_end, snap); reference: RAIVNLab/STR's recipe: s decays with the weights' own weight_decay "
-        "(s_weight_decay unused), thresholds train to the last epoch, no steering; the sparsity follows from "
-        "s_init and weight_decay (variant str-ref)")
-
-    @model_validator(mode="after")
-    def _mode_defaults(self):
-        if self.s_init is None:
-            self.s_init = -3200.0 if self.mode == "reference" else -8.0
-        return self
-
-
-class CSConfig(_Strict):
-    """Continuous Sparsification (Savarese et al. 2020): mask sigmoid(beta s) / sigmoid(s0)."""
-
-    mode: Literal["calibrated", "reference"] = Field(
-        "calibrated", description="calibrated: the suite's equal-sparsity mode (lam steered, beta per step, Adam on "
-        "the masks, anti-windup, snap); reference: lolemacs/continuous-sparsification's recipe: lam fixed, the knob "
-        "is s0; beta x beta_final^(1/(epochs_per_round-1)) per epoch, back to 1 each round; round reset "
-        "s <- min(s, s0) (the code's order); masks trained by the weights' SGD (no weight decay); the LR schedule "
-        "restarts every round and for the retraining; soft mask at evaluation during the search; after the search "
-        "the weights rewind to the start of epoch rewind_epoch and the ticket 1[s > 0] / sigmoid(s0) retrains "
-        "for the remaining epochs (variant cs-ref)")
-    rounds: int = Field(3, ge=1, le=100, description="search rounds (beta annealed 1 -> beta_final in each)")
-    epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds "
-                                            "(reference mode: epochs / (rounds + 1), the last share retrains)")
-    beta_final: float = Field(200.0, gt=1, description="temperature reached at the end of each round")
-    s_init: Optional[float] = Field(None, ge=-100, le=100, description="s0: initial mask parameter (default 0.1; "
-                                    "reference mode 0.0, the reference's knob: lower is sparser). Calibrated mode "
-                                    "needs s0 > 0, so that the hard mask 1[s > 0] the suite measures starts dense; "
-                                    "small, so a mask reaches 0 within an epoch of the knob asking for it (0.5: two "
-                                    "epochs of lag, overshoot)")
-    lam: float = Field(1e-8, gt=0, description="lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); the "
-                       "knob, calibrated, unless calibration.mode is off or mode is reference (fixed); start "
-                       "value: with s0 0.1, 1e-7 pruned 26 % in the first epoch (target 4 %) and the controller "
-                       "settled near 1e-8 in round 1 (measured)")
-    mask_lr: float = Field(0.01, gt=0, le=100, description="Adam learning rate of the mask parameters (calibrated "
-                           "mode; reference mode trains them with the weights' SGD and LR)")
-    control_beta_s: float = Field(2.0, gt=0, description="the knob controller holds the knob while beta * s_init "
-                                  "exceeds this (anti-windup: the density stops moving at beta * s0 ~ 3, about 60 % "
-                                  "into a round; without the hold the knob wound up 30-90x and the next round "
-                                  "collapsed, measured)")
-    rewind: Optional[bool] = Field(None, description="retrain the final binary mask from the weights at the start "
-                                   "of epoch rewind_epoch (default: off in calibrated mode, on in reference mode; "
-                                   "off: in the 80 x 25 protocol the 20 low-LR fine-tuning epochs of the calibrated "
-                                   "mode cannot recover the rewound weights, 90.1 % -> 77.9 % top-1 at 91 % "
-                                   "sparsity, measured)")
-    rewind_epoch: Optional[int] = Field(None, ge=0, description="the rewind point (default 2, the reference's, or "
-                                        "the round's last epoch in a run whose rounds are shorter): the weights at "
-                                        "the start of this 0-based "
-                              "epoch of the first round (after this many epochs; the reference's 2)")
-    calibration: CalibrationConfig = CalibrationConfig(lookahead=3.0)  # see cs docstring (measured)
-
-    @model_validator(mode="after")
-    def _mode_defaults(self):
-        ref = self.mode == "reference"
-        if self.s_init is None:
-            self.s_init = 0.0 if ref else 0.1
-        if self.rewind is None:
-            self.rewind = ref
-        if not ref and self.s_init <= 0:
-            raise ValueError(f"cs.s_init = {self.s_init:g}: the calibrated mode needs s0 > 0 (the hard mask 1[s > 0] "
-                             f"must start dense); s0 <= 0 is for mode: reference")
-        return self
-
-
-class RMTConfig(_Strict):
-    """Marchenko-Pastur (random-matrix) pruning family (docs: baselines.md; baselines/marchenko_pastur.py)."""
-
-    alpha: float = Field(0.25, gt=0, lt=0.5, description="central quantile window of the MP scale fit")
-    beta: float = Field(0.01, gt=0, lt=1, description="Tracy-Widom tail probability of the edge correction: "
-                        "the chance that a pure-noise layer shows a singular value above the edge (0.01: "
-                        "count the spikes that are there; the papers' public code uses 0.8, an edge inside "
-                        "the bulk that noise crosses most of the time; baselines/marchenko_pastur.py)")
-    deflate: bool = Field(True, description="fit the MP scale on the bulk without the values counted above the "
-                          "edge, refitting until the count is stable (false: one fit on all values, as the public "
-                          "code; many spikes then inflate the scale and hide spikes)")
-    seb_b: float = Field(1.0, ge=0, description="SEB: b in w_l(s) = max(0.1, 1 + b d(s) z_l)")
-    seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
-    seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
-    seb_regime: Literal["fixed", "paper"] = Field(
-        "fixed", description="SEB's b and s_d: fixed (seb_b, seb_sd for every target), or the paper's regimes by "
-        "target (below 0.30 plain magnitude; to 0.40 b 1.0, s_d 0.5; to 0.55 b 1.25, s_d 0.7; above, s_d 0.85 with "
-        "b 1.0 attention / 2.0 MLP / 1.5 other layers; baselines/marchenko_pastur.py seb_paper_regime)")
-    ser_rho: float = Field(1.1, ge=1, description="SER: over-prune to min(rho * s, 0.999) before restoring")
-    ser_reinsert: Optional[float] = Field(None, gt=0, lt=1, description="SER: over-prune to s + this (absolute) "
-                                          "instead of rho * s; the released code reinserts 0.03 of all weights")
-    quantile_offset: float = Field(0.5, ge=0, lt=1, description="MP scale fit: the i-th smallest value sits at "
-                                   "quantile (i + offset) / p (0.5: its cell's midpoint; the public code: 0)")
-    hybrid_switch: float = Field(0.2, gt=0, lt=1, description="hybrid: magnitude up to this sparsity, SER beyond")
-    regularised_epochs: int = Field(1, ge=0, description="classical RMT: epochs of the short regularised fine-tune")
-    l1: float = Field(1e-5, ge=0, description="classical RMT: L1 coefficient (on sum |w| of the prunable weights) "
-                      "in the regularised fine-tune")
-    cycles: int = Field(1, ge=1, le=1000, description="classical RMT: pruning cycles (1: one shot at the start; "
-                        "the public code: 34, each removing 0.06 x 1.02^i of the remaining weights with layer shares "
-                        "to the power 1.5 / i; here scaled so the last cycle lands on the target)")
-    cycle_steps: Optional[int] = Field(None, ge=1, description="classical RMT: optimiser steps between cycles "
-                                       "(default: the first half of the run split evenly)")
-    sv_tau: float = Field(1.0, ge=0, description="classical RMT: noise singular-vector entries below "
-                          "sv_tau (1 - s_i / sv_edge) / sqrt(dim) are zeroed")
-
-
-METHOD_SECTIONS = {"hyperflux": HyperfluxConfig, "magnitude": MagnitudeConfig, "gmp": GMPConfig,
-                   "imp": IMPConfig, "l0": L0Config, "soft_threshold": STRConfig, "cs": CSConfig, "rmt": RMTConfig}
-# methods that read another method's section (the RMT family shares one)
-SECTION_OF = {"str": "soft_threshold", "seb": "rmt", "ser": "rmt", "rmt_hybrid": "rmt"}
-# named variants a sweep can list in grid.methods (and key overrides by): a method with the one
-# option that makes it another recipe; RunConfig.variant() gives the name back
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "l0-ref": ("l0", {"l0": {"mode": "reference"}}),
-    "str-ref": ("str", {"soft_threshold": {"mode": "reference"}}),
-    "cs-ref": ("cs", {"cs": {"mode": "reference"}}),
-    "imp-lrr": ("imp", {"imp": {"rewind": "lr"}}),
-    "imp-ticket": ("imp", {"init": "scratch"}),
-    "gmp-layer": ("gmp", {"gmp": {"scope": "layer"}}),
-}
-
-
-def cs_round_epochs(run) -> int:
-    """Epochs of one CS search round: as given, or 3/4 of the run split over the rounds (calibrated),
-    or the run split into rounds + 1 equal segments, the last retraining the ticket (reference)."""
-    c = run.cs
-    if c.epochs_per_round:
-        return c.epochs_per_round
-    share = run.epochs // (c.rounds + 1) if c.mode == "reference" else (3 * run.epochs) // 4 // c.rounds
-    return max(1, share)
-
-
-def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
-    """Pruning levels of an IMP run: as given, or enough levels of `prune_fraction` to reach
-    the target (8 for 80 %, 11 for 90 %, 14 for 95 % at 20 % per level)."""
-    if imp.levels is not None:
-        return imp.levels
-    assert imp.prune_fraction is not None  # IMPConfig refuses null without levels
-    return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - imp.prune_fraction) - 1e-9))
-
-
-# methods that need more than one epoch: SER restores at the end of its selection epoch (1;
-# 2 for the hybrid above its switch, after its magnitude epoch) and then fine-tunes (baselines/rmt.py)
-MIN_EPOCHS = {"ser": 2, "rmt_hybrid": 3}
+_Strict = Strict
 
 
 class EngineConfig(_Strict):
@@ -357,7 +49,7 @@ class EngineConfig(_Strict):
 class RunConfig(_Strict):
     """Everything one training run needs. Semantic fields enter the run hash."""
 
-    method: str = "dense"
+    method: str = CONTROL
     model: str = "fmnist_cnn"
     dataset: str = "fashion_mnist"
     sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="target fraction of prunable weights at zero")
@@ -392,21 +84,26 @@ class RunConfig(_Strict):
                                       "weights_only; a classifier of another class count is re-initialised)")
     init_from: Optional[str] = Field(None, description="run hash of the dense run this run starts from (set by the sweep)")
     init_checkpoint: Optional[str] = Field(None, description="path of the starting weights (set by the sweep)")
-    hyperflux: HyperfluxConfig = HyperfluxConfig()
-    magnitude: MagnitudeConfig = MagnitudeConfig()
-    gmp: GMPConfig = GMPConfig()
-    imp: IMPConfig = IMPConfig()
-    l0: L0Config = L0Config()
-    soft_threshold: STRConfig = STRConfig()
-    cs: CSConfig = CSConfig()
-    rmt: RMTConfig = RMTConfig()
+    # each method's own section (e.g. hyperflux: {...}) is added by the method's module
+    # (suite.pruning.registry): see _method_sections below
     engine: EngineConfig = EngineConfig()
+    plugins: list[str] = Field(default_factory=list, description="plugin files or modules that register methods "
+                               "(set by the sweep's `plugins`; imported before the method is looked up)")
     # where things go (not part of the identity)
     data_dir: str = "data"
     experiment: str = "default"
     sweep: str = ""
     tracking_uri: Optional[str] = None
     out_dir: str = "runs"
+
+    def __init__(self, **data: Any) -> None:
+        _ready_for(data)
+        super().__init__(**data)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> "RunConfig":  # type: ignore[override]
+        _ready_for(obj)
+        return super().model_validate(obj, **kwargs)
 
     @field_validator("method")
     @classmethod
@@ -447,88 +144,44 @@ class RunConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _imp_epochs(cls, data: Any) -> Any:
-        """IMP's length follows from its levels: epochs = (levels + 1) x imp.epochs_per_level."""
-        if isinstance(data, dict) and data.get("method") == "imp":
+    def _method_prepare(cls, data: Any) -> Any:
+        """Load the run's plugins, then let its method derive what its recipe fixes (e.g. IMP's epochs)."""
+        if not isinstance(data, dict):
+            return data
+        from suite.pruning import registry
+
+        plugins = data.get("plugins")
+        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
             try:
-                imp = IMPConfig.model_validate(data.get("imp", {}))
-                s = float(data.get("sparsity", 0.0))
-            except (ValidationError, TypeError, ValueError, OverflowError):
-                return data  # the field validators report it
-            if 0.0 < s < 1.0:
-                try:
-                    levels = imp_levels(s, imp)
-                except (ArithmeticError, ValueError):  # log(1 - prune_fraction) == 0: tiny fraction
-                    raise ValueError(f"imp.prune_fraction ({imp.prune_fraction}) is too small to reach "
-                                     f"sparsity {s} in a finite number of levels") from None
-                data = dict(data)
-                data["epochs"] = (levels + 1) * imp.epochs_per_level
+                registry.load_plugins(plugins, where="plugins")
+            except registry.PluginError as e:
+                raise ValueError(str(e)) from None
+        method = data.get("method", CONTROL)
+        if isinstance(method, str) and method in registry.names():
+            return registry.get(method).prepare(data)
         return data
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.budget_matched and self.method != "dense":
+        from suite.pruning import registry
+
+        dense = registry.CONTROL
+        if self.budget_matched and self.method != dense:
             raise ValueError(f"budget_matched: only a dense run can be a budget-matched control (method {self.method!r})")
-        if self.method == "dense" and self.sparsity != 0.0:
-            raise ValueError("method 'dense' needs sparsity 0 (got %s)" % self.sparsity)
-        if self.method != "dense" and self.sparsity == 0.0:
+        if self.method == dense and self.sparsity != 0.0:
+            raise ValueError(f"method {dense!r} needs sparsity 0 (got {self.sparsity})")
+        if self.method != dense and self.sparsity == 0.0:
             raise ValueError(f"method {self.method!r} needs a target sparsity > 0")
-        if self.method == "hyperflux" and self.hyperflux.pruning_end > self.epochs:
-            raise ValueError(
-                f"hyperflux.pruning_end ({self.hyperflux.pruning_end}) must be <= epochs ({self.epochs})")
-        if self.method == "hyperflux" and self.hyperflux.snap_pp > 0:
-            from suite.pruning.hyperflux import snap_epoch
-
-            if snap_epoch(self.hyperflux) >= self.epochs:
-                raise ValueError(f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch "
-                                 f"{snap_epoch(self.hyperflux)} (pruning_end + freeze_gates_after, at least pruning_end "
-                                 f"+ 1 with phase_off_by_one), which must come before the last epoch ({self.epochs})")
-        if self.method == "hyperflux":
-            from suite.pruning.hyperflux import PressureScheduler
-
-            PressureScheduler(self.sparsity, self.hyperflux.pruning_end, self.hyperflux.step)
-        if self.method == "gmp":
-            end = self.gmp.end_epoch if self.gmp.end_epoch is not None else self.epochs
-            if end > self.epochs or end <= self.gmp.start_epoch:
-                raise ValueError(f"gmp.end_epoch must be in (gmp.start_epoch, epochs]; got {end}")
-            if self.gmp.initial_sparsity > self.sparsity:
-                raise ValueError("gmp.initial_sparsity must be <= sparsity")
-        need = MIN_EPOCHS.get(self.method, 1)
-        if self.method == "rmt_hybrid" and self.sparsity <= self.rmt.hybrid_switch:
-            need = 1  # one-shot magnitude below the switch
-        if self.epochs < need:
-            raise ValueError(f"epochs: {self.method} needs at least {need} (a selection epoch, then a fine-tune "
-                             f"after the restore), got {self.epochs}")
-        if self.init == "dense" and self.method == "dense":
+        method = registry.get(self.method)
+        method.check(self)
+        if self.init == "dense" and self.method == dense:
             raise ValueError("init: a dense run cannot start from a dense run; use init 'scratch' or 'pretrained'")
         if (self.init == "pretrained") != (self.pretrained is not None):
             raise ValueError("pretrained: give a weights file exactly when init is 'pretrained' "
                              f"(init {self.init!r}, pretrained {self.pretrained!r})")
-        if self.method in ("l0", "str", "cs"):  # calibrated L0 baselines: the search must fit in the run
-            sec = self.cs if self.method == "cs" else self.l0 if self.method == "l0" else self.soft_threshold
-            end = (self.cs.rounds * self.cs.epochs_per_round if self.cs.epochs_per_round else self.cs.rounds) \
-                if self.method == "cs" else (sec.search_end or 1)
-            if end > self.epochs:
-                raise ValueError(f"{self.method}: the search phase ({end} epochs) must fit in epochs ({self.epochs})")
-        if self.cs.rewind_epoch is None:  # the reference's epoch 2, inside the first round
-            self.cs.rewind_epoch = min(2, max(0, cs_round_epochs(self) - 1))
-        if self.method == "cs" and self.cs.rewind and self.cs.rewind_epoch >= cs_round_epochs(self):
-            raise ValueError(f"cs.rewind_epoch ({self.cs.rewind_epoch}) must fall inside the first round "
-                             f"({cs_round_epochs(self)} epochs)")
-        if self.method == "cs" and self.cs.mode == "reference":
-            epr = cs_round_epochs(self)
-            if self.cs.rounds * epr >= self.epochs:
-                raise ValueError(f"cs: reference mode retrains the ticket after {self.cs.rounds} rounds of {epr} "
-                                 f"epochs; epochs ({self.epochs}) leaves no retraining")
-            if self.lr_schedule == "step" and self.lr_milestones and self.lr_milestones[-1] >= epr:
-                raise ValueError(f"lr_milestones: cs reference mode restarts the schedule every round, so its "
-                                 f"milestones count within a round of {epr} epochs; got {self.lr_milestones}")
-        if self.method == "gmp" and self.gmp.criterion == "taylor" and self.engine.precision == "fp16":
-            raise ValueError("gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
-                             "use engine.precision bf16 or fp32")
-        if self.lr_schedule == "step" and self.method in ("hyperflux", "imp"):
-            raise ValueError(f"lr_schedule: {self.method} has its own weight-LR schedule (hyperflux: the two "
-                             f"phases; imp: a cosine per level); 'step' applies to the other methods")
+        if self.lr_schedule == "step" and method.own_lr_schedule:
+            raise ValueError(f"lr_schedule: {self.method} has its own weight-LR schedule; 'step' applies to "
+                             f"methods that follow the run's schedule")
         if self.lr_schedule == "step":
             ms = self.lr_milestones
             if any(b <= a for a, b in zip(ms, ms[1:])) or (ms and (ms[0] < 1 or ms[-1] >= self.epochs)):
@@ -538,7 +191,7 @@ class RunConfig(_Strict):
             raise ValueError("lr_milestones: only used by lr_schedule 'step' (lr_schedule is 'cosine')")
         if self.engine.zero_stage != 0 and self.engine.precision == "fp16":
             raise ValueError("engine.precision fp16 (gradient scaler) is not supported with engine.zero_stage > 0")
-        if self.engine.zero_stage != 0 and self.method != "dense":
+        if self.engine.zero_stage != 0 and self.method != dense:
             raise ValueError("engine.zero_stage > 0 is not supported with pruning yet")
         return self
 
@@ -546,9 +199,11 @@ class RunConfig(_Strict):
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that decide what is trained: everything except paths, names and the
         sections of other methods."""
+        from suite.pruning import registry
+
         d = self.model_dump(mode="json")
         for k in ("data_dir", "experiment", "sweep", "tracking_uri", "out_dir", "init_checkpoint", "eval_every",
-                  "flux_every"):
+                  "flux_every", "plugins"):
             d.pop(k)
         # fields added after runs were recorded enter the hash only when set, so older runs keep
         # their hashes; the weights file counts by name, not by folder
@@ -565,79 +220,41 @@ class RunConfig(_Strict):
             d.pop("pretrained")
         else:
             d["pretrained"] = Path(d["pretrained"]).name
-        for name in METHOD_SECTIONS:
-            if name != self.section():
-                d.pop(name)
-        for sec in ("l0", "soft_threshold", "cs"):
-            if sec in d and d[sec].get("mode") == "calibrated":
-                d[sec].pop("mode")  # added later: calibrated runs keep their hashes
-        if "cs" in d and not d["cs"]["rewind"]:
-            d["cs"].pop("rewind_epoch")  # added later, read only when rewinding
-        if "imp" in d and d["imp"].get("rewind") == "weights":
-            d["imp"].pop("rewind")
-        if self.section() == "rmt":  # added later: runs without them keep their hashes
-            if d["rmt"].get("ser_reinsert") is None:
-                d["rmt"].pop("ser_reinsert", None)
-            if d["rmt"].get("quantile_offset") == 0.5:
-                d["rmt"].pop("quantile_offset", None)
-            if d["rmt"].get("seb_regime") == "fixed":
-                d["rmt"].pop("seb_regime", None)
-            if d["rmt"].get("cycles") == 1:
-                d["rmt"].pop("cycles", None)
-                d["rmt"].pop("cycle_steps", None)
-        if self.section() == "rmt" and not d["rmt"]["deflate"]:
-            d["rmt"].pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
-        if self.method == "hyperflux":  # inputs of the other pressure schedules change nothing
-            h = d["hyperflux"]
-            # phase_off_by_one was redefined to match the reference exactly (epoch P+1 also keeps the
-            # pruning LRs): runs made under the old meaning must not be taken for new ones
-            h["quirks"] = ["phase_off_by_one@9aaed27" if q == "phase_off_by_one" else q for q in h["quirks"]]
-            if h["snap_pp"] == 0.0:
-                h.pop("snap_pp")  # added later: runs without it keep their hashes
-            if h["schedule"] != "law":
-                h.pop("law")
-            if h["schedule"] != "fixed":
-                h.pop("fixed_gamma")
+        own = self.section()
+        for name in _method_sections():
+            if name != own:
+                d.pop(name, None)
+        if own is not None:
+            registry.get(self.method).hash_options(d[own], self)
         return d
 
-    def section(self) -> str:
-        """The config section this run's method reads (its own, or its family's)."""
-        return SECTION_OF.get(self.method, self.method)
+    def section(self) -> Optional[str]:
+        """The config section this run's method reads (its own, or its family's); None if it has none."""
+        from suite.pruning import registry
+
+        return registry.get(self.method).section
 
     def run_hash(self) -> str:
         blob = json.dumps(self.semantic_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def variant(self) -> str:
-        """The method with the option that changes what it is (the report's line label):
-        hyperflux, hyperflux-law, hyperflux-fixed, gmp, gmp-taylor, ..."""
-        if self.method == "dense" and self.budget_matched:
-            return "dense-matched"
-        if self.method == "hyperflux" and self.hyperflux.schedule != "controller":
-            return f"hyperflux-{self.hyperflux.schedule}"
-        if self.method == "imp" and self.imp.rewind == "lr":
-            return "imp-lrr"
-        if self.method == "imp" and self.init == "scratch":  # weight rewinding within a run from scratch
-            return "imp-ticket"
-        if self.method == "l0" and self.l0.mode == "reference":
-            return "l0-ref"
-        if self.method == "str" and self.soft_threshold.mode == "reference":
-            return "str-ref"
-        if self.method == "cs" and self.cs.mode == "reference":
-            return "cs-ref"
-        if self.method == "gmp":  # per-layer GMP (Gale et al.'s uniform) is another method than global
-            return "gmp" + (f"-{self.gmp.criterion}" if self.gmp.criterion != "magnitude" else "") + \
-                ("-layer" if self.gmp.scope == "layer" else "")
-        return self.method
+        """The method with the option that changes what it is (the report's line label): the method's
+        own `variant` (hyperflux-law, gmp-taylor, l0-ref, ...); a budget-matched control is
+        <control>-matched."""
+        from suite.pruning import registry
+
+        if self.budget_matched:
+            return f"{self.method}-matched"
+        return registry.get(self.method).variant(self)
 
     def run_name(self) -> str:
-        if self.method == "dense":
-            return f"{self.model}-dense-matched-e{self.epochs}x{self.max_steps_per_epoch or 'all'}-s{self.seed}" \
-                if self.budget_matched \
-                else f"{self.model}-dense-s{self.seed}"
-        if self.method == "hyperflux" and self.hyperflux.schedule == "fixed":
-            return f"{self.model}-hyperflux-g{self.hyperflux.fixed_gamma:g}-s{self.seed}"
-        return f"{self.model}-{self.variant()}-{self.sparsity:g}-s{self.seed}"
+        from suite.pruning import registry
+
+        if self.method == registry.CONTROL:
+            return f"{self.model}-{self.variant()}-e{self.epochs}x{self.max_steps_per_epoch or 'all'}-s{self.seed}" \
+                if self.budget_matched else f"{self.model}-{self.method}-s{self.seed}"
+        return registry.get(self.method).run_name(self) or f"{self.model}-{self.variant()}-{self.sparsity:g}-s{self.seed}"
 
     def flat_params(self) -> dict[str, str]:
         """Dotted, flattened view for MLflow params (method sections of other methods omitted)."""
@@ -651,12 +268,64 @@ class RunConfig(_Strict):
                 out[prefix] = str(obj)
 
         d = self.model_dump(mode="json")
-        for name in METHOD_SECTIONS:
+        d.pop("plugins")
+        for name in _method_sections():
             if name != self.section():
-                d.pop(name)
+                d.pop(name, None)
         walk("", d)
         return out
 
+
+
+# Each method declares its own section (a pydantic model on its Pruner class); RunConfig gets a
+# field per section registered so far, placed before `engine`, so that `run.<section>` is typed
+# and validated like any other field and a typo in it is named with a did-you-mean.
+# validation (model_validate, load_run) must not go through RunConfig.__init__ (keyword arguments:
+# a YAML key that is not a string would raise TypeError instead of a validation error); model_validate
+# prepares the class itself
+RunConfig.__pydantic_custom_init__ = False
+RunConfig.model_rebuild(force=True)
+_CORE_FIELDS = dict(RunConfig.__pydantic_fields__)
+_SYNCED: tuple = ()
+
+
+def _ready_for(data: Any) -> None:
+    """Before a run is validated: import its plugins and give RunConfig the sections of every
+    method registered (a plugin that fails is reported by the validation itself)."""
+    from suite.pruning import registry
+
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+        try:
+            registry.load_plugins(plugins)
+        except registry.PluginError:
+            pass  # _method_prepare raises it as the field's error
+    sync_sections()
+
+
+def _method_sections() -> dict[str, type]:
+    from suite.pruning import registry
+
+    return registry.sections()
+
+
+def sync_sections() -> None:
+    """Add the sections of newly registered methods to RunConfig (idempotent; cheap when nothing changed)."""
+    global _SYNCED
+    secs = _method_sections()
+    key = tuple((name, id(model)) for name, model in secs.items())
+    if key == _SYNCED:
+        return
+    fields: dict[str, FieldInfo] = {}
+    for name, info in _CORE_FIELDS.items():
+        if name == "engine":
+            for sec, model in secs.items():
+                fields[sec] = FieldInfo.from_annotated_attribute(model, Field(default_factory=model))
+        fields[name] = info
+    RunConfig.__pydantic_fields__.clear()
+    RunConfig.__pydantic_fields__.update(fields)
+    RunConfig.model_rebuild(force=True)
+    _SYNCED = key
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -710,7 +379,7 @@ class LauncherConfig(_Strict):
 
 
 class GridConfig(_Strict):
-    methods: list[str] = Field(default_factory=lambda: ["dense"], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: [CONTROL], min_length=1)
     sparsities: list[float] = Field(default_factory=lambda: [0.9], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: Optional[list[str]] = None
@@ -767,87 +436,36 @@ class ScaleConfig(_Strict):
 
     def apply(self, f: dict[str, Any]) -> None:
         """Scale one run's merged fields in place (before validation)."""
+        from suite.pruning import registry
+
         if self.steps_per_epoch is not None:
             cur = f.get("max_steps_per_epoch")
             f["max_steps_per_epoch"] = self.steps_per_epoch if cur is None else min(cur, self.steps_per_epoch)
+        method = f.get("method")
+        cls = registry.get(method) if isinstance(method, str) and method in registry.names() else None
+        full = f.get("epochs", RunConfig.model_fields["epochs"].default)
         if self.epochs != 1.0:
-            self._scale_epochs(f, self.epochs)
-        imp = f.get("imp")
-        if f.get("method") == "imp" and isinstance(imp, dict) and imp.get("rewind_step"):
-            if self.epochs != 1.0:
-                imp["rewind_step"] = max(1, round(imp["rewind_step"] * self.epochs))
-            cap = f.get("max_steps_per_epoch")
-            if cap:  # the rewind point must fall inside the (shortened) first segment
-                imp["rewind_step"] = min(imp["rewind_step"], imp.get("epochs_per_level", 1) * cap)
+            self._scale_epochs(f, self.epochs, cls.min_epochs if cls else 1)
+        if cls is not None:  # the method's own epoch counts (its phases kept inside the run)
+            cls.scale(f, self.epochs, full)
 
     @staticmethod
-    def _scale_epochs(f: dict[str, Any], k: float) -> None:
-
-        def sc(v: Any) -> Any:
-            return max(1, round(v * k)) if isinstance(v, int) and not isinstance(v, bool) else v
+    def _scale_epochs(f: dict[str, Any], k: float, min_epochs: int) -> None:
+        from suite.pruning.base import scaled
 
         full = f.get("epochs", RunConfig.model_fields["epochs"].default)
-        ep = f["epochs"] = max(sc(full), min(full, MIN_EPOCHS.get(f.get("method"), 1)))
+        ep = f["epochs"] = max(scaled(full, k), min(full, min_epochs))
         if "eval_every" in f:
-            f["eval_every"] = min(sc(f["eval_every"]), ep)
+            f["eval_every"] = min(scaled(f["eval_every"], k), ep)
         if isinstance(f.get("lr_milestones"), list) and f["lr_milestones"]:  # kept inside the run, distinct
             ms: list = []
             for m in f["lr_milestones"]:
                 if isinstance(m, float) and m.is_integer():
                     m = int(m)
-                v = min(max(sc(m), ms[-1] + 1 if ms else 1), ep - 1) if isinstance(m, int) else m
+                v = min(max(scaled(m, k), ms[-1] + 1 if ms else 1), ep - 1) if isinstance(m, int) else m
                 if not ms or v != ms[-1]:
                     ms.append(v)
             f["lr_milestones"] = [m for m in ms if not isinstance(m, int) or m >= 1]
-        method = f.get("method")
-        sec = lambda name: f.setdefault(name, {}) if isinstance(f.get(name, {}), dict) else {}  # noqa: E731
-        if method == "imp":
-            imp = sec("imp")
-            imp["epochs_per_level"] = sc(imp.get("epochs_per_level", IMPConfig.model_fields["epochs_per_level"].default))
-        elif method == "hyperflux":
-            h = sec("hyperflux")
-            P = h.get("pruning_end", HyperfluxConfig.model_fields["pruning_end"].default)
-            new_p = min(sc(P), ep)
-            if P < full and new_p >= ep and ep >= 2:
-                new_p = ep - 1  # keep a regrowth phase
-            new_p = _feasible_pruning_end(new_p, f.get("sparsity"), h.get("step"), P)
-            # a regrowth phase where the recipe has one: one epoch after P, two with the reference boundary
-            # (phase_off_by_one: epoch P + 1 is still a pruning epoch)
-            regrow = (2 if "phase_off_by_one" in (h.get("quirks") or []) else 1) if P < full else 0
-            f["epochs"] = ep = max(ep, new_p + regrow)  # a short P cannot reach high sparsity
-            h["pruning_end"] = new_p
-            if "freeze_gates_after" in h:
-                h["freeze_gates_after"] = sc(h["freeze_gates_after"]) if h["freeze_gates_after"] else 0
-                if h.get("snap_pp") and isinstance(h["freeze_gates_after"], int):
-                    # the snap needs an epoch after the freeze: shorten the regrowth's gate training, else
-                    # lengthen the run by the missing epochs
-                    quirk = 1 if "phase_off_by_one" in (h.get("quirks") or []) else 0
-                    h["freeze_gates_after"] = max(quirk, min(h["freeze_gates_after"], ep - 1 - new_p))
-                    f["epochs"] = ep = max(ep, new_p + max(h["freeze_gates_after"], quirk) + 1)
-        elif method == "gmp":
-            g = sec("gmp")
-            start = min(sc(g["start_epoch"]) if g.get("start_epoch") else 0, max(ep - 1, 0))
-            g["start_epoch"] = start
-            if g.get("end_epoch") is not None:
-                g["end_epoch"] = min(max(sc(g["end_epoch"]), start + 1), ep)
-        elif method in ("l0", "str"):
-            s_ = sec("l0" if method == "l0" else "soft_threshold")
-            if s_.get("search_end") is not None:
-                s_["search_end"] = min(sc(s_["search_end"]), ep)
-        elif method == "cs":
-            c = sec("cs")
-            rounds = c.get("rounds", CSConfig.model_fields["rounds"].default)
-            ref = c.get("mode") == "reference"
-            if c.get("epochs_per_round") is not None:
-                c["epochs_per_round"] = max(1, min(sc(c["epochs_per_round"]), ep // max(rounds + ref, 1)))
-            if rounds + ref > ep:
-                c["rounds"] = rounds = max(1, ep - ref)
-            # the rewind point and (reference mode) the step milestones stay inside the (shortened) first round
-            epr = c.get("epochs_per_round") or max(1, ep // (rounds + 1) if ref else (3 * ep) // 4 // rounds)
-            if c.get("rewind_epoch") is not None:
-                c["rewind_epoch"] = max(0, min(round(c["rewind_epoch"] * k), epr - 1))
-            if ref and isinstance(f.get("lr_milestones"), list):
-                f["lr_milestones"] = sorted({m for m in f["lr_milestones"] if isinstance(m, int) and 1 <= m < epr})
 
 
 def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConfig"]:
@@ -861,6 +479,7 @@ def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConf
     import math as _m
 
     from suite import datasets
+    from suite.pruning import registry
 
     def per_step(r: "RunConfig") -> int:
         return r.batch_size * r.engine.world_size * r.engine.nodes
@@ -879,7 +498,7 @@ def _budget_matched_dense(runs: list["RunConfig"], dense: dict) -> list["RunConf
         p_img, p_full = epoch_images(parent), full_epoch_steps(parent)
         plans: set[tuple[int, Optional[int]]] = set()
         for r in runs:
-            if r.method == "dense" or (r.model, r.dataset, r.seed) != key:
+            if r.method == registry.CONTROL or (r.model, r.dataset, r.seed) != key:
                 continue
             r_img = epoch_images(r)
             if not p_img or r_img is None:
@@ -914,20 +533,6 @@ def _doubled_dense(dense: dict) -> list["RunConfig"]:
     return out
 
 
-def _feasible_pruning_end(p: int, sparsity: Any, step: Any, full: int) -> int:
-    """The smallest P >= p (up to the recipe's own) whose target trajectory reaches the sparsity."""
-    from suite.pruning.hyperflux import PressureScheduler
-
-    step = step if step is not None else HyperfluxConfig.model_fields["step"].default
-    for cand in range(p, max(p, full) + 1):
-        try:
-            PressureScheduler(float(sparsity), cand, step)
-            return cand
-        except (TypeError, ValueError):
-            continue
-    return p  # let the run's own validation name the problem
-
-
 class SweepConfig(_Strict):
     name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: Optional[str] = Field(None, min_length=1, max_length=200)
@@ -941,6 +546,9 @@ class SweepConfig(_Strict):
         "also be a variant of grid.methods (l0-ref: {...}) or one target of a method or variant (str-ref@0.9: "
         "{...}, as a published recipe sets its knob per sparsity); applied in that order, the most specific last")
     launcher: LauncherConfig = LauncherConfig()
+    plugins: list[str] = Field(default_factory=list, description="Python files (relative to the sweep file) or "
+                               "modules to import before the grid is read: each registers its methods "
+                               "(suite.pruning.registry); every run carries the list to the process that trains it")
     reuse_dense: bool = Field(False, description="start from dense weights already in out_dir (same hash) "
                                                  "even if that dense run is not in this experiment")
     scale: ScaleConfig = ScaleConfig()
@@ -978,7 +586,7 @@ class SweepConfig(_Strict):
 
     # run fields the sweep sets itself for every run: a value under base/overrides/grid.params
     # would be overwritten without a word
-    _SWEEP_SET = {"method": "grid.methods", "sparsity": "grid.sparsities", "seed": "grid.seeds",
+    _SWEEP_SET = {"method": "grid.methods", "sparsity": "grid.sparsities", "seed": "grid.seeds", "plugins": "plugins",
                   "data_dir": "data_dir", "out_dir": "out_dir", "experiment": "experiment", "sweep": "name",
                   "tracking_uri": "tracking_uri"}
 
@@ -1000,6 +608,9 @@ class SweepConfig(_Strict):
     def expand(self) -> list[RunConfig]:
         """The grid as run configs: dense runs first (one per model and seed), then every
         pruning method x sparsity x seed x model. Raises ConfigError naming the bad field."""
+        from suite.pruning import registry
+
+        dense_m = registry.CONTROL
         runs: list[RunConfig] = []
         self._refuse_shadowed_fields()
         models = self.grid.models or [self.base.get("model", RunConfig.model_fields["model"].default)]
@@ -1013,11 +624,12 @@ class SweepConfig(_Strict):
             raise ConfigError(f"grid: models x seeds x methods x sparsities x grid.params values gives {n:,} runs "
                               f"(more than {MAX_GRID_RUNS:,}); split the sweep")
         combos = list(itertools.product(*[v for _, v in axes])) if axes else [()]
+        variants = registry.variants()
         for model, seed, entry, combo in itertools.product(models, self.grid.seeds, self.grid.methods, combos):
-            method, preset = VARIANTS.get(entry, (entry, {}))
-            if method == "dense" and combo != combos[0]:
+            method, preset = variants.get(entry, (entry, {}))
+            if method == dense_m and combo != combos[0]:
                 continue  # extra axes vary the pruning runs; one dense run per model and seed
-            sparsities = [0.0] if method == "dense" else self.grid.sparsities
+            sparsities = [0.0] if method == dense_m else self.grid.sparsities
             for s in sparsities:
                 fields = _deep_copy(self.base)
                 keys = list(dict.fromkeys([method, entry, f"{method}@{s:g}", f"{entry}@{s:g}"]))
@@ -1026,14 +638,14 @@ class SweepConfig(_Strict):
                 _deep_update(fields, _deep_copy(preset))
                 for _, ov in layers[1:]:
                     _deep_update(fields, ov)
-                if method != "dense":
+                if method != dense_m:
                     for (key, _), value in zip(axes, combo):
                         set_dotted(fields, key, value)
-                fields.update(model=model, seed=seed, method=method, sparsity=s,
+                fields.update(model=model, seed=seed, method=method, sparsity=s, plugins=list(self.plugins),
                               data_dir=self.data_dir, out_dir=self.out_dir,
                               experiment=self.experiment_name(), sweep=self.name,
                               tracking_uri=self.tracking_uri)
-                if method == "dense" and fields.get("init") != "pretrained":
+                if method == dense_m and fields.get("init") != "pretrained":
                     fields["init"] = "scratch"
                 self.scale.apply(fields)
                 def where(loc, layers=layers):  # the value's own place: the most specific overrides, or base
@@ -1054,12 +666,12 @@ class SweepConfig(_Strict):
                     runs.append(cfg)
         # a run that starts from a dense model starts from the sweep's dense run of the same
         # model, dataset and seed; its hash includes that parent's hash
-        dense = {(r.model, r.dataset, r.seed): r for r in runs if r.method == "dense"}
+        dense = {(r.model, r.dataset, r.seed): r for r in runs if r.method == dense_m}
         for i, r in enumerate(runs):
             if r.init == "dense":
                 parent = dense.get((r.model, r.dataset, r.seed))
                 if parent is None:
-                    raise ConfigError(f"{r.method}: init 'dense' needs 'dense' in grid.methods "
+                    raise ConfigError(f"{r.method}: init 'dense' needs {dense_m!r} in grid.methods "
                                       f"(no dense run for model {r.model}, seed {r.seed})")
                 runs[i] = r.model_copy(update={"init_from": parent.run_hash()})
         if self.grid.budget_matched_dense:
@@ -1077,7 +689,7 @@ class SweepConfig(_Strict):
                         f"run {r.run_name()}: engine.world_size ({r.engine.world_size} ranks per node) is larger "
                         f"than launcher.slurm.gpus_per_node ({gpus}); every rank needs its own GPU (use "
                         f"engine.nodes for more, or engine.device: cpu)")
-        runs.sort(key=lambda r: r.method != "dense")
+        runs.sort(key=lambda r: r.method != dense_m)
         names: dict[str, float] = {}
         for r in runs:  # sparsities the run name (and the report's columns) cannot tell apart
             other = names.setdefault(r.run_name(), r.sparsity)
@@ -1090,10 +702,16 @@ class SweepConfig(_Strict):
     def _check(self):
         from suite.pruning import registry
 
-        known = registry.names() + sorted(VARIANTS)
+        try:
+            registry.load_plugins(self.plugins, where="plugins")
+        except registry.PluginError as e:
+            raise ValueError(str(e)) from None
+        sync_sections()
+        variants = registry.variants()
+        known = registry.names() + sorted(variants)
         bad = [f"grid.methods[{i}]: unknown method {m!r}{did_you_mean(m, known)}"
                for i, m in enumerate(self.grid.methods) if m not in known]
-        listed = set(self.grid.methods) | {VARIANTS[m][0] for m in self.grid.methods if m in VARIANTS}
+        listed = set(self.grid.methods) | {variants[m][0] for m in self.grid.methods if m in variants}
         targets = [f"{x:g}" for x in self.grid.sparsities]
         for m in self.overrides:
             name, at, target = m.partition("@")
@@ -1102,7 +720,7 @@ class SweepConfig(_Strict):
             elif at and target not in targets:
                 bad.append(f"overrides.{m}: {target!r} is not one of grid.sparsities as written in run names "
                            f"({', '.join(targets)})")
-            elif (at or name in VARIANTS) and name not in listed:
+            elif (at or name in variants) and name not in listed:
                 bad.append(f"overrides.{m}: {name} is not in grid.methods, so these values would never apply")
         if bad:
             bad[-1] += f" (known: {', '.join(known)})"
@@ -1231,14 +849,6 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def did_you_mean(name: Any, options) -> str:
-    """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
-    import difflib
-
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _unknown_keys(d: Any, model: type[BaseModel], prefix: str) -> list[str]:
     """Keys of `d` that `model` (and its nested sections) does not have, each with its dotted
     place and the closest known key: a typo is named where it was written."""
@@ -1351,6 +961,10 @@ def load_sweep(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> 
     data = _unshared(load_yaml(path), str(path))
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if isinstance(plugins, list):  # a plugin file is found next to the sweep file, wherever hfbench runs
+        data["plugins"] = [str((Path(path).parent / p).resolve()) if isinstance(p, str) and p.endswith(".py")
+                           and not Path(p).is_absolute() else p for p in plugins]
     sweep = _validate(SweepConfig, data, source=str(path))
     try:
         sweep.expand()

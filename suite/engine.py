@@ -827,6 +827,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         t0 = time.time()
         w_lr, g_lr = pruner.lrs(epoch)
         opt.set_lrs(w_lr, g_lr)
+        pruner.start_epoch(epoch)
         engine.train()
         first = in_epoch if epoch == start_epoch else 0
         loss_sum = torch.tensor(resume["loss_sum"], dtype=torch.float64) if first \
@@ -912,8 +913,7 @@ def _train(cfg, device, rank, world, out, ckpt_path, resume, logger, say, t_star
         logger.log_metrics(metrics, step=epoch, ts=logged["ts"])
         ev_txt = (f"val {100 * last_eval['val_top1']:.2f}% test {100 * last_eval['test_top1']:.2f}%"
                   if last_eval else "val - test -")
-        extra_txt = f" gamma {metrics['gamma']:.3g} target {100 * metrics['target_density']:.2f}%" \
-            if "gamma" in metrics else ""
+        extra_txt = "".join(" " + fmt.format(metrics[k]) for k, fmt in pruner.epoch_metrics.items() if k in metrics)
         say(f"[hfbench] {cfg.run_name()} epoch {epoch}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
             f"{ev_txt} "
             f"density {100 * dens:.2f}%{extra_txt} ({metrics['epoch_time_s']:.1f}s)", flush=True)

@@ -53,6 +53,37 @@ class WeightsAndGates(Optimizer):
         for g in self.param_groups:
             g["lr"] = weight_lr if g["kind"] == "weights" else gate_lr
 
+    # -- what a pruner may do to the optimiser (the public contract; no method reaches further in) --
+    def reset_weight_state(self) -> None:
+        """Forget the weights' SGD state (momentum): a new training segment starts (IMP's rewind,
+        CS's ticket)."""
+        self.sgd.state.clear()
+
+    @torch.no_grad()
+    def zero_momentum(self, params: list[torch.Tensor]) -> None:
+        """Zero the momentum of these weights where SGD holds one (the state itself stays)."""
+        for p in params:
+            st = self.sgd.state.get(p)
+            if st and st.get("momentum_buffer") is not None:
+                st["momentum_buffer"].zero_()
+
+    def group_of(self, params: list[torch.Tensor]) -> dict:
+        """The parameter group holding these parameters (looked up anew each time: loading a
+        checkpoint replaces the group dicts)."""
+        ids = {id(p) for p in params}
+        for g in self.param_groups:
+            if any(id(p) in ids for p in g["params"]):
+                return g
+        raise RuntimeError("the optimiser has no group with these parameters")
+
+    def set_group_options(self, params: list[torch.Tensor], **options: Any) -> None:
+        """Change options (weight_decay, momentum, ...) of the group holding `params`; its 'lr' and
+        'kind' stay the engine's."""
+        bad = sorted(set(options) & {"lr", "kind", "params"})
+        if bad:
+            raise ValueError(f"set_group_options: {', '.join(bad)} belong to the engine")
+        self.group_of(params).update(options)
+
     def step(self, closure=None):
         if self.scaler is not None and not self._in_scaler:
             # DeepSpeed calls step() after reducing gradients; the scaler calls it back (below) when

@@ -214,7 +214,7 @@ def test_a_local_cpu_sweep_passes_the_resource_check(tmp_path):
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HFBENCH_MLFLOW_URI=f"sqlite:///{cwd / 'mlflow.db'}")
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "suite.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -404,7 +404,7 @@ def test_fuzz_random_yaml_text(text):
 
 
 def test_report_refusals_are_one_line_with_exit_2(tmp_path, capsys):
-    from suite.cli import main
+    from launchers.cli import main
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     assert main(["report", "--experiment", "no-such-experiment", "--out", str(tmp_path / "r"),
@@ -419,7 +419,7 @@ def test_report_refusals_are_one_line_with_exit_2(tmp_path, capsys):
 
 
 def test_a_folder_under_a_data_file_name_is_refused_naming_it(tmp_path, capsys):
-    from suite.cli import main
+    from launchers.cli import main
 
     (tmp_path / "data" / "fashion_mnist_train.beton").mkdir(parents=True)
     cfg = tmp_path / "s.yaml"
@@ -464,7 +464,7 @@ def test_hostile_round_two_is_refused_in_one_line(args, field, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", "configs/demo.yaml", "--dry-run", *args],
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", "configs/demo.yaml", "--dry-run", *args],
                        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2, r.stdout[-500:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr and field in r.stderr, r.stderr[-2000:]
@@ -477,7 +477,7 @@ def test_a_folder_under_a_file_is_refused_naming_the_field(tmp_path, field, valu
 
     f = tmp_path / "afile"
     f.write_text("x")
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", "configs/demo.yaml", "--set",
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", "configs/demo.yaml", "--set",
                         f"{field}={value.format(f=f)}", "--set", f"tracking_uri=sqlite:///{tmp_path / 'm.db'}",
                         "--set", "launcher.executor=local"],
                        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
@@ -491,6 +491,6 @@ def test_data_arguments_are_refused_by_name(tmp_path, args, what):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "data", "fashion-mnist", "--out", str(tmp_path / "d"), *args],
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "data", "fashion-mnist", "--out", str(tmp_path / "d"), *args],
                        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2 and what in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]

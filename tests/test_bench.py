@@ -79,7 +79,7 @@ def test_data_bench_same_images_and_labels(tmp_path):
 
 def _cli(*args: str, timeout: float = 500) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "suite.cli", *args], cwd="/tmp", env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd="/tmp", env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

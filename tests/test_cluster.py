@@ -256,7 +256,7 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     """)
     env = {**os.environ, "HFBENCH_INJECT": "*:sleep@150",
            "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    sweep = subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(p)], stdout=subprocess.PIPE,
+    sweep = subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(p)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=env)
     t0 = time.time()
     ckpt = None
@@ -318,7 +318,7 @@ def test_requests_the_cluster_cannot_satisfy_are_refused_before_submission(tmp_p
         launcher: {{executor: slurm, folder: {tmp_path / 'submitit'}, slurm: {{{request_}}}}}
     """)
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(p)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(p)], capture_output=True, text=True,
                        env=_env(), timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()

@@ -207,7 +207,7 @@ def test_status_takes_the_sweeps_overrides_and_finds_its_runs(tmp_path, capsys):
     inspected (status had no --set). With the same overrides status finds the finished run,
     whose hash depends on the override; without them it does not."""
     from suite import tracking
-    from suite.cli import main
+    from launchers.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tmp_path / "s.yaml"
@@ -245,8 +245,9 @@ overrides:
 
 
 def test_every_named_variant_runs_under_its_name():
-    from suite.config import VARIANTS
-    for name, (method, preset) in VARIANTS.items():
+    from suite.pruning import registry
+
+    for name, (method, preset) in registry.variants().items():
         assert RunConfig(method=method, sparsity=0.9, epochs=16, **{"init": "dense", **preset}).variant() == name
         assert RunConfig(method=method, sparsity=0.9, epochs=16, init="dense").variant() != name
 
@@ -300,7 +301,7 @@ def test_scale_keeps_the_cs_reference_rounds_retraining_and_rewind_point(tmp_pat
     full = [r for r in load_sweep(p).expand() if r.method == "cs"]
     small = [r for r in load_sweep(p, {"scale.epochs": k}).expand() if r.method == "cs"]
     assert full[0].cs.rewind_epoch == 2 and len(small) == len(full) == 2
-    from suite.config import cs_round_epochs
+    from baselines.continuous_sparsification import cs_round_epochs
     for r in small:  # validated, so: every round fits, a retraining remains, the rewind point and the
         epr = cs_round_epochs(r)  # step milestones (counted within a round) are inside round 1
         assert r.cs.rounds * epr < r.epochs < 340 and r.cs.rewind_epoch < epr

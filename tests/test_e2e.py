@@ -143,7 +143,7 @@ def _report_of_engine_runs(tmp_path: Path, uri: str, outcomes) -> None:
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "suite.cli", "report", "--experiment", "e2e-local",
+    done = subprocess.run([sys.executable, "-m", "launchers.cli", "report", "--experiment", "e2e-local",
                            "--tracking-uri", uri, "--out", str(out)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

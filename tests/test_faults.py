@@ -247,14 +247,14 @@ def test_mlflow_down_mid_run_buffers_and_delivers(tmp_path, betons):
         srv.start()
         c = tracking.client(srv.uri)
         assert c.get_run(res["mlflow_run_id"]).info.status == "RUNNING"  # nothing delivered yet
-        sync = subprocess.run([sys.executable, "-m", "suite.cli", "sync", str(tmp_path / "b" / "runs")],
+        sync = subprocess.run([sys.executable, "-m", "launchers.cli", "sync", str(tmp_path / "b" / "runs")],
                               capture_output=True, text=True, env=_env(), timeout=300)
         assert sync.returncode == 0, sync.stdout + sync.stderr
         assert "1 runs delivered, 0 still pending" in sync.stdout, sync.stdout
         _assert_complete(srv.uri, res["mlflow_run_id"], 5)
         assert not (run_dir / "mlflow_spool.jsonl").exists()
         # a second sync finds nothing to send
-        again = subprocess.run([sys.executable, "-m", "suite.cli", "sync", str(tmp_path / "b" / "runs")],
+        again = subprocess.run([sys.executable, "-m", "launchers.cli", "sync", str(tmp_path / "b" / "runs")],
                                capture_output=True, text=True, env=_env(), timeout=300)
         assert again.returncode == 0 and "0 runs delivered, 0 still pending" in again.stdout, again.stdout
         _assert_complete(srv.uri, res["mlflow_run_id"], 5)
@@ -287,7 +287,7 @@ def test_two_sweeps_at_once_train_each_config_once(tmp_path, betons, mlflow_serv
         path = tmp_path / f"{name}.yaml"
         path.write_text(SWEEP.format(name=name, experiment=experiment, data=data, out=tmp_path / "runs",
                                      sparsities=sp, folder=tmp_path / "submitit"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path),
+        procs.append(subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(path),
                                        "--tracking-uri", mlflow_server],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
     outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -359,7 +359,7 @@ def _sweep_refuses(tmp_path: Path, data: Path, bad: Path, pattern: str) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP.format(name="bad-data", experiment="bad-data", data=data, out=tmp_path / "runs",
                                  sparsities="[0.5]", folder=tmp_path / "submitit"))
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(path), "--tracking-uri",
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(path), "--tracking-uri",
                         f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert str(bad) in r.stderr and pattern in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -462,7 +462,7 @@ def test_a_tracking_server_that_never_answers_is_reported_naming_it(tmp_path, be
                    f"out_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1, max_steps_per_epoch: 2}}\n"
                    f"launcher: {{executor: local, folder: {tmp_path / 'sub'}, tracking_timeout_s: 2}}\n")
     try:
-        out = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)], capture_output=True, text=True,
                              timeout=120, env=_env(), cwd=ROOT)
     finally:
         stop.set()
@@ -585,7 +585,7 @@ def test_two_sweeps_with_different_out_dirs_train_each_hash_once(tmp_path, beton
         path = tmp_path / f"{name}.yaml"
         path.write_text(SWEEP.format(name=name, experiment=experiment, data=data, out=tmp_path / f"runs-{name}",
                                      sparsities="[0.5, 0.8]", folder=tmp_path / "submitit"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path),
+        procs.append(subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(path),
                                        "--tracking-uri", mlflow_server],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
     outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -632,7 +632,7 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons, sigin
         launcher: {{executor: local, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 0.5}}
     """))
     ign = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
-    p = subprocess.Popen([sys.executable, "-m", "suite.cli", "sweep", str(path)], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(path)], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=_env(HFBENCH_INJECT="*:sleep@100"),
                          preexec_fn=ign)
     lines: list[str] = []
@@ -737,7 +737,7 @@ def test_status_and_report_name_a_silent_server_instead_of_hanging(tmp_path):
     for args in (["status", str(cfg)], ["report", "--experiment", "s", "--out", str(tmp_path / "r"),
                                         "--tracking-uri", f"http://127.0.0.1:{port}"]):
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "suite.cli", *args], capture_output=True, text=True, env=_env(),
+        r = subprocess.run([sys.executable, "-m", "launchers.cli", *args], capture_output=True, text=True, env=_env(),
                            timeout=200)
         assert r.returncode == 1 and time.time() - t0 < 120, (args, r.stderr[-1500:])
         assert r.stderr.count("\n") == 1 and f"127.0.0.1:{port} did not answer" in r.stderr, r.stderr[-1500:]
@@ -818,7 +818,7 @@ def _train_one(tmp_path, betons, fields: str, experiment: str):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg.write_text(fields + f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\n"
                    f"tracking_uri: {uri}\nexperiment: {experiment}\n")
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(cfg)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "train", str(cfg)], capture_output=True, text=True,
                        env=_env(), timeout=300)
     return r, uri
 

@@ -165,7 +165,7 @@ def test_quirks_are_off_by_default_and_do_what_they_say():
 
 def test_fit_npl_recovers_a_planted_power_law(tmp_path, capsys):
     from suite import tracking
-    from suite.cli import main
+    from launchers.cli import main
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     exp = tracking.ensure_experiment(uri, "npl")

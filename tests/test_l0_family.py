@@ -43,6 +43,7 @@ def _train_epoch(net, p, opt, epoch, steps, data, step0=0):
     x, y = data
     w_lr, g_lr = p.lrs(epoch)
     opt.set_lrs(w_lr, g_lr)
+    p.start_epoch(epoch)  # the engine's order: LRs, then the method's start of epoch
     net.train()
     for i in range(steps):
         loss = nn.functional.cross_entropy(net(x), y)
@@ -117,6 +118,7 @@ def test_hard_concrete_end_to_end_prunes_and_freezes():
     st = p.state_dict()
     before = [mod.weight.clone() for _, mod in layers]
     w_lr, g_lr = p.lrs(4)
+    p.start_epoch(4)
     assert g_lr == 0.0
     net.train()  # frozen: deterministic even in train mode
     assert all(torch.equal(mod.weight, b) for (_, mod), b in zip(layers, before))
@@ -205,11 +207,12 @@ def test_cs_schedule_round_reset_binarise_and_rewind():
     with torch.no_grad():
         p.params[0].s[0, 0, 0, :3] = torch.tensor([-0.01, 0.0005, 0.5])
     s_before = p.params[0].s.detach().clone()
-    p.lrs(3)
+    p.start_epoch(3)
     assert p.round == 2
     assert torch.allclose(p.params[0].s, torch.clamp(100.0 * s_before, max=0.1))
     assert torch.allclose(p.params[0].s[0, 0, 0, :3], torch.tensor([-1.0, 0.05, 0.1]))
-    assert p.lrs(3) and p.round == 2  # idempotent
+    p.start_epoch(3)
+    assert p.round == 2  # idempotent
     _train_epoch(net, p, opt, 3, 10, data, 20)
     _train_epoch(net, p, opt, 4, 10, data, 30)
     with torch.no_grad():  # a few masks on both sides, whatever the training did
@@ -219,6 +222,7 @@ def test_cs_schedule_round_reset_binarise_and_rewind():
     st = p.state_dict()
     assert st["snapshot"] is not None and not st["binary"]
     w_lr, g_lr = p.lrs(5)
+    p.start_epoch(5)
     assert g_lr == 0.0 and p.binary and p.loss_term() is None
     assert opt.sgd.state == {}
     now = net.state_dict()
@@ -260,6 +264,7 @@ def test_cs_reference_mode_follows_the_reference_loop():
                 p.params[0].s.view(-1)[:3] = torch.tensor([-0.4, 0.3, 0.0])
             s_before = p.params[0].s.detach().clone()
         w_lr, g_lr = p.lrs(epoch)
+        p.start_epoch(epoch)
         if epoch == 5:
             assert torch.equal(p.params[0].s, torch.clamp(s_before, max=0.0))
         if epoch == 3:  # the rewind point: the weights at the start of 0-based epoch 2
@@ -287,6 +292,7 @@ def test_cs_reference_mode_follows_the_reference_loop():
     assert betas == pytest.approx(want_beta) and lrs == pytest.approx(want_lr)
     signs = [(q.s > 0).float() for q in p.params]
     w_lr, _ = p.lrs(9)
+    p.start_epoch(9)
     assert w_lr == pytest.approx(0.1) and p.binary and p.loss_term() is None  # the retraining restarts the LR
     assert p.lrs(11)[0] == pytest.approx(0.01)
     now = net.state_dict()
@@ -403,7 +409,7 @@ def test_snap_meets_the_target_exactly_keeping_the_methods_own_ranking(method):
     assert before == pytest.approx(0.43, abs=2 / n)
     out = p.end_epoch(3, before)
     if method == "cs":
-        p.lrs(4)  # binarises with the snapped cut
+        p.start_epoch(4)  # binarises with the snapped cut
     assert abs(sparsity.sparsity(layers) - 0.6) <= 1.0 / n
     keep = int(round(0.4 * n))
     ref = torch.zeros(n, dtype=torch.bool)

@@ -122,8 +122,10 @@ def test_imp_prunes_a_fifth_per_level_and_rewinds_exactly(rewind_step):
     p = IterativeMagnitude(cfg, layers, steps_per_epoch=5)
     p.attach(net)
 
-    class Opt:  # what the engine binds: WeightsAndGates holds the SGD as .sgd
-        sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    from suite.optim import WeightsAndGates
+
+    Opt = WeightsAndGates([{"params": list(net.parameters())}], [], lr=0.1, momentum=0.9, weight_decay=0.0,
+                          nesterov=False, gate_lr=1e-3)  # what the engine binds
     p.bind_optimizer(Opt)
     p.on_train_start()
     saved = None
@@ -194,8 +196,10 @@ def test_imp_learning_rate_rewinding_keeps_the_trained_weights():
         p = IterativeMagnitude(cfg, layers, steps_per_epoch=5)
         p.attach(net)
 
-        class Opt:
-            sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        from suite.optim import WeightsAndGates
+
+        Opt = WeightsAndGates([{"params": list(net.parameters())}], [], lr=0.1, momentum=0.9, weight_decay=0.0,
+                              nesterov=False, gate_lr=1e-3)
         p.bind_optimizer(Opt)
         p.on_train_start()
         start = [masks.stored_weight(m).detach().clone() for _, m in layers]

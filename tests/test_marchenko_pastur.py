@@ -235,7 +235,7 @@ def test_default_deflation_counts_many_spikes():
 
 
 def test_default_matches_rmt_config_and_layer_report():
-    from suite.config import RMTConfig
+    from baselines.rmt import RMTConfig
     cfg = RMTConfig()
     assert (cfg.alpha, cfg.beta, cfg.deflate) == (mp.DEFAULT_ALPHA, mp.DEFAULT_BETA, mp.DEFAULT_DEFLATE)
     assert (mp.DEFAULT_ALPHA, mp.DEFAULT_BETA, mp.DEFAULT_DEFLATE) == (0.25, 0.01, True)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from suite import bench, models, tracking
-from suite.config import MIN_EPOCHS, ConfigError, RunConfig, load_sweep
+from suite.config import ConfigError, RunConfig, load_sweep
+from suite.pruning import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
@@ -40,17 +41,17 @@ def test_scale_knob_shrinks_every_phase_and_keeps_runs_apart():
         elif r.method == "gmp":
             assert 0 < r.gmp.end_epoch <= r.epochs == 8
         else:  # SER and the hybrid keep the epochs their selection and fine-tune need
-            assert r.epochs == max(1, round(f.epochs * 0.05), MIN_EPOCHS.get(r.method, 1)), name
+            assert r.epochs == max(1, round(f.epochs * 0.05), registry.get(r.method).min_epochs), name
         assert 1 <= r.eval_every <= r.epochs
 
 
 def test_scale_knob_from_the_cli_lists_the_smoke_runs(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
+    out = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
                           "--dry-run", "--scale", "0.02", "--steps", "1"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("34 runs") and "resnet50-hyperflux-0.965-s0" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
+    bad = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
                           "--dry-run", "--scale", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "scale.epochs" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -165,7 +166,7 @@ def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, 
                     tracking_uri=uri)
     (tmp_path / "run.yaml").write_text(dump_run(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run([sys.executable, "-m", "suite.cli", "train", str(tmp_path / "run.yaml")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "launchers.cli", "train", str(tmp_path / "run.yaml")], cwd=ROOT,
                          capture_output=True, text=True, timeout=500, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     c = tracking.client(uri)
@@ -270,7 +271,7 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
             "grid.methods": "[" + ",".join(methods) + "]"}
     if sw.base.get("init") == "pretrained":
         sets["base.pretrained"] = weights[sw.base["model"]]
-    cmd = [sys.executable, "-m", "suite.cli", "sweep", str(recipe), "--scale", "0.01", "--steps", "1",
+    cmd = [sys.executable, "-m", "launchers.cli", "sweep", str(recipe), "--scale", "0.01", "--steps", "1",
            "--executor", "slurm", "--tracking-uri", mlflow_server]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -280,7 +281,7 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1700, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    from suite.cli import _parse_set  # the sweep exactly as the command line built it
+    from launchers.cli import _parse_set  # the sweep exactly as the command line built it
 
     overrides = {**_parse_set([f"{k}={v}" for k, v in sets.items()]),
                  "scale.epochs": 0.01, "scale.steps_per_epoch": 1, "tracking_uri": mlflow_server}

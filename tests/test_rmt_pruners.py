@@ -55,6 +55,7 @@ def _setup(method, s, epochs=3, steps=6, rmt=None, seed=0, scales=(1.0, 2.0, 0.5
 def _epoch(net, layers, p, opt, epoch, data, step0=0, end=True):
     w_lr, g_lr = p.lrs(epoch)
     opt.set_lrs(w_lr, g_lr)
+    p.start_epoch(epoch)
     step = step0
     for x, y in data:
         opt.zero_grad()
@@ -327,12 +328,12 @@ def test_classical_rmt_regularised_then_plain_fine_tune():
     net, layers, p, opt = _setup("rmt", s, epochs=3, rmt={"regularised_epochs": 1, "l1": 1e-4})
     p.on_train_start()
     m0 = [par.mask.clone() for par in p.params]
-    p.lrs(1)
+    p.start_epoch(1)
     t = p.loss_term()
     assert t is not None and float(t.detach()) == pytest.approx(1e-4 * sum(float(m.weight.detach().abs().sum()) for _, m in layers))
     _, out, step = _epoch(net, layers, p, opt, 1, _data())
     assert out["rmt_regularised"] == 1.0
-    p.lrs(2)
+    p.start_epoch(2)
     assert p.loss_term() is None
     _epoch(net, layers, p, opt, 2, _data(seed=2), step0=step)
     assert _zeros(layers) == round(s * _n(layers))

@@ -273,7 +273,7 @@ def test_hostile_names_through_the_cli(tmp_path):
     (work / "s.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for args in (["status", "s.yaml", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],):
-        r = subprocess.run([sys.executable, "-m", "suite.cli", *args], cwd=work, env=env, capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=work, env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "dense" in r.stdout
@@ -349,7 +349,7 @@ base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2}}
 grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
 launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
 """)
-    r = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 2, r.stdout + r.stderr
     field = "out_dir" if case == "group-writable" else "launcher.folder"
@@ -375,7 +375,7 @@ base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2, batch_size: 16, in
 grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
 launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
 """)
-    r = subprocess.run(["bash", "-c", f"umask 000; exec {sys.executable} -m suite.cli sweep {cfg}"],
+    r = subprocess.run(["bash", "-c", f"umask 000; exec {sys.executable} -m launchers.cli sweep {cfg}"],
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -422,12 +422,12 @@ launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
 """)
         bare = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
         bare["PYTHONPATH"] = str(root)
-        refused = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)], env=bare,
+        refused = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)], env=bare,
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert refused.stderr.count("\n") == 1 and "MLFLOW_TRACKING_USERNAME" in refused.stderr, refused.stderr
         assert not (tmp_path / "runs").exists()
-        ok = subprocess.run([sys.executable, "-m", "suite.cli", "sweep", str(cfg)],
+        ok = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)],
                             env={**bare, "MLFLOW_TRACKING_USERNAME": creds["MLFLOW_TRACKING_USERNAME"],
                                  "MLFLOW_TRACKING_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"]},
                             capture_output=True, text=True, timeout=400)

@@ -13,7 +13,15 @@ The engine calls, in order:
   after_step(step)               each step, after the optimiser step (e.g. GMP mask updates)
   end_epoch(epoch, density)      each epoch end, with the density the suite measured; returns
                                  method metrics to log (e.g. gamma, target density)
+  start_epoch(epoch)             at each epoch start, after the LRs are set (e.g. a round reset)
   state_dict()/load_state_dict() for checkpoints
+What a method declares to the rest of the suite lives on its class, so that a method is one file
+(registered with `@registry.register`): its config section (`section`, `options`, a pydantic
+model), named variants, the checks and defaults of its recipe (`prepare`, `check`, `min_epochs`),
+how `--scale` shortens its epoch counts (`scale`), which fields of its section enter the run hash
+(`hash_options`), its report label (`variant`, `run_name`), the metrics printed in the engine's
+epoch line (`epoch_metrics`), and what the reports say about it (`summary`, `recipe`,
+`published`, `dynamics`). The defaults below fit a method without options.
 A method never reports its own sparsity: the suite measures it (sparsity.py), with the model
 in eval mode, so a method whose training-time weights are stochastic (hard-concrete gates)
 is measured at its deterministic test-time weights.
@@ -21,7 +29,7 @@ is measured at its deterministic test-time weights.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -45,8 +53,67 @@ def cosine(start: float, end: float, i: int, n: int) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(i, n) / n))
 
 
+def scaled(v: Any, k: float) -> Any:
+    """An epoch count under `--scale k`: round(v k), at least 1; anything else unchanged."""
+    return max(1, round(v * k)) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 class Pruner:
-    name = "base"
+    name: ClassVar[str] = "base"
+
+    # -- what the method declares (class level; read by the config, sweeps and reports) -------
+    section: ClassVar[Optional[str]] = None  # the run config section it reads (a family may share one)
+    options: ClassVar[Optional[type]] = None  # that section's model (a suite.schema.Strict subclass)
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}  # variant name -> the run fields that make it
+    min_epochs: ClassVar[int] = 1  # the shortest run --scale may shrink it to
+    own_lr_schedule: ClassVar[bool] = False  # True: the weight LR is the method's, lr_schedule 'step' refused
+    # end_epoch metrics printed in the engine's epoch line: metric -> format, e.g. {"gamma": "gamma {:.3g}"}
+    epoch_metrics: ClassVar[dict[str, str]] = {}
+    bench_sets: ClassVar[dict[str, Any]] = {}  # overhead bench: dotted run fields for a representative step
+    summary: ClassVar[str] = ""  # one line for the report: how the method reaches its sparsity
+    published: ClassVar[dict[str, tuple[str, ...]]] = {}  # variant -> method names in reports/published.csv
+    published_note: ClassVar[str] = ""  # why the method's own runs are not compared with a published row
+    # variant -> plots of the report's dynamics page: (label, "epoch" or "final", metric or param key)
+    dynamics: ClassVar[dict[str, list[tuple[str, str, str]]]] = {}
+
+    @classmethod
+    def prepare(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Before validation, the run's raw fields: derive what the recipe fixes (IMP: its epochs
+        from its levels). Returns the fields (a copy when changed)."""
+        return fields
+
+    @classmethod
+    def check(cls, run) -> None:
+        """After validation: refuse a run the recipe cannot train (raise ValueError naming the field)."""
+
+    @classmethod
+    def scale(cls, f: dict[str, Any], k: float, full_epochs: int) -> None:
+        """`--scale`: shorten the epoch counts of the method's section in the raw fields `f` (in
+        place; f['epochs'] is already scaled, `full_epochs` is the unscaled value; k may be 1 when
+        only the steps per epoch are capped)."""
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run) -> None:
+        """The section's part of the run hash, `d` (in place): drop fields added after runs were
+        recorded while they hold the value older runs used, so those runs keep their hashes."""
+
+    @classmethod
+    def variant(cls, run) -> str:
+        """The report's label of the run: the method, or the named recipe its options make it."""
+        return cls.name
+
+    @classmethod
+    def run_name(cls, run) -> Optional[str]:
+        """A run name other than <model>-<variant>-<sparsity>-s<seed>, or None."""
+        return None
+
+    @classmethod
+    def recipe(cls, params: dict[str, str], variant: str) -> str:
+        """One sentence for the report's method table from a run's logged params (how this run's
+        recipe reaches its sparsity); `summary` unless the options change it."""
+        return cls.summary
+
+    # -- the run --------------------------------------------------------------------------------
 
     def __init__(self, cfg, layers: list[tuple[str, nn.Module]], steps_per_epoch: int):
         self.cfg = cfg
@@ -69,8 +136,12 @@ class Pruner:
         pass
 
     def lrs(self, epoch: int) -> tuple[float, float]:
-        """Weight LR (the run's schedule, `weight_lr`) and gate LR for 1-based epoch."""
+        """Weight LR (the run's schedule, `weight_lr`) and gate LR for 1-based epoch; no side effects
+        (the engine may call it again for the same epoch): changes of state go in start_epoch."""
         return weight_lr(self.cfg, epoch), 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        """At the start of 1-based `epoch`, after the epoch's LRs are set."""
 
     def loss_term(self) -> Optional[torch.Tensor]:
         return None

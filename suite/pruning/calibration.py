@@ -39,7 +39,91 @@ threshold), so its final sparsity is measured, not assumed.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Literal
+
+from pydantic import Field
+
+from suite.schema import Strict
+
+
+class CalibrationConfig(Strict):
+    """How a method without a sparsity knob is steered to the requested sparsity.
+
+    controller: after each search epoch, knob *= exp(gain * ln(density / target(epoch))) (with the trend term of `lookahead`, see suite/pruning/calibration.py), where
+    target(epoch) follows Zhu & Gupta's cubic from 100 % to the requested density at the end
+    of the search phase; the knob then stays where it is. off: the knob is used as given."""
+
+    mode: Literal["controller", "off"] = "controller"
+    gain: float = Field(1.0, gt=0, le=100, description="log-space gain of the controller")
+    max_factor: float = Field(2.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
+    lookahead: float = Field(1.0, ge=0, le=10, description="k: compare the trend prediction d (d / d_prev)^k "
+                             "with target(epoch + k) (0: the measured density with target(epoch))")
+    snap_pp: float = Field(10.0, ge=0, le=100, description="end of the search: when the knob left the sparsity "
+                           "within this many points of the target, one global scalar of the method's own mask rule "
+                           "is moved so the target is met exactly (the size of the move is logged as snap_pp; "
+                           "0: off)")
+
+    def snap_limit(self) -> float:
+        """The snap's reach: snap_pp while the controller steers the knob; none with mode off (the
+        configured knob is used as given, as a paper would)."""
+        return self.snap_pp if self.mode == "controller" else 0.0
+
+
+
+
+class _OrUnknown(dict):
+    def __missing__(self, key: str) -> str:  # a run logged before the param existed
+        return "?"
+
+
+class Calibrated:
+    """What the calibrated family (L0, STR, CS) shares on the config side: a `mode` (calibrated, or
+    the reference code's recipe as the variant <name>-ref), a search phase that must fit in the run,
+    and the report's sentence on how the sparsity was reached. Mixed into their Pruner classes,
+    which set `section` and `reference_recipe` (a template filled from the section's params)."""
+
+    name: str
+    section: str
+    summary: str
+    reference_recipe: str = ""
+
+    @classmethod
+    def search_epochs(cls, run) -> int:
+        """Epochs of the search phase as configured (the check below)."""
+        return getattr(run, cls.section).search_end or 1
+
+    @classmethod
+    def check(cls, run) -> None:
+        end = cls.search_epochs(run)
+        if end > run.epochs:
+            raise ValueError(f"{cls.name}: the search phase ({end} epochs) must fit in epochs ({run.epochs})")
+
+    @classmethod
+    def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
+        sec = f.get(cls.section)
+        if k != 1.0 and isinstance(sec, dict) and sec.get("search_end") is not None:
+            sec["search_end"] = min(max(1, round(sec["search_end"] * k)) if isinstance(sec["search_end"], int)
+                                    and not isinstance(sec["search_end"], bool) else sec["search_end"], f["epochs"])
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run) -> None:
+        if d.get("mode") == "calibrated":
+            d.pop("mode")  # added later: calibrated runs keep their hashes
+
+    @classmethod
+    def variant(cls, run) -> str:
+        return f"{cls.name}-ref" if getattr(run, cls.section).mode == "reference" else cls.name
+
+    @classmethod
+    def recipe(cls, params: dict[str, str], variant: str) -> str:
+        how, sec = cls.summary, cls.section
+        if params.get(f"{sec}.mode") == "reference":
+            own = {k.split(".")[-1]: v for k, v in params.items() if k.startswith(sec + ".")}
+            return how + "; reference mode: " + cls.reference_recipe.format_map(_OrUnknown(own)) + \
+                "; the sparsity is what the fixed knob gave (no steering, no snap)"
+        snap = params.get(f"{sec}.calibration.snap_pp")
+        return how + ("; calibrated mode: knob steered online along a cubic density path, then the end-of-search "
+                      f"snap (at most {snap} pp) — not the paper's fixed knob")
 
 
 def cubic_target_density(epoch: int, end: int, final_density: float) -> float:

@@ -19,13 +19,60 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 
-from suite.pruning import masks, sparsity
-from suite.pruning.base import Pruner, cosine
+from suite.pruning import masks, registry, sparsity
+from suite.pruning.base import Pruner, cosine, scaled
 from suite.pruning.calibration import snap_to
+from suite.schema import Strict
+
+
+class HyperfluxConfig(Strict):
+    """Hyperflux hyper-parameters (docs: hyperflux.md sections 1-6)."""
+
+    pruning_end: int = Field(8, ge=1, description="P: last epoch of the pruning phase")
+    gate_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate of the gates")
+    gate_init_low: float = Field(0.2, ge=-100, le=100)
+    gate_init_high: float = Field(0.5, ge=-100, le=100)
+    ste_scale: float = Field(0.25, gt=0, le=100, description="straight-through gradient scale of the hard gate")
+    step: float = Field(0.2, gt=0, le=10, description="controller step s (0.2 CIFAR, 0.15 ImageNet/ViT)")
+    end_lr_pruning: Optional[float] = Field(None, ge=0, le=10, description="weight LR at the end of pruning (default lr/30)")
+    reset_lr: float = Field(1e-3, ge=0, le=10, description="weight LR at the start of regrowth")
+    end_lr_regrowth: float = Field(1e-4, ge=0, le=10, description="weight LR at the end of regrowth")
+    decay: float = Field(0.75, gt=0, le=1, description="gate LR multiplier per regrowth epoch")
+    reset_scaler: float = Field(1.0, gt=0, le=1e4, description="gate LR at regrowth start = gate_lr * reset_scaler")
+    freeze_gates_after: int = Field(50, ge=0, description="gate LR set to 0 after this many regrowth epochs")
+    snap_pp: float = Field(0.0, ge=0, le=100, description="not in the paper (0: off): when the gates freeze "
+                           "(freeze_gates_after regrowth epochs, before the last epoch) within this many points of "
+                           "the target, every gate is shifted by one common amount so the target is met exactly; "
+                           "the fair protocol's equal-sparsity rule for every method")
+    schedule: Literal["controller", "fixed", "law"] = Field(
+        "controller", description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
+                                  "law: constant gamma solved from a fitted gamma-density law for the target")
+    fixed_gamma: Optional[float] = Field(None, gt=0, le=1e6, description="pressure for schedule 'fixed'")
+    law: Optional[dict[str, float]] = Field(None, description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
+                                                              "for schedule 'law' (from `hfbench fit-law`)")
+    quirks: list[Literal["phase_off_by_one", "frozen_bn_scale"]] = Field(
+        default_factory=list,
+        description="reference-code behaviours, off by default (hyperflux.md sections 5 and 7): "
+                    "phase_off_by_one: the first regrowth epoch still runs with the last pressure; "
+                    "frozen_bn_scale: BatchNorm scales are never optimised")
+
+    @model_validator(mode="after")
+    def _init_range(self):
+        if not self.gate_init_low <= self.gate_init_high:
+            raise ValueError("gate_init_low must be <= gate_init_high")
+        if self.schedule == "fixed" and self.fixed_gamma is None:
+            raise ValueError("schedule 'fixed' needs fixed_gamma")
+        if self.schedule == "law":
+            if not self.law or set(self.law) != {"c", "a0", "a1"}:
+                raise ValueError("schedule 'law' needs law: {c: .., a0: .., a1: ..}")
+        return self
+
+
 
 
 def _sigmoid(x: float) -> float:
@@ -103,8 +150,99 @@ class PressureScheduler:
         self.g, self.inertia_up, self.inertia_down = st["g"], st["inertia_up"], st["inertia_down"]
 
 
+def feasible_pruning_end(p: int, sparsity_: Any, step: Any, full: int) -> int:
+    """The smallest P >= p (up to the recipe's own) whose target trajectory reaches the sparsity."""
+    step = step if step is not None else HyperfluxConfig.model_fields["step"].default
+    for cand in range(p, max(p, full) + 1):
+        try:
+            PressureScheduler(float(sparsity_), cand, step)
+            return cand
+        except (TypeError, ValueError):
+            continue
+    return p  # let the run's own validation name the problem
+
+
+@registry.register
 class Hyperflux(Pruner):
     name = "hyperflux"
+    section = "hyperflux"
+    options = HyperfluxConfig
+    own_lr_schedule = True  # the two phases (lrs below)
+    epoch_metrics = {"gamma": "gamma {:.3g}", "target_density": "target {:.2%}"}
+    bench_sets = {"hyperflux.schedule": "fixed", "hyperflux.fixed_gamma": 1.0}  # a constant pressure: no controller
+    summary = "the paper's pressure controller"
+    dynamics = {
+        "hyperflux-fixed": [("pressure gamma", "final", "hyperflux.fixed_gamma"),
+                            ("min surviving flux", "epoch", "flux_active_min")],
+        "hyperflux": [("min surviving flux", "epoch", "flux_active_min")],
+        "hyperflux-law": [("min surviving flux", "epoch", "flux_active_min")],
+    }
+
+    @classmethod
+    def check(cls, run) -> None:
+        h = run.hyperflux
+        if h.pruning_end > run.epochs:
+            raise ValueError(f"hyperflux.pruning_end ({h.pruning_end}) must be <= epochs ({run.epochs})")
+        if h.snap_pp > 0 and snap_epoch(h) >= run.epochs:
+            raise ValueError(f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch "
+                             f"{snap_epoch(h)} (pruning_end + freeze_gates_after, at least pruning_end "
+                             f"+ 1 with phase_off_by_one), which must come before the last epoch ({run.epochs})")
+        PressureScheduler(run.sparsity, h.pruning_end, h.step)
+
+    @classmethod
+    def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
+        if k == 1.0:
+            return
+        h = f.setdefault("hyperflux", {}) if isinstance(f.get("hyperflux", {}), dict) else {}
+        ep = f["epochs"]
+        P = h.get("pruning_end", HyperfluxConfig.model_fields["pruning_end"].default)
+        new_p = min(scaled(P, k), ep)
+        if P < full and new_p >= ep and ep >= 2:
+            new_p = ep - 1  # keep a regrowth phase
+        new_p = feasible_pruning_end(new_p, f.get("sparsity"), h.get("step"), P)
+        # a regrowth phase where the recipe has one: one epoch after P, two with the reference boundary
+        # (phase_off_by_one: epoch P + 1 is still a pruning epoch)
+        regrow = (2 if "phase_off_by_one" in (h.get("quirks") or []) else 1) if P < full else 0
+        f["epochs"] = ep = max(ep, new_p + regrow)  # a short P cannot reach high sparsity
+        h["pruning_end"] = new_p
+        if "freeze_gates_after" in h:
+            h["freeze_gates_after"] = scaled(h["freeze_gates_after"], k) if h["freeze_gates_after"] else 0
+            if h.get("snap_pp") and isinstance(h["freeze_gates_after"], int):
+                # the snap needs an epoch after the freeze: shorten the regrowth's gate training, else
+                # lengthen the run by the missing epochs
+                quirk = 1 if "phase_off_by_one" in (h.get("quirks") or []) else 0
+                h["freeze_gates_after"] = max(quirk, min(h["freeze_gates_after"], ep - 1 - new_p))
+                f["epochs"] = ep = max(ep, new_p + max(h["freeze_gates_after"], quirk) + 1)
+
+    @classmethod
+    def hash_options(cls, h: dict[str, Any], run) -> None:
+        # phase_off_by_one was redefined to match the reference exactly (epoch P+1 also keeps the
+        # pruning LRs): runs made under the old meaning must not be taken for new ones
+        h["quirks"] = ["phase_off_by_one@9aaed27" if q == "phase_off_by_one" else q for q in h["quirks"]]
+        if h["snap_pp"] == 0.0:
+            h.pop("snap_pp")  # added later: runs without it keep their hashes
+        if h["schedule"] != "law":  # inputs of the other pressure schedules change nothing
+            h.pop("law")
+        if h["schedule"] != "fixed":
+            h.pop("fixed_gamma")
+
+    @classmethod
+    def variant(cls, run) -> str:
+        s = run.hyperflux.schedule
+        return cls.name if s == "controller" else f"{cls.name}-{s}"
+
+    @classmethod
+    def run_name(cls, run) -> Optional[str]:
+        if run.hyperflux.schedule == "fixed":  # named by its pressure: the sparsity is what it gives
+            return f"{run.model}-{cls.name}-g{run.hyperflux.fixed_gamma:g}-s{run.seed}"
+        return None
+
+    @classmethod
+    def recipe(cls, params: dict[str, str], variant: str) -> str:
+        how = cls.summary
+        if float(params.get("hyperflux.snap_pp", "0") or 0) > 0:
+            how += f"; the gate-freeze snap (at most {params.get('hyperflux.snap_pp')} pp, not in the paper)"
+        return how
 
     def __init__(self, cfg, layers, steps_per_epoch):
         super().__init__(cfg, layers, steps_per_epoch)

@@ -1,31 +1,170 @@
-"""Method name -> Pruner class. Hyperflux lives in suite/pruning/hyperflux.py, every other
-method in baselines/<family>.py."""
+"""Method name -> Pruner class.
+
+A method registers itself where it is written (`@registry.register` on its Pruner class), so a
+new method is one file: Hyperflux in suite/pruning/hyperflux.py, every baseline in
+baselines/<family>.py (each module of that package is imported on first use). Methods from
+outside the repository come in as plugins:
+  - a sweep's `plugins:` list (a .py file, relative to the sweep file, or an importable module),
+    carried into each run's config so a SLURM task imports it too;
+  - the `hfbench.pruners` entry-point group of an installed package;
+  - HFBENCH_PLUGINS, paths or modules separated by os.pathsep.
+"""
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
-_METHODS = {
-    "dense": "baselines.dense:Dense",
-    "magnitude": "baselines.magnitude:OneShotMagnitude",
-    "gmp": "baselines.magnitude:GradualMagnitude",
-    "imp": "baselines.magnitude:IterativeMagnitude",
-    "l0": "baselines.hard_concrete:HardConcreteL0",
-    "str": "baselines.soft_threshold:SoftThreshold",
-    "cs": "baselines.continuous_sparsification:ContinuousSparsification",
-    "rmt": "baselines.rmt:ClassicalRMT",
-    "seb": "baselines.rmt:SpectralEdgeBudget",
-    "ser": "baselines.rmt:SpectralEdgeRestore",
-    "rmt_hybrid": "baselines.rmt:HybridMagnitudeSER",
-    "hyperflux": "suite.pruning.hyperflux:Hyperflux",
-}
+CONTROL = "dense"  # the dense control every method is compared with (not a pruning method)
+BUILTIN = ("suite.pruning.hyperflux", "baselines")  # modules, or packages whose modules are all imported
+
+_METHODS: dict[str, type] = {}
+_LOADED: set[str] = set()  # plugin specs already imported
+_READY = False
+
+
+class PluginError(ValueError):
+    """A plugin could not be imported or registers something invalid."""
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a Pruner subclass available by its `name`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name == "base":
+        raise PluginError(f"{cls.__module__}.{cls.__qualname__}: a registered method needs a class attribute `name`")
+    old = _METHODS.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise PluginError(f"method {name!r} is registered twice: {old.__module__}.{old.__qualname__} and "
+                          f"{cls.__module__}.{cls.__qualname__}")
+    opts = getattr(cls, "options", None)
+    sec = getattr(cls, "section", None)
+    if (opts is None) != (sec is None):
+        raise PluginError(f"method {name!r}: declare both `section` and `options` (its pydantic model), or neither")
+    _METHODS[name] = cls
+    try:
+        _check_sections()
+    except PluginError:
+        del _METHODS[name]
+        raise
+    return cls
+
+
+def _check_sections() -> None:
+    from suite.config import _CORE_FIELDS  # a section must not shadow a run field
+
+    seen: dict[str, Any] = {}
+    variants: dict[str, str] = {}
+    for name, cls in _METHODS.items():
+        if cls.section is None:
+            continue
+        if cls.section in _CORE_FIELDS:
+            raise PluginError(f"method {name!r}: section {cls.section!r} is a field of every run; choose another name")
+        if seen.setdefault(cls.section, cls.options) is not cls.options:
+            raise PluginError(f"method {name!r}: section {cls.section!r} is already declared with another model")
+        for v in cls.variants:
+            if variants.setdefault(v, name) != name or v in _METHODS:
+                raise PluginError(f"method {name!r}: variant {v!r} is already a method or another method's variant")
+
+
+def _ensure() -> None:
+    global _READY
+    if _READY:
+        return
+    _READY = True
+    for mod in BUILTIN:
+        m = importlib.import_module(mod)
+        if hasattr(m, "__path__"):  # a package: every module in it
+            for info in sorted(pkgutil.iter_modules(m.__path__), key=lambda i: i.name):
+                importlib.import_module(f"{mod}.{info.name}")
+    for ep in metadata.entry_points(group="hfbench.pruners"):
+        if ep.value not in _LOADED:
+            _LOADED.add(ep.value)
+            try:
+                ep.load()
+            except Exception as e:  # noqa: BLE001 - named, with the package it came from
+                raise PluginError(f"entry point {ep.name} = {ep.value} (group hfbench.pruners): {type(e).__name__}: {e}") from e
+    env = os.environ.get("HFBENCH_PLUGINS", "")
+    load_plugins([p for p in env.split(os.pathsep) if p], where="HFBENCH_PLUGINS")
+
+
+def load_plugins(specs: list[str], where: str = "plugins") -> None:
+    """Import each plugin: a path to a .py file (absolute, or relative to the working directory)
+    or a module name. Importing it registers its methods. Idempotent."""
+    _ensure()
+    for spec in specs:
+        key = str(Path(spec).resolve()) if spec.endswith(".py") else spec
+        if key in _LOADED:
+            continue
+        try:
+            if spec.endswith(".py"):
+                path = Path(key)
+                if not path.is_file():
+                    raise PluginError(f"{where}: no such plugin file {spec!r}")
+                modname = "hfbench_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+                module_spec = importlib.util.spec_from_file_location(modname, path)
+                assert module_spec is not None and module_spec.loader is not None
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[modname] = module
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(modname, None)
+                    raise
+            else:
+                importlib.import_module(spec)
+        except PluginError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a plugin's own error, named with the plugin
+            raise PluginError(f"{where}: plugin {spec!r} failed to import: {type(e).__name__}: {e}") from e
+        _LOADED.add(key)
 
 
 def names() -> list[str]:
+    _ensure()
     return sorted(_METHODS)
 
 
+def pruning_names() -> list[str]:
+    """Every method but the dense control."""
+    return [n for n in names() if n != CONTROL]
+
+
 def get(name: str):
+    _ensure()
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(names())}")
-    mod, cls = _METHODS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)
+    return _METHODS[name]
+
+
+def sections() -> dict[str, type]:
+    """Config section name -> its pydantic model, over every registered method."""
+    _ensure()
+    return {cls.section: cls.options for cls in _METHODS.values() if cls.section is not None}
+
+
+def variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Variant name -> (its method, the run fields that make it)."""
+    _ensure()
+    return {v: (name, preset) for name, cls in sorted(_METHODS.items()) for v, preset in cls.variants.items()}
+
+
+def family(label: str) -> str:
+    """The registered method of a report label: a method, one of its variants or a label its
+    `variant()` produces (<method>-<suffix>); '' when none."""
+    _ensure()
+    if label in _METHODS:
+        return label
+    v = variants().get(label)
+    if v:
+        return v[0]
+    best = ""
+    for name in _METHODS:  # the longest method name the label starts with
+        if label.startswith(name + "-") and len(name) > len(best):
+            best = name
+    return best

@@ -193,17 +193,23 @@ def _experiment(a, command: str):
 
 
 def cmd_fit_law(a) -> int:
-    """Fit d(gamma) to the fixed-pressure Hyperflux runs of an experiment."""
+    """Fit d(gamma) to the finished runs at a fixed pressure: those whose variant declares a
+    per-run ("final") pressure parameter in its method's `dynamics` (Hyperflux's fixed schedule)."""
+    from suite.pruning import registry
     from suite.pruning.laws import pressure_law_fit
 
     c, exp = _experiment(a, "fit-law")
-    pts = []
+    pts, sections = [], set()
     for r in c.search_runs([exp.experiment_id], max_results=5000):
-        p = r.data.params
-        if r.info.status == "FINISHED" and p.get("method") == "hyperflux" and p.get("hyperflux.schedule") == "fixed":
-            pts.append((float(p["hyperflux.fixed_gamma"]), r.data.metrics["final_density"]))
+        p, variant = r.data.params, r.data.tags.get("hfbench.variant", "")
+        family = registry.family(variant) if r.info.status == "FINISHED" else ""
+        keys = [key for _, kind, key in registry.get(family).dynamics.get(variant, []) if kind == "final"] \
+            if family else []
+        if keys and p.get(keys[0]) not in (None, "None") and "final_density" in r.data.metrics:
+            pts.append((float(p[keys[0]]), r.data.metrics["final_density"]))
+            sections.add(registry.get(family).section)
     if not pts:
-        raise SystemExit(f"hfbench fit-law: no finished fixed-pressure Hyperflux runs in {a.experiment!r}")
+        raise SystemExit(f"hfbench fit-law: no finished fixed-pressure run in {a.experiment!r}")
     pts.sort()
     law = pressure_law_fit([g for g, _ in pts], [d for _, d in pts])
     print(f"{'gamma':>10} {'density':>9}")
@@ -211,7 +217,9 @@ def cmd_fit_law(a) -> int:
         print(f"{g:>10.4g} {100 * d:>8.3f}%")
     print(f"d(gamma) = {law['c']:.6g} * exp(-({law['a0']:.6g} ln g + {law['a1']:.6g} ln^2 g)),"
           f" R^2 = {law['r2']:.4f} on {law['n']} runs")
-    print(f"for a sweep: hyperflux: {{schedule: law, law: {{c: {law['c']:.6g}, a0: {law['a0']:.6g}, a1: {law['a1']:.6g}}}}}")
+    for sec in sorted(s for s in sections if s):
+        print(f"for a sweep: {sec}: {{schedule: law, law: {{c: {law['c']:.6g}, a0: {law['a0']:.6g}, "
+              f"a1: {law['a1']:.6g}}}}}")
     return 0
 
 
@@ -234,14 +242,14 @@ def cmd_train(a) -> int:
 def cmd_fit_npl(a) -> int:
     """Fit the Neural Pruning Law ln d = ln c - alpha ln s per method and saliency."""
     from reports.build import _all_runs, _record_from_run
-    from reports.dynamics import NPL_SALIENCY, npl_points
+    from reports.dynamics import npl_points, saliencies
     from suite.pruning.laws import npl_fit
 
     c, exp = _experiment(a, "fit-npl")
     recs = [r for r in map(_record_from_run, _all_runs(c, exp.experiment_id)) if r and r.status == "FINISHED"]
     pts = npl_points(c, recs)
     if not pts:
-        kinds = sorted({f"{v}: {lab}" for v, specs in NPL_SALIENCY.items() for lab, _, _ in specs})
+        kinds = sorted({f"{v}: {lab}" for v, specs in saliencies().items() for lab, _, _ in specs})
         raise SystemExit(f"hfbench fit-npl: no finished run in {a.experiment!r} has NPL points ({'; '.join(kinds)})")
     print(f"{'method':<16} {'saliency':<22} {'alpha':>8} {'R^2':>7} {'points':>7}   "
           f"(fit where {100 * a.lo:g}% < density <= {100 * a.hi:g}%)")
@@ -333,7 +341,6 @@ def cmd_list(a) -> int:
     from suite import datasets, models
     import json
 
-    from suite.config import SECTION_OF, VARIANTS
     from suite.pruning import registry
 
     what = a.what
@@ -341,9 +348,9 @@ def cmd_list(a) -> int:
         print("methods (grid.methods; settings under the section named):")
         for m in registry.names():
             cls = registry.get(m)
-            print(f"  {m:<12} section {SECTION_OF.get(m, m) if m != 'dense' else '-':<15} {cls.__module__}.{cls.__name__}")
+            print(f"  {m:<12} section {cls.section or '-':<15} {cls.__module__}.{cls.__name__}")
         print("variants (grid.methods too; a method with the option that makes it another recipe):")
-        for v, (m, preset) in sorted(VARIANTS.items()):
+        for v, (m, preset) in sorted(registry.variants().items()):
             print(f"  {v:<12} {m} with {json.dumps(preset, separators=(', ', ': '))}")
     if what in ("all", "models"):
         print("models (base.model / grid.models):")
@@ -419,7 +426,8 @@ def _version() -> str:
     from importlib import metadata
 
     try:
-        v = metadata.version("hyperflux-bench")
+        dist = metadata.packages_distributions().get("launchers", [""])[0]  # the project's installed name
+        v = metadata.version(dist) if dist else "unknown"
     except metadata.PackageNotFoundError:
         v = "unknown"
     from suite.tracking import git_commit
@@ -519,13 +527,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cf = sub.add_parser("config", help="inspect a sweep config")
     cfs = cf.add_subparsers(dest="config_cmd", metavar="show", required=True)
-    cs = cfs.add_parser("show", help="the runs a sweep config expands to, or one run's resolved config",
+    show = cfs.add_parser("show", help="the runs a sweep config expands to, or one run's resolved config",
                         formatter_class=_DefaultsHelp)
-    cs.add_argument("config")
-    cs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, as sweep does")
-    cs.add_argument("--run", help="print this run's resolved config (run name or hash) as YAML")
-    _scale_args(cs)
-    cs.set_defaults(fn=cmd_config_show)
+    show.add_argument("config")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, as sweep does")
+    show.add_argument("--run", help="print this run's resolved config (run name or hash) as YAML")
+    _scale_args(show)
+    show.set_defaults(fn=cmd_config_show)
 
     fi = sub.add_parser("fidelity", help="check the paper recipes against the reference tables (docs/reference)")
     fi.add_argument("--write", action="store_true", help="also write docs/fidelity.md from the tables")
