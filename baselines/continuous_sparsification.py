@@ -75,91 +75,129 @@ Choices where the doc is open (calibrated mode):
   20 fine-tuning epochs at the cosine schedule's low LR cannot recover weights rewound to the
   dense start under a 91 % mask (top-1 90.1 % before the rewind, 77.9 % at the end).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
 from suite.pruning import masks, registry, sparsity
-from suite.pruning.base import Pruner, cosine, scaled
+from suite.pruning.base import Pruner, cosine, run_section, scaled
 from suite.pruning.calibration import Calibrated, CalibrationConfig, KnobController, snap_to
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class CSConfig(Strict):
     """Continuous Sparsification (Savarese et al. 2020): mask sigmoid(beta s) / sigmoid(s0)."""
 
     mode: Literal["calibrated", "reference"] = Field(
-        "calibrated", description="calibrated: the suite's equal-sparsity mode (lam steered, beta per step, Adam on "
+        "calibrated",
+        description="calibrated: the suite's equal-sparsity mode (lam steered, beta per step, Adam on "
         "the masks, anti-windup, snap); reference: lolemacs/continuous-sparsification's recipe: lam fixed, the knob "
         "is s0; beta x beta_final^(1/(epochs_per_round-1)) per epoch, back to 1 each round; round reset "
         "s <- min(s, s0) (the code's order); masks trained by the weights' SGD (no weight decay); the LR schedule "
         "restarts every round and for the retraining; soft mask at evaluation during the search; after the search "
         "the weights rewind to the start of epoch rewind_epoch and the ticket 1[s > 0] / sigmoid(s0) retrains "
-        "for the remaining epochs (variant cs-ref)")
+        "for the remaining epochs (variant cs-ref)",
+    )
     rounds: int = Field(3, ge=1, le=100, description="search rounds (beta annealed 1 -> beta_final in each)")
-    epochs_per_round: Optional[int] = Field(None, ge=1, description="default: 3/4 of epochs divided by rounds "
-                                            "(reference mode: epochs / (rounds + 1), the last share retrains)")
+    epochs_per_round: Optional[int] = Field(
+        None,
+        ge=1,
+        description="default: 3/4 of epochs divided by rounds "
+        "(reference mode: epochs / (rounds + 1), the last share retrains)",
+    )
     beta_final: float = Field(200.0, gt=1, description="temperature reached at the end of each round")
-    s_init: Optional[float] = Field(None, ge=-100, le=100, description="s0: initial mask parameter (default 0.1; "
-                                    "reference mode 0.0, the reference's knob: lower is sparser). Calibrated mode "
-                                    "needs s0 > 0, so that the hard mask 1[s > 0] the suite measures starts dense; "
-                                    "small, so a mask reaches 0 within an epoch of the knob asking for it (0.5: two "
-                                    "epochs of lag, overshoot)")
-    lam: float = Field(1e-8, gt=0, description="lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); the "
-                       "knob, calibrated, unless calibration.mode is off or mode is reference (fixed); start "
-                       "value: with s0 0.1, 1e-7 pruned 26 % in the first epoch (target 4 %) and the controller "
-                       "settled near 1e-8 in round 1 (measured)")
-    mask_lr: float = Field(0.01, gt=0, le=100, description="Adam learning rate of the mask parameters (calibrated "
-                           "mode; reference mode trains them with the weights' SGD and LR)")
-    control_beta_s: float = Field(2.0, gt=0, description="the knob controller holds the knob while beta * s_init "
-                                  "exceeds this (anti-windup: the density stops moving at beta * s0 ~ 3, about 60 % "
-                                  "into a round; without the hold the knob wound up 30-90x and the next round "
-                                  "collapsed, measured)")
-    rewind: Optional[bool] = Field(None, description="retrain the final binary mask from the weights at the start "
-                                   "of epoch rewind_epoch (default: off in calibrated mode, on in reference mode; "
-                                   "off: in the 80 x 25 protocol the 20 low-LR fine-tuning epochs of the calibrated "
-                                   "mode cannot recover the rewound weights, 90.1 % -> 77.9 % top-1 at 91 % "
-                                   "sparsity, measured)")
-    rewind_epoch: Optional[int] = Field(None, ge=0, description="the rewind point (default 2, the reference's, or "
-                                        "the round's last epoch in a run whose rounds are shorter): the weights at "
-                                        "the start of this 0-based "
-                              "epoch of the first round (after this many epochs; the reference's 2)")
+    s_init: Optional[float] = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="s0: initial mask parameter (default 0.1; "
+        "reference mode 0.0, the reference's knob: lower is sparser). Calibrated mode "
+        "needs s0 > 0, so that the hard mask 1[s > 0] the suite measures starts dense; "
+        "small, so a mask reaches 0 within an epoch of the knob asking for it (0.5: two "
+        "epochs of lag, overshoot)",
+    )
+    lam: float = Field(
+        1e-8,
+        gt=0,
+        description="lambda of lambda * sum(mask) (unnormalised; paper: 1e-8); the "
+        "knob, calibrated, unless calibration.mode is off or mode is reference (fixed); start "
+        "value: with s0 0.1, 1e-7 pruned 26 % in the first epoch (target 4 %) and the controller "
+        "settled near 1e-8 in round 1 (measured)",
+    )
+    mask_lr: float = Field(
+        0.01,
+        gt=0,
+        le=100,
+        description="Adam learning rate of the mask parameters (calibrated "
+        "mode; reference mode trains them with the weights' SGD and LR)",
+    )
+    control_beta_s: float = Field(
+        2.0,
+        gt=0,
+        description="the knob controller holds the knob while beta * s_init "
+        "exceeds this (anti-windup: the density stops moving at beta * s0 ~ 3, about 60 % "
+        "into a round; without the hold the knob wound up 30-90x and the next round "
+        "collapsed, measured)",
+    )
+    rewind: Optional[bool] = Field(
+        None,
+        description="retrain the final binary mask from the weights at the start "
+        "of epoch rewind_epoch (default: off in calibrated mode, on in reference mode; "
+        "off: in the 80 x 25 protocol the 20 low-LR fine-tuning epochs of the calibrated "
+        "mode cannot recover the rewound weights, 90.1 % -> 77.9 % top-1 at 91 % "
+        "sparsity, measured)",
+    )
+    rewind_epoch: Optional[int] = Field(
+        None,
+        ge=0,
+        description="the rewind point (default 2, the reference's, or "
+        "the round's last epoch in a run whose rounds are shorter): the weights at "
+        "the start of this 0-based "
+        "epoch of the first round (after this many epochs; the reference's 2)",
+    )
     calibration: CalibrationConfig = CalibrationConfig(lookahead=3.0)  # see cs docstring (measured)
 
     @model_validator(mode="after")
-    def _mode_defaults(self):
+    def _mode_defaults(self) -> CSConfig:
         ref = self.mode == "reference"
         if self.s_init is None:
             self.s_init = 0.0 if ref else 0.1
         if self.rewind is None:
             self.rewind = ref
         if not ref and self.s_init <= 0:
-            raise ValueError(f"cs.s_init = {self.s_init:g}: the calibrated mode needs s0 > 0 (the hard mask 1[s > 0] "
-                             f"must start dense); s0 <= 0 is for mode: reference")
+            raise ValueError(
+                f"cs.s_init = {self.s_init:g}: the calibrated mode needs s0 > 0 (the hard mask 1[s > 0] "
+                f"must start dense); s0 <= 0 is for mode: reference"
+            )
         return self
 
 
-def cs_round_epochs(run) -> int:
+def cs_round_epochs(run: RunConfig) -> int:
     """Epochs of one CS search round: as given, or 3/4 of the run split over the rounds (calibrated),
     or the run split into rounds + 1 equal segments, the last retraining the ticket (reference)."""
-    c = run.cs
+    c = run_section(run, "cs", CSConfig)
     if c.epochs_per_round:
         return c.epochs_per_round
     share = run.epochs // (c.rounds + 1) if c.mode == "reference" else (3 * run.epochs) // 4 // c.rounds
     return max(1, share)
 
 
-
 _OWN = ".parametrizations.weight.0."  # state-dict infix of the mask parametrization's tensors
 
 
 class CSMask(nn.Module):
-    def __init__(self, shape: torch.Size, s0: float, soft_eval: bool = False):
+    final_mask: torch.Tensor  # buffer
+
+    def __init__(self, shape: torch.Size, s0: float, soft_eval: bool = False) -> None:
         super().__init__()
         self.soft_eval = soft_eval  # reference mode: evaluation sees the soft mask too
         self.s = nn.Parameter(torch.full(shape, float(s0)))
@@ -190,33 +228,40 @@ class ContinuousSparsification(Calibrated, Pruner):
     options = CSConfig
     variants = {"cs-ref": {"cs": {"mode": "reference"}}}
     summary = "continuous sparsification masks, 3 rounds"
-    reference_recipe = ("lolemacs/continuous-sparsification's recipe, lambda {lam} fixed, the knob s0 = {s_init}, "
-                        "beta per epoch to {beta_final} in each of {rounds} rounds, masks in the weights' SGD, the LR "
-                        "restarted each round, the ticket 1[s > 0] retrained from the weights at epoch {rewind_epoch}")
+    reference_recipe = (
+        "lolemacs/continuous-sparsification's recipe, lambda {lam} fixed, the knob s0 = {s_init}, "
+        "beta per epoch to {beta_final} in each of {rounds} rounds, masks in the weights' SGD, the LR "
+        "restarted each round, the ticket 1[s > 0] retrained from the weights at epoch {rewind_epoch}"
+    )
     published_note = "no published CS row in reports/published.csv"
 
     @classmethod
-    def search_epochs(cls, run) -> int:
-        c = run.cs
+    def search_epochs(cls, run: RunConfig) -> int:
+        c = run_section(run, "cs", CSConfig)
         return c.rounds * c.epochs_per_round if c.epochs_per_round else c.rounds
 
     @classmethod
-    def check(cls, run) -> None:
+    def check(cls, run: RunConfig) -> None:
         super().check(run)
-        c = run.cs
+        c = run_section(run, "cs", CSConfig)
         if c.rewind_epoch is None:  # the reference's epoch 2, inside the first round
             c.rewind_epoch = min(2, max(0, cs_round_epochs(run) - 1))
         if c.rewind and c.rewind_epoch >= cs_round_epochs(run):
-            raise ValueError(f"cs.rewind_epoch ({c.rewind_epoch}) must fall inside the first round "
-                             f"({cs_round_epochs(run)} epochs)")
+            raise ValueError(
+                f"cs.rewind_epoch ({c.rewind_epoch}) must fall inside the first round ({cs_round_epochs(run)} epochs)"
+            )
         if c.mode == "reference":
             epr = cs_round_epochs(run)
             if c.rounds * epr >= run.epochs:
-                raise ValueError(f"cs: reference mode retrains the ticket after {c.rounds} rounds of {epr} "
-                                 f"epochs; epochs ({run.epochs}) leaves no retraining")
+                raise ValueError(
+                    f"cs: reference mode retrains the ticket after {c.rounds} rounds of {epr} "
+                    f"epochs; epochs ({run.epochs}) leaves no retraining"
+                )
             if run.lr_schedule == "step" and run.lr_milestones and run.lr_milestones[-1] >= epr:
-                raise ValueError(f"lr_milestones: cs reference mode restarts the schedule every round, so its "
-                                 f"milestones count within a round of {epr} epochs; got {run.lr_milestones}")
+                raise ValueError(
+                    f"lr_milestones: cs reference mode restarts the schedule every round, so its "
+                    f"milestones count within a round of {epr} epochs; got {run.lr_milestones}"
+                )
 
     @classmethod
     def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
@@ -238,20 +283,27 @@ class ContinuousSparsification(Calibrated, Pruner):
             f["lr_milestones"] = sorted({m for m in f["lr_milestones"] if isinstance(m, int) and 1 <= m < epr})
 
     @classmethod
-    def hash_options(cls, d: dict[str, Any], run) -> None:
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
         super().hash_options(d, run)
         if not d["rewind"]:
             d.pop("rewind_epoch")  # added later, read only when rewinding
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.h = cfg.cs
+        self.h = run_section(cfg, "cs", CSConfig)
         self.ref = self.h.mode == "reference"
         self.epr = cs_round_epochs(cfg)
         self.search_end = self.h.rounds * self.epr
         c = self.h.calibration
-        self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end,
-                                         "off" if self.ref else c.mode, c.gain, c.max_factor, c.lookahead)
+        self.controller = KnobController(
+            self.h.lam,
+            1.0 - cfg.sparsity,
+            self.search_end,
+            "off" if self.ref else c.mode,
+            c.gain,
+            c.max_factor,
+            c.lookahead,
+        )
         self.round = 0  # rounds started (the round reset has been applied for rounds 1..round-1)
         self.binary = False
         self.t = 0  # optimiser steps done
@@ -261,15 +313,23 @@ class ContinuousSparsification(Calibrated, Pruner):
         self.snapped = False
 
     # ------------------------------------------------------------------ setup
-    def attach(self, model) -> None:
+    def attach(self, model: nn.Module) -> None:
         self.model = model
-        self.params = [masks.attach(mod, CSMask(mod.weight.shape, self.h.s_init, soft_eval=self.ref)
-                                    .to(mod.weight.device)) for _, mod in self.layers]
+        s_init = cast(float, self.h.s_init)  # set by CSConfig._mode_defaults
+        self.params = [
+            masks.attach(
+                mod,
+                CSMask(masks.effective_weight(mod).shape, s_init, soft_eval=self.ref).to(
+                    masks.effective_weight(mod).device
+                ),
+            )
+            for _, mod in self.layers
+        ]
 
-    def gate_parameters(self):
+    def gate_parameters(self) -> list[torch.Tensor]:
         return [] if self.ref else [p.s for p in self.params]
 
-    def extra_weight_groups(self) -> list[dict]:
+    def extra_weight_groups(self) -> list[dict[str, Any]]:
         # reference: the masks are trained by the weights' SGD, without weight decay (main.py:111)
         return [{"params": [p.s for p in self.params], "weight_decay": 0.0}] if self.ref else []
 
@@ -287,13 +347,13 @@ class ContinuousSparsification(Calibrated, Pruner):
         if t >= self.search_end * self.steps_per_epoch:
             return self.h.beta_final
         k = t % k_round
-        return self.h.beta_final ** (k / max(1, k_round - 1))
+        return cast(float, self.h.beta_final ** (k / max(1, k_round - 1)))  # float ** float: typed Any
 
     def beta_of_epoch(self, epoch: int) -> float:
         """Reference mode: beta in 1-based `epoch`, beta_final ** (e / (E - 1)) in 0-based epoch e of
         its round of E epochs (main.py:64, 99-100)."""
         e = (min(epoch, self.search_end) - 1) % self.epr
-        return self.h.beta_final ** (e / max(1, self.epr - 1))
+        return cast(float, self.h.beta_final ** (e / max(1, self.epr - 1)))
 
     def _set_beta(self, beta: float) -> None:
         for p in self.params:
@@ -344,11 +404,12 @@ class ContinuousSparsification(Calibrated, Pruner):
     def start_epoch(self, epoch: int) -> None:
         """The search's state at the start of `epoch`: the rewind snapshot, the round reset and beta,
         or the binary ticket once the search is over."""
-        if self.h.rewind and self.snapshot is None and not self.binary and epoch == self.h.rewind_epoch + 1:
+        # rewind and rewind_epoch: set by CSConfig._mode_defaults and check()
+        if self.h.rewind and self.snapshot is None and not self.binary and epoch == cast(int, self.h.rewind_epoch) + 1:
             self._take_snapshot()  # the start of 0-based epoch rewind_epoch (main.py:65)
         if epoch > self.search_end:
             if not self.binary:
-                self._binarise(self.h.rewind)
+                self._binarise(cast(bool, self.h.rewind))
             return
         r = (epoch - 1) // self.epr + 1  # 1-based round of this epoch
         while self.round < r:
@@ -371,14 +432,17 @@ class ContinuousSparsification(Calibrated, Pruner):
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         if self.ref:  # nothing steered: the temperature, the round and what the ticket would keep
             keep = torch.cat([(p.s.detach() > 0).flatten() for p in self.params]).float().mean()
-            return {"beta": self.params[0].beta if self.params else 1.0, "knob": self.h.lam,
-                    "round": float(self.round if not self.binary else self.h.rounds + 1),
-                    "mask_density": float(keep)}
+            return {
+                "beta": self.params[0].beta if self.params else 1.0,
+                "knob": self.h.lam,
+                "round": float(self.round if not self.binary else self.h.rounds + 1),
+                "mask_density": float(keep),
+            }
         out = self.controller.metrics(epoch)
         out["beta"] = self.params[0].beta if self.params else 1.0
         out["round"] = float(self.round if not self.binary else self.h.rounds + 1)
         nxt = self.t  # the next epoch starts after the steps done so far
-        if self.binary or self.beta_at(nxt) * self.h.s_init <= self.h.control_beta_s:
+        if self.binary or self.beta_at(nxt) * cast(float, self.h.s_init) <= self.h.control_beta_s:
             self.controller.update(epoch, density)
         else:
             self.controller.hold(density)
@@ -399,8 +463,15 @@ class ContinuousSparsification(Calibrated, Pruner):
         for p in self.params:
             p.eval()  # the ruler reads the hard mask
         try:
-            return snap_to(1.0 - self.cfg.sparsity, self.h.calibration.snap_limit(), density, cut,
-                           lambda: sparsity.density(self.layers), lo, hi)
+            return snap_to(
+                1.0 - self.cfg.sparsity,
+                self.h.calibration.snap_limit(),
+                density,
+                cut,
+                lambda: sparsity.density(self.layers),
+                lo,
+                hi,
+            )
         finally:
             for p in self.params:
                 p.train(prev)
@@ -411,8 +482,15 @@ class ContinuousSparsification(Calibrated, Pruner):
             p.cut = self.cut
 
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict(), "round": self.round, "binary": self.binary,
-                "t": self.t, "snapshot": self.snapshot, "cut": self.cut, "snapped": self.snapped}
+        return {
+            "controller": self.controller.state_dict(),
+            "round": self.round,
+            "binary": self.binary,
+            "t": self.t,
+            "snapshot": self.snapshot,
+            "cut": self.cut,
+            "snapped": self.snapped,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.controller.load_state_dict(st["controller"])
@@ -421,5 +499,5 @@ class ContinuousSparsification(Calibrated, Pruner):
         self._set_cut(st.get("cut", 0.0))
         if st["binary"]:
             self._mark_binary()  # final_mask and the rewound weights come with the model state
-        if not self.ref:  # reference mode: lrs() sets the epoch's beta
+        if not self.ref:  # reference mode: start_epoch() sets the epoch's beta
             self._set_beta(self.beta_at(self.t))

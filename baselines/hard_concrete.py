@@ -36,49 +36,74 @@ Every prunable layer gets a parametrization W_eff = W * z with a learnable log_a
   exactly 0): the gate LR is 0, the gate is detached (no gradient, no noise), there is no
   penalty, and the weights fine-tune (weight LR: the base cosine lr -> lr_end over the run).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
 from suite.pruning import masks, registry, sparsity
-from suite.pruning.base import Pruner
+from suite.pruning.base import Pruner, run_section
 from suite.pruning.calibration import Calibrated, CalibrationConfig, KnobController, snap_to
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class L0Config(Strict):
     """Hard-concrete L0 gates (Louizos, Welling & Kingma 2018)."""
 
     granularity: Optional[Literal["weight", "unit"]] = Field(
-        None, description="one gate per weight, or per unit (a Conv2d's output channel; a Linear's output row, "
+        None,
+        description="one gate per weight, or per unit (a Conv2d's output channel; a Linear's output row, "
         "its input column in reference mode); default: weight, reference mode unit (the reference code has no "
-        "per-weight gates)")
-    lam: float = Field(1.0, gt=0, description="knob: strength of the expected-L0 penalty (per gate, "
-                       "normalised by the number of gates); calibrated unless calibration.mode is off")
+        "per-weight gates)",
+    )
+    lam: float = Field(
+        1.0,
+        gt=0,
+        description="knob: strength of the expected-L0 penalty (per gate, "
+        "normalised by the number of gates); calibrated unless calibration.mode is off",
+    )
     beta: float = Field(2 / 3, gt=0, description="temperature of the hard-concrete distribution")
     gamma: float = Field(-0.1, lt=0, description="stretch interval lower end")
     zeta: float = Field(1.1, gt=1, description="stretch interval upper end")
-    drop_init: Optional[float] = Field(None, gt=0, lt=1, description="initial drop probability of each gate "
-                                       "(default 0.1; reference mode 0.5, the reference's LeNet-5 script)")
-    gate_lr: Optional[float] = Field(None, gt=0, le=10, description="Adam learning rate of log_alpha (default "
-                                     "0.05; reference mode 0.001, the LeNet-5 script's Adam)")
-    search_end: Optional[int] = Field(None, ge=1, description="last epoch gates train (default 3/4 of epochs); "
-                                      "afterwards the test-time gates are frozen and the weights fine-tune")
+    drop_init: Optional[float] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="initial drop probability of each gate "
+        "(default 0.1; reference mode 0.5, the reference's LeNet-5 script)",
+    )
+    gate_lr: Optional[float] = Field(
+        None,
+        gt=0,
+        le=10,
+        description="Adam learning rate of log_alpha (default 0.05; reference mode 0.001, the LeNet-5 script's Adam)",
+    )
+    search_end: Optional[int] = Field(
+        None,
+        ge=1,
+        description="last epoch gates train (default 3/4 of epochs); "
+        "afterwards the test-time gates are frozen and the weights fine-tune",
+    )
     calibration: CalibrationConfig = CalibrationConfig()
     mode: Literal["calibrated", "reference"] = Field(
-        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, snap, gates frozen "
+        "calibrated",
+        description="calibrated: the suite's equal-sparsity mode (knob steered, snap, gates frozen "
         "at search_end); reference: AMLab-Amsterdam/L0_regularization's recipe: lam is the paper's lambda per "
         "training example, fixed; gates train to the last epoch; log_alpha clamped to [ln 0.01, ln 100]; the "
         "weights' L2 is weight_decay/2 * sum_g P(z_g != 0) |theta_g|^2 in the loss instead of SGD decay; unit "
-        "gates of a Linear cover its input columns (variant l0-ref)")
+        "gates of a Linear cover its input columns (variant l0-ref)",
+    )
 
     @model_validator(mode="after")
-    def _mode_defaults(self):
+    def _mode_defaults(self) -> L0Config:
         ref = self.mode == "reference"
         if self.granularity is None:
             self.granularity = "unit" if ref else "weight"
@@ -89,12 +114,10 @@ class L0Config(Strict):
         return self
 
 
-
-
 class HardConcreteGate(nn.Module):
     """W_eff = W * z, z a hard-concrete gate per weight (or per output row, broadcast)."""
 
-    def __init__(self, log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float):
+    def __init__(self, log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float) -> None:
         super().__init__()
         self.log_alpha = nn.Parameter(log_alpha)
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
@@ -130,22 +153,32 @@ class HardConcreteL0(Calibrated, Pruner):
     options = L0Config
     variants = {"l0-ref": {"l0": {"mode": "reference"}}}
     summary = "hard-concrete gates"
-    reference_recipe = ("AMLab-Amsterdam/L0_regularization's recipe, lambda {lam} per training example fixed, "
-                        "{granularity} gates, log_alpha clamped to [ln 0.01, ln 100], the L2 weighted by P(z != 0), "
-                        "gates trained to the end")
+    reference_recipe = (
+        "AMLab-Amsterdam/L0_regularization's recipe, lambda {lam} per training example fixed, "
+        "{granularity} gates, log_alpha clamped to [ln 0.01, ln 100], the L2 weighted by P(z != 0), "
+        "gates trained to the end"
+    )
     # Louizos et al. 2018 as run by Gale et al. 2019 (a fixed lambda)
     published = {"l0-ref": ("l0_hard_concrete",)}
-    published_note = ("calibrated mode (lambda steered to the target, snapped); the published L0 rows use a fixed "
-                      "lambda: l0-ref")
+    published_note = (
+        "calibrated mode (lambda steered to the target, snapped); the published L0 rows use a fixed lambda: l0-ref"
+    )
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.h = cfg.l0
+        self.h = run_section(cfg, "l0", L0Config)
         self.ref = self.h.mode == "reference"
         self.search_end = cfg.epochs if self.ref else (self.h.search_end or max(1, (3 * cfg.epochs) // 4))
         c = self.h.calibration
-        self.controller = KnobController(self.h.lam, 1.0 - cfg.sparsity, self.search_end,
-                                         "off" if self.ref else c.mode, c.gain, c.max_factor, c.lookahead)
+        self.controller = KnobController(
+            self.h.lam,
+            1.0 - cfg.sparsity,
+            self.search_end,
+            "off" if self.ref else c.mode,
+            c.gain,
+            c.max_factor,
+            c.lookahead,
+        )
         self.frozen = False
         self.n_train: Optional[int] = None
         if self.ref:
@@ -153,17 +186,20 @@ class HardConcreteL0(Calibrated, Pruner):
 
             self.n_train = datasets.get(cfg.dataset).train_images
             if not self.n_train:
-                raise ValueError(f"l0.mode reference: the penalty is per training example, and dataset "
-                                 f"{cfg.dataset!r} does not declare its number of training images")
+                raise ValueError(
+                    f"l0.mode reference: the penalty is per training example, and dataset "
+                    f"{cfg.dataset!r} does not declare its number of training images"
+                )
 
-    def attach(self, model) -> None:
+    def attach(self, model: nn.Module) -> None:
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
-        p = self.h.drop_init
+        p = cast(float, self.h.drop_init)  # set by L0Config._mode_defaults
         la0 = math.log(1 - p) - math.log(p)
         self.params: list[HardConcreteGate] = []
         self.sizes: list[int] = []  # weights per gate, per layer
         for _, mod in self.layers:
-            w = mod.weight
+            w = masks.effective_weight(mod)
+            shape: tuple[int, ...]
             if self.h.granularity == "weight":
                 shape = w.shape
             elif self.ref and isinstance(mod, nn.Linear):  # the reference gates a Linear's input units
@@ -171,15 +207,16 @@ class HardConcreteL0(Calibrated, Pruner):
             else:
                 shape = (w.shape[0],) + (1,) * (w.dim() - 1)
             la = la0 + 0.01 * torch.randn(shape, generator=gen)
-            self.params.append(masks.attach(mod, HardConcreteGate(la.to(w.device), self.h.beta, self.h.gamma,
-                                                                  self.h.zeta)))
+            self.params.append(
+                masks.attach(mod, HardConcreteGate(la.to(w.device), self.h.beta, self.h.gamma, self.h.zeta))
+            )
             self.sizes.append(w.numel() // la.numel())
-        self.n = sum(mod.weight.numel() for _, mod in self.layers)
+        self.n = sum(masks.effective_weight(mod).numel() for _, mod in self.layers)
 
-    def gate_parameters(self):
+    def gate_parameters(self) -> list[torch.Tensor]:
         return [p.log_alpha for p in self.params]
 
-    def extra_weight_groups(self) -> list[dict]:
+    def extra_weight_groups(self) -> list[dict[str, Any]]:
         """Reference mode: the gated weights in a group without SGD weight decay (their L2 is the
         P(z != 0)-weighted term of loss_term)."""
         if not self.ref:
@@ -203,7 +240,8 @@ class HardConcreteL0(Calibrated, Pruner):
 
     def lrs(self, epoch: int) -> tuple[float, float]:
         w_lr, _ = super().lrs(epoch)
-        return (w_lr, 0.0) if epoch > self.search_end else (w_lr, self.h.gate_lr)
+        gate_lr = cast(float, self.h.gate_lr)  # set by L0Config._mode_defaults
+        return (w_lr, 0.0) if epoch > self.search_end else (w_lr, gate_lr)
 
     def start_epoch(self, epoch: int) -> None:
         if epoch > self.search_end:
@@ -217,9 +255,14 @@ class HardConcreteL0(Calibrated, Pruner):
             return None
         if self.ref:
             l0 = torch.stack([(p.p_nonzero() * k).sum() for p, k in zip(self.params, self.sizes)]).sum()
-            l2 = torch.stack([(p.p_nonzero() * masks.stored_weight(mod).pow(2)).sum()
-                              for p, (_, mod) in zip(self.params, self.layers)]).sum()
-            return self.lam * l0 / self.n_train + 0.5 * self.cfg.weight_decay * l2
+            l2 = torch.stack(
+                [
+                    (p.p_nonzero() * masks.stored_weight(mod).pow(2)).sum()
+                    for p, (_, mod) in zip(self.params, self.layers)
+                ]
+            ).sum()
+            n_train = cast(int, self.n_train)  # reference mode: set (and checked) in __init__
+            return self.lam * l0 / n_train + 0.5 * self.cfg.weight_decay * l2
         return self.lam * self.expected_density()
 
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
@@ -241,8 +284,15 @@ class HardConcreteL0(Calibrated, Pruner):
             for p, b in zip(self.params, base):
                 p.log_alpha.copy_(b - x)
 
-        return snap_to(1.0 - self.cfg.sparsity, self.h.calibration.snap_limit(), density, shift,
-                       lambda: sparsity.density(self.layers), -100.0, 100.0)
+        return snap_to(
+            1.0 - self.cfg.sparsity,
+            self.h.calibration.snap_limit(),
+            density,
+            shift,
+            lambda: sparsity.density(self.layers),
+            -100.0,
+            100.0,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "frozen": self.frozen}

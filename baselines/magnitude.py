@@ -16,22 +16,28 @@
   2020: the survivors keep their trained values, only the LR schedule restarts); repeat for
   `levels` levels, the last one pruning exactly to
   the target. Its training cost is (levels + 1) segments: the run's epochs are set to
-  (levels + 1) x imp.epochs_per_level (suite/config.py) and logged, so the report can divide
+  (levels + 1) x imp.epochs_per_level (IterativeMagnitude.prepare) and logged, so the report can divide
   by the dense run's epochs.
 All log `npl_threshold`, the smallest surviving saliency after the last update, for the
 Neural Pruning Law fits (`hfbench fit-npl`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
+import torch.nn as nn
 from pydantic import Field, ValidationError, model_validator
 
 from suite.pruning import registry
-from suite.pruning.base import MaskPruner, cosine, scaled
+from suite.pruning.base import MaskPruner, cosine, run_section, scaled
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class MagnitudeConfig(Strict):
@@ -49,7 +55,8 @@ class GMPConfig(Strict):
     update_every: int = Field(50, ge=1, description="dt: steps between mask updates")
     scope: Literal["global", "layer"] = "global"
     criterion: Literal["magnitude", "taylor"] = Field(
-        "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)")
+        "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)"
+    )
 
 
 class IMPConfig(Strict):
@@ -63,36 +70,42 @@ class IMPConfig(Strict):
     the classic ticket), resets the optimiser state and retrains with the LR schedule
     restarted. The run's total epochs = (levels + 1) x epochs_per_level."""
 
-    prune_fraction: Optional[float] = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned "
-                                            "per level; null with `levels` set: the same share at every level, "
-                                            "1 - (1 - s)^(1 / levels), so the last level lands on the target (an "
-                                            "equal budget at every sparsity: the run is always levels + 1 segments)")
+    prune_fraction: Optional[float] = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="share of the remaining weights pruned "
+        "per level; null with `levels` set: the same share at every level, "
+        "1 - (1 - s)^(1 / levels), so the last level lands on the target (an "
+        "equal budget at every sparsity: the run is always levels + 1 segments)",
+    )
     rewind_step: int = Field(0, ge=0, description="k: rewind to the weights after k steps of the first segment")
-    levels: Optional[int] = Field(None, ge=1, le=100, description="pruning levels (default: "
-                                  "ceil(ln(1 - s) / ln(1 - prune_fraction)))")
+    levels: Optional[int] = Field(
+        None, ge=1, le=100, description="pruning levels (default: ceil(ln(1 - s) / ln(1 - prune_fraction)))"
+    )
     epochs_per_level: int = Field(1, ge=1, le=10000, description="epochs of each training segment")
     scope: Literal["global", "layer"] = "global"
     rewind: Literal["weights", "lr"] = Field(
-        "weights", description="weights: the survivors go back to their values at rewind_step (Frankle et al.; "
+        "weights",
+        description="weights: the survivors go back to their values at rewind_step (Frankle et al.; "
         "a ticket when the run starts from scratch); lr: learning-rate rewinding (Renda et al. 2020): the survivors "
-        "keep their trained values and only the LR schedule restarts (variant imp-lrr)")
+        "keep their trained values and only the LR schedule restarts (variant imp-lrr)",
+    )
 
     @model_validator(mode="after")
-    def _fraction_or_levels(self):
+    def _fraction_or_levels(self) -> IMPConfig:
         if self.prune_fraction is None and self.levels is None:
             raise ValueError("imp.prune_fraction null (an equal share per level) needs imp.levels")
         return self
 
 
-def imp_levels(sparsity: float, imp: "IMPConfig") -> int:
+def imp_levels(sparsity: float, imp: IMPConfig) -> int:
     """Pruning levels of an IMP run: as given, or enough levels of `prune_fraction` to reach
     the target (8 for 80 %, 11 for 90 %, 14 for 95 % at 20 % per level)."""
     if imp.levels is not None:
         return imp.levels
     assert imp.prune_fraction is not None  # IMPConfig refuses null without levels
     return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - imp.prune_fraction) - 1e-9))
-
-
 
 
 @registry.register
@@ -105,7 +118,7 @@ class OneShotMagnitude(MaskPruner):
     dynamics = {"magnitude": [("min surviving |w|", "epoch", "npl_threshold")]}
 
     def on_train_start(self) -> None:
-        self.prune_to(self.cfg.sparsity, self.cfg.magnitude.scope)
+        self.prune_to(self.cfg.sparsity, run_section(self.cfg, "magnitude", MagnitudeConfig).scope)
 
 
 @registry.register
@@ -115,22 +128,28 @@ class GradualMagnitude(MaskPruner):
     options = GMPConfig
     variants = {"gmp-layer": {"gmp": {"scope": "layer"}}}
     summary = "exact: Zhu & Gupta's cubic schedule (Gale et al. 2019 prune per layer: gmp.scope layer)"
-    published = {"gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
-                 "gmp-layer": ("gmp_uniform",)}  # Gale et al. 2019: the same sparsity in every layer
-    dynamics = {"gmp": [("min surviving |w|", "epoch", "npl_threshold")],
-                "gmp-taylor": [("min surviving |w*g|", "epoch", "npl_threshold")]}
+    published = {
+        "gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
+        "gmp-layer": ("gmp_uniform",),
+    }  # Gale et al. 2019: the same sparsity in every layer
+    dynamics = {
+        "gmp": [("min surviving |w|", "epoch", "npl_threshold")],
+        "gmp-taylor": [("min surviving |w*g|", "epoch", "npl_threshold")],
+    }
 
     @classmethod
-    def check(cls, run) -> None:
-        g = run.gmp
+    def check(cls, run: RunConfig) -> None:
+        g = run_section(run, "gmp", GMPConfig)
         end = g.end_epoch if g.end_epoch is not None else run.epochs
         if end > run.epochs or end <= g.start_epoch:
             raise ValueError(f"gmp.end_epoch must be in (gmp.start_epoch, epochs]; got {end}")
         if g.initial_sparsity > run.sparsity:
             raise ValueError("gmp.initial_sparsity must be <= sparsity")
         if g.criterion == "taylor" and run.engine.precision == "fp16":
-            raise ValueError("gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
-                             "use engine.precision bf16 or fp32")
+            raise ValueError(
+                "gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
+                "use engine.precision bf16 or fp32"
+            )
 
     @classmethod
     def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
@@ -144,45 +163,55 @@ class GradualMagnitude(MaskPruner):
             g["end_epoch"] = min(max(scaled(g["end_epoch"], k), start + 1), ep)
 
     @classmethod
-    def variant(cls, run) -> str:
+    def variant(cls, run: RunConfig) -> str:
         # per-layer GMP (Gale et al.'s uniform) is another method than global
-        g = run.gmp
-        return cls.name + (f"-{g.criterion}" if g.criterion != "magnitude" else "") + \
-            ("-layer" if g.scope == "layer" else "")
+        g = run_section(run, "gmp", GMPConfig)
+        return (
+            cls.name
+            + (f"-{g.criterion}" if g.criterion != "magnitude" else "")
+            + ("-layer" if g.scope == "layer" else "")
+        )
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        g = cfg.gmp
+        g = run_section(cfg, "gmp", GMPConfig)
         end_epoch = g.end_epoch if g.end_epoch is not None else max(g.start_epoch + 1, (3 * cfg.epochs) // 4)
         self.t0 = g.start_epoch * steps_per_epoch
         self.t_end = end_epoch * steps_per_epoch
         self.current = 0.0
 
+    @property
+    def gmp(self) -> GMPConfig:
+        """The run's gmp section."""
+        return run_section(self.cfg, "gmp", GMPConfig)
+
     def target_at(self, step: int) -> float:
-        g, s_f = self.cfg.gmp, self.cfg.sparsity
+        g, s_f = self.gmp, self.cfg.sparsity
         if step < self.t0:
             return 0.0
         frac = min(1.0, (step - self.t0) / max(1, self.t_end - self.t0))
         return s_f + (g.initial_sparsity - s_f) * (1.0 - frac) ** 3
 
-    def attach(self, model) -> None:
+    def attach(self, model: nn.Module) -> None:
         super().attach(model)
         self.taylor: list[torch.Tensor] = []
         self.taylor_steps = 0
-        if self.cfg.gmp.criterion == "taylor":
+        if self.gmp.criterion == "taylor":
             for w in self.stored():
                 acc = torch.zeros_like(w, dtype=torch.float32)
                 self.taylor.append(acc)
-                w.register_hook(self._taylor_hook(w, acc))
+                # (Tensor.register_hook has no annotations in torch)
+                w.register_hook(self._taylor_hook(w, acc))  # type: ignore[no-untyped-call]
 
-    def _taylor_hook(self, w: torch.Tensor, acc: torch.Tensor):
+    def _taylor_hook(self, w: torch.Tensor, acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 acc.add_((w.detach() * grad).abs().float())
+
         return hook
 
     def on_train_start(self) -> None:
-        if self.t0 == 0 and self.cfg.gmp.initial_sparsity > 0:
+        if self.t0 == 0 and self.gmp.initial_sparsity > 0:
             self._prune(0)
 
     def _prune(self, step: int) -> None:
@@ -191,7 +220,7 @@ class GradualMagnitude(MaskPruner):
             scores = None
             if self.taylor:
                 scores = [a / max(1, self.taylor_steps) for a in self.taylor]
-            self.prune_to(s, self.cfg.gmp.scope, scores)
+            self.prune_to(s, self.gmp.scope, scores)
             self.current = s
         for a in self.taylor:  # a fresh average for the next update
             a.zero_()
@@ -200,12 +229,16 @@ class GradualMagnitude(MaskPruner):
     def after_step(self, step: int) -> None:
         # step counts completed optimiser steps (1-based)
         self.taylor_steps += bool(self.taylor)
-        if self.t0 <= step <= self.t_end and ((step - self.t0) % self.cfg.gmp.update_every == 0 or step == self.t_end):
+        if self.t0 <= step <= self.t_end and ((step - self.t0) % self.gmp.update_every == 0 or step == self.t_end):
             self._prune(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current, "threshold": getattr(self, "threshold", None),
-                "taylor": [a.clone() for a in self.taylor], "taylor_steps": self.taylor_steps}
+        return {
+            "current": self.current,
+            "threshold": getattr(self, "threshold", None),
+            "taylor": [a.clone() for a in self.taylor],
+            "taylor_steps": self.taylor_steps,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.current = st["current"]
@@ -226,7 +259,9 @@ class IterativeMagnitude(MaskPruner):
     summary = "exact: the last level prunes to the target"
     # Frankle et al. 2020: IMP rewinding within a run from scratch
     published = {"imp-ticket": ("imp_rewind",)}
-    published_note = "IMP from a trained network rewinds to trained weights, not a lottery ticket: imp-ticket is compared"
+    published_note = (
+        "IMP from a trained network rewinds to trained weights, not a lottery ticket: imp-ticket is compared"
+    )
 
     @classmethod
     def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +275,10 @@ class IterativeMagnitude(MaskPruner):
             try:
                 levels = imp_levels(s, imp)
             except (ArithmeticError, ValueError):  # log(1 - prune_fraction) == 0: tiny fraction
-                raise ValueError(f"imp.prune_fraction ({imp.prune_fraction}) is too small to reach "
-                                 f"sparsity {s} in a finite number of levels") from None
+                raise ValueError(
+                    f"imp.prune_fraction ({imp.prune_fraction}) is too small to reach "
+                    f"sparsity {s} in a finite number of levels"
+                ) from None
             data = dict(data)
             data["epochs"] = (levels + 1) * imp.epochs_per_level
         return data
@@ -250,8 +287,9 @@ class IterativeMagnitude(MaskPruner):
     def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
         imp = f.setdefault("imp", {}) if isinstance(f.get("imp", {}), dict) else {}
         if k != 1.0:
-            imp["epochs_per_level"] = scaled(imp.get("epochs_per_level",
-                                                     IMPConfig.model_fields["epochs_per_level"].default), k)
+            imp["epochs_per_level"] = scaled(
+                imp.get("epochs_per_level", IMPConfig.model_fields["epochs_per_level"].default), k
+            )
         if imp.get("rewind_step"):
             if k != 1.0:
                 imp["rewind_step"] = max(1, round(imp["rewind_step"] * k))
@@ -260,13 +298,13 @@ class IterativeMagnitude(MaskPruner):
                 imp["rewind_step"] = min(imp["rewind_step"], imp.get("epochs_per_level", 1) * cap)
 
     @classmethod
-    def hash_options(cls, d: dict[str, Any], run) -> None:
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
         if d.get("rewind") == "weights":
             d.pop("rewind")  # added later: runs without it keep their hashes
 
     @classmethod
-    def variant(cls, run) -> str:
-        if run.imp.rewind == "lr":
+    def variant(cls, run: RunConfig) -> str:
+        if run_section(run, "imp", IMPConfig).rewind == "lr":
             return "imp-lrr"
         if run.init == "scratch":  # weight rewinding within a run from scratch
             return "imp-ticket"
@@ -278,21 +316,27 @@ class IterativeMagnitude(MaskPruner):
         if params.get("imp.rewind") == "lr":
             how += "; learning-rate rewinding (Renda et al. 2020): the survivors keep their values, the LR restarts"
         elif params.get("init") == "scratch":
-            how += (f"; a lottery ticket (Frankle et al.): survivors rewound to step {params.get('imp.rewind_step')} "
-                    "of this run from scratch")
+            how += (
+                f"; a lottery ticket (Frankle et al.): survivors rewound to step {params.get('imp.rewind_step')} "
+                "of this run from scratch"
+            )
         else:
-            how += ("; survivors rewound to the trained starting network, not a lottery ticket (closer to "
-                    "learning-rate rewinding); compared with no published ticket")
+            how += (
+                "; survivors rewound to the trained starting network, not a lottery ticket (closer to "
+                "learning-rate rewinding); compared with no published ticket"
+            )
         return how
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.imp = cfg.imp
-        self.levels = imp_levels(cfg.sparsity, cfg.imp)
-        self.epl = cfg.imp.epochs_per_level
-        if cfg.imp.rewind_step > self.epl * steps_per_epoch:
-            raise ValueError(f"imp.rewind_step ({cfg.imp.rewind_step}) is beyond the first segment "
-                             f"({self.epl} epochs x {steps_per_epoch} steps)")
+        self.imp = run_section(cfg, "imp", IMPConfig)
+        self.levels = imp_levels(cfg.sparsity, self.imp)
+        self.epl = self.imp.epochs_per_level
+        if self.imp.rewind_step > self.epl * steps_per_epoch:
+            raise ValueError(
+                f"imp.rewind_step ({self.imp.rewind_step}) is beyond the first segment "
+                f"({self.epl} epochs x {steps_per_epoch} steps)"
+            )
         self.snapshot: dict[str, torch.Tensor] | None = None
 
     def level_sparsity(self, level: int) -> float:
@@ -305,14 +349,13 @@ class IterativeMagnitude(MaskPruner):
             f = 1.0 - (1.0 - self.cfg.sparsity) ** (1.0 / self.levels)
         return min(self.cfg.sparsity, 1.0 - (1.0 - f) ** level)
 
-    def attach(self, model) -> None:
+    def attach(self, model: nn.Module) -> None:
         super().attach(model)
         self.model = model
 
     def _take_snapshot(self) -> None:
         # every parameter and buffer except the masks, which belong to the current level
-        self.snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                         if not k.endswith(".mask")}
+        self.snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.endswith(".mask")}
 
     def on_train_start(self) -> None:
         if self.imp.rewind_step == 0 and self.imp.rewind == "weights":
@@ -329,15 +372,19 @@ class IterativeMagnitude(MaskPruner):
     @torch.no_grad()
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         level = (epoch - 1) // self.epl  # the segment that just ran
-        out = {"imp_level": float(level), "imp_levels": float(self.levels),
-               "target_density": 1.0 - self.level_sparsity(level)}
+        out = {
+            "imp_level": float(level),
+            "imp_levels": float(self.levels),
+            "target_density": 1.0 - self.level_sparsity(level),
+        }
         if epoch % self.epl == 0 and level < self.levels:
             lr_rewind = self.imp.rewind == "lr"  # Renda et al.: keep the trained weights, restart the LR
             if self.snapshot is None and not lr_rewind:
                 raise RuntimeError("IMP: no rewind point was saved (imp.rewind_step never reached)")
             self.prune_to(self.level_sparsity(level + 1), self.imp.scope)
             if not lr_rewind:
-                missing, unexpected = self.model.load_state_dict(self.snapshot, strict=False)
+                snapshot = cast("dict[str, torch.Tensor]", self.snapshot)  # not None: refused above
+                missing, unexpected = self.model.load_state_dict(snapshot, strict=False)
                 if unexpected or any(not k.endswith(".mask") for k in missing):
                     raise RuntimeError(f"IMP rewind: state mismatch (missing {missing}, unexpected {unexpected})")
             opt = getattr(self, "optimizer", None)

@@ -71,7 +71,7 @@ t = +2.0234, just outside the asymptotic edge; beta = 0.8 gives t = -2.2832, sli
 *inside* it, so a pure-noise matrix usually shows one, sometimes two, singular values above
 it (measured: the share of noise matrices with at least one is close to beta).
 
-Default beta (0.01; rmt.beta in suite/config.py)
+Default beta (0.01; rmt.beta, RMTConfig in baselines/rmt.py)
 ------------------------------------------------
 The MP pruning papers (arXiv 2503.01922, 2606.02608) take the edge from BEMA (Ke, Ma & Lin):
 fit sigma^2 on the central eigenvalues, then add t_(1-beta) times the Tracy-Widom scale. In
@@ -108,12 +108,14 @@ so ks >= 1 / (2p) for any fit.
 Only numpy and torch are used (scipy is not a dependency of the suite). The TW_1 quantiles
 are a table, see `_TW1_QUANTILES`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -129,19 +131,109 @@ from suite.pruning import masks
 # Table 1) lists -3.90, -3.18, -2.78, -1.91, -1.27, -0.59, 0.45, 0.98, 2.02 at
 # p = .01 .05 .10 .30 .50 .70 .90 .95 .99, all matched by the rounded table below.
 _TW1_P = np.round(np.arange(1, 100) / 100.0, 2)
-_TW1_QUANTILES = np.array([
-    -3.8954, -3.6141, -3.4324, -3.2940, -3.1804, -3.0829, -2.9967, -2.9191, -2.8481,  # .01-.09
-    -2.7824, -2.7211, -2.6633, -2.6086, -2.5565, -2.5067, -2.4589, -2.4128, -2.3683,  # .10-.18
-    -2.3251, -2.2832, -2.2423, -2.2025, -2.1636, -2.1255, -2.0881, -2.0515, -2.0154,  # .19-.27
-    -1.9799, -1.9449, -1.9104, -1.8763, -1.8426, -1.8092, -1.7761, -1.7434, -1.7108,  # .28-.36
-    -1.6785, -1.6464, -1.6145, -1.5828, -1.5511, -1.5196, -1.4881, -1.4567, -1.4254,  # .37-.45
-    -1.3941, -1.3627, -1.3314, -1.3000, -1.2686, -1.2371, -1.2054, -1.1737, -1.1418,  # .46-.54
-    -1.1098, -1.0775, -1.0451, -1.0124, -0.9795, -0.9463, -0.9128, -0.8790, -0.8448,  # .55-.63
-    -0.8102, -0.7752, -0.7397, -0.7037, -0.6672, -0.6300, -0.5923, -0.5538, -0.5147,  # .64-.72
-    -0.4747, -0.4338, -0.3920, -0.3491, -0.3052, -0.2599, -0.2134, -0.1653, -0.1156,  # .73-.81
-    -0.0641, -0.0105, 0.0454, 0.1038, 0.1652, 0.2299, 0.2985, 0.3717, 0.4501,         # .82-.90
-    0.5351, 0.6279, 0.7307, 0.8463, 0.9793, 1.1371, 1.3332, 1.5978, 2.0234,           # .91-.99
-])
+_TW1_QUANTILES = np.array(
+    [
+        -3.8954,
+        -3.6141,
+        -3.4324,
+        -3.2940,
+        -3.1804,
+        -3.0829,
+        -2.9967,
+        -2.9191,
+        -2.8481,  # .01-.09
+        -2.7824,
+        -2.7211,
+        -2.6633,
+        -2.6086,
+        -2.5565,
+        -2.5067,
+        -2.4589,
+        -2.4128,
+        -2.3683,  # .10-.18
+        -2.3251,
+        -2.2832,
+        -2.2423,
+        -2.2025,
+        -2.1636,
+        -2.1255,
+        -2.0881,
+        -2.0515,
+        -2.0154,  # .19-.27
+        -1.9799,
+        -1.9449,
+        -1.9104,
+        -1.8763,
+        -1.8426,
+        -1.8092,
+        -1.7761,
+        -1.7434,
+        -1.7108,  # .28-.36
+        -1.6785,
+        -1.6464,
+        -1.6145,
+        -1.5828,
+        -1.5511,
+        -1.5196,
+        -1.4881,
+        -1.4567,
+        -1.4254,  # .37-.45
+        -1.3941,
+        -1.3627,
+        -1.3314,
+        -1.3000,
+        -1.2686,
+        -1.2371,
+        -1.2054,
+        -1.1737,
+        -1.1418,  # .46-.54
+        -1.1098,
+        -1.0775,
+        -1.0451,
+        -1.0124,
+        -0.9795,
+        -0.9463,
+        -0.9128,
+        -0.8790,
+        -0.8448,  # .55-.63
+        -0.8102,
+        -0.7752,
+        -0.7397,
+        -0.7037,
+        -0.6672,
+        -0.6300,
+        -0.5923,
+        -0.5538,
+        -0.5147,  # .64-.72
+        -0.4747,
+        -0.4338,
+        -0.3920,
+        -0.3491,
+        -0.3052,
+        -0.2599,
+        -0.2134,
+        -0.1653,
+        -0.1156,  # .73-.81
+        -0.0641,
+        -0.0105,
+        0.0454,
+        0.1038,
+        0.1652,
+        0.2299,
+        0.2985,
+        0.3717,
+        0.4501,  # .82-.90
+        0.5351,
+        0.6279,
+        0.7307,
+        0.8463,
+        0.9793,
+        1.1371,
+        1.3332,
+        1.5978,
+        2.0234,  # .91-.99
+    ]
+)
 
 
 def tw1_quantile(prob: float) -> float:
@@ -186,32 +278,32 @@ def mp_quantile(prob: np.ndarray, g: float) -> np.ndarray:
     """Quantiles of the unit-variance MP law with ratio g <= 1 (support [(1-sqrt g)^2, (1+sqrt g)^2])."""
     t, cdf, a, b = _mp_table(float(g))
     tp = np.interp(np.asarray(prob, dtype=np.float64), cdf, t)
-    return a + (b - a) / 2.0 * (1.0 - np.cos(tp))
+    return cast(np.ndarray, a + (b - a) / 2.0 * (1.0 - np.cos(tp)))  # numpy types np.interp of an array as Any
 
 
 def mp_cdf(x: np.ndarray, g: float) -> np.ndarray:
     """Distribution function of the unit-variance MP law with ratio g <= 1."""
     t, cdf, a, b = _mp_table(float(g))
     u = 1.0 - 2.0 * (np.asarray(x, dtype=np.float64) - a) / (b - a)
-    return np.interp(np.arccos(np.clip(u, -1.0, 1.0)), t, cdf)
+    return cast(np.ndarray, np.interp(np.arccos(np.clip(u, -1.0, 1.0)), t, cdf))
 
 
 # ----------------------------------------------------------------------------- edge fit
 @dataclass
 class MPFit:
-    shape: tuple[int, int]        # matrix view (N out, M in) the fit used
-    g: float                      # min(N, M) / max(N, M)
-    sigma2: float                 # fitted entry variance
-    lambda_plus: float            # sigma2 (1 + sqrt g)^2, eigenvalues = s^2 / max(N, M)
+    shape: tuple[int, int]  # matrix view (N out, M in) the fit used
+    g: float  # min(N, M) / max(N, M)
+    sigma2: float  # fitted entry variance
+    lambda_plus: float  # sigma2 (1 + sqrt g)^2, eigenvalues = s^2 / max(N, M)
     lambda_plus_corrected: float  # lambda_plus + Tracy-Widom finite-size term
-    sv_edge: float                # sqrt(max(N, M) * lambda_plus_corrected), singular-value units
-    n_above: int                  # singular values strictly above sv_edge
-    n_total: int                  # number of singular values, min(N, M)
-    ks: float                     # max |F_emp - F_MP| over the fit window
-    tw_t: float                   # the TW_1 quantile used, P(TW_1 <= tw_t) = 1 - beta
-    sv_max: float                 # largest singular value
+    sv_edge: float  # sqrt(max(N, M) * lambda_plus_corrected), singular-value units
+    n_above: int  # singular values strictly above sv_edge
+    n_total: int  # number of singular values, min(N, M)
+    ks: float  # max |F_emp - F_MP| over the fit window
+    tw_t: float  # the TW_1 quantile used, P(TW_1 <= tw_t) = 1 - beta
+    sv_max: float  # largest singular value
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
@@ -225,7 +317,7 @@ def matrix_view(W: torch.Tensor) -> torch.Tensor:
 
 
 DEFAULT_ALPHA = 0.25  # fit window: the central half of the eigenvalues (the public code's alpha)
-DEFAULT_BETA = 0.01   # TW tail probability of the edge; see "Default beta" in the module docstring
+DEFAULT_BETA = 0.01  # TW tail probability of the edge; see "Default beta" in the module docstring
 DEFAULT_DEFLATE = True  # fit sigma^2 on the bulk without the values counted above the edge
 # quantile position of the i-th smallest value in the scale fit: (i + 0.5) / p, the midpoint of
 # its probability cell; the public code (RMT_pruning_ViT RMT.py:172 at b839c13) uses i / p
@@ -233,8 +325,13 @@ DEFAULT_QUANTILE_OFFSET = 0.5
 
 
 @torch.no_grad()
-def mp_edge_fit(W: torch.Tensor, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-                deflate: bool = DEFAULT_DEFLATE, quantile_offset: float = DEFAULT_QUANTILE_OFFSET) -> MPFit:
+def mp_edge_fit(
+    W: torch.Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    deflate: bool = DEFAULT_DEFLATE,
+    quantile_offset: float = DEFAULT_QUANTILE_OFFSET,
+) -> MPFit:
     """Fit the MP bulk of one weight tensor and locate its upper edge (module docstring has
     the conventions). alpha: window quantiles alpha .. 1 - alpha; beta: TW level, the edge
     uses the (1 - beta) quantile of TW_1, so beta is the chance that pure noise shows a
@@ -242,12 +339,15 @@ def mp_edge_fit(W: torch.Tensor, alpha: float = DEFAULT_ALPHA, beta: float = DEF
     deflate: refit sigma^2 without the values above the edge until the count is stable
     (False: one fit on all p values, as the public code)."""
     X = matrix_view(W.detach()).to("cpu", torch.float64)
-    return mp_edge_fit_svals(torch.linalg.svdvals(X).numpy(), tuple(X.shape), alpha=alpha, beta=beta,
-                             deflate=deflate, quantile_offset=quantile_offset)
+    shape = cast("tuple[int, int]", tuple(X.shape))  # matrix_view: 2-D
+    return mp_edge_fit_svals(
+        torch.linalg.svdvals(X).numpy(), shape, alpha=alpha, beta=beta, deflate=deflate, quantile_offset=quantile_offset
+    )
 
 
-def _bulk_fit(s: np.ndarray, n: int, p: int, k: int, alpha: float,
-              offset: float = DEFAULT_QUANTILE_OFFSET) -> tuple[float, float]:
+def _bulk_fit(
+    s: np.ndarray, n: int, p: int, k: int, alpha: float, offset: float = DEFAULT_QUANTILE_OFFSET
+) -> tuple[float, float]:
     """(sigma2, ks) of the p - k smallest singular values (s descending) taken as the
     singular values of an (n - k) x (p - k) noise matrix: eigenvalues s^2 / (n - k) against
     the unit MP law with ratio (p - k) / (n - k). k = 0 is the plain fit."""
@@ -268,9 +368,14 @@ def _bulk_fit(s: np.ndarray, n: int, p: int, k: int, alpha: float,
     return sigma2, ks
 
 
-def mp_edge_fit_svals(s: np.ndarray, shape: tuple[int, int], alpha: float = DEFAULT_ALPHA,
-                      beta: float = DEFAULT_BETA, deflate: bool = DEFAULT_DEFLATE,
-                      quantile_offset: float = DEFAULT_QUANTILE_OFFSET) -> MPFit:
+def mp_edge_fit_svals(
+    s: np.ndarray,
+    shape: tuple[int, int],
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    deflate: bool = DEFAULT_DEFLATE,
+    quantile_offset: float = DEFAULT_QUANTILE_OFFSET,
+) -> MPFit:
     """`mp_edge_fit` from the singular values `s` (any order) of an N x M matrix view, so
     that several settings can be tried on one SVD (scripts/mp_fit_check.py does)."""
     if not 0.0 <= alpha < 0.5:
@@ -299,14 +404,26 @@ def mp_edge_fit_svals(s: np.ndarray, shape: tuple[int, int], alpha: float = DEFA
             break
         k = k_next
     return MPFit(
-        shape=(N, Mi), g=g, sigma2=sigma2, lambda_plus=sigma2 * (1.0 + rg) ** 2,
-        lambda_plus_corrected=sigma2 * edge_unit, sv_edge=sv_edge, n_above=n_above,
-        n_total=int(p), ks=ks, tw_t=t_tw, sv_max=float(s[0]) if p else 0.0,
+        shape=(N, Mi),
+        g=g,
+        sigma2=sigma2,
+        lambda_plus=sigma2 * (1.0 + rg) ** 2,
+        lambda_plus_corrected=sigma2 * edge_unit,
+        sv_edge=sv_edge,
+        n_above=n_above,
+        n_total=int(p),
+        ks=ks,
+        tw_t=t_tw,
+        sv_max=float(s[0]) if p else 0.0,
     )
 
 
-def mp_layer_report(layers: Sequence[tuple[str, nn.Module]], alpha: float = DEFAULT_ALPHA,
-                    beta: float = DEFAULT_BETA, deflate: bool = DEFAULT_DEFLATE) -> list[dict]:
+def mp_layer_report(
+    layers: Sequence[tuple[str, nn.Module]],
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    deflate: bool = DEFAULT_DEFLATE,
+) -> list[dict[str, Any]]:
     """One row per prunable layer: the MP fit of its dense stored weight plus the share of
     singular values at or below the edge (the noise share the RMT method prunes by)."""
     rows = []
@@ -327,8 +444,9 @@ def mp_layer_report(layers: Sequence[tuple[str, nn.Module]], alpha: float = DEFA
 SEB_B, SEB_SD, SEB_P = 1.0, 1.0, 1.0
 
 
-def seb_layer_weights(fits: Sequence[MPFit], s: float, b: "float | Sequence[float]" = SEB_B, s_d: float = SEB_SD,
-                      p: float = SEB_P) -> list[float]:
+def seb_layer_weights(
+    fits: Sequence[MPFit], s: float, b: float | Sequence[float] = SEB_B, s_d: float = SEB_SD, p: float = SEB_P
+) -> list[float]:
     """w_l(s) = max(0.1, 1 + b d(s) z_l), d(s) = max(0, 1 - s / s_d)^p, z_l the z-score of
     sv_edge across the given layers (population std); b one value, or one per layer (the
     paper's high-sparsity regime weights attention and MLP layers differently). Equal edges, or
@@ -367,9 +485,15 @@ def seb_scores(weights: Sequence[torch.Tensor], layer_weights: Sequence[float]) 
     return [w.detach().abs() / wl for w, wl in zip(weights, layer_weights)]
 
 
-def seb_masks(weights: Sequence[torch.Tensor], fits: Sequence[MPFit], sparsity: float,
-              b: "float | Sequence[float]" = SEB_B, s_d: float = SEB_SD, p: float = SEB_P,
-              budget_sparsity: Optional[float] = None) -> list[torch.Tensor]:
+def seb_masks(
+    weights: Sequence[torch.Tensor],
+    fits: Sequence[MPFit],
+    sparsity: float,
+    b: float | Sequence[float] = SEB_B,
+    s_d: float = SEB_SD,
+    p: float = SEB_P,
+    budget_sparsity: Optional[float] = None,
+) -> list[torch.Tensor]:
     """0/1 masks removing the round(sparsity * N) smallest |W| / w_l over all layers together.
     w_l is evaluated at `budget_sparsity` (default: `sparsity`); SER over-prunes to rho * s
     with the weights of the final target s, so it passes budget_sparsity = s."""
@@ -386,8 +510,9 @@ def ser_scores(dws: Sequence[torch.Tensor], layer_weights: Sequence[float]) -> l
 
 
 @torch.no_grad()
-def ser_restore(masks_over: Sequence[torch.Tensor], dw_scores: Sequence[torch.Tensor],
-                target_sparsity: float) -> list[torch.Tensor]:
+def ser_restore(
+    masks_over: Sequence[torch.Tensor], dw_scores: Sequence[torch.Tensor], target_sparsity: float
+) -> list[torch.Tensor]:
     """Restore (set to 1) the removed entries with the highest scores until exactly
     round(target_sparsity * N) zeros remain over all masks together. Entries the
     over-pruned masks kept are never touched; scores of kept entries are ignored. Ties
@@ -413,6 +538,6 @@ def ser_restore(masks_over: Sequence[torch.Tensor], dw_scores: Sequence[torch.Te
         new[removed[pick]] = 1
     out, i = [], 0
     for m in masks_over:
-        out.append(new[i:i + m.numel()].view_as(m).to(m.dtype))
+        out.append(new[i : i + m.numel()].view_as(m).to(m.dtype))
         i += m.numel()
     return out

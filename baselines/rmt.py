@@ -99,56 +99,95 @@ model checkpoint. The pruner state holds the phase, the SER over-pruned masks an
 the layer weights, per-layer shares and thresholds; the SER survivor snapshot is re-taken from
 the model on load (mid-selection the model holds exactly the snapshot values).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
+import torch.nn as nn
 from pydantic import Field
 
 from baselines import marchenko_pastur as mp
 from suite.pruning import masks, registry
-from suite.pruning.base import MaskPruner
+from suite.pruning.base import MaskPruner, run_section
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class RMTConfig(Strict):
     """Marchenko-Pastur (random-matrix) pruning family (docs: baselines.md; baselines/marchenko_pastur.py)."""
 
     alpha: float = Field(0.25, gt=0, lt=0.5, description="central quantile window of the MP scale fit")
-    beta: float = Field(0.01, gt=0, lt=1, description="Tracy-Widom tail probability of the edge correction: "
-                        "the chance that a pure-noise layer shows a singular value above the edge (0.01: "
-                        "count the spikes that are there; the papers' public code uses 0.8, an edge inside "
-                        "the bulk that noise crosses most of the time; baselines/marchenko_pastur.py)")
-    deflate: bool = Field(True, description="fit the MP scale on the bulk without the values counted above the "
-                          "edge, refitting until the count is stable (false: one fit on all values, as the public "
-                          "code; many spikes then inflate the scale and hide spikes)")
+    beta: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Tracy-Widom tail probability of the edge correction: "
+        "the chance that a pure-noise layer shows a singular value above the edge (0.01: "
+        "count the spikes that are there; the papers' public code uses 0.8, an edge inside "
+        "the bulk that noise crosses most of the time; baselines/marchenko_pastur.py)",
+    )
+    deflate: bool = Field(
+        True,
+        description="fit the MP scale on the bulk without the values counted above the "
+        "edge, refitting until the count is stable (false: one fit on all values, as the public "
+        "code; many spikes then inflate the scale and hide spikes)",
+    )
     seb_b: float = Field(1.0, ge=0, description="SEB: b in w_l(s) = max(0.1, 1 + b d(s) z_l)")
     seb_sd: float = Field(1.0, gt=0, description="SEB: s_d in d(s) = (1 - s / s_d)_+^p")
     seb_p: float = Field(1.0, gt=0, description="SEB: p in d(s)")
     seb_regime: Literal["fixed", "paper"] = Field(
-        "fixed", description="SEB's b and s_d: fixed (seb_b, seb_sd for every target), or the paper's regimes by "
+        "fixed",
+        description="SEB's b and s_d: fixed (seb_b, seb_sd for every target), or the paper's regimes by "
         "target (below 0.30 plain magnitude; to 0.40 b 1.0, s_d 0.5; to 0.55 b 1.25, s_d 0.7; above, s_d 0.85 with "
-        "b 1.0 attention / 2.0 MLP / 1.5 other layers; baselines/marchenko_pastur.py seb_paper_regime)")
+        "b 1.0 attention / 2.0 MLP / 1.5 other layers; baselines/marchenko_pastur.py seb_paper_regime)",
+    )
     ser_rho: float = Field(1.1, ge=1, description="SER: over-prune to min(rho * s, 0.999) before restoring")
-    ser_reinsert: Optional[float] = Field(None, gt=0, lt=1, description="SER: over-prune to s + this (absolute) "
-                                          "instead of rho * s; the released code reinserts 0.03 of all weights")
-    quantile_offset: float = Field(0.5, ge=0, lt=1, description="MP scale fit: the i-th smallest value sits at "
-                                   "quantile (i + offset) / p (0.5: its cell's midpoint; the public code: 0)")
+    ser_reinsert: Optional[float] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="SER: over-prune to s + this (absolute) "
+        "instead of rho * s; the released code reinserts 0.03 of all weights",
+    )
+    quantile_offset: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="MP scale fit: the i-th smallest value sits at "
+        "quantile (i + offset) / p (0.5: its cell's midpoint; the public code: 0)",
+    )
     hybrid_switch: float = Field(0.2, gt=0, lt=1, description="hybrid: magnitude up to this sparsity, SER beyond")
     regularised_epochs: int = Field(1, ge=0, description="classical RMT: epochs of the short regularised fine-tune")
-    l1: float = Field(1e-5, ge=0, description="classical RMT: L1 coefficient (on sum |w| of the prunable weights) "
-                      "in the regularised fine-tune")
-    cycles: int = Field(1, ge=1, le=1000, description="classical RMT: pruning cycles (1: one shot at the start; "
-                        "the public code: 34, each removing 0.06 x 1.02^i of the remaining weights with layer shares "
-                        "to the power 1.5 / i; here scaled so the last cycle lands on the target)")
-    cycle_steps: Optional[int] = Field(None, ge=1, description="classical RMT: optimiser steps between cycles "
-                                       "(default: the first half of the run split evenly)")
-    sv_tau: float = Field(1.0, ge=0, description="classical RMT: noise singular-vector entries below "
-                          "sv_tau (1 - s_i / sv_edge) / sqrt(dim) are zeroed")
-
-
+    l1: float = Field(
+        1e-5,
+        ge=0,
+        description="classical RMT: L1 coefficient (on sum |w| of the prunable weights) in the regularised fine-tune",
+    )
+    cycles: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="classical RMT: pruning cycles (1: one shot at the start; "
+        "the public code: 34, each removing 0.06 x 1.02^i of the remaining weights with layer shares "
+        "to the power 1.5 / i; here scaled so the last cycle lands on the target)",
+    )
+    cycle_steps: Optional[int] = Field(
+        None,
+        ge=1,
+        description="classical RMT: optimiser steps between cycles (default: the first half of the run split evenly)",
+    )
+    sv_tau: float = Field(
+        1.0,
+        ge=0,
+        description="classical RMT: noise singular-vector entries below "
+        "sv_tau (1 - s_i / sv_edge) / sqrt(dim) are zeroed",
+    )
 
 
 class _RMTBase(MaskPruner):
@@ -158,7 +197,7 @@ class _RMTBase(MaskPruner):
     options = RMTConfig
 
     @classmethod
-    def hash_options(cls, d: dict[str, Any], run) -> None:
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
         # added later: runs without them keep their hashes
         if d.get("ser_reinsert") is None:
             d.pop("ser_reinsert", None)
@@ -172,9 +211,9 @@ class _RMTBase(MaskPruner):
         if not d["deflate"]:
             d.pop("deflate")  # the single-fit edge keeps the hashes it had before deflation existed
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.r = cfg.rmt
+        self.r = run_section(cfg, "rmt", RMTConfig)
         self.epoch = 1
         self.fits: list[mp.MPFit] = []
 
@@ -183,12 +222,15 @@ class _RMTBase(MaskPruner):
 
     def fit_all(self, weights: Optional[list[torch.Tensor]] = None) -> list[mp.MPFit]:
         """MP edge fits of `weights` (default: the stored weights), kept as self.fits."""
-        self.fits = [mp.mp_edge_fit(w, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate,
-                                    quantile_offset=self.r.quantile_offset)
-                     for w in (self.stored() if weights is None else weights)]
+        self.fits = [
+            mp.mp_edge_fit(
+                w, alpha=self.r.alpha, beta=self.r.beta, deflate=self.r.deflate, quantile_offset=self.r.quantile_offset
+            )
+            for w in (self.stored() if weights is None else weights)
+        ]
         return self.fits
 
-    def seb_b_sd(self, s: float) -> tuple["float | list[float]", float]:
+    def seb_b_sd(self, s: float) -> tuple[float | list[float], float]:
         """SEB's b (one, or per layer) and s_d at target s: as configured, or the paper's regime."""
         if self.r.seb_regime == "paper":
             return mp.seb_paper_regime(s, [n for n, _ in self.layers])
@@ -245,40 +287,45 @@ class SpectralEdgeRestore(_RMTBase):
     published = {"ser": ("mp_ser",)}  # arXiv 2606.02608: spectral edge restore
 
     @classmethod
-    def needed_epochs(cls, run) -> int:
+    def needed_epochs(cls, run: RunConfig) -> int:
         return cls.min_epochs
 
     @classmethod
-    def check(cls, run) -> None:
+    def check(cls, run: RunConfig) -> None:
         need = cls.needed_epochs(run)
         if run.epochs < need:
-            raise ValueError(f"epochs: {cls.name} needs at least {need} (a selection epoch, then a fine-tune "
-                             f"after the restore), got {run.epochs}")
+            raise ValueError(
+                f"epochs: {cls.name} needs at least {need} (a selection epoch, then a fine-tune "
+                f"after the restore), got {run.epochs}"
+            )
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
         self._check_epochs()
         self.phase = "init"  # init -> (prefix) -> select -> finetune
-        self.over: list[torch.Tensor] = []       # over-pruned masks (1 = survivor)
+        self.over: list[torch.Tensor] = []  # over-pruned masks (1 = survivor)
         self.reservoir: list[torch.Tensor] = []  # bool: removed by the SER over-prune, trains in selection
-        self.snapshot: list[torch.Tensor] = []   # survivors' stored values during selection
+        self.snapshot: list[torch.Tensor] = []  # survivors' stored values during selection
 
     def _check_epochs(self) -> None:
         need = self.selection_epoch + 1
         if self.cfg.epochs < need:
-            raise ValueError(f"{self.name}: needs epochs >= {need} (selection epoch {self.selection_epoch} "
-                             f"plus a fine-tune after the restore), got {self.cfg.epochs}")
+            raise ValueError(
+                f"{self.name}: needs epochs >= {need} (selection epoch {self.selection_epoch} "
+                f"plus a fine-tune after the restore), got {self.cfg.epochs}"
+            )
 
-    def attach(self, model) -> None:
+    def attach(self, model: nn.Module) -> None:
         super().attach(model)
         for i, w in enumerate(self.stored()):
-            w.register_hook(self._freeze_hook(i))
+            w.register_hook(self._freeze_hook(i))  # type: ignore[no-untyped-call]  # unannotated in torch
 
-    def _freeze_hook(self, i: int):
-        def hook(grad: torch.Tensor):
+    def _freeze_hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.phase == "select" and self.over:
                 return grad * (1 - self.over[i]).to(grad.dtype)
             return grad
+
         return hook
 
     def over_target(self) -> float:
@@ -301,11 +348,11 @@ class SpectralEdgeRestore(_RMTBase):
         prior = prior if prior is not None else [torch.ones_like(w) for w in W]
         if prior is None or all(bool(p.all()) for p in prior):
             b, s_d = self.seb_b_sd(s)
-            over = mp.seb_masks(W, self.fits, self.over_target(), b=b, s_d=s_d,
-                                p=self.r.seb_p, budget_sparsity=s)
+            over = mp.seb_masks(W, self.fits, self.over_target(), b=b, s_d=s_d, p=self.r.seb_p, budget_sparsity=s)
         else:  # previously removed entries rank first (score -1 < any |W| / w_l)
-            scores = [torch.where(p.bool(), sc, torch.full_like(sc, -1.0))
-                      for sc, p in zip(mp.seb_scores(W, self.wl), prior)]
+            scores = [
+                torch.where(p.bool(), sc, torch.full_like(sc, -1.0)) for sc, p in zip(mp.seb_scores(W, self.wl), prior)
+            ]
             over = [o.to(w.dtype) for o, w in zip(masks.lowest_score_masks(scores, self.over_target()), W)]
         self.over = [o.detach().clone() for o in over]
         self.reservoir = [(p.bool() & ~o.bool()) for p, o in zip(prior, self.over)]
@@ -329,8 +376,9 @@ class SpectralEdgeRestore(_RMTBase):
         to reach exactly round(s N) zeros; returns the final masks."""
         W = self.stored()
         dw = [w.detach() * r for w, r in zip(W, self.reservoir)]  # W_end - W_start, W_start = 0
-        sc = [torch.where(r, d.abs() * wl, torch.full_like(d, -math.inf))
-              for d, r, wl in zip(dw, self.reservoir, self.wl)]
+        sc = [
+            torch.where(r, d.abs() * wl, torch.full_like(d, -math.inf)) for d, r, wl in zip(dw, self.reservoir, self.wl)
+        ]
         final = mp.ser_restore(self.over, sc, self.cfg.sparsity)
         for w, m in zip(W, final):
             w[m == 0] = 0.0
@@ -354,14 +402,19 @@ class SpectralEdgeRestore(_RMTBase):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "epoch": self.epoch, "wl": getattr(self, "wl", None),
-                "over": [o.clone() for o in self.over], "reservoir": [r.clone() for r in self.reservoir],
-                "fits": [f.to_dict() for f in self.fits]}
+        return {
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "wl": getattr(self, "wl", None),
+            "over": [o.clone() for o in self.over],
+            "reservoir": [r.clone() for r in self.reservoir],
+            "fits": [f.to_dict() for f in self.fits],
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.phase = st["phase"]
         self.epoch = st.get("epoch", self.epoch)
-        self.wl = st.get("wl")
+        self.wl = cast("list[float]", st.get("wl"))  # None only in a state saved before start_selection sets it
         W = self.stored()
         self.over = [o.to(w.device).clone() for o, w in zip(st.get("over", []), W)]
         self.reservoir = [r.to(w.device).clone() for r, w in zip(st.get("reservoir", []), W)]
@@ -382,11 +435,12 @@ class HybridMagnitudeSER(SpectralEdgeRestore):
     published = {"rmt_hybrid": ("mp_hybrid_mag_ser",)}
 
     @classmethod
-    def needed_epochs(cls, run) -> int:
-        return cls.min_epochs if run.sparsity > run.rmt.hybrid_switch else 1  # one-shot magnitude below
+    def needed_epochs(cls, run: RunConfig) -> int:
+        switch = run_section(run, "rmt", RMTConfig).hybrid_switch
+        return cls.min_epochs if run.sparsity > switch else 1  # one-shot magnitude below
 
-    def __init__(self, cfg, layers, steps_per_epoch):
-        self.use_ser = cfg.sparsity > cfg.rmt.hybrid_switch
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
+        self.use_ser = cfg.sparsity > run_section(cfg, "rmt", RMTConfig).hybrid_switch
         self.selection_epoch = 2
         super().__init__(cfg, layers, steps_per_epoch)
 
@@ -434,11 +488,11 @@ def cycle_path(s: float, cycles: int) -> list[float]:
     def path(c: float) -> list[float]:
         d, out = 1.0, []
         for i in range(1, cycles + 1):
-            d *= 1.0 - min(1.0, c * 1.02 ** i)
+            d *= 1.0 - min(1.0, c * 1.02**i)
             out.append(1.0 - d)
         return out
 
-    lo, hi = 0.0, 1.0 / 1.02 ** cycles
+    lo, hi = 0.0, 1.0 / 1.02**cycles
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if path(mid)[-1] < s:
@@ -450,8 +504,9 @@ def cycle_path(s: float, cycles: int) -> list[float]:
     return out
 
 
-def _shares_to_counts(q: list[float], sizes: list[int], total_zeros: int, cap: "float | list[float]",
-                      int_caps: Optional[list[int]] = None) -> list[int]:
+def _shares_to_counts(
+    q: list[float], sizes: list[int], total_zeros: int, cap: float | list[float], int_caps: Optional[list[int]] = None
+) -> list[int]:
     """Integer zeros per layer, k_l ~ min(cap_l, c q_l) n_l with sum k_l = total_zeros exactly. `cap`
     is one share for every layer or one per layer; `int_caps` the most zeros each layer may take
     (default floor(cap_l n_l)). A gradual RMT cycle passes the active weights as `sizes` and the
@@ -510,7 +565,7 @@ def denoise_noise_components(W: torch.Tensor, fit: mp.MPFit, tau: float) -> torc
         tv = (t / math.sqrt(Vh.shape[1]))[:, None]
         U = torch.where(noise[None, :] & (U.abs() < tu), torch.zeros_like(U), U)
         Vh = torch.where(noise[:, None] & (Vh.abs() < tv), torch.zeros_like(Vh), Vh)
-    return ((U * S) @ Vh).reshape(W.shape).to(W.dtype)
+    return cast(torch.Tensor, ((U * S) @ Vh).reshape(W.shape).to(W.dtype))  # Tensor.__matmul__ is typed Any
 
 
 @registry.register
@@ -519,14 +574,16 @@ class ClassicalRMT(_RMTBase):
     summary = "exact: per-layer shares by MP noise fraction, one shot unless rmt.cycles (the public code: 34 cycles)"
     published = {"rmt": ("mp_classical",)}  # arXiv 2606.02608: classical MP pruning
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.path = cycle_path(cfg.sparsity, cfg.rmt.cycles)
+        self.path = cycle_path(cfg.sparsity, self.r.cycles)
         self.cycle = 0
-        last = (cfg.rmt.cycles - 1) * self.cycle_every()
-        if cfg.rmt.cycles > 1 and last >= cfg.epochs * steps_per_epoch:
-            raise ValueError(f"rmt.cycles: the last of {cfg.rmt.cycles} cycles would come at step {last}, after the "
-                             f"run's {cfg.epochs * steps_per_epoch} steps (lower rmt.cycle_steps)")
+        last = (self.r.cycles - 1) * self.cycle_every()
+        if self.r.cycles > 1 and last >= cfg.epochs * steps_per_epoch:
+            raise ValueError(
+                f"rmt.cycles: the last of {self.r.cycles} cycles would come at step {last}, after the "
+                f"run's {cfg.epochs * steps_per_epoch} steps (lower rmt.cycle_steps)"
+            )
 
     @torch.no_grad()
     def on_train_start(self) -> None:
@@ -614,7 +671,8 @@ class ClassicalRMT(_RMTBase):
     def loss_term(self) -> Optional[torch.Tensor]:
         if self.epoch > self.r.regularised_epochs or self.r.l1 <= 0:
             return None
-        return self.r.l1 * sum(mod.weight.abs().sum() for _, mod in self.layers)
+        # sum() of tensors: a tensor (typed Tensor | Literal[0])
+        return cast(torch.Tensor, self.r.l1 * sum(masks.effective_weight(mod).abs().sum() for _, mod in self.layers))
 
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         out = {"rmt_regularised": float(epoch <= self.r.regularised_epochs)}
@@ -623,8 +681,12 @@ class ClassicalRMT(_RMTBase):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "layer_sparsity": getattr(self, "layer_sparsity", None),
-                "frac_below": getattr(self, "frac_below", None), "cycle": self.cycle}
+        return {
+            "epoch": self.epoch,
+            "layer_sparsity": getattr(self, "layer_sparsity", None),
+            "frac_below": getattr(self, "frac_below", None),
+            "cycle": self.cycle,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.epoch = st.get("epoch", self.epoch)

@@ -33,45 +33,57 @@ Choices where the doc is open:
   exactly the target when the knob left the run within snap_pp points of it: the ratios of the
   learned per-layer thresholds, STR's layer-wise budget, are kept.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
 from suite.pruning import masks, registry, sparsity
-from suite.pruning.base import Pruner
+from suite.pruning.base import Pruner, run_section
 from suite.pruning.calibration import Calibrated, CalibrationConfig, KnobController, snap_to
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class STRConfig(Strict):
     """Soft threshold reparameterisation (Kusupati et al. 2020): W_hat = sign(W) relu(|W| - sigmoid(s_l))."""
 
-    s_init: Optional[float] = Field(None, ge=-1e6, le=0, description="initial threshold parameter s_l of every "
-                                    "layer (default -8; reference mode -3200, RAIVNLab/STR's ResNet-50 at 90.23 %: "
-                                    "there the loss gradient on s is 0 and the weight decay alone raises it, which "
-                                    "takes tens of ImageNet epochs; a short run needs a knob of its own)")
-    s_weight_decay: float = Field(1e-2, gt=0, description="knob: weight decay on s_l (drives thresholds up); "
-                                  "calibrated unless calibration.mode is off")
+    s_init: Optional[float] = Field(
+        None,
+        ge=-1e6,
+        le=0,
+        description="initial threshold parameter s_l of every "
+        "layer (default -8; reference mode -3200, RAIVNLab/STR's ResNet-50 at 90.23 %: "
+        "there the loss gradient on s is 0 and the weight decay alone raises it, which "
+        "takes tens of ImageNet epochs; a short run needs a knob of its own)",
+    )
+    s_weight_decay: float = Field(
+        1e-2,
+        gt=0,
+        description="knob: weight decay on s_l (drives thresholds up); calibrated unless calibration.mode is off",
+    )
     search_end: Optional[int] = Field(None, ge=1, description="last epoch thresholds train (default 3/4 of epochs)")
     calibration: CalibrationConfig = CalibrationConfig()
     mode: Literal["calibrated", "reference"] = Field(
-        "calibrated", description="calibrated: the suite's equal-sparsity mode (knob steered, thresholds frozen at "
+        "calibrated",
+        description="calibrated: the suite's equal-sparsity mode (knob steered, thresholds frozen at "
         "search_end, snap); reference: RAIVNLab/STR's recipe: s decays with the weights' own weight_decay "
         "(s_weight_decay unused), thresholds train to the last epoch, no steering; the sparsity follows from "
-        "s_init and weight_decay (variant str-ref)")
+        "s_init and weight_decay (variant str-ref)",
+    )
 
     @model_validator(mode="after")
-    def _mode_defaults(self):
+    def _mode_defaults(self) -> STRConfig:
         if self.s_init is None:
             self.s_init = -3200.0 if self.mode == "reference" else -8.0
         return self
-
-
 
 
 def soft_threshold(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -79,7 +91,9 @@ def soft_threshold(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 class SoftThresholdWeight(nn.Module):
-    def __init__(self, s_init: float):
+    frozen_threshold: torch.Tensor  # buffer
+
+    def __init__(self, s_init: float) -> None:
         super().__init__()
         self.s = nn.Parameter(torch.tensor([float(s_init)]))
         self.register_buffer("frozen_threshold", torch.full((1,), float("nan")))
@@ -107,37 +121,44 @@ class SoftThreshold(Calibrated, Pruner):
     options = STRConfig
     variants = {"str-ref": {"soft_threshold": {"mode": "reference"}}}
     summary = "learned per-layer soft thresholds"
-    reference_recipe = ("RAIVNLab/STR's recipe, s from {s_init} decayed by the weights' own weight decay, "
-                        "thresholds trained to the end")
+    reference_recipe = (
+        "RAIVNLab/STR's recipe, s from {s_init} decayed by the weights' own weight decay, thresholds trained to the end"
+    )
     # Kusupati et al. 2020: STR's own recipe, a hand-set decay per sparsity
     published = {"str-ref": ("str",)}
-    published_note = ("calibrated mode (threshold decay steered to the target, snapped); published STR sets its "
-                      "decay by hand: str-ref")
+    published_note = (
+        "calibrated mode (threshold decay steered to the target, snapped); published STR sets its "
+        "decay by hand: str-ref"
+    )
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.h = cfg.soft_threshold
+        self.h = run_section(cfg, "soft_threshold", STRConfig)
         self.ref = self.h.mode == "reference"
         self.search_end = cfg.epochs if self.ref else (self.h.search_end or max(1, (3 * cfg.epochs) // 4))
         c = self.h.calibration
         # reference: the knob is the weights' own decay, fixed (a zero decay is held as a tiny one)
         knob = max(cfg.weight_decay, 1e-300) if self.ref else self.h.s_weight_decay
-        self.controller = KnobController(knob, 1.0 - cfg.sparsity, self.search_end, "off" if self.ref else c.mode,
-                                         c.gain, c.max_factor, c.lookahead)
+        self.controller = KnobController(
+            knob, 1.0 - cfg.sparsity, self.search_end, "off" if self.ref else c.mode, c.gain, c.max_factor, c.lookahead
+        )
         self.frozen = False
         self.optimizer = None
 
-    def attach(self, model) -> None:
-        self.params = [masks.attach(mod, SoftThresholdWeight(self.h.s_init).to(mod.weight.device))
-                       for _, mod in self.layers]
+    def attach(self, model: nn.Module) -> None:
+        s_init = cast(float, self.h.s_init)  # set by STRConfig._mode_defaults
+        self.params = [
+            masks.attach(mod, SoftThresholdWeight(s_init).to(masks.effective_weight(mod).device))
+            for _, mod in self.layers
+        ]
 
     def thresholds(self) -> list[torch.Tensor]:
         return [p.s for p in self.params]
 
-    def extra_weight_groups(self) -> list[dict]:
+    def extra_weight_groups(self) -> list[dict[str, Any]]:
         return [{"params": self.thresholds(), "weight_decay": self.controller.knob}]
 
-    def s_group(self) -> dict | None:
+    def s_group(self) -> dict[str, Any] | None:
         """The optimiser's group holding the thresholds (looked up anew: loading a checkpoint
         replaces the group dicts)."""
         return None if self.optimizer is None else self.optimizer.group_of(self.thresholds())
@@ -176,8 +197,15 @@ class SoftThreshold(Calibrated, Pruner):
             for p, b in zip(self.params, base):
                 p.frozen_threshold.copy_(b * math.exp(x))
 
-        return snap_to(1.0 - self.cfg.sparsity, self.h.calibration.snap_limit(), density, scale,
-                       lambda: sparsity.density(self.layers), -30.0, 30.0)
+        return snap_to(
+            1.0 - self.cfg.sparsity,
+            self.h.calibration.snap_limit(),
+            density,
+            scale,
+            lambda: sparsity.density(self.layers),
+            -30.0,
+            30.0,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "frozen": self.frozen}

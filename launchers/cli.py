@@ -1,17 +1,18 @@
 """The `hfbench` command line.
 
-  hfbench data fashion-mnist --out data/       FFCV files from the Debian Fashion-MNIST package
-  hfbench data imagefolder --name imagenet --train T --val V --out data/   ImageNet-style class folders
-  hfbench data cifar10|cifar100 --src DIR --out data/   CIFAR python releases
-  hfbench sweep configs/demo.yaml              run a sweep (SLURM array if reachable, else local)
-  hfbench status configs/demo.yaml             state, epoch, metrics, requeues, errors of each run
-  hfbench train run.yaml                       one run in this process (debugging)
-  hfbench report --experiment demo --out reports/demo
-  hfbench fit-law --experiment fmnist-pressure   gamma-density law of fixed-pressure runs
-  hfbench fit-npl --experiment fmnist-npl        Neural Pruning Law per method and saliency
-  hfbench models                               the model registry and its prunable layers
-  hfbench bench overhead|data                  step cost per method vs dense; FFCV vs torchvision
+hfbench data fashion-mnist --out data/       FFCV files from the Debian Fashion-MNIST package
+hfbench data imagefolder --name imagenet --train T --val V --out data/   ImageNet-style class folders
+hfbench data cifar10|cifar100 --src DIR --out data/   CIFAR python releases
+hfbench sweep configs/demo.yaml              run a sweep (SLURM array if reachable, else local)
+hfbench status configs/demo.yaml             state, epoch, metrics, requeues, errors of each run
+hfbench train run.yaml                       one run in this process (debugging)
+hfbench report --experiment demo --out reports/demo
+hfbench fit-law --experiment fmnist-pressure   gamma-density law of fixed-pressure runs
+hfbench fit-npl --experiment fmnist-npl        Neural Pruning Law per method and saliency
+hfbench models                               the model registry and its prunable layers
+hfbench bench overhead|data                  step cost per method vs dense; FFCV vs torchvision
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def _parse_set(items: list[str]) -> dict:
         try:
             out[k.strip()] = yaml.safe_load(v)
         except (yaml.YAMLError, ValueError, RecursionError) as e:
-            raise ConfigError(f"--set {k.strip()}: value is not valid YAML ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise ConfigError(
+                f"--set {k.strip()}: value is not valid YAML ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
     return out
 
 
@@ -56,11 +59,14 @@ def cmd_data(a) -> int:
 
     def _term(signum, frame):  # like Ctrl-C: the writer process is stopped and nothing is left half-written
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, _term)
     if a.dataset in ("fashion-mnist", "fashion_mnist"):
         if not 0 < a.val_size < 60000:
-            raise ConfigError(f"--val-size for fashion-mnist must be between 1 and 59999 (of 60,000 training "
-                              f"images), got {a.val_size}")
+            raise ConfigError(
+                f"--val-size for fashion-mnist must be between 1 and 59999 (of 60,000 training "
+                f"images), got {a.val_size}"
+            )
         from suite.data import write_fashion_mnist
 
         paths = write_fashion_mnist(a.out, val_size=a.val_size, split_seed=a.split_seed, overwrite=a.overwrite)
@@ -73,15 +79,31 @@ def cmd_data(a) -> int:
         if a.dataset == "imagefolder":
             if not a.train:
                 raise SystemExit("hfbench data imagefolder: --train DIR is required")
-            paths = images.write_imagefolder(a.out, a.train, a.val, name=a.name, max_side=a.max_side,
-                                             quality=a.quality, write_mode=a.write_mode, skip_bad=a.skip_bad,
-                                             workers=a.workers, overwrite=a.overwrite)
+            paths = images.write_imagefolder(
+                a.out,
+                a.train,
+                a.val,
+                name=a.name,
+                max_side=a.max_side,
+                quality=a.quality,
+                write_mode=a.write_mode,
+                skip_bad=a.skip_bad,
+                workers=a.workers,
+                overwrite=a.overwrite,
+            )
         else:
             if not a.src:
                 raise SystemExit(f"hfbench data {a.dataset}: --src DIR is required")
             try:
-                paths = images.write_cifar(a.dataset, a.src, a.out, val_size=a.val_size, split_seed=a.split_seed,
-                                           workers=a.workers, overwrite=a.overwrite)
+                paths = images.write_cifar(
+                    a.dataset,
+                    a.src,
+                    a.out,
+                    val_size=a.val_size,
+                    split_seed=a.split_seed,
+                    workers=a.workers,
+                    overwrite=a.overwrite,
+                )
             except ValueError as e:  # e.g. --val-size out of range: names the value
                 from suite.data import DataError
 
@@ -91,29 +113,35 @@ def cmd_data(a) -> int:
         meta = images._read_json(paths["meta"])
         for k, p in paths.items():
             e = meta.get("files", {}).get(k, {})
-            extra = f" ({e['count']} images{', %d skipped' % len(e['skipped']) if e.get('skipped') else ''})" \
-                if "count" in e else ""
+            skipped = f", {len(e['skipped'])} skipped" if e.get("skipped") else ""
+            extra = f" ({e['count']} images{skipped})" if "count" in e else ""
             print(f"{k}: {p}{extra}")
             for sk in e.get("skipped", []):
                 print(f"  skipped {sk['path']}: {sk['error']}")
         if a.dataset != "imagefolder" and a.val_size == 0:
-            print(f"runs train on it with dataset: {images.cifar_full_name(a.dataset)} "
-                  f"(every training image; val and test read the test set)")
+            print(
+                f"runs train on it with dataset: {images.cifar_full_name(a.dataset)} "
+                f"(every training image; val and test read the test set)"
+            )
         return 0
-    raise SystemExit(f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist, imagefolder, cifar10, "
-                     f"cifar100)")
+    raise SystemExit(
+        f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist, imagefolder, cifar10, cifar100)"
+    )
 
 
 def _scale_args(p) -> None:
-    p.add_argument("--scale", type=float, metavar="F",
-                   help="smoke run: multiply every epoch count by F (0 < F <= 1); runs go to experiment "
-                        "<experiment>-smoke")
+    p.add_argument(
+        "--scale",
+        type=float,
+        metavar="F",
+        help="smoke run: multiply every epoch count by F (0 < F <= 1); runs go to experiment <experiment>-smoke",
+    )
     p.add_argument("--steps", type=int, metavar="N", help="smoke run: at most N batches per epoch")
 
 
 def cmd_sweep(a) -> int:
     from launchers.sweep import Sweep
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     overrides = _parse_set(a.set)
     if a.parallelism is not None:
@@ -149,10 +177,14 @@ def cmd_sweep(a) -> int:
         from launchers.sweep import SweepInterrupted
 
         what = "SIGTERM" if got else "Ctrl-C"
-        print(f"hfbench: {e} ({what})" if isinstance(e, SweepInterrupted) else
-              f"hfbench: sweep {sweep.name} interrupted ({what}) while no job was running; rerun the same "
-              f"command to go on",
-              file=sys.stderr, flush=True)
+        print(
+            f"hfbench: {e} ({what})"
+            if isinstance(e, SweepInterrupted)
+            else f"hfbench: sweep {sweep.name} interrupted ({what}) while no job was running; rerun the same "
+            f"command to go on",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + (signal.SIGTERM if got else signal.SIGINT)
     return 1 if any(o.state == "failed" for o in outcomes) else 0
 
@@ -166,7 +198,7 @@ def _scale_overrides(a, overrides: dict) -> None:
 
 def cmd_status(a) -> int:
     from launchers.status import format_table, sweep_status
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     overrides = _parse_set(a.set)  # the same overrides as the sweep, so the same runs are found
     _scale_overrides(a, overrides)
@@ -203,8 +235,11 @@ def cmd_fit_law(a) -> int:
     for r in c.search_runs([exp.experiment_id], max_results=5000):
         p, variant = r.data.params, r.data.tags.get("hfbench.variant", "")
         family = registry.family(variant) if r.info.status == "FINISHED" else ""
-        keys = [key for _, kind, key in registry.get(family).dynamics.get(variant, []) if kind == "final"] \
-            if family else []
+        keys = (
+            [key for _, kind, key in registry.get(family).dynamics.get(variant, []) if kind == "final"]
+            if family
+            else []
+        )
         if keys and p.get(keys[0]) not in (None, "None") and "final_density" in r.data.metrics:
             pts.append((float(p[keys[0]]), r.data.metrics["final_density"]))
             sections.add(registry.get(family).section)
@@ -215,17 +250,21 @@ def cmd_fit_law(a) -> int:
     print(f"{'gamma':>10} {'density':>9}")
     for g, d in pts:
         print(f"{g:>10.4g} {100 * d:>8.3f}%")
-    print(f"d(gamma) = {law['c']:.6g} * exp(-({law['a0']:.6g} ln g + {law['a1']:.6g} ln^2 g)),"
-          f" R^2 = {law['r2']:.4f} on {law['n']} runs")
+    print(
+        f"d(gamma) = {law['c']:.6g} * exp(-({law['a0']:.6g} ln g + {law['a1']:.6g} ln^2 g)),"
+        f" R^2 = {law['r2']:.4f} on {law['n']} runs"
+    )
     for sec in sorted(s for s in sections if s):
-        print(f"for a sweep: {sec}: {{schedule: law, law: {{c: {law['c']:.6g}, a0: {law['a0']:.6g}, "
-              f"a1: {law['a1']:.6g}}}}}")
+        print(
+            f"for a sweep: {sec}: {{schedule: law, law: {{c: {law['c']:.6g}, a0: {law['a0']:.6g}, "
+            f"a1: {law['a1']:.6g}}}}}"
+        )
     return 0
 
 
 def cmd_train(a) -> int:
     from suite import tracking
-    from suite.config import _validate, RunConfig, load_yaml, set_dotted
+    from suite.config import RunConfig, _validate, load_yaml, set_dotted
     from suite.engine import train
 
     data = load_yaml(a.config)
@@ -241,18 +280,20 @@ def cmd_train(a) -> int:
 
 def cmd_fit_npl(a) -> int:
     """Fit the Neural Pruning Law ln d = ln c - alpha ln s per method and saliency."""
-    from reports.build import _all_runs, _record_from_run
+    from reports import records
     from reports.dynamics import npl_points, saliencies
     from suite.pruning.laws import npl_fit
 
     c, exp = _experiment(a, "fit-npl")
-    recs = [r for r in map(_record_from_run, _all_runs(c, exp.experiment_id)) if r and r.status == "FINISHED"]
+    recs = [r for r in records.load(c, exp.experiment_id) if r.status == "FINISHED"]
     pts = npl_points(c, recs)
     if not pts:
         kinds = sorted({f"{v}: {lab}" for v, specs in saliencies().items() for lab, _, _ in specs})
         raise SystemExit(f"hfbench fit-npl: no finished run in {a.experiment!r} has NPL points ({'; '.join(kinds)})")
-    print(f"{'method':<16} {'saliency':<22} {'alpha':>8} {'R^2':>7} {'points':>7}   "
-          f"(fit where {100 * a.lo:g}% < density <= {100 * a.hi:g}%)")
+    print(
+        f"{'method':<16} {'saliency':<22} {'alpha':>8} {'R^2':>7} {'points':>7}   "
+        f"(fit where {100 * a.lo:g}% < density <= {100 * a.hi:g}%)"
+    )
     for (variant, label), xy in sorted(pts.items()):
         try:
             if not xy:
@@ -284,12 +325,15 @@ def cmd_report(a) -> int:
         print("hfbench report: give a sweep config or --experiment, not both", file=sys.stderr)
         return 2
     if not a.config and not a.experiment:
-        print("hfbench report: which experiment? give a sweep config (hfbench report configs/demo.yaml) or "
-              "--experiment NAME", file=sys.stderr)
+        print(
+            "hfbench report: which experiment? give a sweep config (hfbench report configs/demo.yaml) or "
+            "--experiment NAME",
+            file=sys.stderr,
+        )
         return 2
     cfg_uri = None
     if a.config:
-        from suite.config import load_sweep
+        from suite.sweeps import load_sweep
 
         overrides = _parse_set(a.set)
         _scale_overrides(a, overrides)  # --scale/--steps: the smoke experiment, as the sweep named it
@@ -331,16 +375,16 @@ def cmd_models(a) -> int:
         if a.count:
             m = spec.build(1000 if spec.input_size == 224 else 10, 1 if spec.input_size == 28 else 3)
             layers = spec.prunable(m)
-            line += f"  [{len(layers)} prunable layers, {sum(l.weight.numel() for _, l in layers):,} weights]"
+            line += f"  [{len(layers)} prunable layers, {sum(mod.weight.numel() for _, mod in layers):,} weights]"
         print(line)
     return 0
 
 
 def cmd_list(a) -> int:
     """Methods (with the module that holds each), models and datasets the configs can name."""
-    from suite import datasets, models
     import json
 
+    from suite import datasets, models
     from suite.pruning import registry
 
     what = a.what
@@ -371,7 +415,8 @@ def cmd_config_show(a) -> int:
     start), or one run's resolved config as YAML (--run NAME or hash)."""
     import yaml
 
-    from suite.config import ConfigError, load_sweep
+    from suite.config import ConfigError
+    from suite.sweeps import load_sweep
 
     overrides = _parse_set(a.set)
     _scale_overrides(a, overrides)
@@ -382,16 +427,21 @@ def cmd_config_show(a) -> int:
         if not hit:
             from suite.config import did_you_mean
 
-            raise ConfigError(f"--run {a.run!r}: no run of {a.config} has that name or hash"
-                              f"{did_you_mean(a.run, [r.run_name() for r in runs])}")
+            raise ConfigError(
+                f"--run {a.run!r}: no run of {a.config} has that name or hash"
+                f"{did_you_mean(a.run, [r.run_name() for r in runs])}"
+            )
         print(yaml.safe_dump(hit[0].model_dump(mode="json"), sort_keys=False), end="")
         return 0
     print(f"{'hash':<13} {'run':<44} {'epochs':>6} {'steps/ep':>8} {'init':<10}")
     for r in runs:
-        print(f"{r.run_hash():<13} {r.run_name():<44} {r.epochs:>6} {str(r.max_steps_per_epoch or 'all'):>8} "
-              f"{r.init:<10}")
-    print(f"{len(runs)} runs; experiment {sweep.experiment_name()!r}; one run in full: "
-          f"hfbench config show {a.config} --run NAME")
+        print(
+            f"{r.run_hash():<13} {r.run_name():<44} {r.epochs:>6} {str(r.max_steps_per_epoch or 'all'):>8} {r.init:<10}"
+        )
+    print(
+        f"{len(runs)} runs; experiment {sweep.experiment_name()!r}; one run in full: "
+        f"hfbench config show {a.config} --run NAME"
+    )
     return 0
 
 
@@ -403,8 +453,10 @@ def cmd_fidelity(a) -> int:
     n = sum(1 for t in tables.values() for _ in fidelity._entries(t))
     for pr in problems:
         print(f"hfbench fidelity: {pr}", file=sys.stderr)
-    print(f"{len(tables)} reference tables, {n} (config, method, value) entries: "
-          f"{'all as listed' if not problems else f'{len(problems)} unlisted differences'}")
+    print(
+        f"{len(tables)} reference tables, {n} (config, method, value) entries: "
+        f"{'all as listed' if not problems else f'{len(problems)} unlisted differences'}"
+    )
     if a.write:
         out = fidelity.ROOT / "docs" / "fidelity.md"
         out.write_text(fidelity.render(tables))
@@ -436,9 +488,12 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hfbench", description="Pruning benchmark suite: Hyperflux against baselines.",
-                                epilog="start here: hfbench sweep configs/demo.yaml, then hfbench report configs/demo.yaml",
-                                formatter_class=_DefaultsHelp)
+    p = argparse.ArgumentParser(
+        prog="hfbench",
+        description="Pruning benchmark suite: Hyperflux against baselines.",
+        epilog="start here: hfbench sweep configs/demo.yaml, then hfbench report configs/demo.yaml",
+        formatter_class=_DefaultsHelp,
+    )
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _sub_add = sub.add_parser
@@ -446,24 +501,34 @@ def main(argv: list[str] | None = None) -> int:
     def add_parser(name, **kw):  # every command shows its defaults in --help
         kw.setdefault("formatter_class", _DefaultsHelp)
         return _sub_add(name, **kw)
+
     sub.add_parser = add_parser
 
     d = sub.add_parser("data", help="write FFCV .beton files")
     d.add_argument("dataset", help="fashion-mnist | imagefolder | cifar10 | cifar100")
     d.add_argument("--out", default="data", help="output folder")
-    d.add_argument("--val-size", type=int, default=5000,
-                   help="images held out of train for validation; cifar10/cifar100: 0 = none, train on all "
-                        "50,000 (the reference setting): files <name>_full_*, dataset <name>_full")
+    d.add_argument(
+        "--val-size",
+        type=int,
+        default=5000,
+        help="images held out of train for validation; cifar10/cifar100: 0 = none, train on all "
+        "50,000 (the reference setting): files <name>_full_*, dataset <name>_full",
+    )
     d.add_argument("--split-seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--train", help="imagefolder: train class folders (ROOT/<class>/<image>)")
     d.add_argument("--val", help="imagefolder: val class folders (same class names)")
     d.add_argument("--name", default="imagefolder", help="imagefolder: file prefix (imagenet for dataset: imagenet)")
-    d.add_argument("--max-side", type=int, default=512, help="imagefolder: resize longer side to at most this (0: keep)")
+    d.add_argument(
+        "--max-side", type=int, default=512, help="imagefolder: resize longer side to at most this (0: keep)"
+    )
     d.add_argument("--quality", type=int, default=90, help="imagefolder: JPEG quality")
     d.add_argument("--write-mode", default="jpg", choices=["jpg", "proportion", "raw"])
-    d.add_argument("--skip-bad", action="store_true",
-                   help="imagefolder: write without unreadable images (listed in the output and meta JSON)")
+    d.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="imagefolder: write without unreadable images (listed in the output and meta JSON)",
+    )
     d.add_argument("--src", help="cifar10/cifar100: the python release folder (or its parent)")
     d.add_argument("--workers", type=int, help="writer processes")
     d.set_defaults(fn=cmd_data)
@@ -476,14 +541,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, e.g. base.epochs=2")
     _scale_args(s)
     s.add_argument("--dry-run", action="store_true", help="validate and list the runs, submit nothing")
-    s.add_argument("--resume", action="store_true",
-                   help="submit only runs that are missing or failed (this is always what a sweep does: "
-                        "runs whose hash already FINISHED in the experiment are skipped)")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="submit only runs that are missing or failed (this is always what a sweep does: "
+        "runs whose hash already FINISHED in the experiment are skipped)",
+    )
     s.set_defaults(fn=cmd_sweep)
 
     st = sub.add_parser("status", help="state of every run of a sweep (MLflow + SLURM accounting)")
-    st.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="the same overrides the sweep was started with (e.g. name=..., out_dir=...)")
+    st.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the same overrides the sweep was started with (e.g. name=..., out_dir=...)",
+    )
     st.add_argument("config")
     st.add_argument("--tracking-uri")
     _scale_args(st)
@@ -527,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cf = sub.add_parser("config", help="inspect a sweep config")
     cfs = cf.add_subparsers(dest="config_cmd", metavar="show", required=True)
-    show = cfs.add_parser("show", help="the runs a sweep config expands to, or one run's resolved config",
-                        formatter_class=_DefaultsHelp)
+    show = cfs.add_parser(
+        "show", help="the runs a sweep config expands to, or one run's resolved config", formatter_class=_DefaultsHelp
+    )
     show.add_argument("config")
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, as sweep does")
     show.add_argument("--run", help="print this run's resolved config (run name or hash) as YAML")
@@ -561,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"hfbench {a.cmd}: interrupted; nothing half-written is kept, run the same command again", file=sys.stderr)
+        print(
+            f"hfbench {a.cmd}: interrupted; nothing half-written is kept, run the same command again", file=sys.stderr
+        )
         return 130
     except ConfigError as e:
         print(f"hfbench: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`hfbench status`: where every run of a sweep stands, from MLflow (state, epoch, metrics,
 error) and SLURM accounting (queued, requeued n times), for the runs the sweep config defines."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from typing import Optional
 
 from launchers.sweep import jobs_file
 from suite import tracking
-from suite.config import SweepConfig
+from suite.sweeps import SweepConfig
 
 
 @dataclass
@@ -44,8 +45,12 @@ def _sacct(job: str) -> tuple[str, int]:
     if not job or shutil.which("sacct") is None:
         return "", 0
     try:
-        out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "", 0
     states = [ln.split("|")[1].split()[0] for ln in out.splitlines() if "|" in ln]
@@ -66,13 +71,19 @@ def _pending_reason(job: str) -> str:
     if not job or shutil.which("squeue") is None:
         return ""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True,
-                             timeout=30).stdout.strip().splitlines()
+        out = (
+            subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True, timeout=30)
+            .stdout.strip()
+            .splitlines()
+        )
         if not out or not out[0].startswith("PENDING"):
             return ""
         reason = out[0].split("|", 1)[1]
-        nodes = subprocess.run(["sinfo", "-h", "-R", "-o", "%N: %T (%E)"], capture_output=True, text=True,
-                               timeout=30).stdout.strip().replace("\n", "; ")
+        nodes = (
+            subprocess.run(["sinfo", "-h", "-R", "-o", "%N: %T (%E)"], capture_output=True, text=True, timeout=30)
+            .stdout.strip()
+            .replace("\n", "; ")
+        )
         return f"pending: {reason}" + (f"; nodes {nodes}" if nodes else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -124,13 +135,17 @@ def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatu
 
 
 def format_table(rows: list[RunStatus]) -> str:
-    head = f"{'run':<34} {'hash':<12} {'state':<13} {'epoch':>7} {'test':>7} {'sparsity':>8} {'requeued':>8}  job / error"
+    head = (
+        f"{'run':<34} {'hash':<12} {'state':<13} {'epoch':>7} {'test':>7} {'sparsity':>8} {'requeued':>8}  job / error"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{100 * r.test_top1:.2f}%" if r.test_top1 is not None else "-"
         sp = f"{100 * r.sparsity:.2f}%" if r.sparsity is not None else "-"
-        lines.append(f"{r.run:<34} {r.hash:<12} {r.state:<13} {r.progress or '-':>7} {acc:>7} {sp:>8} "
-                     f"{r.requeues:>8}  {r.error or r.job}")
+        lines.append(
+            f"{r.run:<34} {r.hash:<12} {r.state:<13} {r.progress or '-':>7} {acc:>7} {sp:>8} "
+            f"{r.requeues:>8}  {r.error or r.job}"
+        )
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1

@@ -5,25 +5,35 @@ and print a summary. Runs whose config hash already FINISHED in the experiment a
 Runs that start from a dense model (init: dense) go in a second stage, after the dense runs
 of the first stage have written their weights.
 """
+
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from suite import datasets, tracking
-from suite.config import ConfigError, RunConfig, SweepConfig
-
+from suite.config import ConfigError, RunConfig
+from suite.sweeps import SweepConfig
 
 # SLURM states of a job that is queued or running again after a requeue, and the states it
 # passes through on the way there (see Sweep._settled).
-_NOT_DONE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
-             "COMPLETING", "RESIZING", "SUSPENDED")
+_NOT_DONE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+)
 _COMING_BACK = ("NODE_FAIL", "PREEMPTED")
 TRANSIENT_GRACE_S = 300
 
@@ -68,8 +78,10 @@ def check_files(runs: list[RunConfig]) -> None:
     """Refuse, before anything is submitted, runs whose starting weights file is missing."""
     for r in runs:
         if r.init == "pretrained" and not Path(r.pretrained).is_file():
-            raise ConfigError(f"run {r.run_name()}: pretrained: weights file {r.pretrained} not found "
-                              f"(give a local path; nothing is downloaded at run time)")
+            raise ConfigError(
+                f"run {r.run_name()}: pretrained: weights file {r.pretrained} not found "
+                f"(give a local path; nothing is downloaded at run time)"
+            )
 
 
 def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> None:
@@ -91,26 +103,36 @@ def check_resources(sweep: SweepConfig, runs: list[RunConfig], kind: str) -> Non
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpn = sweep.launcher.slurm.gpus_per_node
     if gpn > visible:
-        raise ConfigError(f"launcher.slurm.gpus_per_node ({gpn}) is more than the {visible} GPU(s) visible on "
-                          f"this machine (executor {kind})")
+        raise ConfigError(
+            f"launcher.slurm.gpus_per_node ({gpn}) is more than the {visible} GPU(s) visible on "
+            f"this machine (executor {kind})"
+        )
     for r in runs:
         if r.engine.nodes > 1:
-            raise ConfigError(f"run {r.run_name()}: engine.nodes ({r.engine.nodes}) > 1 needs the SLURM executor "
-                              f"(launcher.executor is {kind!r})")
+            raise ConfigError(
+                f"run {r.run_name()}: engine.nodes ({r.engine.nodes}) > 1 needs the SLURM executor "
+                f"(launcher.executor is {kind!r})"
+            )
         if kind == "debug" and r.engine.world_size > 1:
-            raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) > 1 cannot run on the "
-                              f"debug executor (one process); use launcher.executor local or slurm")
+            raise ConfigError(
+                f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) > 1 cannot run on the "
+                f"debug executor (one process); use launcher.executor local or slurm"
+            )
         from suite.data import loader_thread_limit
 
         threads = loader_thread_limit()
         if r.engine.loader_workers > threads:
-            raise ConfigError(f"run {r.run_name()}: engine.loader_workers ({r.engine.loader_workers}) is more than "
-                              f"the {threads} loader threads this machine allows (its CPUs, or NUMBA_NUM_THREADS)")
+            raise ConfigError(
+                f"run {r.run_name()}: engine.loader_workers ({r.engine.loader_workers}) is more than "
+                f"the {threads} loader threads this machine allows (its CPUs, or NUMBA_NUM_THREADS)"
+            )
         on_gpu = r.engine.device == "cuda" or (r.engine.device == "auto" and visible > 0)
         if on_gpu and r.engine.world_size > visible:
-            raise ConfigError(f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) is more than the "
-                              f"{visible} GPU(s) visible on this machine (engine.device {r.engine.device}); "
-                              f"lower it or set engine.device: cpu")
+            raise ConfigError(
+                f"run {r.run_name()}: engine.world_size ({r.engine.world_size}) is more than the "
+                f"{visible} GPU(s) visible on this machine (engine.device {r.engine.device}); "
+                f"lower it or set engine.device: cpu"
+            )
 
 
 def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
@@ -132,8 +154,10 @@ def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
                 if not p.is_dir():
                     raise ConfigError(f"{field_name}: {d}: {p} is a file, not a folder")
                 break
-    folders = [("launcher.folder", Path(sweep.launcher.folder)),
-               ("launcher.folder", Path(sweep.launcher.folder) / sweep.name)]
+    folders = [
+        ("launcher.folder", Path(sweep.launcher.folder)),
+        ("launcher.folder", Path(sweep.launcher.folder) / sweep.name),
+    ]
     folders += [("out_dir", Path(o)) for o in sorted({r.out_dir for r in runs})]
     for field_name, d in folders:
         try:
@@ -141,12 +165,16 @@ def check_private(sweep: SweepConfig, runs: list[RunConfig]) -> None:
         except FileNotFoundError:
             continue
         if st.st_uid != me:
-            raise ConfigError(f"{field_name}: {d} belongs to another user (uid {st.st_uid}); anyone who owns it "
-                              f"can replace what your jobs load. Use a folder of your own")
+            raise ConfigError(
+                f"{field_name}: {d} belongs to another user (uid {st.st_uid}); anyone who owns it "
+                f"can replace what your jobs load. Use a folder of your own"
+            )
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:  # sticky, like /tmp: ok
-            raise ConfigError(f"{field_name}: {d} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
-                              f"(mode {stat.S_IMODE(st.st_mode):o}); anyone who can write there can replace what "
-                              f"your jobs load. Run `chmod go-w {d}` or use a private folder")
+            raise ConfigError(
+                f"{field_name}: {d} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); anyone who can write there can replace what "
+                f"your jobs load. Run `chmod go-w {d}` or use a private folder"
+            )
 
 
 def _scontrol(what: str) -> list[dict[str, str]]:
@@ -196,18 +224,24 @@ def check_cluster(sweep: SweepConfig, runs: list[RunConfig]) -> None:
     if S.partition:
         name = S.partition
         if name not in parts:
-            raise ConfigError(f"launcher.slurm.partition: {name!r} is not a partition of this cluster "
-                              f"(partitions: {', '.join(sorted(parts)) or 'none'})")
+            raise ConfigError(
+                f"launcher.slurm.partition: {name!r} is not a partition of this cluster "
+                f"(partitions: {', '.join(sorted(parts)) or 'none'})"
+            )
     else:
         name = next((n for n, p in parts.items() if p.get("Default") == "YES"), "")
         if not name:
-            raise ConfigError("launcher.slurm.partition is not set and the cluster has no default partition "
-                              f"(partitions: {', '.join(sorted(parts)) or 'none'})")
+            raise ConfigError(
+                "launcher.slurm.partition is not set and the cluster has no default partition "
+                f"(partitions: {', '.join(sorted(parts)) or 'none'})"
+            )
     part = parts[name]
     limit = slurm_minutes(part.get("MaxTime", "UNLIMITED"))
     if limit is not None and S.time_min > limit:
-        raise ConfigError(f"launcher.slurm.time_min ({S.time_min}) is above partition {name!r}'s time limit "
-                          f"({limit:g} min); the jobs would wait forever")
+        raise ConfigError(
+            f"launcher.slurm.time_min ({S.time_min}) is above partition {name!r}'s time limit "
+            f"({limit:g} min); the jobs would wait forever"
+        )
     members = [n for n in nodes if name in n.get("Partitions", "").split(",")]
     if not members:
         raise ConfigError(f"launcher.slurm.partition: {name!r} has no nodes")
@@ -221,25 +255,35 @@ def check_cluster(sweep: SweepConfig, runs: list[RunConfig]) -> None:
     max_mem = max(int(n.get("RealMemory", 0)) for n in members)  # MB
     max_gpu = max(gpus(n) for n in members)
     if S.mem_gb and S.mem_gb * 1024 > max_mem:
-        raise ConfigError(f"launcher.slurm.mem_gb ({S.mem_gb:g}) is more than any node of partition {name!r} has "
-                          f"({max_mem / 1024:g} GB)")
+        raise ConfigError(
+            f"launcher.slurm.mem_gb ({S.mem_gb:g}) is more than any node of partition {name!r} has "
+            f"({max_mem / 1024:g} GB)"
+        )
     if S.gpus_per_node > max_gpu:
-        raise ConfigError(f"launcher.slurm.gpus_per_node ({S.gpus_per_node}) is more than any node of partition "
-                          f"{name!r} has ({max_gpu})")
+        raise ConfigError(
+            f"launcher.slurm.gpus_per_node ({S.gpus_per_node}) is more than any node of partition "
+            f"{name!r} has ({max_gpu})"
+        )
     for r in runs:
         cpus = max(r.engine.threads_per_rank, S.cpus_per_task) * r.engine.world_size
         if cpus > max_cpu:
-            raise ConfigError(f"run {r.run_name()}: launcher.slurm.cpus_per_task x engine.world_size "
-                              f"({max(r.engine.threads_per_rank, S.cpus_per_task)} x {r.engine.world_size} = {cpus} "
-                              f"CPUs) is more than any node of partition {name!r} has ({max_cpu})")
+            raise ConfigError(
+                f"run {r.run_name()}: launcher.slurm.cpus_per_task x engine.world_size "
+                f"({max(r.engine.threads_per_rank, S.cpus_per_task)} x {r.engine.world_size} = {cpus} "
+                f"CPUs) is more than any node of partition {name!r} has ({max_cpu})"
+            )
         if r.engine.nodes > len(members):
-            raise ConfigError(f"run {r.run_name()}: engine.nodes ({r.engine.nodes}) is more than partition "
-                              f"{name!r} has ({len(members)})")
+            raise ConfigError(
+                f"run {r.run_name()}: engine.nodes ({r.engine.nodes}) is more than partition "
+                f"{name!r} has ({len(members)})"
+            )
     usable = [n for n in members if not any(s in n.get("State", "") for s in ("DOWN", "DRAIN", "FAIL"))]
     if not usable:
-        print(f"[hfbench] WARNING: every node of partition {name!r} is down or drained "
-              f"({'; '.join(n['NodeName'] + ': ' + n.get('State', '?') for n in members)}); the jobs will wait",
-              flush=True)
+        print(
+            f"[hfbench] WARNING: every node of partition {name!r} is down or drained "
+            f"({'; '.join(n['NodeName'] + ': ' + n.get('State', '?') for n in members)}); the jobs will wait",
+            flush=True,
+        )
 
 
 def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
@@ -255,8 +299,10 @@ def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
             if p.exists() and not p.is_file():
                 from suite.data import DataError
 
-                raise DataError(f"{p}: expected a .beton data file, found a {'folder' if p.is_dir() else 'non-file'}; "
-                                f"move it away (the sweep would write the file there)")
+                raise DataError(
+                    f"{p}: expected a .beton data file, found a {'folder' if p.is_dir() else 'non-file'}; "
+                    f"move it away (the sweep would write the file there)"
+                )
         missing = spec.missing(r.data_dir)
         if not missing:
             spec.validate(r.data_dir)  # before anything is submitted
@@ -265,16 +311,27 @@ def ensure_data(runs: list[RunConfig], build: bool = True, say=print) -> None:
             say(f"[hfbench] building {r.dataset} files in {r.data_dir} (missing: {', '.join(p.name for p in missing)})")
             spec.build(Path(r.data_dir))
         else:
-            raise FileNotFoundError(f"dataset {r.dataset}: missing {', '.join(map(str, missing))}; make them with: "
-                                    + spec.make_command.format(data_dir=r.data_dir))
+            raise FileNotFoundError(
+                f"dataset {r.dataset}: missing {', '.join(map(str, missing))}; make them with: "
+                + spec.make_command.format(data_dir=r.data_dir)
+            )
 
 
 # torch.distributed rendezvous variables. Jobs inherit the submitter's environment (sbatch
 # --export=ALL, submitit's local processes): a sweep started inside a torchrun job, or from a
 # process that trained in-process, would hand every task the same RANK/WORLD_SIZE/MASTER_PORT,
 # so each would skip its own rendezvous and array tasks on one node would collide on the port.
-_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_RENDEZVOUS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, nodes: int, threads: int = 1):
@@ -285,8 +342,13 @@ def make_executor(sweep: SweepConfig, kind: str, folder: Path, world_size: int, 
             os.environ.pop(k, None)
     L = sweep.launcher
     ex = submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=L.max_requeues)
-    params: dict[str, Any] = dict(name=f"hfbench-{sweep.name}", timeout_min=L.slurm.time_min, nodes=nodes,
-                                  tasks_per_node=world_size, cpus_per_task=max(threads, L.slurm.cpus_per_task))
+    params: dict[str, Any] = dict(
+        name=f"hfbench-{sweep.name}",
+        timeout_min=L.slurm.time_min,
+        nodes=nodes,
+        tasks_per_node=world_size,
+        cpus_per_task=max(threads, L.slurm.cpus_per_task),
+    )
     if L.slurm.gpus_per_node:
         params["gpus_per_node"] = L.slurm.gpus_per_node
     if L.slurm.mem_gb:
@@ -320,7 +382,7 @@ def _first_line(err: BaseException) -> str:
     errs = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Preempted)\b", ln)]
     if errs:
         return errs[-1][:300]
-    return (lines[0][:300] if lines else type(err).__name__)
+    return lines[0][:300] if lines else type(err).__name__
 
 
 class Sweep:
@@ -341,12 +403,19 @@ class Sweep:
         check_private(self.sweep, runs)
         ensure_data(runs, say=self.say)
         with tracking.bounded(self.uri, self.sweep.launcher.tracking_timeout_s) as b:
-            exp_id = b.call(tracking.ensure_experiment, self.uri, self.sweep.experiment_name(), describe(self.sweep, runs),
-                            what="sweep's experiment lookup")
+            exp_id = b.call(
+                tracking.ensure_experiment,
+                self.uri,
+                self.sweep.experiment_name(),
+                describe(self.sweep, runs),
+                what="sweep's experiment lookup",
+            )
             self.exp_id = exp_id
             finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="sweep's finished-run lookup")
-        self.say(f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
-                 f"{self.sweep.experiment_name()!r} (id {exp_id}) at {tracking.redact(self.uri)}; executor {self.kind}")
+        self.say(
+            f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
+            f"{self.sweep.experiment_name()!r} (id {exp_id}) at {tracking.redact(self.uri)}; executor {self.kind}"
+        )
         from suite.engine import weights_readable
 
         outcomes: dict[str, Outcome] = {}
@@ -360,10 +429,15 @@ class Sweep:
                 todo.append(r)
         if outcomes:
             self.say(f"[hfbench] {len(outcomes)} runs already FINISHED in this experiment: skipped")
-        ui = (f"mlflow ui --backend-store-uri {tracking.redact(self.uri)}" if self.uri.startswith(("sqlite:", "/", "file:"))
-              else tracking.redact(self.uri))
-        self.say(f"[hfbench] job logs: {self.folder}; run folders: {Path(self.sweep.out_dir).resolve()}; "
-                 f"MLflow UI: {ui}; progress: hfbench status <config>")
+        ui = (
+            f"mlflow ui --backend-store-uri {tracking.redact(self.uri)}"
+            if self.uri.startswith(("sqlite:", "/", "file:"))
+            else tracking.redact(self.uri)
+        )
+        self.say(
+            f"[hfbench] job logs: {self.folder}; run folders: {Path(self.sweep.out_dir).resolve()}; "
+            f"MLflow UI: {ui}; progress: hfbench status <config>"
+        )
         self._t0, self._n_total, self._n_done = time.time(), len(todo), 0
         # stage 1: the runs others start from; stage 2: the runs that start from them, with the
         # dense controls (budget-matched, doubled) that nothing waits for, long ones first, so no
@@ -380,9 +454,11 @@ class Sweep:
                 ready.append(r.model_copy(update={"init_checkpoint": str(w.resolve())}))
             else:
                 parent = outcomes.get(r.init_from)
-                why = (f"dense parent {parent.cfg.run_name()} ({r.init_from}) "
-                       + (f"{parent.result.get('slurm_state', '').lower() or 'failed'}: {parent.error}"
-                          if parent is not None and parent.state == "failed" else f"has no readable weights ({w})"))
+                why = f"dense parent {parent.cfg.run_name()} ({r.init_from}) " + (
+                    f"{parent.result.get('slurm_state', '').lower() or 'failed'}: {parent.error}"
+                    if parent is not None and parent.state == "failed"
+                    else f"has no readable weights ({w})"
+                )
                 outcomes[r.run_hash()] = Outcome(r, "failed", error=why[:400])
         controls.sort(key=lambda r: -r.epochs * (r.max_steps_per_epoch or 10**6))
         for o in self._launch(controls + ready):
@@ -411,17 +487,22 @@ class Sweep:
             ex = make_executor(self.sweep, self.kind, self.folder, ws, nodes, threads)
             busy = [r for r in rs if run_busy(Path(r.out_dir) / r.run_hash())]
             if busy:
-                self.say(f"[hfbench] {len(busy)} runs are being trained by another process right now "
-                         f"(e.g. another sweep): waiting for them instead of training them twice")
+                self.say(
+                    f"[hfbench] {len(busy)} runs are being trained by another process right now "
+                    f"(e.g. another sweep): waiting for them instead of training them twice"
+                )
                 deferred += [(r, ex) for r in busy]
                 rs = [r for r in rs if r not in busy]
                 if not rs:
                     continue
             if self.kind == "slurm":
+
                 def submit_all(ex=ex, rs=rs):
                     with ex.batch():
-                        return [ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id)
-                                for r in rs]
+                        return [
+                            ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id) for r in rs
+                        ]
+
                 try:
                     jobs = self._submit(submit_all, f"{len(rs)} runs")
                 except SubmitFailed as e:
@@ -430,8 +511,10 @@ class Sweep:
                     continue
                 pending += list(zip(rs, jobs))
                 self._record(list(zip(rs, jobs)))
-                self.say(f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
-                         f"x {f'{nodes} nodes x ' if nodes > 1 else ''}{ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}")
+                self.say(
+                    f"[hfbench] submitted SLURM array {jobs[0].job_id.split('_')[0]}: {len(rs)} tasks "
+                    f"x {f'{nodes} nodes x ' if nodes > 1 else ''}{ws} ranks, at most {self.sweep.launcher.parallelism} at once; logs in {self.folder}"
+                )
             else:
                 waiting += [(r, ex) for r in rs]
         return unsubmitted + self._wait(pending, waiting, deferred)
@@ -450,10 +533,14 @@ class Sweep:
                 if slurm_reachable(timeout=10):
                     raise SubmitFailed(f"SLURM refused the submission of {what}: {why}") from None
                 if time.time() + pause > deadline:
-                    raise SubmitFailed(f"SLURM controller did not answer for {self.sweep.launcher.submit_retry_s} s "
-                                       f"(launcher.submit_retry_s); {what} not submitted: {why}") from None
-                self.say(f"[hfbench] SLURM controller not answering ({why}); retrying the submission of {what} "
-                         f"in {pause:.0f} s")
+                    raise SubmitFailed(
+                        f"SLURM controller did not answer for {self.sweep.launcher.submit_retry_s} s "
+                        f"(launcher.submit_retry_s); {what} not submitted: {why}"
+                    ) from None
+                self.say(
+                    f"[hfbench] SLURM controller not answering ({why}); retrying the submission of {what} "
+                    f"in {pause:.0f} s"
+                )
                 time.sleep(pause)
                 pause = min(2 * pause, 60.0)
 
@@ -465,9 +552,19 @@ class Sweep:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             for r, job in submitted:
-                f.write(json.dumps({"hash": r.run_hash(), "run": r.run_name(), "job_id": str(job.job_id),
-                                    "executor": self.kind, "folder": str(self.folder),
-                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "hash": r.run_hash(),
+                            "run": r.run_name(),
+                            "job_id": str(job.job_id),
+                            "executor": self.kind,
+                            "folder": str(self.folder),
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        }
+                    )
+                    + "\n"
+                )
 
     def _wait(self, pending, waiting, deferred=()) -> list[Outcome]:
         self.deferred = list(deferred)
@@ -475,8 +572,12 @@ class Sweep:
         done: list[Outcome] = []
         running = list(pending)
         limit = self.sweep.launcher.parallelism
-        bar = _Progress(max(total, getattr(self, "_n_total", 0)), f"sweep {self.sweep.name}",
-                        done=getattr(self, "_n_done", 0), t0=getattr(self, "_t0", None))
+        bar = _Progress(
+            max(total, getattr(self, "_n_total", 0)),
+            f"sweep {self.sweep.name}",
+            done=getattr(self, "_n_done", 0),
+            t0=getattr(self, "_t0", None),
+        )
         try:
             out = self._poll(running, waiting, done, limit, bar)
             self._n_done = getattr(self, "_n_done", 0) + len(out)
@@ -492,19 +593,27 @@ class Sweep:
                     pass
             _stop_local_jobs([job for _, job in running])
             for r, job in running:  # their MLflow runs end now, not RUNNING for good
-                tracking.end_orphaned_runs(self.uri, self.exp_id, r.run_hash(), Path(r.out_dir) / r.run_hash(),
-                                           status="KILLED", reason=f"the sweep was interrupted; job {job.job_id} "
-                                                                   f"cancelled")
+                tracking.end_orphaned_runs(
+                    self.uri,
+                    self.exp_id,
+                    r.run_hash(),
+                    Path(r.out_dir) / r.run_hash(),
+                    status="KILLED",
+                    reason=f"the sweep was interrupted; job {job.job_id} cancelled",
+                )
             parts = [f"cancelled {len(cancelled)} running: {', '.join(cancelled) or 'none'}"]
             if waiting:
                 parts.append(f"{len(waiting)} not started")
             if self.deferred:
                 parts.append(f"{len(self.deferred)} left to the other process training them")
-            parts.append(f"{sum(o.state == 'finished' for o in done)} finished and "
-                         f"{sum(o.state == 'failed' for o in done)} failed before")
+            parts.append(
+                f"{sum(o.state == 'finished' for o in done)} finished and "
+                f"{sum(o.state == 'failed' for o in done)} failed before"
+            )
             raise SweepInterrupted(
                 f"sweep {self.sweep.name} interrupted: {'; '.join(parts)}. Rerun the same command to go on: "
-                f"finished runs are skipped, checkpointed ones resume") from None
+                f"finished runs are skipped, checkpointed ones resume"
+            ) from None
         finally:
             bar.close()
 
@@ -526,10 +635,15 @@ class Sweep:
                 try:
                     res = job.results()[0]  # rank 0 of a multi-task job (one process per rank)
                     o = Outcome(r, "finished", result=res, job_id=str(job.job_id))
-                    msg = (f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% "
-                           f"sparsity {100 * res['final_sparsity']:.2f}%"
-                           + (" (trained by another launch of the same run; not trained twice)"
-                              if res.get("reused") else ""))
+                    msg = (
+                        f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% "
+                        f"sparsity {100 * res['final_sparsity']:.2f}%"
+                        + (
+                            " (trained by another launch of the same run; not trained twice)"
+                            if res.get("reused")
+                            else ""
+                        )
+                    )
                 except Exception as e:  # the task raised, was cancelled or died
                     o, msg = self._judge_failed(r, job, e)
                 done.append(o)
@@ -551,10 +665,12 @@ class Sweep:
         out = Path(r.out_dir) / r.run_hash()
         res = done_result(out, r.run_hash(), self.exp_id)
         if res is not None:
-            return (Outcome(r, "finished", result=res, job_id=str(job.job_id)),
-                    f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% sparsity "
-                    f"{100 * res['final_sparsity']:.2f}% (from its done marker; the job's own result was lost: "
-                    f"{_first_line(err)[:120]})")
+            return (
+                Outcome(r, "finished", result=res, job_id=str(job.job_id)),
+                f"done   {r.run_name()}: test {100 * res['final_test_top1']:.2f}% sparsity "
+                f"{100 * res['final_sparsity']:.2f}% (from its done marker; the job's own result was lost: "
+                f"{_first_line(err)[:120]})",
+            )
         state = ""
         if type(job).__name__ == "SlurmJob":
             from launchers.status import _sacct
@@ -563,13 +679,20 @@ class Sweep:
         error = _first_line(err)
         if state and state not in ("COMPLETED", "FAILED") and state not in error:
             error = f"SLURM {state}: {error}"
-        ended = tracking.end_orphaned_runs(self.uri, self.exp_id, r.run_hash(), out,
-                                           status="KILLED" if state == "CANCELLED" else "FAILED",
-                                           reason=f"job {job.job_id} ended{' ' + state if state else ''}: {error}")
+        ended = tracking.end_orphaned_runs(
+            self.uri,
+            self.exp_id,
+            r.run_hash(),
+            out,
+            status="KILLED" if state == "CANCELLED" else "FAILED",
+            reason=f"job {job.job_id} ended{' ' + state if state else ''}: {error}",
+        )
         o = Outcome(r, "failed", error=error, job_id=str(job.job_id))
         o.result = {"slurm_state": state}
-        return o, (f"FAILED {r.run_name()}: {error} (log: {getattr(job, 'paths', None) and job.paths.stderr})"
-                   + (f"; MLflow run {', '.join(ended)} ended" if ended else ""))
+        return o, (
+            f"FAILED {r.run_name()}: {error} (log: {getattr(job, 'paths', None) and job.paths.stderr})"
+            + (f"; MLflow run {', '.join(ended)} ended" if ended else "")
+        )
 
     def _settled(self, job) -> bool:
         """job.done(), except for a SLURM job that is coming back. submitit counts NODE_FAIL and
@@ -607,13 +730,19 @@ class Sweep:
             res = done_result(out, r.run_hash(), self.exp_id)
             if res is not None:
                 done.append(Outcome(r, "finished", result=res, job_id="(another sweep)"))
-                bar.write(f"[hfbench] done   {r.run_name()}: trained by another sweep; test "
-                          f"{100 * res['final_test_top1']:.2f}% sparsity {100 * res['final_sparsity']:.2f}%")
+                bar.write(
+                    f"[hfbench] done   {r.run_name()}: trained by another sweep; test "
+                    f"{100 * res['final_test_top1']:.2f}% sparsity {100 * res['final_sparsity']:.2f}%"
+                )
                 bar.update(1)
             elif self.kind == "slurm":
                 try:
-                    job = self._submit(lambda: ex.submit(task.TrainTask(), r.model_dump(mode="json"), self.uri,
-                                                         self.exp_id), r.run_name())
+                    job = self._submit(
+                        lambda ex=ex, r=r: ex.submit(
+                            task.TrainTask(), r.model_dump(mode="json"), self.uri, self.exp_id
+                        ),
+                        r.run_name(),
+                    )
                 except SubmitFailed as e:
                     done.append(Outcome(r, "failed", error=str(e)[:400]))
                     bar.write(f"[hfbench] FAILED {r.run_name()}: {e}")
@@ -631,10 +760,12 @@ def describe(sweep, runs) -> str:
     g = sweep.grid
     models = sorted({r.model for r in runs})
     data = sorted({r.dataset for r in runs})
-    return (f"hfbench sweep `{sweep.name}`: {', '.join(g.methods)} on {', '.join(data)} / {', '.join(models)} at "
-            f"{', '.join(f'{100 * s:g} %' for s in g.sparsities)} sparsity, seeds {', '.join(map(str, g.seeds))}; "
-            f"{len(runs)} runs. Each run's config is its `config.yaml` artifact; `hfbench report` turns this "
-            f"experiment into tables and plots.")
+    return (
+        f"hfbench sweep `{sweep.name}`: {', '.join(g.methods)} on {', '.join(data)} / {', '.join(models)} at "
+        f"{', '.join(f'{100 * s:g} %' for s in g.sparsities)} sparsity, seeds {', '.join(map(str, g.seeds))}; "
+        f"{len(runs)} runs. Each run's config is its `config.yaml` artifact; `hfbench report` turns this "
+        f"experiment into tables and plots."
+    )
 
 
 class _Progress:
@@ -675,8 +806,11 @@ class _Progress:
             self.bar.set_postfix_str(text)
         elif time.time() - self.last > 30:
             self.last = time.time()
-            print(f"[hfbench] {self.desc}: {self.n}/{self.total} done ({self.timing()}); {text}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[hfbench] {self.desc}: {self.n}/{self.total} done ({self.timing()}); {text}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.tty:
@@ -738,8 +872,17 @@ def _stop_local_jobs(jobs, grace_s: float = 5.0) -> None:
             pass
     while live and time.time() < deadline:
         time.sleep(0.5)
-        live = [p for p in live if Path(f"/proc/{p}").exists() and
-                "zombie" not in (Path(f"/proc/{p}/status").read_text(errors="replace") if Path(f"/proc/{p}/status").exists() else "zombie")]
+        live = [
+            p
+            for p in live
+            if Path(f"/proc/{p}").exists()
+            and "zombie"
+            not in (
+                Path(f"/proc/{p}/status").read_text(errors="replace")
+                if Path(f"/proc/{p}/status").exists()
+                else "zombie"
+            )
+        ]
     for p in live:
         try:
             os.kill(p, _signal.SIGKILL)
@@ -774,19 +917,28 @@ def launch_costs(outcomes: list[Outcome], t0: float) -> str:
     per task with its parts."""
     # only runs this sweep trained: a run reused from an earlier training (another sweep's claim,
     # a folder already done) carries that training's timeline, from before this sweep began
-    res = [o.result for o in outcomes if o.state == "finished" and "startup_total_s" in o.result
-           and not o.result.get("reused") and not o.result.get("reused_from")]
+    res = [
+        o.result
+        for o in outcomes
+        if o.state == "finished"
+        and "startup_total_s" in o.result
+        and not o.result.get("reused")
+        and not o.result.get("reused_from")
+    ]
     if not res:
         return ""
     import statistics
 
     first = min(r["first_step_unix"] for r in res) - t0
     med = {k: statistics.median(r[k] for r in res if k in r) for k in res[0] if k.startswith("startup_")}
-    parts = ", ".join(f"{k.removeprefix('startup_').removesuffix('_s')} {v:.1f}" for k, v in med.items()
-                      if k != "startup_total_s")
-    return (f"[hfbench] launch cost: first training step {first:.1f} s after the sweep started; per task "
-            f"(median of {len(res)}, last segment) {med['startup_total_s']:.1f} s from process start to "
-            f"the end of the first step ({parts} s)")
+    parts = ", ".join(
+        f"{k.removeprefix('startup_').removesuffix('_s')} {v:.1f}" for k, v in med.items() if k != "startup_total_s"
+    )
+    return (
+        f"[hfbench] launch cost: first training step {first:.1f} s after the sweep started; per task "
+        f"(median of {len(res)}, last segment) {med['startup_total_s']:.1f} s from process start to "
+        f"the end of the first step ({parts} s)"
+    )
 
 
 def summary_table(outcomes: list[Outcome]) -> str:
@@ -801,6 +953,8 @@ def summary_table(outcomes: list[Outcome]) -> str:
             line += f"  {o.error}"
         lines.append(line)
     n_f = sum(o.state == "failed" for o in outcomes)
-    lines.append(f"{len(outcomes)} runs: {sum(o.state == 'finished' for o in outcomes)} finished, "
-                 f"{sum(o.state == 'skipped' for o in outcomes)} skipped (already done), {n_f} failed")
+    lines.append(
+        f"{len(outcomes)} runs: {sum(o.state == 'finished' for o in outcomes)} finished, "
+        f"{sum(o.state == 'skipped' for o in outcomes)} skipped (already done), {n_f} failed"
+    )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ engine finds the checkpoint and continues the same MLflow run. A task killed wit
 (node failure, `scontrol requeue`) restarts from the last epoch-end checkpoint.
 Every rank of a multi-process task (SLURM ntasks, or submitit's local multi-task jobs) runs it.
 """
+
 from __future__ import annotations
 
 import os

@@ -14,12 +14,16 @@ From the per-epoch metrics the engine logs (suite/engine.py) it builds:
   and saliency (each method's `dynamics`), fitted where 0.5 % < density <= 50 %.
 Nothing here names a method: what a method logs and how to read it comes from the registry.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from reports.fmt import slug
+from reports.plots import method_style, new_figure
+from reports.records import history
+from reports.tables import Table
 from suite.pruning.laws import npl_fit, pressure_law_fit
 
 
@@ -53,24 +57,6 @@ def regrew(r) -> bool:
     return (r.metrics.get("regrown_total") or 0) > 0
 
 
-
-
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    note: str = ""
-    numeric: set[int] = field(default_factory=set)
-    kind: str = ""  # data-kind attribute of the HTML table (what the browser test looks for)
-
-
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    from reports.build import _history as history  # one reader of metric histories (build imports us)
-
-    return history(client, run_id, key)
-
-
 def epochs_within(density: list[tuple[int, float]], target_density: float, tol: float = 0.01) -> int | None:
     """First epoch from which |density - target| <= tol holds until the end (None if never)."""
     first = None
@@ -96,9 +82,9 @@ def npl_points(client, recs) -> dict[tuple[str, str], list[tuple[float, float]]]
                     pts.setdefault((r.method, label), []).append((r.final_density, float(s)))
                 continue
             if dens is None:
-                dens = dict(_history(client, r.run_id, "density"))
+                dens = dict(history(client, r.run_id, "density"))
             last = None
-            hist = _history(client, r.run_id, key)
+            hist = history(client, r.run_id, key)
             if hist:  # listed even when no value is positive, so the table says why there is no fit
                 pts.setdefault((r.method, label), [])
             for step, v in hist:
@@ -107,12 +93,6 @@ def npl_points(client, recs) -> dict[tuple[str, str], list[tuple[float, float]]]
                     last = (dens[step], v)
                     pts.setdefault((r.method, label), []).append(last)
     return pts
-
-
-def _fig():
-    from reports.build import _new_figure
-
-    return _new_figure()
 
 
 def _loglog(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -140,27 +120,40 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
     for r in sorted(pruning, key=lambda r: (r.method, r.target_sparsity or 0, r.seed or 0)):
         if fixed_knob(r.method, declared):
             continue  # no target: its sparsity only names the reference trajectory
-        dens = _history(client, r.run_id, "density")
+        dens = history(client, r.run_id, "density")
         target_d = 1.0 - (r.target_sparsity or 0.0)
         err = None if r.achieved_sparsity is None else 100 * abs(r.achieved_sparsity - (r.target_sparsity or 0))
         within = epochs_within(dens, target_d)
         m = r.metrics
-        rows.append([r.method, f"{100 * (r.target_sparsity or 0):.1f}", f"{100 * (r.achieved_sparsity or 0):.2f}",
-                     "-" if err is None else f"{err:.2f}", "-" if within is None else f"{within}/{r.epochs}",
-                     f"{int(m.get('pruned_total', 0))}", f"{int(m.get('regrown_total', 0))}"])
+        rows.append(
+            [
+                r.method,
+                f"{100 * (r.target_sparsity or 0):.1f}",
+                f"{100 * (r.achieved_sparsity or 0):.2f}",
+                "-" if err is None else f"{err:.2f}",
+                "-" if within is None else f"{within}/{r.epochs}",
+                f"{int(m.get('pruned_total', 0))}",
+                f"{int(m.get('regrown_total', 0))}",
+            ]
+        )
         if regrew(r):  # the runs that regrew weights: their flips per epoch
-            pr, rg = _history(client, r.run_id, "pruned"), _history(client, r.run_id, "regrown")
+            pr, rg = history(client, r.run_id, "pruned"), history(client, r.run_id, "regrown")
             if pr or rg:
                 flips.append((r, pr, rg))
     if rows:
-        tables.append(Table(
-            "Sparsity targeting, pruning and regrowth",
-            ["method", "target %", "achieved %", "|error| pp", "within 1 pp from epoch", "pruned", "regrown"],
-            rows, "pruned / regrown: weights that went from active to pruned / pruned to active between "
-                  "consecutive epoch ends, summed over the run (for gated methods: gate sign flips).",
-            numeric={1, 2, 3, 5, 6}, kind="targeting"))
+        tables.append(
+            Table(
+                "Sparsity targeting, pruning and regrowth",
+                ["method", "target %", "achieved %", "|error| pp", "within 1 pp from epoch", "pruned", "regrown"],
+                rows,
+                "pruned / regrown: weights that went from active to pruned / pruned to active between "
+                "consecutive epoch ends, summed over the run (for gated methods: gate sign flips).",
+                numeric={1, 2, 3, 5, 6},
+                kind="targeting",
+            )
+        )
     if flips:
-        fig = _fig()
+        fig = new_figure()
         ax = fig.add_subplot()
         # one line per (variant, target): the mean over its seeds at each epoch, so that a large
         # sweep stays readable (and its legend cheap to draw)
@@ -181,11 +174,18 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             pr = mean_curve([p for p, _ in runs])
             rg = mean_curve([g for _, g in runs])
             if pr:
-                ax.plot([s for s, _ in pr], [max(v, 0.5) for _, v in pr], color=c, linestyle="--", linewidth=1,
-                        label=f"pruned, {lab}")
+                ax.plot(
+                    [s for s, _ in pr],
+                    [max(v, 0.5) for _, v in pr],
+                    color=c,
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"pruned, {lab}",
+                )
             if rg:
-                ax.plot([s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, linewidth=1.4,
-                        label=f"regrown, {lab}")
+                ax.plot(
+                    [s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, linewidth=1.4, label=f"regrown, {lab}"
+                )
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("weights per epoch (0 drawn at 0.5)")
@@ -194,41 +194,52 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         ax.legend(fontsize=6, loc="upper right", ncol=2)
         name = f"flips_{stem}.png"
         fig.savefig(out_dir / name)
-        plots.append((name, f"Weights pruned (dashed) and regrown (solid) per epoch, runs that regrew weights, "
-                            f"{title}"))
+        plots.append(
+            (name, f"Weights pruned (dashed) and regrown (solid) per epoch, runs that regrew weights, {title}")
+        )
 
     # -- pressure law ----------------------------------------------------------------------
     # final density against the knob a variant fixes (its "final" dynamics entry), one law per
     # variant; the first keeps the plain file name
-    from reports.build import _slug
-
     knobs = {v: k for v in sorted({r.method for r in pruning}) if (k := fixed_knob(v, declared))}
     for n, (variant, (label, key)) in enumerate(sorted(knobs.items())):
-        fixed = [(float(r.params[key]), r.final_density) for r in pruning
-                 if r.method == variant and r.params.get(key)]
+        fixed = [(float(r.params[key]), r.final_density) for r in pruning if r.method == variant and r.params.get(key)]
         if len(fixed) < 3:
             continue
         fixed.sort()
         note = ""
         try:
             law = pressure_law_fit([g for g, _ in fixed], [d for _, d in fixed])
-            note = (f"d(gamma) = {law['c']:.4g} exp(-({law['a0']:.4g} ln g + {law['a1']:.4g} ln^2 g)), "
-                    f"R^2 = {law['r2']:.4f} on {law['n']} runs.")
+            note = (
+                f"d(gamma) = {law['c']:.4g} exp(-({law['a0']:.4g} ln g + {law['a1']:.4g} ln^2 g)), "
+                f"R^2 = {law['r2']:.4f} on {law['n']} runs."
+            )
         except (ValueError, ArithmeticError) as e:
             law, note = None, f"the law could not be fitted: {e}"
-        tables.append(Table(f"Pressure law ({variant} runs, fixed {label})", [label, "final density %"],
-                            [[f"{g:.4g}", f"{100 * d:.3f}"] for g, d in fixed], note, numeric={0, 1},
-                            kind="pressure_law"))
-        fig = _fig()
+        tables.append(
+            Table(
+                f"Pressure law ({variant} runs, fixed {label})",
+                [label, "final density %"],
+                [[f"{g:.4g}", f"{100 * d:.3f}"] for g, d in fixed],
+                note,
+                numeric={0, 1},
+                kind="pressure_law",
+            )
+        )
+        fig = new_figure()
         ax = fig.add_subplot()
         ax.scatter([g for g, _ in fixed], [100 * d for _, d in fixed], color="C0", label="runs", zorder=3)
         if law:
             lo, hi = math.log(fixed[0][0]), math.log(fixed[-1][0])
             gs = [math.exp(lo + (hi - lo) * i / 100) for i in range(101)]
-            ax.plot(gs, [100 * law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
-                         for g in gs], color="C1", label=f"fit, R^2 = {law['r2']:.4f}")
+            ax.plot(
+                gs,
+                [100 * law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2)) for g in gs],
+                color="C1",
+                label=f"fit, R^2 = {law['r2']:.4f}",
+            )
         _loglog(ax, label, "final density (%)", f"{title}: pressure law, {variant}")
-        name = f"pressure_law_{stem}.png" if n == 0 else f"pressure_law_{_slug(variant)}_{stem}.png"
+        name = f"pressure_law_{stem}.png" if n == 0 else f"pressure_law_{slug(variant)}_{stem}.png"
         fig.savefig(out_dir / name)
         plots.append((name, f"Final density against fixed {label} ({variant}), with the fitted law, {title}"))
 
@@ -236,23 +247,26 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
     pts = npl_points(client, pruning)
     if pts:
         rows = []
-        fig = _fig()
+        fig = new_figure()
         ax = fig.add_subplot()
-        from reports.build import method_style
-
         for i, ((variant, label), xy) in enumerate(sorted(pts.items())):
             c = method_style(variant)[0] if sum(1 for v, _ in pts if v == variant) == 1 else f"C{i % 10}"
             if xy:
-                ax.scatter([s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6,
-                           label=f"{variant}: {label}")
+                ax.scatter(
+                    [s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6, label=f"{variant}: {label}"
+                )
             try:
                 if not xy:
                     raise ValueError("no positive value: a power law needs saliency > 0")
                 fit = npl_fit([d for d, _ in xy], [s for _, s in xy])
                 kept = [s for d, s in xy if 0.005 < d <= 0.5]
                 lo, hi = min(kept), max(kept)
-                ax.plot([lo, hi], [100 * fit["c"] * lo ** -fit["alpha"], 100 * fit["c"] * hi ** -fit["alpha"]],
-                        color=c, linewidth=1.2)
+                ax.plot(
+                    [lo, hi],
+                    [100 * fit["c"] * lo ** -fit["alpha"], 100 * fit["c"] * hi ** -fit["alpha"]],
+                    color=c,
+                    linewidth=1.2,
+                )
                 rows.append([variant, label, f"{fit['alpha']:.4f}", f"{fit['r2']:.4f}", str(fit["n"])])
             except ValueError as e:
                 rows.append([variant, label, "-", "-", str(len(xy)) + f" ({e})"])
@@ -261,8 +275,15 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             name = f"npl_{stem}.png"
             fig.savefig(out_dir / name)
             plots.append((name, f"Density against minimum surviving saliency (Neural Pruning Law), {title}"))
-        tables.append(Table("Neural Pruning Law fits", ["method", "saliency", "alpha", "R^2", "points"], rows,
-                            "ln d = ln c - alpha ln s over (density, saliency) points where 0.5 % < density "
-                            "<= 50 %; per epoch along each run, or one point per run for fixed pressure.",
-                            numeric={2, 3, 4}, kind="npl"))
+        tables.append(
+            Table(
+                "Neural Pruning Law fits",
+                ["method", "saliency", "alpha", "R^2", "points"],
+                rows,
+                "ln d = ln c - alpha ln s over (density, saliency) points where 0.5 % < density "
+                "<= 50 %; per epoch along each run, or one point per run for fixed pressure.",
+                numeric={2, 3, 4},
+                kind="npl",
+            )
+        )
     return tables, plots

@@ -15,6 +15,7 @@ Output sizes come from one forward pass with hooks on the model built from suite
 dataset's input size (suite.datasets, or the table below for datasets the suite cannot build
 yet), computed once per (model, dataset) and cached.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,7 +60,7 @@ def dataset_shape(dataset: str) -> tuple[tuple[int, int, int], int] | None:
         return _KNOWN_DATASETS.get(dataset.lower().replace("-", "").replace("_", ""))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def geometry(model: str, dataset: str) -> Geometry:
     """Hook pass on the registry model; a Geometry with `error` set when it cannot be built."""
     shape = dataset_shape(dataset)
@@ -88,6 +89,7 @@ def geometry(model: str, dataset: str) -> Geometry:
                     positions[name] = int(out.shape[-1] * out.shape[-2])
                 else:  # Linear: vectors it was applied to, per image
                     positions[name] = int(out.numel() // out.shape[0] // mod.out_features)
+
             return fn
 
         weights: dict[str, int] = {}
@@ -100,12 +102,26 @@ def geometry(model: str, dataset: str) -> Geometry:
         for hk in hooks:
             hk.remove()
     except Exception as e:  # a model that needs a missing package (timm), or a bad input size
-        return Geometry(model, dataset, (c, h, w), classes, {}, 0,
-                        error=f"could not run {model} at {c}x{h}x{w}: {type(e).__name__}: {e}")
+        return Geometry(
+            model,
+            dataset,
+            (c, h, w),
+            classes,
+            {},
+            0,
+            error=f"could not run {model} at {c}x{h}x{w}: {type(e).__name__}: {e}",
+        )
     prunable = {n: (positions.get(n, 0), weights[n]) for n in weights if n in prunable_names}
     rest = [n for n in weights if n not in prunable_names]
-    return Geometry(model, dataset, (c, h, w), classes, prunable,
-                    sum(positions.get(n, 0) * weights[n] for n in rest), rest_layers=rest)
+    return Geometry(
+        model,
+        dataset,
+        (c, h, w),
+        classes,
+        prunable,
+        sum(positions.get(n, 0) * weights[n] for n in rest),
+        rest_layers=rest,
+    )
 
 
 def parse_layer_density(text: str) -> list[dict]:
@@ -113,8 +129,14 @@ def parse_layer_density(text: str) -> list[dict]:
     out = []
     for row in csv.DictReader(io.StringIO(text)):
         try:
-            out.append({"layer": row["layer"], "shape": row.get("shape", ""),
-                        "numel": int(row["numel"]), "nonzero": int(row["nonzero"])})
+            out.append(
+                {
+                    "layer": row["layer"],
+                    "shape": row.get("shape", ""),
+                    "numel": int(row["numel"]),
+                    "nonzero": int(row["nonzero"]),
+                }
+            )
         except (KeyError, TypeError, ValueError):
             continue
     return out

@@ -2,7 +2,7 @@
 seeds, the same shared hyper-parameters; paired statistics with a multiple-comparison correction;
 accuracy at each target sparsity read off each method's own curve.
 
-Everything here works on `reports.build.RunRecord`s of one (dataset, model) section and returns
+Everything here works on `reports.records.RunRecord`s of one (dataset, model) section and returns
 plain rows for the report writers:
 
 - `interpolate_at(points, s)`: a method's accuracy at sparsity s from its (achieved sparsity,
@@ -19,6 +19,7 @@ plain rows for the report writers:
   trained for twice the budget (grid.dense_convergence) over the dense start, against
   CONVERGED_PP.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,18 @@ CONVERGED_PP = 0.2  # the dense start counts as converged when doubling its budg
 DOUBLED = (1.9, 2.1)  # a dense control of this budget ratio to the dense start is its doubling
 # run fields every compared run should share with its control (method-specific settings and the
 # LR, which fine-tuning legitimately lowers, are not in this list)
-SHARED = ("dataset", "model", "batch_size", "weight_decay", "weight_decay_on", "momentum", "nesterov",
-          "label_smoothing", "engine.precision", "engine.world_size")
+SHARED = (
+    "dataset",
+    "model",
+    "batch_size",
+    "weight_decay",
+    "weight_decay_on",
+    "momentum",
+    "nesterov",
+    "label_smoothing",
+    "engine.precision",
+    "engine.world_size",
+)
 
 
 def _x(s: float) -> float:
@@ -129,8 +140,9 @@ def _param(r, key: str) -> Optional[str]:
     return r.params.get(key)
 
 
-def check_cell(method: str, target: Optional[float], runs: list, control_runs: list,
-               budget_ratio: Optional[float]) -> Check:
+def check_cell(
+    method: str, target: Optional[float], runs: list, control_runs: list, budget_ratio: Optional[float]
+) -> Check:
     """The protocol flags of one (method, target) cell against its control runs."""
     ach = [r.achieved_sparsity for r in runs if r.achieved_sparsity is not None]
     miss = None if target is None or not ach else 100.0 * (statistics.fmean(ach) - target)
@@ -142,8 +154,10 @@ def check_cell(method: str, target: Optional[float], runs: list, control_runs: l
     if budget_ratio is not None and not BUDGET_RANGE[0] <= budget_ratio <= BUDGET_RANGE[1]:
         c.flags.append(f"budget x{budget_ratio:.2f} of its control")
     if c.worst_pp is not None and abs(c.worst_pp) > TARGET_MISS_PP:  # every run must be on target, not the mean
-        c.flags.append(f"target missed by {c.worst_pp:+.1f} pp" + (" (one seed)" if len(ach) > 1 and miss is not None
-                                                                     and abs(miss) <= TARGET_MISS_PP else ""))
+        c.flags.append(
+            f"target missed by {c.worst_pp:+.1f} pp"
+            + (" (one seed)" if len(ach) > 1 and miss is not None and abs(miss) <= TARGET_MISS_PP else "")
+        )
     if c.seeds < MIN_SEEDS:
         c.flags.append(f"{c.seeds} seed{'s' if c.seeds != 1 else ''}, fewer than {MIN_SEEDS}")
     if control_runs:

@@ -19,6 +19,7 @@ training budget, and the source). A suite result is matched to a published row w
 Only matches are shown; unmatched published rows and suite rows without a published
 counterpart are left out (the report says when nothing matches).
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,7 @@ def unmatched() -> dict[str, str]:
     `published_note`; the report lists them apart)."""
     from suite.pruning import registry
 
-    return {name: registry.get(name).published_note for name in registry.names()
-            if registry.get(name).published_note}
+    return {name: registry.get(name).published_note for name in registry.names() if registry.get(name).published_note}
 
 
 def _load_start(path: Path) -> dict[str, str]:
@@ -62,12 +62,23 @@ def _load_start(path: Path) -> dict[str, str]:
 START: dict[str, str] = _load_start(START_CSV)
 
 # suite model name -> published model name
-MODELS: dict[str, str] = {"resnet50": "resnet50", "timm_resnet50": "resnet50", "deit_tiny": "deit_tiny",
-                          "deit_small": "deit_small", "vit_b16": "vit_b16"}
+MODELS: dict[str, str] = {
+    "resnet50": "resnet50",
+    "timm_resnet50": "resnet50",
+    "deit_tiny": "deit_tiny",
+    "deit_small": "deit_small",
+    "vit_b16": "vit_b16",
+}
 # suite dataset name -> published dataset name
-DATASETS: dict[str, str] = {"imagenet": "imagenet", "imagenet1k": "imagenet", "imagenet-1k": "imagenet",
-                            "cifar10": "cifar10", "cifar100": "cifar100",
-                            "cifar10_full": "cifar10", "cifar100_full": "cifar100"}  # all 50k train images
+DATASETS: dict[str, str] = {
+    "imagenet": "imagenet",
+    "imagenet1k": "imagenet",
+    "imagenet-1k": "imagenet",
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "cifar10_full": "cifar10",
+    "cifar100_full": "cifar100",
+}  # all 50k train images
 
 
 @dataclass(frozen=True)
@@ -86,9 +97,18 @@ def load(path: Path = PUBLISHED_CSV) -> list[Published]:
     out = []
     with Path(path).open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
-            out.append(Published(row["dataset"], row["model"], row["method"], float(row["sparsity"]),
-                                 float(row["top1"]), float(row["dense_top1"]) if row["dense_top1"] else None,
-                                 row["training"], row["source"]))
+            out.append(
+                Published(
+                    row["dataset"],
+                    row["model"],
+                    row["method"],
+                    float(row["sparsity"]),
+                    float(row["top1"]),
+                    float(row["dense_top1"]) if row["dense_top1"] else None,
+                    row["training"],
+                    row["source"],
+                )
+            )
     return out
 
 
@@ -97,8 +117,9 @@ def start_of(init: str | None) -> str | None:
     return None if init is None else "scratch" if init == "scratch" else "trained"
 
 
-def matches(dataset: str, model: str, method: str, target: float | None,
-            table: list[Published], init: str | None = None) -> list[Published]:
+def matches(
+    dataset: str, model: str, method: str, target: float | None, table: list[Published], init: str | None = None
+) -> list[Published]:
     """Published rows comparable with a suite result (see the module docstring). `init` is the
     runs' start (None: not known, the start is not checked)."""
     ds, mo, names = DATASETS.get(dataset), MODELS.get(model), methods().get(method, ())
@@ -109,8 +130,11 @@ def matches(dataset: str, model: str, method: str, target: float | None,
     for name in names:
         if start is not None and START.get(name, start) != start:
             continue
-        near = [p for p in table if p.dataset == ds and p.model == mo and p.method == name
-                and abs(p.sparsity - target) <= SPARSITY_TOL]
+        near = [
+            p
+            for p in table
+            if p.dataset == ds and p.model == mo and p.method == name and abs(p.sparsity - target) <= SPARSITY_TOL
+        ]
         if not near:
             continue
         d = min(abs(p.sparsity - target) for p in near)
@@ -122,12 +146,14 @@ def matches(dataset: str, model: str, method: str, target: float | None,
 
 def mapping_note() -> str:
     m = "; ".join(f"{k} ↔ {'/'.join(v)}" for k, v in methods().items())
-    return (f"Published numbers (labelled published) come from reports/published.csv with their sources. "
-            f"Matched on dataset, model, method ({m}) and target sparsity within "
-            f"{100 * SPARSITY_TOL:g} pp of the published sparsity (the nearest published point; none on a "
-            f"tie), and on the start: a run from scratch only with methods published from scratch, a run "
-            f"from trained weights only with methods that fine-tune. Published training budgets differ "
-            f"(column training); compare with care.")
+    return (
+        f"Published numbers (labelled published) come from reports/published.csv with their sources. "
+        f"Matched on dataset, model, method ({m}) and target sparsity within "
+        f"{100 * SPARSITY_TOL:g} pp of the published sparsity (the nearest published point; none on a "
+        f"tie), and on the start: a run from scratch only with methods published from scratch, a run "
+        f"from trained weights only with methods that fine-tune. Published training budgets differ "
+        f"(column training); compare with care."
+    )
 
 
 def unmatched_note(labels) -> str:

@@ -5,6 +5,7 @@ run identity (and would make every finished run train again) cannot pass unnotic
     python scripts/golden_hashes.py          # print what changed against the file
     python scripts/golden_hashes.py --write  # accept the new hashes (say why in the commit)
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ GOLDEN = ROOT / "tests" / "golden_hashes.json"
 
 def current() -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(ROOT))
-    from suite.config import RunConfig, load_sweep
+    from suite.config import RunConfig
     from suite.pruning import registry
+    from suite.sweeps import load_sweep
 
     out: dict[str, dict[str, str]] = {"defaults": {}}
     for m in registry.names():

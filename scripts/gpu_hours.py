@@ -10,6 +10,7 @@ Throughput: `scripts/gpu_bench.sh` (or `hfbench bench overhead --device cuda --d
 step-time ratio; a method's hours are its images / (dense img/s / its ratio). Without
 --step-ratio the dense rate is used for every method (a lower bound).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def _pairs(items: list[str], what: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("configs", nargs="*", help="sweep configs (default: configs/paper/*.yaml)")
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         hours = "-"
         if model in rate:
             hours = f"{sum(n * ratio.get(m, 1.0) for m, n in images.items()) / rate[model] / 3600:,.0f}"
-        print(f"| {p.stem} | {len(runs)} | {sum(r.epochs for r in runs):,} | {sum(images.values()) / 1e6:,.0f} M "
-              f"| {hours} |")
+        print(
+            f"| {p.stem} | {len(runs)} | {sum(r.epochs for r in runs):,} | {sum(images.values()) / 1e6:,.0f} M "
+            f"| {hours} |"
+        )
     return 0
 
 

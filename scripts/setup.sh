@@ -54,7 +54,8 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
 fi
 # this clone, editable (a few seconds; skipped when the venv already points here)
 here="$(cd / && "$VENV/bin/python" -c 'import suite, os; print(os.path.dirname(os.path.dirname(os.path.abspath(suite.__file__))))' 2>/dev/null || true)"
-if [[ "$here" != "$ROOT" ]]; then
+# (and again when the `hfbench` script no longer starts, e.g. after its entry point moved)
+if [[ "$here" != "$ROOT" ]] || ! "$VENV/bin/hfbench" --version >/dev/null 2>&1; then
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"
 fi
 if [[ "$(readlink -f "$ROOT/.venv" 2>/dev/null)" != "$(readlink -f "$VENV")" ]]; then

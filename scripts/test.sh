@@ -5,13 +5,25 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x. The paper recipes'
 # smoke runs train a covering subset of each recipe's methods here; `make test-recipes`
 # (scripts/test.sh -m recipes --all-methods) trains every method of every recipe.
+# `scripts/test.sh --fast` (make test-fast): the static checks and the tier without services
+# (-m "not slow"), nothing started.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+FAST=0
+if [[ "${1:-}" == "--fast" ]]; then FAST=1; shift; fi
 bash scripts/setup.sh
+bash scripts/lint.sh
 # the real path, not the ./.venv link: paths inside the venv (e.g. those DeepSpeed compiles its
 # CPU comm op against, cached in TORCH_EXTENSIONS_DIR) must not change from clone to clone
 VENV="$(readlink -f "${HFBENCH_VENV:-$ROOT/.venv}")"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/numba}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
+export MPLBACKEND=Agg
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the shared venv points at
+if ((FAST)); then
+  exec "$VENV/bin/python" -m pytest -p no:cacheprovider -m "not slow" "$@"
+fi
 STATE="${HFBENCH_SERVICES_DIR:-$(mktemp -d /tmp/hfbench-services.XXXXXX)}"
 export HFBENCH_SERVICES_DIR="$STATE"
 cleanup() { bash "$ROOT/scripts/services.sh" stop "$STATE" >/dev/null 2>&1 || true; }

@@ -5,7 +5,7 @@ against torchvision data loading.
   hfbench bench data [--root TREE] [--size 224 --batch 64 --workers 2]
 
 Overhead: every method gets a fresh model + pruner built exactly as the engine builds them
-(`engine.attach_pruner`, `on_train_start` in eval mode, the epoch-1 learning rates) and runs
+(`steps.attach_pruner`, `on_train_start` in eval mode, the epoch-1 learning rates) and runs
 full training steps on a fixed random batch: forward, cross-entropy + the pruner's loss term,
 backward, optimiser step, `after_step`. Dense and the method alternate in blocks of --steps
 steps (dense, method, dense, method, ...) for --repeats rounds, so machine drift hits both
@@ -23,6 +23,7 @@ float in [0, 1]), batch size and worker count; images/s per pass, medians and th
 Both log one MLflow run per invocation to experiment "bench" (params, metrics
 step_ratio.<method>, mem_ratio.<method>, ..., the table as an artifact).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 # per-method settings that put the method in its costly training regime at step 1: Hyperflux's
@@ -73,8 +75,14 @@ def bench_config(method: str, model: str, batch: int, sparsity: float = 0.9, set
     from suite.config import RunConfig, _validate, set_dotted
     from suite.pruning import registry
 
-    data: dict[str, Any] = {"method": method, "model": model, "batch_size": batch, "epochs": 100, "seed": 0,
-                            "sparsity": 0.0 if method == registry.CONTROL else sparsity}
+    data: dict[str, Any] = {
+        "method": method,
+        "model": model,
+        "batch_size": batch,
+        "epochs": 100,
+        "seed": 0,
+        "sparsity": 0.0 if method == registry.CONTROL else sparsity,
+    }
     # the method's own settings for a representative step (e.g. a constant pressure instead of a controller)
     for k, v in {**registry.get(method).bench_sets, **(sets or {})}.items():
         set_dotted(data, k, v)
@@ -82,14 +90,16 @@ def bench_config(method: str, model: str, batch: int, sparsity: float = 0.9, set
 
 
 class Trainee:
-    """One model + pruner + optimiser, stepped as engine._train steps it."""
+    """One model + pruner + optimiser, stepped by the engine's own `steps.train_step`."""
 
-    def __init__(self, cfg, size: int, device: str, dtype: str = "fp32", channels_last: bool = False,
-                 use_deepspeed: bool = False):
+    def __init__(
+        self, cfg, size: int, device: str, dtype: str = "fp32", channels_last: bool = False, use_deepspeed: bool = False
+    ):
         import torch
         import torch.nn as nn
 
-        from suite import engine, models
+        from suite import models
+        from suite.steps import attach_pruner
 
         self.device, self.dtype = device, dtype
         mspec = models.get(cfg.model)
@@ -98,29 +108,19 @@ class Trainee:
         torch.manual_seed(cfg.seed)
         model = mspec.build(num_classes, in_chans)
         layers = mspec.prunable(model)
-        self.pruner, self.opt = engine.attach_pruner(cfg, model, layers, STEPS_PER_EPOCH, device)
+        self.pruner, self.opt = attach_pruner(cfg, model, layers, STEPS_PER_EPOCH, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model
         if use_deepspeed:
             import deepspeed
             import torch.distributed as dist
 
+            from suite.distributed import ds_config
+
             world = dist.get_world_size() if dist.is_initialized() else 1
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt,
-                                                        config=engine._ds_config(cfg, world))
-            self.forward, self.backward, self.optim_step = self.engine, self.engine.backward, self.engine.step
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds_config(cfg, world))
         else:
-            self.engine = None
-            self.forward = model
-
-            def backward(t):
-                t.backward()
-
-            def optim_step():
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-
-            self.backward, self.optim_step = backward, optim_step
+            self.engine = _Plain(model, self.opt)
         model.eval()  # the engine's order: deepspeed.initialize, then on_train_start in eval mode
         self.pruner.on_train_start()  # one-shot prunes happen here (random init, sparsity from cfg)
         model.train()
@@ -135,16 +135,19 @@ class Trainee:
         self.steps = 0
 
     def step(self) -> None:
-        import torch
+        from suite.steps import train_step
 
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-            loss = self.criterion(self.forward(self.x), self.y)
-        extra = self.pruner.loss_term()
-        total = loss + extra if extra is not None else loss
-        self.backward(total)
-        self.optim_step()
         self.steps += 1
-        self.pruner.after_step(self.steps)
+        train_step(
+            self.engine,
+            self.pruner,
+            self.criterion,
+            self.x,
+            self.y,
+            self.steps,
+            device=self.device,
+            precision=self.dtype,
+        )
 
     def timed(self, n: int) -> list[float]:
         """Seconds of each of n steps."""
@@ -160,6 +163,23 @@ class Trainee:
         return out
 
 
+class _Plain:
+    """The three calls train_step makes of a DeepSpeed engine, on a bare model and optimiser."""
+
+    def __init__(self, model, opt):
+        self.model, self.opt = model, opt
+
+    def __call__(self, x):
+        return self.model(x)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def _setup(device: str, threads: Optional[int], use_deepspeed: bool) -> str:
     import torch
 
@@ -172,7 +192,7 @@ def _setup(device: str, threads: Optional[int], use_deepspeed: bool) -> str:
     if threads:
         torch.set_num_threads(threads)
     if use_deepspeed:
-        from suite.engine import setup_distributed
+        from suite.distributed import setup_distributed
 
         setup_distributed(device)
     torch.use_deterministic_algorithms(False)
@@ -183,8 +203,13 @@ def measure_memory(method: str, args: dict[str, Any], timeout: float = 900.0) ->
     """Peak memory (MB) of building `method` and running its warmup + steps, in a fresh process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     code = "import sys; from suite.bench import _mem_child; _mem_child(sys.argv[1])"
-    p = subprocess.run([sys.executable, "-c", code, json.dumps({**args, "method": method})], env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-c", code, json.dumps({**args, "method": method})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     for line in p.stdout.splitlines():
         if line.startswith("HFBENCH_MEM "):
             return float(line.split()[1])
@@ -236,17 +261,30 @@ def _mem_child(args_json: str) -> None:
     t.timed(max(1, a["warmup"]) + max(1, a["steps"]))
     if device == "cuda":
         torch.cuda.synchronize()
-        mb = torch.cuda.max_memory_allocated() / 2 ** 20
+        mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         mb = (_peak_rss() - base) / 1024
     print(f"HFBENCH_MEM {mb:.3f}", flush=True)
 
 
-def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, methods: Optional[list[str]] = None,
-                 steps: int = 3, warmup: int = 2, repeats: int = 5, device: str = "auto", dtype: str = "fp32",
-                 channels_last: bool = False, use_deepspeed: bool = False, threads: Optional[int] = None,
-                 sparsity: float = 0.9, memory: bool = True, sets: Optional[dict] = None,
-                 say: Callable[..., None] = _say) -> dict[str, Any]:
+def run_overhead(
+    model: str = "resnet50",
+    size: int = 32,
+    batch: int = 32,
+    methods: Optional[list[str]] = None,
+    steps: int = 3,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str = "auto",
+    dtype: str = "fp32",
+    channels_last: bool = False,
+    use_deepspeed: bool = False,
+    threads: Optional[int] = None,
+    sparsity: float = 0.9,
+    memory: bool = True,
+    sets: Optional[dict] = None,
+    say: Callable[..., None] = _say,
+) -> dict[str, Any]:
     """Interleaved dense/method step timings; returns {"params", "rows", "trace"}."""
     import gc
 
@@ -254,21 +292,31 @@ def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, metho
 
     from suite.pruning import registry
 
-    from suite.pruning import registry
-
     methods = [m for m in (methods or registry.pruning_names()) if m != registry.CONTROL]
     for m in methods:
         registry.get(m)  # unknown names fail before any work
     device = _setup(device, threads, use_deepspeed)
-    params = {"model": model, "size": size, "batch": batch, "device": device, "dtype": dtype,
-              "channels_last": channels_last, "deepspeed": use_deepspeed, "threads": torch.get_num_threads(),
-              "steps": steps, "warmup": warmup, "repeats": repeats, "sparsity": sparsity,
-              "methods": ",".join(methods)}
-    say(f"[bench] overhead: {model} {size}px batch {batch} on {device} ({dtype}"
+    params = {
+        "model": model,
+        "size": size,
+        "batch": batch,
+        "device": device,
+        "dtype": dtype,
+        "channels_last": channels_last,
+        "deepspeed": use_deepspeed,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "sparsity": sparsity,
+        "methods": ",".join(methods),
+    }
+    say(
+        f"[bench] overhead: {model} {size}px batch {batch} on {device} ({dtype}"
         f"{', channels_last' if channels_last else ''}{', deepspeed' if use_deepspeed else ''}), "
-        f"{torch.get_num_threads()} threads; {repeats} rounds x {steps} steps per block")
-    dense = Trainee(bench_config("dense", model, batch, sets=sets), size, device, dtype, channels_last,
-                    use_deepspeed)
+        f"{torch.get_num_threads()} threads; {repeats} rounds x {steps} steps per block"
+    )
+    dense = Trainee(bench_config("dense", model, batch, sets=sets), size, device, dtype, channels_last, use_deepspeed)
     dense.timed(warmup)
     dense_steps: list[float] = []
     rows: list[dict[str, Any]] = []
@@ -276,12 +324,11 @@ def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, metho
     per_method: dict[str, dict[str, Any]] = {}
     for mi, m in enumerate(methods):
         t0 = time.time()
-        tr = Trainee(bench_config(m, model, batch, sparsity, sets), size, device, dtype, channels_last,
-                     use_deepspeed)
+        tr = Trainee(bench_config(m, model, batch, sparsity, sets), size, device, dtype, channels_last, use_deepspeed)
         build_s = time.time() - t0
         tr.timed(warmup)
         d_all, m_all, ratios = [], [], []
-        for r, who in enumerate(interleave("dense", m, repeats)):
+        for who in interleave("dense", m, repeats):
             trace.append(who)
             ts = (dense if who == "dense" else tr).timed(steps)
             if who == "dense":
@@ -292,23 +339,52 @@ def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, metho
                 ratios.append(statistics.median(ts) / d_block)
         q1, med, q3 = quartiles(ratios)
         dense_steps += d_all
-        per_method[m] = {"method": m, "step_ms": 1e3 * statistics.median(m_all),
-                         "dense_step_ms": 1e3 * statistics.median(d_all), "ratio": med, "ratio_q1": q1,
-                         "ratio_q3": q3, "rounds": len(ratios), "build_s": build_s}
-        say(f"[bench] {mi + 1}/{len(methods)} {m}: {per_method[m]['step_ms']:.1f} ms/step vs dense "
-            f"{per_method[m]['dense_step_ms']:.1f} -> x{med:.3f} [{q1:.3f}, {q3:.3f}] (setup {build_s:.1f}s)")
+        per_method[m] = {
+            "method": m,
+            "step_ms": 1e3 * statistics.median(m_all),
+            "dense_step_ms": 1e3 * statistics.median(d_all),
+            "ratio": med,
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "rounds": len(ratios),
+            "build_s": build_s,
+        }
+        say(
+            f"[bench] {mi + 1}/{len(methods)} {m}: {per_method[m]['step_ms']:.1f} ms/step vs dense "
+            f"{per_method[m]['dense_step_ms']:.1f} -> x{med:.3f} [{q1:.3f}, {q3:.3f}] (setup {build_s:.1f}s)"
+        )
         del tr
         gc.collect()
     dense_ms = 1e3 * statistics.median(dense_steps) if dense_steps else 1e3 * statistics.median(dense.timed(steps))
-    rows.append({"method": "dense", "step_ms": dense_ms, "dense_step_ms": dense_ms, "ratio": 1.0, "ratio_q1": 1.0,
-                 "ratio_q3": 1.0, "rounds": repeats})
+    rows.append(
+        {
+            "method": "dense",
+            "step_ms": dense_ms,
+            "dense_step_ms": dense_ms,
+            "ratio": 1.0,
+            "ratio_q1": 1.0,
+            "ratio_q3": 1.0,
+            "rounds": repeats,
+        }
+    )
     rows += [per_method[m] for m in methods]
     for row in rows:
         row["img_s"] = batch / (row["step_ms"] / 1e3)
     if memory:
-        margs = {"model": model, "size": size, "batch": batch, "device": device, "dtype": dtype,
-                 "channels_last": channels_last, "deepspeed": use_deepspeed, "threads": torch.get_num_threads(),
-                 "sparsity": sparsity, "warmup": warmup, "steps": steps, "sets": sets}
+        margs = {
+            "model": model,
+            "size": size,
+            "batch": batch,
+            "device": device,
+            "dtype": dtype,
+            "channels_last": channels_last,
+            "deepspeed": use_deepspeed,
+            "threads": torch.get_num_threads(),
+            "sparsity": sparsity,
+            "warmup": warmup,
+            "steps": steps,
+            "sets": sets,
+        }
         for row in rows:
             say(f"[bench] peak memory of {row['method']} (fresh process) ...")
             row["mem_mb"] = measure_memory(row["method"], margs)
@@ -320,22 +396,32 @@ def run_overhead(model: str = "resnet50", size: int = 32, batch: int = 32, metho
 def overhead_table(res: dict[str, Any]) -> str:
     p = res["params"]
     mem_kind = "CUDA max allocated" if p["device"] == "cuda" else "peak RSS increase"
-    lines = [f"# overhead: {p['model']} {p['size']}px batch {p['batch']}, {p['device']} {p['dtype']}"
-             f"{' channels_last' if p['channels_last'] else ''}{' deepspeed' if p['deepspeed'] else ''}, "
-             f"{p['threads']} threads, {p['repeats']} rounds x {p['steps']} steps",
-             f"| method | step ms | img/s | ratio to dense [IQR over rounds] | peak mem MB ({mem_kind}) | mem ratio |",
-             "|---|---:|---:|---|---:|---:|"]
+    lines = [
+        f"# overhead: {p['model']} {p['size']}px batch {p['batch']}, {p['device']} {p['dtype']}"
+        f"{' channels_last' if p['channels_last'] else ''}{' deepspeed' if p['deepspeed'] else ''}, "
+        f"{p['threads']} threads, {p['repeats']} rounds x {p['steps']} steps",
+        f"| method | step ms | img/s | ratio to dense [IQR over rounds] | peak mem MB ({mem_kind}) | mem ratio |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
     for r in res["rows"]:
         mem = f"{r['mem_mb']:.0f}" if "mem_mb" in r else "-"
         memr = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
-        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['img_s']:.1f} | {r['ratio']:.3f} "
-                     f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {mem} | {memr} |")
+        lines.append(
+            f"| {r['method']} | {r['step_ms']:.1f} | {r['img_s']:.1f} | {r['ratio']:.3f} "
+            f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {mem} | {memr} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- data
-def make_jpeg_tree(root: str | os.PathLike, classes: int = 10, per_class: int = 50, seed: int = 0,
-                   min_side: int = 160, max_side: int = 400) -> Path:
+def make_jpeg_tree(
+    root: str | os.PathLike,
+    classes: int = 10,
+    per_class: int = 50,
+    seed: int = 0,
+    min_side: int = 160,
+    max_side: int = 400,
+) -> Path:
     """An ImageNet-style tree root/<class>/<n>.JPEG of smooth random images of varied sizes."""
     import numpy as np
     from PIL import Image
@@ -361,8 +447,9 @@ def write_beton(tree: str | os.PathLike, path: str | os.PathLike, workers: int =
     from suite.images import write_imagefolder
 
     path = Path(path)
-    return write_imagefolder(path.parent, tree, name=path.stem, max_side=None, quality=90, workers=workers,
-                             progress=False, timeout=timeout)["train"]
+    return write_imagefolder(
+        path.parent, tree, name=path.stem, max_side=None, quality=90, workers=workers, progress=False, timeout=timeout
+    )["train"]
 
 
 def ffcv_loader(beton: str | os.PathLike, size: int, batch: int, workers: int, seed: int = 0):
@@ -370,8 +457,18 @@ def ffcv_loader(beton: str | os.PathLike, size: int, batch: int, workers: int, s
     (NCHW), int64 labels."""
     from suite.images import make_image_loader
 
-    return make_image_loader(beton, batch, train=True, seed=seed, num_workers=workers, drop_last=False,
-                             recipe="imagenet", crop_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return make_image_loader(
+        beton,
+        batch,
+        train=True,
+        seed=seed,
+        num_workers=workers,
+        drop_last=False,
+        recipe="imagenet",
+        crop_size=size,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
 
 
 def torchvision_loader(tree: str | os.PathLike, size: int, batch: int, workers: int, seed: int = 0):
@@ -380,11 +477,18 @@ def torchvision_loader(tree: str | os.PathLike, size: int, batch: int, workers: 
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(str(tree), transform=T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
-                                                     T.ToTensor()]))
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=False, num_workers=workers,
-                                       persistent_workers=workers > 0,
-                                       generator=torch.Generator().manual_seed(seed))
+    ds = ImageFolder(
+        str(tree), transform=T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
+    )
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def one_pass(loader) -> tuple[int, list[int], float]:
@@ -402,9 +506,17 @@ def one_pass(loader) -> tuple[int, list[int], float]:
     return n, labels, time.perf_counter() - t0
 
 
-def run_data(root: Optional[str] = None, size: int = 224, batch: int = 64, workers: int = 2, passes: int = 5,
-             classes: int = 10, per_class: int = 50, work_dir: Optional[str] = None,
-             say: Callable[..., None] = _say) -> dict[str, Any]:
+def run_data(
+    root: Optional[str] = None,
+    size: int = 224,
+    batch: int = 64,
+    workers: int = 2,
+    passes: int = 5,
+    classes: int = 10,
+    per_class: int = 50,
+    work_dir: Optional[str] = None,
+    say: Callable[..., None] = _say,
+) -> dict[str, Any]:
     import torch
 
     keep = tempfile.mkdtemp(prefix="hfbench-bench-data-") if work_dir is None else work_dir
@@ -417,10 +529,12 @@ def run_data(root: Optional[str] = None, size: int = 224, batch: int = 64, worke
     t0 = time.time()
     beton = write_beton(tree, Path(keep) / "tree.beton", workers)
     write_s = time.time() - t0
-    say(f"[bench] data: {n_files} files -> {beton} ({beton.stat().st_size / 2 ** 20:.1f} MB, {write_s:.1f}s)")
+    say(f"[bench] data: {n_files} files -> {beton} ({beton.stat().st_size / 2**20:.1f} MB, {write_s:.1f}s)")
     threads = torch.get_num_threads()
-    loaders = {"ffcv": ffcv_loader(beton, size, batch, workers), "torchvision": torchvision_loader(tree, size, batch,
-                                                                                                   workers)}
+    loaders = {
+        "ffcv": ffcv_loader(beton, size, batch, workers),
+        "torchvision": torchvision_loader(tree, size, batch, workers),
+    }
     counts: dict[str, int] = {}
     label_sets: dict[str, list[int]] = {}
     for name, ld in loaders.items():  # warmup: FFCV's numba compilation, DataLoader's worker start
@@ -436,37 +550,72 @@ def run_data(root: Optional[str] = None, size: int = 224, batch: int = 64, worke
         say(f"[bench] data pass {i // 2 + 1}/{passes} {name}: {n / s:.1f} img/s")
     ratios = [f / t for f, t in zip(rates["ffcv"], rates["torchvision"])]
     q1, med, q3 = quartiles(ratios)
-    rows = [{"loader": k, "img_s": statistics.median(v), "img_s_q1": quartiles(v)[0], "img_s_q3": quartiles(v)[2],
-             "images": counts[k]} for k, v in rates.items()]
-    params = {"root": str(tree), "generated": not root, "files": n_files, "size": size, "batch": batch,
-              "workers": workers, "passes": passes, "threads": threads, "beton_mb": beton.stat().st_size / 2 ** 20,
-              "write_s": write_s}
-    return {"params": params, "rows": rows, "ratio": med, "ratio_q1": q1, "ratio_q3": q3, "trace": trace,
-            "labels": label_sets, "beton": str(beton)}
+    rows = [
+        {
+            "loader": k,
+            "img_s": statistics.median(v),
+            "img_s_q1": quartiles(v)[0],
+            "img_s_q3": quartiles(v)[2],
+            "images": counts[k],
+        }
+        for k, v in rates.items()
+    ]
+    params = {
+        "root": str(tree),
+        "generated": not root,
+        "files": n_files,
+        "size": size,
+        "batch": batch,
+        "workers": workers,
+        "passes": passes,
+        "threads": threads,
+        "beton_mb": beton.stat().st_size / 2**20,
+        "write_s": write_s,
+    }
+    return {
+        "params": params,
+        "rows": rows,
+        "ratio": med,
+        "ratio_q1": q1,
+        "ratio_q3": q3,
+        "trace": trace,
+        "labels": label_sets,
+        "beton": str(beton),
+    }
 
 
 def data_table(res: dict[str, Any]) -> str:
     p = res["params"]
-    lines = [f"# data loading: {p['files']} JPEGs ({'generated' if p['generated'] else p['root']}), crop {p['size']}px,"
-             f" batch {p['batch']}, {p['workers']} workers, {p['passes']} interleaved passes each",
-             "| loader | img/s (median) | IQR | images per pass |", "|---|---:|---|---:|"]
+    lines = [
+        f"# data loading: {p['files']} JPEGs ({'generated' if p['generated'] else p['root']}), crop {p['size']}px,"
+        f" batch {p['batch']}, {p['workers']} workers, {p['passes']} interleaved passes each",
+        "| loader | img/s (median) | IQR | images per pass |",
+        "|---|---:|---|---:|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['loader']} | {r['img_s']:.1f} | [{r['img_s_q1']:.1f}, {r['img_s_q3']:.1f}] | "
-                     f"{r['images']} |")
-    lines.append(f"\nffcv / torchvision: x{res['ratio']:.3f} [IQR {res['ratio_q1']:.3f}, {res['ratio_q3']:.3f}] "
-                 f"(per-pass ratios)")
+        lines.append(
+            f"| {r['loader']} | {r['img_s']:.1f} | [{r['img_s_q1']:.1f}, {r['img_s_q3']:.1f}] | {r['images']} |"
+        )
+    lines.append(
+        f"\nffcv / torchvision: x{res['ratio']:.3f} [IQR {res['ratio_q1']:.3f}, {res['ratio_q3']:.3f}] "
+        f"(per-pass ratios)"
+    )
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- MLflow
-def log_to_mlflow(uri: str, kind: str, params: dict[str, Any], metrics: dict[str, float], table: str,
-                  payload: dict[str, Any]) -> str:
+def log_to_mlflow(
+    uri: str, kind: str, params: dict[str, Any], metrics: dict[str, float], table: str, payload: dict[str, Any]
+) -> str:
     from suite import tracking
 
     exp = tracking.ensure_experiment(uri, "bench")
     c = tracking.client(uri)
-    run = c.create_run(exp, run_name=f"{kind}-{params.get('model', 'data')}-{time.strftime('%Y%m%d-%H%M%S')}",
-                       tags={"hfbench.bench": kind})
+    run = c.create_run(
+        exp,
+        run_name=f"{kind}-{params.get('model', 'data')}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"hfbench.bench": kind},
+    )
     rid = run.info.run_id
     try:
         from mlflow.entities import Metric, Param
@@ -476,9 +625,9 @@ def log_to_mlflow(uri: str, kind: str, params: dict[str, Any], metrics: dict[str
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         for i in range(0, len(ps), 100):
-            c.log_batch(rid, params=ps[i:i + 100])
+            c.log_batch(rid, params=ps[i : i + 100])
         for i in range(0, len(ms), 500):
-            c.log_batch(rid, metrics=ms[i:i + 500])
+            c.log_batch(rid, metrics=ms[i : i + 500])
         c.log_text(rid, table, f"{kind}.md")
         c.log_text(rid, json.dumps(payload, indent=1, default=str), f"{kind}.json")
     except BaseException:
@@ -503,10 +652,23 @@ def _parse_sets(items: Optional[list[str]]) -> dict:
 
 def cmd_overhead(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
-    res = run_overhead(model=a.model, size=a.size, batch=a.batch, methods=methods, steps=a.steps, warmup=a.warmup,
-                       repeats=a.repeats, device=a.device, dtype=a.dtype, channels_last=a.channels_last,
-                       use_deepspeed=a.deepspeed, threads=a.threads, sparsity=a.sparsity, memory=not a.no_memory,
-                       sets=_parse_sets(a.set))
+    res = run_overhead(
+        model=a.model,
+        size=a.size,
+        batch=a.batch,
+        methods=methods,
+        steps=a.steps,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        device=a.device,
+        dtype=a.dtype,
+        channels_last=a.channels_last,
+        use_deepspeed=a.deepspeed,
+        threads=a.threads,
+        sparsity=a.sparsity,
+        memory=not a.no_memory,
+        sets=_parse_sets(a.set),
+    )
     table = overhead_table(res)
     print(table, flush=True)
     if not a.no_track:
@@ -515,9 +677,15 @@ def cmd_overhead(a) -> int:
         metrics: dict[str, float] = {}
         for r in res["rows"]:
             m = r["method"]
-            metrics.update({f"step_ms.{m}": r["step_ms"], f"step_ratio.{m}": r["ratio"],
-                            f"step_ratio_q1.{m}": r["ratio_q1"], f"step_ratio_q3.{m}": r["ratio_q3"],
-                            f"img_s.{m}": r["img_s"]})
+            metrics.update(
+                {
+                    f"step_ms.{m}": r["step_ms"],
+                    f"step_ratio.{m}": r["ratio"],
+                    f"step_ratio_q1.{m}": r["ratio_q1"],
+                    f"step_ratio_q3.{m}": r["ratio_q3"],
+                    f"img_s.{m}": r["img_s"],
+                }
+            )
             if "mem_mb" in r:
                 metrics.update({f"mem_mb.{m}": r["mem_mb"], f"mem_ratio.{m}": r["mem_ratio"]})
         uri = a.tracking_uri or tracking.default_uri()
@@ -527,16 +695,25 @@ def cmd_overhead(a) -> int:
 
 
 def cmd_data(a) -> int:
-    res = run_data(root=a.root, size=a.size, batch=a.batch, workers=a.workers, passes=a.passes, classes=a.classes,
-                   per_class=a.per_class, work_dir=a.work_dir)
+    res = run_data(
+        root=a.root,
+        size=a.size,
+        batch=a.batch,
+        workers=a.workers,
+        passes=a.passes,
+        classes=a.classes,
+        per_class=a.per_class,
+        work_dir=a.work_dir,
+    )
     table = data_table(res)
     print(table, flush=True)
     if not a.no_track:
         from suite import tracking
 
         metrics = {f"img_s.{r['loader']}": r["img_s"] for r in res["rows"]}
-        metrics.update({"ratio.ffcv_over_torchvision": res["ratio"], "ratio_q1": res["ratio_q1"],
-                        "ratio_q3": res["ratio_q3"]})
+        metrics.update(
+            {"ratio.ffcv_over_torchvision": res["ratio"], "ratio_q1": res["ratio_q1"], "ratio_q3": res["ratio_q3"]}
+        )
         uri = a.tracking_uri or tracking.default_uri()
         payload = {k: v for k, v in res.items() if k != "labels"}
         rid = log_to_mlflow(uri, "data", res["params"], metrics, table, payload)
@@ -552,8 +729,11 @@ def add_parser(sub) -> None:
     o.add_argument("--model", default="resnet50")
     o.add_argument("--size", type=int, default=32, help="input side in pixels (default 32)")
     o.add_argument("--batch", type=int, default=32)
-    o.add_argument("--methods", help="comma-separated (default: every registered pruning method; `hfbench methods` lists them); "
-                                        "dense is the reference")
+    o.add_argument(
+        "--methods",
+        help="comma-separated (default: every registered pruning method; `hfbench methods` lists them); "
+        "dense is the reference",
+    )
     o.add_argument("--steps", type=int, default=3, help="steps per block (default 3)")
     o.add_argument("--warmup", type=int, default=2, help="untimed steps per model before its first block")
     o.add_argument("--repeats", type=int, default=5, help="rounds of (dense block, method block) per method")

@@ -16,6 +16,7 @@ train/val can be traced back to the original 60k training set).
 
 FFCV (1.0.2) is imported lazily: importing this module is cheap.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -32,10 +33,11 @@ import threading
 import time
 import weakref
 import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -59,8 +61,16 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 IMAGE_SHAPE = (1, 28, 28)
 N_TRAIN_SOURCE = 60000
@@ -83,8 +93,7 @@ _SOURCE_FILES = {
     "test_images": ("t10k-images-idx3-ubyte", _IDX_MAGIC_IMAGES, (N_TEST_SOURCE, 28, 28)),
     "test_labels": ("t10k-labels-idx1-ubyte", _IDX_MAGIC_LABELS, (N_TEST_SOURCE,)),
 }
-_INSTALL_HINT = ("install the Debian package dataset-fashion-mnist "
-                 "(`apt-get install dataset-fashion-mnist`)")
+_INSTALL_HINT = "install the Debian package dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`)"
 
 
 class DataError(ValueError):
@@ -95,13 +104,15 @@ class DataError(ValueError):
 # IDX source
 # --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FashionMNISTSource:
     """The validated Fashion-MNIST arrays (uint8, as stored in the IDX files)."""
+
     train_images: np.ndarray  # (60000, 28, 28) uint8
     train_labels: np.ndarray  # (60000,) uint8, 0..9
-    test_images: np.ndarray   # (10000, 28, 28) uint8
-    test_labels: np.ndarray   # (10000,) uint8, 0..9
+    test_images: np.ndarray  # (10000, 28, 28) uint8
+    test_labels: np.ndarray  # (10000,) uint8, 0..9
     files: dict[str, Path] = field(default_factory=dict)  # key -> IDX file read
 
 
@@ -116,8 +127,7 @@ def _source_paths(root: str | os.PathLike) -> dict[str, Path]:
                 paths[key] = root / name
                 break
         else:
-            raise DataError(f"{root / (stem + '.gz')}: file missing (folder {root} is incomplete; "
-                            f"re-{_INSTALL_HINT})")
+            raise DataError(f"{root / (stem + '.gz')}: file missing (folder {root} is incomplete; re-{_INSTALL_HINT})")
     return paths
 
 
@@ -142,8 +152,10 @@ def _read_idx(path: Path, magic: int, shape: tuple[int, ...]) -> np.ndarray:
         raise DataError(f"{path}: IDX shape {tuple(dims)}, expected {tuple(shape)}")
     payload = len(data) - head
     if payload != math.prod(shape):
-        raise DataError(f"{path}: {payload} data bytes, expected {math.prod(shape)} "
-                        f"for shape {tuple(shape)} (truncated or trailing data)")
+        raise DataError(
+            f"{path}: {payload} data bytes, expected {math.prod(shape)} "
+            f"for shape {tuple(shape)} (truncated or trailing data)"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=head).reshape(shape).copy()
 
 
@@ -191,8 +203,10 @@ def _check_val_size(val_size: int) -> None:
 # check_beton
 # --------------------------------------------------------------------------------------
 
-def check_beton(path: str | os.PathLike, expected_count: int | None = None,
-                expected_classes: int | None = 10) -> dict[str, Any]:
+
+def check_beton(
+    path: str | os.PathLike, expected_count: int | None = None, expected_classes: int | None = 10
+) -> dict[str, Any]:
     """Cheaply validate a Fashion-MNIST ``.beton`` (reads header, field descriptors,
     per-sample metadata and the allocation table; not the pixel pages).
 
@@ -210,8 +224,11 @@ def check_beton(path: str | os.PathLike, expected_count: int | None = None,
 
     handlers = reader.handlers
     img, lab = handlers.get("image"), handlers.get("label")
-    if not (isinstance(img, NDArrayField) and img.dtype == np.uint8
-            and tuple(int(s) for s in img.shape) in (IMAGE_SHAPE, IMAGE_SHAPE[1:])):
+    if not (
+        isinstance(img, NDArrayField)
+        and img.dtype == np.uint8
+        and tuple(int(s) for s in img.shape) in (IMAGE_SHAPE, IMAGE_SHAPE[1:])
+    ):
         raise DataError(f"{path}: field 'image' is {img!r}, expected NDArrayField uint8 {IMAGE_SHAPE}")
     if not isinstance(lab, IntField):
         raise DataError(f"{path}: field 'label' is {lab!r}, expected IntField")
@@ -223,8 +240,7 @@ def check_beton(path: str | os.PathLike, expected_count: int | None = None,
         raise DataError(f"{path}: {n} samples, expected {expected_count}")
 
     # Every image is one allocation of 784 bytes inside the data region.
-    _check_alloc_table(path, reader, n, alloc_ptr, desc_end, "image",
-                       size=int(np.prod(img.shape)) * img.dtype.itemsize)
+    _check_alloc_table(path, reader, n, alloc_ptr, desc_end, "image", size=int(np.prod(img.shape)) * img.dtype.itemsize)
 
     labels = np.asarray(meta[col["label"]])
     counts: dict[int, int] = {}
@@ -235,8 +251,7 @@ def check_beton(path: str | os.PathLike, expected_count: int | None = None,
         vals, cnt = np.unique(labels, return_counts=True)
         counts = {int(v): int(c) for v, c in zip(vals, cnt)}
         if expected_classes is not None and n >= 50 * expected_classes and len(counts) != expected_classes:
-            raise DataError(f"{path}: {len(counts)} distinct labels in {n} samples, "
-                            f"expected {expected_classes}")
+            raise DataError(f"{path}: {len(counts)} distinct labels in {n} samples, expected {expected_classes}")
     has_index = "index" in handlers
     if has_index and n:
         idx = np.asarray(meta[col["index"]])
@@ -261,8 +276,7 @@ def _open_beton(path: Path):
         raise DataError(f"{path}: truncated ({size} bytes, smaller than the FFCV header)")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
     if int(header["version"]) != CURRENT_VERSION:
-        raise DataError(f"{path}: not an FFCV v{CURRENT_VERSION} beton "
-                        f"(header version {int(header['version'])})")
+        raise DataError(f"{path}: not an FFCV v{CURRENT_VERSION} beton (header version {int(header['version'])})")
     n = int(header["num_samples"])
     n_fields = int(header["num_fields"])
     page = int(header["page_size"])
@@ -275,13 +289,14 @@ def _open_beton(path: Path):
     if alloc_ptr == 0:
         raise DataError(f"{path}: unfinished write (no allocation table in the header)")
     if alloc_ptr > size:
-        raise DataError(f"{path}: truncated ({size} bytes; allocation table expected at "
-                        f"byte {alloc_ptr})")
+        raise DataError(f"{path}: truncated ({size} bytes; allocation table expected at byte {alloc_ptr})")
     if (size - alloc_ptr) % ALLOC_TABLE_TYPE.itemsize:
-        raise DataError(f"{path}: truncated or corrupt allocation table "
-                        f"({size - alloc_ptr} bytes is not a whole number of entries)")
+        raise DataError(
+            f"{path}: truncated or corrupt allocation table ({size - alloc_ptr} bytes is not a whole number of entries)"
+        )
     try:
         from ffcv.reader import Reader
+
         reader = Reader(str(path))
     except Exception as e:  # noqa: BLE001 - anything FFCV raises means "unreadable"
         raise DataError(f"{path}: unreadable FFCV file: {type(e).__name__}: {e}") from e
@@ -290,8 +305,16 @@ def _open_beton(path: Path):
     return reader, n, alloc_ptr, desc_end
 
 
-def _check_alloc_table(path: Path, reader, n: int, alloc_ptr: int, desc_end: int,
-                       field: str, size: int | None = None, ptr_key: str | None = None) -> None:
+def _check_alloc_table(
+    path: Path,
+    reader,
+    n: int,
+    alloc_ptr: int,
+    desc_end: int,
+    field: str,
+    size: int | None = None,
+    ptr_key: str | None = None,
+) -> None:
     """Every sample has exactly one allocation (``field``'s data) inside the data region,
     at the pointer its per-sample metadata holds (column ``field``, or its sub-field
     ``ptr_key``); ``size``: the byte size every allocation must have (None: any > 0)."""
@@ -303,8 +326,11 @@ def _check_alloc_table(path: Path, reader, n: int, alloc_ptr: int, desc_end: int
     if not n:
         return
     bad_size = (table["size"] != size).any() if size is not None else (table["size"] <= 0).any()
-    if bad_size or int((table["ptr"] + table["size"]).max()) > alloc_ptr \
-            or int(table["ptr"].min()) < desc_end + meta.nbytes:
+    if (
+        bad_size
+        or int((table["ptr"] + table["size"]).max()) > alloc_ptr
+        or int(table["ptr"].min()) < desc_end + meta.nbytes
+    ):
         raise DataError(f"{path}: corrupt allocation table (sizes/pointers out of range)")
     ids = np.sort(table["sample_id"])
     if not np.array_equal(ids, np.arange(n, dtype=ids.dtype)):
@@ -319,6 +345,7 @@ def _check_alloc_table(path: Path, reader, n: int, alloc_ptr: int, desc_end: int
 # Writing (in a child process)
 # --------------------------------------------------------------------------------------
 
+
 def _expected_counts(val_size: int) -> dict[str, int]:
     return {"train": N_TRAIN_SOURCE - val_size, "val": val_size, "test": N_TEST_SOURCE}
 
@@ -327,6 +354,7 @@ def _expected_counts(val_size: int) -> dict[str, int]:
 def _dir_lock(out_dir: Path, name: str = ".fashion_mnist.lock"):
     """Serialise concurrent writers of the same folder (e.g. several jobs on a cluster)."""
     import fcntl
+
     fd = os.open(out_dir / name, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -350,11 +378,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_fashion_mnist(out_dir: str | os.PathLike, val_size: int = 5000, split_seed: int = 0,
-                        progress: bool = True, *, overwrite: bool = False,
-                        root: str | os.PathLike = FASHION_MNIST_ROOT,
-                        num_workers: int | None = None,
-                        timeout: float | None = 1800.0) -> dict[str, Path]:
+def write_fashion_mnist(
+    out_dir: str | os.PathLike,
+    val_size: int = 5000,
+    split_seed: int = 0,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+    root: str | os.PathLike = FASHION_MNIST_ROOT,
+    num_workers: int | None = None,
+    timeout: float | None = 1800.0,
+) -> dict[str, Path]:
     """Write the Fashion-MNIST betons into ``out_dir``; return ``{"train", "val", "test",
     "meta"} -> Path``.
 
@@ -371,8 +405,7 @@ def write_fashion_mnist(out_dir: str | os.PathLike, val_size: int = 5000, split_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src_paths = _source_paths(root)
-    src_info = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                for p in src_paths.values()}
+    src_info = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in src_paths.values()}
     expected = _expected_counts(val_size)
     result = {split: out_dir / name for split, name in SPLIT_FILES.items()}
     result["meta"] = out_dir / META_FILE
@@ -385,12 +418,12 @@ def write_fashion_mnist(out_dir: str | os.PathLike, val_size: int = 5000, split_
             except (OSError, ValueError):
                 old_meta = {}
         same_source = old_meta.get("source", {}).get("files") == src_info
-        same_split = (old_meta.get("val_size") == val_size
-                      and old_meta.get("split_seed") == split_seed)
+        same_split = old_meta.get("val_size") == val_size and old_meta.get("split_seed") == split_seed
         todo = []
         for split in SPLIT_FILES:
-            ok = (not overwrite and same_source and (split == "test" or same_split)
-                  and split in old_meta.get("files", {}))
+            ok = (
+                not overwrite and same_source and (split == "test" or same_split) and split in old_meta.get("files", {})
+            )
             if ok:
                 try:
                     check_beton(result[split], expected[split])
@@ -400,41 +433,60 @@ def write_fashion_mnist(out_dir: str | os.PathLike, val_size: int = 5000, split_
                 todo.append(split)
         if not todo:
             if progress:
-                print(f"[fashion-mnist] {out_dir}: betons present and valid, nothing to write",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[fashion-mnist] {out_dir}: betons present and valid, nothing to write",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return result
 
         # until the new meta is written, no stale meta may vouch for a replaced file
         result["meta"].unlink(missing_ok=True)
         t0 = time.perf_counter()
-        _run_writer_child({
-            "root": str(root), "out_dir": str(out_dir), "splits": todo,
-            "val_size": int(val_size), "split_seed": int(split_seed),
-            "num_workers": num_workers, "progress": bool(progress),
-        }, progress=progress, timeout=timeout)
+        _run_writer_child(
+            {
+                "root": str(root),
+                "out_dir": str(out_dir),
+                "splits": todo,
+                "val_size": int(val_size),
+                "split_seed": int(split_seed),
+                "num_workers": num_workers,
+                "progress": bool(progress),
+            },
+            progress=progress,
+            timeout=timeout,
+        )
         elapsed = time.perf_counter() - t0
 
         files = dict(old_meta.get("files", {})) if (same_source and same_split) else {}
         for split in SPLIT_FILES:
             if split in todo or split not in files:
                 p = result[split]
-                files[split] = {"name": p.name, "count": expected[split],
-                                "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                files[split] = {
+                    "name": p.name,
+                    "count": expected[split],
+                    "bytes": p.stat().st_size,
+                    "sha256": _sha256(p),
+                }
         meta = {
             "meta_version": META_VERSION,
             "dataset": "fashion-mnist",
             "counts": dict(expected),
             "val_size": int(val_size),
             "split_seed": int(split_seed),
-            "split": ("val = sorted(np.random.default_rng(split_seed).permutation(60000)[:val_size]);"
-                      " train = the other rows, sorted"),
-            "fields": {"image": "NDArrayField uint8 (1, 28, 28), raw pixels",
-                       "label": "IntField 0..9",
-                       "index": "IntField, row in the source IDX file"},
+            "split": (
+                "val = sorted(np.random.default_rng(split_seed).permutation(60000)[:val_size]);"
+                " train = the other rows, sorted"
+            ),
+            "fields": {
+                "image": "NDArrayField uint8 (1, 28, 28), raw pixels",
+                "label": "IntField 0..9",
+                "index": "IntField, row in the source IDX file",
+            },
             "class_names": list(CLASS_NAMES),
-            "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD,
-            "source": {"root": str(Path(root)), "package": "dataset-fashion-mnist",
-                       "files": src_info},
+            "mean": FASHION_MNIST_MEAN,
+            "std": FASHION_MNIST_STD,
+            "source": {"root": str(Path(root)), "package": "dataset-fashion-mnist", "files": src_info},
             "files": files,
             "write_seconds": round(elapsed, 2),
             "written": sorted(todo),
@@ -444,15 +496,21 @@ def write_fashion_mnist(out_dir: str | os.PathLike, val_size: int = 5000, split_
     return result
 
 
-def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | None, *,
-                      entry: str = "suite.data:_writer_child_main",
-                      what: str = "Fashion-MNIST betons",
-                      files: Sequence[str] = tuple(SPLIT_FILES.values())) -> None:
+def _run_writer_child(
+    args: dict[str, Any],
+    progress: bool,
+    timeout: float | None,
+    *,
+    entry: str = "suite.data:_writer_child_main",
+    what: str = "Fashion-MNIST betons",
+    files: Sequence[str] = tuple(SPLIT_FILES.values()),
+) -> None:
     """Run ``entry(args_json)`` (``module:function``, returns an exit status and writes
     ``{"ok": ...}`` to ``args["result_file"]``) in a child Python process in its own
     session; on timeout/interrupt/failure kill its process group and remove the
     temporary files (:func:`_tmp_name`) of ``files`` in ``args["out_dir"]``."""
     import signal
+
     out_dir = Path(args["out_dir"])
     mod, fn = entry.split(":")
     fd, res_path = tempfile.mkstemp(dir=out_dir, prefix=".fashion_mnist_result.", suffix=".json")
@@ -463,9 +521,13 @@ def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | Non
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     code = f"import sys; from {mod} import {fn}; sys.exit({fn}(sys.argv[1]))"
     capture = None if progress else subprocess.PIPE
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], env=env,
-                            stdout=capture, stderr=subprocess.STDOUT if capture else None,
-                            start_new_session=True)  # own process group: kill writer workers too
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(args)],
+        env=env,
+        stdout=capture,
+        stderr=subprocess.STDOUT if capture else None,
+        start_new_session=True,
+    )  # own process group: kill writer workers too
     try:
         out, _ = proc.communicate(timeout=timeout)
     except BaseException as e:  # timeout, KeyboardInterrupt, ...
@@ -477,8 +539,9 @@ def _run_writer_child(args: dict[str, Any], progress: bool, timeout: float | Non
         _cleanup_tmp(out_dir, proc.pid, files)
         Path(res_path).unlink(missing_ok=True)
         if isinstance(e, subprocess.TimeoutExpired):
-            raise RuntimeError(f"writing {what} into {out_dir} took more than "
-                               f"{timeout} s; the writer was killed") from None
+            raise RuntimeError(
+                f"writing {what} into {out_dir} took more than {timeout} s; the writer was killed"
+            ) from None
         raise
     try:
         res = json.loads(Path(res_path).read_text() or "{}")
@@ -527,8 +590,9 @@ class _ArrayDataset:
     """Indexable (image, label, source row) over in-memory arrays for FFCV's DatasetWriter;
     images are reshaped to `shape` (Fashion-MNIST's (1, 28, 28)) unless it is None."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                 shape: Optional[tuple[int, ...]] = IMAGE_SHAPE):
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, shape: Optional[tuple[int, ...]] = IMAGE_SHAPE
+    ):
         self.images, self.labels, self.rows, self.shape = images, labels, rows, shape
 
     def __len__(self) -> int:
@@ -544,8 +608,10 @@ def _safe_writer_worker(*args):
     """FFCV's writer waits forever for a worker that died; kill the whole group instead."""
     import signal
     import traceback
+
     _import_ffcv()
     from ffcv.writer import worker_job_indexed_dataset
+
     try:
         worker_job_indexed_dataset(*args)
     except BaseException:
@@ -561,8 +627,7 @@ def _write_split(path: Path, ds: _ArrayDataset, num_workers: int) -> None:
     from ffcv.utils import chunks
     from ffcv.writer import DatasetWriter
 
-    fields = {"image": NDArrayField(np.dtype("uint8"), IMAGE_SHAPE),
-              "label": IntField(), "index": IntField()}
+    fields = {"image": NDArrayField(np.dtype("uint8"), IMAGE_SHAPE), "label": IntField(), "index": IntField()}
     # smallest page FFCV allows (2 MiB): each writer worker pads its last page, so the
     # default 8 MiB pages would triple the size of the 4-8 MB val/test files
     writer = DatasetWriter(str(path), fields, page_size=1 << 21, num_workers=num_workers)
@@ -598,10 +663,10 @@ def _writer_child_main(args_json: str) -> int:
         return 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
+
         traceback.print_exc()
         _cleanup_tmp(out_dir, pid)
-        res_file.write_text(json.dumps({"ok": False, "error_type": type(e).__name__,
-                                        "message": str(e)}))
+        res_file.write_text(json.dumps({"ok": False, "error_type": type(e).__name__, "message": str(e)}))
         return 1
 
 
@@ -613,8 +678,16 @@ _FFCV_CLASSES: dict[str, Any] = {}
 # float32((v / 255 - mean) / std) for every uint8 value v (computed in float64)
 _NORMALISE_LUT = ((np.arange(256) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).astype(np.float32)
 # ffcv.types.HeaderType (format version 2), copied so that reading a header is import-free
-_HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
-                         ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+_HEADER_TYPE = np.dtype(
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
 
 
 def _ffcv_classes() -> dict[str, Any]:
@@ -628,6 +701,7 @@ def _ffcv_classes() -> dict[str, Any]:
     class _EpochIterator(EpochIterator):
         """Keeps the exception that killed the worker thread; the consumer re-raises it
         (chained, with its traceback) instead of waiting forever on the output queue."""
+
         error: BaseException | None = None
 
         def run(self):
@@ -639,9 +713,10 @@ def _ffcv_classes() -> dict[str, Any]:
     class _Loader(Loader):
         def __iter__(self):  # ffcv 1.0.2 Loader.__iter__ with our iterator class
             from ffcv.pipeline.compiler import Compiler
+
             Compiler.set_num_threads(self.num_workers)
             order = self.next_traversal_order()
-            selected_order = order[:len(self) * self.batch_size]
+            selected_order = order[: len(self) * self.batch_size]
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
@@ -675,6 +750,7 @@ def _keep_torch_threads():
     """FFCV calls torch.set_num_threads(num_workers) on Loader creation and every epoch;
     keep the caller's setting (training on CPU would otherwise run on 1 thread)."""
     import torch
+
     n = torch.get_num_threads()
     try:
         yield
@@ -701,10 +777,20 @@ class FashionMNISTLoader:
     stops and joins FFCV's worker thread; so does starting the next epoch or ``close()``.
     """
 
-    def __init__(self, path: str | os.PathLike, batch_size: int, train: bool, seed: int = 0,
-                 num_workers: int = 1, distributed: bool = False, drop_last: bool | None = None,
-                 indices: Sequence[int] | np.ndarray | None = None, raw: bool = False,
-                 batches_ahead: int = 3, os_cache: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        num_workers: int = 1,
+        distributed: bool = False,
+        drop_last: bool | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        raw: bool = False,
+        batches_ahead: int = 3,
+        os_cache: bool = True,
+    ):
         self.path = Path(path)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -727,9 +813,12 @@ class FashionMNISTLoader:
         self.indices = indices
         if self.distributed:
             import torch.distributed as dist
+
             if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError("distributed=True needs an initialised torch.distributed "
-                                   "process group (e.g. init_process_group('gloo'))")
+                raise RuntimeError(
+                    "distributed=True needs an initialised torch.distributed "
+                    "process group (e.g. init_process_group('gloo'))"
+                )
             self._world = dist.get_world_size()
         else:
             self._world = 1
@@ -768,15 +857,22 @@ class FashionMNISTLoader:
         if self._ffcv is None:
             _import_ffcv()
             from ffcv.loader import OrderOption
+
             Loader = _ffcv_classes()["Loader"]
             with _keep_torch_threads():
                 self._ffcv = Loader(
-                    str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
+                    str(self.path),
+                    batch_size=self.batch_size,
+                    num_workers=self.num_workers,
                     os_cache=self.os_cache,
                     order=OrderOption.RANDOM if self.train else OrderOption.SEQUENTIAL,
-                    distributed=self.distributed, seed=self.seed, indices=self.indices,
+                    distributed=self.distributed,
+                    seed=self.seed,
+                    indices=self.indices,
                     pipelines=self._pipelines(),
-                    drop_last=self.drop_last, batches_ahead=self.batches_ahead)
+                    drop_last=self.drop_last,
+                    batches_ahead=self.batches_ahead,
+                )
             self._ffcv.next_epoch = self._epoch
             if len(self._ffcv) != len(self):
                 raise RuntimeError(f"internal: FFCV says {len(self._ffcv)} batches, expected {len(self)}")
@@ -787,12 +883,13 @@ class FashionMNISTLoader:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.ndarray import NDArrayDecoder
         from ffcv.transforms import ToTensor
-        return {"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
-                "index": None}
+
+        return {"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()], "index": None}
 
     def _convert(self, img, lab) -> tuple[Any, Any]:
         """FFCV's batch -> fresh ``(x, y)`` tensors (FFCV reuses its output buffers)."""
         import torch
+
         # numpy, single-threaded, into fresh arrays: FFCV reuses its output buffers
         # a few batches later, and torch ops here would use torch's intra-op pool
         # (which competes with FFCV's numba threads: measured 5-7x slower)
@@ -829,6 +926,7 @@ class FashionMNISTLoader:
 
     def _epoch_gen(self):
         import torch
+
         loader = self.ffcv
         n_threads = torch.get_num_threads()
         with _keep_torch_threads():
@@ -857,17 +955,19 @@ class FashionMNISTLoader:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
-    def __enter__(self) -> "FashionMNISTLoader":
+    def __enter__(self) -> FashionMNISTLoader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, batch_size={self.batch_size}, "
-                f"train={self.train}, seed={self.seed}, num_workers={self.num_workers}, "
-                f"distributed={self.distributed}, drop_last={self.drop_last}, raw={self.raw}, "
-                f"batches={len(self)})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, batch_size={self.batch_size}, "
+            f"train={self.train}, seed={self.seed}, num_workers={self.num_workers}, "
+            f"distributed={self.distributed}, drop_last={self.drop_last}, raw={self.raw}, "
+            f"batches={len(self)})"
+        )
 
 
 def _next_batch(it, path: Path, poll: float = 0.5):
@@ -884,8 +984,9 @@ def _next_batch(it, path: Path, poll: float = 0.5):
                     break
                 except queue.Empty:
                     err = getattr(it, "error", None)
-                    raise RuntimeError(f"{path}: FFCV loader thread died mid-epoch: "
-                                       f"{type(err).__name__ if err else 'unknown'}: {err}") from err
+                    raise RuntimeError(
+                        f"{path}: FFCV loader thread died mid-epoch: {type(err).__name__ if err else 'unknown'}: {err}"
+                    ) from err
     if item is None:
         return None
     slot, result = item
@@ -894,10 +995,20 @@ def _next_batch(it, path: Path, poll: float = 0.5):
     return result
 
 
-def make_loader(path: str | os.PathLike, batch_size: int, train: bool, seed: int = 0,
-                num_workers: int = 1, distributed: bool = False, drop_last: bool | None = None,
-                indices: Sequence[int] | np.ndarray | None = None, *, raw: bool = False,
-                batches_ahead: int = 3, os_cache: bool = True) -> FashionMNISTLoader:
+def make_loader(
+    path: str | os.PathLike,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 1,
+    distributed: bool = False,
+    drop_last: bool | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    raw: bool = False,
+    batches_ahead: int = 3,
+    os_cache: bool = True,
+) -> FashionMNISTLoader:
     """Loader over a Fashion-MNIST beton, CPU only.
 
     Yields ``(x, y)``: ``x`` float32 ``(B, 1, 28, 28)`` = ``(pixel / 255 - 0.2860) / 0.3530``
@@ -909,6 +1020,16 @@ def make_loader(path: str | os.PathLike, batch_size: int, train: bool, seed: int
     ``num_workers`` is FFCV's numba thread count. The first epoch in a process pays a
     few seconds of numba compilation.
     """
-    return FashionMNISTLoader(path, batch_size, train, seed=seed, num_workers=num_workers,
-                              distributed=distributed, drop_last=drop_last, indices=indices,
-                              raw=raw, batches_ahead=batches_ahead, os_cache=os_cache)
+    return FashionMNISTLoader(
+        path,
+        batch_size,
+        train,
+        seed=seed,
+        num_workers=num_workers,
+        distributed=distributed,
+        drop_last=drop_last,
+        indices=indices,
+        raw=raw,
+        batches_ahead=batches_ahead,
+        os_cache=os_cache,
+    )

@@ -4,11 +4,13 @@ A run names a dataset; the suite looks up its .beton files in the run's data_dir
 files are either built (when the suite knows how, e.g. Fashion-MNIST from the Debian package)
 or reported with the command that makes them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ def _image_check(name: str, image_size: Optional[tuple[int, int]] = None):
         from suite.images import check_split_file
 
         check_split_file(path, classes, name, image_size=image_size)
+
     return check
 
 
@@ -65,15 +68,21 @@ def _image_loader(recipe: str):
         from suite.images import make_image_loader
 
         return make_image_loader(path, batch_size, train, recipe=recipe, **kw)
+
     return make
 
 
 def _cifar_spec(name: str, classes: int) -> DatasetSpec:
     return DatasetSpec(
-        name=name, num_classes=classes, input_shape=(3, 32, 32),
+        name=name,
+        num_classes=classes,
+        input_shape=(3, 32, 32),
         files={s: f"{name}_{s}.beton" for s in ("train", "val", "test")},
         make_command=f"hfbench data {name} --src CIFAR_PYTHON_FOLDER --out {{data_dir}}",
-        check=_image_check(name, (32, 32)), loader=_image_loader(name), train_images=45_000)
+        check=_image_check(name, (32, 32)),
+        loader=_image_loader(name),
+        train_images=45_000,
+    )
 
 
 def _cifar_full_check(name: str):
@@ -81,6 +90,7 @@ def _cifar_full_check(name: str):
         from suite.images import check_cifar_full_file
 
         check_cifar_full_file(path, classes, name, image_size=(32, 32))
+
     return check
 
 
@@ -92,10 +102,15 @@ def _cifar_full_spec(base: str, classes: int) -> DatasetSpec:
     (``<base>``: identical augmentation and normalisation) as ``base``."""
     name = f"{base}_full"
     return DatasetSpec(
-        name=name, num_classes=classes, input_shape=(3, 32, 32),
+        name=name,
+        num_classes=classes,
+        input_shape=(3, 32, 32),
         files={"train": f"{name}_train.beton", "val": f"{name}_test.beton", "test": f"{name}_test.beton"},
         make_command=f"hfbench data {base} --src CIFAR_PYTHON_FOLDER --out {{data_dir}} --val-size 0",
-        check=_cifar_full_check(name), loader=_image_loader(base), train_images=50_000)
+        check=_cifar_full_check(name),
+        loader=_image_loader(base),
+        train_images=50_000,
+    )
 
 
 _REGISTRY: dict[str, DatasetSpec] = {
@@ -103,8 +118,11 @@ _REGISTRY: dict[str, DatasetSpec] = {
         name="fashion_mnist",
         num_classes=10,
         input_shape=(1, 28, 28),
-        files={"train": "fashion_mnist_train.beton", "val": "fashion_mnist_val.beton",
-               "test": "fashion_mnist_test.beton"},
+        files={
+            "train": "fashion_mnist_train.beton",
+            "val": "fashion_mnist_val.beton",
+            "test": "fashion_mnist_test.beton",
+        },
         make_command="hfbench data fashion-mnist --out {data_dir}",
         build=_build_fashion_mnist,
         check=_check_fashion_mnist,
@@ -119,7 +137,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
         input_shape=(3, 224, 224),
         files={"train": "imagenet_train.beton", "val": "imagenet_val.beton", "test": "imagenet_val.beton"},
         make_command="hfbench data imagefolder --name imagenet --train IMAGENET/train --val IMAGENET/val "
-                     "--out {data_dir}",
+        "--out {data_dir}",
         check=_image_check("imagenet"),
         loader=_image_loader("imagenet"),
         train_images=1_281_167,

@@ -18,6 +18,7 @@ A table marked ``complete: true`` must also name every field that decides what i
 `hfbench sweep` would, and reports any value that differs from the table without being listed.
 `render` writes docs/fidelity.md from the tables (`hfbench fidelity --write`).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ from typing import Any, Optional
 
 import yaml
 
-from suite.config import RunConfig, load_sweep
+from suite.config import RunConfig
+from suite.sweeps import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ROOT / "docs" / "reference"
@@ -128,8 +130,9 @@ def _parse_option(option: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def check_table(name: str, table: dict[str, Any], overrides: Optional[dict[str, dict[str, Any]]] = None
-                ) -> list[Problem]:
+def check_table(
+    name: str, table: dict[str, Any], overrides: Optional[dict[str, dict[str, Any]]] = None
+) -> list[Problem]:
     """Every difference between the resolved paper configs and the table that the table does not
     list. `overrides` maps a config path to extra `--set` values (used by the tests to change a
     recipe value and see it caught)."""
@@ -157,18 +160,32 @@ def check_table(name: str, table: dict[str, Any], overrides: Optional[dict[str, 
                 break
             if not equal(got, want):
                 what = "the reference" if e["status"] == "same" else f"the suite's listed ({e['status']}) value"
-                problems.append(Problem(name, cfg, method, field,
-                                        f"{run.run_name()} has {got!r}, {what} is {want!r} "
-                                        f"(reference {e['reference']!r}, {e['source']})"))
+                problems.append(
+                    Problem(
+                        name,
+                        cfg,
+                        method,
+                        field,
+                        f"{run.run_name()} has {got!r}, {what} is {want!r} "
+                        f"(reference {e['reference']!r}, {e['source']})",
+                    )
+                )
                 break
         if e["status"] == "option":  # the one line that gives the reference value really does
             k, v = _parse_option(e["option"])
             runs = _runs(cfg, method, {**(overrides or {}).get(cfg, {}), k: v})
             for run in runs:
                 if not equal(resolve(run, field), e["reference"]):
-                    problems.append(Problem(name, cfg, method, field,
-                                            f"option `{e['option']}` gives {resolve(run, field)!r}, "
-                                            f"not the reference {e['reference']!r}"))
+                    problems.append(
+                        Problem(
+                            name,
+                            cfg,
+                            method,
+                            field,
+                            f"option `{e['option']}` gives {resolve(run, field)!r}, "
+                            f"not the reference {e['reference']!r}",
+                        )
+                    )
                     break
     return problems
 
@@ -177,8 +194,7 @@ def check_table(name: str, table: dict[str, Any], overrides: Optional[dict[str, 
 NOT_RECIPE = {"method", "sparsity", "seed", "init_from", "pretrained"}
 # a derived value that stands for the fields it is computed from (IMP's run length is
 # (levels + 1) x imp.epochs_per_level, set by the config, not given)
-DERIVED = {"total_batch_size": {"batch_size", "engine.world_size", "engine.nodes"},
-           "imp.epochs_per_level": {"epochs"}}
+DERIVED = {"total_batch_size": {"batch_size", "engine.world_size", "engine.nodes"}, "imp.epochs_per_level": {"epochs"}}
 
 
 def _leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
@@ -192,17 +208,22 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
     return out
 
 
-def check_coverage(name: str, table: dict[str, Any], overrides: Optional[dict[str, dict[str, Any]]] = None
-                   ) -> list[Problem]:
+def check_coverage(
+    name: str, table: dict[str, Any], overrides: Optional[dict[str, dict[str, Any]]] = None
+) -> list[Problem]:
     """For a table marked `complete: true`: every field that decides what a listed run trains (its
     run hash content, RunConfig.semantic_dict) is listed, or named under `unchecked` with a reason.
     A new recipe value, or a field a config sets that the table never mentions, fails here."""
     if not table.get("complete"):
         return []
     listed: dict[tuple[str, str], set[str]] = {}
-    skip = {(cfg, m) for block in table.get("recipes", []) if block.get("coverage") is False
-            for cfg in (block["configs"] if "configs" in block else [block["config"]])
-            for m in (block["methods"] if "methods" in block else [block["method"]])}
+    skip = {
+        (cfg, m)
+        for block in table.get("recipes", [])
+        if block.get("coverage") is False
+        for cfg in (block["configs"] if "configs" in block else [block["config"]])
+        for m in (block["methods"] if "methods" in block else [block["method"]])
+    }
     for cfg, method, e in _entries(table):
         if (cfg, method) in skip:
             continue
@@ -217,14 +238,24 @@ def check_coverage(name: str, table: dict[str, Any], overrides: Optional[dict[st
         leaves = set().union(*(_leaves(r.semantic_dict()) for r in runs)) if runs else set()
         missing = sorted(leaves - fields - NOT_RECIPE - set(unchecked))  # over every run of the pair
         if missing:
-            problems.append(Problem(name, cfg, method, ", ".join(missing),
-                                    "run fields the table neither lists nor names under `unchecked`"))
+            problems.append(
+                Problem(
+                    name,
+                    cfg,
+                    method,
+                    ", ".join(missing),
+                    "run fields the table neither lists nor names under `unchecked`",
+                )
+            )
     return problems
 
 
 def check_all(overrides: Optional[dict[str, dict[str, Any]]] = None) -> list[Problem]:
-    return [p for name, t in load_tables().items()
-            for p in check_table(name, t, overrides) + check_coverage(name, t, overrides)]
+    return [
+        p
+        for name, t in load_tables().items()
+        for p in check_table(name, t, overrides) + check_coverage(name, t, overrides)
+    ]
 
 
 def _fmt(v: Any) -> str:
@@ -238,11 +269,15 @@ def _fmt(v: Any) -> str:
 def render(tables: Optional[dict[str, dict[str, Any]]] = None) -> str:
     """docs/fidelity.md: one section per table, one row per value."""
     tables = tables if tables is not None else load_tables()
-    lines = ["# Reference fidelity", "",
-             "Generated by `hfbench fidelity --write` from `docs/reference/*.yaml`; checked by",
-             "`tests/test_fidelity.py` (every paper config resolved and compared). Status: **same** (the",
-             "suite uses the reference value), **option** (the suite's default differs; the `--set` line gives",
-             "the reference), **deliberate** (kept different, with the reason), **note** (not a config value).", ""]
+    lines = [
+        "# Reference fidelity",
+        "",
+        "Generated by `hfbench fidelity --write` from `docs/reference/*.yaml`; checked by",
+        "`tests/test_fidelity.py` (every paper config resolved and compared). Status: **same** (the",
+        "suite uses the reference value), **option** (the suite's default differs; the `--set` line gives",
+        "the reference), **deliberate** (kept different, with the reason), **note** (not a config value).",
+        "",
+    ]
     for name, t in tables.items():
         lines += [f"## {t.get('title', name)}", "", t.get("reference", ""), ""]
         for block in t.get("recipes", []):
@@ -254,10 +289,13 @@ def render(tables: Optional[dict[str, dict[str, Any]]] = None) -> str:
             lines += ["| value | reference | source | status | suite / how |", "|---|---|---|---|---|"]
             for e in block.get("values", []):
                 st = e["status"]
-                how = {"same": "", "option": f"default {_fmt(e.get('suite'))}; `--set {e.get('option')}`"
-                       + (f": {e['reason']}" if e.get("reason") else ""),
-                       "deliberate": f"{_fmt(e.get('suite'))}: {e.get('reason', '')}",
-                       "note": e.get("text", "")}[st]
+                how = {
+                    "same": "",
+                    "option": f"default {_fmt(e.get('suite'))}; `--set {e.get('option')}`"
+                    + (f": {e['reason']}" if e.get("reason") else ""),
+                    "deliberate": f"{_fmt(e.get('suite'))}: {e.get('reason', '')}",
+                    "note": e.get("text", ""),
+                }[st]
                 field = f"`{e['field']}`" if e.get("field") else "-"
                 ref = _fmt(e.get("reference", "")) if st != "note" else ""
                 lines.append(f"| {field} | {ref} | {e['source']} | {st} | {how} |".replace("\n", " "))

@@ -26,6 +26,7 @@ by default the write fails with a DataError listing every bad path; with ``skip_
 rest is written and the skipped paths (with the decoder's error) are printed and listed in
 the meta JSON. Decoding twice costs time on ImageNet (the check pass is ~1/3 of the write).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,19 +34,43 @@ import os
 import pickle
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from suite.data import (DataError, FashionMNISTLoader, _ArrayDataset, _atomic_write_text, _check_alloc_table,
-                        _dir_lock, _import_ffcv, _open_beton, _publish, _run_writer_child, _safe_writer_worker,
-                        _sha256, _tmp_name)
+from suite.data import (
+    DataError,
+    FashionMNISTLoader,
+    _ArrayDataset,
+    _atomic_write_text,
+    _check_alloc_table,
+    _dir_lock,
+    _import_ffcv,
+    _open_beton,
+    _publish,
+    _run_writer_child,
+    _safe_writer_worker,
+    _sha256,
+    _tmp_name,
+)
 
-__all__ = ["write_imagefolder", "write_cifar", "check_image_beton", "check_split_file", "check_cifar_full_file",
-           "cifar_full_name", "make_image_loader", "ImageBetonLoader", "RECIPES", "split_file", "meta_file",
-           "IMG_EXTENSIONS"]
+__all__ = [
+    "write_imagefolder",
+    "write_cifar",
+    "check_image_beton",
+    "check_split_file",
+    "check_cifar_full_file",
+    "cifar_full_name",
+    "make_image_loader",
+    "ImageBetonLoader",
+    "RECIPES",
+    "split_file",
+    "meta_file",
+    "IMG_EXTENSIONS",
+]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 META_VERSION = 1
@@ -77,9 +102,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 # check
 # --------------------------------------------------------------------------------------
 
-def check_image_beton(path: str | os.PathLike, expected_count: int | None = None,
-                      expected_classes: int | None = None, image_size: tuple[int, int] | None = None,
-                      max_side: int | None = None) -> dict[str, Any]:
+
+def check_image_beton(
+    path: str | os.PathLike,
+    expected_count: int | None = None,
+    expected_classes: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    max_side: int | None = None,
+) -> dict[str, Any]:
     """Cheaply validate an RGB image beton (header, fields, per-sample metadata, allocation
     table; not the pixel pages): ``image`` RGBImageField, ``label`` IntField, the sample
     count, labels in ``0..expected_classes-1``, every image ``image_size`` (H, W) or at most
@@ -110,8 +140,10 @@ def check_image_beton(path: str | os.PathLike, expected_count: int | None = None
         if image_size is not None and ((h != image_size[0]) | (w != image_size[1])).any():
             raise DataError(f"{path}: images of size other than {image_size[0]}x{image_size[1]}")
         if max_side is not None and int(np.maximum(h, w).max()) > max_side:
-            raise DataError(f"{path}: an image has a side of {int(np.maximum(h, w).max())} px, "
-                            f"more than the max side {max_side} it was written with")
+            raise DataError(
+                f"{path}: an image has a side of {int(np.maximum(h, w).max())} px, "
+                f"more than the max side {max_side} it was written with"
+            )
         table = reader.alloc_table
         sizes = table["size"][np.argsort(table["sample_id"])].astype(np.int64)
         raw = mode == IMAGE_MODES["raw"]
@@ -126,8 +158,9 @@ def check_image_beton(path: str | os.PathLike, expected_count: int | None = None
     return {"path": str(path), "num_samples": n, "label_counts": counts}
 
 
-def check_split_file(path: str | os.PathLike, num_classes: int, name: str,
-                     image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+def check_split_file(
+    path: str | os.PathLike, num_classes: int, name: str, image_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """The registry check of one split file of dataset ``name``: the file must be listed
     in ``<name>_meta.json`` next to it (written by ``hfbench data``), with as many samples
     and classes as the meta says, and ``num_classes`` classes."""
@@ -149,12 +182,14 @@ def check_split_file(path: str | os.PathLike, num_classes: int, name: str,
     if path.stat().st_size != entry.get("bytes"):
         raise DataError(f"{path}: {path.stat().st_size} bytes, {mpath} says {entry.get('bytes')}")
     max_side = meta.get("settings", {}).get("max_side") or None
-    return check_image_beton(path, expected_count=entry.get("count"), expected_classes=num_classes,
-                             image_size=image_size, max_side=max_side)
+    return check_image_beton(
+        path, expected_count=entry.get("count"), expected_classes=num_classes, image_size=image_size, max_side=max_side
+    )
 
 
-def check_cifar_full_file(path: str | os.PathLike, num_classes: int, name: str,
-                          image_size: tuple[int, int] | None = (32, 32)) -> dict[str, Any]:
+def check_cifar_full_file(
+    path: str | os.PathLike, num_classes: int, name: str, image_size: tuple[int, int] | None = (32, 32)
+) -> dict[str, Any]:
     """The registry check of a file of ``<cifar>_full`` (written by ``write_cifar`` with
     ``val_size=0``): :func:`check_split_file`, and ``<name>_meta.json`` must say ``val_size``
     0 and the file must hold every image of its source split (train: all training images,
@@ -165,13 +200,16 @@ def check_cifar_full_file(path: str | os.PathLike, num_classes: int, name: str,
     meta = _read_json(mpath)
     st = meta.get("settings") or {}
     if st.get("kind") != "cifar" or st.get("val_size") != 0:
-        raise DataError(f"{mpath}: settings kind={st.get('kind')!r} val_size={st.get('val_size')!r}; dataset "
-                        f"{name} needs the whole training set (written by `hfbench data ... --val-size 0`)")
+        raise DataError(
+            f"{mpath}: settings kind={st.get('kind')!r} val_size={st.get('val_size')!r}; dataset "
+            f"{name} needs the whole training set (written by `hfbench data ... --val-size 0`)"
+        )
     split = next(s for s, e in meta.get("files", {}).items() if e.get("name") == path.name)
     want = (meta.get("source_counts") or {}).get(split)
     if info["num_samples"] != want:
-        raise DataError(f"{path}: {info['num_samples']} images, the {split} split of the source has {want} "
-                        f"(per {mpath})")
+        raise DataError(
+            f"{path}: {info['num_samples']} images, the {split} split of the source has {want} (per {mpath})"
+        )
     return info
 
 
@@ -179,8 +217,15 @@ def check_cifar_full_file(path: str | os.PathLike, num_classes: int, name: str,
 # resumable split writing (shared by imagefolder and CIFAR)
 # --------------------------------------------------------------------------------------
 
-def _plan(out_dir: Path, name: str, settings: dict[str, Any], sources: dict[str, Any], overwrite: bool,
-          check: Callable[[Path, int], Any]) -> tuple[dict[str, Any], list[str]]:
+
+def _plan(
+    out_dir: Path,
+    name: str,
+    settings: dict[str, Any],
+    sources: dict[str, Any],
+    overwrite: bool,
+    check: Callable[[Path, int], Any],
+) -> tuple[dict[str, Any], list[str]]:
     """(meta with the splits that can be kept, splits to write)."""
     old = _read_json(out_dir / meta_file(name))
     keep: dict[str, Any] = {}
@@ -195,8 +240,13 @@ def _plan(out_dir: Path, name: str, settings: dict[str, Any], sources: dict[str,
             except DataError:
                 continue
             keep[split] = e
-    meta = {"meta_version": META_VERSION, "dataset": name, "settings": settings,
-            "classes": settings.get("classes"), "files": keep}
+    meta = {
+        "meta_version": META_VERSION,
+        "dataset": name,
+        "settings": settings,
+        "classes": settings.get("classes"),
+        "files": keep,
+    }
     return meta, [s for s in sources if s not in keep]
 
 
@@ -232,6 +282,7 @@ def _child_wrapper(args_json: str, body: Callable[[dict[str, Any]], None]) -> in
         return 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
+
         if not isinstance(e, DataError):
             traceback.print_exc()
         out_dir = Path(args["out_dir"])
@@ -241,14 +292,28 @@ def _child_wrapper(args_json: str, body: Callable[[dict[str, Any]], None]) -> in
         return 1
 
 
-def _write_with_child(out_dir: Path, name: str, meta: dict[str, Any], todo: list[str], args: dict[str, Any],
-                      entry: str, what: str, progress: bool, timeout: float | None) -> None:
+def _write_with_child(
+    out_dir: Path,
+    name: str,
+    meta: dict[str, Any],
+    todo: list[str],
+    args: dict[str, Any],
+    entry: str,
+    what: str,
+    progress: bool,
+    timeout: float | None,
+) -> None:
     names = [split_file(name, s) for s in todo]
     _remove_dead_tmp(out_dir, names)
     _atomic_write_text(out_dir / meta_file(name), json.dumps(meta, indent=1) + "\n")
-    _run_writer_child({**args, "out_dir": str(out_dir), "name": name, "splits": todo,
-                       "progress": bool(progress)}, progress=progress, timeout=timeout,
-                      entry=entry, what=what, files=names)
+    _run_writer_child(
+        {**args, "out_dir": str(out_dir), "name": name, "splits": todo, "progress": bool(progress)},
+        progress=progress,
+        timeout=timeout,
+        entry=entry,
+        what=what,
+        files=names,
+    )
 
 
 def _write_rgb(path: Path, ds, num_workers: int, page_size: int, **field_kw) -> None:
@@ -267,6 +332,7 @@ def _write_rgb(path: Path, ds, num_workers: int, page_size: int, **field_kw) -> 
 # ImageFolder
 # --------------------------------------------------------------------------------------
 
+
 def class_folders(root: Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"{root}: image folder does not exist")
@@ -281,8 +347,9 @@ def scan_split(root: Path, classes: list[str], split: str) -> tuple[list[tuple[s
     found = class_folders(root)
     extra = sorted(set(found) - set(classes))
     if extra:
-        raise DataError(f"{root}: class folders not in the train folder: {', '.join(extra[:20])}"
-                        f"{' ...' if len(extra) > 20 else ''}")
+        raise DataError(
+            f"{root}: class folders not in the train folder: {', '.join(extra[:20])}{' ...' if len(extra) > 20 else ''}"
+        )
     items, ignored = [], []
     for label, c in enumerate(classes):
         d = root / c
@@ -304,6 +371,7 @@ def scan_split(root: Path, classes: list[str], split: str) -> tuple[list[tuple[s
 
 def _load_rgb(path: str) -> np.ndarray:
     from PIL import Image
+
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -322,6 +390,7 @@ def _probe(path: str) -> tuple[str, str | None, int, int]:
 def _verify(items: list[tuple[str, int]], workers: int, progress: bool, tag: str):
     """[(path, error)] of the unreadable images, and the largest (h, w) product seen."""
     import multiprocessing as mp
+
     n = len(items)
     every = max(1000, n // 20)
     bad, max_px, done = [], 0, 0
@@ -335,8 +404,11 @@ def _verify(items: list[tuple[str, int]], workers: int, progress: bool, tag: str
                 bad.append((path, err))
             max_px = max(max_px, h * w)
             if done % every == 0 or done == n:
-                _say(progress, f"[{tag}] checked {done}/{n} images ({len(bad)} unreadable, "
-                               f"{done / max(time.time() - t0, 1e-9):.0f} img/s)")
+                _say(
+                    progress,
+                    f"[{tag}] checked {done}/{n} images ({len(bad)} unreadable, "
+                    f"{done / max(time.time() - t0, 1e-9):.0f} img/s)",
+                )
     return bad, max_px
 
 
@@ -374,8 +446,10 @@ def _imagefolder_body(a: dict[str, Any]) -> None:
             listing.write_text("".join(f"{p}\t{e}\n" for p, e in bad))
             shown = "\n".join(f"  {p}: {e}" for p, e in bad[:_MAX_LISTED])
             more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-            raise DataError(f"{root}: {len(bad)} unreadable image(s) (all listed in {listing}); fix or "
-                            f"remove them, or rerun with --skip-bad to write the rest:\n{shown}{more}")
+            raise DataError(
+                f"{root}: {len(bad)} unreadable image(s) (all listed in {listing}); fix or "
+                f"remove them, or rerun with --skip-bad to write the rest:\n{shown}{more}"
+            )
         for p, e in bad:
             _say(progress, f"[{tag}] {split}: SKIPPED unreadable {p}: {e}")
         badset = {p for p, _ in bad}
@@ -388,27 +462,53 @@ def _imagefolder_body(a: dict[str, Any]) -> None:
         final = out_dir / split_file(name, split)
         tmp = _tmp_name(final, os.getpid())
         _say(progress, f"[{tag}] {split}: writing {len(good)} images to {final}")
-        kw = {"write_mode": st["write_mode"], "max_resolution": st["max_side"] or None,
-              "jpeg_quality": st["quality"], "compress_probability": st["compress_probability"]}
+        kw = {
+            "write_mode": st["write_mode"],
+            "max_resolution": st["max_side"] or None,
+            "jpeg_quality": st["quality"],
+            "compress_probability": st["compress_probability"],
+        }
         _write_rgb(tmp, _FileDataset(good), workers, page, **kw)
-        info = check_image_beton(tmp, expected_count=len(good), expected_classes=len(classes),
-                                 max_side=st["max_side"] or None)
+        info = check_image_beton(
+            tmp, expected_count=len(good), expected_classes=len(classes), max_side=st["max_side"] or None
+        )
         counts = {classes[k]: v for k, v in sorted(info["label_counts"].items())}
-        _finish_split(out_dir, name, split, tmp, {
-            "count": len(good), "source": a["sources"][split], "label_counts": counts,
-            "skipped": [{"path": p, "error": e} for p, e in bad],
-            "ignored": ignored[:1000], "ignored_count": len(ignored)})
+        _finish_split(
+            out_dir,
+            name,
+            split,
+            tmp,
+            {
+                "count": len(good),
+                "source": a["sources"][split],
+                "label_counts": counts,
+                "skipped": [{"path": p, "error": e} for p, e in bad],
+                "ignored": ignored[:1000],
+                "ignored_count": len(ignored),
+            },
+        )
 
 
 def _imagefolder_child_main(args_json: str) -> int:
     return _child_wrapper(args_json, _imagefolder_body)
 
 
-def write_imagefolder(out_dir: str | os.PathLike, train: str | os.PathLike, val: str | os.PathLike | None = None,
-                      *, name: str = "imagefolder", max_side: int | None = 512, quality: int = 90,
-                      write_mode: str = "jpg", compress_probability: float = 0.5, skip_bad: bool = False,
-                      workers: int | None = None, overwrite: bool = False, progress: bool = True,
-                      timeout: float | None = None) -> dict[str, Path]:
+def write_imagefolder(
+    out_dir: str | os.PathLike,
+    train: str | os.PathLike,
+    val: str | os.PathLike | None = None,
+    *,
+    name: str = "imagefolder",
+    max_side: int | None = 512,
+    quality: int = 90,
+    write_mode: str = "jpg",
+    compress_probability: float = 0.5,
+    skip_bad: bool = False,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Path]:
     """Write ``<name>_train.beton`` (and ``<name>_val.beton`` when ``val`` is given) plus
     ``<name>_meta.json`` from class folders; returns ``{split: path, "meta": path}``.
     ``write_mode`` 'jpg' | 'proportion' (JPEG with probability ``compress_probability``,
@@ -426,10 +526,15 @@ def write_imagefolder(out_dir: str | os.PathLike, train: str | os.PathLike, val:
     if val is not None:
         roots["val"] = Path(val).resolve()
     classes = class_folders(roots["train"])
-    settings = {"kind": "imagefolder", "classes": classes, "write_mode": write_mode,
-                "max_side": int(max_side or 0), "quality": int(quality),
-                "compress_probability": float(compress_probability) if write_mode == "proportion" else None,
-                "skip_bad": bool(skip_bad)}
+    settings = {
+        "kind": "imagefolder",
+        "classes": classes,
+        "write_mode": write_mode,
+        "max_side": int(max_side or 0),
+        "quality": int(quality),
+        "compress_probability": float(compress_probability) if write_mode == "proportion" else None,
+        "skip_bad": bool(skip_bad),
+    }
     sources = {s: str(r) for s, r in roots.items()}
     result = {s: out_dir / split_file(name, s) for s in roots}
     result["meta"] = out_dir / meta_file(name)
@@ -445,20 +550,33 @@ def write_imagefolder(out_dir: str | os.PathLike, train: str | os.PathLike, val:
             return result
         kept = sorted(set(roots) - set(todo))
         if kept:
-            _say(progress, f"[imagefolder {name}] keeping complete split(s) {', '.join(kept)}; writing {', '.join(todo)}")
+            _say(
+                progress, f"[imagefolder {name}] keeping complete split(s) {', '.join(kept)}; writing {', '.join(todo)}"
+            )
         meta["class_to_index"] = {c: i for i, c in enumerate(classes)}
-        meta["fields"] = {"image": f"RGBImageField {write_mode}, longer side <= {max_side or 'any'}",
-                          "label": "IntField, index of the class in `classes` (sorted train folder names)",
-                          "index": "IntField, position of the file in its split's sorted (class, name) listing"}
-        _write_with_child(out_dir, name, meta, todo,
-                          {"settings": settings, "roots": sources, "sources": sources, "workers": workers},
-                          "suite.images:_imagefolder_child_main", f"{name} betons", progress, timeout)
+        meta["fields"] = {
+            "image": f"RGBImageField {write_mode}, longer side <= {max_side or 'any'}",
+            "label": "IntField, index of the class in `classes` (sorted train folder names)",
+            "index": "IntField, position of the file in its split's sorted (class, name) listing",
+        }
+        _write_with_child(
+            out_dir,
+            name,
+            meta,
+            todo,
+            {"settings": settings, "roots": sources, "sources": sources, "workers": workers},
+            "suite.images:_imagefolder_child_main",
+            f"{name} betons",
+            progress,
+            timeout,
+        )
     return result
 
 
 # --------------------------------------------------------------------------------------
 # CIFAR-10/100 (python pickle releases)
 # --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _CifarLayout:
@@ -472,10 +590,18 @@ class _CifarLayout:
 
 
 CIFAR_LAYOUTS = {
-    "cifar10": _CifarLayout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-                            "batches.meta", b"labels", b"label_names", 10),
-    "cifar100": _CifarLayout("cifar-100-python", ("train",), ("test",), "meta", b"fine_labels",
-                             b"fine_label_names", 100),
+    "cifar10": _CifarLayout(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        b"labels",
+        b"label_names",
+        10,
+    ),
+    "cifar100": _CifarLayout(
+        "cifar-100-python", ("train",), ("test",), "meta", b"fine_labels", b"fine_label_names", 100
+    ),
 }
 
 
@@ -561,20 +687,29 @@ def _cifar_body(a: dict[str, Any]) -> None:
         tmp = _tmp_name(final, os.getpid())
         _say(a["progress"], f"[{name}] writing {final} ({len(ds)} images)")
         _write_rgb(tmp, ds, a["workers"], 1 << 21, write_mode="raw")
-        info = check_image_beton(tmp, expected_count=len(ds), expected_classes=len(st["classes"]),
-                                 image_size=(32, 32))
+        info = check_image_beton(tmp, expected_count=len(ds), expected_classes=len(st["classes"]), image_size=(32, 32))
         counts = {st["classes"][k]: v for k, v in sorted(info["label_counts"].items())}
-        _finish_split(out_dir, name, split, tmp, {"count": len(ds), "source": a["sources"][split],
-                                                   "label_counts": counts})
+        _finish_split(
+            out_dir, name, split, tmp, {"count": len(ds), "source": a["sources"][split], "label_counts": counts}
+        )
 
 
 def _cifar_child_main(args_json: str) -> int:
     return _child_wrapper(args_json, _cifar_body)
 
 
-def write_cifar(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *, val_size: int = 5000,
-                split_seed: int = 0, workers: int | None = None, overwrite: bool = False, progress: bool = True,
-                timeout: float | None = 3600.0) -> dict[str, Path]:
+def write_cifar(
+    dataset: str,
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    val_size: int = 5000,
+    split_seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    timeout: float | None = 3600.0,
+) -> dict[str, Path]:
     """Write ``<dataset>_{train,val,test}.beton`` + meta from a CIFAR python release
     (``src`` = the release folder or its parent). ``val`` = ``val_size`` images of the
     training set (the first of ``default_rng(split_seed).permutation(n_train)``), ``train``
@@ -592,13 +727,20 @@ def write_cifar(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike
     source = cifar_source(src, dataset)  # validates every file before anything is written
     n_train, n_test = source["train"][0].shape[0], source["test"][0].shape[0]
     if not isinstance(val_size, int) or not 0 <= val_size < n_train:
-        raise ValueError(f"val_size must be an int in 0..{n_train - 1} (0: no val split, train on all {n_train} "
-                         f"training images), got {val_size!r}")
+        raise ValueError(
+            f"val_size must be an int in 0..{n_train - 1} (0: no val split, train on all {n_train} "
+            f"training images), got {val_size!r}"
+        )
     full = val_size == 0
     name = cifar_full_name(dataset) if full else dataset  # file prefix
     lay = CIFAR_LAYOUTS[dataset]
-    settings = {"kind": "cifar", "classes": source["classes"], "val_size": val_size,
-                "split_seed": None if full else int(split_seed), "source_sha256": source["files"]}
+    settings = {
+        "kind": "cifar",
+        "classes": source["classes"],
+        "val_size": val_size,
+        "split_seed": None if full else int(split_seed),
+        "source_sha256": source["files"],
+    }
     root = str(_cifar_root(Path(src), lay).resolve())
     sources = {s: root for s in (("train", "test") if full else ("train", "val", "test"))}
     result = {s: out_dir / split_file(name, s) for s in sources}
@@ -616,16 +758,33 @@ def write_cifar(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike
         if full:
             meta["source_dataset"] = dataset
             meta["source_counts"] = {"train": n_train, "test": n_test}
-            meta["split"] = (f"val_size 0 (reference setting): train = every training image, source order; "
-                             f"no val file; test = the test set (dataset {name} reads it as val and test)")
+            meta["split"] = (
+                f"val_size 0 (reference setting): train = every training image, source order; "
+                f"no val file; test = the test set (dataset {name} reads it as val and test)"
+            )
         else:
-            meta["split"] = ("val = sorted(np.random.default_rng(split_seed).permutation(n_train)[:val_size]); "
-                             "train = the other rows, sorted; test = the test set")
+            meta["split"] = (
+                "val = sorted(np.random.default_rng(split_seed).permutation(n_train)[:val_size]); "
+                "train = the other rows, sorted; test = the test set"
+            )
         meta["fields"] = {"image": "RGBImageField raw 32x32", "label": "IntField", "index": "IntField, source row"}
-        _write_with_child(out_dir, name, meta, todo,
-                          {"settings": settings, "src": root, "sources": sources, "dataset": dataset,
-                           "workers": int(workers or min(os.cpu_count() or 1, 4))},
-                          "suite.images:_cifar_child_main", f"{name} betons", progress, timeout)
+        _write_with_child(
+            out_dir,
+            name,
+            meta,
+            todo,
+            {
+                "settings": settings,
+                "src": root,
+                "sources": sources,
+                "dataset": dataset,
+                "workers": int(workers or min(os.cpu_count() or 1, 4)),
+            },
+            "suite.images:_cifar_child_main",
+            f"{name} betons",
+            progress,
+            timeout,
+        )
     return result
 
 
@@ -633,11 +792,13 @@ def write_cifar(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike
 # Loaders
 # --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Recipe:
     """Augmentation of a dataset: ``rrc`` (ImageNet: RandomResizedCrop + flip / resize
     ``crop/ratio`` + centre crop) or ``pad_crop`` (CIFAR: random crop with ``padding`` + flip
     / as is); mean/std in [0, 1] units."""
+
     kind: str
     crop: int
     mean: tuple[float, float, float]
@@ -659,9 +820,19 @@ class ImageBetonLoader(FashionMNISTLoader):
     ``(B, 3, crop, crop)`` normalised with the recipe's mean/std (uint8 with ``raw``),
     contiguous NCHW, or channels_last memory with ``channels_last=True``; int64 labels."""
 
-    def __init__(self, path, batch_size, train, *, recipe: str | Recipe = "imagenet", crop_size: int | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 channels_last: bool = False, **kw):
+    def __init__(
+        self,
+        path,
+        batch_size,
+        train,
+        *,
+        recipe: str | Recipe = "imagenet",
+        crop_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels_last: bool = False,
+        **kw,
+    ):
         self.recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
         self.crop_size = int(crop_size or self.recipe.crop)
         self.mean = np.asarray(mean if mean is not None else self.recipe.mean, dtype=np.float64)
@@ -671,17 +842,26 @@ class ImageBetonLoader(FashionMNISTLoader):
 
     def _pipelines(self) -> dict[str, Any]:
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                           SimpleRGBImageDecoder)
+        from ffcv.fields.rgb_image import (
+            CenterCropRGBImageDecoder,
+            RandomResizedCropRGBImageDecoder,
+            SimpleRGBImageDecoder,
+        )
         from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
 
         r, s = self.recipe, self.crop_size
         if r.kind == "rrc":
-            img = ([RandomResizedCropRGBImageDecoder((s, s)), RandomHorizontalFlip()] if self.train
-                   else [CenterCropRGBImageDecoder((s, s), ratio=r.center_ratio)])
+            img = (
+                [RandomResizedCropRGBImageDecoder((s, s)), RandomHorizontalFlip()]
+                if self.train
+                else [CenterCropRGBImageDecoder((s, s), ratio=r.center_ratio)]
+            )
         elif r.kind == "pad_crop":
-            img = ([SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=r.padding)]
-                   if self.train else [SimpleRGBImageDecoder()])
+            img = (
+                [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=r.padding)]
+                if self.train
+                else [SimpleRGBImageDecoder()]
+            )
         else:
             raise ValueError(f"unknown recipe kind {r.kind!r}")
         if not self.raw:
@@ -691,6 +871,7 @@ class ImageBetonLoader(FashionMNISTLoader):
 
     def _convert(self, img, lab):
         import torch
+
         y = torch.from_numpy(lab.numpy().reshape(-1).astype(np.int64))
         a = img.numpy()  # (B, C, H, W) view of FFCV's (B, H, W, C) buffer
         if self.channels_last:
@@ -700,18 +881,45 @@ class ImageBetonLoader(FashionMNISTLoader):
         return x, y
 
 
-def make_image_loader(path: str | os.PathLike, batch_size: int, train: bool, seed: int = 0, num_workers: int = 1,
-                      distributed: bool = False, drop_last: bool | None = None,
-                      indices: Sequence[int] | np.ndarray | None = None, *, recipe: str | Recipe = "imagenet",
-                      crop_size: int | None = None, raw: bool = False, mean: Sequence[float] | None = None,
-                      std: Sequence[float] | None = None, channels_last: bool = False, batches_ahead: int = 3,
-                      os_cache: bool = True) -> ImageBetonLoader:
+def make_image_loader(
+    path: str | os.PathLike,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 1,
+    distributed: bool = False,
+    drop_last: bool | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    recipe: str | Recipe = "imagenet",
+    crop_size: int | None = None,
+    raw: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    channels_last: bool = False,
+    batches_ahead: int = 3,
+    os_cache: bool = True,
+) -> ImageBetonLoader:
     """Loader over an RGB beton with the recipe's augmentation (``train``) or evaluation
     transform; same order/sharding/drop_last semantics as :func:`suite.data.make_loader`.
     imagenet: train RandomResizedCrop(crop_size, scale 0.08-1) + flip, eval resize to
     crop_size/0.875 + centre crop; cifar*: train random crop 32 with padding 4 (zeros) +
     flip, eval as is. ``mean``/``std`` (in [0, 1] units) override the recipe's."""
-    return ImageBetonLoader(path, batch_size, train, recipe=recipe, crop_size=crop_size, mean=mean, std=std,
-                            channels_last=channels_last, seed=seed, num_workers=num_workers,
-                            distributed=distributed, drop_last=drop_last, indices=indices, raw=raw,
-                            batches_ahead=batches_ahead, os_cache=os_cache)
+    return ImageBetonLoader(
+        path,
+        batch_size,
+        train,
+        recipe=recipe,
+        crop_size=crop_size,
+        mean=mean,
+        std=std,
+        channels_last=channels_last,
+        seed=seed,
+        num_workers=num_workers,
+        distributed=distributed,
+        drop_last=drop_last,
+        indices=indices,
+        raw=raw,
+        batches_ahead=batches_ahead,
+        os_cache=os_cache,
+    )

@@ -6,10 +6,11 @@ Prunable-layer policy (hyperflux.md section 1), the same for every method:
 - "vit_blocks": only the transformer blocks' qkv, attention proj, mlp.fc1 and mlp.fc2; the
   patch embedding, head, norms and cls/pos embeddings stay dense.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
 
@@ -34,8 +35,11 @@ def prunable_layers(model: nn.Module, policy: str) -> list[tuple[str, nn.Module]
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 out.append((name, mod))
         elif policy == "vit_blocks":
-            if isinstance(mod, nn.Linear) and ".blocks." in f".{name}." and name.split(".")[-1] in (
-                    "qkv", "proj", "fc1", "fc2"):
+            if (
+                isinstance(mod, nn.Linear)
+                and ".blocks." in f".{name}."
+                and name.split(".")[-1] in ("qkv", "proj", "fc1", "fc2")
+            ):
                 out.append((name, mod))
         else:
             raise ValueError(f"unknown prunable-layer policy {policy!r}")
@@ -52,11 +56,14 @@ class FMNISTCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, w, 5, stride=2, padding=2), nn.ReLU(inplace=True),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_chans, w, 5, stride=2, padding=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * w * 7 * 7, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+            nn.Flatten(), nn.Linear(2 * w * 7 * 7, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -67,8 +74,14 @@ class LeNet300(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, side: int = 28):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * side * side, 300), nn.ReLU(inplace=True),
-                                 nn.Linear(300, 100), nn.ReLU(inplace=True), nn.Linear(100, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_chans * side * side, 300),
+            nn.ReLU(inplace=True),
+            nn.Linear(300, 100),
+            nn.ReLU(inplace=True),
+            nn.Linear(100, num_classes),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -130,17 +143,21 @@ def _timm(name: str, **kw) -> Callable[[int, int], nn.Module]:
 
 _DEIT_DROP = dict(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1)
 
-_REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
-    ModelSpec("fmnist_cnn", lambda nc, ic: FMNISTCNN(nc, ic), "conv_linear", 28,
-              "small CNN for Fashion-MNIST (CPU demo)"),
-    ModelSpec("lenet300", lambda nc, ic: LeNet300(nc, ic), "conv_linear", 28, "LeNet-300-100 MLP"),
-    ModelSpec("cifar_resnet50", _cifar_resnet50, "conv_linear", 32, "ResNet-50, CIFAR stem (paper)"),
-    ModelSpec("cifar_vgg19", lambda nc, ic: CifarVGG19(nc, ic), "conv_linear", 32, "VGG-19, CIFAR (paper)"),
-    ModelSpec("resnet50", _tv_resnet50, "conv_linear", 224, "torchvision ResNet-50 (ImageNet)"),
-    ModelSpec("timm_resnet50", _timm("resnet50"), "conv_linear", 224, "timm ResNet-50 (ImageNet)"),
-    ModelSpec("deit_tiny", _timm("deit_tiny_patch16_224", **_DEIT_DROP), "vit_blocks", 224, "DeiT-T (timm)"),
-    ModelSpec("deit_small", _timm("deit_small_patch16_224", **_DEIT_DROP), "vit_blocks", 224, "DeiT-S (timm)"),
-]}
+_REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec(
+            "fmnist_cnn", lambda nc, ic: FMNISTCNN(nc, ic), "conv_linear", 28, "small CNN for Fashion-MNIST (CPU demo)"
+        ),
+        ModelSpec("lenet300", lambda nc, ic: LeNet300(nc, ic), "conv_linear", 28, "LeNet-300-100 MLP"),
+        ModelSpec("cifar_resnet50", _cifar_resnet50, "conv_linear", 32, "ResNet-50, CIFAR stem (paper)"),
+        ModelSpec("cifar_vgg19", lambda nc, ic: CifarVGG19(nc, ic), "conv_linear", 32, "VGG-19, CIFAR (paper)"),
+        ModelSpec("resnet50", _tv_resnet50, "conv_linear", 224, "torchvision ResNet-50 (ImageNet)"),
+        ModelSpec("timm_resnet50", _timm("resnet50"), "conv_linear", 224, "timm ResNet-50 (ImageNet)"),
+        ModelSpec("deit_tiny", _timm("deit_tiny_patch16_224", **_DEIT_DROP), "vit_blocks", 224, "DeiT-T (timm)"),
+        ModelSpec("deit_small", _timm("deit_small_patch16_224", **_DEIT_DROP), "vit_blocks", 224, "DeiT-S (timm)"),
+    ]
+}
 
 
 def names() -> list[str]:

@@ -5,9 +5,11 @@ holds a torch SGD and a torch Adam and presents their parameter groups as one li
 engine, DeepSpeed and LR setting see one optimiser while the math stays torch's own.
 Each group carries 'kind': 'weights' or 'gates'.
 """
+
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch.optim import SGD, Adam, Optimizer
@@ -23,13 +25,23 @@ def _fused_ok(params: list[torch.Tensor]) -> bool | None:
 
 
 class WeightsAndGates(Optimizer):
-    def __init__(self, weight_groups: list[dict], gate_params: list[torch.Tensor], *, lr: float, momentum: float,
-                 weight_decay: float, nesterov: bool, gate_lr: float):
+    def __init__(
+        self,
+        weight_groups: list[dict[str, Any]],
+        gate_params: list[torch.Tensor],
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        nesterov: bool,
+        gate_lr: float,
+    ) -> None:
         params = [p for g in weight_groups for p in g["params"]] + list(gate_params)
         super().__init__(params, {"lr": lr})
         fused = _fused_ok(params)
-        self.sgd = SGD(weight_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                       fused=fused)
+        self.sgd = SGD(
+            weight_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, fused=fused
+        )
         self.adam = Adam(gate_params, lr=gate_lr, fused=fused) if gate_params else None
         for g in self.sgd.param_groups:
             g["kind"] = "weights"
@@ -67,7 +79,7 @@ class WeightsAndGates(Optimizer):
             if st and st.get("momentum_buffer") is not None:
                 st["momentum_buffer"].zero_()
 
-    def group_of(self, params: list[torch.Tensor]) -> dict:
+    def group_of(self, params: list[torch.Tensor]) -> dict[str, Any]:
         """The parameter group holding these parameters (looked up anew each time: loading a
         checkpoint replaces the group dicts)."""
         ids = {id(p) for p in params}
@@ -84,7 +96,8 @@ class WeightsAndGates(Optimizer):
             raise ValueError(f"set_group_options: {', '.join(bad)} belong to the engine")
         self.group_of(params).update(options)
 
-    def step(self, closure=None):
+    # a closure is accepted and not called (torch's overloads promise its loss back: hence the ignore)
+    def step(self, closure: Optional[Callable[[], float]] = None) -> None:  # type: ignore[override]
         if self.scaler is not None and not self._in_scaler:
             # DeepSpeed calls step() after reducing gradients; the scaler calls it back (below) when
             # every gradient is finite
@@ -113,8 +126,11 @@ class WeightsAndGates(Optimizer):
             self.adam.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sgd": self.sgd.state_dict(), "adam": self.adam.state_dict() if self.adam else None,
-                "skipped_steps": self.skipped_steps}
+        return {
+            "sgd": self.sgd.state_dict(),
+            "adam": self.adam.state_dict() if self.adam else None,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sgd.load_state_dict(state["sgd"])

@@ -10,6 +10,7 @@ Run schema (what reports/ reads):
            once at the end: final_* and wall_time_s
   files    config.yaml, layer_density.csv
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,11 @@ TAG_HASH = "hfbench.run_hash"
 
 def default_uri() -> str:
     """HFBENCH_MLFLOW_URI, else MLFLOW_TRACKING_URI, else a sqlite file in the working dir."""
-    return os.environ.get("HFBENCH_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return (
+        os.environ.get("HFBENCH_MLFLOW_URI")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
 
 
 class TrackingUnavailable(RuntimeError):
@@ -72,17 +76,22 @@ class bounded:
                 who = os.environ.get("MLFLOW_TRACKING_USERNAME")
                 raise TrackingRefused(
                     f"the MLflow server at {redact(self.uri)} refused the {what}: "
-                    + (f"user {who!r} is not allowed ({e.error_code}); check MLFLOW_TRACKING_USERNAME / "
-                       f"MLFLOW_TRACKING_PASSWORD" if who else
-                       "it requires a user and password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                       "(scripts/services.sh writes them into its env.sh when it starts the server with "
-                       "HFBENCH_MLFLOW_AUTH=1)")) from None
+                    + (
+                        f"user {who!r} is not allowed ({e.error_code}); check MLFLOW_TRACKING_USERNAME / "
+                        f"MLFLOW_TRACKING_PASSWORD"
+                        if who
+                        else "it requires a user and password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                        "(scripts/services.sh writes them into its env.sh when it starts the server with "
+                        "HFBENCH_MLFLOW_AUTH=1)"
+                    )
+                ) from None
             text = f"{type(e).__name__}: {e}"
             if any(w in text.lower() for w in ("timed out", "timeout", "connection", "max retries")):
                 raise TrackingUnavailable(
                     f"the MLflow server at {redact(self.uri)} did not answer the {what} within "
                     f"{self.timeout_s:g} s ({time.time() - t0:.0f} s spent); is it up? "
-                    f"(launcher.tracking_timeout_s sets the limit)") from None
+                    f"(launcher.tracking_timeout_s sets the limit)"
+                ) from None
             raise
 
 
@@ -129,7 +138,9 @@ def runs_by_hash(uri: str, experiment_id: str) -> dict[str, list]:
     out: dict[str, list] = {}
     token = None
     while True:
-        page = c.search_runs([experiment_id], max_results=5000, page_token=token, order_by=["attributes.start_time DESC"])
+        page = c.search_runs(
+            [experiment_id], max_results=5000, page_token=token, order_by=["attributes.start_time DESC"]
+        )
         for r in page:
             h = r.data.tags.get(TAG_HASH)
             if h:
@@ -141,8 +152,7 @@ def runs_by_hash(uri: str, experiment_id: str) -> dict[str, list]:
 
 
 def finished_hashes(uri: str, experiment_id: str) -> set[str]:
-    return {h for h, runs in runs_by_hash(uri, experiment_id).items()
-            if any(r.info.status == "FINISHED" for r in runs)}
+    return {h for h, runs in runs_by_hash(uri, experiment_id).items() if any(r.info.status == "FINISHED" for r in runs)}
 
 
 def git_commit() -> str:
@@ -150,8 +160,12 @@ def git_commit() -> str:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -160,9 +174,14 @@ def git_commit() -> str:
 def environment(world_size: int, device: str) -> dict[str, str]:
     import importlib.metadata as md
 
-    env = {"env.python": platform.python_version(), "env.platform": platform.platform(),
-           "env.git_commit": git_commit(), "env.world_size": str(world_size), "env.device": device,
-           "env.cpu_count": str(os.cpu_count())}
+    env = {
+        "env.python": platform.python_version(),
+        "env.platform": platform.platform(),
+        "env.git_commit": git_commit(),
+        "env.world_size": str(world_size),
+        "env.device": device,
+        "env.cpu_count": str(os.cpu_count()),
+    }
     for pkg in ("torch", "torchvision", "timm", "deepspeed", "ffcv", "mlflow", "submitit", "numpy"):
         try:
             env[f"env.{pkg}"] = md.version(pkg)
@@ -258,8 +277,7 @@ class Spool:
 
 # MLflow error codes that mean "the server answered and refuses this call" (it will refuse it
 # again); anything else (no answer, a 5xx, a timeout) is an outage and the call stays pending.
-REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST",
-            "RESOURCE_ALREADY_EXISTS"}
+REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST", "RESOURCE_ALREADY_EXISTS"}
 # RESOURCE_DOES_NOT_EXIST is not among them: a server that does not know the run is the wrong
 # store (or the run was deleted), and the calls wait for the right one instead of being set aside.
 
@@ -297,8 +315,11 @@ def _apply_piecewise(c, run_id: str, rec: dict, spool: Spool, say) -> None:
 
     pieces = [rec]
     if rec["op"] == "batch":
-        pieces = ([{"op": "batch", "metrics": rec.get("metrics", []), "tags": rec.get("tags", [])}]
-                  if rec.get("metrics") or rec.get("tags") else [])
+        pieces = (
+            [{"op": "batch", "metrics": rec.get("metrics", []), "tags": rec.get("tags", [])}]
+            if rec.get("metrics") or rec.get("tags")
+            else []
+        )
         pieces += [{"op": "batch", "params": [p]} for p in rec.get("params", [])]
     for piece in pieces:
         try:
@@ -309,8 +330,11 @@ def _apply_piecewise(c, run_id: str, rec: dict, spool: Spool, say) -> None:
             why = f"{getattr(e, 'error_code', type(e).__name__)}: {str(e)[:300]}"
             with open(spool.dir / "mlflow_spool.rejected.jsonl", "a") as f:
                 f.write(json.dumps({"run_id": run_id, "call": piece, "reason": why}) + "\n")
-            say(f"[hfbench] WARNING: MLflow refused a call for run {run_id} ({why}); set aside in "
-                f"{spool.dir / 'mlflow_spool.rejected.jsonl'}", flush=True)
+            say(
+                f"[hfbench] WARNING: MLflow refused a call for run {run_id} ({why}); set aside in "
+                f"{spool.dir / 'mlflow_spool.rejected.jsonl'}",
+                flush=True,
+            )
 
 
 def apply(c, run_id: str, rec: dict) -> None:
@@ -321,9 +345,12 @@ def apply(c, run_id: str, rec: dict) -> None:
     if op == "skip":
         return
     if op == "batch":
-        c.log_batch(run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in rec.get("metrics", [])],
-                    params=[Param(k, v) for k, v in rec.get("params", [])],
-                    tags=[RunTag(k, v) for k, v in rec.get("tags", [])])
+        c.log_batch(
+            run_id,
+            metrics=[Metric(k, v, ts, st) for k, v, ts, st in rec.get("metrics", [])],
+            params=[Param(k, v) for k, v in rec.get("params", [])],
+            tags=[RunTag(k, v) for k, v in rec.get("tags", [])],
+        )
     elif op == "artifact":
         c.log_artifact(run_id, rec["file"])
     elif op == "terminate":
@@ -334,9 +361,13 @@ def apply(c, run_id: str, rec: dict) -> None:
 
 def _closing_calls() -> list[dict]:
     """The calls that close an attempt which died without a status: its reason, then FAILED."""
-    return [{"op": "batch", "tags": [["hfbench.error", "the attempt ended without a status (killed?); "
-                                                       "a new attempt replaced it"]]},
-            {"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)}]
+    return [
+        {
+            "op": "batch",
+            "tags": [["hfbench.error", "the attempt ended without a status (killed?); a new attempt replaced it"]],
+        },
+        {"op": "terminate", "status": "FAILED", "end_time": int(time.time() * 1000)},
+    ]
 
 
 class RunLogger:
@@ -348,8 +379,16 @@ class RunLogger:
     RETRY_S = 15.0  # while the server is down, try again at most this often
     FINISH_WAITS = (0, 5, 10, 20)  # s: a restarting server gets this long before `hfbench sync` is left to it
 
-    def __init__(self, uri: str, experiment_id: str, cfg, run_id: Optional[str] = None,
-                 spool_dir: Optional[Path] = None, connect_s: float = 120.0, say=print):
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        cfg,
+        run_id: Optional[str] = None,
+        spool_dir: Optional[Path] = None,
+        connect_s: float = 120.0,
+        say=print,
+    ):
         # fail fast inside MLflow (its default is minutes of retries per call) and retry here
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -362,13 +401,22 @@ class RunLogger:
         self._next_try = 0.0
         self._settle_previous(run_id, connect_s)
         if run_id is None:
-            tags = {TAG_HASH: cfg.run_hash(), "hfbench.method": cfg.method, "hfbench.variant": cfg.variant(),
-                    **({"hfbench.run_dir": str(Path(spool_dir).resolve())} if spool_dir is not None else {}),
-                    "hfbench.model": cfg.model,
-                    "hfbench.dataset": cfg.dataset, "hfbench.sweep": cfg.sweep, "mlflow.runName": cfg.run_name(),
-                    "mlflow.source.name": "hfbench", "mlflow.source.type": "JOB"}
+            tags = {
+                TAG_HASH: cfg.run_hash(),
+                "hfbench.method": cfg.method,
+                "hfbench.variant": cfg.variant(),
+                **({"hfbench.run_dir": str(Path(spool_dir).resolve())} if spool_dir is not None else {}),
+                "hfbench.model": cfg.model,
+                "hfbench.dataset": cfg.dataset,
+                "hfbench.sweep": cfg.sweep,
+                "mlflow.runName": cfg.run_name(),
+                "mlflow.source.name": "hfbench",
+                "mlflow.source.type": "JOB",
+            }
             commit = git_commit().split("+")[0]
-            if commit and commit != "unknown":  # MLflow's own place for the commit (the UI shows it); dirty trees say so in env.git_commit
+            if (
+                commit and commit != "unknown"
+            ):  # MLflow's own place for the commit (the UI shows it); dirty trees say so in env.git_commit
                 tags["mlflow.source.git.commit"] = commit
             deadline = time.time() + connect_s
             while True:
@@ -377,8 +425,10 @@ class RunLogger:
                     break
                 except Exception as e:
                     if time.time() > deadline:
-                        raise RuntimeError(f"MLflow at {redact(uri)} did not answer for {connect_s:.0f} s; "
-                                           f"the run was not started: {type(e).__name__}: {e}") from None
+                        raise RuntimeError(
+                            f"MLflow at {redact(uri)} did not answer for {connect_s:.0f} s; "
+                            f"the run was not started: {type(e).__name__}: {e}"
+                        ) from None
                     time.sleep(5)
             run_id = run.info.run_id
             self._params = {**cfg.flat_params(), "config_hash": cfg.run_hash()}
@@ -394,7 +444,8 @@ class RunLogger:
 
         self.spool.dir.mkdir(parents=True, exist_ok=True)
         (self.spool.dir / "mlflow_spool.meta.json").write_text(
-            json.dumps({"run_id": run_id, "uri": uri, "experiment_id": experiment_id}))
+            json.dumps({"run_id": run_id, "uri": uri, "experiment_id": experiment_id})
+        )
         self.flush(force=True)  # calls a previous segment of this run left behind
 
     def _settle_previous(self, keep: Optional[str], connect_s: float) -> None:
@@ -419,8 +470,10 @@ class RunLogger:
                 if self.c.get_run(old).info.status == "RUNNING":
                     for rec in _closing_calls():
                         apply(self.c, old, rec)
-                    self.say(f"[hfbench] the previous attempt (MLflow run {old}) ended without a status; "
-                             f"marked it FAILED", flush=True)
+                    self.say(
+                        f"[hfbench] the previous attempt (MLflow run {old}) ended without a status; marked it FAILED",
+                        flush=True,
+                    )
             except Exception:
                 pass  # best effort: the new attempt does not depend on it
             return
@@ -440,10 +493,14 @@ class RunLogger:
                         f"the previous attempt of this run (MLflow run {old}) left logging in {self.spool.path} "
                         f"and MLflow at {redact(self.uri)} did not take it for {connect_s:.0f} s ({type(e).__name__}: "
                         f"{str(e)[:200]}); this attempt was not started. Deliver it with "
-                        f"`hfbench sync {self.spool.dir}` or rerun when the server answers") from None
+                        f"`hfbench sync {self.spool.dir}` or rerun when the server answers"
+                    ) from None
                 time.sleep(5)
-        self.say(f"[hfbench] delivered {n} calls the previous attempt (MLflow run {old}) left behind, to that run"
-                 + ("" if terminated else "; marked it FAILED (it ended without a status)"), flush=True)
+        self.say(
+            f"[hfbench] delivered {n} calls the previous attempt (MLflow run {old}) left behind, to that run"
+            + ("" if terminated else "; marked it FAILED (it ended without a status)"),
+            flush=True,
+        )
 
     # every call: spool first, then try to deliver what is pending
     def _push(self, rec: dict, force: bool = False) -> None:
@@ -457,14 +514,20 @@ class RunLogger:
     def _direct(self, rec: dict, why: OSError) -> None:
         if not getattr(self, "_warned_spool", False):
             self._warned_spool = True
-            self.say(f"[hfbench] WARNING: cannot write the MLflow spool in {self.spool.dir} ({why}); "
-                     f"logging straight to the server", flush=True)
+            self.say(
+                f"[hfbench] WARNING: cannot write the MLflow spool in {self.spool.dir} ({why}); "
+                f"logging straight to the server",
+                flush=True,
+            )
         self.flush(force=True)
         try:
             apply(self.c, self.run_id, rec)
         except Exception as e:
-            self.say(f"[hfbench] WARNING: MLflow call lost: neither the spool nor the server took it "
-                     f"({type(e).__name__}: {e})", flush=True)
+            self.say(
+                f"[hfbench] WARNING: MLflow call lost: neither the spool nor the server took it "
+                f"({type(e).__name__}: {e})",
+                flush=True,
+            )
 
     def flush(self, force: bool = False) -> bool:
         """Deliver pending calls; False (and they stay on disk) if the server does not answer."""
@@ -475,13 +538,19 @@ class RunLogger:
         except Exception as e:
             if self._down_since is None:
                 self._down_since = time.time()
-                self.say(f"[hfbench] MLflow at {redact(self.uri)} unreachable ({type(e).__name__}); training goes "
-                         f"on and its logging waits in {self.spool.path}", flush=True)
+                self.say(
+                    f"[hfbench] MLflow at {redact(self.uri)} unreachable ({type(e).__name__}); training goes "
+                    f"on and its logging waits in {self.spool.path}",
+                    flush=True,
+                )
             self._next_try = time.time() + self.RETRY_S
             return False
         if self._down_since is not None:
-            self.say(f"[hfbench] MLflow answers again after {time.time() - self._down_since:.0f} s; "
-                     f"delivered {n} buffered calls", flush=True)
+            self.say(
+                f"[hfbench] MLflow answers again after {time.time() - self._down_since:.0f} s; "
+                f"delivered {n} buffered calls",
+                flush=True,
+            )
             self._down_since = None
         return True
 
@@ -489,7 +558,7 @@ class RunLogger:
         params = {**self._params, **{k: str(v) for k, v in extra.items()}}
         items = [[k, v[:6000]] for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self._push({"op": "batch", "params": items[i:i + 100]})
+            self._push({"op": "batch", "params": items[i : i + 100]})
         self._params = {}
 
     logged_upto = 0  # epochs (steps) of per-epoch metrics already on the server when this process began
@@ -529,8 +598,11 @@ class RunLogger:
             time.sleep(wait)
             if self.flush(force=True):
                 return
-        self.say(f"[hfbench] MLflow still unreachable: this run's logging is kept in {self.spool.path}; "
-                 f"deliver it with `hfbench sync {self.spool.dir}`", flush=True)
+        self.say(
+            f"[hfbench] MLflow still unreachable: this run's logging is kept in {self.spool.path}; "
+            f"deliver it with `hfbench sync {self.spool.dir}`",
+            flush=True,
+        )
 
 
 def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
@@ -558,8 +630,10 @@ def sync(paths: list[Path], uri_for=None, say=print) -> tuple[int, int]:
             try:
                 n = deliver(client(uri), meta["run_id"], spool, say=say)
             except Exception as e:
-                say(f"[hfbench] {spool_file}: MLflow at {redact(uri)} refused or unreachable "
-                    f"({type(e).__name__}: {str(e)[:200]}); kept")
+                say(
+                    f"[hfbench] {spool_file}: MLflow at {redact(uri)} refused or unreachable "
+                    f"({type(e).__name__}: {str(e)[:200]}); kept"
+                )
                 left += 1
                 continue
             say(f"[hfbench] {spool_file.parent}: delivered {n} calls to run {meta['run_id']}")
@@ -580,8 +654,9 @@ def run_in_store(uri: str, run_id: Optional[str], experiment_id: str) -> bool:
         return getattr(e, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def end_orphaned_runs(uri: str, experiment_id: str, run_hash: str, run_dir: Path, status: str,
-                      reason: str) -> list[str]:
+def end_orphaned_runs(
+    uri: str, experiment_id: str, run_hash: str, run_dir: Path, status: str, reason: str
+) -> list[str]:
     """End the MLflow runs of this hash trained into `run_dir` that are still RUNNING although
     their task is gone (cancelled, killed, out of memory): status KILLED or FAILED, with the
     reason in hfbench.error. Runs of the same hash trained into other folders are not touched.
@@ -589,8 +664,11 @@ def end_orphaned_runs(uri: str, experiment_id: str, run_hash: str, run_dir: Path
     ended = []
     try:
         c = client(uri)
-        runs = c.search_runs([str(experiment_id)], max_results=50,
-                             filter_string=f"tags.`{TAG_HASH}` = '{run_hash}' and attributes.status = 'RUNNING'")
+        runs = c.search_runs(
+            [str(experiment_id)],
+            max_results=50,
+            filter_string=f"tags.`{TAG_HASH}` = '{run_hash}' and attributes.status = 'RUNNING'",
+        )
         for run in runs:
             if run.data.tags.get("hfbench.run_dir") not in (None, str(Path(run_dir).resolve())):
                 continue
@@ -624,8 +702,16 @@ class Claim:
     when it is preempted, so a requeued run keeps it. A claim whose run FAILED or was KILLED,
     or that never named a run within `stale_s`, is taken over."""
 
-    def __init__(self, uri: str, experiment_id: str, run_hash: str, owner: str, say=print,
-                 poll_s: float = 10.0, stale_s: float = 600.0):
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        run_hash: str,
+        owner: str,
+        say=print,
+        poll_s: float = 10.0,
+        stale_s: float = 600.0,
+    ):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as RunLogger: fail fast, decide here
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.c = client(uri)
@@ -637,8 +723,11 @@ class Claim:
     def finished_run(self):
         """A FINISHED run of this hash trained into another folder (this folder's own finished
         run is this folder's business: the engine came here because it lacks something)."""
-        runs = self.c.search_runs([self.experiment_id], max_results=20,
-                                  filter_string=f"tags.`{TAG_HASH}` = '{self.hash}' and attributes.status = 'FINISHED'")
+        runs = self.c.search_runs(
+            [self.experiment_id],
+            max_results=20,
+            filter_string=f"tags.`{TAG_HASH}` = '{self.hash}' and attributes.status = 'FINISHED'",
+        )
         return next((r for r in runs if r.data.tags.get("hfbench.run_dir") != self.owner), None)
 
     def acquire(self):
@@ -651,23 +740,35 @@ class Claim:
             try:
                 done = self.finished_run()
             except Exception as e:  # no answer: the run logger's own connect wait decides what happens next
-                self.say(f"[hfbench] WARNING: could not check the run claim at {redact(self.uri)} "
-                         f"({type(e).__name__}); only the run folder's lock keeps trainings apart", flush=True)
+                self.say(
+                    f"[hfbench] WARNING: could not check the run claim at {redact(self.uri)} "
+                    f"({type(e).__name__}); only the run folder's lock keeps trainings apart",
+                    flush=True,
+                )
                 return None
             if done is not None:
                 return done
             try:
                 self.c.create_registered_model(
-                    self.name, tags={"owner": self.owner, "host": socket.gethostname(), "pid": str(os.getpid()),
-                                     "since": str(time.time())},
+                    self.name,
+                    tags={
+                        "owner": self.owner,
+                        "host": socket.gethostname(),
+                        "pid": str(os.getpid()),
+                        "since": str(time.time()),
+                    },
                     description=f"hfbench: run {self.hash} of experiment {self.experiment_id} is being trained "
-                                f"into {self.owner}. Dropped when that run ends.")
+                    f"into {self.owner}. Dropped when that run ends.",
+                )
                 self.held = True
                 return self.finished_run()  # finished just before the claim was taken: reuse it
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    self.say(f"[hfbench] WARNING: run claims unavailable at {redact(self.uri)} "
-                             f"({e.error_code}); only the run folder's lock keeps trainings apart", flush=True)
+                    self.say(
+                        f"[hfbench] WARNING: run claims unavailable at {redact(self.uri)} "
+                        f"({e.error_code}); only the run folder's lock keeps trainings apart",
+                        flush=True,
+                    )
                     return None
             try:
                 m = self.c.get_registered_model(self.name)
@@ -690,18 +791,24 @@ class Claim:
             if status in ("FAILED", "KILLED") or (status is None and age > self.stale_s):
                 try:  # drop it only if it is still the one judged stale (another taker may have replaced it)
                     if (self.c.get_registered_model(self.name).tags or {}).get("since") == tags.get("since"):
-                        self.say(f"[hfbench] run {self.hash}: taking over a stale claim of {tags.get('owner')} "
-                                 f"(its run {run_id or 'never started'}, {status or 'no status'})", flush=True)
+                        self.say(
+                            f"[hfbench] run {self.hash}: taking over a stale claim of {tags.get('owner')} "
+                            f"(its run {run_id or 'never started'}, {status or 'no status'})",
+                            flush=True,
+                        )
                         self._drop()
                 except MlflowException:
                     pass
                 continue
             if time.time() - told > 600:
                 told = time.time()
-                self.say(f"[hfbench] run {self.hash} is being trained by another sweep into {tags.get('owner')} "
-                         f"(host {tags.get('host')}, MLflow run {run_id or 'starting'}); waiting for it instead of "
-                         f"training it twice. If that process is gone for good, delete the registered model "
-                         f"{self.name!r} in MLflow", flush=True)
+                self.say(
+                    f"[hfbench] run {self.hash} is being trained by another sweep into {tags.get('owner')} "
+                    f"(host {tags.get('host')}, MLflow run {run_id or 'starting'}); waiting for it instead of "
+                    f"training it twice. If that process is gone for good, delete the registered model "
+                    f"{self.name!r} in MLflow",
+                    flush=True,
+                )
             time.sleep(self.poll_s)
 
     def set_run(self, run_id: str) -> None:
@@ -732,11 +839,20 @@ class Claim:
 class NullLogger:
     run_id = None
 
-    def log_params(self, *a, **k): pass
-    def log_metrics(self, *a, **k): pass
-    def log_text(self, *a, **k): pass
-    def set_tag(self, *a, **k): pass
-    def finish(self, *a, **k): pass
+    def log_params(self, *a, **k):
+        pass
+
+    def log_metrics(self, *a, **k):
+        pass
+
+    def log_text(self, *a, **k):
+        pass
+
+    def set_tag(self, *a, **k):
+        pass
+
+    def finish(self, *a, **k):
+        pass
 
 
 def redact(uri: str) -> str:

@@ -1,6 +1,7 @@
 """Shared fixtures. The services (SLURM cluster, MLflow server) are started by the test
 command (scripts/test.sh) and found through the environment it exports; a test that needs
 one and does not find it fails with the command that starts it."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ def betons(tmp_path_factory):
 def mlflow_server() -> str:
     uri = os.environ.get("HFBENCH_MLFLOW_URI", "")
     if not uri.startswith("http"):
-        pytest.fail("no MLflow server: run the tests through scripts/test.sh (make test), or "
-                    "`scripts/services.sh start` and source the env.sh it prints")
+        pytest.fail(
+            "no MLflow server: run the tests through scripts/test.sh (make test), or "
+            "`scripts/services.sh start` and source the env.sh it prints"
+        )
     return uri
 
 
@@ -32,8 +35,10 @@ def slurm_cluster() -> None:
     from launchers.sweep import slurm_reachable
 
     if not slurm_reachable():
-        pytest.fail("no SLURM controller answers: run the tests through scripts/test.sh (make test), or "
-                    "`scripts/services.sh start` and source the env.sh it prints")
+        pytest.fail(
+            "no SLURM controller answers: run the tests through scripts/test.sh (make test), or "
+            "`scripts/services.sh start` and source the env.sh it prints"
+        )
 
 
 # ----------------------------------------------------------------------------- robustness report
@@ -42,16 +47,21 @@ def slurm_cluster() -> None:
 _GROUPS = {
     "faults injected (process kills, corrupt checkpoint, MLflow outages, concurrent sweeps, "
     "disk full, corrupt data, node failure)": ("tests/test_faults.py::", "tests/test_cluster.py::test_node_failure"),
-    "bad inputs refused before submission (config fields, CLI, executor conflicts, fuzz)": ("tests/test_bad_input.py::",),
+    "bad inputs refused before submission (config fields, CLI, executor conflicts, fuzz)": (
+        "tests/test_bad_input.py::",
+    ),
     "hostile values and loading safety (shell, paths, pickles, bind address)": ("tests/test_security.py::",),
 }
 _OUTCOMES: dict[str, list] = {g: [] for g in _GROUPS}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--all-methods", action="store_true",
-                     help="recipe smoke runs (tests/test_recipes.py) train every method of every recipe, "
-                          "not the covering subset make test runs")
+    parser.addoption(
+        "--all-methods",
+        action="store_true",
+        help="recipe smoke runs (tests/test_recipes.py) train every method of every recipe, "
+        "not the covering subset make test runs",
+    )
 
 
 _PROMISE_OUTCOMES: dict[str, dict[str, str]] = {}  # promise -> {node id: outcome}
@@ -76,8 +86,10 @@ def _reliability_table() -> list[str]:
     rows = ["| promise | made in | tests | passed | failed | skipped |", "|---|---|---:|---:|---:|---:|"]
     for promise, where, _ in PROMISES:
         got = list(_PROMISE_OUTCOMES.get(promise, {}).values())
-        rows.append(f"| {promise} | {where} | {len(got)} | {got.count('passed')} | {got.count('failed')} | "
-                    f"{got.count('skipped')} |")
+        rows.append(
+            f"| {promise} | {where} | {len(got)} | {got.count('passed')} | {got.count('failed')} | "
+            f"{got.count('skipped')} |"
+        )
     return rows
 
 
@@ -91,19 +103,28 @@ def _write_reliability_doc(path: str) -> str:
 
     if any(not _PROMISE_OUTCOMES.get(p) for p, _, _ in PROMISES):
         return "not written: this run did not try every promise"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    text = "\n".join([
-        "# Reliability: each promise and the tests that try to break it",
-        "",
-        "Written by `make test` (tests/conftest.py, from the promises in tests/reliability.py) at the end",
-        f"of a full run: commit {commit}, {datetime.date.today().isoformat()}. A test counts for every",
-        "promise it serves. Failed or skipped tests are counted as such, never as passed; a test of",
-        "the slow tier needs the services `make test` starts.",
-        "",
-        *_reliability_table(),
-        "",
-    ])
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+        or "unknown"
+    )
+    text = "\n".join(
+        [
+            "# Reliability: each promise and the tests that try to break it",
+            "",
+            "Written by `make test` (tests/conftest.py, from the promises in tests/reliability.py) at the end",
+            f"of a full run: commit {commit}, {datetime.date.today().isoformat()}. A test counts for every",
+            "promise it serves. Failed or skipped tests are counted as such, never as passed; a test of",
+            "the slow tier needs the services `make test` starts.",
+            "",
+            *_reliability_table(),
+            "",
+        ]
+    )
     Path(path).write_text(text)
     return f"written to {path}"
 

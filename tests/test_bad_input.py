@@ -6,6 +6,7 @@ conflicts), and a few through the real CLI as a subprocess (exit code, field nam
 traceback). A hypothesis fuzz test feeds random configs built from the real schema and
 random YAML text: loading either succeeds or raises ConfigError, never anything else.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pydantic import BaseModel
 
-from suite.config import ConfigError, RunConfig, SweepConfig, load_run, load_sweep
+from suite.config import ConfigError, RunConfig, load_run, sync_sections
+from suite.sweeps import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,11 +62,25 @@ CASES = [
     ("lr-not-number", "run", run(lr="fast"), "lr"),
     ("nesterov-not-bool", "run", run(nesterov="sometimes"), "nesterov"),
     ("yaml-date-in-base", "sweep", "name: t\nbase: {epochs: 3, when: 2024-01-01}\n", "base.when"),
-    ("yaml-duplicate-key", "sweep", "name: t\nbase: {epochs: 3}\nbase: {epochs: 4}\n", "duplicate key 'base' (first on line 2)"),
-    ("yaml-duplicate-nested-key", "sweep", "name: t\nbase:\n  lr: 0.1\n  lr: 0.2\n", "duplicate key 'lr' (first on line 3)"),
+    (
+        "yaml-duplicate-key",
+        "sweep",
+        "name: t\nbase: {epochs: 3}\nbase: {epochs: 4}\n",
+        "duplicate key 'base' (first on line 2)",
+    ),
+    (
+        "yaml-duplicate-nested-key",
+        "sweep",
+        "name: t\nbase:\n  lr: 0.1\n  lr: 0.2\n",
+        "duplicate key 'lr' (first on line 3)",
+    ),
     ("inf-lr-end", "sweep", "name: t\nbase: {lr_end: .inf}\n", "base.lr_end: Input should be a finite number"),
-    ("nan-hyperflux-step", "sweep", "name: t\ngrid: {methods: [hyperflux]}\noverrides: {hyperflux: {hyperflux: {step: .nan}}}\n",
-     "hyperflux.step: Input should be a finite number"),
+    (
+        "nan-hyperflux-step",
+        "sweep",
+        "name: t\ngrid: {methods: [hyperflux]}\noverrides: {hyperflux: {hyperflux: {step: .nan}}}\n",
+        "hyperflux.step: Input should be a finite number",
+    ),
     ("yaml-binary-in-override", "sweep", "name: t\noverrides: {dense: {x: !!binary aGk=}}\n", "overrides.dense.x"),
     # unknown keys
     ("unknown-top-level-key", "sweep", sweep(colour="blue"), "colour"),
@@ -97,16 +112,27 @@ CASES = [
     ("unknown-executor", "sweep", sweep(launcher__executor="kubernetes"), "launcher.executor"),
     ("unknown-device", "run", run(engine={"device": "tpu"}), "engine.device"),
     # more GPUs than a node has
-    ("world-size-over-gpus-per-node", "sweep",
-     sweep(base__engine={"world_size": 4, "device": "cuda"}, launcher__slurm={"gpus_per_node": 2}),
-     "engine.world_size"),
-    ("world-size-over-gpus-per-node-auto", "sweep",
-     sweep(base__engine={"world_size": 3}, launcher__slurm={"gpus_per_node": 2}), "launcher.slurm.gpus_per_node"),
+    (
+        "world-size-over-gpus-per-node",
+        "sweep",
+        sweep(base__engine={"world_size": 4, "device": "cuda"}, launcher__slurm={"gpus_per_node": 2}),
+        "engine.world_size",
+    ),
+    (
+        "world-size-over-gpus-per-node-auto",
+        "sweep",
+        sweep(base__engine={"world_size": 3}, launcher__slurm={"gpus_per_node": 2}),
+        "launcher.slurm.gpus_per_node",
+    ),
     ("gpus-per-node-over-16", "sweep", sweep(launcher__slurm={"gpus_per_node": 64}), "launcher.slurm.gpus_per_node"),
     # conflicting options
     ("init-dense-without-dense", "sweep", sweep(base__init="dense", grid__methods=["gmp"]), "grid.methods"),
-    ("hyperflux-pruning-end-after-epochs", "sweep",
-     sweep(overrides__hyperflux__hyperflux__pruning_end=9), "hyperflux.pruning_end"),
+    (
+        "hyperflux-pruning-end-after-epochs",
+        "sweep",
+        sweep(overrides__hyperflux__hyperflux__pruning_end=9),
+        "hyperflux.pruning_end",
+    ),
     ("gmp-end-epoch-after-epochs", "sweep", sweep(overrides__gmp={"gmp": {"end_epoch": 7}}), "gmp.end_epoch"),
     ("gmp-initial-over-target", "run", run(gmp={"initial_sparsity": 0.9}), "gmp.initial_sparsity"),
     ("fixed-schedule-without-gamma", "run", run(method="hyperflux", hyperflux={"schedule": "fixed"}), "fixed_gamma"),
@@ -174,21 +200,36 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.parametrize("kind,changes,field", [
-    ("local", dict(base__engine={"nodes": 2}), "engine.nodes"),
-    ("debug", dict(base__engine={"world_size": 2, "device": "cpu"}), "engine.world_size"),
-    ("local", dict(base__engine={"world_size": 64, "device": "cuda"}), "engine.world_size"),
-    ("local", dict(launcher__slurm={"gpus_per_node": 16}), "launcher.slurm.gpus_per_node"),
-], ids=["local-multi-node", "debug-multi-rank", "local-more-ranks-than-gpus", "local-gpus-per-node"])
+@pytest.mark.parametrize(
+    "kind,changes,field",
+    [
+        ("local", dict(base__engine={"nodes": 2}), "engine.nodes"),
+        ("debug", dict(base__engine={"world_size": 2, "device": "cpu"}), "engine.world_size"),
+        ("local", dict(base__engine={"world_size": 64, "device": "cuda"}), "engine.world_size"),
+        ("local", dict(launcher__slurm={"gpus_per_node": 16}), "launcher.slurm.gpus_per_node"),
+    ],
+    ids=["local-multi-node", "debug-multi-rank", "local-more-ranks-than-gpus", "local-gpus-per-node"],
+)
 def test_executor_conflicts_are_refused_before_submission(tmp_path, kind, changes, field, monkeypatch):
     import launchers.sweep as sw
     from launchers.sweep import check_resources
 
     # "a cluster can": a cluster with two 64-CPU, 16-GPU nodes (what `scontrol show` would list),
     # whatever SLURM this machine runs (the real test cluster on this machine has neither)
-    big = {"partition": [{"PartitionName": "gpu", "Default": "YES", "MaxTime": "2-00:00:00"}],
-           "node": [{"NodeName": f"n{i}", "CPUTot": "64", "RealMemory": "512000", "Gres": "gpu:h100:16",
-                     "Partitions": "gpu", "State": "IDLE"} for i in (1, 2)]}
+    big = {
+        "partition": [{"PartitionName": "gpu", "Default": "YES", "MaxTime": "2-00:00:00"}],
+        "node": [
+            {
+                "NodeName": f"n{i}",
+                "CPUTot": "64",
+                "RealMemory": "512000",
+                "Gres": "gpu:h100:16",
+                "Partitions": "gpu",
+                "State": "IDLE",
+            }
+            for i in (1, 2)
+        ],
+    }
     monkeypatch.setattr(sw, "_scontrol", lambda what: big[what])
 
     if field == "launcher.slurm.gpus_per_node" and _visible_gpus() >= 16:
@@ -214,8 +255,9 @@ def test_a_local_cpu_sweep_passes_the_resource_check(tmp_path):
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HFBENCH_MLFLOW_URI=f"sqlite:///{cwd / 'mlflow.db'}")
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launchers.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 CLI_CASES = [
@@ -255,10 +297,15 @@ def test_cli_missing_file_is_clean(tmp_path):
 
 # -------------------------------------------------------------------- fuzz
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
 
 
 def _fields(model) -> dict[str, object]:
@@ -279,21 +326,51 @@ def _dotted(model, prefix="") -> list[str]:
     return names
 
 
+sync_sections()  # RunConfig holds each method's section once the registry has loaded the methods
 RUN_KEYS = _dotted(RunConfig)
+assert {"hyperflux.step", "gmp.scope", "rmt.alpha"} <= set(RUN_KEYS)  # the fuzz reaches the method sections
 SWEEP_KEYS = [k for k in _dotted(SweepConfig)]
-METHODS = sorted({"dense", "gmp", "hyperflux", "imp", "magnitude", "l0", "str", "cs", "rmt", "seb", "ser",
-                  "rmt_hybrid"})
+METHODS = sorted(
+    {"dense", "gmp", "hyperflux", "imp", "magnitude", "l0", "str", "cs", "rmt", "seb", "ser", "rmt_hybrid"}
+)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.dates(), st.binary(max_size=4),
-    st.integers(min_value=-3, max_value=20), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0, max_value=1),
-    st.text(max_size=12), st.sampled_from(METHODS + ["fmnist_cnn", "fashion_mnist", "cpu", "cuda", "..", "a/b",
-                                                     "dense", "controller", "fixed", "law", "", "\0", "x\ny"]),
+    st.none(),
+    st.booleans(),
+    st.dates(),
+    st.binary(max_size=4),
+    st.integers(min_value=-3, max_value=20),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1),
+    st.text(max_size=12),
+    st.sampled_from(
+        METHODS
+        + [
+            "fmnist_cnn",
+            "fashion_mnist",
+            "cpu",
+            "cuda",
+            "..",
+            "a/b",
+            "dense",
+            "controller",
+            "fixed",
+            "law",
+            "",
+            "\0",
+            "x\ny",
+        ]
+    ),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.sampled_from(RUN_KEYS), st.text(max_size=6)), inner,
-                                                 max_size=3)), max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(st.sampled_from(RUN_KEYS), st.text(max_size=6)), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
 
 
 def _set(d: dict, dotted: str, v) -> None:
@@ -309,8 +386,11 @@ def _set(d: dict, dotted: str, v) -> None:
 
 @st.composite
 def run_dicts(draw):
-    d = {"method": draw(st.sampled_from(METHODS)), "sparsity": draw(st.sampled_from([0.0, 0.5, 0.9])),
-         "epochs": draw(st.integers(1, 12))}
+    d = {
+        "method": draw(st.sampled_from(METHODS)),
+        "sparsity": draw(st.sampled_from([0.0, 0.5, 0.9])),
+        "epochs": draw(st.integers(1, 12)),
+    }
     for _ in range(draw(st.integers(0, 4))):
         _set(d, draw(st.sampled_from(RUN_KEYS)), draw(values))
     return d
@@ -318,12 +398,16 @@ def run_dicts(draw):
 
 @st.composite
 def sweep_dicts(draw):
-    d = {"name": draw(st.sampled_from(["t", "fuzz-1", "a.b"])),
-         "base": {"epochs": draw(st.integers(1, 12))},
-         "grid": {"methods": draw(st.lists(st.sampled_from(METHODS), min_size=1, max_size=3)),
-                  "sparsities": draw(st.lists(st.sampled_from([0.3, 0.5, 0.9]), min_size=1, max_size=2)),
-                  "seeds": [0]},
-         "launcher": {"executor": "local"}}
+    d = {
+        "name": draw(st.sampled_from(["t", "fuzz-1", "a.b"])),
+        "base": {"epochs": draw(st.integers(1, 12))},
+        "grid": {
+            "methods": draw(st.lists(st.sampled_from(METHODS), min_size=1, max_size=3)),
+            "sparsities": draw(st.lists(st.sampled_from([0.3, 0.5, 0.9]), min_size=1, max_size=2)),
+            "seeds": [0],
+        },
+        "launcher": {"executor": "local"},
+    }
     for _ in range(draw(st.integers(0, 4))):
         where = draw(st.sampled_from(["top", "base", "override", "param"]))
         if where == "top":
@@ -384,20 +468,53 @@ def test_fuzz_run_configs(d):
 
 
 @FUZZ
-@given(sweep_dicts(), st.dictionaries(st.sampled_from(SWEEP_KEYS + ["base." + k for k in RUN_KEYS]), values,
-                                      max_size=2))
+@given(
+    sweep_dicts(), st.dictionaries(st.sampled_from(SWEEP_KEYS + ["base." + k for k in RUN_KEYS]), values, max_size=2)
+)
 def test_fuzz_sweep_configs_and_cli_overrides(d, overrides):
     _load_or_config_error(load_sweep, _dump(d), overrides=overrides)
 
 
-YAML_BITS = ["name: t\n", "base:\n", "  epochs: ", "grid: {methods: [", "gmp", "dense", "]}\n", "2024-13-45",
-             "!!binary aGk=", "!!python/object:os.system", "&a [*a]", "*a", "- ", ": ", "{", "}", "[", "]",
-             "'", '"', "\t", "\n", "\xff", "1e400", ".nan", "~", "? ", "%YAML 1.1\n", "---\n", "...\n"]
+YAML_BITS = [
+    "name: t\n",
+    "base:\n",
+    "  epochs: ",
+    "grid: {methods: [",
+    "gmp",
+    "dense",
+    "]}\n",
+    "2024-13-45",
+    "!!binary aGk=",
+    "!!python/object:os.system",
+    "&a [*a]",
+    "*a",
+    "- ",
+    ": ",
+    "{",
+    "}",
+    "[",
+    "]",
+    "'",
+    '"',
+    "\t",
+    "\n",
+    "\xff",
+    "1e400",
+    ".nan",
+    "~",
+    "? ",
+    "%YAML 1.1\n",
+    "---\n",
+    "...\n",
+]
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=80), st.lists(st.sampled_from(YAML_BITS), max_size=20).map("".join),
-                 st.binary(max_size=40)))
+@given(
+    st.one_of(
+        st.text(max_size=80), st.lists(st.sampled_from(YAML_BITS), max_size=20).map("".join), st.binary(max_size=40)
+    )
+)
 def test_fuzz_random_yaml_text(text):
     _load_or_config_error(load_sweep, text)
     _load_or_config_error(load_run, text)
@@ -407,8 +524,9 @@ def test_report_refusals_are_one_line_with_exit_2(tmp_path, capsys):
     from launchers.cli import main
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert main(["report", "--experiment", "no-such-experiment", "--out", str(tmp_path / "r"),
-                 "--tracking-uri", uri]) == 2
+    assert (
+        main(["report", "--experiment", "no-such-experiment", "--out", str(tmp_path / "r"), "--tracking-uri", uri]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()  # MLflow's own INFO lines about a new sqlite store aside
     assert err[-1] == "hfbench: MLflow experiment 'no-such-experiment' does not exist"
     assert not any("Traceback" in ln for ln in err)
@@ -423,12 +541,16 @@ def test_a_folder_under_a_data_file_name_is_refused_naming_it(tmp_path, capsys):
 
     (tmp_path / "data" / "fashion_mnist_train.beton").mkdir(parents=True)
     cfg = tmp_path / "s.yaml"
-    cfg.write_text(f"name: d\ndata_dir: {tmp_path / 'data'}\nout_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1}}\n"
-                   f"launcher: {{executor: local, folder: {tmp_path / 'sub'}}}\n")
+    cfg.write_text(
+        f"name: d\ndata_dir: {tmp_path / 'data'}\nout_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1}}\n"
+        f"launcher: {{executor: local, folder: {tmp_path / 'sub'}}}\n"
+    )
     assert main(["sweep", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"hfbench: {tmp_path / 'data' / 'fashion_mnist_train.beton'}: expected a .beton data file, "
-                       f"found a folder; move it away (the sweep would write the file there)")
+    assert err[-1] == (
+        f"hfbench: {tmp_path / 'data' / 'fashion_mnist_train.beton'}: expected a .beton data file, "
+        f"found a folder; move it away (the sweep would write the file there)"
+    )
     assert (tmp_path / "data" / "fashion_mnist_train.beton").is_dir() and not (tmp_path / "sub").exists()
 
 
@@ -439,10 +561,16 @@ HOSTILE = [
     ("tracking-uri-not-a-store", ["--set", "tracking_uri=not a uri"], "tracking_uri"),
     ("tracking-uri-ftp", ["--set", "tracking_uri=ftp://example/x"], "tracking_uri"),
     ("lr-end-huge", ["--set", "base.lr_end=1e300"], "lr_end"),
-    ("grid-explosion", ["--set", "grid.params={lr: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08], "
-                        "weight_decay: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], momentum: [0.1, 0.2, 0.3, 0.4, "
-                        "0.5, 0.6, 0.7, 0.8], label_smoothing: [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]}"],
-     "grid"),
+    (
+        "grid-explosion",
+        [
+            "--set",
+            "grid.params={lr: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08], "
+            "weight_decay: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], momentum: [0.1, 0.2, 0.3, 0.4, "
+            "0.5, 0.6, 0.7, 0.8], label_smoothing: [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]}",
+        ],
+        "grid",
+    ),
     ("near-duplicate-sparsities", ["--set", "grid.sparsities=[0.5, 0.500000000001]"], "grid.sparsities"),
     ("set-without-value", ["--set", "foo"], "--set"),
     ("set-nested-too-deep", ["--set", "base.x=" + "[" * 700 + "]" * 700], "--set base.x"),
@@ -453,9 +581,11 @@ HOSTILE = [
     ("unicode-control-in-partition", ["--set", "launcher.slurm.partition=gpu\x9bx"], "partition"),
     ("sqlite-uri-of-a-folder", ["--set", "tracking_uri=sqlite:////tmp"], "tracking_uri"),
     # more FFCV loader threads than numba allows here used to fail inside FFCV at the first step
-    ("loader-threads-above-the-cpus", ["--set", "launcher.executor=local", "--set",
-                                       f"base.engine.loader_workers={(os.cpu_count() or 1) + 1}"],
-     "engine.loader_workers"),
+    (
+        "loader-threads-above-the-cpus",
+        ["--set", "launcher.executor=local", "--set", f"base.engine.loader_workers={(os.cpu_count() or 1) + 1}"],
+        "engine.loader_workers",
+    ),
 ]
 
 
@@ -464,8 +594,13 @@ def test_hostile_round_two_is_refused_in_one_line(args, field, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", "configs/demo.yaml", "--dry-run", *args],
-                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "sweep", "configs/demo.yaml", "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 2, r.stdout[-500:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr and field in r.stderr, r.stderr[-2000:]
 
@@ -477,20 +612,47 @@ def test_a_folder_under_a_file_is_refused_naming_the_field(tmp_path, field, valu
 
     f = tmp_path / "afile"
     f.write_text("x")
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", "configs/demo.yaml", "--set",
-                        f"{field}={value.format(f=f)}", "--set", f"tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                        "--set", "launcher.executor=local"],
-                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.cli",
+            "sweep",
+            "configs/demo.yaml",
+            "--set",
+            f"{field}={value.format(f=f)}",
+            "--set",
+            f"tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            "--set",
+            "launcher.executor=local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 2 and r.stderr.startswith(f"hfbench: {field}: ") and "is a file" in r.stderr, r.stderr
     assert not (tmp_path / "m.db").exists()
 
 
-@pytest.mark.parametrize("args,what", [(["--val-size", "-5"], "--val-size"), (["--split-seed", "-1"], "--split-seed"),
-                                       (["--val-size", "60000"], "--val-size"), (["--quality", "500"], "--quality")])
+@pytest.mark.parametrize(
+    "args,what",
+    [
+        (["--val-size", "-5"], "--val-size"),
+        (["--split-seed", "-1"], "--split-seed"),
+        (["--val-size", "60000"], "--val-size"),
+        (["--quality", "500"], "--quality"),
+    ],
+)
 def test_data_arguments_are_refused_by_name(tmp_path, args, what):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "data", "fashion-mnist", "--out", str(tmp_path / "d"), *args],
-                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "data", "fashion-mnist", "--out", str(tmp_path / "d"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 2 and what in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]

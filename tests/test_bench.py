@@ -1,4 +1,5 @@
 """hfbench bench: behaviour only (which rows, which order, which images), never timings."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,18 @@ def test_bench_config_puts_hyperflux_under_pressure():
 @TIMEOUT
 def test_overhead_rows_ratios_and_order():
     methods = ["magnitude", "hyperflux", "l0"]
-    res = bench.run_overhead(model="fmnist_cnn", size=28, batch=8, methods=methods, steps=2, warmup=1, repeats=3,
-                             device="cpu", memory=False, say=lambda *a: None)
+    res = bench.run_overhead(
+        model="fmnist_cnn",
+        size=28,
+        batch=8,
+        methods=methods,
+        steps=2,
+        warmup=1,
+        repeats=3,
+        device="cpu",
+        memory=False,
+        say=lambda *a: None,
+    )
     rows = res["rows"]
     assert [r["method"] for r in rows] == ["dense"] + methods
     for r in rows:
@@ -56,8 +67,20 @@ def test_overhead_rows_ratios_and_order():
 
 @TIMEOUT
 def test_memory_probe_runs_in_a_fresh_process():
-    args = {"model": "fmnist_cnn", "size": 28, "batch": 8, "device": "cpu", "dtype": "fp32", "channels_last": False,
-            "deepspeed": False, "threads": 1, "sparsity": 0.9, "warmup": 1, "steps": 1, "sets": None}
+    args = {
+        "model": "fmnist_cnn",
+        "size": 28,
+        "batch": 8,
+        "device": "cpu",
+        "dtype": "fp32",
+        "channels_last": False,
+        "deepspeed": False,
+        "threads": 1,
+        "sparsity": 0.9,
+        "warmup": 1,
+        "steps": 1,
+        "sets": None,
+    }
     mb = bench.measure_memory("hyperflux", args)
     assert mb >= 0.0
 
@@ -67,8 +90,9 @@ def test_data_bench_same_images_and_labels(tmp_path):
     tree = bench.make_jpeg_tree(tmp_path / "tree", classes=4, per_class=5, min_side=40, max_side=90)
     files = sorted(tree.rglob("*.JPEG"))
     assert len(files) == 20 and len({p.parent.name for p in files}) == 4
-    res = bench.run_data(root=str(tree), size=32, batch=6, workers=1, passes=1, work_dir=str(tmp_path / "w"),
-                         say=lambda *a: None)
+    res = bench.run_data(
+        root=str(tree), size=32, batch=6, workers=1, passes=1, work_dir=str(tmp_path / "w"), say=lambda *a: None
+    )
     assert Path(res["beton"]).is_file()
     assert {r["loader"]: r["images"] for r in res["rows"]} == {"ffcv": 20, "torchvision": 20}
     assert res["labels"]["ffcv"] == res["labels"]["torchvision"]
@@ -79,16 +103,40 @@ def test_data_bench_same_images_and_labels(tmp_path):
 
 def _cli(*args: str, timeout: float = 500) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd="/tmp", env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launchers.cli", *args],
+        cwd="/tmp",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @TIMEOUT
 def test_cli_overhead_prints_table_and_logs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = _cli("bench", "overhead", "--model", "fmnist_cnn", "--size", "28", "--batch", "8", "--methods",
-             "magnitude,hyperflux", "--steps", "1", "--warmup", "1", "--repeats", "2", "--no-memory",
-             "--tracking-uri", uri)
+    p = _cli(
+        "bench",
+        "overhead",
+        "--model",
+        "fmnist_cnn",
+        "--size",
+        "28",
+        "--batch",
+        "8",
+        "--methods",
+        "magnitude,hyperflux",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--no-memory",
+        "--tracking-uri",
+        uri,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| method | step ms |" in p.stdout
     for m in ("dense", "magnitude", "hyperflux"):

@@ -1,6 +1,7 @@
 """The CLI guides (issue 19): help on bare `hfbench`, --version, a listing of what configs can
 name, `config show`, `report` taking a sweep config, and config errors that name every problem
 at the place it was written, with the closest known name."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from launchers.cli import main
-from suite.config import RunConfig, load_sweep
+from suite.config import RunConfig
+from suite.sweeps import load_sweep
 
 
 def test_bare_hfbench_prints_the_commands_and_exits_0():
@@ -71,12 +73,14 @@ def test_config_show_lists_the_sweeps_runs_and_one_run_round_trips(capsys):
 
 def test_config_errors_name_every_problem_where_it_was_written_with_the_closest_name(tmp_path, capsys):
     cfg = tmp_path / "typo.yaml"
-    cfg.write_text(textwrap.dedent("""
+    cfg.write_text(
+        textwrap.dedent("""
         name: t
         base: {model: fmnist_cnn, epochs: 3, hyperflux: {pruning_edn: 3}}
         grid: {methods: [dense, hyperflx, magnitde], sparsities: [0.5]}
         overrides: {dense: {lrr: 0.1}}
-    """))
+    """)
+    )
     assert main(["sweep", str(cfg), "--dry-run"]) == 2
     err = capsys.readouterr().err
     lines = [ln.strip() for ln in err.splitlines()[1:]]
@@ -97,9 +101,18 @@ def test_report_takes_a_sweep_config_and_writes_under_reports(tmp_path, monkeypa
     c = MlflowClient(tracking_uri=uri)
     exp = c.create_experiment("tiny-exp")
     r = c.create_run(exp, tags={"hfbench.run_hash": "0" * 12, "hfbench.method": "dense"})
-    c.log_batch(r.info.run_id, metrics=[Metric("final_test_top1", 0.9, int(time.time() * 1000), 1)],
-                params=[Param("method", "dense"), Param("model", "fmnist_cnn"), Param("dataset", "fashion_mnist"),
-                        Param("sparsity", "0.0"), Param("seed", "0"), Param("epochs", "1")])
+    c.log_batch(
+        r.info.run_id,
+        metrics=[Metric("final_test_top1", 0.9, int(time.time() * 1000), 1)],
+        params=[
+            Param("method", "dense"),
+            Param("model", "fmnist_cnn"),
+            Param("dataset", "fashion_mnist"),
+            Param("sparsity", "0.0"),
+            Param("seed", "0"),
+            Param("epochs", "1"),
+        ],
+    )
     c.set_terminated(r.info.run_id, "FINISHED")
     monkeypatch.chdir(tmp_path)
     assert main(["report", str(cfg)]) == 0
@@ -159,8 +172,9 @@ def test_mlflow_experiment_opens_on_training_runs_with_a_note_and_runs_carry_the
     t = c.get_experiment(old).tags
     assert t["mlflow.note.content"] == "mine" and t["mlflow.experimentKind"] == "custom_model_development"
     logger = tracking.RunLogger(uri, exp, runs[0], spool_dir=tmp_path / "run")
-    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     logger.finish("FINISHED")
     run = c.get_run(logger.run_id)
     assert run.data.tags["mlflow.source.git.commit"] == head and len(head) == 40
@@ -175,10 +189,14 @@ def test_config_errors_point_at_base_or_overrides_by_where_the_value_was_written
     assert main(["config", "show", "configs/demo.yaml", "--set", "overrides.gmp.gmp.end_epoch=900"]) == 2
     assert "  overrides.gmp: gmp.end_epoch must be in" in capsys.readouterr().err
     cfg = tmp_path / "t.yaml"
-    cfg.write_text("name: t\nexperimnt: x\ngrid: {methods: [dense], dense_convergnce: true}\nlauncher: {paralelism: 2}\n")
+    cfg.write_text(
+        "name: t\nexperimnt: x\ngrid: {methods: [dense], dense_convergnce: true}\nlauncher: {paralelism: 2}\n"
+    )
     assert main(["sweep", str(cfg), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    for line in ("grid.dense_convergnce: unknown key (did you mean 'dense_convergence'?)",
-                 "launcher.paralelism: unknown key (did you mean 'parallelism'?)",
-                 "experimnt: unknown key (did you mean 'experiment'?)"):
+    for line in (
+        "grid.dense_convergnce: unknown key (did you mean 'dense_convergence'?)",
+        "launcher.paralelism: unknown key (did you mean 'parallelism'?)",
+        "experimnt: unknown key (did you mean 'experiment'?)",
+    ):
         assert line in err

@@ -1,5 +1,6 @@
 """Cluster behaviour against the real local SLURM (started by the test command): array
 parallelism, time limits, multi-rank tasks. Slow; run in CI by the test command."""
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,7 @@ import pytest
 
 from launchers.sweep import Sweep
 from suite import tracking
-from suite.config import load_sweep
+from suite.sweeps import load_sweep
 
 # experiment names on the shared MLflow server are unique per test session: a rerun against the
 # same server must train again, not find the last session's finished runs
@@ -62,16 +63,20 @@ def test_six_task_array_honours_parallelism(tmp_path, betons, slurm_cluster):
     """6 runs as one SLURM array with at most 2 running at once (checked from sacct start and
     end times), into the default sqlite store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = _write(tmp_path, "par", f"""
+    p = _write(
+        tmp_path,
+        "par",
+        f"""
         name: e2e-par
         tracking_uri: {uri}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 3, batch_size: 32, init: scratch}}
         grid: {{methods: [magnitude], sparsities: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], seeds: [0]}}
-        launcher: {{executor: slurm, parallelism: 2, folder: {tmp_path / 'submitit'}, poll_s: 1,
+        launcher: {{executor: slurm, parallelism: 2, folder: {tmp_path / "submitit"}, poll_s: 1,
                     slurm: {{time_min: 10}}}}
-    """)
+    """,
+    )
     outcomes = Sweep(load_sweep(p)).run()
     assert len(outcomes) == 6
     assert [o.state for o in outcomes] == ["finished"] * 6, [(o.cfg.run_name(), o.error) for o in outcomes]
@@ -100,17 +105,21 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_s
     installed, would kill the task. Each step is slowed by 80 ms (the engine's test hook) so
     the run outlasts one allocation however fast the machine is."""
     monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@80")
-    p = _write(tmp_path, "tl", f"""
+    p = _write(
+        tmp_path,
+        "tl",
+        f"""
         name: e2e-timelimit-{TAG}
         tracking_uri: {mlflow_server}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 500, batch_size: 32, init: scratch,
                 eval_every: 3}}
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1,
                     max_requeues: 10, slurm: {{time_min: 3, signal_delay_s: 60}}}}
-    """)
+    """,
+    )
     t0 = time.time()
     (o,) = Sweep(load_sweep(p)).run()
     assert o.state == "finished", o.error
@@ -131,17 +140,21 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_s
 def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slurm_cluster):
     """engine.world_size 2: one SLURM task allocation with two processes (ntasks-per-node 2)
     that rendezvous from the SLURM environment; both train, only rank 0 logs."""
-    p = _write(tmp_path, "r2", f"""
+    p = _write(
+        tmp_path,
+        "r2",
+        f"""
         name: e2e-2rank-{TAG}
         tracking_uri: {mlflow_server}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 6, batch_size: 32, init: scratch,
                 engine: {{world_size: 2}}, hyperflux: {{pruning_end: 2, gate_lr: 0.05}}}}
         grid: {{methods: [hyperflux], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1,
                     slurm: {{time_min: 10}}}}
-    """)
+    """,
+    )
     (o,) = Sweep(load_sweep(p)).run()
     assert o.state == "finished", o.error
     (row,) = _sacct(o.job_id, "JobID,State")
@@ -161,8 +174,9 @@ def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slu
         assert sorted(h.step for h in hist) == [1, 2, 3], f"{key} logged {[h.step for h in hist]}"
 
 
-def test_two_node_run_checkpoints_requeues_resumes_and_matches_one_node(tmp_path, betons, mlflow_server,
-                                                                         slurm_cluster, monkeypatch):
+def test_two_node_run_checkpoints_requeues_resumes_and_matches_one_node(
+    tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch
+):
     """engine.nodes 2 on a real two-node SLURM partition (two slurmd with their own node names,
     scripts/services.sh): one rank per node rendezvous from the SLURM environment. The rank on
     the second node gets a preemption signal at step 7 (the engine's test hook, so the moment
@@ -174,41 +188,63 @@ def test_two_node_run_checkpoints_requeues_resumes_and_matches_one_node(tmp_path
 
     multi = os.environ.get("HFBENCH_SLURM_MULTI_PARTITION")
     if not multi:
-        pytest.fail("HFBENCH_SLURM_MULTI_PARTITION is unset: start the services with scripts/services.sh "
-                    "(it starts two nodes and exports the partition that holds both)")
+        pytest.fail(
+            "HFBENCH_SLURM_MULTI_PARTITION is unset: start the services with scripts/services.sh "
+            "(it starts two nodes and exports the partition that holds both)"
+        )
     name = f"e2e-2node-{uuid.uuid4().hex[:8]}"
-    base = ("{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 12, batch_size: 32, init: scratch, "
-            "hyperflux: {pruning_end: 2, gate_lr: 0.05}, engine: {nodes: NODES, world_size: RANKS, device: cpu}}")
+    base = (
+        "{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 12, batch_size: 32, init: scratch, "
+        "hyperflux: {pruning_end: 2, gate_lr: 0.05}, engine: {nodes: NODES, world_size: RANKS, device: cpu}}"
+    )
 
     def sweep_file(tag: str, nodes: int, ranks: int, uri: str, launcher: str) -> Path:
-        return _write(tmp_path, tag, f"""
+        return _write(
+            tmp_path,
+            tag,
+            f"""
             name: {name}
             tracking_uri: {uri}
-            data_dir: {betons['train'].parent}
+            data_dir: {betons["train"].parent}
             out_dir: {tmp_path / tag}
-            base: {base.replace('NODES', str(nodes)).replace('RANKS', str(ranks))}
+            base: {base.replace("NODES", str(nodes)).replace("RANKS", str(ranks))}
             grid: {{methods: [hyperflux], sparsities: [0.5], seeds: [0]}}
             launcher: {launcher}
-        """)
+        """,
+        )
 
-    one = sweep_file("one", 1, 2, f"sqlite:///{tmp_path / 'one.db'}",
-                     f"{{executor: local, folder: {tmp_path / 'sub-one'}, poll_s: 1}}")
+    one = sweep_file(
+        "one",
+        1,
+        2,
+        f"sqlite:///{tmp_path / 'one.db'}",
+        f"{{executor: local, folder: {tmp_path / 'sub-one'}, poll_s: 1}}",
+    )
     (ref,) = Sweep(load_sweep(one)).run()
     assert ref.state == "finished", ref.error
 
     monkeypatch.setenv("HFBENCH_INJECT", "*:usr2@7")
-    two = sweep_file("two", 2, 1, mlflow_server,
-                     f"{{executor: slurm, parallelism: 1, folder: {tmp_path / 'sub-two'}, poll_s: 1, "
-                     f"max_requeues: 3, slurm: {{time_min: 15, partition: {multi}}}}}")
+    two = sweep_file(
+        "two",
+        2,
+        1,
+        mlflow_server,
+        f"{{executor: slurm, parallelism: 1, folder: {tmp_path / 'sub-two'}, poll_s: 1, "
+        f"max_requeues: 3, slurm: {{time_min: 15, partition: {multi}}}}}",
+    )
     (o,) = Sweep(load_sweep(two)).run()
     assert o.state == "finished", o.error
     rows = _sacct(o.job_id, "JobID,State,NNodes,NodeList", duplicates=True)
     states = [r[1] for r in rows]
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, states
     assert all(r[2] == "2" for r in rows), f"not every allocation spanned two nodes: {rows}"
+
     def nodes_of(partition: str) -> set[str]:
-        return set(subprocess.run(["sinfo", "-h", "-p", partition, "-N", "-o", "%N"], capture_output=True,
-                                  text=True, timeout=30).stdout.split())
+        return set(
+            subprocess.run(
+                ["sinfo", "-h", "-p", partition, "-N", "-o", "%N"], capture_output=True, text=True, timeout=30
+            ).stdout.split()
+        )
 
     (second,) = nodes_of(multi) - nodes_of(os.environ.get("HFBENCH_SLURM_PARTITION", "debug"))
     # the second node's own slurmd started a task of every allocation (the first and the requeued one)
@@ -243,21 +279,33 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
 
     root = Path(__file__).resolve().parents[1]
     services = os.environ["HFBENCH_SERVICES_DIR"]
-    p = _write(tmp_path, "nf", f"""
+    p = _write(
+        tmp_path,
+        "nf",
+        f"""
         name: e2e-nodefail-{TAG}
         tracking_uri: {mlflow_server}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 6, max_steps_per_epoch: 20, batch_size: 64, init: scratch,
                 eval_every: 6}}
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1,
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1,
                     slurm: {{time_min: 30}}}}
-    """)
-    env = {**os.environ, "HFBENCH_INJECT": "*:sleep@150",
-           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    sweep = subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(p)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)
+    """,
+    )
+    env = {
+        **os.environ,
+        "HFBENCH_INJECT": "*:sleep@150",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "launchers.cli", "sweep", str(p)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     t0 = time.time()
     ckpt = None
     while ckpt is None:  # wait for the task's second epoch checkpoint
@@ -266,17 +314,29 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
         for q in (tmp_path / "runs").glob("*/prev.pt"):
             ckpt = q
         time.sleep(0.5)
-    crash = subprocess.run(["bash", str(root / "scripts/services.sh"), "crash-node", services],
-                           capture_output=True, text=True, timeout=120)
+    crash = subprocess.run(
+        ["bash", str(root / "scripts/services.sh"), "crash-node", services], capture_output=True, text=True, timeout=120
+    )
     assert crash.returncode == 0, crash.stdout + crash.stderr
     time.sleep(5)
-    back = subprocess.run(["bash", str(root / "scripts/services.sh"), "restart-node", services],
-                          capture_output=True, text=True, timeout=300)
+    back = subprocess.run(
+        ["bash", str(root / "scripts/services.sh"), "restart-node", services],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert back.returncode == 0, back.stdout + back.stderr
     out, _ = sweep.communicate(timeout=900)
     assert sweep.returncode == 0 and "done   fmnist_cnn-dense-s0" in out, out[-3000:]
-    jobs = [json.loads(line) for line in (tmp_path / "submitit" / f"e2e-nodefail-{TAG}" / "jobs.jsonl").read_text().splitlines()
-            if line.strip()] if (tmp_path / "submitit" / f"e2e-nodefail-{TAG}" / "jobs.jsonl").exists() else []
+    jobs = (
+        [
+            json.loads(line)
+            for line in (tmp_path / "submitit" / f"e2e-nodefail-{TAG}" / "jobs.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if (tmp_path / "submitit" / f"e2e-nodefail-{TAG}" / "jobs.jsonl").exists()
+        else []
+    )
     job = jobs[-1]["job_id"] if jobs else None
     assert job, "no job recorded"
     states = [r[1] for r in _sacct(job, "JobID,State", duplicates=True)]
@@ -291,14 +351,19 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     print(f"node failure: states {states}, {time.time() - t0:.0f} s")
 
 
-@pytest.mark.parametrize("request_,field", [
-    ("cpus_per_task: 64", "launcher.slurm.cpus_per_task"),
-    ("time_min: 600", "launcher.slurm.time_min"),  # the partition allows 240
-    ("mem_gb: 4096", "launcher.slurm.mem_gb"),
-    ("partition: no-such-partition", "launcher.slurm.partition"),
-], ids=["cpus", "time", "mem", "partition"])
-def test_requests_the_cluster_cannot_satisfy_are_refused_before_submission(tmp_path, betons, slurm_cluster,
-                                                                          request_, field):
+@pytest.mark.parametrize(
+    "request_,field",
+    [
+        ("cpus_per_task: 64", "launcher.slurm.cpus_per_task"),
+        ("time_min: 600", "launcher.slurm.time_min"),  # the partition allows 240
+        ("mem_gb: 4096", "launcher.slurm.mem_gb"),
+        ("partition: no-such-partition", "launcher.slurm.partition"),
+    ],
+    ids=["cpus", "time", "mem", "partition"],
+)
+def test_requests_the_cluster_cannot_satisfy_are_refused_before_submission(
+    tmp_path, betons, slurm_cluster, request_, field
+):
     """Issue 21: a request no node or partition of the cluster can meet used to wait in the queue
     forever (CPUs, time limit) or fail inside sbatch with a traceback after the experiment was
     created (memory, partition). Now: exit 2, one line naming the field, read from the cluster's
@@ -308,18 +373,27 @@ def test_requests_the_cluster_cannot_satisfy_are_refused_before_submission(tmp_p
     from tests.test_faults import _env
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = _write(tmp_path, "bad", f"""
+    p = _write(
+        tmp_path,
+        "bad",
+        f"""
         name: e2e-unsatisfiable
         tracking_uri: {uri}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 5}}
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: slurm, folder: {tmp_path / 'submitit'}, slurm: {{{request_}}}}}
-    """)
+        launcher: {{executor: slurm, folder: {tmp_path / "submitit"}, slurm: {{{request_}}}}}
+    """,
+    )
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(p)], capture_output=True, text=True,
-                       env=_env(), timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "sweep", str(p)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hfbench: ") and field in err[0], r.stderr
@@ -334,16 +408,20 @@ def _start_sweep(tmp_path: Path, name: str, uri: str, data: Path, **env):
     thread; returns (thread, box, sweep config, dense job id once its epoch 1 is logged)."""
     import threading
 
-    p = _write(tmp_path, name, f"""
+    p = _write(
+        tmp_path,
+        name,
+        f"""
         name: {name}
         tracking_uri: {uri}
         data_dir: {data}
-        out_dir: {tmp_path / 'runs'}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 40, batch_size: 32, init: dense}}
         grid: {{methods: [dense, magnitude], sparsities: [0.5], seeds: [0]}}
         overrides: {{magnitude: {{epochs: 1, max_steps_per_epoch: 5}}}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1}}
-    """)
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1}}
+    """,
+    )
     sweep = load_sweep(p)
     box: dict = {}
     t = threading.Thread(target=lambda: box.update(out=Sweep(sweep).run()))
@@ -359,8 +437,9 @@ def _start_sweep(tmp_path: Path, name: str, uri: str, data: Path, **env):
 
 
 @pytest.mark.parametrize("target", ["task", "array"])
-def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, betons, mlflow_server,
-                                                                   slurm_cluster, monkeypatch, target):
+def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(
+    tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch, target
+):
     """Issue 21, case 1: `scancel` of a running task, or of its whole array. The sweep names
     SLURM's state, the MLflow run is ended (KILLED, with the reason) instead of staying RUNNING
     for good, `status` says cancelled, and the dependent run says its parent was cancelled."""
@@ -374,8 +453,9 @@ def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, be
     assert not t.is_alive()
     dense, child = box["out"]
     assert dense.state == "failed" and "CANCELLED" in dense.error, dense.error
-    assert child.state == "failed" and "dense parent fmnist_cnn-dense-s0" in child.error \
-        and "cancelled" in child.error, child.error
+    assert (
+        child.state == "failed" and "dense parent fmnist_cnn-dense-s0" in child.error and "cancelled" in child.error
+    ), child.error
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(name).experiment_id
     (run,) = c.search_runs([exp])
@@ -384,8 +464,9 @@ def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(tmp_path, be
     assert rows["fmnist_cnn-dense-s0"].state == "cancelled", rows
 
 
-def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(tmp_path, betons, mlflow_server,
-                                                                              slurm_cluster, monkeypatch):
+def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(
+    tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch
+):
     """Issue 21, case 4: the submitit folder (job pickles, logs, result files) is deleted while
     the dense task trains. Training finishes (weights, done marker, MLflow FINISHED); the sweep
     judges it by its done marker, reports it finished, trains the child from its weights, and
@@ -407,8 +488,9 @@ def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(t
     assert sorted(r.info.status for r in c.search_runs([exp])) == ["FINISHED", "FINISHED"]
 
 
-def test_a_controller_outage_at_a_stage_boundary_is_waited_out(tmp_path, betons, mlflow_server,
-                                                               slurm_cluster, monkeypatch):
+def test_a_controller_outage_at_a_stage_boundary_is_waited_out(
+    tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch
+):
     """Issue 21, case 2: slurmctld goes down while the dense stage runs, so the next stage's
     sbatch cannot reach it. The sweep says so and retries the submission (it used to end with
     a raw traceback and never submit the rest); once the controller is back the child is
@@ -421,24 +503,31 @@ def test_a_controller_outage_at_a_stage_boundary_is_waited_out(tmp_path, betons,
     said: list[str] = []
     services = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
     state = os.environ.get("HFBENCH_SERVICES_DIR", "/tmp/hfbench-services")
-    p = _write(tmp_path, "outage", f"""
+    p = _write(
+        tmp_path,
+        "outage",
+        f"""
         name: e2e-ctld-outage-{uuid.uuid4().hex[:6]}
         tracking_uri: {mlflow_server}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 2, max_steps_per_epoch: 40, batch_size: 32, init: dense}}
         grid: {{methods: [dense, magnitude], sparsities: [0.5], seeds: [0]}}
         overrides: {{magnitude: {{epochs: 1, max_steps_per_epoch: 5}}}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1, submit_retry_s: 300}}
-    """)
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1, submit_retry_s: 300}}
+    """,
+    )
     box: dict = {}
     sweep = load_sweep(p)
-    t = threading.Thread(target=lambda: box.update(out=Sweep(sweep, say=lambda *a, **k: said.append(" ".join(map(str, a)))).run()))
+    t = threading.Thread(
+        target=lambda: box.update(out=Sweep(sweep, say=lambda *a, **k: said.append(" ".join(map(str, a)))).run())
+    )
     t.start()
     deadline, running = time.time() + 300, False
     while time.time() < deadline and not running:  # the dense task trains (it no longer needs the controller)
-        running = any(" epoch 1/2 " in log.read_text(errors="replace")
-                      for log in (tmp_path / "submitit").rglob("*_log.out"))
+        running = any(
+            " epoch 1/2 " in log.read_text(errors="replace") for log in (tmp_path / "submitit").rglob("*_log.out")
+        )
         time.sleep(0.2)
     assert running, "the dense task never reached epoch 1"
     subprocess.run(["bash", str(services), "stop-controller", state], check=True, timeout=60)
@@ -466,22 +555,29 @@ def test_a_queued_run_shows_why_it_waits(tmp_path, betons, mlflow_server, slurm_
 
     node = socket.gethostname().split(".")[0]
     name = f"e2e-drained-{uuid.uuid4().hex[:6]}"
-    p = _write(tmp_path, "drained", f"""
+    p = _write(
+        tmp_path,
+        "drained",
+        f"""
         name: {name}
         tracking_uri: {mlflow_server}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 3, batch_size: 32, init: scratch}}
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1}}
-    """)
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1}}
+    """,
+    )
     sweep = load_sweep(p)
-    subprocess.run(["scontrol", "update", f"nodename={node}", "state=drain", "reason=hfbench-maintenance"],
-                   check=True, timeout=30)
+    subprocess.run(
+        ["scontrol", "update", f"nodename={node}", "state=drain", "reason=hfbench-maintenance"], check=True, timeout=30
+    )
     said: list[str] = []
     try:
         box: dict = {}
-        t = threading.Thread(target=lambda: box.update(out=Sweep(sweep, say=lambda *a, **k: said.append(str(a[0]))).run()))
+        t = threading.Thread(
+            target=lambda: box.update(out=Sweep(sweep, say=lambda *a, **k: said.append(str(a[0]))).run())
+        )
         t.start()
         deadline, row = time.time() + 120, None
         while time.time() < deadline:

@@ -1,11 +1,13 @@
 """Config validation: every bad field is refused before anything runs, naming the field."""
+
 import json
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from suite.config import ConfigError, RunConfig, load_run, load_sweep
+from suite.config import ConfigError, RunConfig, load_run
+from suite.sweeps import load_sweep
 
 GOOD = """
 name: t
@@ -89,11 +91,17 @@ def test_inputs_of_other_pressure_schedules_do_not_change_identity():
     assert ctl.run_hash() == RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"fixed_gamma": 0.5}).run_hash()
     by_law = RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"schedule": "law", "law": law})
     assert by_law.run_hash() != ctl.run_hash()
-    assert by_law.run_hash() != RunConfig(method="hyperflux", sparsity=0.9,
-                                          hyperflux={"schedule": "law", "law": {**law, "c": 0.03}}).run_hash()
+    assert (
+        by_law.run_hash()
+        != RunConfig(
+            method="hyperflux", sparsity=0.9, hyperflux={"schedule": "law", "law": {**law, "c": 0.03}}
+        ).run_hash()
+    )
     fixed = RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"schedule": "fixed", "fixed_gamma": 0.5})
-    assert fixed.run_hash() != RunConfig(method="hyperflux", sparsity=0.9,
-                                         hyperflux={"schedule": "fixed", "fixed_gamma": 1.0}).run_hash()
+    assert (
+        fixed.run_hash()
+        != RunConfig(method="hyperflux", sparsity=0.9, hyperflux={"schedule": "fixed", "fixed_gamma": 1.0}).run_hash()
+    )
     assert ctl.variant() == "hyperflux" and by_law.variant() == "hyperflux-law" and fixed.variant() == "hyperflux-fixed"
     assert RunConfig(method="gmp", sparsity=0.5, gmp={"criterion": "taylor"}).variant() == "gmp-taylor"
 
@@ -101,7 +109,7 @@ def test_inputs_of_other_pressure_schedules_do_not_change_identity():
 def test_a_set_on_one_method_does_not_reach_its_yaml_aliases():
     """configs/paper share the fine-tuning settings through an alias (&finetune / *finetune): a
     `--set overrides.magnitude.epochs=30` changes magnitude only."""
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"overrides.magnitude.epochs": 30})
     epochs = {r.method: r.epochs for r in sw.expand() if r.method in ("magnitude", "seb", "ser", "rmt")}
@@ -109,7 +117,9 @@ def test_a_set_on_one_method_does_not_reach_its_yaml_aliases():
 
 
 def test_an_alias_bomb_is_refused_not_expanded(tmp_path):
-    from suite.config import ConfigError, MAX_CONFIG_NODES, load_sweep
+    from suite.config import ConfigError
+    from suite.sweeps import load_sweep
+    from suite.validation import MAX_CONFIG_NODES
 
     lines = ["name: bomb", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
@@ -120,7 +130,7 @@ def test_an_alias_bomb_is_refused_not_expanded(tmp_path):
 
 
 def test_budget_matched_dense_plans_one_control_per_total_budget(tmp_path):
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     sw = load_sweep("configs/demo.yaml")  # dense 5 x 429 steps + 80 x 25 of every pruning run = 4,145
     matched = [r for r in sw.expand() if r.budget_matched]
@@ -131,14 +141,15 @@ def test_budget_matched_dense_plans_one_control_per_total_budget(tmp_path):
     # from scratch -> 480 / 600 / 760
     sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"grid.budget_matched_dense": True})
     plans = sorted({(r.epochs, tuple(r.lr_milestones)) for r in sw.expand() if r.budget_matched})
-    assert plans == [(200, (100, 150)), (320, (160, 240)), (480, (240, 360)), (600, (300, 450)),
-                     (760, (380, 570))]
+    assert plans == [(200, (100, 150)), (320, (160, 240)), (480, (240, 360)), (600, (300, 450)), (760, (380, 570))]
     # a control shorter than the milestones keeps only those inside it, and is validated
     p = tmp_path / "s.yaml"
-    p.write_text("name: s\nbase: {epochs: 1, max_steps_per_epoch: 5}\n"
-                 "grid: {methods: [dense, gmp], sparsities: [0.5], budget_matched_dense: true}\n"
-                 "overrides: {dense: {epochs: 4, max_steps_per_epoch: 10, lr_schedule: step, "
-                 "lr_milestones: [2, 3]}, gmp: {gmp: {end_epoch: 1}}}\n")
+    p.write_text(
+        "name: s\nbase: {epochs: 1, max_steps_per_epoch: 5}\n"
+        "grid: {methods: [dense, gmp], sparsities: [0.5], budget_matched_dense: true}\n"
+        "overrides: {dense: {epochs: 4, max_steps_per_epoch: 10, lr_schedule: step, "
+        "lr_milestones: [2, 3]}, gmp: {gmp: {end_epoch: 1}}}\n"
+    )
     (ctl,) = [r for r in load_sweep(p).expand() if r.budget_matched]
     assert (ctl.epochs, ctl.max_steps_per_epoch, ctl.lr_milestones) == (1, 5, [])
     assert not RunConfig(method="dense").budget_matched
@@ -150,7 +161,7 @@ def test_dense_convergence_adds_the_doubled_dense_run_per_seed():
     """grid.dense_convergence: per model and seed one dense run with twice the dense epochs (step
     milestones doubled), a budget-matched plan the report reads as the convergence check; the fair
     protocol also has the equal-budget control, and nothing is added twice."""
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     runs = load_sweep("configs/fmnist_fair.yaml").expand()
     dense = {r.seed: r for r in runs if r.method == "dense" and not r.budget_matched}
@@ -164,8 +175,14 @@ def test_dense_convergence_adds_the_doubled_dense_run_per_seed():
     assert len(controls) == 3 and len({r.run_hash() for r in runs}) == len(runs)
     plain = load_sweep("configs/fmnist_fair.yaml", {"grid.dense_convergence": False}).expand()
     assert len(plain) == len(runs) - 3
-    sw = load_sweep("configs/fmnist_fair.yaml", {"grid.dense_convergence": True, "overrides.dense.lr_schedule": "step",
-                                                 "overrides.dense.lr_milestones": [10, 20]})
+    sw = load_sweep(
+        "configs/fmnist_fair.yaml",
+        {
+            "grid.dense_convergence": True,
+            "overrides.dense.lr_schedule": "step",
+            "overrides.dense.lr_milestones": [10, 20],
+        },
+    )
     (r0,) = [r for r in sw.expand() if r.budget_matched and r.epochs == 60 and r.seed == 0]
     assert r0.lr_milestones == [20, 40]
 
@@ -173,7 +190,7 @@ def test_dense_convergence_adds_the_doubled_dense_run_per_seed():
 def test_fair_protocol_gives_every_pruning_run_the_same_budget():
     """configs/fmnist_fair.yaml: every pruning run (IMP included, at every target) trains the same
     optimiser steps from the same dense start of its seed."""
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     runs = load_sweep("configs/fmnist_fair.yaml").expand()
     pruning = [r for r in runs if r.method != "dense"]
@@ -193,7 +210,9 @@ def test_golden_run_hashes_of_every_committed_config():
     commit that finished runs of those configs will train again."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("golden", Path(__file__).resolve().parents[1] / "scripts" / "golden_hashes.py")
+    spec = importlib.util.spec_from_file_location(
+        "golden", Path(__file__).resolve().parents[1] / "scripts" / "golden_hashes.py"
+    )
     golden = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(golden)
     recorded = json.loads(golden.GOLDEN.read_text())
@@ -206,20 +225,22 @@ def test_status_takes_the_sweeps_overrides_and_finds_its_runs(tmp_path, capsys):
     """Issue 21, case 5: a sweep started with `--set name=... --set base.epochs=...` could not be
     inspected (status had no --set). With the same overrides status finds the finished run,
     whose hash depends on the override; without them it does not."""
-    from suite import tracking
     from launchers.cli import main
+    from suite import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tmp_path / "s.yaml"
-    cfg.write_text(textwrap.dedent(f"""
+    cfg.write_text(
+        textwrap.dedent(f"""
         name: plain
         tracking_uri: {uri}
-        data_dir: {tmp_path / 'data'}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {tmp_path / "data"}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 3, init: scratch}}
         grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
-    """))
+        launcher: {{executor: local, folder: {tmp_path / "sub"}}}
+    """)
+    )
     sets = ["name=renamed", "base.epochs=2"]
     run = load_sweep(str(cfg), {"name": "renamed", "base.epochs": 2}).expand()[0]
     exp = tracking.ensure_experiment(uri, "renamed")
@@ -257,8 +278,9 @@ def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
     p.write_text(VARIANT_SWEEP)
     runs = {(r.variant(), r.sparsity): r for r in load_sweep(p).expand()}
     # every listed variant runs under its own name, at every target
-    assert set(runs) == {("dense", 0.0)} | {(v, s) for v in ("l0", "l0-ref", "imp-lrr", "gmp-layer")
-                                             for s in (0.5, 0.9)}
+    assert set(runs) == {("dense", 0.0)} | {
+        (v, s) for v in ("l0", "l0-ref", "imp-lrr", "gmp-layer") for s in (0.5, 0.9)
+    }
     assert runs[("l0-ref", 0.5)].l0.mode == "reference" and runs[("l0", 0.5)].l0.mode == "calibrated"
     assert runs[("imp-lrr", 0.5)].imp.rewind == "lr" and runs[("gmp-layer", 0.9)].gmp.scope == "layer"
     # the method's overrides reach its variant; the variant's and the target's own come after
@@ -271,11 +293,16 @@ def test_variant_names_in_the_grid_and_overrides_per_target(tmp_path):
     assert runs[("l0", 0.9)].l0.beta == runs[("l0-ref", 0.9)].l0.beta == 0.5 and runs[("l0", 0.5)].l0.beta != 0.5
 
 
-@pytest.mark.parametrize("key,names", [("l0-reff", "did you mean 'l0-ref'"),
-                                       ("l0-ref@0.8", "'0.8' is not one of grid.sparsities as written in run names (0.5, 0.9)"),
-                                       ("l0-ref@0.90", "'0.90' is not one of grid.sparsities"),
-                                       ("cs-ref", "cs-ref is not in grid.methods, so these values would never apply"),
-                                       ("str@0.9", "str is not in grid.methods")])
+@pytest.mark.parametrize(
+    "key,names",
+    [
+        ("l0-reff", "did you mean 'l0-ref'"),
+        ("l0-ref@0.8", "'0.8' is not one of grid.sparsities as written in run names (0.5, 0.9)"),
+        ("l0-ref@0.90", "'0.90' is not one of grid.sparsities"),
+        ("cs-ref", "cs-ref is not in grid.methods, so these values would never apply"),
+        ("str@0.9", "str is not in grid.methods"),
+    ],
+)
 def test_bad_override_keys_are_refused_naming_the_key(tmp_path, key, names):
     p = tmp_path / "sweep.yaml"
     p.write_text(VARIANT_SWEEP.replace("l0-ref@0.9:", f"{key}:"))
@@ -295,13 +322,16 @@ def test_a_bad_value_in_a_target_override_is_placed_there(tmp_path):
 @pytest.mark.parametrize("k", [0.05, 0.1, 0.3])
 def test_scale_keeps_the_cs_reference_rounds_retraining_and_rewind_point(tmp_path, k):
     p = tmp_path / "sweep.yaml"
-    p.write_text("name: t\nbase: {model: fmnist_cnn, epochs: 340, init: dense, lr_schedule: step, lr_milestones: [56, 71]}\n"
-                 "grid: {methods: [dense, cs-ref], sparsities: [0.5, 0.9], seeds: [0]}\n"
-                 "overrides:\n  dense: {lr_milestones: [80, 120]}\n  cs-ref: {cs: {rewind_epoch: 2}}\n")
+    p.write_text(
+        "name: t\nbase: {model: fmnist_cnn, epochs: 340, init: dense, lr_schedule: step, lr_milestones: [56, 71]}\n"
+        "grid: {methods: [dense, cs-ref], sparsities: [0.5, 0.9], seeds: [0]}\n"
+        "overrides:\n  dense: {lr_milestones: [80, 120]}\n  cs-ref: {cs: {rewind_epoch: 2}}\n"
+    )
     full = [r for r in load_sweep(p).expand() if r.method == "cs"]
     small = [r for r in load_sweep(p, {"scale.epochs": k}).expand() if r.method == "cs"]
     assert full[0].cs.rewind_epoch == 2 and len(small) == len(full) == 2
     from baselines.continuous_sparsification import cs_round_epochs
+
     for r in small:  # validated, so: every round fits, a retraining remains, the rewind point and the
         epr = cs_round_epochs(r)  # step milestones (counted within a round) are inside round 1
         assert r.cs.rounds * epr < r.epochs < 340 and r.cs.rewind_epoch < epr

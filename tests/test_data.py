@@ -4,6 +4,7 @@ The betons are written once per session (about 10-30 s: the writer runs in a chi
 process that imports FFCV). Tests that iterate FFCV loaders or spawn writers carry a
 timeout, so a hang fails instead of blocking the run.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -24,8 +25,7 @@ import pytest
 from suite import data as D
 
 ROOT = Path(D.FASHION_MNIST_ROOT)
-needs_source = pytest.mark.skipif(
-    not ROOT.is_dir(), reason=f"{ROOT} absent: apt-get install dataset-fashion-mnist")
+needs_source = pytest.mark.skipif(not ROOT.is_dir(), reason=f"{ROOT} absent: apt-get install dataset-fashion-mnist")
 TIMEOUT = pytest.mark.timeout(300)
 
 
@@ -40,6 +40,7 @@ def _collect(loader):
         xs.append(x)
         ys.append(y)
     import torch
+
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
@@ -47,6 +48,7 @@ def _source_rows(path):
     """The 'index' field (row in the source IDX file) of every sample, in file order."""
     D._import_ffcv()  # a bare `import ffcv` sets torch.set_num_threads(1)
     from ffcv.reader import Reader
+
     r = Reader(str(path))
     return np.asarray(r.metadata[r.metadata.dtype.names[r.field_names.index("index")]])
 
@@ -57,13 +59,13 @@ def _rows_as_bytes(images):
 
 
 def _ffcv_threads():
-    return [t for t in threading.enumerate()
-            if t.is_alive() and type(t).__name__ == "_EpochIterator"]
+    return [t for t in threading.enumerate() if t.is_alive() and type(t).__name__ == "_EpochIterator"]
 
 
 # ---------------------------------------------------------------------------------------
 # IDX source
 # ---------------------------------------------------------------------------------------
+
 
 @needs_source
 def test_source_arrays(source):
@@ -97,17 +99,20 @@ def _fake_root(tmp_path, **overrides):
 
 
 def _idx(magic, dims, payload):
-    return (magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims) + payload)
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims) + payload
 
 
 @needs_source
-@pytest.mark.parametrize("name,payload,pattern", [
-    ("train-labels-idx1-ubyte.gz", _idx(0x803, [60000], bytes(60000)), "bad IDX magic"),
-    ("train-labels-idx1-ubyte.gz", _idx(0x801, [59999], bytes(59999)), "IDX shape"),
-    ("train-labels-idx1-ubyte.gz", _idx(0x801, [60000], bytes(59000)), "data bytes"),
-    ("t10k-labels-idx1-ubyte.gz", _idx(0x801, [10000], bytes([10]) * 10000), "outside 0..9"),
-    ("t10k-images-idx3-ubyte.gz", None, "file missing"),
-])
+@pytest.mark.parametrize(
+    "name,payload,pattern",
+    [
+        ("train-labels-idx1-ubyte.gz", _idx(0x803, [60000], bytes(60000)), "bad IDX magic"),
+        ("train-labels-idx1-ubyte.gz", _idx(0x801, [59999], bytes(59999)), "IDX shape"),
+        ("train-labels-idx1-ubyte.gz", _idx(0x801, [60000], bytes(59000)), "data bytes"),
+        ("t10k-labels-idx1-ubyte.gz", _idx(0x801, [10000], bytes([10]) * 10000), "outside 0..9"),
+        ("t10k-images-idx3-ubyte.gz", None, "file missing"),
+    ],
+)
 def test_source_validation_names_file(tmp_path, name, payload, pattern):
     root = _fake_root(tmp_path, **{name: payload})
     with pytest.raises(D.DataError, match=pattern) as exc:
@@ -140,13 +145,15 @@ def test_split_indices():
 # writing + check_beton
 # ---------------------------------------------------------------------------------------
 
+
 @needs_source
 @TIMEOUT
 def test_write_outputs_and_meta(betons):
     assert set(betons) == {"train", "val", "test", "meta"}
     out = betons["meta"].parent
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
-        list(D.SPLIT_FILES.values()) + [D.META_FILE])
+        list(D.SPLIT_FILES.values()) + [D.META_FILE]
+    )
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no temporaries left
     meta = json.loads(betons["meta"].read_text())
     assert meta["counts"] == {"train": 55000, "val": 5000, "test": 10000}
@@ -217,6 +224,7 @@ def test_check_beton_missing(tmp_path):
 def test_header_type_matches_ffcv():
     D._import_ffcv()
     from ffcv.types import HeaderType
+
     assert D._HEADER_TYPE == HeaderType
 
 
@@ -233,6 +241,7 @@ def test_writer_error_propagates_and_leaves_nothing(tmp_path):
 # ---------------------------------------------------------------------------------------
 # round trips through the loader
 # ---------------------------------------------------------------------------------------
+
 
 @needs_source
 @TIMEOUT
@@ -275,6 +284,7 @@ def test_roundtrip_train_plus_val_exact(betons, source):
 @TIMEOUT
 def test_normalised_batches(betons, source):
     import torch
+
     loader = D.make_loader(betons["test"], 256, train=False)
     assert len(loader) == math.ceil(10000 / 256)
     x, y = _collect(loader)
@@ -302,6 +312,7 @@ def test_random_order_is_seeded_per_epoch(betons):
     def epoch(loader):
         x, y = _collect(loader)
         return x.reshape(len(x), -1), y
+
     a = D.make_loader(betons["val"], 500, train=True, seed=3, drop_last=False, raw=True)
     assert len(a) == 10
     x0, y0 = epoch(a)
@@ -331,6 +342,7 @@ def test_indices_subset(betons, source):
 @TIMEOUT
 def test_abandoned_epoch_releases_ffcv_thread(betons):
     import torch
+
     n_threads = torch.get_num_threads()
     loader = D.make_loader(betons["val"], 64, train=True)
     for i, _ in enumerate(loader):
@@ -394,11 +406,13 @@ def test_distributed_gloo_two_ranks(betons, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_DIST_SCRIPT)
     init = f"file://{tmp_path / 'pg_init'}"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(D.__file__).resolve().parents[1]))
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(betons["val"]),
-                               str(tmp_path / f"r{r}.npz")], env=env)
-             for r in range(2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(D.__file__).resolve().parents[1]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), init, str(betons["val"]), str(tmp_path / f"r{r}.npz")], env=env
+        )
+        for r in range(2)
+    ]
     try:
         for p in procs:
             assert p.wait(timeout=240) == 0

@@ -1,5 +1,6 @@
 """Two DeepSpeed ranks on the CPU (gloo), started as a real 2-task submitit job: both ranks
 must end with identical weights, gates and masks."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,19 @@ def test_two_ranks_end_identical(tmp_path, betons, method):
     from suite import tracking
     from suite.config import RunConfig
 
-    cfg = RunConfig(method=method, sparsity=0.5, epochs=3, max_steps_per_epoch=6, batch_size=32,
-                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"),
-                    hyperflux={"pruning_end": 2, "gate_lr": 0.05},
-                    gmp={"start_epoch": 0, "end_epoch": 2, "update_every": 3},
-                    engine={"world_size": 2}, experiment="dist")
+    cfg = RunConfig(
+        method=method,
+        sparsity=0.5,
+        epochs=3,
+        max_steps_per_epoch=6,
+        batch_size=32,
+        data_dir=str(betons["train"].parent),
+        out_dir=str(tmp_path / "runs"),
+        hyperflux={"pruning_end": 2, "gate_lr": 0.05},
+        gmp={"start_epoch": 0, "end_epoch": 2, "update_every": 3},
+        engine={"world_size": 2},
+        experiment="dist",
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.ensure_experiment(uri, "dist")
     ex = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
@@ -48,9 +57,17 @@ def test_zero_stages_train_the_same_dense_model(tmp_path, betons):
 
     finals, held = {}, {}
     for stage in (0, 1, 2):
-        cfg = RunConfig(method="dense", epochs=2, max_steps_per_epoch=5, batch_size=32, eval_every=2,
-                        data_dir=str(betons["train"].parent), out_dir=str(tmp_path / f"runs{stage}"),
-                        engine={"world_size": 2, "zero_stage": stage}, experiment="zero")
+        cfg = RunConfig(
+            method="dense",
+            epochs=2,
+            max_steps_per_epoch=5,
+            batch_size=32,
+            eval_every=2,
+            data_dir=str(betons["train"].parent),
+            out_dir=str(tmp_path / f"runs{stage}"),
+            engine={"world_size": 2, "zero_stage": stage},
+            experiment="zero",
+        )
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         exp = tracking.ensure_experiment(uri, "zero")
         ex = submitit.AutoExecutor(folder=str(tmp_path / f"submitit{stage}"), cluster="local")

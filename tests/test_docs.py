@@ -34,6 +34,7 @@ Also checked:
   (the parent folder's "shared", written here only in pieces so this file does not match).
 A failure lists file:line and the missing target for every broken reference.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,10 +49,11 @@ SCANNED_SUFFIXES = (".py", ".yaml", ".yml", ".md", ".sh", ".toml")
 SCANNED_NAMES = ("Makefile",)
 PLACEHOLDER = re.compile(r"[<>{}\[\]*?$%|]|\.\.\.")
 # a reference: a source folder at a word boundary, then anything up to whitespace or a delimiter
-REF = re.compile(r"(?<![\w./-])((?:%s)/[^\s`'\"()]*)" % "|".join(SOURCE_DIRS))
+REF = re.compile(r"(?<![\w./-])((?:" + "|".join(SOURCE_DIRS) + r")/[^\s`'\"()]*)")
 MD_LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 SECTION_CITE = re.compile(
-    r"hyperflux\.md[,:]?\s+(?:#\s*)?sections?\s+(\d+(?:\s*(?:-|–|,|and|to)\s*\d+)*)", re.IGNORECASE)
+    r"hyperflux\.md[,:]?\s+(?:#\s*)?sections?\s+(\d+(?:\s*(?:-|–|,|and|to)\s*\d+)*)", re.IGNORECASE
+)
 TITLE_CITE = re.compile(r"baselines\.md[,:]?\s+(?:#\s*)?[\"“]([^\"”\n]+)[\"”]")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 # the forbidden spellings, assembled so that this file itself does not contain them
@@ -62,8 +64,13 @@ FORBIDDEN = ("../" + "shared", "/work/" + "shared")
 def git_files(root: Path = ROOT) -> list[str]:
     """Files git knows here (tracked, plus untracked files that are not ignored)."""
     try:
-        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                             cwd=root, capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         pytest.skip("not a git checkout (git ls-files failed)")
     return sorted({p for p in out.decode("utf-8", "replace").split("\0") if p})
@@ -85,7 +92,7 @@ def read_text(root: Path, rel: str) -> str | None:
 
 # ----------------------------------------------------------------------------- the scanner
 def _clean(ref: str) -> str:
-    ref = re.sub(r"::.*$", "", ref)           # pytest node id
+    ref = re.sub(r"::.*$", "", ref)  # pytest node id
     ref = ref.rstrip(".,;:!`'\")]")
     ref = re.sub(r":\d+(?::\d+)?$", "", ref)  # file:LINE[:COL]
     return ref.rstrip(".,;:!`'\")]")
@@ -240,15 +247,17 @@ def _tree(tmp_path: Path) -> Path:
 
 def test_scanner_finds_the_one_missing_path(tmp_path):
     root = _tree(tmp_path)
-    text = "\n".join([
-        f"see {D}/present.md, section 2.",                     # exists
-        f"see `{S}/a.py:12` and {S}/a.py::test_x",             # exists, with line / node-id suffixes
-        f"{C}/paper/ and {C}/paper/x.yaml",                    # a folder and a file that exist
-        f"the method notes are in {D}/absent.md.",             # line 4: missing
-        f"{S}/<name>.py, {C}/{{name}}.yaml, tests/test_*.py, runs/x/{S}/b.py",  # placeholders, not refs
-        f"{R}/demo/index.html and {R}/<experiment>",           # output paths of `hfbench report`
-        f"https://example.org/{D}/absent.md",                  # a URL
-    ])
+    text = "\n".join(
+        [
+            f"see {D}/present.md, section 2.",  # exists
+            f"see `{S}/a.py:12` and {S}/a.py::test_x",  # exists, with line / node-id suffixes
+            f"{C}/paper/ and {C}/paper/x.yaml",  # a folder and a file that exist
+            f"the method notes are in {D}/absent.md.",  # line 4: missing
+            f"{S}/<name>.py, {C}/{{name}}.yaml, tests/test_*.py, runs/x/{S}/b.py",  # placeholders, not refs
+            f"{R}/demo/index.html and {R}/<experiment>",  # output paths of `hfbench report`
+            f"https://example.org/{D}/absent.md",  # a URL
+        ]
+    )
     assert scan_text(text, "README.md", root, {"build.py", "kept"}) == [(4, f"{D}/absent.md")]
 
 
@@ -268,11 +277,12 @@ def test_scanner_reports_a_broken_link_once(tmp_path):
 def test_citation_scanner():
     hf = "# T\n## 1. One\n## 2. Two\n## 3. Three\n"
     bl = "# B\n## Other L0 methods\n## 2. Magnitude\n"
-    text = (f'{HF} sections 1-3\n"""{D}/{HF} section 4"""\n{HF} sections 2 and 5\n'
-            f'{D}/{BL} "Other L0 methods"\n{BL}, "Magnitude"\n{BL} "Nope"\n# {HF}\n# section 3\n')
+    text = (
+        f'{HF} sections 1-3\n"""{D}/{HF} section 4"""\n{HF} sections 2 and 5\n'
+        f'{D}/{BL} "Other L0 methods"\n{BL}, "Magnitude"\n{BL} "Nope"\n# {HF}\n# section 3\n'
+    )
     bad = scan_citations(text, numbered_sections(hf), section_titles(bl))
-    assert bad == [(2, f"{D}/{HF} section 4"), (3, f"{D}/{HF} section 5"),
-                   (6, f'{D}/{BL} section "Nope"')]
+    assert bad == [(2, f"{D}/{HF} section 4"), (3, f"{D}/{HF} section 5"), (6, f'{D}/{BL} section "Nope"')]
     assert _numbers("1-6") == [1, 2, 3, 4, 5, 6] and _numbers("5 and 7") == [5, 7]
 
 

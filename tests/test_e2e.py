@@ -1,5 +1,6 @@
 """End to end through the real parts: FFCV data, DeepSpeed engine, submitit to the local
 SLURM cluster and to local processes, MLflow server. Slow; run in CI by the test command."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from launchers.sweep import Sweep
 from suite import tracking
-from suite.config import load_sweep
+from suite.sweeps import load_sweep
 
 # experiment names on the shared MLflow server are unique per test session: a rerun against the
 # same server must train again, not find the last session's finished runs
@@ -23,11 +24,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def _sweep_file(tmp_path: Path, data_dir: Path, name: str, executor: str, uri: str, matched: bool = False) -> Path:
     p = tmp_path / f"{name}.yaml"
-    p.write_text(textwrap.dedent(f"""
+    p.write_text(
+        textwrap.dedent(f"""
         name: {name}
         tracking_uri: {uri}
         data_dir: {data_dir}
-        out_dir: {tmp_path / 'runs'}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 8, batch_size: 64, init: dense}}
         grid: {{methods: [dense, magnitude, gmp, hyperflux], sparsities: [0.5], seeds: [0],
                 budget_matched_dense: {str(matched).lower()}}}
@@ -35,8 +37,9 @@ def _sweep_file(tmp_path: Path, data_dir: Path, name: str, executor: str, uri: s
           dense: {{epochs: 1, max_steps_per_epoch: 20}}
           hyperflux: {{hyperflux: {{pruning_end: 2, gate_lr: 0.05}}}}
           gmp: {{gmp: {{start_epoch: 0, end_epoch: 2, update_every: 4}}}}
-        launcher: {{executor: {executor}, parallelism: 2, folder: {tmp_path / 'submitit'}, poll_s: 1}}
-    """))
+        launcher: {{executor: {executor}, parallelism: 2, folder: {tmp_path / "submitit"}, poll_s: 1}}
+    """)
+    )
     return p
 
 
@@ -55,7 +58,10 @@ def _check_mlflow(uri: str, experiment: str, n: int) -> list:
         assert r.data.params["config_hash"] == r.data.tags[tracking.TAG_HASH]
         assert "env.git_commit" in r.data.params and "env.deepspeed" in r.data.params
         # fp32 and the default memory format, read off the first step's tensors
-        assert (r.data.params["observed.compute_dtype"], r.data.params["observed.channels_last"]) == ("float32", "False")
+        assert (r.data.params["observed.compute_dtype"], r.data.params["observed.channels_last"]) == (
+            "float32",
+            "False",
+        )
         hist = c.get_metric_history(r.info.run_id, "val_top1")
         assert [h.step for h in sorted(hist, key=lambda h: h.step)] == list(range(1, int(r.data.params["epochs"]) + 1))
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
@@ -80,8 +86,9 @@ def test_sweep_through_slurm_into_mlflow_server(tmp_path, betons, mlflow_server,
     assert len({o.job_id.split("_")[0] for o in pruned}) == 1 and all("_" in o.job_id for o in pruned)
     for o in outcomes:  # accounting catches up a moment after the result file appears
         for _ in range(60):
-            out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", o.job_id],
-                                 capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                ["sacct", "-n", "-X", "-P", "-o", "State", "-j", o.job_id], capture_output=True, text=True, timeout=30
+            )
             if out.stdout.split() == ["COMPLETED"]:
                 break
             time.sleep(0.5)
@@ -103,9 +110,10 @@ def test_sweep_through_slurm_into_mlflow_server(tmp_path, betons, mlflow_server,
 def test_sweep_through_local_executor(tmp_path, betons):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     said: list[str] = []
-    outcomes = Sweep(load_sweep(_sweep_file(tmp_path, betons["train"].parent, "e2e-local", "local", uri,
-                                            matched=True)),
-                     say=lambda *a, **k: said.append(" ".join(map(str, a)))).run()
+    outcomes = Sweep(
+        load_sweep(_sweep_file(tmp_path, betons["train"].parent, "e2e-local", "local", uri, matched=True)),
+        say=lambda *a, **k: said.append(" ".join(map(str, a))),
+    ).run()
     assert [o.state for o in outcomes] == ["finished"] * 5, [(o.cfg.run_name(), o.error) for o in outcomes]
     # the training budget, counted exactly: dense 1 x 20 steps of 64 images; every pruning run 3 x 8
     # of its own, 1,280 + 1,536 = 2,816 images in total with its dense start; the budget-matched dense
@@ -143,9 +151,24 @@ def _report_of_engine_runs(tmp_path: Path, uri: str, outcomes) -> None:
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "launchers.cli", "report", "--experiment", "e2e-local",
-                           "--tracking-uri", uri, "--out", str(out)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.cli",
+            "report",
+            "--experiment",
+            "e2e-local",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {r["run_hash"]: r for r in csv.DictReader((out / "results.csv").open(newline=""))}
     assert set(rows) == {o.cfg.run_hash() for o in outcomes}
@@ -164,8 +187,7 @@ def _report_of_engine_runs(tmp_path: Path, uri: str, outcomes) -> None:
     assert (out / "index.html").stat().st_size > 10_000
 
 
-def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflow_server, slurm_cluster,
-                                                         monkeypatch):
+def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch):
     """USR2 to a running SLURM task (what SLURM sends before preemption or the time limit), sent
     by `scancel --signal`: checkpoint, requeue by submitit, resume; same final state as an
     uninterrupted run, one MLflow run. Each step is slowed by 40 ms (the engine's test hook;
@@ -180,16 +202,18 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
 
     data = betons["train"].parent
     p = tmp_path / "pre.yaml"
-    p.write_text(textwrap.dedent(f"""
+    p.write_text(
+        textwrap.dedent(f"""
         name: e2e-preempt-{TAG}
         tracking_uri: {mlflow_server}
         data_dir: {data}
-        out_dir: {tmp_path / 'runs'}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 4, max_steps_per_epoch: 15, batch_size: 64, init: scratch,
                 hyperflux: {{pruning_end: 3, gate_lr: 0.02}}}}
         grid: {{methods: [hyperflux], sparsities: [0.8], seeds: [3]}}
-        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 1}}
-    """))
+        launcher: {{executor: slurm, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 1}}
+    """)
+    )
     monkeypatch.setenv("HFBENCH_INJECT", "*:sleep@40")
     sweep = load_sweep(p)
     cfg = sweep.expand()[0]
@@ -215,8 +239,19 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
     # the uninterrupted reference, same config, in a plain process
     ref_cfg = cfg.model_copy(update={"out_dir": str(tmp_path / "ref"), "experiment": "e2e-preempt-ref"})
     uri = f"sqlite:///{tmp_path / 'ref.db'}"
-    r = subprocess.run([sys.executable, "-c", SCRIPT_ONE, json.dumps(ref_cfg.model_dump(mode='json')), uri,
-                        str(tmp_path / "ref.json")], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT_ONE,
+            json.dumps(ref_cfg.model_dump(mode="json")),
+            uri,
+            str(tmp_path / "ref.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ref = json.loads((tmp_path / "ref.json").read_text())
     assert o.result["state_digest"] == ref["state_digest"]
@@ -235,16 +270,18 @@ def test_failing_task_is_isolated_reported_and_resumed(tmp_path, betons, mlflow_
     from launchers.status import format_table, sweep_status
 
     p = tmp_path / "fail.yaml"
-    p.write_text(textwrap.dedent(f"""
+    p.write_text(
+        textwrap.dedent(f"""
         name: e2e-fail-{TAG}
         tracking_uri: {mlflow_server}
-        data_dir: {betons['train'].parent}
-        out_dir: {tmp_path / 'runs'}
+        data_dir: {betons["train"].parent}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 2, max_steps_per_epoch: 8, batch_size: 64, init: scratch}}
         grid: {{methods: [magnitude, gmp], sparsities: [0.5], seeds: [0]}}
         overrides: {{gmp: {{gmp: {{start_epoch: 0, end_epoch: 1, update_every: 2}}}}}}
-        launcher: {{executor: slurm, parallelism: 2, folder: {tmp_path / 'submitit'}, poll_s: 1}}
-    """))
+        launcher: {{executor: slurm, parallelism: 2, folder: {tmp_path / "submitit"}, poll_s: 1}}
+    """)
+    )
     sweep = load_sweep(p)
     mag, gmp = sweep.expand()
     monkeypatch.setenv("HFBENCH_INJECT", f"{gmp.run_hash()}:nan@3")

@@ -3,6 +3,7 @@ checkpoint, the MLflow server going down mid-run (and coming back, or not), two 
 overlapping grids at once, a full disk, corrupt data files. The outcome of every test here
 is summed in the "hfbench robustness report" printed at the end of a session (conftest.py)
 so the figures come from a run, not from memory."""
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,27 @@ def _env(**extra) -> dict:
 def _run_cfg(tmp_path: Path, data_dir: Path, epochs: int = 4, method: str = "magnitude", **kw) -> dict:
     from suite.config import RunConfig
 
-    return RunConfig(method=method, sparsity=0.8, epochs=epochs, max_steps_per_epoch=15, batch_size=64,
-                     data_dir=str(data_dir), out_dir=str(tmp_path / "runs"), experiment="faults",
-                     **kw).model_dump(mode="json")
+    return RunConfig(
+        method=method,
+        sparsity=0.8,
+        epochs=epochs,
+        max_steps_per_epoch=15,
+        batch_size=64,
+        data_dir=str(data_dir),
+        out_dir=str(tmp_path / "runs"),
+        experiment="faults",
+        **kw,
+    ).model_dump(mode="json")
 
 
 def _popen(cfg: dict, uri: str, result: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cfg), uri, str(result)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env))
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, json.dumps(cfg), uri, str(result)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(**env),
+    )
 
 
 def _read_until(p: subprocess.Popen, marker: str, lines: list[str], timeout: float = 600) -> None:
@@ -71,8 +85,7 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     from suite.engine import load_checkpoint, save_checkpoint
 
     path = tmp_path / "last.pt"
-    good = {"run_hash": "h", "epoch": 3, "step": 30, "model": {"w": torch.arange(5.0)}, "optimizer": {},
-            "pruner": {}}
+    good = {"run_hash": "h", "epoch": 3, "step": 30, "model": {"w": torch.arange(5.0)}, "optimizer": {}, "pruner": {}}
     save_checkpoint(good, path)
     p = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=_env())
     t0 = time.time()
@@ -167,11 +180,25 @@ class _Server:
     def start(self) -> None:
         mlflow = Path(sys.executable).with_name("mlflow")
         self.p = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'store.db'}",
-             "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-            env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+            [
+                str(mlflow),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'store.db'}",
+                "--default-artifact-root",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=open(self.root / "server.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        )
         import urllib.request
 
         t0 = time.time()
@@ -247,15 +274,25 @@ def test_mlflow_down_mid_run_buffers_and_delivers(tmp_path, betons):
         srv.start()
         c = tracking.client(srv.uri)
         assert c.get_run(res["mlflow_run_id"]).info.status == "RUNNING"  # nothing delivered yet
-        sync = subprocess.run([sys.executable, "-m", "launchers.cli", "sync", str(tmp_path / "b" / "runs")],
-                              capture_output=True, text=True, env=_env(), timeout=300)
+        sync = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", "sync", str(tmp_path / "b" / "runs")],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert sync.returncode == 0, sync.stdout + sync.stderr
         assert "1 runs delivered, 0 still pending" in sync.stdout, sync.stdout
         _assert_complete(srv.uri, res["mlflow_run_id"], 5)
         assert not (run_dir / "mlflow_spool.jsonl").exists()
         # a second sync finds nothing to send
-        again = subprocess.run([sys.executable, "-m", "launchers.cli", "sync", str(tmp_path / "b" / "runs")],
-                               capture_output=True, text=True, env=_env(), timeout=300)
+        again = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", "sync", str(tmp_path / "b" / "runs")],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert again.returncode == 0 and "0 runs delivered, 0 still pending" in again.stdout, again.stdout
         _assert_complete(srv.uri, res["mlflow_run_id"], 5)
         assert exp == c.get_run(res["mlflow_run_id"]).info.experiment_id
@@ -285,11 +322,25 @@ def test_two_sweeps_at_once_train_each_config_once(tmp_path, betons, mlflow_serv
     procs = []
     for name, sp in (("sweep-a", "[0.5, 0.8]"), ("sweep-b", "[0.8, 0.9]")):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(SWEEP.format(name=name, experiment=experiment, data=data, out=tmp_path / "runs",
-                                     sparsities=sp, folder=tmp_path / "submitit"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(path),
-                                       "--tracking-uri", mlflow_server],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+        path.write_text(
+            SWEEP.format(
+                name=name,
+                experiment=experiment,
+                data=data,
+                out=tmp_path / "runs",
+                sparsities=sp,
+                folder=tmp_path / "submitit",
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "launchers.cli", "sweep", str(path), "--tracking-uri", mlflow_server],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_env(),
+            )
+        )
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -349,7 +400,7 @@ def test_corrupt_beton_is_refused_before_anything_runs(tmp_path, betons, damage)
     if damage == "truncate":
         bad.write_bytes(raw[: len(raw) // 3])
     else:
-        bad.write_bytes(raw[:64] + os.urandom(4096) + raw[64 + 4096:])
+        bad.write_bytes(raw[:64] + os.urandom(4096) + raw[64 + 4096 :])
     _sweep_refuses(tmp_path, data, bad, "")
 
 
@@ -357,10 +408,23 @@ def _sweep_refuses(tmp_path: Path, data: Path, bad: Path, pattern: str) -> None:
     """`hfbench sweep` on that data folder exits 2 naming the bad file (and `pattern`), with no
     traceback, before creating any run or job folder."""
     path = tmp_path / "sweep.yaml"
-    path.write_text(SWEEP.format(name="bad-data", experiment="bad-data", data=data, out=tmp_path / "runs",
-                                 sparsities="[0.5]", folder=tmp_path / "submitit"))
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(path), "--tracking-uri",
-                        f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, env=_env(), timeout=300)
+    path.write_text(
+        SWEEP.format(
+            name="bad-data",
+            experiment="bad-data",
+            data=data,
+            out=tmp_path / "runs",
+            sparsities="[0.5]",
+            folder=tmp_path / "submitit",
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert str(bad) in r.stderr and pattern in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()
@@ -392,8 +456,9 @@ def test_data_file_of_the_wrong_shape_or_label_count_is_refused(tmp_path, betons
     shutil.copytree(betons["train"].parent, data)
     bad = data / "fashion_mnist_val.beton"
     bad.unlink()
-    w = subprocess.run([sys.executable, "-c", BAD_BETON, kind, str(bad)], capture_output=True, text=True,
-                       env=_env(), timeout=300)
+    w = subprocess.run(
+        [sys.executable, "-c", BAD_BETON, kind, str(bad)], capture_output=True, text=True, env=_env(), timeout=300
+    )
     assert w.returncode == 0, w.stderr[-3000:]
     _sweep_refuses(tmp_path, data, bad, pattern)
 
@@ -404,7 +469,8 @@ def test_a_poll_that_lands_on_node_fail_does_not_end_the_run(tmp_path, monkeypat
     run only when the state stays NODE_FAIL past the grace period or a final state shows up.
     (The CI run of the node-failure test once landed in that sub-second window; the sacct
     answers are scripted here to hit it every time.)"""
-    from launchers import status, sweep as sweep_mod
+    from launchers import status
+    from launchers import sweep as sweep_mod
 
     class SlurmJob:  # the two things Sweep._settled reads of a submitit job
         job_id = "42_0"
@@ -458,12 +524,20 @@ def test_a_tracking_server_that_never_answers_is_reported_naming_it(tmp_path, be
     t.start()
     uri = f"http://127.0.0.1:{srv.getsockname()[1]}"
     cfg = tmp_path / "s.yaml"
-    cfg.write_text(f"name: silent\ntracking_uri: {uri}\ndata_dir: {betons['train'].parent}\n"
-                   f"out_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1, max_steps_per_epoch: 2}}\n"
-                   f"launcher: {{executor: local, folder: {tmp_path / 'sub'}, tracking_timeout_s: 2}}\n")
+    cfg.write_text(
+        f"name: silent\ntracking_uri: {uri}\ndata_dir: {betons['train'].parent}\n"
+        f"out_dir: {tmp_path / 'runs'}\nbase: {{epochs: 1, max_steps_per_epoch: 2}}\n"
+        f"launcher: {{executor: local, folder: {tmp_path / 'sub'}, tracking_timeout_s: 2}}\n"
+    )
     try:
-        out = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)], capture_output=True, text=True,
-                             timeout=120, env=_env(), cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", "sweep", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_env(),
+            cwd=ROOT,
+        )
     finally:
         stop.set()
         t.join()
@@ -472,8 +546,9 @@ def test_a_tracking_server_that_never_answers_is_reported_naming_it(tmp_path, be
         srv.close()
     assert out.returncode == 1, out.stdout + out.stderr
     err = out.stderr.strip().splitlines()
-    assert err[-1].startswith(f"hfbench: the MLflow server at {uri} did not answer the sweep's experiment lookup "
-                              f"within 2 s"), out.stderr
+    assert err[-1].startswith(
+        f"hfbench: the MLflow server at {uri} did not answer the sweep's experiment lookup within 2 s"
+    ), out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "sub").exists() and not (tmp_path / "runs").exists()  # nothing submitted
 
@@ -522,8 +597,14 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         c = tracking.client(srv.uri)
 
         def logger():
-            return tracking.RunLogger(srv.uri, exp, cfg, spool_dir=folder, connect_s=60,
-                                      say=lambda *a, **k: said.append(" ".join(map(str, a))))
+            return tracking.RunLogger(
+                srv.uri,
+                exp,
+                cfg,
+                spool_dir=folder,
+                connect_s=60,
+                say=lambda *a, **k: said.append(" ".join(map(str, a))),
+            )
 
         # attempt 1 fails while the server is down: its error and metric wait in the spool
         a1 = logger()
@@ -583,11 +664,25 @@ def test_two_sweeps_with_different_out_dirs_train_each_hash_once(tmp_path, beton
     procs = []
     for name in ("sweep-a", "sweep-b"):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(SWEEP.format(name=name, experiment=experiment, data=data, out=tmp_path / f"runs-{name}",
-                                     sparsities="[0.5, 0.8]", folder=tmp_path / "submitit"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(path),
-                                       "--tracking-uri", mlflow_server],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+        path.write_text(
+            SWEEP.format(
+                name=name,
+                experiment=experiment,
+                data=data,
+                out=tmp_path / f"runs-{name}",
+                sparsities="[0.5, 0.8]",
+                folder=tmp_path / "submitit",
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "launchers.cli", "sweep", str(path), "--tracking-uri", mlflow_server],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_env(),
+            )
+        )
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -621,20 +716,27 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons, sigin
 
     data = betons["train"].parent
     path = tmp_path / "term.yaml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         name: term
         experiment: term-{uuid.uuid4().hex[:8]}
-        tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+        tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
         data_dir: {data}
-        out_dir: {tmp_path / 'runs'}
+        out_dir: {tmp_path / "runs"}
         base: {{model: fmnist_cnn, epochs: 3, max_steps_per_epoch: 200, batch_size: 32, init: scratch}}
         grid: {{methods: [dense], sparsities: [0.5], seeds: [0]}}
-        launcher: {{executor: local, parallelism: 1, folder: {tmp_path / 'submitit'}, poll_s: 0.5}}
-    """))
+        launcher: {{executor: local, parallelism: 1, folder: {tmp_path / "submitit"}, poll_s: 0.5}}
+    """)
+    )
     ign = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
-    p = subprocess.Popen([sys.executable, "-m", "launchers.cli", "sweep", str(path)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=_env(HFBENCH_INJECT="*:sleep@100"),
-                         preexec_fn=ign)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "launchers.cli", "sweep", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(HFBENCH_INJECT="*:sleep@100"),
+        preexec_fn=ign,
+    )
     lines: list[str] = []
     _read_until(p, "running: dense", lines)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -651,8 +753,11 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons, sigin
     assert "Traceback" not in out, out[-3000:]
     msg = [ln for ln in out.splitlines() if ln.startswith("hfbench: sweep term interrupted")]
     assert len(msg) == 1 and "cancelled 1 running: fmnist_cnn-dense-s0 (job " in msg[0] and "(SIGTERM)" in msg[0], out
-    pids = [ln.split()[0] for ln in subprocess.run(["pgrep", "-af", "submitit"], capture_output=True,
-                                                   text=True).stdout.splitlines() if str(tmp_path) in ln]
+    pids = [
+        ln.split()[0]
+        for ln in subprocess.run(["pgrep", "-af", "submitit"], capture_output=True, text=True).stdout.splitlines()
+        if str(tmp_path) in ln
+    ]
     t0 = time.time()
     while pids and time.time() - t0 < 30:  # the cancelled task exits on its own signal
         time.sleep(0.5)
@@ -731,14 +836,19 @@ def test_status_and_report_name_a_silent_server_instead_of_hanging(tmp_path):
     MLflow's retries and end in a traceback; like the sweep, they now say so in one line."""
     port = _free_port()  # nothing listens there
     cfg = tmp_path / "s.yaml"
-    cfg.write_text(f"name: s\ntracking_uri: http://127.0.0.1:{port}\nout_dir: {tmp_path}/runs\n"
-                   f"base: {{model: fmnist_cnn, epochs: 1}}\ngrid: {{methods: [magnitude], sparsities: [0.5]}}\n"
-                   f"launcher: {{folder: {tmp_path}/sub}}\n")
-    for args in (["status", str(cfg)], ["report", "--experiment", "s", "--out", str(tmp_path / "r"),
-                                        "--tracking-uri", f"http://127.0.0.1:{port}"]):
+    cfg.write_text(
+        f"name: s\ntracking_uri: http://127.0.0.1:{port}\nout_dir: {tmp_path}/runs\n"
+        f"base: {{model: fmnist_cnn, epochs: 1}}\ngrid: {{methods: [magnitude], sparsities: [0.5]}}\n"
+        f"launcher: {{folder: {tmp_path}/sub}}\n"
+    )
+    for args in (
+        ["status", str(cfg)],
+        ["report", "--experiment", "s", "--out", str(tmp_path / "r"), "--tracking-uri", f"http://127.0.0.1:{port}"],
+    ):
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "launchers.cli", *args], capture_output=True, text=True, env=_env(),
-                           timeout=200)
+        r = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", *args], capture_output=True, text=True, env=_env(), timeout=200
+        )
         assert r.returncode == 1 and time.time() - t0 < 120, (args, r.stderr[-1500:])
         assert r.stderr.count("\n") == 1 and f"127.0.0.1:{port} did not answer" in r.stderr, r.stderr[-1500:]
 
@@ -772,12 +882,20 @@ def test_a_claim_whose_process_is_gone_from_this_host_is_taken_over(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     exp = tracking.ensure_experiment(uri, "claims")
     c = tracking.client(uri)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid that has exited
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a pid that has exited
     holder = c.create_run(exp).info.run_id  # RUNNING for good
-    c.create_registered_model(f"hfbench-claim-{exp}-abc123", tags={
-        "owner": str(tmp_path / "a"), "host": socket.gethostname(), "pid": dead, "since": str(time.time()),
-        "run_id": holder})
+    c.create_registered_model(
+        f"hfbench-claim-{exp}-abc123",
+        tags={
+            "owner": str(tmp_path / "a"),
+            "host": socket.gethostname(),
+            "pid": dead,
+            "since": str(time.time()),
+            "run_id": holder,
+        },
+    )
     claim = tracking.Claim(uri, exp, "abc123", owner=str(tmp_path / "b"), say=lambda *a, **k: None, poll_s=0.1)
     t0 = time.time()
     assert claim.acquire() is None and claim.held and time.time() - t0 < 30
@@ -786,6 +904,7 @@ def test_a_claim_whose_process_is_gone_from_this_host_is_taken_over(tmp_path):
     c.set_registered_model_tag(f"hfbench-claim-{exp}-abc123", "pid", str(os.getpid()))
     other = tracking.Claim(uri, exp, "abc123", owner=str(tmp_path / "c"), say=lambda *a, **k: None, poll_s=0.1)
     import threading
+
     box = {}
     t = threading.Thread(target=lambda: box.update(r=other.acquire()), daemon=True)
     t.start()
@@ -816,10 +935,17 @@ def _train_one(tmp_path, betons, fields: str, experiment: str):
     tmp_path) in its own process: (the finished process, the tracking URI)."""
     cfg = tmp_path / "run.yaml"
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    cfg.write_text(fields + f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\n"
-                   f"tracking_uri: {uri}\nexperiment: {experiment}\n")
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "train", str(cfg)], capture_output=True, text=True,
-                       env=_env(), timeout=300)
+    cfg.write_text(
+        fields + f"data_dir: {betons['train'].parent}\nout_dir: {tmp_path / 'runs'}\n"
+        f"tracking_uri: {uri}\nexperiment: {experiment}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     return r, uri
 
 
@@ -829,10 +955,12 @@ def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, 
     batch_size, and its MLflow run is FAILED with that reason."""
     from suite import tracking
 
-    r, uri = _train_one(tmp_path, betons, "method: dense\nepochs: 1\nbatch_size: 60000\nmax_steps_per_epoch: 2\n",
-                        "big-batch")
-    assert r.returncode != 0 and "batch_size 60000 x 1 ranks is larger than the training set" in r.stderr, \
-        r.stderr[-2000:]
+    r, uri = _train_one(
+        tmp_path, betons, "method: dense\nepochs: 1\nbatch_size: 60000\nmax_steps_per_epoch: 2\n", "big-batch"
+    )
+    assert r.returncode != 0 and "batch_size 60000 x 1 ranks is larger than the training set" in r.stderr, r.stderr[
+        -2000:
+    ]
     (run,) = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("big-batch").experiment_id])
     assert run.info.status == "FAILED" and "batch_size 60000" in run.data.tags["hfbench.error"]
 
@@ -843,8 +971,12 @@ def test_a_snap_in_the_last_epoch_is_what_the_run_records(tmp_path, betons):
     weights were 5 % sparse). The ruler now reads the mask again after the epoch's end."""
     from suite import tracking
 
-    r, uri = _train_one(tmp_path, betons, "method: l0\nmodel: lenet300\nsparsity: 0.05\nepochs: 1\n"
-                        "max_steps_per_epoch: 2\n", "snap-last")
+    r, uri = _train_one(
+        tmp_path,
+        betons,
+        "method: l0\nmodel: lenet300\nsparsity: 0.05\nepochs: 1\nmax_steps_per_epoch: 2\n",
+        "snap-last",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     c = tracking.client(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("snap-last").experiment_id])
@@ -866,23 +998,23 @@ def test_a_rank_told_of_the_stop_by_the_others_hands_over_to_the_handler_it_repl
     found none and ended the job as failed instead of requeued (found by the two-node test)."""
     import signal
 
-    from suite import engine
+    from suite import preemption
 
     calls = []
     before = signal.getsignal(signal.SIGUSR2)
-    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in engine._STOP.items()}
+    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in preemption._STOP.items()}
     try:
         signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
-        engine.install_stop_handler()
-        engine.install_stop_handler()  # twice in one process (the debug executor): still the original
-        assert engine._STOP["signum"] is None  # this rank received nothing
-        with pytest.raises(engine.Preempted):
-            engine._hand_over(rank=0)
+        preemption.install_stop_handler()
+        preemption.install_stop_handler()  # twice in one process (the debug executor): still the original
+        assert preemption._STOP["signum"] is None  # this rank received nothing
+        with pytest.raises(preemption.Preempted):
+            preemption.hand_over(rank=0)
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, before)
-        engine._STOP.clear()
-        engine._STOP.update(saved)
+        preemption._STOP.clear()
+        preemption._STOP.update(saved)
 
 
 def test_a_failed_attempt_resumed_to_the_end_leaves_no_error_on_the_finished_run(tmp_path, betons):

@@ -1,5 +1,6 @@
 """Flux statistics, regrowth, the Taylor criterion, the reference-code quirks and the Neural
 Pruning Law fit, on tiny tensors with values worked out by hand."""
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ def test_flux_statistics_on_hand_computed_layer():
     p.mask.copy_(torch.tensor([[1.0, 0.0]]))
     layers = [("lin", lin)]
     parts = flux.flux_and_grad(lin, layers, torch.ones(1, 2), torch.zeros(1, 1), _half_mse)
-    (w, g, act), = parts
+    ((w, g, act),) = parts
     assert g.tolist() == [[2.0, 2.0]] and act.tolist() == [[True, False]] and w.tolist() == [[2.0, 3.0]]
     st = flux.statistics(parts)
     assert st["flux_active_min"] == -4.0
@@ -57,8 +58,9 @@ def test_flux_quantiles_match_numpy_and_probe_leaves_training_state():
     loss = nn.CrossEntropyLoss()(h @ effs[1].T + model[3].bias, y)
     grads = torch.autograd.grad(loss, effs)
     model.train()
-    phi = np.concatenate([(-(masks.stored_weight(m) * g)).detach().reshape(-1).numpy()
-                          for (_, m), g in zip(layers, grads)])
+    phi = np.concatenate(
+        [(-(masks.stored_weight(m) * g)).detach().reshape(-1).numpy() for (_, m), g in zip(layers, grads)]
+    )
     act = np.concatenate([(m.weight != 0).reshape(-1).numpy() for _, m in layers])
     st = flux.statistics(parts)
     for q in (5, 25, 50, 75, 95):
@@ -69,8 +71,12 @@ def test_flux_quantiles_match_numpy_and_probe_leaves_training_state():
 
 def _hyperflux_linear(target_w1_sign: float, gate1: float, gamma: float):
     """Linear(2 -> 1) with gates; the data need w1 * target_w1_sign; weight 1 starts pruned."""
-    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=6,
-                    hyperflux={"pruning_end": 5, "gate_lr": 0.05, "schedule": "fixed", "fixed_gamma": max(gamma, 1e-9)})
+    cfg = RunConfig(
+        method="hyperflux",
+        sparsity=0.5,
+        epochs=6,
+        hyperflux={"pruning_end": 5, "gate_lr": 0.05, "schedule": "fixed", "fixed_gamma": max(gamma, 1e-9)},
+    )
     lin = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
@@ -80,8 +86,15 @@ def _hyperflux_linear(target_w1_sign: float, gate1: float, gamma: float):
     pruner.gamma = gamma
     with torch.no_grad():
         pruner.params[0].gate.copy_(torch.tensor([[0.3, gate1]]))
-    opt = WeightsAndGates([{"params": [masks.stored_weight(lin)]}], pruner.gate_parameters(), lr=0.0,
-                          momentum=0.9, weight_decay=0.0, nesterov=False, gate_lr=0.05)
+    opt = WeightsAndGates(
+        [{"params": [masks.stored_weight(lin)]}],
+        pruner.gate_parameters(),
+        lr=0.0,
+        momentum=0.9,
+        weight_decay=0.0,
+        nesterov=False,
+        gate_lr=0.05,
+    )
     gen = torch.Generator().manual_seed(0)
 
     def step():
@@ -92,6 +105,7 @@ def _hyperflux_linear(target_w1_sign: float, gate1: float, gamma: float):
         opt.zero_grad()
         (loss + extra if extra is not None else loss).backward()
         opt.step()
+
     return lin, layers, step
 
 
@@ -100,7 +114,7 @@ def test_pruned_weight_with_positive_flux_regrows_after_pressure_drops():
     before = sparsity.active(layers)
     assert before[0].tolist() == [[True, False]]
     # its flux: removing it costs, so phi > 0 (and the gate's gradient 0.25 * w * G < 0)
-    (w, g, _), = flux.flux_and_grad(lin, layers, torch.eye(2), torch.tensor([[1.0], [1.0]]), _half_mse)
+    ((w, g, _),) = flux.flux_and_grad(lin, layers, torch.eye(2), torch.tensor([[1.0], [1.0]]), _half_mse)
     assert float(-(w * g)[0, 1]) > 0
     for _ in range(20):
         step()
@@ -127,8 +141,12 @@ def test_pruned_weight_with_negative_flux_stays_pruned_and_pressure_prunes():
 def test_gmp_taylor_ranks_by_w_times_grad_not_magnitude():
     # |w| = [3, 1, 2], inputs scale the gradients by [0.01, 5, 1]: |w * G| = 7.03 * [0.03, 5, 2]
     def prune(criterion):
-        cfg = RunConfig(method="gmp", sparsity=1 / 3, epochs=1,
-                        gmp={"start_epoch": 0, "end_epoch": 1, "update_every": 1, "criterion": criterion})
+        cfg = RunConfig(
+            method="gmp",
+            sparsity=1 / 3,
+            epochs=1,
+            gmp={"start_epoch": 0, "end_epoch": 1, "update_every": 1, "criterion": criterion},
+        )
         lin = nn.Linear(3, 1, bias=False)
         with torch.no_grad():
             lin.weight.copy_(torch.tensor([[3.0, 1.0, 2.0]]))
@@ -149,8 +167,9 @@ def test_gmp_taylor_ranks_by_w_times_grad_not_magnitude():
 def test_quirks_are_off_by_default_and_do_what_they_say():
     assert RunConfig(method="hyperflux", sparsity=0.5).hyperflux.quirks == []
     for quirks, bn_frozen, extra_epoch in (([], False, False), (["frozen_bn_scale", "phase_off_by_one"], True, True)):
-        cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=6,
-                        hyperflux={"pruning_end": 3, "step": 0.2, "quirks": quirks})
+        cfg = RunConfig(
+            method="hyperflux", sparsity=0.5, epochs=6, hyperflux={"pruning_end": 3, "step": 0.2, "quirks": quirks}
+        )
         model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(18, 2))
         pr = get_pruner("hyperflux")(cfg, [("0", model[0]), ("3", model[3])], steps_per_epoch=1)
         pr.attach(model)
@@ -164,14 +183,14 @@ def test_quirks_are_off_by_default_and_do_what_they_say():
 
 
 def test_fit_npl_recovers_a_planted_power_law(tmp_path, capsys):
-    from suite import tracking
     from launchers.cli import main
+    from suite import tracking
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     exp = tracking.ensure_experiment(uri, "npl")
     c = tracking.client(uri)
     alpha, c0 = 1.5, 0.002
-    for i, variant in enumerate(["gmp", "gmp-taylor"]):
+    for variant in ["gmp", "gmp-taylor"]:
         run = c.create_run(exp, tags={"hfbench.variant": variant, "hfbench.method": "gmp"})
         for step, s in enumerate(np.geomspace(0.02, 0.5, 12), start=1):
             d = c0 * s ** (-alpha) * (1 + 0.01 * math.sin(step))  # a little noise

@@ -1,4 +1,5 @@
 """Hyperflux math: gate gradients, target trajectory, controller, phases."""
+
 import math
 
 import pytest
@@ -32,8 +33,11 @@ def test_gate_gradient_is_quarter_flux_plus_pressure():
     # reference: CE gradient with respect to the effective weights, computed separately
     eff = [mod.weight.detach().clone().requires_grad_(True) for _, mod in layers]
     ce_ref = nn.functional.cross_entropy(
-        nn.functional.linear(torch.relu(nn.functional.conv2d(x, eff[0], layers[0][1].bias)).flatten(1), eff[1],
-                             layers[1][1].bias), y)
+        nn.functional.linear(
+            torch.relu(nn.functional.conv2d(x, eff[0], layers[0][1].bias)).flatten(1), eff[1], layers[1][1].bias
+        ),
+        y,
+    )
     G = torch.autograd.grad(ce_ref, eff)
 
     assert hf.loss_term() is None  # the pressure gradient is added in the gates' backward
@@ -76,7 +80,7 @@ def test_unreachable_target_is_rejected():
 def test_controller_inertia_and_gamma_power():
     s = PressureScheduler(0.9, 10, 0.2)
     s.update(1, 100.0)  # above target: g = 0.2, I+ = 0.05
-    assert s.g == pytest.approx(0.2) and s.gamma == pytest.approx(0.2 ** 1.5)
+    assert s.g == pytest.approx(0.2) and s.gamma == pytest.approx(0.2**1.5)
     s.update(2, 100.0)  # g += 0.2 + 0.05
     assert s.g == pytest.approx(0.45)
     s.update(3, 0.0)  # below: g -= 0.2 + I- (0), inertia up reset
@@ -87,8 +91,13 @@ def test_controller_inertia_and_gamma_power():
 
 def test_phases_learning_rates_and_pressure_switch_off():
     model = _tiny()
-    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=6, lr=0.1,
-                    hyperflux={"pruning_end": 3, "decay": 0.5, "reset_scaler": 2.0, "freeze_gates_after": 2})
+    cfg = RunConfig(
+        method="hyperflux",
+        sparsity=0.5,
+        epochs=6,
+        lr=0.1,
+        hyperflux={"pruning_end": 3, "decay": 0.5, "reset_scaler": 2.0, "freeze_gates_after": 2},
+    )
     hf = Hyperflux(cfg, prunable_layers(model, "conv_linear"), 1)
     assert hf.lrs(1) == (pytest.approx(0.1), 1e-3)
     assert hf.lrs(4) == (pytest.approx(1e-3), pytest.approx(2e-3))  # regrowth: reset LRs
@@ -136,10 +145,23 @@ REFERENCE_OFF_BY_ONE_P4_E8 = [
 
 def _replay(quirks):
     model = _tiny()
-    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=8, lr=0.1,
-                    hyperflux={"pruning_end": 4, "step": 0.2, "end_lr_pruning": 0.1 / 30, "reset_lr": 1e-3,
-                               "end_lr_regrowth": 1e-4, "gate_lr": 1e-3, "decay": 0.75, "reset_scaler": 1.0,
-                               "quirks": quirks})
+    cfg = RunConfig(
+        method="hyperflux",
+        sparsity=0.5,
+        epochs=8,
+        lr=0.1,
+        hyperflux={
+            "pruning_end": 4,
+            "step": 0.2,
+            "end_lr_pruning": 0.1 / 30,
+            "reset_lr": 1e-3,
+            "end_lr_regrowth": 1e-4,
+            "gate_lr": 1e-3,
+            "decay": 0.75,
+            "reset_scaler": 1.0,
+            "quirks": quirks,
+        },
+    )
     hf = Hyperflux(cfg, prunable_layers(model, "conv_linear"), 1)
     hf.attach(model)
     rows = []
@@ -152,8 +174,12 @@ def _replay(quirks):
 
 def test_phase_off_by_one_quirk_replays_the_reference_schedule():
     for (e, gamma, w_lr, g_lr), want in zip(_replay(["phase_off_by_one"]), REFERENCE_OFF_BY_ONE_P4_E8):
-        assert (e, gamma, w_lr, g_lr) == (want[0], pytest.approx(want[1], rel=1e-5, abs=1e-12),
-                                          pytest.approx(want[2], rel=1e-5), pytest.approx(want[3], rel=1e-9)), e
+        assert (e, gamma, w_lr, g_lr) == (
+            want[0],
+            pytest.approx(want[1], rel=1e-5, abs=1e-12),
+            pytest.approx(want[2], rel=1e-5),
+            pytest.approx(want[3], rel=1e-9),
+        ), e
 
 
 def test_default_boundary_regrowth_starts_at_p_plus_one():
@@ -162,11 +188,13 @@ def test_default_boundary_regrowth_starts_at_p_plus_one():
     exactly at epochs 5 (P + 1) and after."""
     got = _replay([])
     ref = REFERENCE_OFF_BY_ONE_P4_E8
-    assert got[:4] == [(e, pytest.approx(g, rel=1e-5, abs=1e-12), pytest.approx(w, rel=1e-5), pytest.approx(gl))
-                       for e, g, w, gl in ref[:4]]
+    assert got[:4] == [
+        (e, pytest.approx(g, rel=1e-5, abs=1e-12), pytest.approx(w, rel=1e-5), pytest.approx(gl))
+        for e, g, w, gl in ref[:4]
+    ]
     e, gamma, w_lr, g_lr = got[4]
     assert gamma == 0.0 and w_lr == pytest.approx(1e-3) and g_lr == pytest.approx(1e-3)
-    for (e, gamma, w_lr, g_lr), (_, _, rw, rg) in zip(got[5:], ref[5:]):  # regrowth epoch j = e - P - 1
+    for (_, gamma, w_lr, g_lr), (_, _, rw, rg) in zip(got[5:], ref[5:]):  # regrowth epoch j = e - P - 1
         assert gamma == 0.0 and w_lr == pytest.approx(rw, rel=1e-5) and g_lr == pytest.approx(rg)
 
 
@@ -178,8 +206,12 @@ def test_snap_at_the_gate_freeze_meets_the_target_with_the_gates_own_ranking():
     is left alone."""
     model = _tiny()
     layers = prunable_layers(model, "conv_linear")
-    cfg = RunConfig(method="hyperflux", sparsity=0.6, epochs=6,
-                    hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0})
+    cfg = RunConfig(
+        method="hyperflux",
+        sparsity=0.6,
+        epochs=6,
+        hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0},
+    )
     hf = Hyperflux(cfg, layers, 1)
     hf.attach(model)
     g = torch.Generator().manual_seed(3)
@@ -206,8 +238,12 @@ def test_snap_at_the_gate_freeze_meets_the_target_with_the_gates_own_ranking():
     d = sparsity.density(layers)
     assert far.end_epoch(5, d)["snap_pp"] == 0.0 and sparsity.density(layers) == d
     with pytest.raises(ValueError, match="snap_pp"):  # the freeze must leave epochs to train after it
-        RunConfig(method="hyperflux", sparsity=0.6, epochs=5,
-                  hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0})
+        RunConfig(
+            method="hyperflux",
+            sparsity=0.6,
+            epochs=5,
+            hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0},
+        )
 
 
 def test_snap_works_for_every_pressure_schedule_and_waits_for_the_quirks_extra_epoch():
@@ -217,9 +253,12 @@ def test_snap_works_for_every_pressure_schedule_and_waits_for_the_quirks_extra_e
 
     model = _tiny()
     layers = prunable_layers(model, "conv_linear")
-    cfg = RunConfig(method="hyperflux", sparsity=0.6, epochs=6,
-                    hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0, "schedule": "fixed",
-                               "fixed_gamma": 0.1})
+    cfg = RunConfig(
+        method="hyperflux",
+        sparsity=0.6,
+        epochs=6,
+        hyperflux={"pruning_end": 3, "freeze_gates_after": 2, "snap_pp": 5.0, "schedule": "fixed", "fixed_gamma": 0.1},
+    )
     hf = Hyperflux(cfg, layers, 1)
     hf.attach(model)
     g = torch.Generator().manual_seed(3)
@@ -231,15 +270,22 @@ def test_snap_works_for_every_pressure_schedule_and_waits_for_the_quirks_extra_e
     n = sum(p.gate.numel() for p in hf.params)
     out = hf.end_epoch(5, sparsity.density(layers))
     assert "snap_pp" in out and abs(sparsity.sparsity(layers) - 0.6) <= 1.0 / n
-    h = RunConfig(method="hyperflux", sparsity=0.6, epochs=6,
-                  hyperflux={"pruning_end": 3, "freeze_gates_after": 0, "snap_pp": 5.0,
-                             "quirks": ["phase_off_by_one"]}).hyperflux
+    h = RunConfig(
+        method="hyperflux",
+        sparsity=0.6,
+        epochs=6,
+        hyperflux={"pruning_end": 3, "freeze_gates_after": 0, "snap_pp": 5.0, "quirks": ["phase_off_by_one"]},
+    ).hyperflux
     assert snap_epoch(h) == 4  # epoch P + 1 still trains the gates under the quirk
     with pytest.raises(ValueError, match="snap_pp"):
-        RunConfig(method="hyperflux", sparsity=0.6, epochs=4,
-                  hyperflux={"pruning_end": 3, "freeze_gates_after": 0, "snap_pp": 5.0, "quirks": ["phase_off_by_one"]})
+        RunConfig(
+            method="hyperflux",
+            sparsity=0.6,
+            epochs=4,
+            hyperflux={"pruning_end": 3, "freeze_gates_after": 0, "snap_pp": 5.0, "quirks": ["phase_off_by_one"]},
+        )
     # a smoke scale keeps the snap before the last epoch (the fair protocol at --scale 0.1 was refused)
-    from suite.config import load_sweep
+    from suite.sweeps import load_sweep
 
     runs = load_sweep("configs/fmnist_fair.yaml", {"scale.epochs": 0.1}).expand()
     for r in runs:

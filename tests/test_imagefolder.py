@@ -4,6 +4,7 @@ Small generated data only (a few hundred JPEGs of 40..300 px, fake CIFAR pickles
 real layout). Writers run in child processes; tests that iterate FFCV loaders or spawn
 writers carry a timeout, so a hang fails instead of blocking the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ def _collect(loader):
         xs.append(x)
         ys.append(y)
     import torch
+
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -46,8 +48,7 @@ def folder(tmp_path_factory):
     train = bench.make_jpeg_tree(base / "train", classes=10, per_class=30, seed=0, min_side=40, max_side=300)
     val = bench.make_jpeg_tree(base / "val", classes=10, per_class=4, seed=1, min_side=40, max_side=300)
     out = base / "out"
-    paths = I.write_imagefolder(out, train, val, name="tree", max_side=128, workers=2, progress=False,
-                                timeout=300)
+    paths = I.write_imagefolder(out, train, val, name="tree", max_side=128, workers=2, progress=False, timeout=300)
     return {"train": train, "val": val, "out": out, "paths": paths}
 
 
@@ -71,9 +72,11 @@ def test_imagefolder_meta_and_check(folder):
 @TIMEOUT
 def test_imagefolder_loaders_labels_and_shapes(folder):
     import torch
+
     want = _tree_labels(folder["train"])
-    train = I.make_image_loader(folder["paths"]["train"], 32, train=True, seed=0, drop_last=False,
-                                recipe="imagenet", crop_size=64)
+    train = I.make_image_loader(
+        folder["paths"]["train"], 32, train=True, seed=0, drop_last=False, recipe="imagenet", crop_size=64
+    )
     x, y = _collect(train)
     assert x.shape == (300, 3, 64, 64) and x.dtype == torch.float32 and x.is_contiguous()
     assert Counter(y.tolist()) == Counter(want)
@@ -83,8 +86,9 @@ def test_imagefolder_loaders_labels_and_shapes(folder):
     val = I.make_image_loader(folder["paths"]["val"], 16, train=False, recipe="imagenet", crop_size=56)
     xv, yv = _collect(val)
     assert xv.shape == (40, 3, 56, 56) and yv.tolist() == _tree_labels(folder["val"])
-    raw = I.make_image_loader(folder["paths"]["val"], 16, train=False, recipe="imagenet", crop_size=56, raw=True,
-                              channels_last=True)
+    raw = I.make_image_loader(
+        folder["paths"]["val"], 16, train=False, recipe="imagenet", crop_size=56, raw=True, channels_last=True
+    )
     xr, _ = _collect(raw)
     assert xr.dtype == torch.uint8 and xr.shape == (40, 3, 56, 56)
     assert xr.is_contiguous(memory_format=torch.channels_last)
@@ -135,8 +139,9 @@ def test_one_corrupt_file_among_300_is_named(folder, tmp_path):
         I.write_imagefolder(out, tree, name="big", max_side=128, workers=2, progress=False, timeout=300)
     assert str(victim) in str(e.value) and "1 unreadable" in str(e.value)
     assert not (out / "big_train.beton").exists()
-    paths = I.write_imagefolder(out, tree, name="big", max_side=128, workers=2, progress=False, skip_bad=True,
-                                timeout=300)
+    paths = I.write_imagefolder(
+        out, tree, name="big", max_side=128, workers=2, progress=False, skip_bad=True, timeout=300
+    )
     entry = json.loads(paths["meta"].read_text())["files"]["train"]
     assert entry["count"] == 299 and [s["path"] for s in entry["skipped"]] == [str(victim)]
     assert entry["label_counts"] == {f"n{c:08d}": 29 if c == 7 else 30 for c in range(10)}
@@ -147,6 +152,7 @@ def test_ffcv_import_leaves_numba_typed_dict_alone():
     use, a table read from Python, costs ~7 s of compilation per process); afterwards numba's
     own Dict is back in place."""
     import numba.typed
+
     from suite.data import _import_ffcv
 
     _import_ffcv()
@@ -164,8 +170,9 @@ def test_interrupted_write_then_rerun(folder, tmp_path):
 
     def run():
         try:
-            I.write_imagefolder(out, folder["train"], folder["val"], name="k", max_side=128, workers=2,
-                                progress=False, timeout=300)
+            I.write_imagefolder(
+                out, folder["train"], folder["val"], name="k", max_side=128, workers=2, progress=False, timeout=300
+            )
         except BaseException as e:  # noqa: BLE001
             err.append(e)
 
@@ -189,8 +196,9 @@ def test_interrupted_write_then_rerun(folder, tmp_path):
         assert not (out / "k_train.beton").exists() and not (out / "k_val.beton").exists()
         assert not list(out.glob(".*.tmp-*"))
         assert json.loads((out / "k_meta.json").read_text())["files"] == {}
-    paths = I.write_imagefolder(out, folder["train"], folder["val"], name="k", max_side=128, workers=2,
-                                progress=False, timeout=300)
+    paths = I.write_imagefolder(
+        out, folder["train"], folder["val"], name="k", max_side=128, workers=2, progress=False, timeout=300
+    )
     assert I.check_split_file(paths["train"], 10, "k")["num_samples"] == 300
 
     # a stale temporary of a dead writer + a val file cut short: val is redone, train kept
@@ -201,8 +209,9 @@ def test_interrupted_write_then_rerun(folder, tmp_path):
     paths["val"].write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="k_val.beton"):
         I.check_split_file(paths["val"], 10, "k")
-    I.write_imagefolder(out, folder["train"], folder["val"], name="k", max_side=128, workers=2, progress=False,
-                        timeout=300)
+    I.write_imagefolder(
+        out, folder["train"], folder["val"], name="k", max_side=128, workers=2, progress=False, timeout=300
+    )
     assert not stale.exists()
     assert paths["train"].stat().st_ino == train_stat.st_ino and paths["train"].stat().st_mtime == train_stat.st_mtime
     assert I.check_split_file(paths["val"], 10, "k")["num_samples"] == 40
@@ -220,8 +229,7 @@ def _fake_cifar(root: Path, dataset: str, n_batch: int = 20, n_test: int = 30, s
         x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         y = rng.integers(0, lay.classes, size=n).tolist()
         with open(d / fn, "wb") as f:
-            pickle.dump({b"batch_label": fn.encode(), b"data": x, lay.label_key: y,
-                         b"filenames": [b"x.png"] * n}, f)
+            pickle.dump({b"batch_label": fn.encode(), b"data": x, lay.label_key: y, b"filenames": [b"x.png"] * n}, f)
         arrays[fn] = (x, np.asarray(y))
     with open(d / lay.meta, "wb") as f:
         pickle.dump({lay.names_key: [f"class{i}".encode() for i in range(lay.classes)]}, f)
@@ -231,6 +239,7 @@ def _fake_cifar(root: Path, dataset: str, n_batch: int = 20, n_test: int = 30, s
 @TIMEOUT
 def test_cifar10_round_trip_exact(tmp_path):
     import torch
+
     arrays = _fake_cifar(tmp_path / "src", "cifar10")
     paths = I.write_cifar("cifar10", tmp_path / "src", tmp_path / "data", val_size=10, workers=1, progress=False)
     meta = json.loads(paths["meta"].read_text())
@@ -289,8 +298,11 @@ def test_registry_entries():
     for name, k in (("cifar10", 10), ("cifar100", 100)):
         s, f = datasets.get(name), datasets.get(f"{name}_full")
         assert (f.num_classes, f.input_shape) == (s.num_classes, s.input_shape) == (k, (3, 32, 32))
-        assert f.files == {"train": f"{name}_full_train.beton", "val": f"{name}_full_test.beton",
-                           "test": f"{name}_full_test.beton"}
+        assert f.files == {
+            "train": f"{name}_full_train.beton",
+            "val": f"{name}_full_test.beton",
+            "test": f"{name}_full_test.beton",
+        }
         assert f.make_command.endswith("--val-size 0") and f"hfbench data {name} " in f.make_command
         assert RunConfig(dataset=f"{name}_full", model="cifar_resnet50").dataset == f"{name}_full"
 
@@ -317,8 +329,9 @@ def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
     first with the cifar10 recipe and reads the second as val and test, through the sweep's
     data check and the engine's loaders."""
     import torch
+
+    from launchers import cli
     from launchers.sweep import ensure_data
-    from suite import cli
     from suite.config import RunConfig
     from suite.engine import make_loaders
 
@@ -327,12 +340,19 @@ def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
     cfg = RunConfig(dataset="cifar10_full", model="cifar_resnet50", data_dir=str(data), batch_size=20)
     with pytest.raises(FileNotFoundError, match="cifar10_full_train.beton.*--val-size 0"):
         ensure_data([cfg], build=False)
-    assert cli.main(["data", "cifar10", "--src", str(tmp_path / "src"), "--out", str(data), "--val-size", "0",
-                     "--workers", "1"]) == 0
+    assert (
+        cli.main(
+            ["data", "cifar10", "--src", str(tmp_path / "src"), "--out", str(data), "--val-size", "0", "--workers", "1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"train: {data / 'cifar10_full_train.beton'} (100 images)" in out and "dataset: cifar10_full" in out
     assert sorted(p.name for p in data.iterdir() if not p.name.startswith(".")) == [
-        "cifar10_full_meta.json", "cifar10_full_test.beton", "cifar10_full_train.beton"]
+        "cifar10_full_meta.json",
+        "cifar10_full_test.beton",
+        "cifar10_full_train.beton",
+    ]
     meta = json.loads((data / "cifar10_full_meta.json").read_text())
     assert meta["settings"]["val_size"] == 0 and meta["settings"]["split_seed"] is None
     assert {s: e["count"] for s, e in meta["files"].items()} == {"train": 100, "test": 30}
@@ -371,8 +391,11 @@ def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
     bad = json.loads(good)
     bad["source_counts"]["train"] = 50000
     mpath.write_text(json.dumps(bad))
-    with pytest.raises(DataError, match=r"cifar10_full_train.beton: 100 images, the train split of the source "
-                                        r"has 50000"):
+    with pytest.raises(
+        DataError,
+        match=r"cifar10_full_train.beton: 100 images, the train split of the source "
+        r"has 50000",
+    ):
         spec.validate(data)
     bad = json.loads(good)
     bad["settings"]["val_size"] = 10
@@ -388,15 +411,22 @@ def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
 
 @TIMEOUT
 def test_cifar100_full_and_bad_val_size(tmp_path, capsys):
-    from suite import cli
+    from launchers import cli
 
     arrays = _fake_cifar(tmp_path / "src", "cifar100", n_batch=12, n_test=5)
     for bad in (-1, 12, 2.5):
-        with pytest.raises(ValueError, match=rf"val_size must be an int in 0\.\.11 \(0: no val split, train on all "
-                                             rf"12 training images\), got {bad}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"val_size must be an int in 0\.\.11 \(0: no val split, train on all "
+            rf"12 training images\), got {bad}",
+        ):
             I.write_cifar("cifar100", tmp_path / "src", tmp_path / "data", val_size=bad, progress=False)
-    assert cli.main(["data", "cifar100", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "data"),
-                     "--val-size", "-3"]) == 2  # refused by name, before any file is read
+    assert (
+        cli.main(
+            ["data", "cifar100", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--val-size", "-3"]
+        )
+        == 2
+    )  # refused by name, before any file is read
     assert "--val-size must be >= 0, got -3" in capsys.readouterr().err
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
     paths = I.write_cifar("cifar100", tmp_path / "src", tmp_path / "data", val_size=0, workers=1, progress=False)
@@ -411,4 +441,7 @@ def test_cifar100_full_and_bad_val_size(tmp_path, capsys):
     assert ld.recipe is I.RECIPES["cifar100"] and _collect(ld)[1].tolist() == arrays["test"][1].tolist()
     # the held-out dataset is another set of files
     assert [p.name for p in datasets.get("cifar100").missing(tmp_path / "data")] == [
-        "cifar100_train.beton", "cifar100_val.beton", "cifar100_test.beton"]
+        "cifar100_train.beton",
+        "cifar100_val.beton",
+        "cifar100_test.beton",
+    ]

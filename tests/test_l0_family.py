@@ -1,4 +1,5 @@
 """Hard-concrete L0, STR, Continuous Sparsification and the knob controller."""
+
 import itertools
 import math
 
@@ -6,14 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from baselines.continuous_sparsification import ContinuousSparsification, CSMask
+from baselines.hard_concrete import HardConcreteGate, HardConcreteL0
+from baselines.soft_threshold import SoftThreshold, soft_threshold
 from suite.config import RunConfig
 from suite.models import prunable_layers
 from suite.optim import WeightsAndGates
 from suite.pruning import masks, sparsity
 from suite.pruning.calibration import KnobController, cubic_target_density
-from baselines.continuous_sparsification import ContinuousSparsification, CSMask
-from baselines.hard_concrete import HardConcreteGate, HardConcreteL0
-from baselines.soft_threshold import SoftThreshold, soft_threshold
 
 
 def _net(seed=0):
@@ -30,9 +31,15 @@ def _setup(method, seed=0, **kw):
     gates = p.gate_parameters()
     extra = p.extra_weight_groups()
     own = {id(g) for g in gates} | {id(q) for grp in extra for q in grp["params"]}
-    opt = WeightsAndGates([{"params": [q for q in net.parameters() if id(q) not in own]}] + extra, gates,
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False,
-                          gate_lr=1e-3)
+    opt = WeightsAndGates(
+        [{"params": [q for q in net.parameters() if id(q) not in own]}] + extra,
+        gates,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=False,
+        gate_lr=1e-3,
+    )
     p.bind_optimizer(opt)
     net.eval()
     p.on_train_start()
@@ -103,8 +110,9 @@ def test_hard_concrete_unit_granularity_and_eval_zeros():
 
 
 def test_hard_concrete_end_to_end_prunes_and_freezes():
-    net, layers, cfg, p, opt = _setup("l0", sparsity=0.5, epochs=4, lr=0.05,
-                                      l0={"lam": 5.0, "gate_lr": 0.3, "calibration": {"mode": "off"}})
+    net, layers, cfg, p, opt = _setup(
+        "l0", sparsity=0.5, epochs=4, lr=0.05, l0={"lam": 5.0, "gate_lr": 0.3, "calibration": {"mode": "off"}}
+    )
     assert p.search_end == 3
     assert sparsity.density(layers) == 1.0  # drop_init 0.1: every test-time gate open
     data = _data()
@@ -140,7 +148,12 @@ def test_str_threshold_math_and_gradient():
 
 
 def test_str_knob_is_group_weight_decay_and_controller_moves_it():
-    net, layers, cfg, p, opt = _setup("str", sparsity=0.9, epochs=8, soft_threshold={"s_weight_decay": 1e-3, "calibration": {"gain": 2.0, "max_factor": 4.0, "lookahead": 0}})
+    net, layers, cfg, p, opt = _setup(
+        "str",
+        sparsity=0.9,
+        epochs=8,
+        soft_threshold={"s_weight_decay": 1e-3, "calibration": {"gain": 2.0, "max_factor": 4.0, "lookahead": 0}},
+    )
     g = p.s_group()
     assert g["weight_decay"] == 1e-3 and {id(q) for q in g["params"]} == {id(q.s) for q in p.params}
     assert all(q.s.grad is None for q in p.params)
@@ -157,9 +170,13 @@ def test_str_knob_is_group_weight_decay_and_controller_moves_it():
 
 
 def test_str_end_to_end_threshold_rises_and_freezes():
-    net, layers, cfg, p, opt = _setup("str", sparsity=0.5, epochs=4, lr=0.1,
-                                      soft_threshold={"s_init": -3.0, "s_weight_decay": 2.0,
-                                                      "calibration": {"mode": "off"}})
+    net, layers, cfg, p, opt = _setup(
+        "str",
+        sparsity=0.5,
+        epochs=4,
+        lr=0.1,
+        soft_threshold={"s_init": -3.0, "s_weight_decay": 2.0, "calibration": {"mode": "off"}},
+    )
     data = _data()
     d0 = sparsity.density(layers)
     s0 = [q.s.item() for q in p.params]
@@ -194,9 +211,12 @@ def test_cs_mask_anneals_to_the_hard_mask():
 
 
 def test_cs_schedule_round_reset_binarise_and_rewind():
-    net, layers, cfg, p, opt = _setup("cs", sparsity=0.5, epochs=5, cs={"rounds": 2, "epochs_per_round": 2,
-                                                                        "beta_final": 100.0, "s_init": 0.1,
-                                                                        "rewind": True, "rewind_epoch": 0})
+    net, layers, cfg, p, opt = _setup(
+        "cs",
+        sparsity=0.5,
+        epochs=5,
+        cs={"rounds": 2, "epochs_per_round": 2, "beta_final": 100.0, "s_init": 0.1, "rewind": True, "rewind_epoch": 0},
+    )
     assert p.search_end == 4 and sparsity.density(layers) == 1.0
     start = {k: v.clone() for k, v in net.state_dict().items() if "parametrizations.weight.0" not in k}
     assert p.beta_at(0) == 1.0 and p.beta_at(19) == pytest.approx(100.0) and p.beta_at(20) == 1.0
@@ -241,9 +261,16 @@ def test_cs_reference_mode_follows_the_reference_loop():
     way its loop does: temp *= final_temp ** (1 / (epochs - 1)) at each later epoch of a round and
     back to 1 for the next, s <- min(s, s0) between rounds, the LR schedule by the round's epoch,
     weights rewound to the start of epoch 2, the ticket 1[s > 0] / sigmoid(s0)."""
-    net, layers, cfg, p, opt = _setup("cs", sparsity=0.5, epochs=12, lr=0.1, lr_schedule="step",
-                                      lr_milestones=[2], lr_gamma=0.1,
-                                      cs={"mode": "reference", "rounds": 2, "beta_final": 100.0})
+    net, layers, cfg, p, opt = _setup(
+        "cs",
+        sparsity=0.5,
+        epochs=12,
+        lr=0.1,
+        lr_schedule="step",
+        lr_milestones=[2],
+        lr_gamma=0.1,
+        cs={"mode": "reference", "rounds": 2, "beta_final": 100.0},
+    )
     assert cfg.cs.s_init == 0.0 and cfg.cs.rewind is True and cfg.cs.rewind_epoch == 2  # reference defaults
     assert p.epr == 4 and p.search_end == 8  # 12 epochs = 2 rounds of 4 + 4 retraining
     assert p.gate_parameters() == []  # the masks train in the weights' SGD, without weight decay
@@ -355,9 +382,12 @@ def test_knob_controller_lookahead_brakes_before_overshoot():
 
 
 def test_cs_holds_the_knob_late_in_a_round():
-    net, layers, cfg, p, opt = _setup("cs", sparsity=0.9, epochs=8, cs={"rounds": 2, "epochs_per_round": 4,
-                                                                        "beta_final": 100.0, "s_init": 0.1,
-                                                                        "control_beta_s": 2.0})
+    net, layers, cfg, p, opt = _setup(
+        "cs",
+        sparsity=0.9,
+        epochs=8,
+        cs={"rounds": 2, "epochs_per_round": 4, "beta_final": 100.0, "s_init": 0.1, "control_beta_s": 2.0},
+    )
     k0 = p.controller.knob
     p.t = 10  # next step: beta = 100 ** (10 / 39) = 3.3, beta * s0 = 0.33: the masks respond
     assert "knob_held" not in p.end_epoch(1, 1.0) and p.controller.knob > k0
@@ -400,8 +430,9 @@ def test_snap_meets_the_target_exactly_keeping_the_methods_own_ranking(method):
     """The knob left the run at 57 % for a 60 % target: the snap moves one global scalar of the
     method's rule so the ruler reads 60 % (to one weight), the survivors are exactly the
     top-k of the method's own scores (torch.topk as the reference), and the move is logged."""
-    net, layers, cfg, p, opt = _setup(method, sparsity=0.6, epochs=4,
-                                      **({"cs": {"rounds": 1, "epochs_per_round": 3}} if method == "cs" else {}))
+    net, layers, cfg, p, opt = _setup(
+        method, sparsity=0.6, epochs=4, **({"cs": {"rounds": 1, "epochs_per_round": 3}} if method == "cs" else {})
+    )
     assert p.search_end == 3
     scores = _place_scores(p, method, 0.57, torch.Generator().manual_seed(5))
     n = scores.numel()
@@ -474,8 +505,9 @@ def test_l0_reference_penalty_by_hand_with_the_gated_l2_term():
     N the training images; computed here by hand from the formula, per gate and weight."""
     from suite import datasets
 
-    net, layers, cfg, p, opt = _setup("l0", sparsity=0.5, epochs=4, weight_decay=0.01,
-                                      l0={"mode": "reference", "lam": 3.0, "granularity": "unit"})
+    net, layers, cfg, p, opt = _setup(
+        "l0", sparsity=0.5, epochs=4, weight_decay=0.01, l0={"mode": "reference", "lam": 3.0, "granularity": "unit"}
+    )
     n_train = datasets.get(cfg.dataset).train_images
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -529,8 +561,9 @@ def test_l0_reference_clamps_log_alpha_trains_to_the_end_and_never_snaps():
 
 
 def test_str_reference_decays_s_with_the_weights_decay_and_is_not_steered():
-    net, layers, cfg, p, opt = _setup("str", sparsity=0.9, epochs=4, weight_decay=3e-5,
-                                      soft_threshold={"mode": "reference", "s_init": -3.0})
+    net, layers, cfg, p, opt = _setup(
+        "str", sparsity=0.9, epochs=4, weight_decay=3e-5, soft_threshold={"mode": "reference", "s_init": -3.0}
+    )
     assert cfg.variant() == "str-ref" and p.search_end == 4
     assert p.s_group()["weight_decay"] == 3e-5
     data = _data()

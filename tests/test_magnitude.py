@@ -3,10 +3,10 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
+from baselines.magnitude import GradualMagnitude, IterativeMagnitude, OneShotMagnitude
 from suite.config import RunConfig
 from suite.models import prunable_layers
 from suite.pruning import masks, sparsity
-from baselines.magnitude import GradualMagnitude, IterativeMagnitude, OneShotMagnitude
 
 
 def _net(seed=0):
@@ -49,7 +49,7 @@ def test_gmp_cubic_schedule_and_monotone_masks():
     p = GradualMagnitude(cfg, layers, steps_per_epoch=10)
     p.attach(net)
     assert p.target_at(0) == 0.0 and p.target_at(10) == 0.0
-    assert p.target_at(20) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
+    assert p.target_at(20) == pytest.approx(0.9 - 0.9 * 0.5**3)
     assert p.target_at(30) == pytest.approx(0.9) and p.target_at(40) == pytest.approx(0.9)
     prev = None
     for step in range(1, 41):
@@ -72,8 +72,12 @@ def test_gmp_per_layer_prunes_every_layer_to_the_cubic_schedule_as_the_reference
     from the formula, and within a layer the smallest |w| of the still-active weights go first."""
     net = _net()
     layers = prunable_layers(net, "conv_linear")
-    cfg = RunConfig(method="gmp", sparsity=0.8, epochs=3, gmp={"start_epoch": 0, "end_epoch": 2, "update_every": 4,
-                                                                "scope": "layer"})
+    cfg = RunConfig(
+        method="gmp",
+        sparsity=0.8,
+        epochs=3,
+        gmp={"start_epoch": 0, "end_epoch": 2, "update_every": 4, "scope": "layer"},
+    )
     assert cfg.variant() == "gmp-layer"
     p = GradualMagnitude(cfg, layers, steps_per_epoch=10)
     p.attach(net)
@@ -124,8 +128,9 @@ def test_imp_prunes_a_fifth_per_level_and_rewinds_exactly(rewind_step):
 
     from suite.optim import WeightsAndGates
 
-    Opt = WeightsAndGates([{"params": list(net.parameters())}], [], lr=0.1, momentum=0.9, weight_decay=0.0,
-                          nesterov=False, gate_lr=1e-3)  # what the engine binds
+    Opt = WeightsAndGates(
+        [{"params": list(net.parameters())}], [], lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, gate_lr=1e-3
+    )  # what the engine binds
     p.bind_optimizer(Opt)
     p.on_train_start()
     saved = None
@@ -135,7 +140,7 @@ def test_imp_prunes_a_fifth_per_level_and_rewinds_exactly(rewind_step):
             saved = {k: v.clone() for k, v in p.snapshot.items()}
         if epoch % 2 == 0 and epoch < cfg.epochs:  # a level ended: pruned, rewound, momentum cleared
             level = epoch // 2
-            expect = 0.6 if level == p.levels else 1 - 0.8 ** level
+            expect = 0.6 if level == p.levels else 1 - 0.8**level
             assert sparsity.sparsity(layers) == pytest.approx(expect, abs=1e-3)
             for a, b in zip(prev_mask, [par.mask for par in p.params]):
                 assert torch.all(b <= a), "IMP revived a pruned weight"
@@ -167,8 +172,9 @@ def test_imp_equal_share_per_level_lands_on_the_target_in_a_fixed_budget(s):
     """imp.prune_fraction null with imp.levels: every level prunes the same share of what is
     left, f = 1 - (1 - s)^(1 / levels), so the run has levels + 1 segments at every target (the
     fair protocol's equal budget) and level k leaves 1 - (1 - s)^(k / levels)."""
-    cfg = RunConfig(method="imp", sparsity=s, epochs=3, imp={"levels": 4, "prune_fraction": None,
-                                                              "epochs_per_level": 2})
+    cfg = RunConfig(
+        method="imp", sparsity=s, epochs=3, imp={"levels": 4, "prune_fraction": None, "epochs_per_level": 2}
+    )
     assert cfg.epochs == 10  # the same at every target
     p = IterativeMagnitude(cfg, prunable_layers(_net(), "conv_linear"), 5)
     got = [p.level_sparsity(k) for k in range(5)]
@@ -198,8 +204,15 @@ def test_imp_learning_rate_rewinding_keeps_the_trained_weights():
 
         from suite.optim import WeightsAndGates
 
-        Opt = WeightsAndGates([{"params": list(net.parameters())}], [], lr=0.1, momentum=0.9, weight_decay=0.0,
-                              nesterov=False, gate_lr=1e-3)
+        Opt = WeightsAndGates(
+            [{"params": list(net.parameters())}],
+            [],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0.0,
+            nesterov=False,
+            gate_lr=1e-3,
+        )
         p.bind_optimizer(Opt)
         p.on_train_start()
         start = [masks.stored_weight(m).detach().clone() for _, m in layers]

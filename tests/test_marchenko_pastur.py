@@ -2,6 +2,7 @@
 
 The random-matrix tests draw from fixed torch generators, so they are deterministic. Their
 tolerances were set from repeated draws with other seeds, not tuned to these seeds."""
+
 from __future__ import annotations
 
 import math
@@ -84,13 +85,22 @@ def test_mp_quantiles_have_unit_mean_and_variance_g(g):
     x = mp.mp_quantile(u, g)
     assert x.mean() == pytest.approx(1.0, abs=1e-4)
     assert x.var() == pytest.approx(g, rel=1e-3)
-    assert mp.mp_quantile(np.array([0.0, 1.0]), g) == pytest.approx([(1 - g ** 0.5) ** 2, (1 + g ** 0.5) ** 2])
+    assert mp.mp_quantile(np.array([0.0, 1.0]), g) == pytest.approx([(1 - g**0.5) ** 2, (1 + g**0.5) ** 2])
 
 
 def test_tw1_table_matches_published_values():
     # Johnstone (2001), Table 1, TW_1 percentiles
-    published = {0.01: -3.90, 0.05: -3.18, 0.10: -2.78, 0.30: -1.91, 0.50: -1.27,
-                 0.70: -0.59, 0.90: 0.45, 0.95: 0.98, 0.99: 2.02}
+    published = {
+        0.01: -3.90,
+        0.05: -3.18,
+        0.10: -2.78,
+        0.30: -1.91,
+        0.50: -1.27,
+        0.70: -0.59,
+        0.90: 0.45,
+        0.95: 0.98,
+        0.99: 2.02,
+    }
     for p, q in published.items():
         assert mp.tw1_quantile(p) == pytest.approx(q, abs=0.006)
     assert np.all(np.diff(mp._TW1_QUANTILES) > 0)
@@ -110,9 +120,9 @@ def test_edge_fit_on_gaussian_noise(shape):
     for k, sigma in enumerate([0.01, 1.0, 3.0]):
         W = _noise(shape, sigma, seed=100 * N + Mi + k)
         fit = mp.mp_edge_fit(W)
-        theory = sigma ** 2 * (1 + math.sqrt(g)) ** 2
+        theory = sigma**2 * (1 + math.sqrt(g)) ** 2
         assert fit.shape == shape and fit.g == pytest.approx(g) and fit.n_total == min(shape)
-        assert fit.sigma2 == pytest.approx(sigma ** 2, rel=0.02)
+        assert fit.sigma2 == pytest.approx(sigma**2, rel=0.02)
         assert fit.lambda_plus == pytest.approx(theory, rel=0.03)
         # singular-value edge is sigma (sqrt N + sqrt M) whatever the orientation
         sv_plain = math.sqrt(max(shape) * fit.lambda_plus)
@@ -193,7 +203,7 @@ def test_default_counts_exactly_the_planted_spikes(shape, k):
             W = _planted_bbp(N, Mi, k, seed=seed, sigma=sigma)
             fit = mp.mp_edge_fit(W)
             assert fit.n_above == k, (shape, k, seed, sigma, fit.n_above)
-            assert fit.sigma2 == pytest.approx(sigma ** 2, rel=0.1)
+            assert fit.sigma2 == pytest.approx(sigma**2, rel=0.1)
         s = torch.linalg.svdvals(W)
         assert float(s[k - 1]) > 1.05 * fit.sv_edge  # a margin: the weakest spike is not at the edge
 
@@ -236,6 +246,7 @@ def test_default_deflation_counts_many_spikes():
 
 def test_default_matches_rmt_config_and_layer_report():
     from baselines.rmt import RMTConfig
+
     cfg = RMTConfig()
     assert (cfg.alpha, cfg.beta, cfg.deflate) == (mp.DEFAULT_ALPHA, mp.DEFAULT_BETA, mp.DEFAULT_DEFLATE)
     assert (mp.DEFAULT_ALPHA, mp.DEFAULT_BETA, mp.DEFAULT_DEFLATE) == (0.25, 0.01, True)
@@ -275,7 +286,7 @@ def test_conv_weight_uses_out_by_in_kh_kw_view():
     W2 = torch.randn(64, 288, generator=g, dtype=torch.float64)
     u = torch.nn.functional.normalize(torch.randn(64, generator=g, dtype=torch.float64), dim=0)
     v = torch.nn.functional.normalize(torch.randn(288, generator=g, dtype=torch.float64), dim=0)
-    W2 = W2 + 3 * (64 ** 0.5 + 288 ** 0.5) * torch.outer(u, v)
+    W2 = W2 + 3 * (64**0.5 + 288**0.5) * torch.outer(u, v)
     W4 = W2.reshape(64, 32, 3, 3)
     assert torch.equal(mp.matrix_view(W4)[5, 9 * 7 + 3 * 2 + 1], W4[5, 7, 2, 1])
     fit4, fit2 = mp.mp_edge_fit(W4, beta=0.01), mp.mp_edge_fit(W2, beta=0.01)
@@ -306,8 +317,22 @@ def test_layer_report_reads_the_stored_weight():
 
 # ----------------------------------------------------------------------------- SEB
 def _fits_with_edges(edges):
-    return [mp.MPFit(shape=(1, 1), g=1.0, sigma2=1.0, lambda_plus=4.0, lambda_plus_corrected=4.0,
-                     sv_edge=e, n_above=0, n_total=1, ks=0.0, tw_t=0.0, sv_max=e) for e in edges]
+    return [
+        mp.MPFit(
+            shape=(1, 1),
+            g=1.0,
+            sigma2=1.0,
+            lambda_plus=4.0,
+            lambda_plus_corrected=4.0,
+            sv_edge=e,
+            n_above=0,
+            n_total=1,
+            ks=0.0,
+            tw_t=0.0,
+            sv_max=e,
+        )
+        for e in edges
+    ]
 
 
 def test_seb_layer_weights_formula():
@@ -332,7 +357,10 @@ def test_seb_masks_prune_large_edge_layers_harder(s):
     total = sum(w.numel() for w in weights)
     seb = mp.seb_masks(weights, fits, s)
     plain = masks.magnitude_masks(weights, s, "global")
-    zeros = lambda ms: [int((m == 0).sum()) for m in ms]
+
+    def zeros(ms):
+        return [int((m == 0).sum()) for m in ms]
+
     assert sum(zeros(seb)) == round(s * total)
     frac_seb = [z / w.numel() for z, w in zip(zeros(seb), weights)]
     frac_plain = [z / w.numel() for z, w in zip(zeros(plain), weights)]
@@ -358,7 +386,7 @@ def test_ser_restore_hits_target_with_top_scores():
     flat_new = torch.cat([m.reshape(-1) for m in new])
     flat_sc = torch.cat([x.reshape(-1) for x in scores])
     assert int((flat_new == 0).sum()) == round(s * total)
-    assert torch.all(flat_new[flat_old == 1] == 1)        # nothing newly pruned
+    assert torch.all(flat_new[flat_old == 1] == 1)  # nothing newly pruned
     restored = (flat_old == 0) & (flat_new == 1)
     still_out = flat_new == 0
     n_restore = round(rho * s * total) - round(s * total)

@@ -1,4 +1,5 @@
 """Model registry: every entry builds, runs a forward pass and declares its prunable layers."""
+
 import pytest
 import torch
 import torch.nn as nn

@@ -1,21 +1,30 @@
 """Engine options the reference recipes need: fp16 with a dynamic gradient scaler, the step LR
 schedule (milestones), weight decay on conv/linear weights only. Fast, no services."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 
-from suite.config import RunConfig, load_sweep
-from suite.engine import _weight_groups
+from suite.config import RunConfig
 from suite.optim import WeightsAndGates
 from suite.pruning import masks
 from suite.pruning.base import weight_lr
+from suite.steps import _weight_groups
+from suite.sweeps import load_sweep
 
 
 def _opt(model, gates=()):
-    return WeightsAndGates(_weight_groups(model, {id(g) for g in gates}), list(gates), lr=0.1, momentum=0.9,
-                           weight_decay=5e-4, nesterov=False, gate_lr=1e-3)
+    return WeightsAndGates(
+        _weight_groups(model, {id(g) for g in gates}),
+        list(gates),
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        nesterov=False,
+        gate_lr=1e-3,
+    )
 
 
 def test_fp16_scaler_skips_the_update_on_inf_gradients_and_halves_the_scale():
@@ -51,7 +60,7 @@ def test_fp16_scaler_step_equals_plain_sgd_on_the_unscaled_gradients():
         ref.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
-    assert opt.skipped_steps == 0 and scaler.get_scale() == 2.0 ** 16  # growth only after 2000 good steps
+    assert opt.skipped_steps == 0 and scaler.get_scale() == 2.0**16  # growth only after 2000 good steps
 
 
 def test_step_schedule_matches_torch_multisteplr():
@@ -98,8 +107,12 @@ def test_weight_decay_on_conv_linear_leaves_norms_and_biases_undecayed():
     decayed = {id(p) for p in groups[0]["params"]}
     assert decayed == {id(masks.stored_weight(model[0])), id(model[3].weight)}
     assert groups[1]["weight_decay"] == 0.0
-    assert {id(p) for p in groups[1]["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
-                                                   id(model[3].bias)}
+    assert {id(p) for p in groups[1]["params"]} == {
+        id(model[0].bias),
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[3].bias),
+    }
     assert len(_weight_groups(model, set())) == 1  # default: one group, decay on everything
 
 
@@ -130,8 +143,9 @@ def test_fp16_loss_scaling_leaves_the_hyperflux_pressure_gradient_unchanged():
 
 
 def test_reference_boundary_has_its_own_hash_and_keeps_a_regrowth_epoch_when_scaled():
-    on = RunConfig(method="hyperflux", sparsity=0.5, epochs=6, hyperflux={"pruning_end": 3,
-                                                                          "quirks": ["phase_off_by_one"]})
+    on = RunConfig(
+        method="hyperflux", sparsity=0.5, epochs=6, hyperflux={"pruning_end": 3, "quirks": ["phase_off_by_one"]}
+    )
     # the quirk was redefined to match the reference exactly: runs of the old meaning keep other hashes
     assert on.semantic_dict()["hyperflux"]["quirks"] == ["phase_off_by_one@9aaed27"]
     for scale in (0.01, 0.02, 0.05):
@@ -148,7 +162,8 @@ def test_settings_that_would_be_silently_wrong_are_refused():
         with pytest.raises(ValueError, match="lr_schedule"):
             RunConfig(method=method, sparsity=0.5, epochs=10, lr_schedule="step", lr_milestones=[3])
     # integral float milestones (as YAML may write them) scale like ints
-    sw = load_sweep("configs/paper/cifar10_resnet50.yaml", {"overrides.dense.lr_milestones": [80.0, 120.0],
-                                                             "scale.epochs": 0.05})
+    sw = load_sweep(
+        "configs/paper/cifar10_resnet50.yaml", {"overrides.dense.lr_milestones": [80.0, 120.0], "scale.epochs": 0.05}
+    )
     (dense,) = [r for r in sw.expand() if r.method == "dense" and r.seed == 0]
     assert dense.lr_milestones == [4, 6]

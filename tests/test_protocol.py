@@ -1,6 +1,7 @@
 """The comparison protocol (reports/protocol.py) and its place in the report: planted protocol
 breaks are flagged, exactly those; accuracy at a target read off a curve known in closed form, never
 extrapolated; paired statistics against scipy's paired t test and a hand-computed Holm correction."""
+
 from __future__ import annotations
 
 import csv
@@ -56,23 +57,51 @@ def test_paired_difference_matches_scipy_and_holm_matches_its_definition():
     P.holm(comps)
     # Holm by hand: sorted p (0.01, 0.03, 0.04, 0.2) times (4, 3, 2, 1), running maximum
     assert [c.p_holm for c in comps[:4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])
-    assert [c.call for c in comps] == ["better", "no difference", "no difference", "no difference",
-                                       "n/a (fewer than 2 paired seeds)"]
+    assert [c.call for c in comps] == [
+        "better",
+        "no difference",
+        "no difference",
+        "no difference",
+        "n/a (fewer than 2 paired seeds)",
+    ]
 
 
 # ------------------------------------------------------------------------------ planted protocol breaks
 def _log(client, exp, i, variant, target, seed, test, budget, achieved=None, wd="0.0005", extra=None):
-    r = client.create_run(exp, tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": variant.split("-")[0],
-                                     "hfbench.variant": variant}, run_name=f"{variant}-{target}-{seed}")
+    r = client.create_run(
+        exp,
+        tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": variant.split("-")[0], "hfbench.variant": variant},
+        run_name=f"{variant}-{target}-{seed}",
+    )
     ach = target if achieved is None else achieved
-    metrics = {"final_test_top1": test, "final_val_top1": test, "final_sparsity": ach, "final_density": 1 - ach,
-               "budget_total_images": budget, "budget_images": budget, "budget_total_epochs": budget / 10,
-               "budget_parent_counted": 1.0, **(extra or {})}
-    params = {"method": variant, "model": "fmnist_cnn", "dataset": "fashion_mnist", "sparsity": str(target),
-              "seed": str(seed), "epochs": "5", "init": "scratch", "weight_decay": wd, "batch_size": "128",
-              "label_smoothing": "0.1"}
-    client.log_batch(r.info.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 5) for k, v in metrics.items()],
-                     params=[Param(k, v) for k, v in params.items()])
+    metrics = {
+        "final_test_top1": test,
+        "final_val_top1": test,
+        "final_sparsity": ach,
+        "final_density": 1 - ach,
+        "budget_total_images": budget,
+        "budget_images": budget,
+        "budget_total_epochs": budget / 10,
+        "budget_parent_counted": 1.0,
+        **(extra or {}),
+    }
+    params = {
+        "method": variant,
+        "model": "fmnist_cnn",
+        "dataset": "fashion_mnist",
+        "sparsity": str(target),
+        "seed": str(seed),
+        "epochs": "5",
+        "init": "scratch",
+        "weight_decay": wd,
+        "batch_size": "128",
+        "label_smoothing": "0.1",
+    }
+    client.log_batch(
+        r.info.run_id,
+        metrics=[Metric(k, v, int(time.time() * 1000), 5) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+    )
     client.set_terminated(r.info.run_id, "FINISHED")
 
 
@@ -86,9 +115,13 @@ def test_planted_protocol_breaks_are_flagged_exactly(tmp_path):
     i = 0
     for seed in (0, 1, 2):
         for variant, budget, achieved, wd, test in (
-                ("dense", 100.0, 0.0, "0.0005", 0.90), ("magnitude", 100.0, None, "0.0005", 0.89),
-                ("gmp", 200.0, None, "0.0005", 0.905), ("l0", 100.0, 0.47, "0.0005", 0.88),
-                ("str", 100.0, None, "0.0005", 0.885), ("cs", 100.0, None, "0.001", 0.87)):
+            ("dense", 100.0, 0.0, "0.0005", 0.90),
+            ("magnitude", 100.0, None, "0.0005", 0.89),
+            ("gmp", 200.0, None, "0.0005", 0.905),
+            ("l0", 100.0, 0.47, "0.0005", 0.88),
+            ("str", 100.0, None, "0.0005", 0.885),
+            ("cs", 100.0, None, "0.001", 0.87),
+        ):
             if variant == "str" and seed == 2:
                 continue
             i += 1
@@ -98,12 +131,19 @@ def test_planted_protocol_breaks_are_flagged_exactly(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     proto = md.split("Protocol", 2)[2] if md.count("Protocol") > 1 else md
     table = md.split("| method | target % | seeds | budget (× control) |", 1)[1].split("\n\n", 1)[0]
-    rows = {ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ") for ln in table.splitlines()[1:]
-            if ln.startswith("| ")}
+    rows = {
+        ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ")
+        for ln in table.splitlines()[1:]
+        if ln.startswith("| ")
+    }
     flags = {m: r[-1] for m, r in rows.items()}
-    assert flags == {"magnitude": "ok", "gmp": "budget x2.00 of its control", "l0": "target missed by -3.0 pp",
-                     "str": "2 seeds, fewer than 3",
-                     "cs": "differs from its control: weight_decay"}, flags
+    assert flags == {
+        "magnitude": "ok",
+        "gmp": "budget x2.00 of its control",
+        "l0": "target missed by -3.0 pp",
+        "str": "2 seeds, fewer than 3",
+        "cs": "differs from its control: weight_decay",
+    }, flags
     assert rows["cs"][6] == "weight_decay: 0.001 (control 0.0005)"
     assert rows["magnitude"][5] == "—"  # no calibrated knob, no snap
     assert "Flagged cells: 4 of 5." in proto
@@ -121,8 +161,10 @@ def test_planted_protocol_breaks_are_flagged_exactly(tmp_path):
         assert sum(1 for r in csv.DictReader(fh) if r["budget_total_images"]) == 17
 
 
-@pytest.mark.parametrize("gains_pp,verdict", [((0.1, 0.3, 0.05), "converged (gain < 0.2 pp)"),
-                                              ((0.4, 0.2, 0.3), "not converged (gain ≥ 0.2 pp)")])
+@pytest.mark.parametrize(
+    "gains_pp,verdict",
+    [((0.1, 0.3, 0.05), "converged (gain < 0.2 pp)"), ((0.4, 0.2, 0.3), "not converged (gain ≥ 0.2 pp)")],
+)
 def test_dense_convergence_table_pairs_the_doubled_dense_by_seed(tmp_path, gains_pp, verdict):
     """grid.dense_convergence's run (a dense-matched plan of twice the dense budget) against the
     dense start, paired by seed: the gain is the mean of the per-seed differences, its interval
@@ -136,8 +178,11 @@ def test_dense_convergence_table_pairs_the_doubled_dense_by_seed(tmp_path, gains
     base = (0.910, 0.905, 0.915)
     i = 0
     for seed, (b, g) in enumerate(zip(base, gains_pp)):
-        for variant, budget, test in (("dense", 100.0, b), ("dense-matched", 200.0, b + g / 100),
-                                      ("dense-matched", 130.0, b + 0.01)):
+        for variant, budget, test in (
+            ("dense", 100.0, b),
+            ("dense-matched", 200.0, b + g / 100),
+            ("dense-matched", 130.0, b + 0.01),
+        ):
             i += 1
             _log(client, exp, i, variant, 0.0, seed, test, budget)
             if budget != 100.0:  # the plan's label comes from its epochs
@@ -185,11 +230,24 @@ def test_summary_grid_leads_the_section_with_best_calls_and_misses(tmp_path):
     i = 0
     noise = (0.0, 0.0004, -0.0003)
     for seed in (0, 1, 2):
-        for variant, achieved, test in (("dense", 0.0, 0.90), ("magnitude", None, 0.88), ("gmp", None, 0.899),
-                                        ("l0", 0.47, 0.95)):
+        for variant, achieved, test in (
+            ("dense", 0.0, 0.90),
+            ("magnitude", None, 0.88),
+            ("gmp", None, 0.899),
+            ("l0", 0.47, 0.95),
+        ):
             i += 1
-            _log(client, exp, i, variant, 0.0 if variant == "dense" else 0.5, seed,
-                 test + noise[seed] + (0.002 * seed if variant == "gmp" else 0.0), 100.0, achieved)
+            _log(
+                client,
+                exp,
+                i,
+                variant,
+                0.0 if variant == "dense" else 0.5,
+                seed,
+                test + noise[seed] + (0.002 * seed if variant == "gmp" else 0.0),
+                100.0,
+                achieved,
+            )
     build_report(uri, "grid", tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.index("#### Summary: test top-1") < md.index("| Method | Target sparsity") < md.index("## Environment")
@@ -230,8 +288,11 @@ def test_methods_table_says_which_mode_ran(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("modes")
-    extra = {"l0": {"l0.mode": "calibrated", "l0.calibration.snap_pp": "10.0"},
-             "str-ref": {"soft_threshold.mode": "reference"}, "imp-lrr": {"imp.rewind": "lr"}}
+    extra = {
+        "l0": {"l0.mode": "calibrated", "l0.calibration.snap_pp": "10.0"},
+        "str-ref": {"soft_threshold.mode": "reference"},
+        "imp-lrr": {"imp.rewind": "lr"},
+    }
     i = 0
     for seed in (0, 1, 2):
         for variant in ("dense", "l0", "str-ref", "imp-lrr"):

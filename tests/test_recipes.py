@@ -2,6 +2,7 @@
 weight files, mixed precision / channels_last / throughput in the engine, and every committed
 recipe's smoke run through the real SLURM launcher, FFCV and DeepSpeed on generated data of
 the real layouts (CIFAR python releases, a 1000-class ImageNet JPEG tree)."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from suite import bench, models, tracking
-from suite.config import ConfigError, RunConfig, load_sweep
+from suite.config import ConfigError, RunConfig
 from suite.pruning import registry
+from suite.sweeps import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
@@ -46,13 +48,42 @@ def test_scale_knob_shrinks_every_phase_and_keeps_runs_apart():
 
 
 def test_scale_knob_from_the_cli_lists_the_smoke_runs(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
-                          "--dry-run", "--scale", "0.02", "--steps", "1"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.cli",
+            "sweep",
+            str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
+            "--dry-run",
+            "--scale",
+            "0.02",
+            "--steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("34 runs") and "resnet50-hyperflux-0.965-s0" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
-                          "--dry-run", "--scale", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.cli",
+            "sweep",
+            str(ROOT / "configs/paper/imagenet_resnet50.yaml"),
+            "--dry-run",
+            "--scale",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "scale.epochs" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -125,11 +156,11 @@ def test_pretrained_needs_its_file_before_anything_is_submitted(tmp_path):
     p.write_text(f"""
 name: pre
 data_dir: {tmp_path}
-out_dir: {tmp_path / 'runs'}
-tracking_uri: sqlite:///{tmp_path / 'm.db'}
-base: {{init: pretrained, pretrained: {tmp_path / 'missing.pth'}}}
+out_dir: {tmp_path / "runs"}
+tracking_uri: sqlite:///{tmp_path / "m.db"}
+base: {{init: pretrained, pretrained: {tmp_path / "missing.pth"}}}
 grid: {{methods: [dense, magnitude], sparsities: [0.5]}}
-launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
+launcher: {{executor: local, folder: {tmp_path / "sub"}}}
 """)
     with pytest.raises(ConfigError, match=r"pretrained: weights file .*missing.pth not found"):
         Sweep(load_sweep(p)).run()
@@ -159,15 +190,32 @@ def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, 
 
     _save_fmnist(tmp_path / "dense.pth")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    cfg = RunConfig(method="hyperflux", sparsity=0.5, epochs=3, max_steps_per_epoch=4, batch_size=32, eval_every=3,
-                    hyperflux={"pruning_end": 2}, init="pretrained", pretrained=str(tmp_path / "dense.pth"),
-                    engine={"precision": precision, "channels_last": True, "loader_workers": 2, "device": "cpu"},
-                    data_dir=str(betons["train"].parent), out_dir=str(tmp_path / "runs"), experiment=precision,
-                    tracking_uri=uri)
+    cfg = RunConfig(
+        method="hyperflux",
+        sparsity=0.5,
+        epochs=3,
+        max_steps_per_epoch=4,
+        batch_size=32,
+        eval_every=3,
+        hyperflux={"pruning_end": 2},
+        init="pretrained",
+        pretrained=str(tmp_path / "dense.pth"),
+        engine={"precision": precision, "channels_last": True, "loader_workers": 2, "device": "cpu"},
+        data_dir=str(betons["train"].parent),
+        out_dir=str(tmp_path / "runs"),
+        experiment=precision,
+        tracking_uri=uri,
+    )
     (tmp_path / "run.yaml").write_text(dump_run(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run([sys.executable, "-m", "launchers.cli", "train", str(tmp_path / "run.yaml")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=500, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "train", str(tmp_path / "run.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     c = tracking.client(uri)
     (run,) = c.search_runs([c.get_experiment_by_name(precision).experiment_id])
@@ -205,8 +253,7 @@ def paper_data(tmp_path_factory):
     data = base / "data"
     for ds in ("cifar10", "cifar100"):
         write_cifar(ds, _fake_cifar_release(base / f"src-{ds}", ds), data, val_size=16, progress=False)
-    train = bench.make_jpeg_tree(base / "inet" / "train", classes=1000, per_class=1, seed=0, min_side=40,
-                                 max_side=96)
+    train = bench.make_jpeg_tree(base / "inet" / "train", classes=1000, per_class=1, seed=0, min_side=40, max_side=96)
     val = bench.make_jpeg_tree(base / "inet" / "val", classes=4, per_class=1, seed=1, min_side=40, max_side=96)
     write_imagefolder(data, train, val, name="imagenet", max_side=96, progress=False)
     weights = {}
@@ -261,30 +308,66 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
     sw = load_sweep(recipe)
     first = sw.grid.sparsities[:1]
     methods = sw.grid.methods if request.config.getoption("--all-methods") else CI_METHODS[recipe.stem]
-    sets = {"data_dir": data, "out_dir": tmp_path / "runs", "launcher.folder": tmp_path / "submitit",
-            "launcher.parallelism": 2, "launcher.poll_s": 1, "launcher.slurm.gpus_per_node": 0,
-            "launcher.slurm.mem_gb": "null", "launcher.slurm.cpus_per_task": 1, "launcher.slurm.time_min": 30,
-            "launcher.slurm.signal_delay_s": 60,
-            "base.batch_size": 2, "base.engine.device": "cpu", "base.engine.world_size": 1,
-            "base.engine.precision": "fp32", "base.engine.loader_workers": 1,
-            "grid.seeds": "[0]", "grid.sparsities": "[" + ",".join(map(str, first)) + "]",
-            "grid.methods": "[" + ",".join(methods) + "]"}
+    sets = {
+        "data_dir": data,
+        "out_dir": tmp_path / "runs",
+        "launcher.folder": tmp_path / "submitit",
+        "launcher.parallelism": 2,
+        "launcher.poll_s": 1,
+        "launcher.slurm.gpus_per_node": 0,
+        "launcher.slurm.mem_gb": "null",
+        "launcher.slurm.cpus_per_task": 1,
+        "launcher.slurm.time_min": 30,
+        "launcher.slurm.signal_delay_s": 60,
+        "base.batch_size": 2,
+        "base.engine.device": "cpu",
+        "base.engine.world_size": 1,
+        "base.engine.precision": "fp32",
+        "base.engine.loader_workers": 1,
+        "grid.seeds": "[0]",
+        "grid.sparsities": "[" + ",".join(map(str, first)) + "]",
+        "grid.methods": "[" + ",".join(methods) + "]",
+    }
     if sw.base.get("init") == "pretrained":
         sets["base.pretrained"] = weights[sw.base["model"]]
-    cmd = [sys.executable, "-m", "launchers.cli", "sweep", str(recipe), "--scale", "0.01", "--steps", "1",
-           "--executor", "slurm", "--tracking-uri", mlflow_server]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launchers.cli",
+        "sweep",
+        str(recipe),
+        "--scale",
+        "0.01",
+        "--steps",
+        "1",
+        "--executor",
+        "slurm",
+        "--tracking-uri",
+        mlflow_server,
+    ]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     t0 = time.time()
     # started as if from inside a torchrun job: the tasks must not inherit its rendezvous
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1700, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     from launchers.cli import _parse_set  # the sweep exactly as the command line built it
 
-    overrides = {**_parse_set([f"{k}={v}" for k, v in sets.items()]),
-                 "scale.epochs": 0.01, "scale.steps_per_epoch": 1, "tracking_uri": mlflow_server}
+    overrides = {
+        **_parse_set([f"{k}={v}" for k, v in sets.items()]),
+        "scale.epochs": 0.01,
+        "scale.steps_per_epoch": 1,
+        "tracking_uri": mlflow_server,
+    }
     expected = {r.run_hash(): r for r in load_sweep(recipe, overrides).expand()}
     n = len(expected)
     assert n == len(methods)  # one sparsity, one seed: a run per method

@@ -42,7 +42,7 @@ ENV = {
 def _synthetic_accuracy(method: str, target: float, seed: int) -> tuple[float, float]:
     """Deterministic (test, val) top-1 for a run; seeds differ by a few tenths of a percent."""
     base = 0.9012
-    drop = {"dense": 0.0, "hyperflux": 0.04, "magnitude": 0.09}[method] * target ** 4
+    drop = {"dense": 0.0, "hyperflux": 0.04, "magnitude": 0.09}[method] * target**4
     test = base - drop + 0.0037 * seed * (1.0 + 2.0 * target)  # spread grows with sparsity
     return round(test, 6), round(test + 0.0021, 6)
 
@@ -52,9 +52,20 @@ def _synthetic_achieved(method: str, target: float, seed: int) -> float:
     return target - 0.004 * (seed + 1) * target if method == "hyperflux" else target
 
 
-def log_run(client: MlflowClient, exp_id: str, *, method: str, model: str, dataset: str,
-            target: float, seed: int, epochs: int = EPOCHS, status: str = "FINISHED",
-            error: str | None = None, run_index: int = 0) -> dict:
+def log_run(
+    client: MlflowClient,
+    exp_id: str,
+    *,
+    method: str,
+    model: str,
+    dataset: str,
+    target: float,
+    seed: int,
+    epochs: int = EPOCHS,
+    status: str = "FINISHED",
+    error: str | None = None,
+    run_index: int = 0,
+) -> dict:
     """Log one synthetic run the way the training code does; return what was logged."""
     run_hash = f"{run_index:012x}"
     name = f"{method}-s{target}-seed{seed}"
@@ -68,9 +79,16 @@ def log_run(client: MlflowClient, exp_id: str, *, method: str, model: str, datas
     run = client.create_run(exp_id, tags=tags, run_name=name)
     rid = run.info.run_id
     params = {
-        "method": method, "model": model, "dataset": dataset, "sparsity": str(target),
-        "seed": str(seed), "epochs": str(epochs), "optim.lr": "0.1",
-        "hyperflux.pruning_end": str(epochs - 1), "config_hash": f"cfg{run_index:09x}", **ENV,
+        "method": method,
+        "model": model,
+        "dataset": dataset,
+        "sparsity": str(target),
+        "seed": str(seed),
+        "epochs": str(epochs),
+        "optim.lr": "0.1",
+        "hyperflux.pruning_end": str(epochs - 1),
+        "config_hash": f"cfg{run_index:09x}",
+        **ENV,
     }
     test, val = _synthetic_accuracy(method, target, seed)
     achieved = _synthetic_achieved(method, target, seed)
@@ -85,8 +103,12 @@ def log_run(client: MlflowClient, exp_id: str, *, method: str, model: str, datas
         densities.append(dens)
         target_densities.append(tgt)
         per_epoch = {
-            "train_loss": 1.0 / ep, "val_top1": val * frac, "test_top1": test * frac,
-            "density": dens, "sparsity": 1.0 - dens, "lr": 0.1 / ep,
+            "train_loss": 1.0 / ep,
+            "val_top1": val * frac,
+            "test_top1": test * frac,
+            "density": dens,
+            "sparsity": 1.0 - dens,
+            "lr": 0.1 / ep,
         }
         if method == "hyperflux":
             per_epoch.update(gamma=0.2 * ep, target_density=tgt)
@@ -94,22 +116,33 @@ def log_run(client: MlflowClient, exp_id: str, *, method: str, model: str, datas
     wall = 12.5 + run_index
     if status == "FINISHED":
         finals = {
-            "final_test_top1": test, "final_val_top1": val, "final_sparsity": achieved,
-            "final_density": 1.0 - achieved, "wall_time_s": wall,
+            "final_test_top1": test,
+            "final_val_top1": val,
+            "final_sparsity": achieved,
+            "final_density": 1.0 - achieved,
+            "wall_time_s": wall,
         }
         metrics += [Metric(k, v, ts + epochs, epochs) for k, v in finals.items()]
     batch_tags = [RunTag("hfbench.error", error)] if error else []
-    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
-                     tags=batch_tags)
+    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()], tags=batch_tags)
     client.set_terminated(rid, status=status)
     return {
-        "run_id": rid, "run_hash": run_hash, "status": status, "method": method, "model": model,
-        "dataset": dataset, "seed": seed, "target": target, "epochs": epochs,
+        "run_id": rid,
+        "run_hash": run_hash,
+        "status": status,
+        "method": method,
+        "model": model,
+        "dataset": dataset,
+        "seed": seed,
+        "target": target,
+        "epochs": epochs,
         "test": test if status == "FINISHED" else test * done_epochs / epochs,
         "val": val if status == "FINISHED" else val * done_epochs / epochs,
         "achieved": achieved if status == "FINISHED" else 1.0 - densities[-1],
-        "wall": wall if status == "FINISHED" else None, "error": error or "",
-        "density": densities, "target_density": target_densities,
+        "wall": wall if status == "FINISHED" else None,
+        "error": error or "",
+        "density": densities,
+        "target_density": target_densities,
     }
 
 
@@ -133,8 +166,7 @@ def built(tmp_path_factory):
         for target in TARGETS:
             for seed in SEEDS:
                 add(method=method, model=MODEL, dataset=DATASET, target=target, seed=seed)
-    add(method="magnitude", model=MODEL, dataset=DATASET, target=0.98, seed=7, status="FAILED",
-        error=ERROR_TEXT)
+    add(method="magnitude", model=MODEL, dataset=DATASET, target=0.98, seed=7, status="FAILED", error=ERROR_TEXT)
     add(method="dense", model=SMALL_MODEL, dataset=DATASET, target=0.0, seed=0)
     add(method="magnitude", model=SMALL_MODEL, dataset=DATASET, target=0.9, seed=0)
     # An experiment that exists but is empty.
@@ -164,8 +196,8 @@ def _welch(a: list[float], b: list[float]) -> float | None:
     if not parts:
         return None
     se2 = sum(p for p, _ in parts)
-    df = se2 ** 2 / sum(p ** 2 / d for p, d in parts)
-    return t.ppf(0.975, df) * se2 ** 0.5
+    df = se2**2 / sum(p**2 / d for p, d in parts)
+    return t.ppf(0.975, df) * se2**0.5
 
 
 def _expected_rows(logged: list[dict], model: str) -> list[tuple[str, ...]]:
@@ -182,23 +214,46 @@ def _expected_rows(logged: list[dict], model: str) -> list[tuple[str, ...]]:
     for (method, target), rs in groups.items():
         tests = [r["test"] for r in rs]
         hw = _welch(tests, dense_vals)
-        delta = "—" if method == "dense" else f"{100 * (statistics.fmean(tests) - dense):+.2f}" + (
-            "" if hw is None else f" ± {100 * hw:.2f}")
+        delta = (
+            "—"
+            if method == "dense"
+            else f"{100 * (statistics.fmean(tests) - dense):+.2f}" + ("" if hw is None else f" ± {100 * hw:.2f}")
+        )
         compression = statistics.fmean(1.0 / (1.0 - r["achieved"]) for r in rs)
         budget = "—" if method == "dense" else "n/a"  # these runs log no budget metrics
         seeds = len({r["seed"] for r in rs})
-        proto = "—" if method == "dense" else "ok" if seeds >= 3 else f"flagged: {seeds} seed{'s' if seeds != 1 else ''}, fewer than 3"
-        rows.append((method, f"{100 * target:.2f}",
-                     f"{100 * statistics.fmean(r['achieved'] for r in rs):.2f}", f"{compression:.2f}", "n/a",
-                     _mean_std(tests), str(len(rs)), budget, delta, proto))
+        proto = (
+            "—"
+            if method == "dense"
+            else "ok"
+            if seeds >= 3
+            else f"flagged: {seeds} seed{'s' if seeds != 1 else ''}, fewer than 3"
+        )
+        rows.append(
+            (
+                method,
+                f"{100 * target:.2f}",
+                f"{100 * statistics.fmean(r['achieved'] for r in rs):.2f}",
+                f"{compression:.2f}",
+                "n/a",
+                _mean_std(tests),
+                str(len(rs)),
+                budget,
+                delta,
+                proto,
+            )
+        )
     return rows
 
 
 def test_written_files(built):
     files, out = built["files"], built["out"]
     expected = {
-        "results.csv", "report.md", "index.html",
-        f"acc_vs_sparsity_{DATASET}_{MODEL}.png", f"density_{DATASET}_{MODEL}.png",
+        "results.csv",
+        "report.md",
+        "index.html",
+        f"acc_vs_sparsity_{DATASET}_{MODEL}.png",
+        f"density_{DATASET}_{MODEL}.png",
         f"acc_vs_sparsity_{DATASET}_{SMALL_MODEL}.png",
     }
     assert set(files) == expected
@@ -215,9 +270,22 @@ def test_results_csv(built):
     logged = {r["run_id"]: r for r in built["logged"]}
     assert len(rows) == len(logged) == 17
     assert {r["run_id"] for r in rows} == set(logged)
-    required = ["run_id", "run_hash", "status", "method", "model", "dataset", "seed",
-                "target_sparsity", "achieved_sparsity", "test_top1", "val_top1", "epochs",
-                "wall_time_s", "error"]
+    required = [
+        "run_id",
+        "run_hash",
+        "status",
+        "method",
+        "model",
+        "dataset",
+        "seed",
+        "target_sparsity",
+        "achieved_sparsity",
+        "test_top1",
+        "val_top1",
+        "epochs",
+        "wall_time_s",
+        "error",
+    ]
     assert set(required) <= set(rows[0])
     for row in rows:
         exp = logged[row["run_id"]]
@@ -248,8 +316,9 @@ def test_report_md_tables(built):
         for cells in _expected_rows(built["logged"], model):
             assert "| " + " | ".join(cells) + " |" in md, cells
     # the single-seed table shows a bare mean, no ±
-    assert (f"| magnitude | 90.00 | 90.00 | 10.00 | n/a | "
-            f"{100 * _synthetic_accuracy('magnitude', 0.9, 0)[0]:.2f} | 1 |") in md
+    assert (
+        f"| magnitude | 90.00 | 90.00 | 10.00 | n/a | {100 * _synthetic_accuracy('magnitude', 0.9, 0)[0]:.2f} | 1 |"
+    ) in md
     # the failed run is not part of the n=2 magnitude 98 % row
     assert "| magnitude | 98.00 | 98.00 | 50.00 | n/a |" in md
 
@@ -303,13 +372,16 @@ def test_empty_experiment_raises(built):
 
 # output positions per image of each prunable layer, worked out by hand from the architectures
 # (FMNISTCNN: 28 -> 14 -> 7 with two stride-2 convs; LeNet-300-100: Linear only)
-POSITIONS = {"fmnist_cnn": {"features.0": 14 * 14, "features.2": 7 * 7, "classifier.1": 1, "classifier.3": 1},
-             "lenet300": {"net.1": 1, "net.3": 1, "net.5": 1}}
+POSITIONS = {
+    "fmnist_cnn": {"features.0": 14 * 14, "features.2": 7 * 7, "classifier.1": 1, "classifier.3": 1},
+    "lenet300": {"net.1": 1, "net.3": 1, "net.5": 1},
+}
 
 
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
-    from reports.bench_build import EXPERIMENT as SYN, make_store
+    from reports.bench_build import EXPERIMENT as SYN
+    from reports.bench_build import make_store
 
     root = tmp_path_factory.mktemp("large")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -351,9 +423,13 @@ def test_large_sweep_tables(large):
             rs = [r for r in fin if r["model"] == model and r["method"] == method and r["target"] == target]
             tests = [r["test"] for r in rs]
             hw = _welch(tests, dense)
-            cells = [_mean_std(tests), str(len(rs)), "n/a",  # no budget metrics logged
-                     f"{100 * (statistics.fmean(tests) - statistics.fmean(dense)):+.2f}"
-                     + ("" if hw is None else f" ± {100 * hw:.2f}")]
+            cells = [
+                _mean_std(tests),
+                str(len(rs)),
+                "n/a",  # no budget metrics logged
+                f"{100 * (statistics.fmean(tests) - statistics.fmean(dense)):+.2f}"
+                + ("" if hw is None else f" ± {100 * hw:.2f}"),
+            ]
             assert " | " + " | ".join(cells) + " |" in section, (model, method, target, cells)
         # one targeting row per finished pruning run; the overhead bench feeds the compute table
         targeting = section.split("#### Sparsity targeting", 1)[1].split("####", 1)[0]
@@ -370,7 +446,7 @@ def test_t_quantile_and_published_matching():
     from scipy.stats import t
 
     from reports import published
-    from reports.build import diff_ci, mean_ci, t975
+    from reports.stats import diff_ci, mean_ci, t975
 
     for df in (1, 2, 3.7, 9, 41.5, 500):
         assert t975(df) == pytest.approx(t.ppf(0.975, df), rel=1e-9)
@@ -388,11 +464,15 @@ def test_t_quantile_and_published_matching():
 
 def test_published_table_shows_matches_side_by_side():
     from reports import published
-    from reports.build import _published_table, _Row, _Section
+    from reports.tables import Row as _Row
+    from reports.tables import Section as _Section
+    from reports.tables import published_table as _published_table
 
-    rows = [_Row("dense", 0.0, [0.0], [0.765, 0.767], [0, 1]),
-            _Row("str-ref", 0.8, [0.8], [0.751, 0.755], [0, 1]),
-            _Row("hyperflux", 0.8, [0.8], [0.76], [0])]
+    rows = [
+        _Row("dense", 0.0, [0.0], [0.765, 0.767], [0, 1]),
+        _Row("str-ref", 0.8, [0.8], [0.751, 0.755], [0, 1]),
+        _Row("hyperflux", 0.8, [0.8], [0.76], [0]),
+    ]
     t = _published_table(_Section("imagenet", "resnet50", rows, 0.766), published.load())
     assert not isinstance(t, str) and t.kind == "published"
     assert len(t.rows) == 1
@@ -414,15 +494,34 @@ def test_equal_budget_controls_each_run_gets_its_own(tmp_path):
 
     def run(variant, method, target, test, budget, epochs, seed=0, init="dense", counted=1.0):
         i = next(n)
-        r = client.create_run(exp, tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": method,
-                                         "hfbench.variant": variant}, run_name=f"{variant}-{target}-{seed}")
-        metrics = {"final_test_top1": test, "final_val_top1": test, "final_sparsity": target,
-                   "final_density": 1 - target, "budget_total_images": budget, "budget_images": budget / 2,
-                   "budget_parent_counted": counted}
-        params = {"method": method, "model": MODEL, "dataset": DATASET, "sparsity": str(target),
-                  "seed": str(seed), "epochs": str(epochs), "init": init}
-        client.log_batch(r.info.run_id, metrics=[Metric(k, v, ts, epochs) for k, v in metrics.items()],
-                         params=[Param(k, v) for k, v in params.items()])
+        r = client.create_run(
+            exp,
+            tags={"hfbench.run_hash": f"{i:012x}", "hfbench.method": method, "hfbench.variant": variant},
+            run_name=f"{variant}-{target}-{seed}",
+        )
+        metrics = {
+            "final_test_top1": test,
+            "final_val_top1": test,
+            "final_sparsity": target,
+            "final_density": 1 - target,
+            "budget_total_images": budget,
+            "budget_images": budget / 2,
+            "budget_parent_counted": counted,
+        }
+        params = {
+            "method": method,
+            "model": MODEL,
+            "dataset": DATASET,
+            "sparsity": str(target),
+            "seed": str(seed),
+            "epochs": str(epochs),
+            "init": init,
+        }
+        client.log_batch(
+            r.info.run_id,
+            metrics=[Metric(k, v, ts, epochs) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in params.items()],
+        )
         client.set_terminated(r.info.run_id, "FINISHED")
 
     run("dense", "dense", 0.0, 0.90, 100.0, 5, init="scratch")
@@ -461,7 +560,8 @@ def test_a_report_built_beside_its_store_names_no_machine_folders(tmp_path, monk
     """Built from the folder that holds the store (as the committed reports are, from the
     repository root), the report shows the tracking URI, each run's config artifact and its
     retrain command relative to that folder, and they resolve there; nothing names tmp_path."""
-    from reports.bench_build import EXPERIMENT as SYN, make_store
+    from reports.bench_build import EXPERIMENT as SYN
+    from reports.bench_build import make_store
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -480,7 +580,7 @@ def test_a_report_built_beside_its_store_names_no_machine_folders(tmp_path, monk
 def test_every_method_has_its_own_colour_in_every_plot():
     """Twelve methods, twelve distinct colours (matplotlib's default cycle has ten, and CS and STR
     shared one); a method's style does not depend on which other methods a report holds."""
-    from reports.build import method_style
+    from reports.plots import method_style
     from suite.pruning import registry
 
     styles = {m: method_style(m) for m in registry.names()}
@@ -498,8 +598,9 @@ def test_published_rows_are_matched_like_for_like():
     table = published.load()
     assert RunConfig(method="gmp", sparsity=0.9, gmp={"scope": "layer"}).variant() == "gmp-layer"
     assert RunConfig(method="gmp", sparsity=0.9).variant() == "gmp"
-    assert [p.method for p in published.matches("imagenet", "resnet50", "gmp-layer", 0.9, table, "scratch")] \
-        == ["gmp_uniform"]
+    assert [p.method for p in published.matches("imagenet", "resnet50", "gmp-layer", 0.9, table, "scratch")] == [
+        "gmp_uniform"
+    ]
     assert published.matches("imagenet", "resnet50", "gmp", 0.9, table, "scratch") == []  # no global GMP row
     assert published.matches("imagenet", "resnet50", "imp", 0.9, table, "pretrained") == []
     assert published.matches("imagenet", "resnet50", "imp", 0.9, table, "scratch") == []  # not a ticket
@@ -507,7 +608,9 @@ def test_published_rows_are_matched_like_for_like():
     assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "scratch") == []
     assert published.matches("imagenet", "resnet50", "rmt_hybrid", 0.5, table, "pretrained")[0].top1 == 75.76
     assert published.matches("imagenet", "resnet50", "gmp-layer", 0.965, table, "scratch") == []  # 95 and 98 tie
-    assert [p.sparsity for p in published.matches("imagenet", "resnet50", "str-ref", 0.96, table, "scratch")] == [0.9515]
+    assert [p.sparsity for p in published.matches("imagenet", "resnet50", "str-ref", 0.96, table, "scratch")] == [
+        0.9515
+    ]
     note = published.unmatched_note(["str", "str-ref", "imp", "hyperflux"])
     assert "str: calibrated mode" in note and "imp: IMP from a trained network" in note and "hyperflux" not in note
 

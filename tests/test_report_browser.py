@@ -4,6 +4,7 @@ loaded, whether every image decoded (naturalWidth > 0), which tables are present
 event; Chromium's console log (--enable-logging=stderr) must hold no CONSOLE line.
 
 Needs Debian's chromium (scripts/setup.sh installs it); fails, not skips, without it."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("chromium is not installed: the browser check of index.html needs it "
-                "(scripts/setup.sh installs Debian's chromium package: apt-get install chromium)")
+    pytest.fail(
+        "chromium is not installed: the browser check of index.html needs it "
+        "(scripts/setup.sh installs Debian's chromium package: apt-get install chromium)"
+    )
 
 
 def check_page(page: Path, tmp: Path) -> tuple[dict, list[str]]:
@@ -56,16 +59,27 @@ def check_page(page: Path, tmp: Path) -> tuple[dict, list[str]]:
     html = page.read_text(encoding="utf-8")
     assert "<head>" in html and "</body>" in html
     probe = tmp / f"check_{page.stem}.html"
-    probe.write_text(html.replace("<head>", "<head>" + _HEAD, 1).replace("</body>", _CHECK + "</body>", 1),
-                     encoding="utf-8")
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--disable-extensions", f"--user-data-dir={tmp / 'chromium-profile'}",
-           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=20000", "--dump-dom",
-           probe.resolve().as_uri()]
+    probe.write_text(
+        html.replace("<head>", "<head>" + _HEAD, 1).replace("</body>", _CHECK + "</body>", 1), encoding="utf-8"
+    )
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        probe.resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     m = re.search(r'<pre id="hfbench-check">(.*?)</pre>', proc.stdout, re.S)
-    assert m, (f"the check script did not run (chromium exit {proc.returncode}); "
-               f"stderr tail: {proc.stderr[-2000:]}")
+    assert m, f"the check script did not run (chromium exit {proc.returncode}); stderr tail: {proc.stderr[-2000:]}"
     import html as _html
 
     result = json.loads(_html.unescape(m.group(1)))
@@ -111,8 +125,10 @@ def test_checker_catches_a_broken_image(report, tmp_path):
     _, files = report
     page = files["index.html"].read_text(encoding="utf-8")
     bad = tmp_path / "broken.html"
-    bad.write_text(re.sub(r'data:image/png;base64,[A-Za-z0-9+/=]{40}', "data:image/png;base64,AAAA", page,
-                          count=1), encoding="utf-8")
+    bad.write_text(
+        re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]{40}", "data:image/png;base64,AAAA", page, count=1),
+        encoding="utf-8",
+    )
     result, _ = check_page(bad, tmp_path)
     assert len(result["broken"]) == 1
 

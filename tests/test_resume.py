@@ -5,6 +5,7 @@ ends, in one MLflow run.
 The runs are grouped to keep the test fast: per group of runs (precision, loader threads), one
 process trains every uninterrupted reference, another (at the same time) every interrupted run,
 and a third, fresh process resumes them all."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 # Each job's outcome: its result, or "preempted"; and its log lines.
 SCRIPT = r"""
 import json, os, sys
-from suite import engine, tracking
+from suite import engine, preemption, tracking
 from suite.config import RunConfig
 jobs, out = json.loads(sys.argv[1]), sys.argv[2]
 engine.install_stop_handler()
@@ -39,7 +40,7 @@ for cfg_data, uri, inject in jobs:
         res = engine.train(cfg, tracking.ensure_experiment(uri, cfg.experiment), uri, log=say)
     except engine.Preempted:
         res = "preempted"
-        engine._STOP.update(signum=None, frame=None, previous=None, handing_over=False)
+        preemption._STOP.update(signum=None, frame=None, previous=None, handing_over=False)
     done[cfg.run_hash()] = {"result": res, "log": lines}
 open(out, "w").write(json.dumps(done))
 """
@@ -59,8 +60,12 @@ open(out, "w").write(json.dumps(res))
 
 
 def start_one(cfg: dict, uri: str, result: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT_ONE, json.dumps(cfg), uri, str(result)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT_ONE, json.dumps(cfg), uri, str(result)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 METHODS = registry.names()  # every registered method, whatever is added later
@@ -72,17 +77,30 @@ STOP_AT = 20  # global step of the signal: epoch 2 of 4, step 5 of 15
 def _cfg(root: Path, data_dir: Path, method: str, precision: str, workers: int) -> dict:
     from suite.config import RunConfig
 
-    return RunConfig(method=method, sparsity=0.0 if method == "dense" else 0.8, epochs=4, max_steps_per_epoch=15,
-                     batch_size=64, engine={"precision": precision, "device": "cpu", "loader_workers": workers},
-                     data_dir=str(data_dir), out_dir=str(root), experiment="resume",
-                     hyperflux={"pruning_end": 3, "gate_lr": 0.02},
-                     gmp={"start_epoch": 0, "end_epoch": 3, "update_every": 4}).model_dump(mode="json")
+    return RunConfig(
+        method=method,
+        sparsity=0.0 if method == "dense" else 0.8,
+        epochs=4,
+        max_steps_per_epoch=15,
+        batch_size=64,
+        engine={"precision": precision, "device": "cpu", "loader_workers": workers},
+        data_dir=str(data_dir),
+        out_dir=str(root),
+        experiment="resume",
+        hyperflux={"pruning_end": 3, "gate_lr": 0.02},
+        gmp={"start_epoch": 0, "end_epoch": 3, "update_every": 4},
+    ).model_dump(mode="json")
 
 
 def _start(jobs: list, out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "HFBENCH_INJECT"}
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(jobs), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, json.dumps(jobs), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def _finish(procs: list[tuple[subprocess.Popen, Path]], also: list[subprocess.Popen] = ()) -> None:
@@ -159,8 +177,10 @@ def test_usr2_mid_epoch_then_resume_is_bit_exact(resumed, case):
     assert cut["result"] == "preempted" and f"stop requested at epoch 2, step {STOP_AT}" in log, log[-3000:]
     assert not any("stop requested" in line for line in ref["log"])
     # resumed from the checkpoint of the stop itself, not from an older one it fell back to
-    assert any(line.startswith("[hfbench] resuming ") and line.endswith(f" at epoch 2, step {STOP_AT}")
-               for line in again["log"]), "\n".join(again["log"])[-3000:]
+    assert any(
+        line.startswith("[hfbench] resuming ") and line.endswith(f" at epoch 2, step {STOP_AT}")
+        for line in again["log"]
+    ), "\n".join(again["log"])[-3000:]
     assert not any("WARNING" in line and "instead" in line for line in again["log"]), again["log"]
     reference, result = ref["result"], again["result"]
 
@@ -171,8 +191,16 @@ def test_usr2_mid_epoch_then_resume_is_bit_exact(resumed, case):
     c, rc = tracking.client(uri), tracking.client(ref_uri)
     run = c.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert len([r for r in c.search_runs([run.info.experiment_id])
-                if r.data.tags.get(tracking.TAG_HASH) == run.data.tags.get(tracking.TAG_HASH)]) == 1
+    assert (
+        len(
+            [
+                r
+                for r in c.search_runs([run.info.experiment_id])
+                if r.data.tags.get(tracking.TAG_HASH) == run.data.tags.get(tracking.TAG_HASH)
+            ]
+        )
+        == 1
+    )
     steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "density"))
     expected = sorted(m.step for m in rc.get_metric_history(reference["mlflow_run_id"], "density"))
     assert steps == expected == list(range(1, len(expected) + 1)), steps  # every epoch, once (IMP: every level's)

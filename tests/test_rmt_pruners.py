@@ -1,5 +1,6 @@
 """The four Marchenko-Pastur pruners (baselines/rmt.py): SEB, SER, hybrid magnitude-SER and
 classical RMT, driven through the suite's Pruner hooks on tiny models."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,12 @@ import torch
 import torch.nn as nn
 
 from baselines import marchenko_pastur as mp
-from baselines.rmt import (ClassicalRMT, HybridMagnitudeSER, SpectralEdgeBudget, SpectralEdgeRestore,
-                           denoise_noise_components)
+from baselines.rmt import (
+    ClassicalRMT,
+    HybridMagnitudeSER,
+    SpectralEdgeRestore,
+    denoise_noise_components,
+)
 from suite.config import RunConfig
 from suite.models import prunable_layers
 from suite.optim import WeightsAndGates
@@ -46,8 +51,15 @@ def _setup(method, s, epochs=3, steps=6, rmt=None, seed=0, scales=(1.0, 2.0, 0.5
     cfg = RunConfig(method=method, sparsity=s, epochs=epochs, lr=0.05, rmt=rmt or {})
     p = registry.get(method)(cfg, layers, steps)
     p.attach(net)
-    opt = WeightsAndGates([{"params": list(net.parameters())}], [], lr=cfg.lr, momentum=0.9,
-                          weight_decay=5e-4, nesterov=False, gate_lr=1e-3)
+    opt = WeightsAndGates(
+        [{"params": list(net.parameters())}],
+        [],
+        lr=cfg.lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+        nesterov=False,
+        gate_lr=1e-3,
+    )
     p.bind_optimizer(opt)
     return net, layers, p, opt
 
@@ -101,8 +113,9 @@ def test_seb_exact_target_and_large_edge_layer_pruned_harder(s):
     assert "npl_threshold" in p.end_epoch(1, 1 - s)
 
 
-@pytest.mark.parametrize("s,b,s_d", [(0.2, 0.0, 1.0), (0.3, 1.0, 0.5), (0.4, 1.0, 0.5), (0.5, 1.25, 0.7),
-                                     (0.55, 1.25, 0.7)])
+@pytest.mark.parametrize(
+    "s,b,s_d", [(0.2, 0.0, 1.0), (0.3, 1.0, 0.5), (0.4, 1.0, 0.5), (0.5, 1.25, 0.7), (0.55, 1.25, 0.7)]
+)
 def test_seb_paper_regime_picks_the_papers_b_and_s_d_by_target(s, b, s_d):
     """seb_regime paper against the regimes of arXiv 2606.02608 (methodology.tex:1079-1085,
     1179-1183): the pruner's masks are those of seb_masks with the paper's (b, s_d) given by hand."""
@@ -122,12 +135,17 @@ def test_seb_paper_regime_weights_layer_types_above_055():
     b, s_d = mp.seb_paper_regime(0.7, names)
     assert (b, s_d) == ([1.5, 1.0, 2.0, 1.5, 1.5], 0.85)
     from types import SimpleNamespace
+
     fits = [SimpleNamespace(sv_edge=e) for e in (1.0, 2.0, 3.0, 4.0, 5.0)]  # only the edge is read
     z = [-1.414213562373095, -0.7071067811865475, 0.0, 0.7071067811865475, 1.414213562373095]
     d = 1 - 0.7 / 0.85
-    assert mp.seb_layer_weights(fits, 0.7, b=b, s_d=s_d) == pytest.approx([max(0.1, 1 + bl * d * zl) for bl, zl in zip(b, z)])
-    assert RunConfig(method="seb", sparsity=0.7).run_hash() != RunConfig(method="seb", sparsity=0.7,
-                                                                        rmt={"seb_regime": "paper"}).run_hash()
+    assert mp.seb_layer_weights(fits, 0.7, b=b, s_d=s_d) == pytest.approx(
+        [max(0.1, 1 + bl * d * zl) for bl, zl in zip(b, z)]
+    )
+    assert (
+        RunConfig(method="seb", sparsity=0.7).run_hash()
+        != RunConfig(method="seb", sparsity=0.7, rmt={"seb_regime": "paper"}).run_hash()
+    )
 
 
 # ----------------------------------------------------------------------------- SER
@@ -330,7 +348,9 @@ def test_classical_rmt_regularised_then_plain_fine_tune():
     m0 = [par.mask.clone() for par in p.params]
     p.start_epoch(1)
     t = p.loss_term()
-    assert t is not None and float(t.detach()) == pytest.approx(1e-4 * sum(float(m.weight.detach().abs().sum()) for _, m in layers))
+    assert t is not None and float(t.detach()) == pytest.approx(
+        1e-4 * sum(float(m.weight.detach().abs().sum()) for _, m in layers)
+    )
     _, out, step = _epoch(net, layers, p, opt, 1, _data())
     assert out["rmt_regularised"] == 1.0
     p.start_epoch(2)
@@ -370,8 +390,10 @@ def test_ser_reinsert_over_prunes_by_an_absolute_share_as_the_released_code():
     p.on_train_start()
     N = _n(layers)
     assert sum(int((o == 0).sum()) for o in p.over) == round(0.53 * N)
-    assert RunConfig(method="ser", sparsity=0.5, rmt={"ser_reinsert": 0.03}).run_hash() != \
-        RunConfig(method="ser", sparsity=0.5).run_hash()
+    assert (
+        RunConfig(method="ser", sparsity=0.5, rmt={"ser_reinsert": 0.03}).run_hash()
+        != RunConfig(method="ser", sparsity=0.5).run_hash()
+    )
 
 
 def test_mp_fit_quantile_offset_reproduces_the_public_codes_i_over_p():
@@ -383,7 +405,7 @@ def test_mp_fit_quantile_offset_reproduces_the_public_codes_i_over_p():
     W = torch.randn(200, 80, dtype=torch.float64)
     s = torch.linalg.svdvals(W).numpy()
     n, p = 200, 80
-    lam = np.sort(s ** 2 / n)
+    lam = np.sort(s**2 / n)
     lo, hi = int(0.25 * p), int(0.75 * p)
     idx = np.arange(lo, hi)
     for off in (0.0, 0.5):
@@ -397,6 +419,7 @@ def test_mp_fit_quantile_offset_reproduces_the_public_codes_i_over_p():
 # ----------------------------------------------------------------------------- classical RMT, gradual
 def test_cycle_path_follows_the_public_codes_growing_share_and_lands_on_the_target():
     from baselines.rmt import cycle_path
+
     path = cycle_path(0.9, 34)
     assert len(path) == 34 and path[-1] == 0.9 and all(b > a for a, b in zip(path, path[1:]))
     # cycle i removes c 1.02^i of what remains (RMT_pruning_ViT prune.py:106): the ratio of
@@ -429,5 +452,7 @@ def test_classical_rmt_in_cycles_prunes_along_the_path_and_never_revives():
     q = _setup("rmt", s, epochs=4, steps=6, rmt={"cycles": cycles})[2]
     q.load_state_dict(st)
     assert q.cycle == cycles  # a resumed run does not prune again
-    assert RunConfig(method="rmt", sparsity=s).run_hash() != RunConfig(method="rmt", sparsity=s,
-                                                                      rmt={"cycles": 34}).run_hash()
+    assert (
+        RunConfig(method="rmt", sparsity=s).run_hash()
+        != RunConfig(method="rmt", sparsity=s, rmt={"cycles": 34}).run_hash()
+    )

@@ -1,5 +1,6 @@
 """Nobody let in: the MLflow server listens on loopback, checkpoints load without running code,
 no config value reaches a shell, and config strings cannot steer files out of their folders."""
+
 from __future__ import annotations
 
 import ast
@@ -14,11 +15,15 @@ import pytest
 import torch
 import yaml
 
-from suite.config import ConfigError, RunConfig, SweepConfig, load_sweep
+from suite.config import ConfigError, RunConfig
+from suite.sweeps import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-PY_FILES = [p for p in ROOT.rglob("*.py")
-            if not ({".venv", "runs", "mlruns", "data", ".git", "build"} & set(p.relative_to(ROOT).parts))]
+PY_FILES = [
+    p
+    for p in ROOT.rglob("*.py")
+    if not ({".venv", "runs", "mlruns", "data", ".git", "build"} & set(p.relative_to(ROOT).parts))
+]
 
 
 # ============================================================================ MLflow server bind
@@ -37,7 +42,7 @@ def _listeners(port: int) -> list[str]:
                 continue
             raw = bytes.fromhex(addr)
             if v6:  # four little-endian 32-bit words
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
                 import ipaddress
 
                 ip = ipaddress.IPv6Address(raw)
@@ -47,12 +52,15 @@ def _listeners(port: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # needs the MLflow server scripts/services.sh starts
 def test_mlflow_server_listens_on_loopback_only(mlflow_server):
     """The server scripts/services.sh starts binds 127.0.0.1 unless HFBENCH_MLFLOW_HOST says otherwise."""
     port = urlparse(mlflow_server).port
     found = _listeners(port)
-    assert found, (f"no socket listens on port {port} of HFBENCH_MLFLOW_URI={mlflow_server}: the MLflow server "
-                   "is not running (start it with scripts/services.sh start, or run scripts/test.sh)")
+    assert found, (
+        f"no socket listens on port {port} of HFBENCH_MLFLOW_URI={mlflow_server}: the MLflow server "
+        "is not running (start it with scripts/services.sh start, or run scripts/test.sh)"
+    )
     wanted = os.environ.get("HFBENCH_MLFLOW_HOST") or "127.0.0.1"
     if wanted == "127.0.0.1":
         assert set(found) == {"127.0.0.1"}, f"MLflow listens on {found}, not only on 127.0.0.1"
@@ -63,9 +71,13 @@ def test_mlflow_server_listens_on_loopback_only(mlflow_server):
 def test_services_script_documents_and_checks_the_bind_host():
     usage = subprocess.run(["bash", str(ROOT / "scripts/services.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "HFBENCH_MLFLOW_HOST" in usage.stderr and "127.0.0.1" in usage.stderr
-    bad = subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "status", "/nonexistent-hfbench"],
-                         env=dict(os.environ, HFBENCH_MLFLOW_HOST="127.0.0.1;touch pwned"),
-                         capture_output=True, text=True, cwd="/tmp")
+    bad = subprocess.run(
+        ["bash", str(ROOT / "scripts/services.sh"), "status", "/nonexistent-hfbench"],
+        env=dict(os.environ, HFBENCH_MLFLOW_HOST="127.0.0.1;touch pwned"),
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+    )
     assert bad.returncode == 2 and "bad HFBENCH_MLFLOW_HOST" in bad.stderr
     text = (ROOT / "scripts/services.sh").read_text()
     assert 'MLFLOW_HOST="${HFBENCH_MLFLOW_HOST:-127.0.0.1}"' in text and '--host "$MLFLOW_HOST"' in text
@@ -109,8 +121,13 @@ def test_checkpoint_resume_refuses_a_malicious_pickle(tmp_path, monkeypatch):
     """train() finds <out_dir>/<hash>/last.pt and resumes from it: a hostile last.pt is refused."""
     from suite import engine
 
-    cfg = RunConfig(method="dense", epochs=1, out_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"),
-                    engine={"device": "cpu", "deterministic": False})
+    cfg = RunConfig(
+        method="dense",
+        epochs=1,
+        out_dir=str(tmp_path / "runs"),
+        data_dir=str(tmp_path / "data"),
+        engine={"device": "cpu", "deterministic": False},
+    )
     marker = tmp_path / "marker"
     ckpt = engine.run_dir(cfg) / "last.pt"
     ckpt.parent.mkdir(parents=True)
@@ -162,23 +179,57 @@ def test_no_shell_anywhere():
                 for k in node.keywords:
                     if k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False):
                         bad.append(f"{where} shell=")
-                if name in ("run", "Popen", "call", "check_call", "check_output") and node.args \
-                        and not isinstance(node.args[0], (ast.List, ast.Tuple, ast.Name, ast.Starred)):
+                if (
+                    name in ("run", "Popen", "call", "check_call", "check_output")
+                    and node.args
+                    and not isinstance(node.args[0], (ast.List, ast.Tuple, ast.Name, ast.Starred))
+                ):
                     bad.append(f"{where} subprocess.{name} with a {type(node.args[0]).__name__} command")
     assert not bad, bad
 
 
-HOSTILE = ["x; rm -rf ./victim", "$(touch pwned)", "`touch pwned`", "a && touch pwned", "a | touch pwned",
-           "'; touch pwned; '", '"; touch pwned; "', "$(touch pwned)`touch pwned`", "x\ntouch pwned",
-           "--help", "-rf", "../pwned", "pwned\0", "* ?[a]", "~", "$HOME/pwned"]
+HOSTILE = [
+    "x; rm -rf ./victim",
+    "$(touch pwned)",
+    "`touch pwned`",
+    "a && touch pwned",
+    "a | touch pwned",
+    "'; touch pwned; '",
+    '"; touch pwned; "',
+    "$(touch pwned)`touch pwned`",
+    "x\ntouch pwned",
+    "--help",
+    "-rf",
+    "../pwned",
+    "pwned\0",
+    "* ?[a]",
+    "~",
+    "$HOME/pwned",
+]
 # the sweep fields a value can come through, and where it lands
-FIELDS = ["name", "experiment", "out_dir", "data_dir", "launcher.folder", "launcher.slurm.partition",
-          "launcher.slurm.account", "launcher.slurm.extra.comment", "base.tracking_uri", "base.experiment"]
+FIELDS = [
+    "name",
+    "experiment",
+    "out_dir",
+    "data_dir",
+    "launcher.folder",
+    "launcher.slurm.partition",
+    "launcher.slurm.account",
+    "launcher.slurm.extra.comment",
+    "base.tracking_uri",
+    "base.experiment",
+]
 
 
 def _hostile_sweep(field: str, value: str, tmp: Path) -> dict:
-    d = {"name": "hostile", "base": {"epochs": 2}, "grid": {"methods": ["dense", "gmp"], "sparsities": [0.5]},
-         "launcher": {"executor": "local", "folder": "submitit"}, "out_dir": "runs", "data_dir": "data"}
+    d = {
+        "name": "hostile",
+        "base": {"epochs": 2},
+        "grid": {"methods": ["dense", "gmp"], "sparsities": [0.5]},
+        "launcher": {"executor": "local", "folder": "submitit"},
+        "out_dir": "runs",
+        "data_dir": "data",
+    }
     cur = d
     parts = field.split(".")
     for p in parts[:-1]:
@@ -250,8 +301,13 @@ def test_hostile_values_are_refused_or_inert(tmp_path, monkeypatch):
             script = tmp_path / "job.sh"
             script.write_text(ex._executor._make_submission_file_text("python -u -m submitit.core._submit x", "u"))
             args = tmp_path / "srun-args"
-            subprocess.run(["bash", str(script)], cwd=work, check=True, timeout=60,
-                           env=dict(os.environ, PATH=f"{fakebin}:{os.environ['PATH']}", SRUN_ARGS=str(args)))
+            subprocess.run(
+                ["bash", str(script)],
+                cwd=work,
+                check=True,
+                timeout=60,
+                env=dict(os.environ, PATH=f"{fakebin}:{os.environ['PATH']}", SRUN_ARGS=str(args)),
+            )
             assert str(s.folder) in args.read_text(), "the job folder did not reach srun verbatim"
     assert tracking.git_commit()
     assert refused >= 10 and accepted >= 10, (refused, accepted)
@@ -266,15 +322,26 @@ def test_hostile_names_through_the_cli(tmp_path):
     folder names."""
     work = tmp_path / "work"
     work.mkdir()
-    cfg = {"name": "hostile", "experiment": "$(touch pwned); `touch pwned` && touch pwned",
-           "out_dir": "$(touch pwned)", "data_dir": "`touch pwned`",
-           "launcher": {"executor": "local", "folder": "a;touch pwned"},
-           "base": {"epochs": 2}, "grid": {"methods": ["dense"]}}
+    cfg = {
+        "name": "hostile",
+        "experiment": "$(touch pwned); `touch pwned` && touch pwned",
+        "out_dir": "$(touch pwned)",
+        "data_dir": "`touch pwned`",
+        "launcher": {"executor": "local", "folder": "a;touch pwned"},
+        "base": {"epochs": 2},
+        "grid": {"methods": ["dense"]},
+    }
     (work / "s.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for args in (["status", "s.yaml", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],):
-        r = subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=work, env=env, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "dense" in r.stdout
     assert not _no_pwned(tmp_path, ROOT, Path.home(), Path("/tmp"))
@@ -282,14 +349,24 @@ def test_hostile_names_through_the_cli(tmp_path):
 
 
 # ============================================================================ paths
-@pytest.mark.parametrize("changes,field", [
-    ({"name": ".."}, "name"), ({"name": "."}, "name"), ({"name": "a/b"}, "name"), ({"name": "a\0b"}, "name"),
-    ({"name": "..\\x"}, "name"),
-    ({"out_dir": "../out"}, "out_dir"), ({"out_dir": "runs/../../out"}, "out_dir"), ({"out_dir": "runs\0"}, "out_dir"),
-    ({"data_dir": "../../data"}, "data_dir"),
-    ({"launcher": {"folder": "../submitit"}}, "folder"), ({"launcher": {"folder": "x/\0"}}, "folder"),
-    ({"experiment": "exp\0"}, "experiment"),
-], ids=lambda x: repr(x) if isinstance(x, dict) else x)
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"name": ".."}, "name"),
+        ({"name": "."}, "name"),
+        ({"name": "a/b"}, "name"),
+        ({"name": "a\0b"}, "name"),
+        ({"name": "..\\x"}, "name"),
+        ({"out_dir": "../out"}, "out_dir"),
+        ({"out_dir": "runs/../../out"}, "out_dir"),
+        ({"out_dir": "runs\0"}, "out_dir"),
+        ({"data_dir": "../../data"}, "data_dir"),
+        ({"launcher": {"folder": "../submitit"}}, "folder"),
+        ({"launcher": {"folder": "x/\0"}}, "folder"),
+        ({"experiment": "exp\0"}, "experiment"),
+    ],
+    ids=lambda x: repr(x) if isinstance(x, dict) else x,
+)
 def test_path_components_cannot_climb(tmp_path, changes, field):
     d = {"name": "ok", "base": {"epochs": 2}, **changes}
     p = tmp_path / "s.yaml"
@@ -311,9 +388,15 @@ def test_explicit_absolute_paths_and_harmless_names_are_accepted(tmp_path):
     from launchers.sweep import Sweep, jobs_file
     from suite import engine
 
-    s = SweepConfig.model_validate({"name": "v1..2", "experiment": "team/../x", "out_dir": str(tmp_path / "o"),
-                                    "data_dir": str(tmp_path / ".." / "d"),
-                                    "launcher": {"folder": str(tmp_path / "sub"), "executor": "local"}})
+    s = SweepConfig.model_validate(
+        {
+            "name": "v1..2",
+            "experiment": "team/../x",
+            "out_dir": str(tmp_path / "o"),
+            "data_dir": str(tmp_path / ".." / "d"),
+            "launcher": {"folder": str(tmp_path / "sub"), "executor": "local"},
+        }
+    )
     runs = s.expand()
     assert all(engine.run_dir(r).parent == tmp_path / "o" for r in runs)
     assert Sweep(s, executor="local").folder.parent.parent == tmp_path / "sub"
@@ -342,15 +425,20 @@ def test_shared_or_foreign_folders_are_refused_before_submission(tmp_path, beton
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"""
 name: shared
-tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
-data_dir: {betons['train'].parent}
-out_dir: {tmp_path / 'runs'}
+tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
+data_dir: {betons["train"].parent}
+out_dir: {tmp_path / "runs"}
 base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2}}
 grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
-launcher: {{executor: local, folder: {tmp_path / 'sub'}}}
+launcher: {{executor: local, folder: {tmp_path / "sub"}}}
 """)
-    r = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    r = subprocess.run(
+        [sys.executable, "-m", "launchers.cli", "sweep", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     field = "out_dir" if case == "group-writable" else "launcher.folder"
     assert r.stderr.startswith(f"hfbench: {field}: {target}") and r.stderr.count("\n") == 1, r.stderr
@@ -368,16 +456,20 @@ def test_files_a_run_writes_are_private_to_its_user(tmp_path, betons):
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"""
 name: private
-tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
-data_dir: {betons['train'].parent}
-out_dir: {tmp_path / 'runs'}
+tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
+data_dir: {betons["train"].parent}
+out_dir: {tmp_path / "runs"}
 base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2, batch_size: 16, init: scratch}}
 grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
-launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
+launcher: {{executor: local, folder: {tmp_path / "sub"}, poll_s: 0.5}}
 """)
-    r = subprocess.run(["bash", "-c", f"umask 000; exec {sys.executable} -m launchers.cli sweep {cfg}"],
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    r = subprocess.run(
+        ["bash", "-c", f"umask 000; exec {sys.executable} -m launchers.cli sweep {cfg}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     made = [p for root in (tmp_path / "runs", tmp_path / "sub") for p in [root, *root.rglob("*")]]
     assert any(p.name == "final_weights.pt" for p in made) and any(p.name.endswith("_submitted.pkl") for p in made)
@@ -400,8 +492,13 @@ def test_an_authenticated_tracking_server_takes_credentials_from_the_environment
     root = Path(__file__).resolve().parents[1]
     state = tmp_path / "svc"
     env = {**os.environ, "HFBENCH_MLFLOW_AUTH": "1", "PYTHONPATH": str(root)}
-    start = subprocess.run(["bash", str(root / "scripts" / "services.sh"), "start", str(state)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    start = subprocess.run(
+        ["bash", str(root / "scripts" / "services.sh"), "start", str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         envsh = state / "env.sh"
@@ -414,23 +511,35 @@ def test_an_authenticated_tracking_server_takes_credentials_from_the_environment
         cfg.write_text(f"""
 name: {name}
 tracking_uri: {uri}
-data_dir: {betons['train'].parent}
-out_dir: {tmp_path / 'runs'}
+data_dir: {betons["train"].parent}
+out_dir: {tmp_path / "runs"}
 base: {{model: fmnist_cnn, epochs: 1, max_steps_per_epoch: 2, batch_size: 16, init: scratch}}
 grid: {{methods: [magnitude], sparsities: [0.5], seeds: [0]}}
-launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
+launcher: {{executor: local, folder: {tmp_path / "sub"}, poll_s: 0.5}}
 """)
         bare = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
         bare["PYTHONPATH"] = str(root)
-        refused = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)], env=bare,
-                                 capture_output=True, text=True, timeout=120)
+        refused = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", "sweep", str(cfg)],
+            env=bare,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert refused.stderr.count("\n") == 1 and "MLFLOW_TRACKING_USERNAME" in refused.stderr, refused.stderr
         assert not (tmp_path / "runs").exists()
-        ok = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", str(cfg)],
-                            env={**bare, "MLFLOW_TRACKING_USERNAME": creds["MLFLOW_TRACKING_USERNAME"],
-                                 "MLFLOW_TRACKING_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"]},
-                            capture_output=True, text=True, timeout=400)
+        ok = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", "sweep", str(cfg)],
+            env={
+                **bare,
+                "MLFLOW_TRACKING_USERNAME": creds["MLFLOW_TRACKING_USERNAME"],
+                "MLFLOW_TRACKING_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"],
+            },
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
         import urllib.error
         import urllib.request
@@ -439,5 +548,9 @@ launcher: {{executor: local, folder: {tmp_path / 'sub'}, poll_s: 0.5}}
             urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}", timeout=10)
         assert e.value.code == 401
     finally:
-        subprocess.run(["bash", str(root / "scripts" / "services.sh"), "stop", str(state)], env=env,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["bash", str(root / "scripts" / "services.sh"), "stop", str(state)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )

@@ -26,18 +26,33 @@ A method never reports its own sparsity: the suite measures it (sparsity.py), wi
 in eval mode, so a method whose training-time weights are stochastic (hard-concrete gates)
 is measured at its deterministic test-time weights.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar, cast
 
 import torch
 import torch.nn as nn
 
 from suite.pruning import masks
 
+if TYPE_CHECKING:
+    from suite.config import RunConfig
+    from suite.optim import WeightsAndGates
+    from suite.schema import Strict
 
-def weight_lr(cfg, epoch: int) -> float:
+_Options = TypeVar("_Options", bound="Strict")
+
+
+def run_section(run: RunConfig, name: str, model: type[_Options]) -> _Options:
+    """`run.<name>`, a method's config section, typed as its pydantic `model`: RunConfig gains a
+    field per registered section at runtime (suite.config.sync_sections), which a type checker
+    cannot see."""
+    return cast(_Options, getattr(run, name))
+
+
+def weight_lr(cfg: RunConfig, epoch: int) -> float:
     """The run's weight LR in 1-based `epoch` (non-Hyperflux schedule): cosine from lr (epoch 1)
     towards lr_end over the run, or the step schedule: lr * lr_gamma ** (milestones passed),
     where a milestone m takes effect from epoch m + 1 (torch MultiStepLR stepped once per epoch)."""
@@ -63,7 +78,7 @@ class Pruner:
 
     # -- what the method declares (class level; read by the config, sweeps and reports) -------
     section: ClassVar[Optional[str]] = None  # the run config section it reads (a family may share one)
-    options: ClassVar[Optional[type]] = None  # that section's model (a suite.schema.Strict subclass)
+    options: ClassVar[Optional[type[Strict]]] = None  # that section's model (a suite.schema.Strict subclass)
     variants: ClassVar[dict[str, dict[str, Any]]] = {}  # variant name -> the run fields that make it
     min_epochs: ClassVar[int] = 1  # the shortest run --scale may shrink it to
     own_lr_schedule: ClassVar[bool] = False  # True: the weight LR is the method's, lr_schedule 'step' refused
@@ -83,7 +98,7 @@ class Pruner:
         return fields
 
     @classmethod
-    def check(cls, run) -> None:
+    def check(cls, run: RunConfig) -> None:
         """After validation: refuse a run the recipe cannot train (raise ValueError naming the field)."""
 
     @classmethod
@@ -93,17 +108,17 @@ class Pruner:
         only the steps per epoch are capped)."""
 
     @classmethod
-    def hash_options(cls, d: dict[str, Any], run) -> None:
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
         """The section's part of the run hash, `d` (in place): drop fields added after runs were
         recorded while they hold the value older runs used, so those runs keep their hashes."""
 
     @classmethod
-    def variant(cls, run) -> str:
+    def variant(cls, run: RunConfig) -> str:
         """The report's label of the run: the method, or the named recipe its options make it."""
         return cls.name
 
     @classmethod
-    def run_name(cls, run) -> Optional[str]:
+    def run_name(cls, run: RunConfig) -> Optional[str]:
         """A run name other than <model>-<variant>-<sparsity>-s<seed>, or None."""
         return None
 
@@ -115,7 +130,9 @@ class Pruner:
 
     # -- the run --------------------------------------------------------------------------------
 
-    def __init__(self, cfg, layers: list[tuple[str, nn.Module]], steps_per_epoch: int):
+    optimizer: Optional[WeightsAndGates]  # set by bind_optimizer
+
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         self.cfg = cfg
         self.layers = layers
         self.steps_per_epoch = steps_per_epoch
@@ -126,10 +143,10 @@ class Pruner:
     def gate_parameters(self) -> list[torch.Tensor]:
         return []
 
-    def extra_weight_groups(self) -> list[dict]:
+    def extra_weight_groups(self) -> list[dict[str, Any]]:
         return []
 
-    def bind_optimizer(self, optimizer) -> None:
+    def bind_optimizer(self, optimizer: WeightsAndGates) -> None:
         self.optimizer = optimizer
 
     def on_train_start(self) -> None:
@@ -163,7 +180,9 @@ class MaskPruner(Pruner):
     """Base for methods that hold a 0/1 mask per prunable layer."""
 
     def attach(self, model: nn.Module) -> None:
-        self.params = [masks.attach(mod, masks.MaskedWeight(mod.weight.shape)) for _, mod in self.layers]
+        self.params = [
+            masks.attach(mod, masks.MaskedWeight(masks.effective_weight(mod).shape)) for _, mod in self.layers
+        ]
 
     def stored(self) -> list[torch.Tensor]:
         return [masks.stored_weight(mod) for _, mod in self.layers]
@@ -178,8 +197,10 @@ class MaskPruner(Pruner):
         """Prune the currently active weights to `sparsity` by smallest |score| (pruned stay
         pruned); the score is the stored weight (magnitude) unless given. Records the smallest
         surviving |score| as `threshold`, the saliency the Neural Pruning Law relates to density."""
-        scores = [(w if sc is None else sc) * p.mask
-                  for w, p, sc in zip(self.stored(), self.params, scores or [None] * len(self.params))]
+        unscored: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        scores = [
+            (w if sc is None else sc) * p.mask for w, p, sc in zip(self.stored(), self.params, scores or unscored)
+        ]
         new = masks.magnitude_masks(scores, sparsity, scope)
         self.set_masks(new)
         alive = torch.cat([sc.abs()[m.bool()] for sc, m in zip(scores, new)])

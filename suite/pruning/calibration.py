@@ -36,14 +36,19 @@ lists it as missed); a rule that cannot reach the target (ties) moves to the clo
 can. STR's sparsity can still creep up after its freeze (weights shrinking under the frozen
 threshold), so its final sparsity is measured, not assumed.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class CalibrationConfig(Strict):
@@ -54,14 +59,24 @@ class CalibrationConfig(Strict):
     of the search phase; the knob then stays where it is. off: the knob is used as given."""
 
     mode: Literal["controller", "off"] = "controller"
-    gain: float = Field(1.0, gt=0, le=100, description="log-space gain of the controller")
-    max_factor: float = Field(2.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
-    lookahead: float = Field(1.0, ge=0, le=10, description="k: compare the trend prediction d (d / d_prev)^k "
-                             "with target(epoch + k) (0: the measured density with target(epoch))")
-    snap_pp: float = Field(10.0, ge=0, le=100, description="end of the search: when the knob left the sparsity "
-                           "within this many points of the target, one global scalar of the method's own mask rule "
-                           "is moved so the target is met exactly (the size of the move is logged as snap_pp; "
-                           "0: off)")
+    gain: float = Field(default=1.0, gt=0, le=100, description="log-space gain of the controller")
+    max_factor: float = Field(default=2.0, gt=1, le=1e6, description="largest change of the knob in one epoch")
+    lookahead: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="k: compare the trend prediction d (d / d_prev)^k "
+        "with target(epoch + k) (0: the measured density with target(epoch))",
+    )
+    snap_pp: float = Field(
+        default=10.0,
+        ge=0,
+        le=100,
+        description="end of the search: when the knob left the sparsity "
+        "within this many points of the target, one global scalar of the method's own mask rule "
+        "is moved so the target is met exactly (the size of the move is logged as snap_pp; "
+        "0: off)",
+    )
 
     def snap_limit(self) -> float:
         """The snap's reach: snap_pp while the controller steers the knob; none with mode off (the
@@ -69,9 +84,7 @@ class CalibrationConfig(Strict):
         return self.snap_pp if self.mode == "controller" else 0.0
 
 
-
-
-class _OrUnknown(dict):
+class _OrUnknown(dict[str, str]):
     def __missing__(self, key: str) -> str:  # a run logged before the param existed
         return "?"
 
@@ -82,18 +95,19 @@ class Calibrated:
     and the report's sentence on how the sparsity was reached. Mixed into their Pruner classes,
     which set `section` and `reference_recipe` (a template filled from the section's params)."""
 
-    name: str
-    section: str
-    summary: str
-    reference_recipe: str = ""
+    name: ClassVar[str]
+    section: ClassVar[str]
+    summary: ClassVar[str]
+    reference_recipe: ClassVar[str] = ""
 
     @classmethod
-    def search_epochs(cls, run) -> int:
+    def search_epochs(cls, run: RunConfig) -> int:
         """Epochs of the search phase as configured (the check below)."""
-        return getattr(run, cls.section).search_end or 1
+        end: int = getattr(run, cls.section).search_end or 1
+        return end
 
     @classmethod
-    def check(cls, run) -> None:
+    def check(cls, run: RunConfig) -> None:
         end = cls.search_epochs(run)
         if end > run.epochs:
             raise ValueError(f"{cls.name}: the search phase ({end} epochs) must fit in epochs ({run.epochs})")
@@ -102,16 +116,20 @@ class Calibrated:
     def scale(cls, f: dict[str, Any], k: float, full: int) -> None:
         sec = f.get(cls.section)
         if k != 1.0 and isinstance(sec, dict) and sec.get("search_end") is not None:
-            sec["search_end"] = min(max(1, round(sec["search_end"] * k)) if isinstance(sec["search_end"], int)
-                                    and not isinstance(sec["search_end"], bool) else sec["search_end"], f["epochs"])
+            sec["search_end"] = min(
+                max(1, round(sec["search_end"] * k))
+                if isinstance(sec["search_end"], int) and not isinstance(sec["search_end"], bool)
+                else sec["search_end"],
+                f["epochs"],
+            )
 
     @classmethod
-    def hash_options(cls, d: dict[str, Any], run) -> None:
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
         if d.get("mode") == "calibrated":
             d.pop("mode")  # added later: calibrated runs keep their hashes
 
     @classmethod
-    def variant(cls, run) -> str:
+    def variant(cls, run: RunConfig) -> str:
         return f"{cls.name}-ref" if getattr(run, cls.section).mode == "reference" else cls.name
 
     @classmethod
@@ -119,22 +137,36 @@ class Calibrated:
         how, sec = cls.summary, cls.section
         if params.get(f"{sec}.mode") == "reference":
             own = {k.split(".")[-1]: v for k, v in params.items() if k.startswith(sec + ".")}
-            return how + "; reference mode: " + cls.reference_recipe.format_map(_OrUnknown(own)) + \
-                "; the sparsity is what the fixed knob gave (no steering, no snap)"
+            return (
+                how
+                + "; reference mode: "
+                + cls.reference_recipe.format_map(_OrUnknown(own))
+                + "; the sparsity is what the fixed knob gave (no steering, no snap)"
+            )
         snap = params.get(f"{sec}.calibration.snap_pp")
-        return how + ("; calibrated mode: knob steered online along a cubic density path, then the end-of-search "
-                      f"snap (at most {snap} pp) — not the paper's fixed knob")
+        return how + (
+            "; calibrated mode: knob steered online along a cubic density path, then the end-of-search "
+            f"snap (at most {snap} pp) — not the paper's fixed knob"
+        )
 
 
-def cubic_target_density(epoch: int, end: int, final_density: float) -> float:
+def cubic_target_density(epoch: float, end: int, final_density: float) -> float:
     """d*(epoch): 1 at epoch 0, `final_density` from epoch `end` on (cubic in between)."""
     frac = min(1.0, max(0.0, epoch / max(1, end)))
     return final_density + (1.0 - final_density) * (1.0 - frac) ** 3
 
 
 class KnobController:
-    def __init__(self, knob: float, final_density: float, search_end: int, mode: str = "controller",
-                 gain: float = 2.0, max_factor: float = 4.0, lookahead: float = 0.0):
+    def __init__(
+        self,
+        knob: float,
+        final_density: float,
+        search_end: int,
+        mode: str = "controller",
+        gain: float = 2.0,
+        max_factor: float = 4.0,
+        lookahead: float = 0.0,
+    ) -> None:
         if knob <= 0:
             raise ValueError(f"the calibrated knob must be > 0, got {knob}")
         self.knob = float(knob)
@@ -146,7 +178,7 @@ class KnobController:
         self.lookahead = lookahead
         self.prev_density: float | None = None
 
-    def target(self, epoch: int) -> float:
+    def target(self, epoch: float) -> float:
         return cubic_target_density(epoch, self.search_end, self.final_density)
 
     def update(self, epoch: int, density: float) -> float:
@@ -170,16 +202,17 @@ class KnobController:
     def metrics(self, epoch: int) -> dict[str, float]:
         return {"knob": self.knob, "target_density": self.target(epoch)}
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, float | None]:
         return {"knob": self.knob, "prev_density": self.prev_density}
 
-    def load_state_dict(self, st: dict[str, float]) -> None:
+    def load_state_dict(self, st: Mapping[str, Any]) -> None:
         self.knob = st["knob"]
         self.prev_density = st.get("prev_density")
 
 
-def bisect_density(apply: Callable[[float], None], measure: Callable[[], float], target: float,
-                   lo: float, hi: float, iters: int = 60) -> tuple[float, float]:
+def bisect_density(
+    apply: Callable[[float], None], measure: Callable[[], float], target: float, lo: float, hi: float, iters: int = 60
+) -> tuple[float, float]:
     """The x in [lo, hi] whose density, after apply(x), is closest to `target`, for a rule whose
     density does not increase with x (a threshold). Returns (x, density) and leaves apply(x) in
     force. Bisection measures the real density each time, so it holds for any rule and for ties
@@ -202,15 +235,24 @@ def bisect_density(apply: Callable[[float], None], measure: Callable[[], float],
     return best
 
 
-def snap_to(target_density: float, max_pp: float, density_now: float,
-            apply: Callable[[float], None], measure: Callable[[], float], lo: float, hi: float
-            ) -> dict[str, float]:
+def snap_to(
+    target_density: float,
+    max_pp: float,
+    density_now: float,
+    apply: Callable[[float], None],
+    measure: Callable[[], float],
+    lo: float,
+    hi: float,
+) -> dict[str, float]:
     """The end-of-search snap: when the knob left the density within `max_pp` points of the
     target (and max_pp > 0), move the rule's scalar so the ruler reads the target. Returns the
     metrics to log: knob_sparsity (before), snap_pp (the move, in sparsity points; 0 when not
     moved)."""
-    out = {"knob_sparsity": 1.0 - density_now, "snap_pp": 0.0,
-           "snap_gap_pp": 100.0 * (density_now - target_density)}  # what was left to close, moved or not
+    out = {
+        "knob_sparsity": 1.0 - density_now,
+        "snap_pp": 0.0,
+        "snap_gap_pp": 100.0 * (density_now - target_density),
+    }  # what was left to close, moved or not
     gap_pp = 100.0 * abs(density_now - target_density)
     if max_pp <= 0 or gap_pp > max_pp + 1e-9 or gap_pp == 0.0:  # 1e-9: a gap of exactly max_pp is closed
         return out

@@ -16,9 +16,10 @@ the surviving (active) weights:
 - `npl_min_taylor`: |w * G| (a first-order Taylor / gradient criterion),
 - `flux_active_min`: phi (Hyperflux's own; its pressure gamma is logged separately).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ from suite.pruning import masks
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def flux_and_grad(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor,
-                  criterion: Callable) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def flux_and_grad(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor, criterion: Callable
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per prunable layer: (stored weight w, G = dCE/dW_eff, active map), all detached."""
     was_training = model.training
     model.eval()

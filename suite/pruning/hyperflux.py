@@ -16,18 +16,23 @@
   the same snap the calibrated baselines get, suite/pruning/calibration.py); the gates' own
   values still rank the weights. Logged: knob_sparsity (before), snap_pp (the move).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
+import torch.nn as nn
 from pydantic import Field, model_validator
 
 from suite.pruning import masks, registry, sparsity
-from suite.pruning.base import Pruner, cosine, scaled
+from suite.pruning.base import Pruner, cosine, run_section, scaled
 from suite.pruning.calibration import snap_to
 from suite.schema import Strict
+
+if TYPE_CHECKING:
+    from suite.config import RunConfig
 
 
 class HyperfluxConfig(Strict):
@@ -39,30 +44,43 @@ class HyperfluxConfig(Strict):
     gate_init_high: float = Field(0.5, ge=-100, le=100)
     ste_scale: float = Field(0.25, gt=0, le=100, description="straight-through gradient scale of the hard gate")
     step: float = Field(0.2, gt=0, le=10, description="controller step s (0.2 CIFAR, 0.15 ImageNet/ViT)")
-    end_lr_pruning: Optional[float] = Field(None, ge=0, le=10, description="weight LR at the end of pruning (default lr/30)")
+    end_lr_pruning: Optional[float] = Field(
+        None, ge=0, le=10, description="weight LR at the end of pruning (default lr/30)"
+    )
     reset_lr: float = Field(1e-3, ge=0, le=10, description="weight LR at the start of regrowth")
     end_lr_regrowth: float = Field(1e-4, ge=0, le=10, description="weight LR at the end of regrowth")
     decay: float = Field(0.75, gt=0, le=1, description="gate LR multiplier per regrowth epoch")
     reset_scaler: float = Field(1.0, gt=0, le=1e4, description="gate LR at regrowth start = gate_lr * reset_scaler")
     freeze_gates_after: int = Field(50, ge=0, description="gate LR set to 0 after this many regrowth epochs")
-    snap_pp: float = Field(0.0, ge=0, le=100, description="not in the paper (0: off): when the gates freeze "
-                           "(freeze_gates_after regrowth epochs, before the last epoch) within this many points of "
-                           "the target, every gate is shifted by one common amount so the target is met exactly; "
-                           "the fair protocol's equal-sparsity rule for every method")
+    snap_pp: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="not in the paper (0: off): when the gates freeze "
+        "(freeze_gates_after regrowth epochs, before the last epoch) within this many points of "
+        "the target, every gate is shifted by one common amount so the target is met exactly; "
+        "the fair protocol's equal-sparsity rule for every method",
+    )
     schedule: Literal["controller", "fixed", "law"] = Field(
-        "controller", description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
-                                  "law: constant gamma solved from a fitted gamma-density law for the target")
+        "controller",
+        description="controller: the paper's; fixed: gamma = fixed_gamma throughout pruning; "
+        "law: constant gamma solved from a fitted gamma-density law for the target",
+    )
     fixed_gamma: Optional[float] = Field(None, gt=0, le=1e6, description="pressure for schedule 'fixed'")
-    law: Optional[dict[str, float]] = Field(None, description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
-                                                              "for schedule 'law' (from `hfbench fit-law`)")
+    law: Optional[dict[str, float]] = Field(
+        None,
+        description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
+        "for schedule 'law' (from `hfbench fit-law`)",
+    )
     quirks: list[Literal["phase_off_by_one", "frozen_bn_scale"]] = Field(
         default_factory=list,
         description="reference-code behaviours, off by default (hyperflux.md sections 5 and 7): "
-                    "phase_off_by_one: the first regrowth epoch still runs with the last pressure; "
-                    "frozen_bn_scale: BatchNorm scales are never optimised")
+        "phase_off_by_one: the first regrowth epoch still runs with the last pressure; "
+        "frozen_bn_scale: BatchNorm scales are never optimised",
+    )
 
     @model_validator(mode="after")
-    def _init_range(self):
+    def _init_range(self) -> HyperfluxConfig:
         if not self.gate_init_low <= self.gate_init_high:
             raise ValueError("gate_init_low must be <= gate_init_high")
         if self.schedule == "fixed" and self.fixed_gamma is None:
@@ -73,13 +91,11 @@ class HyperfluxConfig(Strict):
         return self
 
 
-
-
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def snap_epoch(h) -> int:
+def snap_epoch(h: HyperfluxConfig) -> int:
     """The epoch after which hyperflux.snap_pp snaps (see Hyperflux.snap_epoch)."""
     return h.pruning_end + max(h.freeze_gates_after, 1 if "phase_off_by_one" in h.quirks else 0)
 
@@ -91,7 +107,7 @@ class PressureScheduler:
     with r0 found by bisection so that D*(P) = 100 - target sparsity (in percent).
     """
 
-    def __init__(self, target_sparsity: float, pruning_end: int, step: float):
+    def __init__(self, target_sparsity: float, pruning_end: int, step: float) -> None:
         if not 0.0 < target_sparsity < 1.0:
             raise ValueError(f"target sparsity must be in (0, 1), got {target_sparsity}")
         self.P = pruning_end
@@ -111,8 +127,10 @@ class PressureScheduler:
     def _solve_r0(self) -> float:
         lo, hi = 0.0, 0.999  # D*(P) grows with r0
         if not self._trajectory(lo, self.P) <= self.final_density_pct <= self._trajectory(hi, self.P):
-            raise ValueError(f"the target trajectory cannot reach {self.final_density_pct:.3g} % density in "
-                             f"{self.P} pruning epochs; change hyperflux.pruning_end")
+            raise ValueError(
+                f"the target trajectory cannot reach {self.final_density_pct:.3g} % density in "
+                f"{self.P} pruning epochs; change hyperflux.pruning_end"
+            )
         for _ in range(200):
             mid = 0.5 * (lo + hi)
             if self._trajectory(mid, self.P) > self.final_density_pct:
@@ -127,7 +145,7 @@ class PressureScheduler:
 
     @property
     def gamma(self) -> float:
-        return self.g ** 1.5
+        return cast(float, self.g**1.5)  # float ** float: typed Any
 
     def update(self, epoch: int, density_pct: float) -> float:
         """One controller step after `epoch` with the measured density (percent)."""
@@ -172,21 +190,25 @@ class Hyperflux(Pruner):
     bench_sets = {"hyperflux.schedule": "fixed", "hyperflux.fixed_gamma": 1.0}  # a constant pressure: no controller
     summary = "the paper's pressure controller"
     dynamics = {
-        "hyperflux-fixed": [("pressure gamma", "final", "hyperflux.fixed_gamma"),
-                            ("min surviving flux", "epoch", "flux_active_min")],
+        "hyperflux-fixed": [
+            ("pressure gamma", "final", "hyperflux.fixed_gamma"),
+            ("min surviving flux", "epoch", "flux_active_min"),
+        ],
         "hyperflux": [("min surviving flux", "epoch", "flux_active_min")],
         "hyperflux-law": [("min surviving flux", "epoch", "flux_active_min")],
     }
 
     @classmethod
-    def check(cls, run) -> None:
-        h = run.hyperflux
+    def check(cls, run: RunConfig) -> None:
+        h = run_section(run, "hyperflux", HyperfluxConfig)
         if h.pruning_end > run.epochs:
             raise ValueError(f"hyperflux.pruning_end ({h.pruning_end}) must be <= epochs ({run.epochs})")
         if h.snap_pp > 0 and snap_epoch(h) >= run.epochs:
-            raise ValueError(f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch "
-                             f"{snap_epoch(h)} (pruning_end + freeze_gates_after, at least pruning_end "
-                             f"+ 1 with phase_off_by_one), which must come before the last epoch ({run.epochs})")
+            raise ValueError(
+                f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch "
+                f"{snap_epoch(h)} (pruning_end + freeze_gates_after, at least pruning_end "
+                f"+ 1 with phase_off_by_one), which must come before the last epoch ({run.epochs})"
+            )
         PressureScheduler(run.sparsity, h.pruning_end, h.step)
 
     @classmethod
@@ -215,7 +237,7 @@ class Hyperflux(Pruner):
                 f["epochs"] = ep = max(ep, new_p + max(h["freeze_gates_after"], quirk) + 1)
 
     @classmethod
-    def hash_options(cls, h: dict[str, Any], run) -> None:
+    def hash_options(cls, h: dict[str, Any], run: RunConfig) -> None:
         # phase_off_by_one was redefined to match the reference exactly (epoch P+1 also keeps the
         # pruning LRs): runs made under the old meaning must not be taken for new ones
         h["quirks"] = ["phase_off_by_one@9aaed27" if q == "phase_off_by_one" else q for q in h["quirks"]]
@@ -227,14 +249,15 @@ class Hyperflux(Pruner):
             h.pop("fixed_gamma")
 
     @classmethod
-    def variant(cls, run) -> str:
-        s = run.hyperflux.schedule
+    def variant(cls, run: RunConfig) -> str:
+        s = run_section(run, "hyperflux", HyperfluxConfig).schedule
         return cls.name if s == "controller" else f"{cls.name}-{s}"
 
     @classmethod
-    def run_name(cls, run) -> Optional[str]:
-        if run.hyperflux.schedule == "fixed":  # named by its pressure: the sparsity is what it gives
-            return f"{run.model}-{cls.name}-g{run.hyperflux.fixed_gamma:g}-s{run.seed}"
+    def run_name(cls, run: RunConfig) -> Optional[str]:
+        h = run_section(run, "hyperflux", HyperfluxConfig)
+        if h.schedule == "fixed":  # named by its pressure: the sparsity is what it gives
+            return f"{run.model}-{cls.name}-g{h.fixed_gamma:g}-s{run.seed}"
         return None
 
     @classmethod
@@ -244,22 +267,23 @@ class Hyperflux(Pruner):
             how += f"; the gate-freeze snap (at most {params.get('hyperflux.snap_pp')} pp, not in the paper)"
         return how
 
-    def __init__(self, cfg, layers, steps_per_epoch):
+    def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
-        self.h = cfg.hyperflux
+        self.h = run_section(cfg, "hyperflux", HyperfluxConfig)
         self.scheduler = PressureScheduler(cfg.sparsity, self.h.pruning_end, self.h.step)
         self.params: list[masks.GatedWeight] = []
-        self.n = sum(mod.weight.numel() for _, mod in layers)
+        self.n = sum(masks.effective_weight(mod).numel() for _, mod in layers)
         self.gamma = 0.0  # pressure in force during the current epoch
         if self.h.schedule == "fixed":
-            self.gamma = self.h.fixed_gamma
+            self.gamma = cast(float, self.h.fixed_gamma)  # HyperfluxConfig refuses 'fixed' without it
         elif self.h.schedule == "law":
             from suite.pruning.laws import pressure_law_gamma
 
-            self.gamma = pressure_law_gamma(self.h.law, 1.0 - cfg.sparsity)
+            law = cast("dict[str, float]", self.h.law)  # HyperfluxConfig refuses 'law' without it
+            self.gamma = pressure_law_gamma(law, 1.0 - cfg.sparsity)
         self.constant_gamma = self.gamma if self.h.schedule != "controller" else None
 
-    def attach(self, model) -> None:
+    def attach(self, model: nn.Module) -> None:
         if "frozen_bn_scale" in self.h.quirks:  # reference-code quirk: BN scale never optimised
             for mod in model.modules():
                 if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
@@ -267,13 +291,14 @@ class Hyperflux(Pruner):
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
         self.params = []
         for _, mod in self.layers:
-            w = mod.weight
-            m = torch.empty(w.shape, dtype=torch.float32).uniform_(self.h.gate_init_low, self.h.gate_init_high,
-                                                                   generator=gen)
+            w = masks.effective_weight(mod)
+            m = torch.empty(w.shape, dtype=torch.float32).uniform_(
+                self.h.gate_init_low, self.h.gate_init_high, generator=gen
+            )
             self.params.append(masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale)))
         self.gamma = self.gamma  # hand the pressure to the new gates
 
-    def gate_parameters(self):
+    def gate_parameters(self) -> list[torch.Tensor]:
         return [p.gate for p in self.params]
 
     def lrs(self, epoch: int) -> tuple[float, float]:
@@ -293,7 +318,7 @@ class Hyperflux(Pruner):
             return cosine(self.cfg.lr, end, min(epoch - 1, P), P), h.gate_lr
         j = epoch - P - 1  # regrowth epoch index, 0-based
         w_lr = cosine(h.reset_lr, h.end_lr_regrowth, j, max(1, E - P))
-        g_lr = 0.0 if j >= h.freeze_gates_after else h.gate_lr * h.reset_scaler * h.decay ** j
+        g_lr = 0.0 if j >= h.freeze_gates_after else h.gate_lr * h.reset_scaler * h.decay**j
         return w_lr, g_lr
 
     @property
@@ -357,8 +382,9 @@ class Hyperflux(Pruner):
             for p, b in zip(self.params, base):
                 p.gate.copy_(b - x)
 
-        return snap_to(1.0 - self.cfg.sparsity, self.h.snap_pp, density, shift,
-                       lambda: sparsity.density(self.layers), -top, top)
+        return snap_to(
+            1.0 - self.cfg.sparsity, self.h.snap_pp, density, shift, lambda: sparsity.density(self.layers), -top, top
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "scheduler": self.scheduler.state_dict()}

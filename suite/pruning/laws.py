@@ -7,6 +7,7 @@
 - Neural Pruning Law (v3): ln d = ln c - alpha * ln s between density and the smallest saliency
   among surviving weights, fitted where lo < d <= hi (0.5 % and 50 % by default).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ def pressure_law_fit(gammas, densities) -> dict[str, float]:
         raise ValueError(f"the pressure law needs at least 3 runs with gamma > 0 and density > 0, got {len(g)}")
     x = np.log(g)
     y = np.log(d)
-    A = np.stack([np.ones_like(x), -x, -x ** 2], axis=1)
+    A = np.stack([np.ones_like(x), -x, -(x**2)], axis=1)
     coef, *_ = np.linalg.lstsq(A, y, rcond=None)
     ln_c, a0, a1 = (float(v) for v in coef)
     return {"c": math.exp(ln_c), "a0": a0, "a1": a1, "r2": _r2(y, A @ coef), "n": int(len(g))}

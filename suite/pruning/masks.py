@@ -7,7 +7,10 @@ A pruned layer keeps its dense stored weight `W` and gets a parametrization, so 
 Because the effective weight is what every layer computes with, the suite can count
 sparsity for every method in one way: the zeros of `layer.weight` (see sparsity.py).
 """
+
 from __future__ import annotations
+
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -15,7 +18,9 @@ from torch.nn.utils import parametrize
 
 
 class MaskedWeight(nn.Module):
-    def __init__(self, shape: torch.Size):
+    mask: torch.Tensor  # buffer
+
+    def __init__(self, shape: torch.Size) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones(shape))
 
@@ -35,20 +40,32 @@ class _GatedProduct(torch.autograd.Function):
     it."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: float,
-                pressure: float, loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        w: torch.Tensor,
+        m: torch.Tensor,
+        keep: torch.Tensor,
+        scale: float,
+        pressure: float,
+        loss_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(w, keep)
         ctx.scale, ctx.pressure, ctx.m_dtype, ctx.loss_scale = scale, pressure, m.dtype, loss_scale
         return w * keep
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         w, keep = ctx.saved_tensors
         gw = grad * keep if ctx.needs_input_grad[0] else None
         gm = None
         if ctx.needs_input_grad[1]:
-            p = grad.new_full((), ctx.pressure) if ctx.loss_scale is None \
+            p = (
+                grad.new_full((), ctx.pressure)
+                if ctx.loss_scale is None
                 else (ctx.loss_scale * ctx.pressure).to(grad.dtype)
+            )
             gm = torch.addcmul(p, grad, w, value=ctx.scale).to(ctx.m_dtype)
         return gw, gm, None, None, None, None
 
@@ -63,7 +80,7 @@ class GatedWeight(nn.Module):
     version check guards it: a second forward before the first one's backward raises instead
     of using a changed mask."""
 
-    def __init__(self, gate: torch.Tensor, ste_scale: float):
+    def __init__(self, gate: torch.Tensor, ste_scale: float) -> None:
         super().__init__()
         self.gate = nn.Parameter(gate)
         self.ste_scale = ste_scale
@@ -76,26 +93,40 @@ class GatedWeight(nn.Module):
         if k is None or k.shape != w.shape or k.dtype != w.dtype or k.device != w.device:
             k = self._keep = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         torch.ge(self.gate.detach(), 0, out=k)
-        return _GatedProduct.apply(w, self.gate, k, self.ste_scale, self.pressure, self.loss_scale)
+        out: torch.Tensor = _GatedProduct.apply(w, self.gate, k, self.ste_scale, self.pressure, self.loss_scale)
+        return out
 
 
-def attach(module: nn.Module, param: nn.Module) -> nn.Module:
+_Param = TypeVar("_Param", bound=nn.Module)
+
+
+def attach(module: nn.Module, param: _Param) -> _Param:
     """Put `param` between the module's stored weight and its forward pass."""
     parametrize.register_parametrization(module, "weight", param, unsafe=True)
     return param
 
 
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight`: the weight the forward pass uses (after the parametrization, if any)."""
+    return cast(torch.Tensor, module.weight)
+
+
 def stored_weight(module: nn.Module) -> torch.Tensor:
     """The dense stored weight (the parameter the weight optimiser updates)."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+        return _weight_parametrizations(module).original
+    return cast(torch.Tensor, module.weight)
 
 
 def parametrization(module: nn.Module) -> nn.Module | None:
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight[0]
+        return _weight_parametrizations(module)[0]
     return None
+
+
+def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
+    """`module.parametrizations.weight`: the stored weight (`original`) and the parametrizations on it."""
+    return cast(parametrize.ParametrizationList, cast(nn.Module, module.parametrizations).weight)
 
 
 def bake(model: nn.Module) -> None:
@@ -128,6 +159,6 @@ def lowest_score_masks(scores: list[torch.Tensor], sparsity: float) -> list[torc
         flat[torch.topk(flat_scores, k, largest=False).indices] = 0
     out, i = [], 0
     for sc in scores:
-        out.append(flat[i:i + sc.numel()].view_as(sc).to(sc.dtype))
+        out.append(flat[i : i + sc.numel()].view_as(sc).to(sc.dtype))
         i += sc.numel()
     return out

@@ -5,12 +5,15 @@ prunable weights), where the effective value is `layer.weight` as the forward pa
 (after any mask or gate) and the prunable layers come from the model registry's policy.
 Biases and normalisation parameters are never counted.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from suite.pruning import masks
 
 
 @dataclass
@@ -29,7 +32,7 @@ class LayerCount:
 def count(layers: list[tuple[str, nn.Module]]) -> list[LayerCount]:
     out = []
     for name, mod in layers:
-        w = mod.weight  # effective weight, parametrizations applied
+        w = masks.effective_weight(mod)  # parametrizations applied
         out.append(LayerCount(name, tuple(w.shape), w.numel(), int(torch.count_nonzero(w))))
     return out
 
@@ -55,7 +58,7 @@ def table(counts: list[LayerCount]) -> str:
 @torch.no_grad()
 def active(layers: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
     """Boolean map per layer of the prunable weights that are active (effective value != 0)."""
-    return [mod.weight != 0 for _, mod in layers]
+    return [masks.effective_weight(mod) != 0 for _, mod in layers]
 
 
 def density_of(active_maps: list[torch.Tensor]) -> float:
