@@ -21,8 +21,15 @@ export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cach
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hfbench/torch_extensions}"
 export MPLBACKEND=Agg
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the shared venv points at
+# pytest workers (pytest-xdist): one per core, at most 4 (each holds torch, ~0.5 GB);
+# HFBENCH_TEST_WORKERS=1 runs everything in one process. The SLURM tests always share one
+# worker and run in order, as do tests sharing a module-scoped fixture (tests/conftest.py).
+WORKERS="${HFBENCH_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}"
+((WORKERS <= 4)) || WORKERS=4
+PARALLEL=()
+((WORKERS <= 1)) || PARALLEL=(-n "$WORKERS" --dist loadgroup)
 if ((FAST)); then
-  exec "$VENV/bin/python" -m pytest -p no:cacheprovider -m "not slow" "$@"
+  exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${PARALLEL[@]}" -m "not slow" "$@"
 fi
 STATE="${HFBENCH_SERVICES_DIR:-$(mktemp -d /tmp/hfbench-services.XXXXXX)}"
 export HFBENCH_SERVICES_DIR="$STATE"
@@ -39,7 +46,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the
 # A full run (no arguments) rewrites docs/reliability.md: each promise, its tests and their outcomes.
 (($#)) || export HFBENCH_RELIABILITY_DOC="$ROOT/docs/reliability.md"
 set +e
-"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -p no:cacheprovider "${PARALLEL[@]}" "$@"
 rc=$?
 set -e
 exit $rc

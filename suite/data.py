@@ -699,13 +699,23 @@ def _ffcv_classes() -> dict[str, Any]:
     from ffcv.loader.epoch_iterator import EpochIterator
 
     class _EpochIterator(EpochIterator):
-        """Keeps the exception that killed the worker thread; the consumer re-raises it
-        (chained, with its traceback) instead of waiting forever on the output queue."""
+        """Seeds the augmentations' random draws, then runs FFCV's pipeline. Keeps the
+        exception that killed the worker thread; the consumer re-raises it (chained, with its
+        traceback) instead of waiting forever on the output queue."""
 
         error: BaseException | None = None
 
+        def __init__(self, loader, order, augment_seed: int):
+            self.augment_seed = augment_seed  # before FFCV's __init__ starts the thread
+            super().__init__(loader, order)
+
         def run(self):
             try:
+                # FFCV's random augmentations (crops, flips, shifts) draw from numba's generator,
+                # which is per thread and seeded from the OS unless seeded in compiled code: seeded
+                # here, in the thread that runs the pipeline, the draws of a pass depend only on
+                # (seed, pass, rank), and a resumed run replays them (suite/batches.py)
+                _seed_numba(self.augment_seed)
                 super().run()
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 self.error = e
@@ -717,13 +727,37 @@ def _ffcv_classes() -> dict[str, Any]:
             Compiler.set_num_threads(self.num_workers)
             order = self.next_traversal_order()
             selected_order = order[: len(self) * self.batch_size]
+            seed = augment_seed(getattr(self, "augment_base", 0), self.next_epoch, getattr(self, "augment_rank", 0))
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
-            return _EpochIterator(self, selected_order)
+            return _EpochIterator(self, selected_order, seed)
 
     _FFCV_CLASSES.update(Loader=_Loader, EpochIterator=_EpochIterator)
     return _FFCV_CLASSES
+
+
+def augment_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of numba's generator for one pass of a loader: a function of the run's seed,
+    the pass and the rank only (ranks draw differently, as they see different images)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 0xA06]).generate_state(1)[0])
+
+
+_NUMBA_SEED: list[Any] = []
+
+
+def _seed_numba(seed: int) -> None:
+    """Seed numba's random generator of the calling thread (a numpy call from Python would
+    seed numpy's, not numba's)."""
+    if not _NUMBA_SEED:
+        from numba import njit
+
+        @njit
+        def seed_(s):
+            np.random.seed(s)
+
+        _NUMBA_SEED.append(seed_)
+    _NUMBA_SEED[0](seed)
 
 
 def _import_ffcv() -> None:
@@ -772,7 +806,8 @@ class FashionMNISTLoader:
 
     The FFCV Loader is built on first use (``.ffcv``), so creating this object is cheap.
     Each ``iter()`` is one epoch; RANDOM order reshuffles per epoch with seed
-    ``seed + epoch`` (``set_epoch`` to resume). Batches are fresh tensors (not views of
+    ``seed + epoch`` (``set_epoch`` to resume); random augmentations (RGB datasets) draw from
+    numba's generator seeded with :func:`augment_seed` (seed, epoch, rank). Batches are fresh tensors (not views of
     FFCV's reused buffers), so they may be kept. Abandoning an epoch half way (``break``)
     stops and joins FFCV's worker thread; so does starting the next epoch or ``close()``.
     """
@@ -874,6 +909,11 @@ class FashionMNISTLoader:
                     batches_ahead=self.batches_ahead,
                 )
             self._ffcv.next_epoch = self._epoch
+            self._ffcv.augment_base = self.seed
+            if self.distributed:
+                import torch.distributed as dist
+
+                self._ffcv.augment_rank = dist.get_rank()
             if len(self._ffcv) != len(self):
                 raise RuntimeError(f"internal: FFCV says {len(self._ffcv)} batches, expected {len(self)}")
         return self._ffcv

@@ -847,8 +847,12 @@ class ImageBetonLoader(FashionMNISTLoader):
             RandomResizedCropRGBImageDecoder,
             SimpleRGBImageDecoder,
         )
-        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
+        from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
 
+        from suite.augment import flip_and_translate
+
+        # FFCV's RandomHorizontalFlip / RandomTranslate, same draws and pixels, compiled ~6 s faster
+        RandomHorizontalFlip, RandomTranslate = flip_and_translate()
         r, s = self.recipe, self.crop_size
         if r.kind == "rrc":
             img = (

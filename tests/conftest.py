@@ -55,6 +55,29 @@ _GROUPS = {
 _OUTCOMES: dict[str, list] = {g: [] for g in _GROUPS}
 
 
+# ------------------------------------------------------------------------ parallel test workers
+# scripts/test.sh runs pytest with pytest-xdist (-n N --dist loadgroup). What may not be spread:
+# the SLURM tests share one small cluster and several read its queue (parallelism, pending
+# reasons), so they run on one worker, one after another, and first (they are the long pole);
+# tests that share a module-scoped fixture stay on one worker, so it is built once.
+def _worker_group(item: pytest.Item) -> str | None:
+    if "slurm_cluster" in item.fixturenames:
+        return "slurm"
+    defs = item._fixtureinfo.name2fixturedefs
+    if any(d[-1].scope == "module" for d in defs.values()):
+        return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    groups = {item.nodeid: _worker_group(item) for item in items}
+    for item in items:
+        if groups[item.nodeid]:
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=lambda item: groups[item.nodeid] != "slurm")  # stable: otherwise collection order
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--all-methods",
@@ -130,8 +153,8 @@ def _write_reliability_doc(path: str) -> str:
 
 
 def pytest_terminal_summary(terminalreporter):
-    import os
-
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker sees only its share: the controller reports
+        return
     if _PROMISE_OUTCOMES:
         terminalreporter.section("hfbench reliability table")
         for line in _reliability_table():

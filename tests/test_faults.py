@@ -99,6 +99,7 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     assert ck["epoch"] == 3 and torch.equal(ck["model"]["w"], torch.arange(5.0))
 
 
+@pytest.mark.slow  # three training processes one after another: end to end
 def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tmp_path, betons):
     from suite import tracking
 
@@ -803,6 +804,7 @@ def test_a_store_that_does_not_know_the_run_keeps_the_spool(tmp_path):
     assert len(sp.pending()[0]) == 2 and not (sp.dir / "mlflow_spool.rejected.jsonl").exists()
 
 
+@pytest.mark.slow  # three training processes one after another: end to end
 def test_a_run_folder_of_another_store_or_experiment_is_trained_for_this_one(tmp_path, betons):
     """The same out_dir used with a fresh tracking store, or with another experiment name,
     used to report the run finished although the new store had no run (its done marker and
