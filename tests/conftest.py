@@ -78,6 +78,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: groups[item.nodeid] != "slurm")  # stable: otherwise collection order
 
 
+def pytest_collection_finish(session):
+    """In an xdist worker: every grouped test must carry its group in its id, else xdist spreads
+    the group over the workers without a word (pytest 9.2 with xdist 3.8 does)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if _worker_group(item) and "@" not in item.nodeid]
+    if lost:
+        pytest.exit(
+            f"pytest-xdist did not group {len(lost)} tests (e.g. {lost[0]}): the SLURM tests would run "
+            "side by side; use the pytest version pyproject.toml pins (make setup)"
+        )
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--all-methods",
