@@ -29,7 +29,7 @@ WORKERS="${HFBENCH_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}"
 PARALLEL=()
 ((WORKERS <= 1)) || PARALLEL=(-n "$WORKERS" --dist loadgroup)
 if ((FAST)); then
-  exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${PARALLEL[@]}" -m "not slow" "$@"
+  exec "$VENV/bin/python" -m pytest -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} -m "not slow" "$@"
 fi
 STATE="${HFBENCH_SERVICES_DIR:-$(mktemp -d /tmp/hfbench-services.XXXXXX)}"
 export HFBENCH_SERVICES_DIR="$STATE"
@@ -46,7 +46,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this clone, whatever the
 # A full run (no arguments) rewrites docs/reliability.md: each promise, its tests and their outcomes.
 (($#)) || export HFBENCH_RELIABILITY_DOC="$ROOT/docs/reliability.md"
 set +e
-"$VENV/bin/python" -m pytest -p no:cacheprovider "${PARALLEL[@]}" "$@"
+"$VENV/bin/python" -m pytest -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} "$@"
 rc=$?
 set -e
 exit $rc

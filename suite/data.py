@@ -714,7 +714,9 @@ def _ffcv_classes() -> dict[str, Any]:
                 # FFCV's random augmentations (crops, flips, shifts) draw from numba's generator,
                 # which is per thread and seeded from the OS unless seeded in compiled code: seeded
                 # here, in the thread that runs the pipeline, the draws of a pass depend only on
-                # (seed, pass, rank), and a resumed run replays them (suite/batches.py)
+                # (seed, pass, rank), and a resumed run replays them (suite/batches.py). Not so
+                # for ImageNet with several loader threads: FFCV's random-resized-crop decoder
+                # draws inside its parallel loop, on whichever threads run its parts
                 _seed_numba(self.augment_seed)
                 super().run()
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -807,7 +809,8 @@ class FashionMNISTLoader:
     The FFCV Loader is built on first use (``.ffcv``), so creating this object is cheap.
     Each ``iter()`` is one epoch; RANDOM order reshuffles per epoch with seed
     ``seed + epoch`` (``set_epoch`` to resume); random augmentations (RGB datasets) draw from
-    numba's generator seeded with :func:`augment_seed` (seed, epoch, rank). Batches are fresh tensors (not views of
+    numba's generator seeded with :func:`augment_seed` (seed, epoch, rank): the same pixels
+    for every number of loader threads, except ImageNet's crops with more than one. Batches are fresh tensors (not views of
     FFCV's reused buffers), so they may be kept. Abandoning an epoch half way (``break``)
     stops and joins FFCV's worker thread; so does starting the next epoch or ``close()``.
     """

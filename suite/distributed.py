@@ -32,6 +32,12 @@ def setup_distributed(device: str) -> tuple[int, int, int]:
 
             submitit.JobEnvironment()  # raises outside a submitit job
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            if os.environ["WORLD_SIZE"] == "1":
+                # submitit's port is drawn from the job id within 20000-60000, most of which is
+                # Linux's range for outgoing connections: a one-task job sometimes found it taken
+                # (EADDRINUSE, measured with two test workers). Nobody else has to meet this
+                # rank, so it takes a port the kernel says is free; several tasks keep submitit's.
+                os.environ["MASTER_PORT"] = str(free_port())
         except RuntimeError:
             os.environ.update(
                 RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

@@ -83,3 +83,45 @@ def test_zero_stages_train_the_same_dense_model(tmp_path, betons):
     for stage in (1, 2):
         for k, v in finals[0].items():
             torch.testing.assert_close(finals[stage][k], v, rtol=1e-4, atol=1e-5, msg=f"stage {stage}: {k}")
+
+
+_ONE_TASK = """
+import os, sys
+from suite.distributed import setup_distributed
+print(setup_distributed("cpu"), os.environ["MASTER_PORT"])
+"""
+
+
+def test_a_one_task_job_rendezvouses_on_a_free_port_not_on_submitits(tmp_path):
+    """submitit derives MASTER_PORT from the job id (20000-60000, mostly Linux's range for
+    outgoing connections). A one-task submitit job whose port is taken by someone else still
+    starts: it meets only itself, on a port the kernel picked free."""
+    import os
+    import random
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job_id = "19417"
+    taken = random.Random(job_id).randint(20000, 60000)  # submitit's draw for this job id
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update(
+            PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+            SUBMITIT_EXECUTOR="local",
+            SUBMITIT_LOCAL_JOB_ID=job_id,
+            SUBMITIT_LOCAL_NTASKS="1",
+            SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+            SUBMITIT_LOCAL_NODEID="0",
+            SUBMITIT_LOCAL_GLOBALID="0",
+            SUBMITIT_LOCAL_LOCALID="0",
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", _ONE_TASK], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks, port = out.stdout.split()[-4:-1], out.stdout.split()[-1]
+    assert "".join(ranks) == "(0,1,0)" and int(port) != taken

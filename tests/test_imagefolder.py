@@ -187,10 +187,15 @@ def test_flip_and_translate_write_the_same_pixels_as_ffcv(op):
         ours, theirs = Translate(3, (7, 8, 9)), RandomTranslate(3, (7, 8, 9))
         canvas = (32, 9 + 6, 11 + 6, 3)
     outs = []
-    for operation in (ours, theirs):
-        fn = Compiler.compile(operation.generate_code())
-        seed(5)
-        outs.append(fn(images.copy(), np.zeros(canvas, np.uint8)).copy())
+    threads = Compiler.num_threads  # an FFCV loader of another test may have left it at 2:
+    Compiler.num_threads = 1  # FFCV's ops would then compile parallel, drawing on unseeded threads
+    try:
+        for operation in (ours, theirs):
+            fn = Compiler.compile(operation.generate_code())
+            seed(5)
+            outs.append(fn(images.copy(), np.zeros(canvas, np.uint8)).copy())
+    finally:
+        Compiler.num_threads = threads
     assert np.array_equal(outs[0], outs[1])
     # the operation did something, and not the same thing to every image
     changed = [not np.array_equal(a, b) for a, b in zip(outs[0], images)]
@@ -281,13 +286,13 @@ print(hashlib.sha256(b"".join(x.numpy().tobytes() for x, _ in ld)).hexdigest())
 
 
 @TIMEOUT
-@pytest.mark.parametrize("workers", [1, 2])
-def test_cifar_augmentation_depends_only_on_seed_epoch_and_position(tmp_path, workers):
+def test_cifar_augmentation_depends_only_on_seed_epoch_and_position(tmp_path):
     """FFCV's random crops, flips and shifts draw from numba's generator, per thread and seeded
     from the OS unless seeded in compiled code. suite.data seeds it for each pass of a loader
-    from (seed, epoch, rank): an epoch read twice gives the same batches (with one loader
-    thread or two), a stream resumed mid-epoch (suite.batches.Stream, as after a preemption)
-    replays the same augmented batches, and another process computes the same pixels."""
+    from (seed, epoch, rank): an epoch read twice gives the same batches, two loader threads
+    give the same pixels as one (the CIFAR flips and shifts draw outside the parallel loop), a
+    stream resumed mid-epoch (suite.batches.Stream, as after a preemption) replays the same
+    augmented batches, and another process computes the same pixels."""
     import hashlib
     import subprocess
     import sys
@@ -299,35 +304,37 @@ def test_cifar_augmentation_depends_only_on_seed_epoch_and_position(tmp_path, wo
     _fake_cifar(tmp_path / "src", "cifar10", n_batch=8, n_test=4)
     paths = I.write_cifar("cifar10", tmp_path / "src", tmp_path / "data", val_size=4, workers=1, progress=False)
 
-    def loader():
+    def loader(workers=1):
         return I.make_image_loader(paths["train"], 8, train=True, seed=3, recipe="cifar10", num_workers=workers)
+
+    def same(a, b):
+        return len(a) == len(b) == 4 and all(torch.equal(x, y) for x, y in zip(a, b))
 
     ld = loader()
     first = [x for x, _ in ld]
     ld.set_epoch(0)
-    again = [x for x, _ in ld]
-    assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert same(first, [x for x, _ in ld])
     # not equal for want of randomness: the same images in the same order, drawn from another
     # augmentation seed, come out otherwise
     ld.set_epoch(0)
     ld.ffcv.augment_base = 4
     assert not any(torch.equal(a, b) for a, b in zip(first, (x for x, _ in ld)))
-    if workers == 1:  # resumed mid-epoch; in another process: the same pixels
-        whole = Stream(loader())
-        taken = [whole.next()[0] for _ in range(6)]  # the first pass and 2 batches of the next
-        resumed = Stream(loader())
-        resumed.restore({"pass": 1, "pos": 1})
-        assert torch.equal(resumed.next()[0], taken[5])
-        out = subprocess.run(
-            [sys.executable, "-c", _DIGEST, str(paths["train"])],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            env={**os.environ, "PYTHONPATH": str(Path(I.__file__).resolve().parents[1])},
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        mine = hashlib.sha256(b"".join(x.numpy().tobytes() for x in first)).hexdigest()
-        assert out.stdout.split()[-1] == mine
+    assert same(first, [x for x, _ in loader(workers=2)])
+    whole = Stream(loader())
+    taken = [whole.next()[0] for _ in range(6)]  # the first pass and 2 batches of the next
+    resumed = Stream(loader())
+    resumed.restore({"pass": 1, "pos": 1})
+    assert torch.equal(resumed.next()[0], taken[5])
+    out = subprocess.run(
+        [sys.executable, "-c", _DIGEST, str(paths["train"])],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(Path(I.__file__).resolve().parents[1])},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    mine = hashlib.sha256(b"".join(x.numpy().tobytes() for x in first)).hexdigest()
+    assert out.stdout.split()[-1] == mine
 
 
 @TIMEOUT
