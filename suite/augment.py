@@ -6,8 +6,9 @@ image, single-threaded), but numba compiles them in a fraction of the time, and 
 loader threads their draws stay in the thread suite.data seeds (FFCV's Translate draws inside
 its parallel loop, from unseeded worker threads). FFCV's versions assign array
 slices; numba compiles, for every such assignment, an error path that formats the shapes
-when they differ, and that costs ~6 s of the first training step of every process (measured
-with a timer around numba's Dispatcher.compile, 2-core machine): every SLURM task paid it.
+when they differ: ~9 s of the first training step of every CIFAR process (flip 6.0 s and
+translate 3.4 s, timed around numba's Dispatcher.compile on a 2-core machine; the first step of
+a CIFAR smoke run went from 13.2 s to 4.1 s): every SLURM task paid it.
 
 Both are FFCV pipeline operations (``ffcv.pipeline.operation.Operation``); ``flip_and_translate()``
 returns the two classes, importing FFCV on first use as :mod:`suite.data` does."""

@@ -729,7 +729,7 @@ def _ffcv_classes() -> dict[str, Any]:
             Compiler.set_num_threads(self.num_workers)
             order = self.next_traversal_order()
             selected_order = order[: len(self) * self.batch_size]
-            seed = augment_seed(getattr(self, "augment_base", 0), self.next_epoch, getattr(self, "augment_rank", 0))
+            seed = augment_seed(self.augment_base, self.next_epoch, self.augment_rank)
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
@@ -810,8 +810,8 @@ class FashionMNISTLoader:
     Each ``iter()`` is one epoch; RANDOM order reshuffles per epoch with seed
     ``seed + epoch`` (``set_epoch`` to resume); random augmentations (RGB datasets) draw from
     numba's generator seeded with :func:`augment_seed` (seed, epoch, rank): the same pixels
-    for every number of loader threads, except ImageNet's crops with more than one. Batches are fresh tensors (not views of
-    FFCV's reused buffers), so they may be kept. Abandoning an epoch half way (``break``)
+    for every number of loader threads, except ImageNet's crops with more than one. Batches
+    are fresh tensors (not views of FFCV's reused buffers), so they may be kept. Abandoning an epoch half way (``break``)
     stops and joins FFCV's worker thread; so does starting the next epoch or ``close()``.
     """
 
@@ -857,9 +857,9 @@ class FashionMNISTLoader:
                     "distributed=True needs an initialised torch.distributed "
                     "process group (e.g. init_process_group('gloo'))"
                 )
-            self._world = dist.get_world_size()
+            self._world, self._rank = dist.get_world_size(), dist.get_rank()
         else:
-            self._world = 1
+            self._world, self._rank = 1, 0
         self._epoch = 0
         self._ffcv = None
         self._active: weakref.ref | None = None
@@ -912,11 +912,7 @@ class FashionMNISTLoader:
                     batches_ahead=self.batches_ahead,
                 )
             self._ffcv.next_epoch = self._epoch
-            self._ffcv.augment_base = self.seed
-            if self.distributed:
-                import torch.distributed as dist
-
-                self._ffcv.augment_rank = dist.get_rank()
+            self._ffcv.augment_base, self._ffcv.augment_rank = self.seed, self._rank
             if len(self._ffcv) != len(self):
                 raise RuntimeError(f"internal: FFCV says {len(self._ffcv)} batches, expected {len(self)}")
         return self._ffcv
