@@ -7,6 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# hypothesis's pytest plugin imports hypothesis only when it prints its summary; by then FFCV's
+# numba compilation has left CPython 3.11's AST recursion counter off, and pytest's assertion
+# rewriting of hypothesis fails with "SystemError: AST constructor recursion depth mismatch"
+# (seen running one FFCV test alone). Imported here, before any test, it is rewritten cleanly.
+import hypothesis.internal.observability  # noqa: F401
 import pytest
 
 

@@ -98,6 +98,34 @@ def test_imagefolder_loaders_labels_and_shapes(folder):
     assert torch.allclose(xv, (xr.float() / 255 - m) / s, atol=1e-4)
 
 
+@TIMEOUT
+def test_an_evaluation_pass_over_fewer_images_than_a_batch_sizes_ffcvs_buffers_to_them(folder):
+    """An evaluation loader asked for batches of 500 over 40 images gives one batch of 40, the
+    same one a batch of exactly 40 gives, with FFCV's buffers sized for 40 (they were sized for
+    500: 1.5 GB at 224 px). Under deterministic algorithms (the engine's default) torch fills new
+    memory with NaN; the loader skips that fill for FFCV's buffers only and restores the flag."""
+    import torch
+
+    big = I.make_image_loader(folder["paths"]["val"], 500, train=False, recipe="imagenet", crop_size=56)
+    exact = I.make_image_loader(folder["paths"]["val"], 40, train=False, recipe="imagenet", crop_size=56)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        [(xb, yb)], [(xe, ye)] = list(big), list(exact)
+        assert torch.utils.deterministic.fill_uninitialized_memory  # restored after the pass
+        assert torch.isnan(torch.empty(4)).all()  # the fill still works for every other allocation
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(big) == 1 and xb.shape == (40, 3, 56, 56)
+    assert torch.equal(xb, xe) and torch.equal(yb, ye)
+    assert big.ffcv.batch_size == 40 and big.batch_size == 500
+    # a training loader keeps its batch size (drop_last: a short split gives no batch)
+    tr = I.make_image_loader(folder["paths"]["train"], 32, train=True, recipe="imagenet", crop_size=56)
+    assert tr.ffcv.batch_size == 32
+    for ld in (big, exact, tr):
+        ld.close()
+
+
 def _small_tree(root: Path) -> Path:
     return bench.make_jpeg_tree(root, classes=3, per_class=4, seed=2, min_side=40, max_side=80)
 

@@ -47,6 +47,22 @@ def test_scale_knob_shrinks_every_phase_and_keeps_runs_apart():
         assert 1 <= r.eval_every <= r.epochs
 
 
+def test_scaled_eval_every_follows_the_epochs_a_method_keeps():
+    """eval_every is scaled like every epoch count, then clamped to the run's final length: a
+    method that lengthens a scaled run to keep its phases (Hyperflux: 100 epochs at 0.01 -> 6)
+    evaluates every min(100, 6) = 6 epochs, not every epoch (the clamp to the 1 epoch of the
+    plain scaling, before the method lengthened the run)."""
+    path = ROOT / "configs/paper/imagenet_resnet50.yaml"
+    runs = load_sweep(path, {"base.eval_every": 10000, "scale.epochs": 0.01}).expand()
+    by = {r.method: r for r in runs}
+    assert by["hyperflux"].epochs > 1
+    assert by["hyperflux"].eval_every == by["hyperflux"].epochs
+    assert by["dense"].epochs == 1 and by["dense"].eval_every == 1
+    # a scaled value below the run's length is kept: 300 x 0.01 = 3
+    hf = {r.method: r for r in load_sweep(path, {"base.eval_every": 300, "scale.epochs": 0.01}).expand()}["hyperflux"]
+    assert hf.epochs > 3 and hf.eval_every == 3
+
+
 def test_scale_knob_from_the_cli_lists_the_smoke_runs(tmp_path):
     out = subprocess.run(
         [
@@ -239,7 +255,7 @@ def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, 
 def _fake_cifar_release(root: Path, dataset: str) -> Path:
     from tests.test_imagefolder import _fake_cifar
 
-    _fake_cifar(root, dataset, n_batch=24, n_test=16, seed=1)
+    _fake_cifar(root, dataset, n_batch=24, n_test=4, seed=1)
     return root
 
 
@@ -252,7 +268,7 @@ def paper_data(tmp_path_factory):
     base = tmp_path_factory.mktemp("paper")
     data = base / "data"
     for ds in ("cifar10", "cifar100"):
-        write_cifar(ds, _fake_cifar_release(base / f"src-{ds}", ds), data, val_size=16, progress=False)
+        write_cifar(ds, _fake_cifar_release(base / f"src-{ds}", ds), data, val_size=4, progress=False)
     train = bench.make_jpeg_tree(base / "inet" / "train", classes=1000, per_class=1, seed=0, min_side=40, max_side=96)
     val = bench.make_jpeg_tree(base / "inet" / "val", classes=4, per_class=1, seed=1, min_side=40, max_side=96)
     write_imagefolder(data, train, val, name="imagenet", max_side=96, progress=False)
@@ -324,6 +340,10 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
         "base.engine.world_size": 1,
         "base.engine.precision": "fp32",
         "base.engine.loader_workers": 1,
+        # accuracy and flux statistics after the last epoch only: every code path still runs
+        # once per run, at a fraction of the smoke run's time (they were half of it)
+        "base.eval_every": 10000,
+        "base.flux_every": 10000,
         "grid.seeds": "[0]",
         "grid.sparsities": "[" + ",".join(map(str, first)) + "]",
         "grid.methods": "[" + ",".join(methods) + "]",
