@@ -137,6 +137,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tm
         assert sorted(steps) == [1, 2, 3, 4], (key, steps)
 
 
+@pytest.mark.slow  # end to end, ~15-35 s of training on 2 cores: `make test` runs it, not the fast tier
 def test_kill_after_the_final_metrics_then_rerun_logs_each_value_once(tmp_path, betons):
     """A run killed right after logging its final metrics, before its weights and done marker
     (HFBENCH_INJECT exitfinal), resumes, finishes, and MLflow holds each final value once: the
@@ -967,6 +968,7 @@ def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, 
     assert run.info.status == "FAILED" and "batch_size 60000" in run.data.tags["hfbench.error"]
 
 
+@pytest.mark.slow  # end to end, ~15-35 s of training on 2 cores: `make test` runs it, not the fast tier
 def test_a_snap_in_the_last_epoch_is_what_the_run_records(tmp_path, betons):
     """Hostile review: L0 snapped at the end of its only epoch (search_end = epochs), yet the run
     recorded the density measured before the snap (final_sparsity 0.0 for a 5 % run whose
@@ -1019,6 +1021,7 @@ def test_a_rank_told_of_the_stop_by_the_others_hands_over_to_the_handler_it_repl
         preemption._STOP.update(saved)
 
 
+@pytest.mark.slow  # end to end, ~15-35 s of training on 2 cores: `make test` runs it, not the fast tier
 def test_a_failed_attempt_resumed_to_the_end_leaves_no_error_on_the_finished_run(tmp_path, betons):
     """A run whose loss turns NaN in epoch 2 (injected) fails with the reason as its
     hfbench.error tag; the rerun resumes the same MLflow run from epoch 1's checkpoint and

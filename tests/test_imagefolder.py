@@ -451,6 +451,7 @@ def test_imagenet_validate_names_the_file(tmp_path):
 
 
 # ------------------------------------------------------------- CIFAR, reference setting (no val split)
+@pytest.mark.slow  # end to end, ~15-35 s of training on 2 cores: `make test` runs it, not the fast tier
 @TIMEOUT
 def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
     """`hfbench data cifar10 --val-size 0`: cifar10_full_train.beton holds every training image

@@ -445,6 +445,7 @@ launcher: {{executor: local, folder: {tmp_path / "sub"}}}
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # end to end, ~15-35 s of training on 2 cores: `make test` runs it, not the fast tier
 def test_files_a_run_writes_are_private_to_its_user(tmp_path, betons):
     """Everything the sweep and its task create (submitit pickles, logs, checkpoints, weights,
     the done marker) is readable and writable by the submitter only, whatever the umask."""

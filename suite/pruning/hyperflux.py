@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
@@ -100,6 +101,34 @@ def snap_epoch(h: HyperfluxConfig) -> int:
     return h.pruning_end + max(h.freeze_gates_after, 1 if "phase_off_by_one" in h.quirks else 0)
 
 
+def _trajectory(r0: float, t: int, P: int) -> float:
+    """D*(t) in percent for a given r0 (see PressureScheduler)."""
+    d = 100.0
+    for e in range(1, t + 1):
+        d *= r0 + (0.999 - r0) * _sigmoid((6.0 / P) * (e - P / 2.0))
+    return d
+
+
+@functools.lru_cache(maxsize=4096)
+def _solve_r0(final_density_pct: float, P: int) -> float:
+    """r0 with D*(P) = final_density_pct, by bisection (200 halvings). A pure function of its
+    arguments, cached: validating a sweep builds a scheduler per run (a paper recipe's fidelity
+    check builds ~1000, which took ~12 s of pure-Python trajectories uncached)."""
+    lo, hi = 0.0, 0.999  # D*(P) grows with r0
+    if not _trajectory(lo, P, P) <= final_density_pct <= _trajectory(hi, P, P):
+        raise ValueError(
+            f"the target trajectory cannot reach {final_density_pct:.3g} % density in "
+            f"{P} pruning epochs; change hyperflux.pruning_end"
+        )
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _trajectory(mid, P, P) > final_density_pct:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
 class PressureScheduler:
     """Target trajectory D*(t) and the pressure controller (hyperflux.md section 6).
 
@@ -119,25 +148,10 @@ class PressureScheduler:
         self.inertia_down = 0.0
 
     def _trajectory(self, r0: float, t: int) -> float:
-        d = 100.0
-        for e in range(1, t + 1):
-            d *= r0 + (0.999 - r0) * _sigmoid((6.0 / self.P) * (e - self.P / 2.0))
-        return d
+        return _trajectory(r0, t, self.P)
 
     def _solve_r0(self) -> float:
-        lo, hi = 0.0, 0.999  # D*(P) grows with r0
-        if not self._trajectory(lo, self.P) <= self.final_density_pct <= self._trajectory(hi, self.P):
-            raise ValueError(
-                f"the target trajectory cannot reach {self.final_density_pct:.3g} % density in "
-                f"{self.P} pruning epochs; change hyperflux.pruning_end"
-            )
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if self._trajectory(mid, self.P) > self.final_density_pct:
-                hi = mid
-            else:
-                lo = mid
-        return 0.5 * (lo + hi)
+        return _solve_r0(self.final_density_pct, self.P)
 
     def target_pct(self, t: int) -> float:
         """D*(t) in percent; t = 0 is 100 %, t = P is the target, constant after P."""
