@@ -452,6 +452,7 @@ w.from_indexed_dataset(DS())
 """
 
 
+@pytest.mark.slow  # two processes (a bad file written, a sweep refusing it), ~15-20 s each: `make test` runs it
 @pytest.mark.parametrize("kind,pattern", [("shape", "field 'image'"), ("labels", "labels span 0..12")])
 def test_data_file_of_the_wrong_shape_or_label_count_is_refused(tmp_path, betons, kind, pattern):
     data = tmp_path / "data"
@@ -952,6 +953,7 @@ def _train_one(tmp_path, betons, fields: str, experiment: str):
     return r, uri
 
 
+@pytest.mark.slow  # end to end, ~15-35 s of training on 2 cores: `make test` runs it, not the fast tier
 def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, betons):
     """FFCV waits forever for a first batch it cannot fill (batch_size 60,000 over 55,000
     training images hung `hfbench train` for minutes). The run now fails at once, naming
