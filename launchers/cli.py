@@ -217,6 +217,7 @@ def _experiment(a, command: str):
     from suite import tracking
 
     uri = a.tracking_uri or tracking.default_uri()
+    tracking.require_store(uri)
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(a.experiment)
     if exp is None:
@@ -264,10 +265,16 @@ def cmd_fit_law(a) -> int:
 
 def cmd_train(a) -> int:
     from suite import tracking
-    from suite.config import RunConfig, _validate, load_yaml, set_dotted
+    from suite.config import ConfigError, RunConfig, _validate, load_yaml, set_dotted
     from suite.engine import train
 
     data = load_yaml(a.config)
+    if isinstance(data, dict) and {"base", "grid"} & set(data):
+        raise ConfigError(
+            f"{a.config} is a sweep config (it has {', '.join(sorted({'base', 'grid'} & set(data)))}): run it "
+            f"with `hfbench sweep {a.config}`; `hfbench config show {a.config} --run NAME` prints one run's "
+            f"config, which `hfbench train` takes"
+        )
     for k, v in _parse_set(a.set).items():
         set_dotted(data, k, v)
     cfg = _validate(RunConfig, data, source=a.config)
@@ -358,6 +365,7 @@ def cmd_report(a) -> int:
     if Path(a.out).exists() and not Path(a.out).is_dir():
         print(f"hfbench report: --out {a.out} is a file; give a folder (it is created if missing)", file=sys.stderr)
         return 2
+    tracking.require_store(uri)
     with tracking.bounded(uri, 60) as b:  # a silent server is named within a minute, not after MLflow's retries
         out = b.call(build_report, uri, a.experiment, Path(a.out), a.title, what="report's reads")
     for name, p in out.items():
@@ -505,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser = add_parser
 
     d = sub.add_parser("data", help="write FFCV .beton files")
-    d.add_argument("dataset", help="fashion-mnist | imagefolder | cifar10 | cifar100")
+    d.add_argument("dataset", help="fashion_mnist | imagefolder | cifar10 | cifar100 (fashion-mnist works too)")
     d.add_argument("--out", default="data", help="output folder")
     d.add_argument(
         "--val-size",
@@ -514,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         help="images held out of train for validation; cifar10/cifar100: 0 = none, train on all "
         "50,000 (the reference setting): files <name>_full_*, dataset <name>_full",
     )
-    d.add_argument("--split-seed", type=int, default=0)
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the train/val split (the same seed, the same split)"
+    )
+    d.add_argument("--overwrite", action="store_true", help="rewrite files that exist and check as valid")
     d.add_argument("--train", help="imagefolder: train class folders (ROOT/<class>/<image>)")
     d.add_argument("--val", help="imagefolder: val class folders (same class names)")
     d.add_argument("--name", default="imagefolder", help="imagefolder: file prefix (imagenet for dataset: imagenet)")
@@ -639,7 +649,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except ConfigError as e:
-        print(f"hfbench: {e}", file=sys.stderr)
+        msg = str(e)
+        epochs_set = [k for k in (getattr(a, "set", None) or []) if k.split("=", 1)[0].strip().endswith("epochs")]
+        if epochs_set and "epoch" in msg.split(":", 1)[-1] and hasattr(a, "scale"):
+            # a shorter run by hand breaks the schedules tied to its length; --scale shrinks them together
+            msg += (
+                f"\n  (--set {epochs_set[0]} leaves the schedules that depend on the run's length as they "
+                f"are; --scale F shrinks every epoch count together, e.g. --scale 0.1)"
+            )
+        print(f"hfbench: {msg}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"hfbench: {e}", file=sys.stderr)

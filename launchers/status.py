@@ -91,8 +91,10 @@ def _pending_reason(job: str) -> str:
 
 def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatus]:
     uri = uri or sweep.tracking_uri or tracking.default_uri()
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(sweep.experiment_name())
+    # a sqlite store that does not exist yet holds no run: every run is "not submitted", and no
+    # empty store is created where the command was typed
+    c = tracking.client(uri) if tracking.store_exists(uri) else None
+    exp = c.get_experiment_by_name(sweep.experiment_name()) if c is not None else None
     by_hash = tracking.runs_by_hash(uri, exp.experiment_id) if exp else {}
     jobs = _last_jobs(sweep)
     rows = []

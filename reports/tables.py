@@ -325,9 +325,8 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
         base = rs[0].base_method
         st = (bench or {}).get("step", {}).get(base)
         mem = (bench or {}).get("mem", {}).get(base)
-        if bench is None:
-            st_cell = mem_cell = "no overhead benchmark run"
-        else:
+        st_cell = mem_cell = ""  # columns left out without a benchmark run
+        if bench is not None:
             st_cell = (
                 "n/a"
                 if st is None
@@ -360,7 +359,10 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
         "device-hours = wall_time_s × env.world_size / 3600, summed over the runs. "
     )
     if bench is None:
-        note += "Step-time and peak-memory ratios: no overhead benchmark run (MLflow experiment 'bench')."
+        note += (
+            "Step-time and peak-memory ratios (method / dense) appear here once `hfbench bench overhead` "
+            "has logged a run to this store (MLflow experiment 'bench')."
+        )
     else:
         p = bench["params"]
         note += (
@@ -368,20 +370,23 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
             f"{bench['run_id']} (model {p.get('model', '?')}, device {p.get('device', '?')}, "
             f"batch {p.get('batch', '?')}); median over rounds with IQR."
         )
+    header = [
+        "method",
+        "runs",
+        "epochs",
+        "steps × batch vs dense (×)",
+        "dense-equivalent FLOPs (×)",
+        "wall time per run (s)",
+        "device-hours",
+        "init",
+        "step-time ratio (bench)",
+        "peak-memory ratio (bench)",
+    ]
+    if bench is None:  # no measurement: no columns of "no benchmark" cells
+        header, rows = header[:-2], [r[:-2] for r in rows]
     return Table(
         "Compute",
-        [
-            "method",
-            "runs",
-            "epochs",
-            "steps × batch vs dense (×)",
-            "dense-equivalent FLOPs (×)",
-            "wall time per run (s)",
-            "device-hours",
-            "init",
-            "step-time ratio (bench)",
-            "peak-memory ratio (bench)",
-        ],
+        header,
         rows,
         note,
         numeric={1, 2, 3, 4, 5, 6},

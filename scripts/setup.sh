@@ -7,6 +7,8 @@
 #   every clone on the machine and re-installed only when the dependency list changes; then
 #   this clone is installed into it in editable mode and linked as ./.venv.
 set -euo pipefail
+# quiet pip: no "installed in a folder not on PATH" warnings, no new-version notice
+export PIP_NO_WARN_SCRIPT_LOCATION=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"

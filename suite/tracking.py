@@ -96,9 +96,35 @@ class bounded:
 
 
 def client(uri: str):
+    import logging
+
     from mlflow import MlflowClient
 
+    # MLflow's sqlite store logs its table creation and migrations at INFO on every new store
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+
+
+def store_exists(uri: str) -> bool:
+    """False only for a sqlite store whose file does not exist (a server or folder may hold runs)."""
+    path = _sqlite_path(uri)
+    return path is None or path.exists()
+
+
+def require_store(uri: str) -> None:
+    """For commands that only read: a sqlite store that does not exist is named, not created
+    (MLflow would create an empty mlflow.db wherever the command was typed)."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise FileNotFoundError(
+            f"no MLflow store at {path}: nothing was tracked there (run the sweep first, or point "
+            f"--tracking-uri at the store it wrote)"
+        )
 
 
 # MLflow 3's UI opens an experiment on its GenAI traces view unless the experiment says it holds

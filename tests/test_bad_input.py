@@ -522,13 +522,16 @@ def test_fuzz_random_yaml_text(text):
 
 def test_report_refusals_are_one_line_with_exit_2(tmp_path, capsys):
     from launchers.cli import main
+    from suite import tracking
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.ensure_experiment(uri, "another")  # a store that exists, without the experiment asked for
+    capsys.readouterr()
     assert (
         main(["report", "--experiment", "no-such-experiment", "--out", str(tmp_path / "r"), "--tracking-uri", uri]) == 2
     )
-    err = capsys.readouterr().err.strip().splitlines()  # MLflow's own INFO lines about a new sqlite store aside
-    assert err[-1] == "hfbench: MLflow experiment 'no-such-experiment' does not exist"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hfbench: MLflow experiment 'no-such-experiment' does not exist"]
     assert not any("Traceback" in ln for ln in err)
     (tmp_path / "file").write_text("x")
     assert main(["report", "--experiment", "e", "--out", str(tmp_path / "file"), "--tracking-uri", uri]) == 2

@@ -200,3 +200,62 @@ def test_config_errors_point_at_base_or_overrides_by_where_the_value_was_written
         "experimnt: unknown key (did you mean 'experiment'?)",
     ):
         assert line in err
+
+
+def test_read_only_commands_never_create_a_store_where_they_are_typed(tmp_path, monkeypatch, capsys):
+    """`status` before a sweep ran lists every run as not submitted; `report` and `fit-law` name
+    the missing store in one line (exit 2). None of them leaves an empty mlflow.db behind, which
+    MLflow creates on first contact."""
+    from pathlib import Path
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    monkeypatch.chdir(tmp_path)
+    for var in ("HFBENCH_MLFLOW_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["status", demo]) == 0
+    out = capsys.readouterr().out
+    n = len(load_sweep(demo).expand())
+    assert n > 0 and out.count("not submitted") == n + 1 and f"{n} not submitted" in out  # rows + summary
+    for argv in (
+        ["report", "--experiment", "nosuch", "--out", "r"],
+        ["report", demo],
+        ["fit-law", "--experiment", "x"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert (
+            err == f"hfbench: no MLflow store at {tmp_path / 'mlflow.db'}: nothing was tracked there (run the "
+            "sweep first, or point --tracking-uri at the store it wrote)\n"
+        ), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_train_on_a_sweep_config_says_what_it_is_in_one_line(capsys):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert main(["train", str(demo)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a sweep config (it has base, grid)" in err
+    assert f"hfbench sweep {demo}" in err and "unknown key" not in err
+
+
+def test_an_epochs_override_that_breaks_a_schedule_points_to_scale(capsys):
+    """--set base.epochs=40 on the demo leaves GMP's end at epoch 60: refused, naming the field,
+    with a pointer to --scale, which shrinks the schedules with the run."""
+    from pathlib import Path
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert main(["sweep", demo, "--dry-run", "--set", "base.epochs=40"]) == 2
+    err = capsys.readouterr().err
+    assert "gmp.end_epoch" in err and "--scale F shrinks every epoch count together" in err
+    assert main(["sweep", demo, "--dry-run", "--set", "base.lr=0.1"]) == 0  # no hint without an error
+    assert main(["sweep", demo, "--dry-run", "--scale", "0.1"]) == 0
+
+
+def test_a_new_store_is_created_without_mlflows_info_lines(tmp_path):
+    code = f"from suite import tracking; tracking.ensure_experiment('sqlite:///{tmp_path / 'm.db'}', 'quiet')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "m.db").exists()
+    assert "INFO" not in p.stderr and "Creating initial MLflow database tables" not in p.stderr, p.stderr

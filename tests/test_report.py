@@ -623,3 +623,15 @@ def test_per_layer_density_view_shows_each_methods_layer_budget(large):
     assert names and all(files[n].stat().st_size > 0 for n in names)
     md = files["report.md"].read_text()
     assert all(f"]({n})" in md for n in names) and "Density per prunable layer at 90.00 % sparsity" in md
+
+
+def test_compute_table_without_a_benchmark_run_has_no_empty_benchmark_columns(built):
+    """No overhead benchmark in the store: the compute table leaves its step-time and memory
+    columns out (they were eight cells of "no overhead benchmark run") and its note says which
+    command adds them. With a benchmark the columns are there (test_large_sweep_tables)."""
+    md = built["files"]["report.md"].read_text()
+    compute = md.split("#### Compute", 1)[1].split("\n#### ", 1)[0].split("\n### ", 1)[0]
+    header = next(ln for ln in compute.splitlines() if ln.startswith("| method"))
+    assert "wall time per run (s)" in header and "(bench)" not in header
+    assert "no overhead benchmark run" not in md
+    assert "once `hfbench bench overhead` has logged a run" in compute
