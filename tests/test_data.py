@@ -364,6 +364,7 @@ def test_abandoned_epoch_releases_ffcv_thread(betons):
 
 @needs_source
 @TIMEOUT
+@pytest.mark.slow  # writes the 70,000-image dataset twice (~18 s): `make test` runs it, not the fast tier
 def test_write_while_a_loader_is_half_consumed(betons, tmp_path):
     """The platform trap: writing after a half-consumed loader must not deadlock (the
     writer runs in a child process). Also: a new split rewrites train/val, not test."""
