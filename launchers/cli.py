@@ -125,7 +125,7 @@ def cmd_data(a) -> int:
             )
         return 0
     raise SystemExit(
-        f"hfbench data: unknown dataset {a.dataset!r} (known: fashion-mnist, imagefolder, cifar10, cifar100)"
+        f"hfbench data: unknown dataset {a.dataset!r} (known: fashion_mnist, imagefolder, cifar10, cifar100)"
     )
 
 
@@ -495,14 +495,15 @@ def _version() -> str:
     return f"hfbench {v} (git {git_commit() or 'unknown'})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `hfbench` command line: every command, every option with its help and default."""
     p = argparse.ArgumentParser(
         prog="hfbench",
         description="Pruning benchmark suite: Hyperflux against baselines.",
         epilog="start here: hfbench sweep configs/demo.yaml, then hfbench report configs/demo.yaml",
         formatter_class=_DefaultsHelp,
     )
-    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--version", action="version", version=_version(), help="print the version and git commit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _sub_add = sub.add_parser
 
@@ -533,7 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-side", type=int, default=512, help="imagefolder: resize longer side to at most this (0: keep)"
     )
     d.add_argument("--quality", type=int, default=90, help="imagefolder: JPEG quality")
-    d.add_argument("--write-mode", default="jpg", choices=["jpg", "proportion", "raw"])
+    d.add_argument(
+        "--write-mode",
+        default="jpg",
+        choices=["jpg", "proportion", "raw"],
+        help="imagefolder: FFCV's image storage (jpg: compressed; raw: decoded pixels, larger and faster to read)",
+    )
     d.add_argument(
         "--skip-bad",
         action="store_true",
@@ -544,11 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("sweep", help="run a sweep config")
-    s.add_argument("config")
-    s.add_argument("--executor", choices=["auto", "slurm", "local", "debug"])
+    s.add_argument("config", help="a sweep config (YAML), e.g. configs/demo.yaml")
+    s.add_argument(
+        "--executor",
+        choices=["auto", "slurm", "local", "debug"],
+        help="where the runs go (default: the config's launcher.executor; auto: SLURM if a controller "
+        "answers, else local processes; debug: in this process)",
+    )
     s.add_argument("--parallelism", type=int, help="runs at once (SLURM array limit)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: HFBENCH_MLFLOW_URI or ./mlflow.db)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, e.g. base.epochs=2")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, e.g. grid.seeds=[0,1]")
     _scale_args(s)
     s.add_argument("--dry-run", action="store_true", help="validate and list the runs, submit nothing")
     s.add_argument(
@@ -566,26 +577,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="the same overrides the sweep was started with (e.g. name=..., out_dir=...)",
     )
-    st.add_argument("config")
-    st.add_argument("--tracking-uri")
+    st.add_argument("config", help="the sweep config the runs were started from")
+    st.add_argument("--tracking-uri", help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI or ./mlflow.db")
     _scale_args(st)
     st.set_defaults(fn=cmd_status)
 
     fl = sub.add_parser("fit-law", help="fit the gamma-density law to fixed-pressure Hyperflux runs")
-    fl.add_argument("--experiment", required=True)
-    fl.add_argument("--tracking-uri")
+    fl.add_argument("--experiment", required=True, help="the MLflow experiment of the fixed-pressure sweep")
+    fl.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db")
     fl.set_defaults(fn=cmd_fit_law)
 
     fn = sub.add_parser("fit-npl", help="fit the Neural Pruning Law (density vs minimum surviving saliency)")
-    fn.add_argument("--experiment", required=True)
-    fn.add_argument("--tracking-uri")
+    fn.add_argument("--experiment", required=True, help="the MLflow experiment whose finished runs are fitted")
+    fn.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db")
     fn.add_argument("--lo", type=float, default=0.005, help="fit only densities above this")
     fn.add_argument("--hi", type=float, default=0.5, help="and at most this")
     fn.set_defaults(fn=cmd_fit_npl)
 
     t = sub.add_parser("train", help="train one run config in this process")
-    t.add_argument("config")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    t.add_argument("config", help="one run's config (YAML), e.g. from `hfbench config show SWEEP --run NAME`")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run field, e.g. lr=0.1")
     t.set_defaults(fn=cmd_train)
 
     sy = sub.add_parser("sync", help="deliver MLflow logging that runs kept on disk while the server was down")
@@ -604,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=cmd_report)
 
     ls = sub.add_parser("list", help="the methods, models and datasets a config can name")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "methods", "models", "datasets"])
+    ls.add_argument(
+        "what", nargs="?", default="all", choices=["all", "methods", "models", "datasets"], help="what to list"
+    )
     ls.set_defaults(fn=cmd_list)
 
     cf = sub.add_parser("config", help="inspect a sweep config")
@@ -612,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     show = cfs.add_parser(
         "show", help="the runs a sweep config expands to, or one run's resolved config", formatter_class=_DefaultsHelp
     )
-    show.add_argument("config")
+    show.add_argument("config", help="a sweep config (YAML)")
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep field, as sweep does")
     show.add_argument("--run", help="print this run's resolved config (run name or hash) as YAML")
     _scale_args(show)
@@ -629,7 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     from suite import bench  # cheap: torch and FFCV are imported when a bench runs
 
     bench.add_parser(sub)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.cmd is None:  # bare `hfbench`: the commands, not an argparse error
         p.print_help()

@@ -259,3 +259,27 @@ def test_a_new_store_is_created_without_mlflows_info_lines(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "m.db").exists()
     assert "INFO" not in p.stderr and "Creating initial MLflow database tables" not in p.stderr, p.stderr
+
+
+def test_every_option_of_every_command_has_help():
+    """`hfbench X --help` explains every argument (defaults are shown by the formatter)."""
+    import argparse
+
+    from launchers.cli import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> int:
+        n = 0
+        for act in parser._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                for name, sp in act.choices.items():
+                    n += walk(sp, f"{path} {name}")
+            elif not isinstance(act, argparse._HelpAction):
+                n += 1
+                if not act.help:
+                    bare.append(f"{path} {'/'.join(act.option_strings) or act.dest}")
+        return n
+
+    assert walk(build_parser(), "hfbench") > 60
+    assert bare == []
