@@ -170,10 +170,6 @@ class ScaleConfig(_Strict):
             self._scale_epochs(f, self.epochs, cls.min_epochs if cls else 1)
         if cls is not None:  # the method's own epoch counts (its phases kept inside the run)
             cls.scale(f, self.epochs, full)
-        if self.epochs != 1.0 and isinstance(f.get("eval_every"), int) and isinstance(f.get("epochs"), int):
-            # clamped to the run's epochs once the method has set them (a method may lengthen a
-            # scaled run to keep its phases; eval_every follows that length, not the shorter one)
-            f["eval_every"] = min(f["eval_every"], f["epochs"])
 
     @staticmethod
     def _scale_epochs(f: dict[str, Any], k: float, min_epochs: int) -> None:
@@ -182,7 +178,10 @@ class ScaleConfig(_Strict):
         full = f.get("epochs", RunConfig.model_fields["epochs"].default)
         ep = f["epochs"] = max(scaled(full, k), min(full, min_epochs))
         if "eval_every" in f:
-            f["eval_every"] = scaled(f["eval_every"], k)  # clamped to the final epochs in apply()
+            # not clamped to the scaled epochs: a method may lengthen the run afterwards (Hyperflux
+            # keeps its phases, IMP derives its length from its levels), and an eval_every beyond
+            # the run's length means what it always means: evaluate after the last epoch
+            f["eval_every"] = scaled(f["eval_every"], k)
         if isinstance(f.get("lr_milestones"), list) and f["lr_milestones"]:  # kept inside the run, distinct
             ms: list = []
             for m in f["lr_milestones"]:

@@ -44,23 +44,29 @@ def test_scale_knob_shrinks_every_phase_and_keeps_runs_apart():
             assert 0 < r.gmp.end_epoch <= r.epochs == 8
         else:  # SER and the hybrid keep the epochs their selection and fine-tune need
             assert r.epochs == max(1, round(f.epochs * 0.05), registry.get(r.method).min_epochs), name
-        assert 1 <= r.eval_every <= r.epochs
+        assert 1 <= r.eval_every and _eval_epochs(r)[-1] == r.epochs
+
+
+def _eval_epochs(r) -> list[int]:
+    """The epochs after which the engine evaluates (suite/engine.py: every eval_every, and the last)."""
+    return [e for e in range(1, r.epochs + 1) if e % r.eval_every == 0 or e == r.epochs]
 
 
 def test_scaled_eval_every_follows_the_epochs_a_method_keeps():
-    """eval_every is scaled like every epoch count, then clamped to the run's final length: a
-    method that lengthens a scaled run to keep its phases (Hyperflux: 100 epochs at 0.01 -> 6)
-    evaluates every min(100, 6) = 6 epochs, not every epoch (the clamp to the 1 epoch of the
-    plain scaling, before the method lengthened the run)."""
+    """eval_every is scaled like every epoch count and not clamped to the plain scaled length: a
+    method that lengthens a scaled run afterwards (Hyperflux keeps its phases: 100 epochs at 0.01
+    -> 6 or 7; IMP derives its length from its levels) evaluates as asked, here after the last
+    epoch only. Clamped to the 1 epoch of the plain scaling, it evaluated after every epoch."""
     path = ROOT / "configs/paper/imagenet_resnet50.yaml"
-    runs = load_sweep(path, {"base.eval_every": 10000, "scale.epochs": 0.01}).expand()
-    by = {r.method: r for r in runs}
-    assert by["hyperflux"].epochs > 1
-    assert by["hyperflux"].eval_every == by["hyperflux"].epochs
-    assert by["dense"].epochs == 1 and by["dense"].eval_every == 1
-    # a scaled value below the run's length is kept: 300 x 0.01 = 3
-    hf = {r.method: r for r in load_sweep(path, {"base.eval_every": 300, "scale.epochs": 0.01}).expand()}["hyperflux"]
-    assert hf.epochs > 3 and hf.eval_every == 3
+    over = {"base.eval_every": 10000, "scale.epochs": 0.01, "grid.sparsities": [0.9]}
+    for r in load_sweep(path, over).expand():
+        assert _eval_epochs(r) == [r.epochs], (r.run_name(), r.epochs, r.eval_every)
+    by = {r.method: r for r in load_sweep(path, over).expand()}
+    assert by["hyperflux"].epochs > 1 and by["imp"].epochs > 2
+    # a scaled value below the run's length is kept: 300 x 0.01 = every 3 epochs
+    over["base.eval_every"] = 300
+    hf = {r.method: r for r in load_sweep(path, over).expand()}["hyperflux"]
+    assert hf.eval_every == 3 and _eval_epochs(hf) == [e for e in range(3, hf.epochs, 3)] + [hf.epochs]
 
 
 def test_scale_knob_from_the_cli_lists_the_smoke_runs(tmp_path):
