@@ -168,8 +168,14 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                     acc.setdefault(step, []).append(v)
             return [(step, sum(vs) / len(vs)) for step, vs in sorted(acc.items())]
 
-        for i, ((method, target), runs) in enumerate(sorted(groups.items())):
-            c = f"C{i % 10}"
+        # a method keeps its colour from the other plots; its targets go from solid to faint
+        targets_of: dict[str, list[float]] = {}
+        for method, target in sorted(groups):
+            targets_of.setdefault(method, []).append(target)
+        for (method, target), runs in sorted(groups.items()):
+            c = method_style(method)[0]
+            ts = targets_of[method]
+            alpha = 1.0 - 0.55 * ts.index(target) / max(len(ts) - 1, 1)
             lab = f"{method} {100 * target:g}%" + (f" (mean of {len(runs)})" if len(runs) > 1 else "")
             pr = mean_curve([p for p, _ in runs])
             rg = mean_curve([g for _, g in runs])
@@ -178,13 +184,19 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                     [s for s, _ in pr],
                     [max(v, 0.5) for _, v in pr],
                     color=c,
+                    alpha=alpha,
                     linestyle="--",
                     linewidth=1,
                     label=f"pruned, {lab}",
                 )
             if rg:
                 ax.plot(
-                    [s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, linewidth=1.4, label=f"regrown, {lab}"
+                    [s for s, _ in rg],
+                    [max(v, 0.5) for _, v in rg],
+                    color=c,
+                    alpha=alpha,
+                    linewidth=1.4,
+                    label=f"regrown, {lab}",
                 )
         ax.set_yscale("log")
         ax.set_xlabel("epoch")

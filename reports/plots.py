@@ -171,7 +171,12 @@ def plot_density(
     fig = new_figure()
     ax = fig.add_subplot()
     targets = sorted({sparsity_key(r.target_sparsity) for r, _, _ in curves})
-    palette = [f"C{i % 10}" for i in range(len(targets))]
+    # targets, not methods: a sequential colour map (light to dark with sparsity), so no colour
+    # here reads as one of the methods' colours of the other plots
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    palette = [cmap(0.85 - 0.75 * i / max(len(targets) - 1, 1)) for i in range(len(targets))]
     colour = dict(zip(targets, palette))
     labelled_measured: set[float] = set()
     drawn_target: set[float] = set()

@@ -635,3 +635,48 @@ def test_compute_table_without_a_benchmark_run_has_no_empty_benchmark_columns(bu
     assert "wall time per run (s)" in header and "(bench)" not in header
     assert "no overhead benchmark run" not in md
     assert "once `hfbench bench overhead` has logged a run" in compute
+
+
+def test_a_method_keeps_its_colour_in_the_flips_plot_and_targets_use_their_own_scale(large, tmp_path, monkeypatch):
+    """Colours mean the same thing in every plot: in the pruned/regrown plot each line has its
+    method's colour (reports.plots.method_style), as in the accuracy plot; the density plot's
+    lines are targets, drawn from a sequential map that is not the method palette's C0..C9."""
+    from pathlib import Path
+
+    from matplotlib.colors import to_hex
+
+    from reports import dynamics, plots
+    from reports.bench_build import EXPERIMENT as SYN
+
+    figs: dict[str, object] = {}
+
+    def capture(module):
+        made = module.new_figure
+
+        def new_figure(*a, **kw):
+            fig = made(*a, **kw)
+            real_save = fig.savefig
+            fig.savefig = lambda path, *x, **y: (figs.__setitem__(Path(path).name, fig), real_save(path, *x, **y))[1]
+            return fig
+
+        monkeypatch.setattr(module, "new_figure", new_figure)
+
+    capture(dynamics)
+    capture(plots)
+    uri = "sqlite:///" + str(large["files"]["results.csv"].parent.parent / "mlflow.db")
+    build_report(uri, SYN, tmp_path / "again")
+    flips = {k: f for k, f in figs.items() if k.startswith("flips_")}
+    assert flips, sorted(figs)
+    checked = 0
+    for fig in flips.values():
+        for line in fig.axes[0].get_lines():
+            label = line.get_label()
+            method = label.split(", ", 1)[1].split(" ", 1)[0]
+            assert to_hex(line.get_color()) == to_hex(plots.method_style(method)[0]), label
+            checked += 1
+    assert checked > 0
+    tab10 = {to_hex(f"C{i}") for i in range(10)}
+    dens = [f for k, f in figs.items() if k.startswith("density_")]
+    assert dens, sorted(figs)
+    for fig in dens:
+        assert not {to_hex(ln.get_color()) for ln in fig.axes[0].get_lines()} & tab10
