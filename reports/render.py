@@ -89,6 +89,12 @@ def write_csv(path: Path, records: list[RunRecord]) -> None:
             w.writerow([cell(row[c]) for c in CSV_COLUMNS])
 
 
+REPRODUCE_NOTE = (
+    "Reproduce any point: results.csv has one row per run with its run hash, config hash, git commit, "
+    "hardware, the run's config.yaml artifact and the command that retrains it (hfbench train <config.yaml>)."
+)
+
+
 def env_summary(records: list[RunRecord]) -> list[tuple[str, str]]:
     """Each env.* param with its value, or its distinct values with run counts if they differ."""
     values: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -144,16 +150,7 @@ def render_md(c: Content) -> str:
     if c.sweeps:
         out.append(f"Sweeps: {', '.join(f'`{s}`' for s in c.sweeps)}.")
     out += [""]
-    out += [
-        "## Results",
-        "",
-        ACC_NOTE,
-        "",
-        "Reproduce any point: results.csv has one row per run with its run hash, config hash, git "
-        "commit, hardware, the run's config.yaml artifact and the command that retrains it "
-        "(`hfbench train <config.yaml>`).",
-        "",
-    ]
+    out += ["## Results", ""]  # the answer first; how to read it after the tables
     for s in c.sections:
         out += [f"### {s.dataset} / {s.model}", ""]
         summary = [t for t in s.tables if getattr(t, "kind", "") == "summary"]
@@ -174,6 +171,14 @@ def render_md(c: Content) -> str:
                 out += [t.note, ""]
     if not c.sections:
         out += ["No run finished.", ""]
+    out += [
+        "## Reading the tables",
+        "",
+        ACC_NOTE,
+        "",
+        REPRODUCE_NOTE.replace("hfbench train <config.yaml>", "`hfbench train <config.yaml>`"),
+        "",
+    ]
     out += ["## Failed runs", ""]
     if c.failed:
         out += _md_table(FAILED_HEADER, c.failed)
@@ -248,13 +253,7 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
     ]
     if c.sweeps:
         out.append("<p>Sweeps: " + ", ".join(f"<code>{e(s)}</code>" for s in c.sweeps) + ".</p>")
-    out += [
-        "<h2>Results</h2>",
-        f"<p>{e(ACC_NOTE)}</p>",
-        "<p>Reproduce any point: results.csv has one row per run with its run hash, config hash, git "
-        "commit, hardware, the run's config.yaml artifact and the command that retrains it "
-        "(<code>hfbench train &lt;config.yaml&gt;</code>).</p>",
-    ]
+    out += ["<h2>Results</h2>"]  # the answer first; how to read it after the tables
     for s in c.sections:
         out.append(f"<h3>{e(s.dataset)} / {e(s.model)}</h3>")
         summary = [t for t in s.tables if getattr(t, "kind", "") == "summary"]
@@ -286,6 +285,11 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
                 out.append(f"<p>{e(t.note)}</p>")
     if not c.sections:
         out.append("<p>No run finished.</p>")
+    out += [
+        "<h2>Reading the tables</h2>",
+        f"<p>{e(ACC_NOTE)}</p>",
+        f"<p>{e(REPRODUCE_NOTE).replace('hfbench train &lt;config.yaml&gt;', '<code>hfbench train &lt;config.yaml&gt;</code>')}</p>",
+    ]
     out.append("<h2>Failed runs</h2>")
     if c.failed:
         out.append(_html_table(FAILED_HEADER, c.failed, numeric={2, 3}, err_col=6, kind="failed"))

@@ -680,3 +680,21 @@ def test_a_method_keeps_its_colour_in_the_flips_plot_and_targets_use_their_own_s
     assert dens, sorted(figs)
     for fig in dens:
         assert not {to_hex(ln.get_color()) for ln in fig.axes[0].get_lines()} & tab10
+
+
+def test_the_report_leads_with_results_and_explains_them_after(built):
+    """Under "Results" the first thing is a table (the method x sparsity grid where one is
+    built, else the accuracy table), not paragraphs; the notes on how to read the tables and
+    reproduce a point follow the results, before the failed runs, in report.md and index.html."""
+    from reports.tables import ACC_NOTE
+
+    md = built["files"]["report.md"].read_text()
+    results = md.split("## Results\n", 1)[1]
+    first_lines = [ln for ln in results.splitlines() if ln.strip()][:3]
+    assert first_lines[0].startswith("### ") and first_lines[1].startswith(("|", "#### ")), first_lines
+    assert md.index("## Results") < md.index("## Reading the tables") < md.index("## Failed runs")
+    assert ACC_NOTE in md.split("## Reading the tables", 1)[1] and "hfbench train <config.yaml>" in md
+    html = built["files"]["index.html"].read_text()
+    body = html.split("<h2>Results</h2>", 1)[1]
+    assert body.lstrip().startswith("<h3>") and body.index("<table") < body.index("<p>")
+    assert html.index("<h2>Reading the tables</h2>") < html.index("<h2>Failed runs</h2>")
