@@ -1,6 +1,6 @@
 """The `hfbench` command line.
 
-hfbench data fashion-mnist --out data/       FFCV files from the Debian Fashion-MNIST package
+hfbench data fashion_mnist --out data/       FFCV files from the Debian Fashion-MNIST package
 hfbench data imagefolder --name imagenet --train T --val V --out data/   ImageNet-style class folders
 hfbench data cifar10|cifar100 --src DIR --out data/   CIFAR python releases
 hfbench sweep configs/demo.yaml              run a sweep (SLURM array if reachable, else local)
@@ -64,7 +64,7 @@ def cmd_data(a) -> int:
     if a.dataset in ("fashion-mnist", "fashion_mnist"):
         if not 0 < a.val_size < 60000:
             raise ConfigError(
-                f"--val-size for fashion-mnist must be between 1 and 59999 (of 60,000 training "
+                f"--val-size for fashion_mnist must be between 1 and 59999 (of 60,000 training "
                 f"images), got {a.val_size}"
             )
         from suite.data import write_fashion_mnist
@@ -269,9 +269,10 @@ def cmd_train(a) -> int:
     from suite.engine import train
 
     data = load_yaml(a.config)
-    if isinstance(data, dict) and {"base", "grid"} & set(data):
+    sweep_keys = {"base", "grid", "overrides", "launcher"} & set(data) if isinstance(data, dict) else set()
+    if len(sweep_keys) >= 2:  # one such key could be a plugin method's section
         raise ConfigError(
-            f"{a.config} is a sweep config (it has {', '.join(sorted({'base', 'grid'} & set(data)))}): run it "
+            f"{a.config} is a sweep config (it has {', '.join(sorted(sweep_keys))}): run it "
             f"with `hfbench sweep {a.config}`; `hfbench config show {a.config} --run NAME` prints one run's "
             f"config, which `hfbench train` takes"
         )
@@ -578,18 +579,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same overrides the sweep was started with (e.g. name=..., out_dir=...)",
     )
     st.add_argument("config", help="the sweep config the runs were started from")
-    st.add_argument("--tracking-uri", help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI or ./mlflow.db")
+    st.add_argument(
+        "--tracking-uri",
+        help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI, MLFLOW_TRACKING_URI or ./mlflow.db",
+    )
     _scale_args(st)
     st.set_defaults(fn=cmd_status)
 
     fl = sub.add_parser("fit-law", help="fit the gamma-density law to fixed-pressure Hyperflux runs")
     fl.add_argument("--experiment", required=True, help="the MLflow experiment of the fixed-pressure sweep")
-    fl.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db")
+    fl.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI, MLFLOW_TRACKING_URI or ./mlflow.db")
     fl.set_defaults(fn=cmd_fit_law)
 
     fn = sub.add_parser("fit-npl", help="fit the Neural Pruning Law (density vs minimum surviving saliency)")
     fn.add_argument("--experiment", required=True, help="the MLflow experiment whose finished runs are fitted")
-    fn.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db")
+    fn.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI, MLFLOW_TRACKING_URI or ./mlflow.db")
     fn.add_argument("--lo", type=float, default=0.005, help="fit only densities above this")
     fn.add_argument("--hi", type=float, default=0.5, help="and at most this")
     fn.set_defaults(fn=cmd_fit_npl)
@@ -609,7 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment", help="the MLflow experiment to report on")
     r.add_argument("--out", help="output folder (default with a config: reports/<experiment>)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the sweep was started with")
-    r.add_argument("--tracking-uri", help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI or ./mlflow.db")
+    r.add_argument(
+        "--tracking-uri",
+        help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI, MLFLOW_TRACKING_URI or ./mlflow.db",
+    )
     r.add_argument("--title", help="report title (default: the experiment name)")
     _scale_args(r)
     r.set_defaults(fn=cmd_report)
@@ -667,8 +674,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except ConfigError as e:
         msg = str(e)
-        epochs_set = [k for k in (getattr(a, "set", None) or []) if k.split("=", 1)[0].strip().endswith("epochs")]
-        if epochs_set and "epoch" in msg.split(":", 1)[-1] and hasattr(a, "scale"):
+        epochs_set = [
+            k
+            for k in (getattr(a, "set", None) or [])
+            if "=" in k
+            and k.split("=", 1)[0].strip().endswith("epochs")
+            and not k.strip().startswith("scale.")
+            and k.split("=", 1)[1].strip().isdigit()
+        ]
+        if epochs_set and "epoch" in msg.split(":", 1)[-1] and getattr(a, "scale", 0) is None:
             # a shorter run by hand breaks the schedules tied to its length; --scale shrinks them together
             msg += (
                 f"\n  (--set {epochs_set[0]} leaves the schedules that depend on the run's length as they "

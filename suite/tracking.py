@@ -13,6 +13,7 @@ Run schema (what reports/ reads):
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
@@ -95,14 +96,15 @@ class bounded:
             raise
 
 
-def client(uri: str):
-    import logging
+# MLflow's sqlite store logs its table creation and migrations at INFO on every new store: quiet
+# for every client this process makes (set on import, before MLflow configures its loggers)
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
+
+def client(uri: str):
     from mlflow import MlflowClient
 
-    # MLflow's sqlite store logs its table creation and migrations at INFO on every new store
-    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

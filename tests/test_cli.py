@@ -236,7 +236,7 @@ def test_train_on_a_sweep_config_says_what_it_is_in_one_line(capsys):
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert main(["train", str(demo)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a sweep config (it has base, grid)" in err
+    assert err.count("\n") == 1 and "is a sweep config (it has base, grid, launcher, overrides)" in err
     assert f"hfbench sweep {demo}" in err and "unknown key" not in err
 
 
@@ -249,6 +249,12 @@ def test_an_epochs_override_that_breaks_a_schedule_points_to_scale(capsys):
     assert main(["sweep", demo, "--dry-run", "--set", "base.epochs=40"]) == 2
     err = capsys.readouterr().err
     assert "gmp.end_epoch" in err and "--scale F shrinks every epoch count together" in err
+    # no hint for a value that is not a number of epochs, nor when --scale is already given
+    assert main(["sweep", demo, "--dry-run", "--set", "base.epochs=abc"]) == 2
+    assert "--scale" not in capsys.readouterr().err
+    assert main(["sweep", demo, "--dry-run", "--scale", "1", "--set", "base.epochs=40"]) == 2
+    err = capsys.readouterr().err
+    assert "gmp.end_epoch" in err and "--scale F" not in err and err.count("\n") == 2
     assert main(["sweep", demo, "--dry-run", "--set", "base.lr=0.1"]) == 0  # no hint without an error
     assert main(["sweep", demo, "--dry-run", "--scale", "0.1"]) == 0
 

@@ -108,6 +108,7 @@ def test_an_evaluation_pass_over_fewer_images_than_a_batch_sizes_ffcvs_buffers_t
 
     big = I.make_image_loader(folder["paths"]["val"], 500, train=False, recipe="imagenet", crop_size=56)
     exact = I.make_image_loader(folder["paths"]["val"], 40, train=False, recipe="imagenet", crop_size=56)
+    was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         assert torch.utils.deterministic.fill_uninitialized_memory
@@ -115,7 +116,7 @@ def test_an_evaluation_pass_over_fewer_images_than_a_batch_sizes_ffcvs_buffers_t
         assert torch.utils.deterministic.fill_uninitialized_memory  # restored after the pass
         assert torch.isnan(torch.empty(4)).all()  # the fill still works for every other allocation
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(was)
     assert len(big) == 1 and xb.shape == (40, 3, 56, 56)
     assert torch.equal(xb, xe) and torch.equal(yb, ye)
     assert big.ffcv.batch_size == 40 and big.batch_size == 500
