@@ -230,6 +230,7 @@ def cmd_fit_law(a) -> int:
     per-run ("final") pressure parameter in its method's `dynamics` (Hyperflux's fixed schedule)."""
     from suite.pruning import registry
     from suite.pruning.laws import pressure_law_fit
+    from suite.run_schema import internal_key
 
     c, exp = _experiment(a, "fit-law")
     pts, sections = [], set()
@@ -241,8 +242,9 @@ def cmd_fit_law(a) -> int:
             if family
             else []
         )
-        if keys and p.get(keys[0]) not in (None, "None") and "final_density" in r.data.metrics:
-            pts.append((float(p[keys[0]]), r.data.metrics["final_density"]))
+        m = {internal_key(k): v for k, v in r.data.metrics.items()}  # short names (suite/run_schema.py)
+        if keys and p.get(keys[0]) not in (None, "None") and "final_density" in m:
+            pts.append((float(p[keys[0]]), m["final_density"]))
             sections.add(registry.get(family).section)
     if not pts:
         raise SystemExit(f"hfbench fit-law: no finished fixed-pressure run in {a.experiment!r}")
@@ -368,7 +370,7 @@ def cmd_report(a) -> int:
         return 2
     tracking.require_store(uri)
     with tracking.bounded(uri, 60) as b:  # a silent server is named within a minute, not after MLflow's retries
-        out = b.call(build_report, uri, a.experiment, Path(a.out), a.title, what="report's reads")
+        out = b.call(build_report, uri, a.experiment, Path(a.out), a.title, a.mlflow_ui, what="report's reads")
     for name, p in out.items():
         if name in ("index.html", "report.md", "results.csv"):
             print(f"{name}: {p}")
@@ -618,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the config's tracking_uri, HFBENCH_MLFLOW_URI, MLFLOW_TRACKING_URI or ./mlflow.db",
     )
     r.add_argument("--title", help="report title (default: the experiment name)")
+    r.add_argument(
+        "--mlflow-ui",
+        metavar="URL",
+        help="the MLflow UI the table rows link to (default: the tracking server, or http://127.0.0.1:5000 "
+        "where `mlflow ui` serves a local store); '' for no links",
+    )
     _scale_args(r)
     r.set_defaults(fn=cmd_report)
 

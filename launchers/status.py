@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from launchers.sweep import jobs_file
+from reports import records
 from suite import tracking
+from suite.run_schema import internal_key
 from suite.sweeps import SweepConfig
 
 
@@ -108,15 +110,15 @@ def sweep_status(sweep: SweepConfig, uri: Optional[str] = None) -> list[RunStatu
         fin = [r for r in runs if r.info.status == "FINISHED"]
         latest = fin[0] if fin else (runs[0] if runs else None)
         if latest is not None:
-            m = latest.data.metrics
+            m = {internal_key(k): v for k, v in latest.data.metrics.items()}  # short names (suite/run_schema.py)
             st.test_top1 = m.get("final_test_top1", m.get("test_top1"))
             st.sparsity = m.get("final_sparsity", m.get("sparsity"))
             st.job = latest.data.tags.get("hfbench.slurm_job", job)
             if latest.info.status == "FINISHED":
                 st.state, st.progress = "finished", f"{cfg.epochs}/{cfg.epochs}"
             else:
-                hist = c.get_metric_history(latest.info.run_id, "density")
-                st.progress = f"{max((x.step for x in hist), default=0)}/{cfg.epochs}"
+                hist = records.history(c, latest.info.run_id, "density")
+                st.progress = f"{max((step for step, _ in hist), default=0)}/{cfg.epochs}"
                 if latest.info.status in ("FAILED", "KILLED"):
                     st.state = "cancelled" if latest.info.status == "KILLED" else "failed"
                     err = (latest.data.tags.get("hfbench.error") or "").strip()

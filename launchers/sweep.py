@@ -411,6 +411,21 @@ class Sweep:
                 what="sweep's experiment lookup",
             )
             self.exp_id = exp_id
+            g = self.sweep.grid
+            b.call(
+                tracking.ensure_sweep_run,
+                self.uri,
+                exp_id,
+                self.sweep.name,
+                describe(self.sweep, runs),
+                {
+                    "hfbench.grid.methods": ", ".join(g.methods),
+                    "hfbench.grid.sparsities": ", ".join(f"{s:g}" for s in g.sparsities),
+                    "hfbench.grid.seeds": ", ".join(map(str, g.seeds)),
+                    "hfbench.runs": str(len(runs)),
+                },
+                what="sweep's parent run",
+            )
             finished = b.call(tracking.finished_hashes, self.uri, exp_id, what="sweep's finished-run lookup")
         self.say(
             f"[hfbench] sweep {self.sweep.name}: {len(runs)} runs, experiment "
@@ -429,10 +444,13 @@ class Sweep:
                 todo.append(r)
         if outcomes:
             self.say(f"[hfbench] {len(outcomes)} runs already FINISHED in this experiment: skipped")
+        from reports.fmt import experiment_url, ui_base
+
+        page = experiment_url(ui_base(self.uri), str(exp_id))  # the training-runs view of this experiment
         ui = (
-            f"mlflow ui --backend-store-uri {tracking.redact(self.uri)}"
+            f"`mlflow ui --backend-store-uri {tracking.redact(self.uri)}`, then {page}"
             if self.uri.startswith(("sqlite:", "/", "file:"))
-            else tracking.redact(self.uri)
+            else page
         )
         self.say(
             f"[hfbench] job logs: {self.folder}; run folders: {Path(self.sweep.out_dir).resolve()}; "

@@ -3,8 +3,9 @@
   python -m reports.bench_build --runs 1000 [--epochs 20] [--keep DIR]
 
 Creates a sqlite MLflow store in a temporary folder (or DIR) holding `--runs` training runs
-that follow the schema the engine logs (tags hfbench.*, flattened config params, env.*,
-prunable_weights, steps_per_epoch; per-epoch metrics with step = epoch; final_* metrics;
+that follow the schema the engine logs (suite/run_schema.py: tags hfbench.* and env.*, flattened
+config params, prunable_weights, steps_per_epoch; per-epoch metrics with step = epoch and
+final metrics, under their grouped names;
 artifacts config.yaml, layer_density.csv, layer_density_epochs.csv), plus one overhead
 benchmark run in experiment "bench", then times build_report on it and prints the time.
 `make_store` is also what tests/test_report.py uses for its large-sweep test.
@@ -25,6 +26,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from suite.run_schema import mlflow_key
 
 EXPERIMENT = "synthetic-sweep"
 MODELS = ("fmnist_cnn", "lenet300")
@@ -193,7 +196,6 @@ def make_store(
             "init": "scratch" if sy is None else "dense",
             "lr": "0.01",
             "config_hash": f"{i:012x}",
-            **ENV,
         }
         if sy is not None:
             params.update(sy.options)
@@ -207,6 +209,7 @@ def make_store(
             "hfbench.dataset": DATASET,
             "hfbench.sweep": "synthetic",
             "mlflow.runName": f"{model}-{method}-{target:g}-s{seed}",
+            **ENV,
         }
         run = c.create_run(exp_id, tags=tags, run_name=tags["mlflow.runName"], start_time=ts0 + i)
         rid = run.info.run_id
@@ -241,7 +244,7 @@ def make_store(
             }
             if sy is not None:
                 m.update(sy.metrics(ep, run_epochs, target, d))
-            metrics += [Metric(k, float(v), ts0 + 1000 * ep, ep) for k, v in m.items()]
+            metrics += [Metric(mlflow_key(k), float(v), ts0 + 1000 * ep, ep) for k, v in m.items()]
         wall = 60.0 + 3.0 * run_epochs
         if status == "FINISHED":
             fin = {
@@ -252,7 +255,7 @@ def make_store(
                 "train_time_s": wall - 10,
                 "wall_time_s": wall,
             }
-            metrics += [Metric(k, v, ts0 + 1000 * run_epochs + 1, run_epochs) for k, v in fin.items()]
+            metrics += [Metric(mlflow_key(k), v, ts0 + 1000 * run_epochs + 1, run_epochs) for k, v in fin.items()]
         plist = [Param(k, v) for k, v in params.items()]
         for j in range(0, max(len(metrics), len(plist)), 1000):
             c.log_batch(
@@ -265,7 +268,7 @@ def make_store(
             )
         for j in range(100, len(plist), 100):  # MLflow takes at most 100 params a batch
             c.log_batch(rid, params=plist[j : j + 100])
-        c.log_text(rid, "".join(f"{k}: {v}\n" for k, v in params.items() if not k.startswith("env.")), "config.yaml")
+        c.log_text(rid, "".join(f"{k}: {v}\n" for k, v in params.items()), "config.yaml")
         if status == "FINISHED":
             c.log_text(
                 rid,

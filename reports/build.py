@@ -26,7 +26,7 @@ from pathlib import Path
 
 from reports import dynamics, flops, published
 from reports.comparisons import protocol_tables
-from reports.fmt import one_line, pct, portable_uri, safe_uri, slug, sparsity_key
+from reports.fmt import one_line, pct, portable_uri, safe_uri, slug, sparsity_key, ui_base
 from reports.plots import label_list, layer_target, plot_accuracy, plot_cost, plot_density, plot_layers
 from reports.records import (
     Histories,
@@ -82,12 +82,17 @@ def _add_costs(client, records: list[RunRecord]) -> None:
         r.dense_macs, r.remaining_macs, r.cost_note = c.dense_macs, c.remaining_macs, c.note
 
 
-def build_report(tracking_uri: str, experiment: str, out_dir: Path, title: str | None = None) -> dict[str, Path]:
+def build_report(
+    tracking_uri: str, experiment: str, out_dir: Path, title: str | None = None, ui: str | None = None
+) -> dict[str, Path]:
     """Write the report of MLflow experiment ``experiment`` into ``out_dir``.
 
     Returns the written files keyed by file name: ``results.csv``, ``report.md``,
     ``index.html`` and one entry per PNG plot.  Raises ``ReportError`` when the experiment
     does not exist, is deleted, or holds no training runs.
+
+    Every table row links to its MLflow runs in the UI at ``ui`` (default: the tracking server,
+    or for a local store where ``mlflow ui`` serves it; "" for no links).
 
     Tables and plots use FINISHED runs only, one per run hash (the latest re-run wins);
     results.csv lists every training run whatever its status.
@@ -241,6 +246,8 @@ def build_report(tracking_uri: str, experiment: str, out_dir: Path, title: str |
         env=env_summary(records),
         sections=sections,
         failed=failed_rows,
+        ui=ui_base(tracking_uri) if ui is None else ui.rstrip("/"),
+        failed_ids=[r.run_id for r in records if r.status in _FAILED_STATUSES],
     )
     md_path = out_dir / "report.md"
     md_path.write_text(render_md(content), encoding="utf-8")

@@ -81,3 +81,29 @@ def one_line(text: str, limit: int | None = None) -> str:
 def sparsity_key(s: float | None) -> float:
     # Target sparsities are parsed from strings like "0.9"; round so that 0.9 and 0.90 group.
     return -1.0 if s is None else round(s, 6)
+
+
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The MLflow UI that shows the runs of `tracking_uri`: the server itself (without
+    credentials), or for a local store the address `mlflow ui` serves it at by default."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return safe_uri(tracking_uri).rstrip("/")
+    return DEFAULT_UI
+
+
+# MLflow 3's UI shows its GenAI pages unless the link (or the user's last choice) asks for the
+# model-training ones, whatever the experiment's kind tag says
+_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """The page of one run in the MLflow UI at `ui`."""
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}{_TRAINING_VIEW}"
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The runs table of an experiment in the MLflow UI at `ui`."""
+    return f"{ui}/#/experiments/{experiment_id}/runs{_TRAINING_VIEW}"

@@ -1,8 +1,11 @@
 """Reading one MLflow experiment into run records, and the metric histories and artifacts of its runs.
 
-The run schema read here is the one the training code logs on rank 0:
-tags ``hfbench.*``, params ``method``/``model``/``dataset``/``sparsity``/``seed``/``epochs``
-and ``env.*``, per-epoch metrics (step = epoch) and the ``final_*`` metrics at the last step.
+The run schema read here is the one the training code logs on rank 0 (suite/run_schema.py):
+tags ``hfbench.*`` and ``env.*``, params ``method``/``model``/``dataset``/``sparsity`` (the
+target)/``seed``/``epochs``, per-epoch metrics (step = epoch) and the ``final/*`` metrics at the
+last step. Metrics are read under their short names (``final_sparsity``, ``train_loss``) whether
+the store has them grouped (``final/achieved_sparsity``) or, written before the groups, not;
+``env.*`` come from tags, or params in stores from before they were tags.
 
 Public API: ``load(client, experiment_id)`` (every training run of an experiment, parsed),
 ``history(client, run_id, key)`` (one metric per step), ``Histories`` (bulk reader),
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reports.fmt import local_path, portable
+from suite.run_schema import internal_key, mlflow_key
 
 __all__ = [
     "BUDGET_METRICS",
@@ -120,7 +124,8 @@ class RunRecord:
     start_time: int | None  # ms since epoch, as MLflow stores it
     end_time: int | None
     env: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)  # latest value of every metric
+    metrics: dict[str, float] = field(default_factory=dict)  # latest value of every metric, by short name
+    metric_names: dict[str, str] = field(default_factory=dict)  # short name -> its name in the store
     params: dict[str, str] = field(default_factory=dict)
     base_method: str = ""  # the registry method (the variant's family, registry.family of the label)
     test_top5: float | None = None
@@ -265,7 +270,8 @@ def _record_from_run(run) -> RunRecord | None:
     """Parse one MLflow run; None when it is not a training run (no method anywhere)."""
     params = run.data.params
     tags = run.data.tags
-    metrics = run.data.metrics  # latest value of every key
+    stored = {internal_key(k): k for k in run.data.metrics}  # short name -> the name in this store
+    metrics = {short: run.data.metrics[k] for short, k in stored.items()}  # latest value of every key
     # the variant (a method's named recipe) labels the line; older runs only have the method
     method = tags.get("hfbench.variant") or params.get("method") or tags.get("hfbench.method")
     if not method:
@@ -303,8 +309,9 @@ def _record_from_run(run) -> RunRecord | None:
         config_hash=params.get("config_hash", ""),
         start_time=run.info.start_time,
         end_time=run.info.end_time,
-        env={k: v for k, v in params.items() if k.startswith("env.")},
+        env={k: v for k, v in {**params, **tags}.items() if k.startswith("env.")},
         metrics=dict(metrics),
+        metric_names=stored,
         params=dict(params),
         base_method=params.get("method") or tags.get("hfbench.method") or _registry_family(method) or method,
         # only when the runs log it (the engine logs top-1; nothing is made up here)
@@ -339,7 +346,9 @@ class Histories:
         store = getattr(getattr(client, "_tracking_client", None), "store", None)
         self._bulk = getattr(store, "get_metric_history_bulk", None)
 
-    def prefetch(self, run_ids: Iterable[str], key: str) -> None:
+    def prefetch(self, run_ids: Iterable[str], key: str, stored: str | None = None) -> None:
+        """Read metric `key` (a short name) of these runs, logged under `stored` (default: its
+        grouped name, or the short name in a store from before the groups)."""
         ids = [r for r in dict.fromkeys(run_ids) if (r, key) not in self._cache]
         if not ids:
             return
@@ -348,41 +357,56 @@ class Histories:
                 for i in range(0, len(ids), self._CHUNK):
                     chunk = ids[i : i + self._CHUNK]
                     got: dict[str, list] = {r: [] for r in chunk}
-                    for m in self._bulk(chunk, key, max_results=10_000_000):
+                    for m in self._bulk(chunk, stored or mlflow_key(key), max_results=10_000_000):
                         got[m.run_id].append(m)  # a Metric with run_id
                     for r, pts in got.items():
                         self._cache[(r, key)] = _last_per_step(pts)
+                if stored is None:  # runs of an older store: their short name
+                    self.prefetch([r for r in ids if not self._cache[(r, key)]], key, stored=key)
                 return
             except Exception:  # a store without the bulk query after all: per-run calls
                 self._bulk = None
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for r, hist in zip(ids, pool.map(lambda r: _last_per_step(self.client.get_metric_history(r, key)), ids)):
+            for r, hist in zip(ids, pool.map(lambda r: _read(self.client, r, key, stored), ids)):
                 self._cache[(r, key)] = hist
 
     def prefetch_records(self, records: Iterable[RunRecord], key: str) -> None:
         """Prefetch `key` for the runs whose latest metrics have it; the others have no history."""
-        have = []
+        by_name: dict[str, list[str]] = {}
         for r in records:
             if key in r.metrics:
-                have.append(r.run_id)
+                by_name.setdefault(r.metric_names.get(key, key), []).append(r.run_id)
             else:
                 self._cache[(r.run_id, key)] = []
-        self.prefetch(have, key)
+        for stored, ids in by_name.items():
+            self.prefetch(ids, key, stored=stored)
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         if (run_id, key) not in self._cache:
-            self._cache[(run_id, key)] = _last_per_step(self.client.get_metric_history(run_id, key))
+            self._cache[(run_id, key)] = _read(self.client, run_id, key)
         return self._cache[(run_id, key)]
 
 
+def _read(client, run_id: str, key: str, stored: str | None = None) -> list[tuple[int, float]]:
+    """One run's history of metric `key` (a short name): under `stored`, else its grouped name,
+    else (a store from before the groups) the short name itself."""
+    if stored is not None:
+        return _last_per_step(client.get_metric_history(run_id, stored))
+    got = client.get_metric_history(run_id, mlflow_key(key))
+    if not got and mlflow_key(key) != key:
+        got = client.get_metric_history(run_id, key)
+    return _last_per_step(got)
+
+
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of metric `key` of one run, the last value logged at each step; `client` is
-    an MlflowClient or a Histories (then answered from what it prefetched)."""
+    """(step, value) of metric `key` (a short name, e.g. "density") of one run, the last value
+    logged at each step; `client` is an MlflowClient or a Histories (then answered from what it
+    prefetched)."""
     if isinstance(client, Histories):
         return client.history(run_id, key)
-    return _last_per_step(client.get_metric_history(run_id, key))
+    return _read(client, run_id, key)
 
 
 def read_artifacts(client, records: list[RunRecord], name: str) -> dict[str, str]:

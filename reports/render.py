@@ -6,11 +6,11 @@ import base64
 import csv
 import html
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reports.fmt import fmt_time, one_line
+from reports.fmt import DEFAULT_UI, fmt_time, one_line, run_url
 from reports.records import RunRecord
 from reports.tables import ACC_NOTE, FAILED_HEADER, Section, table_cells, table_header
 
@@ -125,6 +125,19 @@ class Content:
     env: list[tuple[str, str]]
     sections: list[Section]
     failed: list[list[str]]
+    ui: str = ""  # the MLflow UI the rows link to ("" for no links)
+    failed_ids: list[str] = field(default_factory=list)  # the MLflow run of each failed row
+
+    def url(self, run_id: str) -> str:
+        return run_url(self.ui, self.experiment_id, run_id)
+
+    def ui_note(self) -> str:
+        how = (
+            f"open `mlflow ui --backend-store-uri {self.tracking_uri}` first (it serves {self.ui})"
+            if self.ui == DEFAULT_UI
+            else f"they open in the MLflow UI at {self.ui}"
+        )
+        return f"Each row links to its MLflow runs (one per seed): {how}."
 
 
 def _md_escape(text: str) -> str:
@@ -156,7 +169,13 @@ def render_md(c: Content) -> str:
         summary = [t for t in s.tables if getattr(t, "kind", "") == "summary"]
         for t in summary:  # the answer first
             out += [f"#### {t.title}", ""] + _md_table(t.header, t.rows) + ["", t.note, ""]
-        out += _md_table(table_header(s), [table_cells(r, s) for r in s.rows])
+        header, rows = table_header(s), [table_cells(r, s) for r in s.rows]
+        if c.ui:
+            header = header + ["MLflow runs"]
+            rows = [
+                cells + [" ".join(f"[{lab}]({url})" for lab, url in _row_links(c, r))] for cells, r in zip(rows, s.rows)
+            ]
+        out += _md_table(header, rows)
         out.append("")
         out += [n for note in s.notes for n in (note, "")]
         for name, caption in s.plots:
@@ -176,12 +195,16 @@ def render_md(c: Content) -> str:
         "",
         ACC_NOTE,
         "",
+        *([c.ui_note(), ""] if c.ui else []),
         REPRODUCE_NOTE.replace("hfbench train <config.yaml>", "`hfbench train <config.yaml>`"),
         "",
     ]
     out += ["## Failed runs", ""]
     if c.failed:
-        out += _md_table(FAILED_HEADER, c.failed)
+        rows = c.failed
+        if c.ui and c.failed_ids:
+            rows = [[f"[{row[0]}]({c.url(rid)})"] + row[1:] for row, rid in zip(c.failed, c.failed_ids)]
+        out += _md_table(FAILED_HEADER, rows)
     else:
         out.append("None.")
     out.append("")
@@ -217,19 +240,42 @@ td.err { font-family: ui-monospace, monospace; font-size: .85em; max-width: 40em
 """
 
 
+def _row_links(c: Content, row) -> list[tuple[str, str]]:
+    """(label, url) of each MLflow run of a table row: its seed, or its position without one."""
+    return [
+        (f"s{seed}" if seed is not None else f"#{i + 1}", c.url(rid))
+        for i, (seed, rid) in enumerate(zip(row.seeds, row.run_ids))
+    ]
+
+
 def _html_table(
-    header: list[str], rows: list[list[str]], numeric: set[int], err_col: int | None = None, kind: str = ""
+    header: list[str],
+    rows: list[list[str]],
+    numeric: set[int],
+    err_col: int | None = None,
+    kind: str = "",
+    links: list[list[tuple[str, str]]] | None = None,
+    first_links: list[str] | None = None,
 ) -> str:
+    """An HTML table, every cell escaped; `links` adds a last column "MLflow runs" of (label,
+    url) anchors per row, `first_links` makes each row's first cell a link."""
     e = html.escape
     parts = [
         f'<table data-kind="{e(kind)}">' if kind else "<table>",
-        "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
+        "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header + (["MLflow runs"] if links else [])) + "</tr>",
     ]
-    for row in rows:
+    for j, row in enumerate(rows):
         cells = []
         for i, v in enumerate(row):
             cls = ' class="num"' if i in numeric else (' class="err"' if i == err_col else "")
-            cells.append(f"<td{cls}>{e(v)}</td>")
+            text = e(v)
+            if i == 0 and first_links:
+                text = f'<a class="run" href="{e(first_links[j])}">{text}</a>'
+            cells.append(f"<td{cls}>{text}</td>")
+        if links:
+            cells.append(
+                "<td>" + " ".join(f'<a class="run" href="{e(u)}">{e(lab)}</a>' for lab, u in links[j]) + "</td>"
+            )
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
     return "\n".join(parts)
@@ -264,7 +310,11 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
         header = table_header(s)
         out.append(
             _html_table(
-                header, [table_cells(r, s) for r in s.rows], numeric=set(range(1, len(header))), kind="accuracy"
+                header,
+                [table_cells(r, s) for r in s.rows],
+                numeric=set(range(1, len(header))),
+                kind="accuracy",
+                links=[_row_links(c, r) for r in s.rows] if c.ui else None,
             )
         )
         out += [f"<p>{e(n)}</p>" for n in s.notes]
@@ -288,11 +338,21 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
     out += [
         "<h2>Reading the tables</h2>",
         f"<p>{e(ACC_NOTE)}</p>",
+        *([f"<p>{e(c.ui_note())}</p>"] if c.ui else []),
         f"<p>{e(REPRODUCE_NOTE).replace('hfbench train &lt;config.yaml&gt;', '<code>hfbench train &lt;config.yaml&gt;</code>')}</p>",
     ]
     out.append("<h2>Failed runs</h2>")
     if c.failed:
-        out.append(_html_table(FAILED_HEADER, c.failed, numeric={2, 3}, err_col=6, kind="failed"))
+        out.append(
+            _html_table(
+                FAILED_HEADER,
+                c.failed,
+                numeric={2, 3},
+                err_col=6,
+                kind="failed",
+                first_links=[c.url(r) for r in c.failed_ids] if c.ui and c.failed_ids else None,
+            )
+        )
     else:
         out.append("<p>None.</p>")
     plots = [(n, cap) for s in c.sections for n, cap in s.plots]

@@ -43,6 +43,7 @@ class Row:
     speedup: list[float] = field(default_factory=list)
     budget: list[float] = field(default_factory=list)  # total training images (budget_total_images)
     budget_incomplete: bool = False  # a run started from a dense run whose budget was not recorded
+    run_ids: list[str] = field(default_factory=list)  # its MLflow runs, in the order of `seeds`
     check: Any = None  # reports.protocol.Check, filled in by protocol_tables
 
     @property
@@ -73,6 +74,7 @@ def group_rows(records: list[RunRecord]) -> list[Row]:
                 achieved=[r.achieved_sparsity for r in rs if r.achieved_sparsity is not None],
                 test=[r.test_top1 for r in rs if r.test_top1 is not None],
                 seeds=[r.seed for r in rs],
+                run_ids=[r.run_id for r in rs],
                 top5=[r.test_top5 for r in rs if r.test_top5 is not None],
                 compression=[
                     r.compression_ratio

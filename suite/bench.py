@@ -618,10 +618,11 @@ def log_to_mlflow(
     )
     rid = run.info.run_id
     try:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
-        env = tracking.environment(1, str(params.get("device", "cpu")))
-        ps = [Param(k, str(v)[:500]) for k, v in {**env, **params}.items()]
+        env = tracking.environment(1, str(params.get("device", "cpu")))  # tags, as on training runs
+        c.log_batch(rid, tags=[RunTag(k, v[:5000]) for k, v in env.items()])
+        ps = [Param(k, str(v)[:500]) for k, v in params.items()]
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         for i in range(0, len(ps), 100):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from suite import models, tracking
+from suite import models, run_schema, tracking
 from suite.accounting import budget, observed_settings, optimizer_state_numel, process_start_time, startup_costs
 from suite.batches import Stream, make_loaders
 from suite.checkpoints import (
@@ -236,6 +236,7 @@ class _Training:
         cfg, world = run.cfg, run.world
         self.run, self.cfg, self.resume, self.logger = run, cfg, resume, logger
         spec, self.train_loader, self.val_loader, self.test_loader = make_loaders(cfg, world)
+        self.dataset = run_schema.dataset_input(cfg.dataset, spec.paths(cfg.data_dir))  # MLflow's input
         if len(self.train_loader) == 0:  # FFCV would wait forever for a first batch that cannot be filled
             raise ValueError(
                 f"batch_size {cfg.batch_size} x {world} ranks is larger than the training set of "
@@ -299,9 +300,10 @@ class _Training:
             )  # before a one-shot prune, which then counts as pruned in epoch 1
             self.pruner.on_train_start()
             n_prunable = sum(m.weight.numel() for _, m in self.layers)
+            logger.set_tags(tracking.environment(run.world, run.device))  # tags: not part of the config
+            logger.log_input(self.dataset)
             logger.log_params(
                 {
-                    **tracking.environment(run.world, run.device),
                     "prunable_policy": self.mspec.policy,
                     "prunable_layers": ",".join(n for n, _ in self.layers),
                     "prunable_weights": n_prunable,

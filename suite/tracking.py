@@ -1,27 +1,22 @@
 """MLflow tracking: experiments created once (by the launcher), runs identified by their
 config hash, params/metrics/artifacts logged by rank 0 only.
 
-Run schema (what reports/ reads):
-  tags     hfbench.run_hash, hfbench.method, hfbench.variant (the report's label), hfbench.model, hfbench.dataset, hfbench.sweep,
-           hfbench.error (failures only)
-  params   the flattened resolved config (dotted keys), config_hash, env.* (versions, hardware)
-  metrics  per epoch (step = epoch): train_loss, val_top1, test_top1, density, sparsity, lr,
-           gate_lr, epoch_time_s, and method metrics (hyperflux: gamma, target_density, pressure_g);
-           once at the end: final_* and wall_time_s
-  files    config.yaml, layer_density.csv
+The run schema (which tags, params, metric names and files a run has) is in suite/run_schema.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from suite.run_schema import environment as environment  # the engine's and benchmark's entry point
+from suite.run_schema import mlflow_key
 
 TAG_HASH = "hfbench.run_hash"
 
@@ -160,6 +155,39 @@ def ensure_experiment(uri: str, name: str, description: str | None = None) -> st
     return exp.experiment_id
 
 
+TAG_SWEEP_PARENT = "hfbench.sweep_parent"  # on the parent run of a sweep: the sweep's name
+
+
+def ensure_sweep_run(uri: str, experiment_id: str, sweep: str, description: str, tags: dict[str, str]) -> str:
+    """The sweep's parent run in the experiment (made on its first launch, reused after): it
+    holds no training, only the sweep's description and grid as tags, and its training runs
+    name it as their parent (mlflow.parentRunId), so the UI nests them under it. It is closed
+    as FINISHED at once: it is a folder, not a job."""
+    c = client(uri)
+    found = c.search_runs([str(experiment_id)], filter_string=f"tags.`{TAG_SWEEP_PARENT}` = '{sweep}'", max_results=1)
+    tags = {**tags, "mlflow.note.content": description}
+    if found:
+        rid = found[0].info.run_id
+        for k, v in tags.items():  # the grid may have grown since the first launch
+            c.set_tag(rid, k, v[:5000])
+        return rid
+    run = c.create_run(
+        str(experiment_id),
+        run_name=f"sweep {sweep}",
+        tags={**{k: v[:5000] for k, v in tags.items()}, TAG_SWEEP_PARENT: sweep, "mlflow.source.name": "hfbench"},
+    )
+    c.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+def sweep_parent(c, experiment_id: str, sweep: str) -> Optional[str]:
+    """The id of the sweep's parent run, None when it has none (a run trained on its own)."""
+    if not sweep or "'" in sweep:
+        return None
+    found = c.search_runs([str(experiment_id)], filter_string=f"tags.`{TAG_SWEEP_PARENT}` = '{sweep}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def runs_by_hash(uri: str, experiment_id: str) -> dict[str, list]:
     """run hash -> MLflow runs carrying that hash, newest first."""
     c = client(uri)
@@ -177,6 +205,11 @@ def runs_by_hash(uri: str, experiment_id: str) -> dict[str, list]:
         if not token:
             break
     return out
+
+
+def training_runs(c, experiment_id: str, **search) -> list:
+    """The experiment's training runs (those with a run hash): not a sweep's parent run."""
+    return [r for r in c.search_runs([str(experiment_id)], **search) if r.data.tags.get(TAG_HASH)]
 
 
 def finished_hashes(uri: str, experiment_id: str) -> set[str]:
@@ -197,40 +230,6 @@ def git_commit() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def environment(world_size: int, device: str) -> dict[str, str]:
-    import importlib.metadata as md
-
-    env = {
-        "env.python": platform.python_version(),
-        "env.platform": platform.platform(),
-        "env.git_commit": git_commit(),
-        "env.world_size": str(world_size),
-        "env.device": device,
-        "env.cpu_count": str(os.cpu_count()),
-    }
-    for pkg in ("torch", "torchvision", "timm", "deepspeed", "ffcv", "mlflow", "submitit", "numpy"):
-        try:
-            env[f"env.{pkg}"] = md.version(pkg)
-        except md.PackageNotFoundError:
-            env[f"env.{pkg}"] = "absent"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    hw = f"{os.cpu_count()} x {cpu}"
-    if device == "cuda":
-        import torch
-
-        hw += f"; {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    env["env.hardware"] = hw
-    env["env.slurm_job_id"] = os.environ.get("SLURM_JOB_ID", "")
-    return env
 
 
 class Spool:
@@ -381,6 +380,12 @@ def apply(c, run_id: str, rec: dict) -> None:
         )
     elif op == "artifact":
         c.log_artifact(run_id, rec["file"])
+    elif op == "input":  # a dataset (suite/run_schema.py dataset_input)
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        d = rec["dataset"]
+        ds = Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"])
+        c.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", d["context"])])])
     elif op == "terminate":
         c.set_terminated(run_id, status=rec["status"], end_time=rec.get("end_time"))
     else:
@@ -449,6 +454,9 @@ class RunLogger:
             deadline = time.time() + connect_s
             while True:
                 try:
+                    parent = sweep_parent(self.c, experiment_id, cfg.sweep)
+                    if parent:  # the UI nests the run under its sweep
+                        tags["mlflow.parentRunId"] = parent
                     run = self.c.create_run(experiment_id, tags=tags, run_name=cfg.run_name())
                     break
                 except Exception as e:
@@ -464,7 +472,9 @@ class RunLogger:
             self._params = {}
             self._resumed = True
             try:  # the last epoch this run has on the server: a resume from an older checkpoint
-                self.logged_upto = max((m.step for m in self.c.get_metric_history(run_id, "train_loss")), default=0)
+                self.logged_upto = max(
+                    (m.step for m in self.c.get_metric_history(run_id, mlflow_key("train_loss"))), default=0
+                )
             except Exception:
                 pass
         self.run_id = run_id
@@ -595,7 +605,7 @@ class RunLogger:
         if "train_loss" in metrics and step <= self.logged_upto:
             return  # trained again after a fallback to an older checkpoint: the first record stands
         ts = int(time.time() * 1000) if ts is None else ts
-        self._push({"op": "batch", "metrics": [[k, float(v), ts, step] for k, v in metrics.items()]})
+        self._push({"op": "batch", "metrics": [[mlflow_key(k), float(v), ts, step] for k, v in metrics.items()]})
 
     def log_text(self, text: str, name: str) -> None:
         try:
@@ -607,7 +617,14 @@ class RunLogger:
         self._push({"op": "artifact", "file": kept})
 
     def set_tag(self, key: str, value: str) -> None:
-        self._push({"op": "batch", "tags": [[key, value[:5000]]]})
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._push({"op": "batch", "tags": [[k, str(v)[:5000]] for k, v in tags.items()]})
+
+    def log_input(self, dataset: dict) -> None:
+        """A dataset the run reads (suite/run_schema.py dataset_input)."""
+        self._push({"op": "input", "dataset": dataset})
 
     _resumed = False  # this process continues an MLflow run an earlier attempt started
 
@@ -877,6 +894,12 @@ class NullLogger:
         pass
 
     def set_tag(self, *a, **k):
+        pass
+
+    def set_tags(self, *a, **k):
+        pass
+
+    def log_input(self, *a, **k):
         pass
 
     def finish(self, *a, **k):

@@ -15,6 +15,7 @@ import pytest
 
 from launchers.sweep import Sweep
 from suite import tracking
+from suite.run_schema import mlflow_key
 from suite.sweeps import load_sweep
 
 # experiment names on the shared MLflow server are unique per test session: a rerun against the
@@ -90,9 +91,9 @@ def test_six_task_array_honours_parallelism(tmp_path, betons, slurm_cluster):
     assert peak <= 2, f"{peak} array tasks ran at once with parallelism 2: {rows}"
     assert peak >= 2, f"the array never ran tasks side by side: {rows}"
     c = tracking.client(uri)
-    runs = c.search_runs([c.get_experiment_by_name("e2e-par").experiment_id])
+    runs = tracking.training_runs(c, c.get_experiment_by_name("e2e-par").experiment_id)
     assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
-    achieved = sorted(round(r.data.metrics["final_sparsity"], 3) for r in runs)
+    achieved = sorted(round(r.data.metrics[mlflow_key("final_sparsity")], 3) for r in runs)
     assert achieved == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
 
@@ -130,9 +131,9 @@ def test_time_limit_checkpoints_requeues_and_finishes(tmp_path, betons, mlflow_s
     logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.*"))
     assert "stop requested at epoch" in logs and "resuming" in logs, logs[-3000:]
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name(f"e2e-timelimit-{TAG}").experiment_id])
+    runs = tracking.training_runs(c, c.get_experiment_by_name(f"e2e-timelimit-{TAG}").experiment_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    hist = c.get_metric_history(runs[0].info.run_id, "train_loss")
+    hist = c.get_metric_history(runs[0].info.run_id, mlflow_key("train_loss"))
     assert sorted(h.step for h in hist) == [1, 2, 3], [h.step for h in hist]
     print(f"time-limit run: {len(states) - 1} requeue(s), {time.time() - t0:.0f} s, states {states}")
 
@@ -165,12 +166,12 @@ def test_two_rank_task_trains_and_logs_once(tmp_path, betons, mlflow_server, slu
     assert all("Job completed successfully" in t for t in outs.values()), {k: v[-500:] for k, v in outs.items()}
     assert o.result["rank"] == 0
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name(f"e2e-2rank-{TAG}").experiment_id])
+    runs = tracking.training_runs(c, c.get_experiment_by_name(f"e2e-2rank-{TAG}").experiment_id)
     assert len(runs) == 1, f"{len(runs)} MLflow runs for one 2-rank task"
     r = runs[0]
-    assert r.info.status == "FINISHED" and r.data.params["env.world_size"] == "2"
+    assert r.info.status == "FINISHED" and r.data.tags["env.world_size"] == "2"
     for key in ("train_loss", "density"):
-        hist = c.get_metric_history(r.info.run_id, key)
+        hist = c.get_metric_history(r.info.run_id, mlflow_key(key))
         assert sorted(h.step for h in hist) == [1, 2, 3], f"{key} logged {[h.step for h in hist]}"
 
 
@@ -260,11 +261,11 @@ def test_two_node_run_checkpoints_requeues_resumes_and_matches_one_node(
     for k in ("final_test_top1", "final_density"):
         assert o.result[k] == ref.result[k], k
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name(name).experiment_id])
+    runs = tracking.training_runs(c, c.get_experiment_by_name(name).experiment_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
-    assert runs[0].data.params["env.world_size"] == "2"
+    assert runs[0].data.tags["env.world_size"] == "2"
     for key in ("train_loss", "density"):
-        steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, key))
+        steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, mlflow_key(key)))
         assert steps == [1, 2, 3], f"{key} logged at {steps}"
     print(f"two nodes: states {states}, nodes {rows[-1][3]}")
 
@@ -344,9 +345,9 @@ def test_node_failure_requeues_and_resumes(tmp_path, betons, mlflow_server, slur
     logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "submitit").rglob("*_log.*"))
     assert "resuming" in logs, logs[-3000:]
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name(f"e2e-nodefail-{TAG}").experiment_id])
+    runs = tracking.training_runs(c, c.get_experiment_by_name(f"e2e-nodefail-{TAG}").experiment_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
-    steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, "train_loss"))
+    steps = sorted(h.step for h in c.get_metric_history(runs[0].info.run_id, mlflow_key("train_loss")))
     assert steps == list(range(1, 7)), steps  # none lost, none twice
     print(f"node failure: states {states}, {time.time() - t0:.0f} s")
 
@@ -458,7 +459,7 @@ def test_scancel_ends_the_run_as_cancelled_and_its_children_say_why(
     ), child.error
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(name).experiment_id
-    (run,) = c.search_runs([exp])
+    (run,) = tracking.training_runs(c, exp)
     assert run.info.status == "KILLED" and "CANCELLED" in run.data.tags["hfbench.error"]
     rows = {r.run: r for r in sweep_status(sweep, mlflow_server)}
     assert rows["fmnist_cnn-dense-s0"].state == "cancelled", rows
@@ -485,7 +486,7 @@ def test_a_deleted_submitit_folder_does_not_turn_a_finished_run_into_a_failure(
     assert [o.state for o in outs] == ["finished", "finished"], [(o.state, o.error) for o in outs]
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(name).experiment_id
-    assert sorted(r.info.status for r in c.search_runs([exp])) == ["FINISHED", "FINISHED"]
+    assert sorted(r.info.status for r in tracking.training_runs(c, exp)) == ["FINISHED", "FINISHED"]
 
 
 def test_a_controller_outage_at_a_stage_boundary_is_waited_out(

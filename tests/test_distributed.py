@@ -39,8 +39,8 @@ def test_two_ranks_end_identical(tmp_path, betons, method):
     assert results[0]["state_digest"] == results[1]["state_digest"], "ranks diverged"
     assert results[0]["final_density"] == results[1]["final_density"] < 1.0
     # the run trained something: the gradient all-reduce ran over two shards of data
-    runs = tracking.client(uri).search_runs([exp])
-    assert len(runs) == 1 and runs[0].data.params["env.world_size"] == "2"
+    runs = tracking.training_runs(tracking.client(uri), exp)
+    assert len(runs) == 1 and runs[0].data.tags["env.world_size"] == "2"
 
 
 def test_zero_stages_train_the_same_dense_model(tmp_path, betons):

@@ -3,6 +3,7 @@ SLURM cluster and to local processes, MLflow server. Slow; run in CI by the test
 
 from __future__ import annotations
 
+import json
 import subprocess
 import textwrap
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from launchers.sweep import Sweep
 from suite import tracking
+from suite.run_schema import mlflow_key
 from suite.sweeps import load_sweep
 
 # experiment names on the shared MLflow server are unique per test session: a rerun against the
@@ -44,30 +46,54 @@ def _sweep_file(tmp_path: Path, data_dir: Path, name: str, executor: str, uri: s
 
 
 def _check_mlflow(uri: str, experiment: str, n: int) -> list:
+    """The experiment holds the sweep's parent run and its n training runs, each in the schema of
+    suite/run_schema.py: grouped metric names, the environment as tags, the dataset as an input."""
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(experiment)
     assert exp is not None
-    runs = c.search_runs([exp.experiment_id])
+    every = c.search_runs([exp.experiment_id])
+    parents = [r for r in every if tracking.TAG_SWEEP_PARENT in r.data.tags]
+    runs = [r for r in every if tracking.TAG_HASH in r.data.tags]
     assert len(runs) == n, f"expected {n} runs in {experiment}, found {len(runs)}"
+    assert len(parents) == 1 and len(every) == n + 1, [r.info.run_name for r in every]
+    assert parents[0].data.tags[tracking.TAG_SWEEP_PARENT] == experiment and not parents[0].data.params
     for r in runs:
         assert r.info.status == "FINISHED", (r.info.run_name, r.data.tags.get("hfbench.error"))
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         m = r.data.metrics
-        for key in ("train_loss", "val_top1", "test_top1", "density", "final_test_top1", "final_sparsity"):
+        for key in (
+            "train/loss",
+            "eval/val_top1",
+            "eval/test_top1",
+            "prune/achieved_density",
+            "prune/achieved_sparsity",
+            "final/test_top1",
+            "final/achieved_sparsity",
+            "startup/total_s",
+        ):
             assert key in m, f"{r.info.run_name}: metric {key} missing"
-        assert 0.0 < m["final_test_top1"] <= 1.0
+        assert all("/" in k for k in m), sorted(k for k in m if "/" not in k)  # every metric in a group
+        assert 0.0 < m["final/test_top1"] <= 1.0
         assert r.data.params["config_hash"] == r.data.tags[tracking.TAG_HASH]
-        assert "env.git_commit" in r.data.params and "env.deepspeed" in r.data.params
+        # the environment is tags, not config: no env.* param, the versions as tags
+        assert not [k for k in r.data.params if k.startswith("env.")]
+        assert r.data.tags["env.git_commit"] and r.data.tags["env.deepspeed"] != "absent"
+        # the dataset is the run's input: its name, the folder of its files, their sizes
+        (inp,) = r.inputs.dataset_inputs
+        assert inp.dataset.name == "fashion_mnist" and len(inp.dataset.digest) == 16
+        assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["train"]
+        assert json.loads(inp.dataset.profile)["train"]["samples"] > 0
         # fp32 and the default memory format, read off the first step's tensors
         assert (r.data.params["observed.compute_dtype"], r.data.params["observed.channels_last"]) == (
             "float32",
             "False",
         )
-        hist = c.get_metric_history(r.info.run_id, "val_top1")
+        hist = c.get_metric_history(r.info.run_id, "eval/val_top1")
         assert [h.step for h in sorted(hist, key=lambda h: h.step)] == list(range(1, int(r.data.params["epochs"]) + 1))
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert {"config.yaml", "layer_density.csv"} <= arts
         if r.data.params["method"] == "hyperflux":
-            assert "gamma" in m and "target_density" in m
+            assert "method/gamma" in m and "method/target_density" in m
     return runs
 
 
@@ -177,8 +203,8 @@ def _report_of_engine_runs(tmp_path: Path, uri: str, outcomes) -> None:
         row, m = rows[o.cfg.run_hash()], c.get_run(o.result["mlflow_run_id"]).data.metrics
         assert row["status"] == "FINISHED"
         assert row["method"].split()[0] == ("dense-matched" if o.cfg.budget_matched else o.cfg.method), row["method"]
-        assert float(row["test_top1"]) == m["final_test_top1"] == o.result["final_test_top1"]
-        assert float(row["achieved_sparsity"]) == m["final_sparsity"]
+        assert float(row["test_top1"]) == m["final/test_top1"] == o.result["final_test_top1"]
+        assert float(row["achieved_sparsity"]) == m["final/achieved_sparsity"]
         assert int(float(row["budget_total_images"])) == o.result["budget_total_images"]
         assert row["control"] != "" or o.cfg.method == "dense", row
     md = (out / "report.md").read_text()
@@ -259,9 +285,9 @@ def test_slurm_preemption_requeues_and_resumes_bit_exact(tmp_path, betons, mlflo
 
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(f"e2e-preempt-{TAG}").experiment_id
-    runs = c.search_runs([exp])
+    runs = tracking.training_runs(c, exp)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, "density")}) == [1, 2, 3, 4]
+    assert sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, mlflow_key("density"))}) == [1, 2, 3, 4]
 
 
 def test_failing_task_is_isolated_reported_and_resumed(tmp_path, betons, mlflow_server, slurm_cluster, monkeypatch):
@@ -297,7 +323,7 @@ def test_failing_task_is_isolated_reported_and_resumed(tmp_path, betons, mlflow_
     second = Sweep(sweep).run()
     assert [o.state for o in second] == ["skipped", "finished"]
     c = tracking.client(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name(f"e2e-fail-{TAG}").experiment_id])
+    runs = tracking.training_runs(c, c.get_experiment_by_name(f"e2e-fail-{TAG}").experiment_id)
     finished = [r.data.tags[tracking.TAG_HASH] for r in runs if r.info.status == "FINISHED"]
     assert sorted(finished) == sorted([mag.run_hash(), gmp.run_hash()])
     assert len(runs) == 3  # the failed attempt stays on record, marked FAILED

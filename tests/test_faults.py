@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from suite.run_schema import internal_key, mlflow_key
 from tests.test_resume import SCRIPT_ONE as SCRIPT
 from tests.test_resume import start_one as _start
 
@@ -133,7 +134,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one_and_ends_bit_exact(tm
     assert c.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
     # epoch 3 was trained twice (once before the kill, again from prev.pt): stored once
     for key in ("train_loss", "epoch_time_s", "density"):
-        steps = [m.step for m in c.get_metric_history(resumed["mlflow_run_id"], key)]
+        steps = [m.step for m in c.get_metric_history(resumed["mlflow_run_id"], mlflow_key(key))]
         assert sorted(steps) == [1, 2, 3, 4], (key, steps)
 
 
@@ -156,9 +157,9 @@ def test_kill_after_the_final_metrics_then_rerun_logs_each_value_once(tmp_path, 
     res = json.loads((tmp_path / "r.json").read_text())
     c = tracking.client(uri)
     assert c.get_run(res["mlflow_run_id"]).info.status == "FINISHED"
-    assert len(c.search_runs([c.get_experiment_by_name("faults").experiment_id])) == 1
+    assert len(tracking.training_runs(c, c.get_experiment_by_name("faults").experiment_id)) == 1
     for key in ("final_test_top1", "final_sparsity", "train_time_s", "wall_time_s", "budget_total_images"):
-        hist = c.get_metric_history(res["mlflow_run_id"], key)
+        hist = c.get_metric_history(res["mlflow_run_id"], mlflow_key(key))
         assert len(hist) == 1 and hist[0].step == 2, (key, [(h.value, h.timestamp) for h in hist])
         assert hist[0].value == pytest.approx(res[key])
 
@@ -227,9 +228,9 @@ def _assert_complete(uri: str, run_id: str, epochs: int) -> None:
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in ("train_loss", "density", "epoch_time_s"):
-        steps = [m.step for m in c.get_metric_history(run_id, key)]
+        steps = [m.step for m in c.get_metric_history(run_id, mlflow_key(key))]
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)  # none lost, none twice
-    assert "config_hash" in run.data.params and "final_test_top1" in run.data.metrics
+    assert "config_hash" in run.data.params and mlflow_key("final_test_top1") in run.data.metrics
     names = {a.path for a in c.list_artifacts(run_id)}
     assert {"config.yaml", "layer_density.csv", "layer_density_epochs.csv"} <= names, names
 
@@ -348,7 +349,7 @@ def test_two_sweeps_at_once_train_each_config_once(tmp_path, betons, mlflow_serv
         assert p.returncode == 0, out[-4000:]
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], max_results=100)
+    runs = tracking.training_runs(c, exp.experiment_id, max_results=100)
     hashes = [r.data.tags["hfbench.run_hash"] for r in runs]
     assert len(hashes) == 4 and len(set(hashes)) == 4, sorted(hashes)  # dense + 3 sparsities, each once
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -380,7 +381,7 @@ def test_disk_full_fails_the_run_with_the_reason_and_keeps_the_store_consistent(
         assert p.returncode != 0, out[-3000:]
         assert "No space left on device" in out, out[-3000:]
         c = tracking.client(uri)
-        runs = c.search_runs([c.get_experiment_by_name("faults").experiment_id])
+        runs = tracking.training_runs(c, c.get_experiment_by_name("faults").experiment_id)
         assert len(runs) == 1 and runs[0].info.status == "FAILED", [r.info.status for r in runs]
         assert "No space left on device" in runs[0].data.tags.get("hfbench.error", "")
         run_dir = next(q for q in mnt.iterdir() if q.is_dir())
@@ -619,9 +620,9 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         a2 = logger()  # the rerun
         r1, r2 = c.get_run(a1.run_id), c.get_run(a2.run_id)
         assert r1.info.status == "FAILED" and "attempt one broke" in r1.data.tags["hfbench.error"]
-        assert [m.value for m in c.get_metric_history(a1.run_id, "train_loss")] == [1.5]
+        assert [m.value for m in c.get_metric_history(a1.run_id, mlflow_key("train_loss"))] == [1.5]
         assert r2.info.status == "RUNNING" and "hfbench.error" not in r2.data.tags
-        assert c.get_metric_history(a2.run_id, "train_loss") == []
+        assert c.get_metric_history(a2.run_id, mlflow_key("train_loss")) == []
 
         # attempt 2 is killed (no status) while the server is down; attempt 3 closes it as FAILED
         srv.stop()
@@ -630,8 +631,8 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         a3 = logger()
         r2 = c.get_run(a2.run_id)
         assert r2.info.status == "FAILED" and "without a status" in r2.data.tags["hfbench.error"]
-        assert [m.value for m in c.get_metric_history(a2.run_id, "train_loss")] == [1.25]
-        assert c.get_metric_history(a3.run_id, "train_loss") == []
+        assert [m.value for m in c.get_metric_history(a2.run_id, mlflow_key("train_loss"))] == [1.25]
+        assert c.get_metric_history(a3.run_id, mlflow_key("train_loss")) == []
 
         # a refused call is set aside, not retried forever, and what follows it is delivered
         a3.log_params({"note": "first"})
@@ -642,7 +643,7 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         assert a3.flush(force=True)
         r3 = c.get_run(a3.run_id)
         assert r3.data.params["note"] == "first" and r3.data.params["other"] == "kept"
-        assert [m.value for m in c.get_metric_history(a3.run_id, "train_loss")] == [1.0]
+        assert [m.value for m in c.get_metric_history(a3.run_id, mlflow_key("train_loss"))] == [1.0]
         assert tracking.Spool(folder).pending()[0] == []
         rejected = [json.loads(ln) for ln in (folder / "mlflow_spool.rejected.jsonl").read_text().splitlines()]
         assert [r["call"]["params"] for r in rejected] == [[["note", "second"]]]
@@ -692,7 +693,7 @@ def test_two_sweeps_with_different_out_dirs_train_each_hash_once(tmp_path, beton
         assert "FAILED" not in out and "3 runs: 3 finished" in out.replace("1 skipped", ""), out[-3000:]
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], max_results=100)
+    runs = tracking.training_runs(c, exp.experiment_id, max_results=100)
     hashes = sorted(r.data.tags["hfbench.run_hash"] for r in runs)
     assert len(hashes) == 3 and len(set(hashes)) == 3, hashes  # dense + 2 sparsities, each trained once
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -746,7 +747,7 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons, sigin
     t0 = time.time()
     while time.time() - t0 < 300:  # its MLflow run exists: the task is training
         exp = tracking.client(uri).get_experiment_by_name(path.read_text().split("experiment: ")[1].split()[0])
-        if exp is not None and tracking.client(uri).search_runs([exp.experiment_id]):
+        if exp is not None and tracking.training_runs(tracking.client(uri), exp.experiment_id):
             break
         time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
@@ -766,7 +767,7 @@ def test_sigterm_to_a_sweep_cancels_its_runs_and_says_so(tmp_path, betons, sigin
         time.sleep(0.5)
         pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     assert not pids, f"training processes left running: {pids}"
-    (run,) = tracking.client(uri).search_runs([exp.experiment_id])
+    (run,) = tracking.training_runs(tracking.client(uri), exp.experiment_id)
     assert run.info.status in ("KILLED", "FAILED"), run.info.status
 
 
@@ -786,7 +787,7 @@ def test_a_line_cut_short_in_the_spool_does_not_block_the_calls_after_it(tmp_pat
     sp.append({"op": "batch", "metrics": [["train_loss", 0.5, 2, 2]]})
     sp.append({"op": "terminate", "status": "FINISHED"})
     assert tracking.deliver(c, run, sp, say=lambda *a, **k: None) == 4
-    assert [m.value for m in c.get_metric_history(run, "train_loss")] == [1.0, 0.5]
+    assert [m.value for m in c.get_metric_history(run, "train_loss")] == [1.0, 0.5]  # spooled as written
     assert c.get_run(run).info.status == "FINISHED" and not sp.path.exists()
 
 
@@ -824,7 +825,7 @@ def test_a_run_folder_of_another_store_or_experiment_is_trained_for_this_one(tmp
         log, _ = p.communicate(timeout=600)
         assert p.returncode == 0, log[-3000:]
         outs[name] = json.loads((tmp_path / f"{name}.json").read_text())
-        runs = tracking.client(uri).search_runs([tracking.ensure_experiment(uri, "faults")])
+        runs = tracking.training_runs(tracking.client(uri), tracking.ensure_experiment(uri, "faults"))
         assert [r.info.status for r in runs] == ["FINISHED"], name  # trained and logged in this store
     assert outs["a"]["mlflow_run_id"] != outs["b"]["mlflow_run_id"]
     weights = Path(cfg["out_dir"]) / outs["b"]["run_hash"] / "final_weights.pt"
@@ -966,7 +967,9 @@ def test_a_batch_larger_than_the_training_set_fails_at_once_naming_it(tmp_path, 
     assert r.returncode != 0 and "batch_size 60000 x 1 ranks is larger than the training set" in r.stderr, r.stderr[
         -2000:
     ]
-    (run,) = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("big-batch").experiment_id])
+    (run,) = tracking.training_runs(
+        tracking.client(uri), tracking.client(uri).get_experiment_by_name("big-batch").experiment_id
+    )
     assert run.info.status == "FAILED" and "batch_size 60000" in run.data.tags["hfbench.error"]
 
 
@@ -985,8 +988,8 @@ def test_a_snap_in_the_last_epoch_is_what_the_run_records(tmp_path, betons):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     c = tracking.client(uri)
-    (run,) = c.search_runs([c.get_experiment_by_name("snap-last").experiment_id])
-    m = run.data.metrics
+    (run,) = tracking.training_runs(c, c.get_experiment_by_name("snap-last").experiment_id)
+    m = {internal_key(k): v for k, v in run.data.metrics.items()}
     n = 784 * 300 + 300 * 100 + 100 * 10
     assert m["snap_pp"] > 0 and abs(m["final_sparsity"] - 0.05) <= 1.0 / n, m
     assert m["sparsity"] == m["final_sparsity"]
@@ -1038,7 +1041,7 @@ def test_a_failed_attempt_resumed_to_the_end_leaves_no_error_on_the_finished_run
     out, _ = p.communicate(timeout=600)
     assert p.returncode != 0 and "non-finite loss" in out, out[-3000:]
     c = tracking.client(uri)
-    (failed,) = c.search_runs([c.get_experiment_by_name("faults").experiment_id])
+    (failed,) = tracking.training_runs(c, c.get_experiment_by_name("faults").experiment_id)
     assert failed.info.status == "FAILED" and "non-finite loss" in failed.data.tags["hfbench.error"]
     again = _start(cfg, uri, tmp_path / "r.json")
     out2, _ = again.communicate(timeout=600)

@@ -18,6 +18,7 @@ import torch
 from suite import bench, models, tracking
 from suite.config import ConfigError, RunConfig
 from suite.pruning import registry
+from suite.run_schema import mlflow_key
 from suite.sweeps import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,16 +241,16 @@ def test_mixed_precision_channels_last_pretrained_run_logs_throughput(tmp_path, 
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     c = tracking.client(uri)
-    (run,) = c.search_runs([c.get_experiment_by_name(precision).experiment_id])
-    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["final_test_top1"] <= 1.0
+    (run,) = tracking.training_runs(c, c.get_experiment_by_name(precision).experiment_id)
+    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics[mlflow_key("final_test_top1")] <= 1.0
     assert run.data.params["engine.precision"] == precision
     # the flags took effect: the first step's logits came out of autocast in that dtype, and every
     # convolution weight was in channels_last memory format (read off the tensors by the engine)
     assert run.data.params["observed.compute_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
     assert run.data.params["observed.channels_last"] == "True"
-    hist = c.get_metric_history(run.info.run_id, "img_per_s")
+    hist = c.get_metric_history(run.info.run_id, mlflow_key("img_per_s"))
     assert sorted(h.step for h in hist) == [1, 2, 3] and all(h.value > 0 for h in hist)
-    scale = c.get_metric_history(run.info.run_id, "grad_scale")
+    scale = c.get_metric_history(run.info.run_id, mlflow_key("grad_scale"))
     if precision == "fp16":  # the scaler ran: a power of two, logged every epoch
         assert sorted(h.step for h in scale) == [1, 2, 3]
         assert all(math.log2(h.value) == int(math.log2(h.value)) for h in scale)
@@ -399,14 +400,14 @@ def test_recipe_smoke_run_through_slurm(recipe, tmp_path, paper_data, mlflow_ser
     assert n == len(methods)  # one sparsity, one seed: a run per method
     c = tracking.client(mlflow_server)
     exp = c.get_experiment_by_name(sw.experiment_name() + "-smoke")
-    runs = [r for r in c.search_runs([exp.experiment_id]) if r.info.status == "FINISHED"]
+    runs = [r for r in tracking.training_runs(c, exp.experiment_id) if r.info.status == "FINISHED"]
     by_hash = {r.data.tags.get(tracking.TAG_HASH): r for r in runs}
     assert set(expected) <= set(by_hash), sorted(expected[h].run_name() for h in set(expected) - set(by_hash))
     for h, cfg in expected.items():
         r = by_hash[h]
         # trained by this test, not found finished from an earlier session on the same server
         assert r.info.start_time >= 1000 * t0 - 1000, cfg.run_name()
-        assert c.get_metric_history(r.info.run_id, "img_per_s"), cfg.run_name()
+        assert c.get_metric_history(r.info.run_id, mlflow_key("img_per_s")), cfg.run_name()
         if cfg.method == "magnitude":
-            assert abs(r.data.metrics["final_sparsity"] - first[0]) < 1e-4
+            assert abs(r.data.metrics[mlflow_key("final_sparsity")] - first[0]) < 1e-4
     print(f"{recipe.stem}: {n} runs ({', '.join(methods)}) in {time.time() - t0:.0f} s")

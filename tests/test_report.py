@@ -345,7 +345,13 @@ def test_index_html_self_contained(built):
     assert all(d.startswith(PNG_MAGIC) for d in decoded)
     assert sorted(decoded) == sorted(pngs.values())
     lowered = page.lower()
-    assert "http://" not in lowered and "https://" not in lowered
+    # nothing is loaded from elsewhere: the only URLs are the rows' links to their MLflow runs
+    assert not re.search(r'(src|srcset|action)\s*=\s*"(https?:)?//', lowered)
+    urls = re.findall(r'href="(https?://[^"]+)"', page)
+    assert urls and all(
+        re.fullmatch(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+\?workflowType=machine_learning", u)
+        for u in urls
+    ), urls[:3]
     assert "<script" not in lowered and "<link" not in lowered
     assert "<style>" in page
     # same numbers as the markdown, as HTML table cells

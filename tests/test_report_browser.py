@@ -31,9 +31,17 @@ window.addEventListener('load', function () {
   var res = {images: imgs.length, broken: [], tables: {}, errors: window.__hfErrors,
              publishedNone: document.querySelectorAll('[data-kind="published-none"]').length};
   imgs.forEach(function (i) { if (!(i.complete && i.naturalWidth > 0)) res.broken.push(i.alt); });
+  res.rows = {}; res.linkedRows = {}; res.links = [];
   document.querySelectorAll('table').forEach(function (t) {
     var k = t.getAttribute('data-kind') || '(none)';
     res.tables[k] = (res.tables[k] || 0) + 1;
+    t.querySelectorAll('tr').forEach(function (tr, i) {
+      if (i === 0) return;  // the header
+      res.rows[k] = (res.rows[k] || 0) + 1;
+      var a = tr.querySelectorAll('a.run');
+      if (a.length) res.linkedRows[k] = (res.linkedRows[k] || 0) + 1;
+      a.forEach(function (x) { res.links.push([k, x.textContent, x.href]); });
+    });
   });
   var pre = document.createElement('pre');
   pre.id = 'hfbench-check';
@@ -96,11 +104,11 @@ def report(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     make_store(uri, 44, root / "artifacts", epochs=4, failed_every=20)
     files = build_report(uri, EXPERIMENT, root / "out")
-    return root, files
+    return root, files, uri
 
 
 def test_index_html_in_chromium(report, tmp_path):
-    root, files = report
+    root, files, _ = report
     result, console = check_page(files["index.html"], tmp_path)
     pngs = [n for n in files if n.endswith(".png")]
     assert result["images"] == len(pngs) > 0
@@ -122,7 +130,7 @@ def test_index_html_in_chromium(report, tmp_path):
 
 def test_checker_catches_a_broken_image(report, tmp_path):
     """The check itself works: a corrupt data URI is reported, not silently passed."""
-    _, files = report
+    _, files, _ = report
     page = files["index.html"].read_text(encoding="utf-8")
     bad = tmp_path / "broken.html"
     bad.write_text(
@@ -131,6 +139,42 @@ def test_checker_catches_a_broken_image(report, tmp_path):
     )
     result, _ = check_page(bad, tmp_path)
     assert len(result["broken"]) == 1
+
+
+def test_every_row_links_to_its_mlflow_runs(report, tmp_path):
+    """Every row of the accuracy tables and of the failed-runs table links to MLflow runs, each
+    link names a run of this experiment (the seed it trained), and the runs behind a row are
+    exactly the finished runs of its method and target."""
+    from mlflow import MlflowClient
+
+    from reports.bench_build import EXPERIMENT
+    from reports.records import latest_finished, load
+    from reports.tables import sparsity_key
+
+    _, files, uri = report
+    result, _ = check_page(files["index.html"], tmp_path)
+    rows, linked = result["rows"], result["linkedRows"]
+    assert rows["accuracy"] == linked["accuracy"] > 0 and rows["failed"] == linked["failed"] > 0, (rows, linked)
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(EXPERIMENT).experiment_id
+    recs = {r.run_id: r for r in load(c, exp)}
+    pat = re.compile(
+        rf"^http://127\.0\.0\.1:5000/#/experiments/{exp}/runs/([0-9a-f]{{32}})\?workflowType=machine_learning$"
+    )
+    acc: dict[tuple[str, str, float], set[str]] = {}
+    for kind, label, href in result["links"]:
+        m = pat.match(href)
+        assert m and m.group(1) in recs, href
+        r = recs[m.group(1)]
+        if kind == "accuracy":
+            assert label == f"s{r.seed}", (label, r.seed)
+            acc.setdefault((r.model, r.method, sparsity_key(r.target_sparsity)), set()).add(r.run_id)
+        else:
+            assert kind == "failed" and r.status == "FAILED", (kind, r.status)
+    want: dict[tuple[str, str, float], set[str]] = {}
+    for r in latest_finished(recs.values()):
+        want.setdefault((r.model, r.method, sparsity_key(r.target_sparsity)), set()).add(r.run_id)
+    assert acc == want
 
 
 SEEDS_REPORT = Path(__file__).resolve().parents[1] / "reports" / "fmnist_seeds"
@@ -187,3 +231,25 @@ def test_committed_fair_report_in_chromium(tmp_path):
     assert t.get("summary") == 1 and t.get("convergence") == 1 and t.get("protocol") == 1, t
     html = (FAIR_REPORT / "index.html").read_text()
     assert html.index('data-kind="summary"') < html.index('data-kind="accuracy"')
+
+
+def test_screenshots_of_the_report_and_the_mlflow_ui(report, tmp_path):
+    """reports.screenshots serves the store with `mlflow server` and photographs the report and
+    the MLflow UI in headless Chromium: three PNGs of the asked width, none blank, and the
+    server it started is gone afterwards."""
+    import struct
+
+    from reports.bench_build import EXPERIMENT
+    from reports.screenshots import take
+
+    _, files, uri = report
+    shots = take(files["index.html"].parent, EXPERIMENT, uri, tmp_path / "shots")
+    assert sorted(shots) == ["mlflow_run.png", "mlflow_runs.png", "report.png"]
+    for name, path in shots.items():
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        width, height = struct.unpack(">II", data[16:24])
+        assert width == 1400 and height >= 1000, (name, width, height)
+        assert len(data) > 30_000, (name, len(data))  # a blank page compresses to a few KiB
+    left = subprocess.run(["pgrep", "-f", f"mlflow server --backend-store-uri {uri}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from suite.pruning import registry
+from suite.run_schema import mlflow_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -195,12 +196,12 @@ def test_usr2_mid_epoch_then_resume_is_bit_exact(resumed, case):
         len(
             [
                 r
-                for r in c.search_runs([run.info.experiment_id])
+                for r in tracking.training_runs(c, run.info.experiment_id)
                 if r.data.tags.get(tracking.TAG_HASH) == run.data.tags.get(tracking.TAG_HASH)
             ]
         )
         == 1
     )
-    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "density"))
-    expected = sorted(m.step for m in rc.get_metric_history(reference["mlflow_run_id"], "density"))
+    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, mlflow_key("density")))
+    expected = sorted(m.step for m in rc.get_metric_history(reference["mlflow_run_id"], mlflow_key("density")))
     assert steps == expected == list(range(1, len(expected) + 1)), steps  # every epoch, once (IMP: every level's)
