@@ -24,9 +24,9 @@ import datetime as _dt
 from collections import defaultdict
 from pathlib import Path
 
-from reports import dynamics, flops, published
+from reports import dynamics, flops, interactive, published
 from reports.comparisons import protocol_tables
-from reports.fmt import one_line, pct, portable_uri, safe_uri, slug, sparsity_key, ui_base
+from reports.fmt import one_line, pct, portable_uri, run_url, safe_uri, slug, sparsity_key, ui_base
 from reports.plots import label_list, layer_target, plot_accuracy, plot_cost, plot_density, plot_layers
 from reports.records import (
     Histories,
@@ -158,6 +158,11 @@ def build_report(
 
     published_rows = published.load()
     bench = overhead(client)
+    ui_root = ui_base(tracking_uri) if ui is None else ui.rstrip("/")
+
+    def link(run_id: str) -> str:  # a run's page in the MLflow UI, "" without one
+        return run_url(ui_root, str(exp.experiment_id), run_id) if ui_root else ""
+
     images: dict[str, bytes] = {}
     sections: list[Section] = []
     for (dataset, model), recs in sorted(by_pair.items()):
@@ -184,6 +189,7 @@ def build_report(
             name = f"acc_vs_sparsity_{stem}.png"
             plot_accuracy(sec, out_dir / name, recs)
             sec.plots.append((name, f"Test top-1 vs achieved sparsity, {dataset} / {model}"))
+            sec.interactive.append((name, interactive.accuracy_figure(sec, recs, link, f"acc_{stem}")))
 
         lt = layer_target(recs)
         if lt is not None:
@@ -208,6 +214,7 @@ def build_report(
         if any(not is_dense(r.method) and r.budget_total_images for r in recs):
             name = f"acc_vs_budget_{stem}.png"
             plot_cost(sec, out_dir / name, recs)
+            sec.interactive.append((name, interactive.cost_figure(sec, recs, link, f"cost_{stem}")))
             more = [
                 (name, f"Test top-1 vs total training budget (dense-equivalent epochs), {dataset} / {model}")
             ] + more
@@ -246,7 +253,7 @@ def build_report(
         env=env_summary(records),
         sections=sections,
         failed=failed_rows,
-        ui=ui_base(tracking_uri) if ui is None else ui.rstrip("/"),
+        ui=ui_root,
         failed_ids=[r.run_id for r in records if r.status in _FAILED_STATUSES],
     )
     md_path = out_dir / "report.md"

@@ -17,12 +17,14 @@ report labels (``DENSE``, ``MATCHED``, ``is_dense``, ``is_matched``, ``method_or
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reports.fmt import local_path, portable
+from reports.sqlite_store import open_store
 from suite.run_schema import internal_key, mlflow_key
 
 __all__ = [
@@ -244,7 +246,14 @@ def _first(*values: Any) -> Any:
 # reading MLflow
 
 
-def _all_runs(client, experiment_id: str) -> list:
+def _all_runs(client, experiment_id: str, fast: bool = True) -> list:
+    if fast:  # a sqlite store: plain SQL, the same answer as the API (reports/sqlite_store.py)
+        store = open_store(client)
+        if store is not None:
+            try:
+                return store.runs(experiment_id)
+            except sqlite3.Error:
+                pass
     runs: list = []
     token = None
     while True:
@@ -260,10 +269,11 @@ def _all_runs(client, experiment_id: str) -> list:
             return runs
 
 
-def load(client, experiment_id: str) -> list[RunRecord]:
+def load(client, experiment_id: str, fast: bool = True) -> list[RunRecord]:
     """Every training run of the experiment (all statuses, oldest first), parsed; runs with no
-    method anywhere (not training runs) are left out."""
-    return [rec for rec in map(_record_from_run, _all_runs(client, experiment_id)) if rec]
+    method anywhere (not training runs) are left out. `fast`: read a sqlite store with plain SQL
+    (False: through MLflow's API, whatever the store)."""
+    return [rec for rec in map(_record_from_run, _all_runs(client, experiment_id, fast)) if rec]
 
 
 def _record_from_run(run) -> RunRecord | None:
@@ -340,11 +350,12 @@ class Histories:
 
     _CHUNK = 500
 
-    def __init__(self, client):
+    def __init__(self, client, fast: bool = True):
         self.client = client
         self._cache: dict[tuple[str, str], list[tuple[int, float]]] = {}
         store = getattr(getattr(client, "_tracking_client", None), "store", None)
         self._bulk = getattr(store, "get_metric_history_bulk", None)
+        self._sql = open_store(client) if fast else None  # a sqlite store: plain SQL
 
     def prefetch(self, run_ids: Iterable[str], key: str, stored: str | None = None) -> None:
         """Read metric `key` (a short name) of these runs, logged under `stored` (default: its
@@ -352,6 +363,16 @@ class Histories:
         ids = [r for r in dict.fromkeys(run_ids) if (r, key) not in self._cache]
         if not ids:
             return
+        if self._sql is not None:
+            try:
+                got = self._sql.histories(ids, stored or mlflow_key(key))
+                for r, pts in got.items():
+                    self._cache[(r, key)] = _last_per_step(pts)
+                if stored is None:  # runs of an older store: their short name
+                    self.prefetch([r for r in ids if not self._cache[(r, key)]], key, stored=key)
+                return
+            except sqlite3.Error:
+                self._sql = None
         if self._bulk is not None:
             try:
                 for i in range(0, len(ids), self._CHUNK):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reports import interactive
 from reports.fmt import DEFAULT_UI, fmt_time, one_line, run_url
 from reports.records import RunRecord
 from reports.tables import ACC_NOTE, FAILED_HEADER, Section, table_cells, table_header
@@ -300,6 +301,7 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
     if c.sweeps:
         out.append("<p>Sweeps: " + ", ".join(f"<code>{e(s)}</code>" for s in c.sweeps) + ".</p>")
     out += ["<h2>Results</h2>"]  # the answer first; how to read it after the tables
+    scripted = False
     for s in c.sections:
         out.append(f"<h3>{e(s.dataset)} / {e(s.model)}</h3>")
         summary = [t for t in s.tables if getattr(t, "kind", "") == "summary"]
@@ -318,12 +320,19 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
             )
         )
         out += [f"<p>{e(n)}</p>" for n in s.notes]
+        if s.interactive and not scripted:
+            out.append(interactive.script())  # once, before the first figure
+            scripted = True
+        out += [f'<div class="interactive" data-png="{e(png)}">{div}</div>' for png, div in s.interactive]
+        twins = {png for png, _ in s.interactive}
         for name, caption in s.plots:
             b64 = base64.b64encode(images[name]).decode("ascii")
-            out.append(
+            fig = (
                 f'<figure id="{e(name)}"><img src="data:image/png;base64,{b64}" '
                 f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)})</figcaption></figure>'
             )
+            # a plot drawn interactively above keeps its PNG (as in report.md), folded away
+            out.append(f"<details><summary>{e(name)} (static)</summary>{fig}</details>" if name in twins else fig)
         tables = [t for t in (s.published, s.compute) if t is not None] + [t for t in s.tables if t not in summary]
         for t in tables:
             if isinstance(t, str):

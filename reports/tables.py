@@ -135,6 +135,8 @@ class Section:
     rows: list[Row]
     dense: float | None
     plots: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    # plotly figures for index.html (reports/interactive.py): (the PNG it stands for, its <div>)
+    interactive: list[tuple[str, str]] = field(default_factory=list)
     tables: list = field(default_factory=list)  # Table
     has_top5: bool = False
     notes: list[str] = field(default_factory=list)  # under the accuracy table

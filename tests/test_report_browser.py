@@ -43,6 +43,24 @@ window.addEventListener('load', function () {
       a.forEach(function (x) { res.links.push([k, x.textContent, x.href]); });
     });
   });
+  // the interactive figures: drawn (plotly's SVG), their traces, the run links their points carry,
+  // and what a click on the first linked point opens (window.open recorded, not followed)
+  var opened = [];
+  window.open = function (u) { opened.push(u); return null; };
+  res.figures = [];
+  document.querySelectorAll('div.interactive').forEach(function (box) {
+    var gd = box.querySelector('.js-plotly-plot');
+    var f = {png: box.getAttribute('data-png'), drawn: box.querySelectorAll('svg.main-svg').length,
+             traces: gd && gd.data ? gd.data.length : 0, links: [], clicked: null};
+    (gd && gd.data ? gd.data : []).forEach(function (t) {
+      (t.customdata || []).forEach(function (u) { if (u) f.links.push(u); });
+    });
+    if (gd && f.links.length) {
+      gd.emit('plotly_click', {points: [{customdata: f.links[0]}]});
+      f.clicked = opened.length ? opened[opened.length - 1] : null;
+    }
+    res.figures.push(f);
+  });
   var pre = document.createElement('pre');
   pre.id = 'hfbench-check';
   pre.textContent = JSON.stringify(res);
@@ -108,7 +126,7 @@ def report(tmp_path_factory):
 
 
 def test_index_html_in_chromium(report, tmp_path):
-    root, files, _ = report
+    root, files, uri = report
     result, console = check_page(files["index.html"], tmp_path)
     pngs = [n for n in files if n.endswith(".png")]
     assert result["images"] == len(pngs) > 0
@@ -126,6 +144,33 @@ def test_index_html_in_chromium(report, tmp_path):
     # no published number exists for Fashion-MNIST: each section says so instead of a table
     assert result["publishedNone"] == sections and "published" not in t
     assert "(none)" not in t, t
+    # the two interactive figures of each section are drawn, one point per run, each point linked
+    # to its run, and a click opens that run's page
+    from mlflow import MlflowClient
+
+    from reports.bench_build import EXPERIMENT
+    from reports.records import is_dense, latest_finished, load
+
+    figs = result["figures"]
+    assert all(f["drawn"] >= 1 and f["traces"] >= 1 for f in figs), figs
+    pngs_twinned = sorted(f["png"] for f in figs)
+    assert pngs_twinned == sorted(n for n in pngs if n.startswith(("acc_vs_sparsity", "acc_vs_budget")))
+    recs = latest_finished(
+        load(
+            MlflowClient(tracking_uri=uri),
+            MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT).experiment_id,
+        )
+    )
+    for f in figs:
+        model = "fmnist_cnn" if "fmnist_cnn" in f["png"] else "lenet300"
+        mine = [r for r in recs if r.model == model and r.test_top1 is not None]
+        if f["png"].startswith("acc_vs_sparsity"):
+            want = {r.run_id for r in mine if not is_dense(r.method) and r.achieved_sparsity is not None}
+        else:
+            want = {r.run_id for r in mine if r.budget_total_epochs}
+        got = [u.split("/runs/")[1].split("?")[0] for u in f["links"]]
+        assert sorted(got) == sorted(want), f["png"]
+        assert f["clicked"] == f["links"][0]
 
 
 def test_checker_catches_a_broken_image(report, tmp_path):
@@ -134,7 +179,9 @@ def test_checker_catches_a_broken_image(report, tmp_path):
     page = files["index.html"].read_text(encoding="utf-8")
     bad = tmp_path / "broken.html"
     bad.write_text(
-        re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]{40}", "data:image/png;base64,AAAA", page, count=1),
+        re.sub(
+            r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{40}', '<img src="data:image/png;base64,AAAA', page, count=1
+        ),
         encoding="utf-8",
     )
     result, _ = check_page(bad, tmp_path)
