@@ -153,10 +153,8 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             )
         )
     if flips:
-        fig = new_figure()
-        ax = fig.add_subplot()
-        # one line per (variant, target): the mean over its seeds at each epoch, so that a large
-        # sweep stays readable (and its legend cheap to draw)
+        # one panel per method (small multiples share their axes), one line pair per target: the
+        # mean over its seeds at each epoch, so that a large sweep stays readable
         groups: dict[tuple[str, float], list] = {}
         for r, pr, rg in flips:
             groups.setdefault((r.method, round(r.target_sparsity or 0.0, 6)), []).append((pr, rg))
@@ -168,42 +166,47 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                     acc.setdefault(step, []).append(v)
             return [(step, sum(vs) / len(vs)) for step, vs in sorted(acc.items())]
 
-        # a method keeps its colour from the other plots; its targets go from solid to faint
         targets_of: dict[str, list[float]] = {}
         for method, target in sorted(groups):
             targets_of.setdefault(method, []).append(target)
-        for (method, target), runs in sorted(groups.items()):
-            c = method_style(method)[0]
+        methods = sorted(targets_of)
+        ncol = min(3, len(methods))
+        nrow = math.ceil(len(methods) / ncol)
+        fig = new_figure(size=(3.3 * ncol + 0.8, 2.5 * nrow + 0.9))
+        fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1 + 0.05 / nrow, top=0.88 - 0.04 / nrow, hspace=0.35)
+        axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).flat
+        for ax, method in zip(axes, methods):
+            c = method_style(method)[0]  # the method's colour from the other plots
             ts = targets_of[method]
-            alpha = 1.0 - 0.55 * ts.index(target) / max(len(ts) - 1, 1)
-            lab = f"{method} {100 * target:g}%" + (f" (mean of {len(runs)})" if len(runs) > 1 else "")
-            pr = mean_curve([p for p, _ in runs])
-            rg = mean_curve([g for _, g in runs])
-            if pr:
-                ax.plot(
-                    [s for s, _ in pr],
-                    [max(v, 0.5) for _, v in pr],
-                    color=c,
-                    alpha=alpha,
-                    linestyle="--",
-                    linewidth=1,
-                    label=f"pruned, {lab}",
-                )
-            if rg:
-                ax.plot(
-                    [s for s, _ in rg],
-                    [max(v, 0.5) for _, v in rg],
-                    color=c,
-                    alpha=alpha,
-                    linewidth=1.4,
-                    label=f"regrown, {lab}",
-                )
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("weights per epoch (0 drawn at 0.5)")
-        ax.set_title(f"{title}: weights pruned and regrown per epoch, runs that regrew", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="upper right", ncol=2)
+            for target in ts:  # its targets go from solid to faint
+                runs = groups[(method, target)]
+                alpha = 1.0 - 0.6 * ts.index(target) / max(len(ts) - 1, 1)
+                lab = f"{100 * target:g}%" + (f" (n={len(runs)})" if len(runs) > 1 else "")
+                pr = mean_curve([p for p, _ in runs])
+                rg = mean_curve([g for _, g in runs])
+                if pr:
+                    ax.plot(
+                        [s for s, _ in pr],
+                        [max(v, 0.5) for _, v in pr],
+                        color=c,
+                        alpha=alpha,
+                        linestyle="--",
+                        linewidth=1,
+                    )
+                if rg:
+                    ax.plot(
+                        [s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, alpha=alpha, linewidth=1.4, label=lab
+                    )
+            ax.set_yscale("log")
+            ax.set_title(method, fontsize=9, color=c)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6, loc="upper right", title="target", title_fontsize=6)
+        for ax in list(axes):  # the grid's empty places
+            ax.set_visible(False)
+        fig.supxlabel("epoch", fontsize=9)
+        fig.supylabel("weights per epoch (0 drawn at 0.5)", fontsize=9)
+        fig.suptitle(f"{title}: weights pruned (dashed) and regrown (solid) per epoch, runs that regrew", fontsize=10)
         name = f"flips_{stem}.png"
         fig.savefig(out_dir / name)
         plots.append(
@@ -261,11 +264,21 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         rows = []
         fig = new_figure()
         ax = fig.add_subplot()
-        for i, ((variant, label), xy) in enumerate(sorted(pts.items())):
-            c = method_style(variant)[0] if sum(1 for v, _ in pts if v == variant) == 1 else f"C{i % 10}"
+        seen: dict[str, int] = {}
+        for (variant, label), xy in sorted(pts.items()):
+            # the method's colour from the other plots; its saliencies told apart by marker and line
+            c, k = method_style(variant)[0], seen.setdefault(variant, 0)
+            seen[variant] += 1
+            mk, ls = ("o", "s", "^", "D")[k % 4], ("-", "--", ":", "-.")[k % 4]
             if xy:
                 ax.scatter(
-                    [s for _, s in xy], [100 * d for d, _ in xy], s=8, color=c, alpha=0.6, label=f"{variant}: {label}"
+                    [s for _, s in xy],
+                    [100 * d for d, _ in xy],
+                    s=8,
+                    marker=mk,
+                    color=c,
+                    alpha=0.6,
+                    label=f"{variant}: {label}",
                 )
             try:
                 if not xy:
@@ -277,6 +290,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                     [lo, hi],
                     [100 * fit["c"] * lo ** -fit["alpha"], 100 * fit["c"] * hi ** -fit["alpha"]],
                     color=c,
+                    linestyle=ls,
                     linewidth=1.2,
                 )
                 rows.append([variant, label, f"{fit['alpha']:.4f}", f"{fit['r2']:.4f}", str(fit["n"])])

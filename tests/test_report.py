@@ -650,8 +650,9 @@ def test_compute_table_without_a_benchmark_run_has_no_empty_benchmark_columns(bu
 
 
 def test_a_method_keeps_its_colour_in_the_flips_plot_and_targets_use_their_own_scale(large, tmp_path, monkeypatch):
-    """Colours mean the same thing in every plot: in the pruned/regrown plot each line has its
-    method's colour (reports.plots.method_style), as in the accuracy plot; the density plot's
+    """Colours mean the same thing in every plot: in the pruned/regrown plot (one panel per
+    method) and the Neural Pruning Law plot each line or point has its method's colour
+    (reports.plots.method_style), as in the accuracy plot; the density plot's
     lines are targets, drawn from a sequential map that is not the method palette's C0..C9."""
     from pathlib import Path
 
@@ -680,13 +681,21 @@ def test_a_method_keeps_its_colour_in_the_flips_plot_and_targets_use_their_own_s
     flips = {k: f for k, f in figs.items() if k.startswith("flips_")}
     assert flips, sorted(figs)
     checked = 0
-    for fig in flips.values():
-        for line in fig.axes[0].get_lines():
-            label = line.get_label()
-            method = label.split(", ", 1)[1].split(" ", 1)[0]
-            assert to_hex(line.get_color()) == to_hex(plots.method_style(method)[0]), label
-            checked += 1
+    for fig in flips.values():  # small multiples: one panel per method, titled with it
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        methods = [ax.get_title() for ax in panels]
+        assert len(panels) >= 2 and len(set(methods)) == len(methods), methods
+        for ax, method in zip(panels, methods):
+            lines = ax.get_lines()
+            assert lines and {to_hex(ln.get_color()) for ln in lines} == {to_hex(plots.method_style(method)[0])}
+            checked += len(lines)
     assert checked > 0
+    npl = [f for k, f in figs.items() if k.startswith("npl_")]
+    assert npl, sorted(figs)
+    for fig in npl:  # the NPL points take their method's colour too
+        for coll in fig.axes[0].collections:
+            method = coll.get_label().split(":", 1)[0]
+            assert to_hex(coll.get_facecolor()[0]) == to_hex(plots.method_style(method)[0]), coll.get_label()
     tab10 = {to_hex(f"C{i}") for i in range(10)}
     dens = [f for k, f in figs.items() if k.startswith("density_")]
     assert dens, sorted(figs)
