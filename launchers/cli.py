@@ -316,13 +316,13 @@ def cmd_fit_npl(a) -> int:
 
 
 def cmd_sync(a) -> int:
-    from suite import tracking
+    from suite import mlflow_spool
 
     paths = [Path(x) for x in a.paths]
     for x in paths:
         if not x.exists():
             raise FileNotFoundError(f"{x}: no such run folder")
-    done, left = tracking.sync(paths, uri_for=(lambda meta: a.tracking_uri) if a.tracking_uri else None)
+    done, left = mlflow_spool.sync(paths, uri_for=(lambda meta: a.tracking_uri) if a.tracking_uri else None)
     print(f"[hfbench] sync: {done} runs delivered, {left} still pending")
     return 0 if left == 0 else 1
 

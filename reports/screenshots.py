@@ -76,8 +76,20 @@ class ui_server:
             return self.uri.rstrip("/")
         port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri]
-            + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                self.uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

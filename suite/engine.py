@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from suite import models, run_schema, tracking
+from suite import models, run_claims, run_logger, run_schema, tracking
 from suite.accounting import budget, observed_settings, optimizer_state_numel, process_start_time, startup_costs
 from suite.batches import Stream, make_loaders
 from suite.checkpoints import (
@@ -170,7 +170,7 @@ def _lock_and_claim(run: _Run, experiment_id: Optional[str], tracking_uri: Optio
     ):
         earlier = None  # finished for another store or experiment (same out_dir): not for this one
     if earlier is None and experiment_id is not None:
-        claim = tracking.Claim(uri, experiment_id, cfg.run_hash(), owner=str(out.resolve()), say=say)
+        claim = run_claims.Claim(uri, experiment_id, cfg.run_hash(), owner=str(out.resolve()), say=say)
         other = claim.acquire()
         if other is not None:
             claim.release()
@@ -202,9 +202,9 @@ def _train_locked(run: _Run, experiment_id: Optional[str], tracking_uri: Optiona
         dist.broadcast_object_list(box, src=0)
         if box[0]:
             resume = None
-    logger: Any = tracking.NullLogger()
+    logger: Any = run_logger.NullLogger()
     if rank == 0 and experiment_id is not None:
-        logger = tracking.RunLogger(
+        logger = run_logger.RunLogger(
             uri, experiment_id, cfg, run_id=resume.get("mlflow_run_id") if resume else None, spool_dir=out, say=say
         )
         if claim is not None:

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from launchers.cli import main
+from suite import run_logger
 from suite.config import RunConfig
 from suite.sweeps import load_sweep
 
@@ -171,7 +172,7 @@ def test_mlflow_experiment_opens_on_training_runs_with_a_note_and_runs_carry_the
     tracking.ensure_experiment(uri, "older", "theirs")
     t = c.get_experiment(old).tags
     assert t["mlflow.note.content"] == "mine" and t["mlflow.experimentKind"] == "custom_model_development"
-    logger = tracking.RunLogger(uri, exp, runs[0], spool_dir=tmp_path / "run")
+    logger = run_logger.RunLogger(uri, exp, runs[0], spool_dir=tmp_path / "run")
     head = subprocess.run(
         ["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()

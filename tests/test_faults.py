@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from suite import mlflow_spool, run_claims, run_logger
 from suite.run_schema import internal_key, mlflow_key
 from tests.test_resume import SCRIPT_ONE as SCRIPT
 from tests.test_resume import start_one as _start
@@ -589,8 +590,8 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
     from suite import tracking
     from suite.config import RunConfig
 
-    monkeypatch.setattr(tracking.RunLogger, "FINISH_WAITS", (0,))
-    monkeypatch.setattr(tracking.RunLogger, "RETRY_S", 0.0)
+    monkeypatch.setattr(run_logger.RunLogger, "FINISH_WAITS", (0,))
+    monkeypatch.setattr(run_logger.RunLogger, "RETRY_S", 0.0)
     srv = _Server(tmp_path)
     srv.start()
     said: list[str] = []
@@ -601,7 +602,7 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         c = tracking.client(srv.uri)
 
         def logger():
-            return tracking.RunLogger(
+            return run_logger.RunLogger(
                 srv.uri,
                 exp,
                 cfg,
@@ -644,7 +645,7 @@ def test_a_spool_belongs_to_the_run_that_wrote_it(tmp_path, monkeypatch):
         r3 = c.get_run(a3.run_id)
         assert r3.data.params["note"] == "first" and r3.data.params["other"] == "kept"
         assert [m.value for m in c.get_metric_history(a3.run_id, mlflow_key("train_loss"))] == [1.0]
-        assert tracking.Spool(folder).pending()[0] == []
+        assert mlflow_spool.Spool(folder).pending()[0] == []
         rejected = [json.loads(ln) for ln in (folder / "mlflow_spool.rejected.jsonl").read_text().splitlines()]
         assert [r["call"]["params"] for r in rejected] == [[["note", "second"]]]
         assert any("refused" in s and "set aside" in s for s in said), said
@@ -780,13 +781,13 @@ def test_a_line_cut_short_in_the_spool_does_not_block_the_calls_after_it(tmp_pat
     exp = tracking.ensure_experiment(uri, "cut")
     c = tracking.client(uri)
     run = c.create_run(exp).info.run_id
-    sp = tracking.Spool(tmp_path / "run")
+    sp = mlflow_spool.Spool(tmp_path / "run")
     sp.append({"op": "batch", "metrics": [["train_loss", 1.0, 1, 1]]})
     with open(sp.path, "a") as f:
         f.write('{"op": "batch", "metrics": [["train_lo')  # the crash
     sp.append({"op": "batch", "metrics": [["train_loss", 0.5, 2, 2]]})
     sp.append({"op": "terminate", "status": "FINISHED"})
-    assert tracking.deliver(c, run, sp, say=lambda *a, **k: None) == 4
+    assert mlflow_spool.deliver(c, run, sp, say=lambda *a, **k: None) == 4
     assert [m.value for m in c.get_metric_history(run, "train_loss")] == [1.0, 0.5]  # spooled as written
     assert c.get_run(run).info.status == "FINISHED" and not sp.path.exists()
 
@@ -798,11 +799,11 @@ def test_a_store_that_does_not_know_the_run_keeps_the_spool(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'other.db'}"
     tracking.ensure_experiment(uri, "other")
-    sp = tracking.Spool(tmp_path / "run")
+    sp = mlflow_spool.Spool(tmp_path / "run")
     sp.append({"op": "batch", "metrics": [["train_loss", 1.0, 1, 1]]})
     sp.append({"op": "terminate", "status": "FINISHED"})
     with pytest.raises(Exception) as e:
-        tracking.deliver(tracking.client(uri), "0123456789abcdef0123456789abcdef", sp, say=lambda *a, **k: None)
+        mlflow_spool.deliver(tracking.client(uri), "0123456789abcdef0123456789abcdef", sp, say=lambda *a, **k: None)
     assert getattr(e.value, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
     assert len(sp.pending()[0]) == 2 and not (sp.dir / "mlflow_spool.rejected.jsonl").exists()
 
@@ -866,14 +867,14 @@ def test_sync_reports_an_unreadable_meta_file_and_goes_on(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = tracking.client(uri)
     run = c.create_run(tracking.ensure_experiment(uri, "sync")).info.run_id
-    bad, good = tracking.Spool(tmp_path / "runs" / "a"), tracking.Spool(tmp_path / "runs" / "b")
+    bad, good = mlflow_spool.Spool(tmp_path / "runs" / "a"), mlflow_spool.Spool(tmp_path / "runs" / "b")
     for sp in (bad, good):
         sp.append({"op": "batch", "metrics": [["train_loss", 1.0, 1, 1]]})
         sp.append({"op": "terminate", "status": "FINISHED"})
     (bad.dir / "mlflow_spool.meta.json").write_text("{trunc")
     (good.dir / "mlflow_spool.meta.json").write_text(json.dumps({"run_id": run, "uri": uri}))
     said: list[str] = []
-    assert tracking.sync([tmp_path / "runs"], say=said.append) == (1, 1)
+    assert mlflow_spool.sync([tmp_path / "runs"], say=said.append) == (1, 1)
     assert any("unreadable meta file" in s for s in said), said
     assert bad.path.is_file() and not good.path.exists() and c.get_run(run).info.status == "FINISHED"
 
@@ -901,13 +902,13 @@ def test_a_claim_whose_process_is_gone_from_this_host_is_taken_over(tmp_path):
             "run_id": holder,
         },
     )
-    claim = tracking.Claim(uri, exp, "abc123", owner=str(tmp_path / "b"), say=lambda *a, **k: None, poll_s=0.1)
+    claim = run_claims.Claim(uri, exp, "abc123", owner=str(tmp_path / "b"), say=lambda *a, **k: None, poll_s=0.1)
     t0 = time.time()
     assert claim.acquire() is None and claim.held and time.time() - t0 < 30
     assert c.get_registered_model(f"hfbench-claim-{exp}-abc123").tags["owner"] == str(tmp_path / "b")
     # a claim held by a live process of this host is waited for, not taken
     c.set_registered_model_tag(f"hfbench-claim-{exp}-abc123", "pid", str(os.getpid()))
-    other = tracking.Claim(uri, exp, "abc123", owner=str(tmp_path / "c"), say=lambda *a, **k: None, poll_s=0.1)
+    other = run_claims.Claim(uri, exp, "abc123", owner=str(tmp_path / "c"), say=lambda *a, **k: None, poll_s=0.1)
     import threading
 
     box = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from reports import records
-from suite import tracking
+from suite import run_logger, tracking
 from suite.pruning import registry
 from suite.run_schema import GROUPS, dataset_input, internal_key, mlflow_key
 
@@ -108,11 +108,11 @@ def test_a_sweep_has_one_parent_run_and_its_runs_name_it(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.note.content"] == "second note"
     assert parent.data.tags["hfbench.grid.seeds"] == "0, 1"
     cfg = RunConfig(method="magnitude", sparsity=0.5, epochs=1, sweep="mysweep", out_dir=str(tmp_path / "runs"))
-    log = tracking.RunLogger(uri, exp, cfg, spool_dir=tmp_path / "spool", say=lambda *a, **k: None)
+    log = run_logger.RunLogger(uri, exp, cfg, spool_dir=tmp_path / "spool", say=lambda *a, **k: None)
     log.finish()
     assert c.get_run(log.run_id).data.tags["mlflow.parentRunId"] == first
     alone = cfg.model_copy(update={"sweep": "other"})  # no parent run of that sweep: no parent
-    log2 = tracking.RunLogger(uri, exp, alone, spool_dir=tmp_path / "spool2", say=lambda *a, **k: None)
+    log2 = run_logger.RunLogger(uri, exp, alone, spool_dir=tmp_path / "spool2", say=lambda *a, **k: None)
     log2.finish()
     assert "mlflow.parentRunId" not in c.get_run(log2.run_id).data.tags
     assert [r.info.run_id for r in tracking.training_runs(c, exp)] and first not in {

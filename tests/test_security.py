@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from suite import run_logger
 from suite.config import ConfigError, RunConfig
 from suite.sweeps import SweepConfig, load_sweep
 
@@ -295,7 +296,7 @@ def test_hostile_values_are_refused_or_inert(tmp_path, monkeypatch):
                 ensure_data(runs, build=False)
             if field == "experiment":  # as an MLflow experiment, and in a run's tags and params
                 exp = tracking.ensure_experiment(uri, sweep.experiment_name())
-                tracking.RunLogger(uri, exp, runs[-1]).log_params(env)
+                run_logger.RunLogger(uri, exp, runs[-1]).log_params(env)
             # the sbatch script SLURM would run: bash executes it, srun is a stand-in
             ex = make_executor(sweep, "slurm", s.folder, 1, 1)
             script = tmp_path / "job.sh"
