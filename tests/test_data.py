@@ -407,7 +407,7 @@ def test_distributed_gloo_two_ranks(betons, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_DIST_SCRIPT)
     init = f"file://{tmp_path / 'pg_init'}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(D.__file__).resolve().parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(D.__file__).resolve().parents[2]))
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(r), init, str(betons["val"]), str(tmp_path / f"r{r}.npz")], env=env
