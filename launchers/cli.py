@@ -155,7 +155,7 @@ def cmd_sweep(a) -> int:
     if a.dry_run:
         runs = sweep.expand()
         if sweep.launcher.executor in ("local", "debug"):  # what this machine cannot run is refused here too
-            from launchers.sweep import check_resources
+            from launchers.checks import check_resources
 
             check_resources(sweep, runs, sweep.launcher.executor)
         for r in runs:

@@ -41,7 +41,7 @@ def mlflow_server() -> str:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    from launchers.sweep import slurm_reachable
+    from launchers.checks import slurm_reachable
 
     if not slurm_reachable():
         pytest.fail(

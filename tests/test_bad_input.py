@@ -211,8 +211,8 @@ def _visible_gpus() -> int:
     ids=["local-multi-node", "debug-multi-rank", "local-more-ranks-than-gpus", "local-gpus-per-node"],
 )
 def test_executor_conflicts_are_refused_before_submission(tmp_path, kind, changes, field, monkeypatch):
-    import launchers.sweep as sw
-    from launchers.sweep import check_resources
+    import launchers.checks as sw
+    from launchers.checks import check_resources
 
     # "a cluster can": a cluster with two 64-CPU, 16-GPU nodes (what `scontrol show` would list),
     # whatever SLURM this machine runs (the real test cluster on this machine has neither)
@@ -245,7 +245,7 @@ def test_executor_conflicts_are_refused_before_submission(tmp_path, kind, change
 
 
 def test_a_local_cpu_sweep_passes_the_resource_check(tmp_path):
-    from launchers.sweep import check_resources
+    from launchers.checks import check_resources
 
     s = load_sweep(_write(tmp_path, sweep(base__engine={"world_size": 2, "device": "cpu"})))
     check_resources(s, s.expand(), "local")

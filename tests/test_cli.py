@@ -132,7 +132,7 @@ def test_sweep_progress_counts_the_whole_sweep_with_elapsed_time_and_eta(monkeyp
     """A log-file progress line counts every run of the sweep (a later stage goes on from the
     runs an earlier one settled: 9 dense runs then 165 pruning runs read 10/174, not 1/165) and
     gives the elapsed time and an ETA from the mean time per settled run."""
-    import launchers.sweep as S
+    import launchers.outcomes as S
 
     now = [1000.0]
     monkeypatch.setattr(S.time, "time", lambda: now[0])
@@ -153,7 +153,7 @@ def test_mlflow_experiment_opens_on_training_runs_with_a_note_and_runs_carry_the
     compares; each run has the commit in MLflow's standard tag, the sha `git rev-parse HEAD` gives."""
     from pathlib import Path
 
-    from launchers.sweep import describe
+    from launchers.outcomes import describe
     from suite import tracking
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"

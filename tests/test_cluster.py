@@ -589,7 +589,7 @@ def test_a_queued_run_shows_why_it_waits(tmp_path, betons, mlflow_server, slurm_
             time.sleep(1)
         assert row is not None and row.state == "queued", [vars(r) for r in rows]
         assert "hfbench-maintenance" in row.error and node in row.error, row.error
-        from launchers.sweep import _queued_reason  # what the progress line shows for a queued run
+        from launchers.outcomes import _queued_reason  # what the progress line shows for a queued run
 
         assert "hfbench-maintenance" in _queued_reason(row.job), row.job
     finally:

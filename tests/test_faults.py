@@ -1055,7 +1055,7 @@ def test_a_failed_attempt_resumed_to_the_end_leaves_no_error_on_the_finished_run
 def test_the_launch_cost_line_leaves_out_runs_reused_from_an_earlier_training():
     """A run the sweep reused (trained by another sweep or an earlier one) carries that
     training's startup timeline; counted, it made the first-step time negative."""
-    from launchers.sweep import Outcome, launch_costs
+    from launchers.outcomes import Outcome, launch_costs
     from suite.config import RunConfig
 
     t0 = 1_000_000.0

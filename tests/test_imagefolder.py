@@ -462,7 +462,7 @@ def test_cifar10_full_train_through_cli_and_engine(tmp_path, capsys):
     import torch
 
     from launchers import cli
-    from launchers.sweep import ensure_data
+    from launchers.checks import ensure_data
     from suite.config import RunConfig
     from suite.engine import make_loaders
 

@@ -253,7 +253,8 @@ def test_hostile_values_are_refused_or_inert(tmp_path, monkeypatch):
     expansion, run folders, weights files, the job log, the MLflow experiment and run, the git and
     environment helpers, the data check and the generated sbatch script (executed by bash with a
     stand-in srun) without anything being run by a shell or written outside the working dir."""
-    from launchers.sweep import Sweep, ensure_data, jobs_file, make_executor
+    from launchers.checks import ensure_data
+    from launchers.sweep import Sweep, jobs_file, make_executor
     from suite import engine, tracking
 
     work = tmp_path / "work"
