@@ -92,12 +92,14 @@ def write_csv(path: Path, records: list[RunRecord]) -> None:
 
 REPRODUCE_NOTE = (
     "Reproduce any point: results.csv has one row per run with its run hash, config hash, git commit, "
-    "hardware, the run's config.yaml artifact and the command that retrains it (hfbench train <config.yaml>)."
+    "hardware, the run's config.yaml artifact and the command that retrains it (hfbench train <config.yaml>). "
+    "Its accuracies and sparsities are fractions (0.9123), as MLflow stores them; the tables show percent."
 )
 
 
 def env_summary(records: list[RunRecord]) -> list[tuple[str, str]]:
-    """Each env.* param with its value, or its distinct values with run counts if they differ."""
+    """Each env.* tag (a param in stores from before they were tags) with its value, or its
+    distinct values with run counts if they differ."""
     values: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
         for k, v in r.env.items():
@@ -218,7 +220,7 @@ def render_md(c: Content) -> str:
     if c.env:
         out += [f"- `{k}`: {_md_escape(v)}" for k, v in c.env]
     else:
-        out.append("No `env.*` parameters were logged.")
+        out.append("No `env.*` tags were logged.")
     out.append("")
     return "\n".join(out)
 
@@ -372,6 +374,6 @@ def render_html(c: Content, images: dict[str, bytes]) -> str:
     if c.env:
         out.append("<ul>" + "".join(f"<li><code>{e(k)}</code>: {e(one_line(v))}</li>" for k, v in c.env) + "</ul>")
     else:
-        out.append("<p>No <code>env.*</code> parameters were logged.</p>")
+        out.append("<p>No <code>env.*</code> tags were logged.</p>")
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
