@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--count", action="store_true", help="build each model and count prunable weights")
     m.set_defaults(fn=cmd_models)
 
-    from suite import bench  # cheap: torch and FFCV are imported when a bench runs
+    from launchers import bench_cli  # cheap: torch and FFCV are imported when a bench runs
 
-    bench.add_parser(sub)
+    bench_cli.add_parser(sub)
     return p
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from suite import bench
+from suite import bench, bench_data
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = pytest.mark.timeout(600)
@@ -87,10 +87,10 @@ def test_memory_probe_runs_in_a_fresh_process():
 
 @TIMEOUT
 def test_data_bench_same_images_and_labels(tmp_path):
-    tree = bench.make_jpeg_tree(tmp_path / "tree", classes=4, per_class=5, min_side=40, max_side=90)
+    tree = bench_data.make_jpeg_tree(tmp_path / "tree", classes=4, per_class=5, min_side=40, max_side=90)
     files = sorted(tree.rglob("*.JPEG"))
     assert len(files) == 20 and len({p.parent.name for p in files}) == 4
-    res = bench.run_data(
+    res = bench_data.run_data(
         root=str(tree), size=32, batch=6, workers=1, passes=1, work_dir=str(tmp_path / "w"), say=lambda *a: None
     )
     assert Path(res["beton"]).is_file()

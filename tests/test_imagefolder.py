@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from suite import bench, datasets
+from suite import bench_data, datasets
 from suite import images as I
 from suite.data import DataError
 
@@ -45,8 +45,8 @@ def _collect(loader):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     base = tmp_path_factory.mktemp("imagefolder")
-    train = bench.make_jpeg_tree(base / "train", classes=10, per_class=30, seed=0, min_side=40, max_side=300)
-    val = bench.make_jpeg_tree(base / "val", classes=10, per_class=4, seed=1, min_side=40, max_side=300)
+    train = bench_data.make_jpeg_tree(base / "train", classes=10, per_class=30, seed=0, min_side=40, max_side=300)
+    val = bench_data.make_jpeg_tree(base / "val", classes=10, per_class=4, seed=1, min_side=40, max_side=300)
     out = base / "out"
     paths = I.write_imagefolder(out, train, val, name="tree", max_side=128, workers=2, progress=False, timeout=300)
     return {"train": train, "val": val, "out": out, "paths": paths}
@@ -128,7 +128,7 @@ def test_an_evaluation_pass_over_fewer_images_than_a_batch_sizes_ffcvs_buffers_t
 
 
 def _small_tree(root: Path) -> Path:
-    return bench.make_jpeg_tree(root, classes=3, per_class=4, seed=2, min_side=40, max_side=80)
+    return bench_data.make_jpeg_tree(root, classes=3, per_class=4, seed=2, min_side=40, max_side=80)
 
 
 @TIMEOUT

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from suite import bench, models, tracking
+from suite import bench_data, models, tracking
 from suite.config import ConfigError, RunConfig
 from suite.pruning import registry
 from suite.run_schema import mlflow_key
@@ -276,8 +276,10 @@ def paper_data(tmp_path_factory):
     data = base / "data"
     for ds in ("cifar10", "cifar100"):
         write_cifar(ds, _fake_cifar_release(base / f"src-{ds}", ds), data, val_size=4, progress=False)
-    train = bench.make_jpeg_tree(base / "inet" / "train", classes=1000, per_class=1, seed=0, min_side=40, max_side=96)
-    val = bench.make_jpeg_tree(base / "inet" / "val", classes=4, per_class=1, seed=1, min_side=40, max_side=96)
+    train = bench_data.make_jpeg_tree(
+        base / "inet" / "train", classes=1000, per_class=1, seed=0, min_side=40, max_side=96
+    )
+    val = bench_data.make_jpeg_tree(base / "inet" / "val", classes=4, per_class=1, seed=1, min_side=40, max_side=96)
     write_imagefolder(data, train, val, name="imagenet", max_side=96, progress=False)
     weights = {}
     for m in ("resnet50", "deit_tiny", "deit_small"):

@@ -37,6 +37,7 @@ GENERIC = (
             "batches.py",
             "accounting.py",
             "bench.py",
+            "bench_data.py",
             "tracking.py",
             "run_schema.py",
             "run_logger.py",
