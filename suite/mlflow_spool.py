@@ -28,6 +28,7 @@ class Spool:
         self.path = self.dir / "mlflow_spool.jsonl"
         self.cursor = self.dir / "mlflow_spool.pos"
         self.files = self.dir / "mlflow_spool_files"
+        self._delivered = 0  # this process's cursor, for when the disk cannot take the file's
 
     def append(self, rec: dict) -> None:
 
@@ -55,6 +56,7 @@ class Spool:
             return [], 0
         lines = self.path.read_text().splitlines()
         pos = int(self.cursor.read_text().strip() or 0) if self.cursor.is_file() else 0
+        pos = max(pos, self._delivered)
         recs = []
         for ln in lines[pos:]:
             try:
@@ -64,19 +66,24 @@ class Spool:
         return recs, pos
 
     def advance(self, pos: int) -> None:
+        """Record that the server has the first `pos` lines. On a full disk the cursor file
+        keeps its old value and this process remembers the new one: delivery goes on (a later
+        process may replay some lines, which is harmless), instead of the run's logging being
+        held back as if the server were down."""
+        self._delivered = pos
         tmp = self.cursor.with_name(self.cursor.name + ".tmp")
         try:
             tmp.write_text(str(pos))
             os.replace(tmp, self.cursor)
         except OSError:  # a full disk: no partial file left behind
             tmp.unlink(missing_ok=True)
-            raise
 
     def clear(self) -> None:
         import shutil
 
         for p in (self.path, self.cursor):
             p.unlink(missing_ok=True)
+        self._delivered = 0
         shutil.rmtree(self.files, ignore_errors=True)
 
 

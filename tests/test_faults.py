@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from suite import mlflow_spool, run_claims, run_logger
+from suite import mlflow_spool, run_claims, run_logger, tracking
 from suite.run_schema import internal_key, mlflow_key
 from tests.test_resume import SCRIPT_ONE as SCRIPT
 from tests.test_resume import start_one as _start
@@ -383,7 +383,7 @@ def test_disk_full_fails_the_run_with_the_reason_and_keeps_the_store_consistent(
         assert "No space left on device" in out, out[-3000:]
         c = tracking.client(uri)
         runs = tracking.training_runs(c, c.get_experiment_by_name("faults").experiment_id)
-        assert len(runs) == 1 and runs[0].info.status == "FAILED", [r.info.status for r in runs]
+        assert len(runs) == 1 and runs[0].info.status == "FAILED", ([r.info.status for r in runs], out[-3000:])
         assert "No space left on device" in runs[0].data.tags.get("hfbench.error", "")
         run_dir = next(q for q in mnt.iterdir() if q.is_dir())
         from suite.engine import load_checkpoint
@@ -1066,3 +1066,31 @@ def test_the_launch_cost_line_leaves_out_runs_reused_from_an_earlier_training():
     line = launch_costs([reused, claimed, fresh], t0)
     assert "first training step 12.5 s after the sweep started" in line and "median of 1," in line, line
     assert launch_costs([reused, claimed], t0) == ""
+
+
+def test_a_full_disk_under_the_spool_cursor_does_not_hold_back_delivery(tmp_path, monkeypatch):
+    """The cursor file cannot be written (the run folder's disk is full): delivery goes on, this
+    process remembers what it sent (no call sent twice by it), and the server has every call
+    with the run's status; before, the run stayed RUNNING with its logging held back as if the
+    server were down."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = tracking.ensure_experiment(uri, "cursor")
+    c = tracking.client(uri)
+    run = c.create_run(exp).info.run_id
+    sp = mlflow_spool.Spool(tmp_path / "run")
+    sp.append({"op": "batch", "metrics": [["train/loss", 1.0, 1, 1]]})
+    sp.append({"op": "batch", "metrics": [["train/loss", 0.5, 2, 2]]})
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.startswith("mlflow_spool.pos"):
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert mlflow_spool.deliver(c, run, sp, say=lambda *a, **k: None) == 2
+    assert sp.pending()[0] == [] and not sp.cursor.exists()  # remembered here, not on disk
+    sp.append({"op": "terminate", "status": "FINISHED"})
+    assert mlflow_spool.deliver(c, run, sp, say=lambda *a, **k: None) == 1  # only the new call
+    assert [m.value for m in c.get_metric_history(run, "train/loss")] == [1.0, 0.5]
+    assert c.get_run(run).info.status == "FINISHED" and not sp.path.exists()
