@@ -40,6 +40,7 @@ from reports.records import (
     tracks_target,
 )
 from reports.render import Content, env_summary, render_html, render_md, write_csv
+from reports.sqlite_store import open_store
 from reports.tables import Section, add_controls, compute_table, dense_reference, group_rows, published_table
 
 __all__ = ["ReportError", "build_report"]
@@ -52,9 +53,30 @@ class ReportError(ValueError):
     """The experiment cannot be reported on (missing, deleted, or without training runs)."""
 
 
+class LazyClient:
+    """An MlflowClient made on first use. A report of a local sqlite store is read with plain SQL
+    (reports/sqlite_store.py) and never needs one: making it checks the store's schema, about a
+    second of the build."""
+
+    def __init__(self, uri: str):
+        self.hfbench_uri = uri
+        self._client = None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.hfbench_uri)
+        return getattr(self._client, name)
+
+
 def _resolve_experiment(client, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None and experiment.isdigit():
+    store = open_store(client)
+    if store is not None:
+        exp = store.experiment(experiment)
+    else:
+        exp = client.get_experiment_by_name(experiment)
+    if exp is None and store is None and experiment.isdigit():
         # Accept an experiment id as well, as the MLflow UI shows ids.
         try:
             exp = client.get_experiment(experiment)
@@ -97,10 +119,8 @@ def build_report(
     Tables and plots use FINISHED runs only, one per run hash (the latest re-run wins);
     results.csv lists every training run whatever its status.
     """
-    from mlflow import MlflowClient
-
     out_dir = Path(out_dir)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = LazyClient(tracking_uri)
     exp = _resolve_experiment(client, experiment)
     records = load(client, exp.experiment_id)
     if not records:

@@ -100,7 +100,7 @@ def _loglog(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, y=1.0)  # y fixed: matplotlib skips its costly title placement
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -198,7 +198,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                         [s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, alpha=alpha, linewidth=1.4, label=lab
                     )
             ax.set_yscale("log")
-            ax.set_title(method, fontsize=9, color=c)
+            ax.set_title(method, fontsize=9, color=c, y=1.0)
             ax.grid(True, which="both", alpha=0.3)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6, loc="upper right", title="target", title_fontsize=6)

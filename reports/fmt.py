@@ -4,8 +4,8 @@ URIs as the report prints them."""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -43,9 +43,18 @@ def portable(path: str) -> str:
     """A local path as the report shows it: relative to the folder the report was built from when
     it lies below it (a committed report then names no machine's folders), else unchanged."""
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        return os.path.relpath(os.path.realpath(path), _cwd()) if _below(os.path.realpath(path)) else path
     except (ValueError, OSError):
         return path
+
+
+def _cwd() -> str:
+    return os.path.realpath(os.getcwd())
+
+
+def _below(real: str) -> bool:
+    cwd = _cwd()
+    return real == cwd or real.startswith(cwd.rstrip(os.sep) + os.sep)
 
 
 def portable_uri(uri: str) -> str:

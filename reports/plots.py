@@ -159,7 +159,7 @@ def plot_accuracy(section: Section, path: Path, records: list[RunRecord]) -> Non
     ax.set_xlabel("achieved sparsity (log scale in 1 − sparsity)")
     ax.set_ylabel("test top-1 (%)")
     seeds_note = "mean over seeds, band: 95 % t CI" if any_band else "one run per point, n=1, no band"
-    ax.set_title(f"{section.dataset} / {section.model}: accuracy vs sparsity ({seeds_note})", fontsize=10)
+    ax.set_title(f"{section.dataset} / {section.model}: accuracy vs sparsity ({seeds_note})", fontsize=10, y=1.0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")  # accuracy falls with sparsity: lower left is free
     fig.savefig(path)
@@ -227,7 +227,7 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_lo
     """Labels, grid, a legend in a fixed corner, saved."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, y=1.0)  # y fixed: matplotlib skips its costly title placement
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc=legend_loc)
@@ -276,7 +276,7 @@ def plot_layers(section: Section, path: Path, recs: list[RunRecord], target: flo
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xticks(x, layers, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("density of the layer (%, log scale)")
-    ax.set_title(f"{section.dataset} / {section.model}: density per layer at {pct(target)} % sparsity")
+    ax.set_title(f"{section.dataset} / {section.model}: density per layer at {pct(target)} % sparsity", y=1.0)
     ax.legend(fontsize=7, ncol=2)
     fig.subplots_adjust(bottom=0.22, left=0.12)
     fig.savefig(path)

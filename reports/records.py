@@ -340,6 +340,16 @@ def _last_per_step(points) -> list[tuple[int, float]]:
     return [(step, v) for step, (_, v) in sorted(by_step.items())]
 
 
+def _last_of_tuples(points: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
+    """_last_per_step for (step, timestamp, value) tuples."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for step, ts, v in points:
+        prev = by_step.get(step)
+        if prev is None or ts >= prev[0]:
+            by_step[step] = (ts, v)
+    return [(step, v) for step, (_, v) in sorted(by_step.items())]
+
+
 class Histories:
     """Metric histories of many runs, read in bulk.
 
@@ -353,9 +363,11 @@ class Histories:
     def __init__(self, client, fast: bool = True):
         self.client = client
         self._cache: dict[tuple[str, str], list[tuple[int, float]]] = {}
-        store = getattr(getattr(client, "_tracking_client", None), "store", None)
-        self._bulk = getattr(store, "get_metric_history_bulk", None)
         self._sql = open_store(client) if fast else None  # a sqlite store: plain SQL
+        self._bulk = None
+        if self._sql is None:  # MLflow's SQLAlchemy store reads one key for many runs at once
+            store = getattr(getattr(client, "_tracking_client", None), "store", None)
+            self._bulk = getattr(store, "get_metric_history_bulk", None)
 
     def prefetch(self, run_ids: Iterable[str], key: str, stored: str | None = None) -> None:
         """Read metric `key` (a short name) of these runs, logged under `stored` (default: its
@@ -367,7 +379,7 @@ class Histories:
             try:
                 got = self._sql.histories(ids, stored or mlflow_key(key))
                 for r, pts in got.items():
-                    self._cache[(r, key)] = _last_per_step(pts)
+                    self._cache[(r, key)] = _last_of_tuples(pts)
                 if stored is None:  # runs of an older store: their short name
                     self.prefetch([r for r in ids if not self._cache[(r, key)]], key, stored=key)
                 return
@@ -479,15 +491,22 @@ def overhead(client) -> dict | None:
     """The latest FINISHED run of experiment "bench" with step_ratio.<method> metrics:
     {"run_id", "params", "step": {method: (ratio, q1, q3)}, "mem": {method: ratio}}."""
     try:
-        exp = client.get_experiment_by_name("bench")
-        if exp is None:
-            return None
-        runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string="attributes.status = 'FINISHED'",
-            max_results=200,
-            order_by=["attributes.start_time DESC"],
-        )
+        store = open_store(client)
+        if store is not None:  # a sqlite store: plain SQL, as in `load`
+            exp = store.experiment("bench")
+            if exp is None:
+                return None
+            runs = [r for r in store.runs(exp.experiment_id, newest_first=True) if r.info.status == "FINISHED"][:200]
+        else:
+            exp = client.get_experiment_by_name("bench")
+            if exp is None:
+                return None
+            runs = client.search_runs(
+                [exp.experiment_id],
+                filter_string="attributes.status = 'FINISHED'",
+                max_results=200,
+                order_by=["attributes.start_time DESC"],
+            )
     except Exception:
         return None
     for run in runs:

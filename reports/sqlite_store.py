@@ -34,11 +34,15 @@ _NEEDED = {
     "params": {"key", "value", "run_uuid"},
     "latest_metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
     "metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
+    "experiments": {"experiment_id", "name", "lifecycle_stage"},
 }
 _CHUNK = 900  # sqlite's default limit on bound parameters is 999
 
 
 def _tracking_uri(client) -> str:
+    uri = getattr(client, "hfbench_uri", None)  # reports.build's LazyClient: without making its client
+    if uri is not None:
+        return str(uri)
     tc = getattr(client, "_tracking_client", None)
     return str(getattr(tc, "tracking_uri", "") or "")
 
@@ -72,11 +76,27 @@ class SqliteRuns:
     def __init__(self, con: sqlite3.Connection):
         self.con = con
 
-    def runs(self, experiment_id: str) -> list[SimpleNamespace]:
-        """The experiment's active runs, oldest first, shaped like MLflow's Run (info, data)."""
+    def experiment(self, name_or_id: str) -> SimpleNamespace | None:
+        """An experiment by name (or, failing that, by id, as the UI shows them), like MLflow's."""
+        row = self.con.execute(
+            "SELECT experiment_id, name, lifecycle_stage FROM experiments WHERE name = ?", (name_or_id,)
+        ).fetchone()
+        if row is None and name_or_id.isdigit():
+            row = self.con.execute(
+                "SELECT experiment_id, name, lifecycle_stage FROM experiments WHERE experiment_id = ?",
+                (int(name_or_id),),
+            ).fetchone()
+        if row is None:
+            return None
+        return SimpleNamespace(experiment_id=str(row[0]), name=row[1], lifecycle_stage=row[2])
+
+    def runs(self, experiment_id: str, newest_first: bool = False) -> list[SimpleNamespace]:
+        """The experiment's active runs, oldest first (or newest first), shaped like MLflow's Run
+        (info, data)."""
+        order = "DESC" if newest_first else "ASC"
         rows = self.con.execute(
             "SELECT run_uuid, name, status, start_time, end_time, artifact_uri FROM runs "
-            "WHERE experiment_id = ? AND lifecycle_stage = 'active' ORDER BY start_time ASC, run_uuid ASC",
+            f"WHERE experiment_id = ? AND lifecycle_stage = 'active' ORDER BY start_time {order}, run_uuid {order}",
             (int(experiment_id),),
         ).fetchall()
         ids = [r[0] for r in rows]
@@ -112,16 +132,16 @@ class SqliteRuns:
             for rid, name, status, start, end, art in rows
         ]
 
-    def histories(self, run_ids: Iterable[str], key: str) -> dict[str, list[SimpleNamespace]]:
-        """run id -> every (step, timestamp, value) logged under `key`, as MLflow's Metric."""
-        out: dict[str, list[SimpleNamespace]] = {r: [] for r in run_ids}
+    def histories(self, run_ids: Iterable[str], key: str) -> dict[str, list[tuple[int, int, float]]]:
+        """run id -> every (step, timestamp, value) logged under `key`."""
+        out: dict[str, list[tuple[int, int, float]]] = {r: [] for r in run_ids}
         for chunk in _chunks(list(out)):
             marks = ",".join("?" * len(chunk))
             for rid, step, ts, v, nan in self.con.execute(
                 f"SELECT run_uuid, step, timestamp, value, is_nan FROM metrics WHERE key = ? AND run_uuid IN ({marks})",
                 [key, *chunk],
             ):
-                out[rid].append(SimpleNamespace(step=step, timestamp=ts, value=_value(v, nan)))
+                out[rid].append((step, ts, math.nan if nan else v))
         return out
 
 
