@@ -21,6 +21,7 @@ only puts them together.
 from __future__ import annotations
 
 import datetime as _dt
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
@@ -73,8 +74,11 @@ class LazyClient:
 def _resolve_experiment(client, experiment: str):
     store = open_store(client)
     if store is not None:
-        exp = store.experiment(experiment)
-    else:
+        try:
+            exp = store.experiment(experiment)
+        except sqlite3.Error:  # e.g. locked past sqlite's timeout: MLflow's API instead, as elsewhere
+            store = None
+    if store is None:
         exp = client.get_experiment_by_name(experiment)
     if exp is None and store is None and experiment.isdigit():
         # Accept an experiment id as well, as the MLflow UI shows ids.

@@ -174,7 +174,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         nrow = math.ceil(len(methods) / ncol)
         fig = new_figure(size=(3.3 * ncol + 0.8, 2.5 * nrow + 0.9))
         fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1 + 0.05 / nrow, top=0.88 - 0.04 / nrow, hspace=0.35)
-        axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).flat
+        axes = list(fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).flat)
         for ax, method in zip(axes, methods):
             c = method_style(method)[0]  # the method's colour from the other plots
             ts = targets_of[method]
@@ -202,7 +202,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             ax.grid(True, which="both", alpha=0.3)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6, loc="upper right", title="target", title_fontsize=6)
-        for ax in list(axes):  # the grid's empty places
+        for ax in axes[len(methods) :]:  # the grid's empty places
             ax.set_visible(False)
         fig.supxlabel("epoch", fontsize=9)
         fig.supylabel("weights per epoch (0 drawn at 0.5)", fontsize=9)

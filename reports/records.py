@@ -378,10 +378,11 @@ class Histories:
         if self._sql is not None:
             try:
                 got = self._sql.histories(ids, stored or mlflow_key(key))
+                empty = [r for r, pts in got.items() if not pts]
+                if stored is None and empty and mlflow_key(key) != key:  # runs of an older store: their short name
+                    got.update(self._sql.histories(empty, key))
                 for r, pts in got.items():
                     self._cache[(r, key)] = _last_of_tuples(pts)
-                if stored is None:  # runs of an older store: their short name
-                    self.prefetch([r for r in ids if not self._cache[(r, key)]], key, stored=key)
                 return
             except sqlite3.Error:
                 self._sql = None
@@ -394,8 +395,11 @@ class Histories:
                         got[m.run_id].append(m)  # a Metric with run_id
                     for r, pts in got.items():
                         self._cache[(r, key)] = _last_per_step(pts)
-                if stored is None:  # runs of an older store: their short name
-                    self.prefetch([r for r in ids if not self._cache[(r, key)]], key, stored=key)
+                empty = [r for r in ids if not self._cache[(r, key)]]
+                if stored is None and empty and mlflow_key(key) != key:  # runs of an older store: their short name
+                    for r in empty:
+                        del self._cache[(r, key)]
+                    self.prefetch(empty, key, stored=key)
                 return
             except Exception:  # a store without the bulk query after all: per-run calls
                 self._bulk = None

@@ -89,7 +89,14 @@ class Spool:
 
 # MLflow error codes that mean "the server answered and refuses this call" (it will refuse it
 # again); anything else (no answer, a 5xx, a timeout) is an outage and the call stays pending.
-REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST", "RESOURCE_ALREADY_EXISTS"}
+REJECTED = {
+    "INVALID_PARAMETER_VALUE",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "MALFORMED_REQUEST",
+    "RESOURCE_ALREADY_EXISTS",
+    "ENDPOINT_NOT_FOUND",  # a server older than the call (e.g. no dataset inputs): set aside, not waited for
+}
 # RESOURCE_DOES_NOT_EXIST is not among them: a server that does not know the run is the wrong
 # store (or the run was deleted), and the calls wait for the right one instead of being set aside.
 

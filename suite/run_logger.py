@@ -84,8 +84,13 @@ class RunLogger:
             self._params = {}
             self._resumed = True
             try:  # the last epoch this run has on the server: a resume from an older checkpoint
-                self.logged_upto = max(
-                    (m.step for m in self.c.get_metric_history(run_id, mlflow_key("train_loss"))), default=0
+                self.logged_upto = max(  # under either name: a run begun before the metric groups
+                    (
+                        m.step
+                        for k in sorted({mlflow_key("train_loss"), "train_loss"})
+                        for m in self.c.get_metric_history(run_id, k)
+                    ),
+                    default=0,
                 )
             except Exception:
                 pass

@@ -89,6 +89,10 @@ def test_records_read_a_grouped_store_and_an_old_store_alike(tmp_path):
     hist = records.Histories(c)
     for rs in ([a], [b], [a, b]):
         hist.prefetch_records(rs, "density")
+    for fast in (True, False):  # prefetch by run id alone: grouped name first, then the short one
+        by_id = records.Histories(c, fast=fast)
+        by_id.prefetch([old, new], "train_loss")
+        assert by_id.history(old, "train_loss") == by_id.history(new, "train_loss") == [(1, 1.0), (2, 0.5)]
     for key in ("density", "target_density", "train_loss"):
         want = [(1, short[key][0]), (2, short[key][1])]
         assert records.history(c, old, key) == records.history(c, new, key) == want

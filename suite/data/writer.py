@@ -216,7 +216,7 @@ def _run_writer_child(
     fd, res_path = tempfile.mkstemp(dir=out_dir, prefix=".fashion_mnist_result.", suffix=".json")
     os.close(fd)
     args = dict(args, result_file=res_path)
-    pkg_root = str(Path(__file__).resolve().parent.parent)
+    pkg_root = str(Path(__file__).resolve().parents[2])  # the checkout that holds suite/
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     code = f"import sys; from {mod} import {fn}; sys.exit({fn}(sys.argv[1]))"
