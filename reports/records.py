@@ -330,24 +330,20 @@ def _record_from_run(run) -> RunRecord | None:
     )
 
 
-def _last_per_step(points) -> list[tuple[int, float]]:
-    # Keep the last value logged at each step (a resumed run may log a step twice).
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in points:
-        prev = by_step.get(m.step)
-        if prev is None or m.timestamp >= prev[0]:
-            by_step[m.step] = (m.timestamp, m.value)
-    return [(step, v) for step, (_, v) in sorted(by_step.items())]
-
-
-def _last_of_tuples(points: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
-    """_last_per_step for (step, timestamp, value) tuples."""
+def _last_per_step(points: Iterable[tuple[int, int, float]]) -> list[tuple[int, float]]:
+    """(step, value) from (step, timestamp, value) points: the last value logged at each step (a
+    resumed run may log a step twice)."""
     by_step: dict[int, tuple[int, float]] = {}
     for step, ts, v in points:
         prev = by_step.get(step)
         if prev is None or ts >= prev[0]:
             by_step[step] = (ts, v)
     return [(step, v) for step, (_, v) in sorted(by_step.items())]
+
+
+def _points(metrics) -> list[tuple[int, int, float]]:
+    """MLflow Metric objects as (step, timestamp, value)."""
+    return [(m.step, m.timestamp, m.value) for m in metrics]
 
 
 class Histories:
@@ -382,7 +378,7 @@ class Histories:
                 if stored is None and empty and mlflow_key(key) != key:  # runs of an older store: their short name
                     got.update(self._sql.histories(empty, key))
                 for r, pts in got.items():
-                    self._cache[(r, key)] = _last_of_tuples(pts)
+                    self._cache[(r, key)] = _last_per_step(pts)
                 return
             except sqlite3.Error:
                 self._sql = None
@@ -394,7 +390,7 @@ class Histories:
                     for m in self._bulk(chunk, stored or mlflow_key(key), max_results=10_000_000):
                         got[m.run_id].append(m)  # a Metric with run_id
                     for r, pts in got.items():
-                        self._cache[(r, key)] = _last_per_step(pts)
+                        self._cache[(r, key)] = _last_per_step(_points(pts))
                 empty = [r for r in ids if not self._cache[(r, key)]]
                 if stored is None and empty and mlflow_key(key) != key:  # runs of an older store: their short name
                     for r in empty:
@@ -430,11 +426,11 @@ def _read(client, run_id: str, key: str, stored: str | None = None) -> list[tupl
     """One run's history of metric `key` (a short name): under `stored`, else its grouped name,
     else (a store from before the groups) the short name itself."""
     if stored is not None:
-        return _last_per_step(client.get_metric_history(run_id, stored))
+        return _last_per_step(_points(client.get_metric_history(run_id, stored)))
     got = client.get_metric_history(run_id, mlflow_key(key))
     if not got and mlflow_key(key) != key:
         got = client.get_metric_history(run_id, key)
-    return _last_per_step(got)
+    return _last_per_step(_points(got))
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -161,10 +161,9 @@ def ensure_sweep_run(uri: str, experiment_id: str, sweep: str, description: str,
     name it as their parent (mlflow.parentRunId), so the UI nests them under it. It is closed
     as FINISHED at once: it is a folder, not a job."""
     c = client(uri)
-    found = c.search_runs([str(experiment_id)], filter_string=f"tags.`{TAG_SWEEP_PARENT}` = '{sweep}'", max_results=1)
+    rid = sweep_parent(c, experiment_id, sweep)
     tags = {**tags, "mlflow.note.content": description}
-    if found:
-        rid = found[0].info.run_id
+    if rid:
         for k, v in tags.items():  # the grid may have grown since the first launch
             c.set_tag(rid, k, v[:5000])
         return rid
