@@ -28,7 +28,7 @@ from pathlib import Path
 from reports import dynamics, flops, interactive, published
 from reports.comparisons import protocol_tables
 from reports.fmt import one_line, pct, portable_uri, run_url, safe_uri, slug, sparsity_key, ui_base
-from reports.plots import label_list, layer_target, plot_accuracy, plot_cost, plot_density, plot_layers
+from reports.plots import label_list, layer_target, parallel_saves, plot_accuracy, plot_cost, plot_density, plot_layers
 from reports.records import (
     Histories,
     RunRecord,
@@ -189,64 +189,66 @@ def build_report(
 
     images: dict[str, bytes] = {}
     sections: list[Section] = []
-    for (dataset, model), recs in sorted(by_pair.items()):
-        rows = group_rows(recs)
-        sec = Section(dataset, model, rows, dense_reference(rows))
-        sec.has_top5 = any(r.test_top5 is not None for r in recs)
-        stem = f"{slug(dataset)}_{slug(model)}"
-        shape = flops.dataset_shape(dataset)
-        if not sec.has_top5 and shape is not None and shape[1] >= 1000:
-            sec.notes.append("Top-5 is not shown: these runs do not log test_top5.")
-        cost_notes = sorted({r.cost_note for r in recs if r.cost_note})
-        if cost_notes:
-            sec.notes.append("Speed-up / compression caveats: " + "; ".join(cost_notes) + ".")
-        starts: dict[str, set[str]] = defaultdict(set)
-        for r in recs:
-            if r.params.get("init"):
-                starts[r.method].add(r.params["init"])
-        sec.published = published_table(
-            sec, published_rows, {m: next(iter(v)) for m, v in starts.items() if len(v) == 1}
-        )
-        sec.compute = compute_table(recs, bench)
-
-        if any(not is_dense(r.method) for r in recs):
-            name = f"acc_vs_sparsity_{stem}.png"
-            plot_accuracy(sec, out_dir / name, recs)
-            sec.plots.append((name, f"Test top-1 vs achieved sparsity, {dataset} / {model}"))
-            sec.interactive.append((name, interactive.accuracy_figure(sec, recs, link, f"acc_{stem}")))
-
-        lt = layer_target(recs)
-        if lt is not None:
-            name = f"layers_{stem}.png"
-            plot_layers(sec, out_dir / name, recs, lt)
-            sec.plots.append(
-                (name, f"Density per prunable layer at {pct(lt)} % sparsity, by method, {dataset} / {model}")
+    with parallel_saves():  # the PNGs are drawn, in parallel, when the loop is done
+        for (dataset, model), recs in sorted(by_pair.items()):
+            rows = group_rows(recs)
+            sec = Section(dataset, model, rows, dense_reference(rows))
+            sec.has_top5 = any(r.test_top5 is not None for r in recs)
+            stem = f"{slug(dataset)}_{slug(model)}"
+            shape = flops.dataset_shape(dataset)
+            if not sec.has_top5 and shape is not None and shape[1] >= 1000:
+                sec.notes.append("Top-5 is not shown: these runs do not log test_top5.")
+            cost_notes = sorted({r.cost_note for r in recs if r.cost_note})
+            if cost_notes:
+                sec.notes.append("Speed-up / compression caveats: " + "; ".join(cost_notes) + ".")
+            starts: dict[str, set[str]] = defaultdict(set)
+            for r in recs:
+                if r.params.get("init"):
+                    starts[r.method].add(r.params["init"])
+            sec.published = published_table(
+                sec, published_rows, {m: next(iter(v)) for m, v in starts.items() if len(v) == 1}
             )
+            sec.compute = compute_table(recs, bench)
 
-        curves = []
-        for r in (r for r in recs if tracks_target(r)):
-            measured = hist.history(r.run_id, "density")
-            if measured:
-                curves.append((r, measured, hist.history(r.run_id, "target_density")))
-        if curves:
-            name = f"density_{stem}.png"
-            plot_density(sec, out_dir / name, curves)
-            sec.plots.append((name, f"Density per epoch vs target ({label_list(curves)}), {dataset} / {model}"))
+            if any(not is_dense(r.method) for r in recs):
+                name = f"acc_vs_sparsity_{stem}.png"
+                plot_accuracy(sec, out_dir / name, recs)
+                sec.plots.append((name, f"Test top-1 vs achieved sparsity, {dataset} / {model}"))
+                sec.interactive.append((name, interactive.accuracy_figure(sec, recs, link, f"acc_{stem}")))
 
-        sec.tables, more = dynamics.build(hist, recs, out_dir, stem, f"{dataset} / {model}")
-        sec.tables = protocol_tables(sec, recs) + sec.tables
-        if any(not is_dense(r.method) and r.budget_total_images for r in recs):
-            name = f"acc_vs_budget_{stem}.png"
-            plot_cost(sec, out_dir / name, recs)
-            sec.interactive.append((name, interactive.cost_figure(sec, recs, link, f"cost_{stem}")))
-            more = [
-                (name, f"Test top-1 vs total training budget (dense-equivalent epochs), {dataset} / {model}")
-            ] + more
-        sec.plots += more
+            lt = layer_target(recs)
+            if lt is not None:
+                name = f"layers_{stem}.png"
+                plot_layers(sec, out_dir / name, recs, lt)
+                sec.plots.append(
+                    (name, f"Density per prunable layer at {pct(lt)} % sparsity, by method, {dataset} / {model}")
+                )
+
+            curves = []
+            for r in (r for r in recs if tracks_target(r)):
+                measured = hist.history(r.run_id, "density")
+                if measured:
+                    curves.append((r, measured, hist.history(r.run_id, "target_density")))
+            if curves:
+                name = f"density_{stem}.png"
+                plot_density(sec, out_dir / name, curves)
+                sec.plots.append((name, f"Density per epoch vs target ({label_list(curves)}), {dataset} / {model}"))
+
+            sec.tables, more = dynamics.build(hist, recs, out_dir, stem, f"{dataset} / {model}")
+            sec.tables = protocol_tables(sec, recs) + sec.tables
+            if any(not is_dense(r.method) and r.budget_total_images for r in recs):
+                name = f"acc_vs_budget_{stem}.png"
+                plot_cost(sec, out_dir / name, recs)
+                sec.interactive.append((name, interactive.cost_figure(sec, recs, link, f"cost_{stem}")))
+                more = [
+                    (name, f"Test top-1 vs total training budget (dense-equivalent epochs), {dataset} / {model}")
+                ] + more
+            sec.plots += more
+            sections.append(sec)
+    for sec in sections:
         for name, _ in sec.plots:
             written[name] = out_dir / name
             images[name] = (out_dir / name).read_bytes()
-        sections.append(sec)
 
     finished_ids = {r.identity for r in finished}
     failed_rows = [

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from reports.fmt import slug
-from reports.plots import method_style, new_figure
+from reports.plots import log_axis, method_style, new_figure, save
 from reports.records import history
 from reports.tables import Table
 from suite.pruning.laws import npl_fit, pressure_law_fit
@@ -96,8 +96,8 @@ def npl_points(client, recs) -> dict[tuple[str, str], list[tuple[float, float]]]
 
 
 def _loglog(ax, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_axis(ax, "x")
+    log_axis(ax, "y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10, y=1.0)  # y fixed: matplotlib skips its costly title placement
@@ -197,7 +197,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
                     ax.plot(
                         [s for s, _ in rg], [max(v, 0.5) for _, v in rg], color=c, alpha=alpha, linewidth=1.4, label=lab
                     )
-            ax.set_yscale("log")
+            log_axis(ax, "y")
             ax.set_title(method, fontsize=9, color=c, y=1.0)
             ax.grid(True, which="both", alpha=0.3)
             ax.tick_params(labelsize=7)
@@ -208,7 +208,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         fig.supylabel("weights per epoch (0 drawn at 0.5)", fontsize=9)
         fig.suptitle(f"{title}: weights pruned (dashed) and regrown (solid) per epoch, runs that regrew", fontsize=10)
         name = f"flips_{stem}.png"
-        fig.savefig(out_dir / name)
+        save(fig, out_dir / name)
         plots.append(
             (name, f"Weights pruned (dashed) and regrown (solid) per epoch, runs that regrew weights, {title}")
         )
@@ -255,7 +255,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
             )
         _loglog(ax, label, "final density (%)", f"{title}: pressure law, {variant}")
         name = f"pressure_law_{stem}.png" if n == 0 else f"pressure_law_{slug(variant)}_{stem}.png"
-        fig.savefig(out_dir / name)
+        save(fig, out_dir / name)
         plots.append((name, f"Final density against fixed {label} ({variant}), with the fitted law, {title}"))
 
     # -- Neural Pruning Law ------------------------------------------------------------------
@@ -299,7 +299,7 @@ def build(client, recs, out_dir: Path, stem: str, title: str) -> tuple[list[Tabl
         if any(pts.values()):
             _loglog(ax, "minimum surviving saliency", "density (%)", f"{title}: Neural Pruning Law")
             name = f"npl_{stem}.png"
-            fig.savefig(out_dir / name)
+            save(fig, out_dir / name)
             plots.append((name, f"Density against minimum surviving saliency (Neural Pruning Law), {title}"))
         tables.append(
             Table(

@@ -8,6 +8,7 @@ so the page stays self-contained and works offline.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -64,29 +65,48 @@ def _hover(r: RunRecord) -> str:
     )
 
 
-def _html(fig, div_id: str) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=_CONFIG, post_script=_ON_CLICK)
+@functools.lru_cache(maxsize=1)
+def _template() -> dict:
+    """plotly's "plotly_white" template as plain JSON: the figures are plain dicts handed to
+    plotly.io unvalidated (plotly's figure objects validate and deep-copy every property, which
+    cost the report build more than half a second), so a template name would not be expanded."""
+    import plotly.io as pio
+
+    return pio.templates["plotly_white"].to_plotly_json()
 
 
-def _layout(fig, title: str, xtitle: str) -> None:
-    fig.update_layout(
-        title={"text": title, "font": {"size": 14}},
-        xaxis_title=xtitle,
-        yaxis_title="test top-1 (%)",
-        template="plotly_white",
-        height=480,
-        margin={"l": 60, "r": 20, "t": 50, "b": 50},
-        legend={"font": {"size": 11}},
-        hovermode="closest",
+def _html(traces: list[dict], layout: dict, div_id: str) -> str:
+    import plotly.io as pio
+
+    fig = {"data": traces, "layout": layout}
+    return pio.to_html(
+        fig,
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=div_id,
+        config=_CONFIG,
+        post_script=_ON_CLICK,
+        validate=False,
     )
+
+
+def _layout(title: str, xtitle: str, xaxis: dict) -> dict:
+    return {
+        "title": {"text": title, "font": {"size": 14}},
+        "xaxis": {"title": {"text": xtitle}, **xaxis},
+        "yaxis": {"title": {"text": "test top-1 (%)"}},
+        "template": _template(),
+        "height": 480,
+        "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
+        "legend": {"font": {"size": 11}},
+        "hovermode": "closest",
+    }
 
 
 def accuracy_figure(section: Section, records: list[RunRecord], url: Callable[[str], str], div_id: str) -> str:
     """Mean test top-1 per method and target with its 95 % t interval (lines), and every run
     (points), against achieved sparsity on the PNG's axis (-log10(1 - sparsity))."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
+    traces: list[dict] = []
     by: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
         if not is_dense(r.method) and r.achieved_sparsity is not None and r.test_top1 is not None:
@@ -104,8 +124,9 @@ def accuracy_figure(section: Section, records: list[RunRecord], url: Callable[[s
             pts.append((x, mean, hw or 0.0, len(rs), rs[0].target_sparsity))
         pts.sort()
         xs_all += [p[0] for p in pts]
-        fig.add_trace(
-            go.Scatter(
+        traces.append(
+            dict(
+                type="scatter",
                 x=[p[0] for p in pts],
                 y=[p[1] for p in pts],
                 error_y={"type": "data", "array": [p[2] for p in pts], "visible": True, "thickness": 1},
@@ -122,8 +143,9 @@ def accuracy_figure(section: Section, records: list[RunRecord], url: Callable[[s
             )
         )
         runs = by[method]
-        fig.add_trace(
-            go.Scatter(
+        traces.append(
+            dict(
+                type="scatter",
                 x=[_log_x(r.achieved_sparsity) for r in runs],  # type: ignore[arg-type]
                 y=[100.0 * r.test_top1 for r in runs],  # type: ignore[operator]
                 mode="markers",
@@ -144,8 +166,9 @@ def accuracy_figure(section: Section, records: list[RunRecord], url: Callable[[s
             plans[r.method].append(r.test_top1)
     refs += [(label, statistics.fmean(v), "dimgray", "dot") for label, v in sorted(plans.items())]
     for label, value, colour, dash in refs:
-        fig.add_trace(
-            go.Scatter(
+        traces.append(
+            dict(
+                type="scatter",
                 x=[lo - 0.1, hi + 0.1],
                 y=[100.0 * value] * 2,
                 mode="lines",
@@ -156,28 +179,26 @@ def accuracy_figure(section: Section, records: list[RunRecord], url: Callable[[s
             )
         )
     ticks = [s for s in _TICK_SPARSITIES if lo - 0.15 <= _log_x(s) <= hi + 0.15] or [0.0, 0.9, 0.99]
-    fig.update_xaxes(tickvals=[_log_x(s) for s in ticks], ticktext=[_tick_label(s) for s in ticks])
-    _layout(
-        fig,
+    layout = _layout(
         f"{section.dataset} / {section.model}: accuracy vs sparsity (mean ± 95 % t interval; points: runs)",
         "achieved sparsity (log scale in 1 − sparsity)",
+        {"tickvals": [_log_x(s) for s in ticks], "ticktext": [_tick_label(s) for s in ticks]},
     )
-    return _html(fig, div_id)
+    return _html(traces, layout, div_id)
 
 
 def cost_figure(section: Section, records: list[RunRecord], url: Callable[[str], str], div_id: str) -> str:
     """Test top-1 of every run against its total training budget (dense-equivalent epochs)."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
+    traces: list[dict] = []
     by: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.test_top1 is not None and r.budget_total_epochs:
             by[r.method].append(r)
     for method, rs in sorted(by.items(), key=lambda kv: method_order(kv[0])):
         colour, symbol = _style(method)
-        fig.add_trace(
-            go.Scatter(
+        traces.append(
+            dict(
+                type="scatter",
                 x=[r.budget_total_epochs for r in rs],
                 y=[100.0 * r.test_top1 for r in rs],  # type: ignore[operator]
                 mode="markers",
@@ -190,10 +211,9 @@ def cost_figure(section: Section, records: list[RunRecord], url: Callable[[str],
                 customdata=[url(r.run_id) for r in rs],
             )
         )
-    fig.update_xaxes(type="log")
-    _layout(
-        fig,
+    layout = _layout(
         f"{section.dataset} / {section.model}: accuracy against training cost (one point per run)",
         "total training budget (dense-equivalent epochs, including the run it starts from)",
+        {"type": "log"},
     )
-    return _html(fig, div_id)
+    return _html(traces, layout, div_id)

@@ -3,8 +3,10 @@ global backend or figure registry), and the colour and marker of each method."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -82,6 +84,115 @@ def new_figure(size=(7.0, 4.5)):
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     FigureCanvasAgg(fig)
     return fig
+
+
+# Drawing the PNGs is most of a report build's time, and every figure is independent. Inside
+# `parallel_saves()`, save() hands each figure to a forked child as soon as a CPU is free for one,
+# while this process goes on with the rest of the report (the figure reaches the child by fork,
+# not by pickling); what no child has taken when the block ends is drawn here, and a child that
+# fails has its figure drawn again here, so no PNG is lost.
+_drawer: _Drawer | None = None
+
+
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _draw(jobs) -> None:
+    for fig, path in jobs:
+        fig.savefig(path)
+
+
+class _Drawer:
+    def __init__(self, children: int):
+        self.children = children if hasattr(os, "fork") else 0
+        self.queue: list[tuple[object, Path]] = []
+        self.running: list[tuple[object, tuple[object, Path]]] = []  # (process, its job)
+        self.forked = 0
+
+    def add(self, job: tuple[object, Path]) -> None:
+        self.queue.append(job)
+        self.pump()
+
+    def pump(self) -> None:
+        """Reap the children that are done; start one per queued figure while slots are free."""
+        for proc, job in [pj for pj in self.running if not pj[0].is_alive()]:  # type: ignore[attr-defined]
+            self.running.remove((proc, job))
+            self._reap(proc, job)
+        if self.children < 1:
+            return
+        import multiprocessing
+
+        while self.queue and len(self.running) < self.children:
+            job = self.queue.pop(0)
+            proc = multiprocessing.get_context("fork").Process(target=_draw, args=([job],), daemon=True)
+            proc.start()
+            self.running.append((proc, job))
+            self.forked += 1
+
+    @staticmethod
+    def _reap(proc, job) -> None:
+        proc.join()
+        if proc.exitcode != 0:  # the child failed: draw its figure here
+            _draw([job])
+
+    def finish(self) -> None:
+        while self.queue:  # the children take from the front, this process from the back
+            _draw([self.queue.pop()])
+            self.pump()
+        for proc, job in self.running:
+            self._reap(proc, job)
+        self.running = []
+
+
+def save(fig, path: Path) -> None:
+    """Write the figure as a PNG now, or, inside parallel_saves(), by the time the block ends."""
+    if _drawer is None:
+        fig.savefig(path)
+    else:
+        _drawer.add((fig, Path(path)))
+
+
+@contextlib.contextmanager
+def parallel_saves(workers: int | None = None):
+    """Draw the figures save() is given inside the block in up to `workers` processes (this one
+    and forked children; default: one per CPU), overlapping the code that follows each save();
+    every PNG is written when the block is left. Yields the drawer (its `forked` counts the
+    children started)."""
+    global _drawer
+    outer, _drawer = _drawer, _Drawer((cpus() if workers is None else workers) - 1)
+    drawer = _drawer
+    try:
+        yield drawer
+    except BaseException:
+        drawer.queue.clear()  # the build failed: wait for the children, draw nothing more
+        raise
+    finally:
+        _drawer = outer
+        drawer.finish()
+
+
+def log_axis(ax, which: str = "y") -> None:
+    """A log scale on the x or y axis with plain tick labels (0.01, 1, 100): matplotlib's default
+    10^k labels are typeset with mathtext, tick by tick, and were a third of a report's drawing."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    # minor ticks at 2 and 5 times each power of ten, not at 2..9: every tick is a few artists
+    # that matplotlib makes and lays out one by one
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+    def minor(v: float, _pos) -> str:  # 2 and 5 times a power of ten, on an axis spanning ~a decade
+        lo, hi = sorted(axis.get_view_interval())
+        if lo <= 0 or math.log10(hi / lo) > 1.2:
+            return ""
+        text = f"{v:g}"
+        return text if text.lstrip("-0.")[:1] in ("2", "5") else ""
+
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 # The x axis of the accuracy plot is -log10(1 - sparsity): equal steps for 90 %, 99 %, 99.9 %.
@@ -162,7 +273,7 @@ def plot_accuracy(section: Section, path: Path, records: list[RunRecord]) -> Non
     ax.set_title(f"{section.dataset} / {section.model}: accuracy vs sparsity ({seeds_note})", fontsize=10, y=1.0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")  # accuracy falls with sparsity: lower left is free
-    fig.savefig(path)
+    save(fig, path)
 
 
 def plot_density(
@@ -202,7 +313,7 @@ def plot_density(
             drawn_target.add(key)
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    ax.set_yscale("log")
+    log_axis(ax, "y")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}%"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     # A fixed corner: with one line per run, matplotlib's "best" placement search dominates
@@ -231,7 +342,7 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_lo
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc=legend_loc)
-    fig.savefig(path)
+    save(fig, path)
 
 
 def layer_target(recs: list[RunRecord]) -> float | None:
@@ -269,17 +380,13 @@ def plot_layers(section: Section, path: Path, recs: list[RunRecord], target: flo
         ]
         colour, _ = method_style(m)
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, [100 * d for d in dens], width, color=colour, label=m)
-    ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter
-
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+    log_axis(ax, "y")
     ax.set_xticks(x, layers, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("density of the layer (%, log scale)")
     ax.set_title(f"{section.dataset} / {section.model}: density per layer at {pct(target)} % sparsity", y=1.0)
     ax.legend(fontsize=7, ncol=2)
     fig.subplots_adjust(bottom=0.22, left=0.12)
-    fig.savefig(path)
+    save(fig, path)
 
 
 def plot_cost(section: Section, path: Path, records: list[RunRecord]) -> None:
@@ -300,7 +407,7 @@ def plot_cost(section: Section, path: Path, records: list[RunRecord]) -> None:
             color=colour,
             label=m,
         )
-    ax.set_xscale("log")
+    log_axis(ax, "x")
     _finish(
         fig,
         ax,

@@ -22,6 +22,7 @@ plain rows for the report writers:
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import defaultdict
@@ -68,11 +69,53 @@ def interpolate_at(points: list[tuple[float, float]], s: float) -> Optional[floa
         return None
     if len(xs_s) == 1:
         return statistics.fmean(by[xs_s[0]])
-    from scipy.interpolate import PchipInterpolator
-
     xs = [_x(v) for v in reversed(xs_s)]  # x decreases as sparsity grows: reverse for ascending x
     ys = [statistics.fmean(by[v]) for v in reversed(xs_s)]
-    return float(PchipInterpolator(xs, ys, extrapolate=False)(_x(s)))
+    return pchip(xs, ys, _x(s))
+
+
+def _sign(v: float) -> int:
+    return (v > 0) - (v < 0)
+
+
+def _pchip_slopes(h: list[float], m: list[float]) -> list[float]:
+    """Fritsch-Carlson derivatives at the knots (interval widths h, secant slopes m): zero at a
+    local extremum, else the weighted harmonic mean of the two secants; at the ends the one-sided
+    three-point estimate, kept to the sign of the end secant and to three times its size."""
+    if len(m) == 1:
+        return [m[0], m[0]]
+    d = [0.0] * (len(m) + 1)
+    for k in range(1, len(m)):
+        if _sign(m[k - 1]) * _sign(m[k]) > 0:
+            w1, w2 = 2 * h[k] + h[k - 1], h[k] + 2 * h[k - 1]
+            d[k] = (w1 + w2) / (w1 / m[k - 1] + w2 / m[k])
+
+    def end(h0: float, h1: float, m0: float, m1: float) -> float:
+        e = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+        if _sign(e) != _sign(m0):
+            return 0.0
+        if _sign(m0) != _sign(m1) and abs(e) > 3 * abs(m0):
+            return 3 * m0
+        return e
+
+    d[0] = end(h[0], h[1], m[0], m[1])
+    d[-1] = end(h[-1], h[-2], m[-1], m[-2])
+    return d
+
+
+def pchip(xs: list[float], ys: list[float], x: float) -> float:
+    """The monotone piecewise cubic Hermite interpolant (PCHIP) through (xs ascending, ys) at x,
+    clamped to [xs[0], xs[-1]]. The same curve as scipy's PchipInterpolator, which the tests
+    check; written out because importing scipy.interpolate costs the report build half a second."""
+    h = [b - a for a, b in zip(xs, xs[1:])]
+    m = [(y1 - y0) / w for y0, y1, w in zip(ys, ys[1:], h)]
+    d = _pchip_slopes(h, m)
+    x = min(max(x, xs[0]), xs[-1])
+    k = max(0, min(bisect.bisect_right(xs, x) - 1, len(h) - 1))
+    t = (x - xs[k]) / h[k]
+    h00, h10 = (1 + 2 * t) * (1 - t) ** 2, t * (1 - t) ** 2
+    h01, h11 = t * t * (3 - 2 * t), t * t * (t - 1)
+    return h00 * ys[k] + h10 * h[k] * d[k] + h01 * ys[k + 1] + h11 * h[k] * d[k + 1]
 
 
 @dataclass
@@ -90,7 +133,9 @@ class Comparison:
 
 def paired(a: dict[Any, float], b: dict[Any, float]) -> tuple[int, Optional[float], Optional[float], Optional[float]]:
     """(pairs, mean difference a - b, 95 % t half-width, two-sided p) over the seeds both have."""
-    from scipy import stats
+    from scipy.special import stdtr
+
+    from reports.stats import t975
 
     keys = sorted(set(a) & set(b), key=str)
     d = [a[k] - b[k] for k in keys]
@@ -103,21 +148,32 @@ def paired(a: dict[Any, float], b: dict[Any, float]) -> tuple[int, Optional[floa
     if sd == 0.0:
         return len(d), m, 0.0, (0.0 if m != 0 else 1.0)
     se = sd / math.sqrt(len(d))
-    hw = float(stats.t.ppf(0.975, len(d) - 1)) * se
-    p = float(2 * stats.t.sf(abs(m) / se, len(d) - 1))
+    hw = t975(len(d) - 1) * se
+    # scipy's Student t distribution function (what scipy.stats.t.sf wraps): two-sided p
+    p = float(2 * stdtr(len(d) - 1, -abs(m) / se))
     return len(d), m, hw, p
+
+
+def holm_adjust(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p values, in the order given: the i-th smallest p times the
+    number of hypotheses not yet rejected (m - i + 1), carried forward as a running maximum and
+    capped at 1. The same numbers as statsmodels' multipletests(method="holm"), which the tests
+    check; written out because importing statsmodels costs the report build a second and a half."""
+    m = len(ps)
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: ps[k])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
 
 
 def holm(comps: list[Comparison]) -> None:
     """Holm-corrected p values and calls, over the comparisons that have a p value."""
-    from statsmodels.stats.multitest import multipletests
-
     tested = [c for c in comps if c.p is not None]
-    if tested:
-        reject, p_adj, _, _ = multipletests([c.p for c in tested], alpha=ALPHA, method="holm")
-        for c, r, pa in zip(tested, reject, p_adj):
-            c.p_holm = float(pa)
-            c.call = ("better" if c.diff > 0 else "worse") if r else "no difference"
+    for c, pa in zip(tested, holm_adjust([c.p for c in tested])):
+        c.p_holm = pa
+        c.call = ("better" if c.diff > 0 else "worse") if pa <= ALPHA else "no difference"
     for c in comps:
         if c.p is None and c.call == "n/a":  # a call set by the caller (e.g. no control) stays
             c.call = "n/a (fewer than 2 paired seeds)" if c.n_pairs < 2 else "n/a"

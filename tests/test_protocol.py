@@ -39,6 +39,28 @@ def test_interpolation_keeps_a_monotone_curve_monotone_between_points():
             assert min(y0, y1) - 1e-12 <= v <= max(y0, y1) + 1e-12, (s, v)
 
 
+def test_pchip_matches_scipy_pchip_interpolator_on_random_curves():
+    """The closed form against scipy's PchipInterpolator: random knots (monotone and not, flat
+    stretches, local extrema, uneven spacing, two knots) evaluated at the knots, between them
+    and at the ends."""
+    import random
+
+    from scipy.interpolate import PchipInterpolator
+
+    rng = random.Random(3)
+    for case in range(300):
+        n = 2 + case % 7
+        xs = sorted(rng.sample(range(-400, 400), n))
+        xs = [x / 37.0 for x in xs]
+        ys = [rng.choice([rng.uniform(-2, 2), 0.5, 0.5 + case % 3]) for _ in range(n)]
+        if case % 4 == 0:
+            ys.sort()
+        ref = PchipInterpolator(xs, ys)
+        probes = xs + [rng.uniform(xs[0], xs[-1]) for _ in range(20)]
+        for x in probes:
+            assert P.pchip(xs, ys, x) == pytest.approx(float(ref(x)), rel=1e-9, abs=1e-12), (xs, ys, x)
+
+
 # ------------------------------------------------------------------------------ statistics
 def test_paired_difference_matches_scipy_and_holm_matches_its_definition():
     from scipy import stats
@@ -64,6 +86,26 @@ def test_paired_difference_matches_scipy_and_holm_matches_its_definition():
         "no difference",
         "n/a (fewer than 2 paired seeds)",
     ]
+
+
+def test_holm_adjustment_and_calls_match_statsmodels_multipletests():
+    """The closed form against statsmodels, on random p values with ties, ones near alpha and a
+    single hypothesis: the same adjusted p and the same rejections."""
+    import random
+
+    from statsmodels.stats.multitest import multipletests
+
+    rng = random.Random(7)
+    cases = [[0.05], [0.01, 0.01, 0.04, 0.2], [0.0125, 0.0167, 0.025, 0.05]]
+    cases += [
+        [rng.choice([rng.random(), rng.random() * 0.05, 0.03]) for _ in range(rng.randint(2, 30))] for _ in range(50)
+    ]
+    for ps in cases:
+        reject, ref, _, _ = multipletests(ps, alpha=P.ALPHA, method="holm")
+        assert P.holm_adjust(ps) == pytest.approx(list(ref), abs=1e-15)
+        comps = [P.Comparison("m", 0.5, "dense", 4, 0.01, None, pv) for pv in ps]
+        P.holm(comps)
+        assert [c.call == "better" for c in comps] == list(reject)
 
 
 # ------------------------------------------------------------------------------ planted protocol breaks

@@ -676,6 +676,7 @@ def test_a_method_keeps_its_colour_in_the_flips_plot_and_targets_use_their_own_s
 
     capture(dynamics)
     capture(plots)
+    monkeypatch.setattr(plots, "cpus", lambda: 1)  # every figure drawn here, where figs can see it
     uri = "sqlite:///" + str(large["files"]["results.csv"].parent.parent / "mlflow.db")
     build_report(uri, SYN, tmp_path / "again")
     flips = {k: f for k, f in figs.items() if k.startswith("flips_")}
@@ -766,3 +767,60 @@ def test_the_sqlite_fast_path_reads_what_mlflows_api_reads(tmp_path):
         for r in fast:
             assert repr(h_fast.history(r.run_id, key)) == repr(h_api.history(r.run_id, key)), (r.run_id, key)  # nan too
     assert h_fast.history(running, "density") == [(1, 0.25)]
+
+
+def _figure(k: int):
+    from reports.plots import new_figure
+
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1, 2], [k, k * k, 1 + k])
+    ax.set_title(f"figure {k}")
+    return fig
+
+
+def test_parallel_saves_writes_the_same_pngs_as_drawing_in_this_process(tmp_path):
+    """Inside parallel_saves(workers=3) the figures are drawn by forked children (counted) and
+    by this process; every PNG is written, byte for byte the one a plain savefig writes."""
+    import os
+
+    from reports import plots
+
+    for k in range(5):
+        _figure(k).savefig(tmp_path / f"ref{k}.png")
+    with plots.parallel_saves(workers=3) as drawer:
+        for k in range(5):
+            plots.save(_figure(k), tmp_path / f"par{k}.png")
+    assert drawer.forked >= 1 if hasattr(os, "fork") else drawer.forked == 0
+    for k in range(5):
+        assert (tmp_path / f"par{k}.png").read_bytes() == (tmp_path / f"ref{k}.png").read_bytes(), k
+    with plots.parallel_saves(workers=1) as drawer:  # one worker: no child, all drawn here
+        plots.save(_figure(9), tmp_path / "one.png")
+        assert not (tmp_path / "one.png").exists()  # drawn when the block ends
+    assert drawer.forked == 0 and (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_a_figure_whose_drawing_child_fails_is_drawn_by_the_parent(tmp_path):
+    """A child that dies drawing its figure (here: one that refuses outside the parent) costs
+    nothing: the parent draws that figure again, so every PNG exists when the block ends."""
+    import os
+
+    from reports import plots
+
+    parent = os.getpid()
+
+    class OnlyInParent:
+        def __init__(self, fig):
+            self.fig = fig
+
+        def savefig(self, path):
+            if os.getpid() != parent:
+                raise RuntimeError("refusing to draw in a child")
+            self.fig.savefig(path)
+
+    with plots.parallel_saves(workers=2) as drawer:
+        for k in range(3):
+            plots.save(OnlyInParent(_figure(k)), tmp_path / f"f{k}.png")
+    assert drawer.forked >= 1
+    for k in range(3):
+        assert (tmp_path / f"f{k}.png").stat().st_size > 0, k
