@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, ValidationError, model_validator
 
-from suite.pruning import registry
+from suite.pruning import masks, registry
 from suite.pruning.base import MaskPruner, cosine, run_section, scaled
 from suite.schema import Strict
 
@@ -40,10 +40,18 @@ if TYPE_CHECKING:
     from suite.config import RunConfig
 
 
+PATTERN_HELP = (
+    "unstructured, or N:M: at most N non-zero weights in every group of M consecutive weights "
+    "along each row of W.reshape(out, -1) (the sparsity must then be 1 - N/M; a layer whose row "
+    "length is not a multiple of M stays dense)"
+)
+
+
 class MagnitudeConfig(Strict):
     """One-shot global magnitude pruning, then fine-tuning with the mask fixed."""
 
     scope: Literal["global", "layer"] = "global"
+    pattern: masks.Pattern = Field("unstructured", description=PATTERN_HELP)
 
 
 class GMPConfig(Strict):
@@ -56,6 +64,10 @@ class GMPConfig(Strict):
     scope: Literal["global", "layer"] = "global"
     criterion: Literal["magnitude", "taylor"] = Field(
         "magnitude", description="saliency: |w|, or the mean |w * dL/dw| since the last update (Taylor)"
+    )
+    pattern: masks.Pattern = Field(
+        "unstructured",
+        description=PATTERN_HELP + "; each update keeps M - round(s_t M) weights of every group, N at the end",
     )
 
 
@@ -99,6 +111,24 @@ class IMPConfig(Strict):
         return self
 
 
+def check_pattern(run: RunConfig, section: str, pattern: str) -> Optional[tuple[int, int]]:
+    """(N, M) of the section's N:M pattern, None when unstructured; refuses a run whose target
+    is not the pattern's sparsity 1 - N/M."""
+    nm = masks.parse_pattern(pattern)
+    if nm is not None and abs(run.sparsity - (1.0 - nm[0] / nm[1])) > 1e-9:
+        raise ValueError(
+            f"{section}.pattern {pattern} keeps {nm[0]} of every {nm[1]} weights: sparsity must be "
+            f"{1.0 - nm[0] / nm[1]:g}, got {run.sparsity:g}"
+        )
+    return nm
+
+
+def pattern_suffix(pattern: str) -> str:
+    """The variant suffix of a pattern: '' for unstructured, '-2of4' for 2:4."""
+    nm = masks.parse_pattern(pattern)
+    return "" if nm is None else f"-{nm[0]}of{nm[1]}"
+
+
 def imp_levels(sparsity: float, imp: IMPConfig) -> int:
     """Pruning levels of an IMP run: as given, or enough levels of `prune_fraction` to reach
     the target (8 for 80 %, 11 for 90 %, 14 for 95 % at 20 % per level)."""
@@ -113,12 +143,40 @@ class OneShotMagnitude(MaskPruner):
     name = "magnitude"
     section = "magnitude"
     options = MagnitudeConfig
+    variants = {f"magnitude{pattern_suffix(p)}": {"magnitude": {"pattern": p}} for p in masks.PATTERNS[1:]}
     summary = "exact: one-shot global magnitude pruning, then fine-tuning (Han et al. 2015)"
     published = {"magnitude": ("magnitude",)}  # one-shot magnitude + fine-tune
     dynamics = {"magnitude": [("min surviving |w|", "epoch", "npl_threshold")]}
 
+    @classmethod
+    def check(cls, run: RunConfig) -> None:
+        check_pattern(run, "magnitude", run_section(run, "magnitude", MagnitudeConfig).pattern)
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
+        if d.get("pattern") == "unstructured":
+            d.pop("pattern")  # added later: runs without it keep their hashes
+
+    @classmethod
+    def variant(cls, run: RunConfig) -> str:
+        return cls.name + pattern_suffix(run_section(run, "magnitude", MagnitudeConfig).pattern)
+
+    @classmethod
+    def recipe(cls, params: dict[str, str], variant: str) -> str:
+        p = params.get("magnitude.pattern", "unstructured")
+        return (
+            cls.summary
+            if p == "unstructured"
+            else f"one-shot {p} magnitude pruning (the largest |w| of each group), then fine-tuning"
+        )
+
     def on_train_start(self) -> None:
-        self.prune_to(self.cfg.sparsity, run_section(self.cfg, "magnitude", MagnitudeConfig).scope)
+        mc = run_section(self.cfg, "magnitude", MagnitudeConfig)
+        nm = masks.parse_pattern(mc.pattern)
+        if nm is None:
+            self.prune_to(self.cfg.sparsity, mc.scope)
+        else:
+            self.prune_nm(nm[1] - round(self.cfg.sparsity * nm[1]), nm[1])
 
 
 @registry.register
@@ -126,7 +184,10 @@ class GradualMagnitude(MaskPruner):
     name = "gmp"
     section = "gmp"
     options = GMPConfig
-    variants = {"gmp-layer": {"gmp": {"scope": "layer"}}}
+    variants = {
+        "gmp-layer": {"gmp": {"scope": "layer"}},
+        **{f"gmp{pattern_suffix(p)}": {"gmp": {"pattern": p}} for p in masks.PATTERNS[1:]},
+    }
     summary = "exact: Zhu & Gupta's cubic schedule (Gale et al. 2019 prune per layer: gmp.scope layer)"
     published = {
         "gmp": ("gmp_global",),  # Zhu & Gupta's schedule, one global magnitude ranking
@@ -145,6 +206,7 @@ class GradualMagnitude(MaskPruner):
             raise ValueError(f"gmp.end_epoch must be in (gmp.start_epoch, epochs]; got {end}")
         if g.initial_sparsity > run.sparsity:
             raise ValueError("gmp.initial_sparsity must be <= sparsity")
+        check_pattern(run, "gmp", g.pattern)
         if g.criterion == "taylor" and run.engine.precision == "fp16":
             raise ValueError(
                 "gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "
@@ -169,8 +231,21 @@ class GradualMagnitude(MaskPruner):
         return (
             cls.name
             + (f"-{g.criterion}" if g.criterion != "magnitude" else "")
-            + ("-layer" if g.scope == "layer" else "")
+            + ("-layer" if g.scope == "layer" and g.pattern == "unstructured" else "")
+            + pattern_suffix(g.pattern)
         )
+
+    @classmethod
+    def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
+        if d.get("pattern") == "unstructured":
+            d.pop("pattern")  # added later: runs without it keep their hashes
+
+    @classmethod
+    def recipe(cls, params: dict[str, str], variant: str) -> str:
+        p = params.get("gmp.pattern", "unstructured")
+        if p == "unstructured":
+            return cls.summary
+        return f"Zhu & Gupta's cubic schedule in {p} groups: each update keeps M - round(s_t M) weights of every group"
 
     def __init__(self, cfg: RunConfig, layers: list[tuple[str, nn.Module]], steps_per_epoch: int) -> None:
         super().__init__(cfg, layers, steps_per_epoch)
@@ -220,7 +295,11 @@ class GradualMagnitude(MaskPruner):
             scores = None
             if self.taylor:
                 scores = [a / max(1, self.taylor_steps) for a in self.taylor]
-            self.prune_to(s, self.gmp.scope, scores)
+            nm = masks.parse_pattern(self.gmp.pattern)
+            if nm is None:
+                self.prune_to(s, self.gmp.scope, scores)
+            elif (keep := nm[1] - round(s * nm[1])) < nm[1] - round(self.current * nm[1]):
+                self.prune_nm(keep, nm[1], scores)  # the group budget moves in whole weights
             self.current = s
         for a in self.taylor:  # a fresh average for the next update
             a.zero_()

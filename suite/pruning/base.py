@@ -206,6 +206,29 @@ class MaskPruner(Pruner):
         alive = torch.cat([sc.abs()[m.bool()] for sc, m in zip(scores, new)])
         self.threshold = float(alive.min()) if alive.numel() else float("nan")
 
+    @torch.no_grad()
+    def prune_nm(self, keep: int, m: int, scores: Optional[list[torch.Tensor]] = None) -> None:
+        """Keep the `keep` largest |score| of every group of m consecutive weights along the rows
+        of W.reshape(out, -1), among the active weights (pruned stay pruned); layers that cannot
+        hold the pattern (masks.nm_eligible) keep their masks. `threshold` as in prune_to, over
+        the patterned layers."""
+        unscored: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        scored = [
+            ((w if sc is None else sc) * p.mask).abs()
+            for w, p, sc in zip(self.stored(), self.params, scores or unscored)
+        ]
+        new, alive = [], []
+        for sc, p in zip(scored, self.params):
+            if masks.nm_eligible(sc.shape, m):
+                keep_mask = masks.nm_keep(sc, keep, m) * p.mask
+                alive.append(sc[keep_mask.bool()])
+                new.append(keep_mask)
+            else:
+                new.append(p.mask.clone())
+        self.set_masks(new)
+        kept = torch.cat(alive) if alive else torch.empty(0)
+        self.threshold = float(kept.min()) if kept.numel() else float("nan")
+
     def end_epoch(self, epoch: int, density: float) -> dict[str, float]:
         t = getattr(self, "threshold", None)
         return {"npl_threshold": t} if t is not None else {}

@@ -73,6 +73,13 @@ class HyperfluxConfig(Strict):
         description="{c, a0, a1} of d(gamma) = c exp(-(a0 ln g + a1 ln^2 g)), "
         "for schedule 'law' (from `hfbench fit-law`)",
     )
+    pattern: masks.Pattern = Field(
+        "unstructured",
+        description="not in the paper: N:M keeps a weight only while its gate is among the N highest "
+        "of its group of M (consecutive weights along each row of W.reshape(out, -1)) as well as "
+        ">= 0; sparsity must be at least 1 - N/M; a layer whose row length is not a multiple of M "
+        "is gated as usual",
+    )
     quirks: list[Literal["phase_off_by_one", "frozen_bn_scale"]] = Field(
         default_factory=list,
         description="reference-code behaviours, off by default (hyperflux.md sections 5 and 7): "
@@ -203,6 +210,7 @@ class Hyperflux(Pruner):
     epoch_metrics = {"gamma": "gamma {:.3g}", "target_density": "target {:.2%}"}
     bench_sets = {"hyperflux.schedule": "fixed", "hyperflux.fixed_gamma": 1.0}  # a constant pressure: no controller
     summary = "the paper's pressure controller"
+    variants = {f"hyperflux-{p.replace(':', 'of')}": {"hyperflux": {"pattern": p}} for p in masks.PATTERNS[1:]}
     dynamics = {
         "hyperflux-fixed": [
             ("pressure gamma", "final", "hyperflux.fixed_gamma"),
@@ -222,6 +230,12 @@ class Hyperflux(Pruner):
                 f"hyperflux.snap_pp: the snap happens when the gates freeze, after epoch "
                 f"{snap_epoch(h)} (pruning_end + freeze_gates_after, at least pruning_end "
                 f"+ 1 with phase_off_by_one), which must come before the last epoch ({run.epochs})"
+            )
+        nm = masks.parse_pattern(h.pattern)
+        if nm is not None and run.sparsity < 1.0 - nm[0] / nm[1] - 1e-9:
+            raise ValueError(
+                f"hyperflux.pattern {h.pattern} keeps at most {nm[0]} of every {nm[1]} weights: "
+                f"sparsity must be at least {1.0 - nm[0] / nm[1]:g}, got {run.sparsity:g}"
             )
         PressureScheduler(run.sparsity, h.pruning_end, h.step)
 
@@ -261,11 +275,16 @@ class Hyperflux(Pruner):
             h.pop("law")
         if h["schedule"] != "fixed":
             h.pop("fixed_gamma")
+        if h.get("pattern") == "unstructured":
+            h.pop("pattern")  # added later: runs without it keep their hashes
 
     @classmethod
     def variant(cls, run: RunConfig) -> str:
-        s = run_section(run, "hyperflux", HyperfluxConfig).schedule
-        return cls.name if s == "controller" else f"{cls.name}-{s}"
+        h = run_section(run, "hyperflux", HyperfluxConfig)
+        nm = masks.parse_pattern(h.pattern)
+        return (cls.name if h.schedule == "controller" else f"{cls.name}-{h.schedule}") + (
+            "" if nm is None else f"-{nm[0]}of{nm[1]}"
+        )
 
     @classmethod
     def run_name(cls, run: RunConfig) -> Optional[str]:
@@ -277,6 +296,8 @@ class Hyperflux(Pruner):
     @classmethod
     def recipe(cls, params: dict[str, str], variant: str) -> str:
         how = cls.summary
+        if params.get("hyperflux.pattern", "unstructured") != "unstructured":
+            how += f"; {params['hyperflux.pattern']}: only the top gates of each group count (not in the paper)"
         if float(params.get("hyperflux.snap_pp", "0") or 0) > 0:
             how += f"; the gate-freeze snap (at most {params.get('hyperflux.snap_pp')} pp, not in the paper)"
         return how
@@ -309,7 +330,11 @@ class Hyperflux(Pruner):
             m = torch.empty(w.shape, dtype=torch.float32).uniform_(
                 self.h.gate_init_low, self.h.gate_init_high, generator=gen
             )
-            self.params.append(masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale)))
+            gated = masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale))
+            nm = masks.parse_pattern(self.h.pattern)
+            if nm is not None and masks.nm_eligible(w.shape, nm[1]):
+                gated.nm = nm
+            self.params.append(gated)
         self.gamma = self.gamma  # hand the pressure to the new gates
 
     def gate_parameters(self) -> list[torch.Tensor]:

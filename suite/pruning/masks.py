@@ -10,7 +10,8 @@ sparsity for every method in one way: the zeros of `layer.weight` (see sparsity.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+import math
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -86,13 +87,20 @@ class GatedWeight(nn.Module):
         self.ste_scale = ste_scale
         self.pressure = 0.0
         self.loss_scale: torch.Tensor | None = None  # fp16: the gradient scaler's current scale (engine)
+        self.nm: tuple[int, int] | None = None  # N:M pattern: also keep only the top-N gates of each group of M
         self._keep: torch.Tensor | None = None
+        self._group: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         k = self._keep
         if k is None or k.shape != w.shape or k.dtype != w.dtype or k.device != w.device:
             k = self._keep = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         torch.ge(self.gate.detach(), 0, out=k)
+        if self.nm is not None:  # and among the N highest gates of its group of M
+            g = self._group
+            if g is None or g.shape != k.shape or g.dtype != k.dtype or g.device != k.device:
+                g = self._group = torch.empty_like(k)
+            k.mul_(nm_keep(self.gate, self.nm[0], self.nm[1], out=g))
         out: torch.Tensor = _GatedProduct.apply(w, self.gate, k, self.ste_scale, self.pressure, self.loss_scale)
         return out
 
@@ -162,3 +170,60 @@ def lowest_score_masks(scores: list[torch.Tensor], sparsity: float) -> list[torc
         out.append(flat[i : i + sc.numel()].view_as(sc).to(sc.dtype))
         i += sc.numel()
     return out
+
+
+# -- N:M semi-structured sparsity ------------------------------------------------------------
+# At most N non-zero weights in every group of M consecutive weights along each row of the
+# weight seen as a matrix, W.reshape(out, -1): the input features of a linear layer, and for a
+# convolution the (in_channel, kh, kw) entries in the order im2col lays them out, so the pattern is
+# the one a sparse matmul over the unfolded input (and NVIDIA's 2:4 kernels, torch's
+# to_sparse_semi_structured) runs. A layer whose row length is not a multiple of M has no such
+# grouping: it takes no pattern (nm_eligible) and its method treats it as unstructured.
+PATTERNS = ("unstructured", "2:4", "4:8")
+Pattern = Literal["unstructured", "2:4", "4:8"]  # a method section's `pattern` field
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an "N:M" pattern, None for "unstructured"."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n_s, m_s = pattern.split(":")
+        n, m = int(n_s), int(m_s)
+    except ValueError:
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. 2:4); got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M")
+    return n, m
+
+
+def nm_eligible(shape: torch.Size | tuple[int, ...], m: int) -> bool:
+    """Whether a weight of this shape can hold an N:M pattern: rows of W.reshape(out, -1) whose
+    length is a multiple of M."""
+    return len(shape) >= 2 and (math.prod(shape[1:]) % m == 0)
+
+
+@torch.no_grad()
+def nm_keep(scores: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """0/1 tensor (scores' shape and dtype, or written into `out`) keeping the n highest scores
+    of every group of m consecutive entries along each row of scores.reshape(out, -1); of equal
+    scores the earlier entry is kept."""
+    groups = scores.detach().reshape(-1, m)
+    # a stable sort, so that equal scores go to the earlier entry (torch.topk leaves ties open)
+    idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+    keep = out if out is not None else torch.empty_like(scores)
+    kg = keep.view(-1, m)
+    kg.zero_()
+    kg.scatter_(1, idx, 1.0)
+    return keep
+
+
+def nm_masks(scores: list[torch.Tensor], n: int, m: int) -> list[torch.Tensor | None]:
+    """Per layer: the N:M mask keeping the n largest |score| of every group of m (nm_keep), or
+    None for a layer that cannot hold the pattern (nm_eligible)."""
+    return [nm_keep(s.detach().abs(), n, m) if nm_eligible(s.shape, m) else None for s in scores]
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Groups of m along the rows of weight.reshape(out, -1) that hold more than n non-zeros."""
+    return int(((weight.detach().reshape(-1, m) != 0).sum(dim=1) > n).sum())
