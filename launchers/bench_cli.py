@@ -1,9 +1,10 @@
-"""`hfbench bench overhead|data`: the benchmarks' command line (suite/bench.py, suite/bench_data.py)."""
+"""`hfbench bench overhead|data|deploy`: the benchmarks' command line (suite/bench.py, suite/bench_data.py, suite/bench_deploy.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 from suite.bench import log_to_mlflow, overhead_table, run_overhead
@@ -94,8 +95,114 @@ def cmd_data(a) -> int:
     return 0
 
 
+def cmd_deploy(a) -> int:
+    """Measured inference speed-up of every finished pruned run of an experiment (suite/bench_deploy.py)."""
+    import torch
+
+    from reports import flops
+    from suite import datasets, models, tracking
+    from suite.bench import log_to_mlflow
+    from suite.bench_deploy import deploy_run, layer_break_even
+    from suite.pruning import registry
+
+    uri = a.tracking_uri or tracking.default_uri()
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(a.experiment)
+    if exp is None:
+        raise SystemExit(f"hfbench bench deploy: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
+    batches = tuple(int(b) for b in a.batches.split(","))
+    torch.set_num_threads(a.threads)
+    runs = [
+        r
+        for r in tracking.training_runs(c, exp.experiment_id)
+        if r.info.status == "FINISHED" and r.data.tags.get("hfbench.method") != registry.CONTROL
+    ]
+    runs.sort(
+        key=lambda r: (
+            r.data.tags.get("hfbench.variant", ""),
+            float(r.data.params.get("sparsity", 0)),
+            r.info.run_name or "",
+        )
+    )
+    if a.max_runs:
+        runs = runs[: a.max_runs]
+    lines = [
+        "| run | method | sparsity % | theoretical x | "
+        + " | ".join(f"measured x, batch {b} (IQR)" for b in batches)
+        + " | dense MB | CSR MB |",
+        "|" + "---|" * (6 + len(batches)),
+    ]
+    metrics: dict[str, float] = {}
+    skipped, shapes_net = [], None
+    for i, r in enumerate(runs, 1):
+        tags, name = r.data.tags, r.info.run_name or r.info.run_id
+        weights = Path(tags.get("hfbench.run_dir", "")) / "final_weights.pt"
+        if not weights.is_file():
+            skipped.append(f"{name}: no {weights}")
+            continue
+        model, dataset = tags["hfbench.model"], tags["hfbench.dataset"]
+        spec, ds = models.get(model), datasets.get(dataset)
+        net = spec.build(ds.num_classes, ds.input_shape[0])
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net.eval()
+        names = [n for n, _ in spec.prunable(net)]
+        counts = [
+            {"layer": n, "numel": m.weight.numel(), "nonzero": int(torch.count_nonzero(m.weight))}
+            for n, m in spec.prunable(net)
+        ]
+        sp, dense_mb, csr_mb, timings = deploy_run(net, names, ds.input_shape, batches, a.repeats, a.inner, a.warmup)
+        theory = flops.run_cost(counts, flops.geometry(model, dataset), 1.0 - sp).speedup
+        shapes_net = shapes_net or (net, names, ds.input_shape)
+        cells = [f"{t.speedup:.2f} ({t.speedup_q1:.2f}-{t.speedup_q3:.2f})" for t in timings]
+        lines.append(
+            f"| {name} | {tags.get('hfbench.variant', '')} | {100 * sp:.2f} | "
+            + (f"{theory:.2f}" if theory else "-")
+            + " | "
+            + " | ".join(cells)
+            + f" | {dense_mb:.3f} | {csr_mb:.3f} |"
+        )
+        for t in timings:
+            metrics[f"speedup_b{t.batch}.{r.info.run_id}"] = t.speedup
+            metrics[f"dense_ms_b{t.batch}.{r.info.run_id}"] = t.dense_ms
+            metrics[f"sparse_ms_b{t.batch}.{r.info.run_id}"] = t.sparse_ms
+        if theory:
+            metrics[f"theoretical.{r.info.run_id}"] = theory
+        print(
+            f"[deploy] {i}/{len(runs)} {name}: " + ", ".join(f"batch {t.batch} {t.speedup:.2f}x" for t in timings),
+            flush=True,
+        )
+    if not lines[2:]:
+        raise SystemExit(f"hfbench bench deploy: no finished pruned run of {a.experiment!r} has its final weights here")
+    table = "\n".join(lines)
+    if shapes_net is not None and not a.no_break_even:
+        net, names, shape = shapes_net
+        be = layer_break_even(net, names, shape, max(batches), a.repeats, a.inner)
+        ladder = [s for s, _ in be[0][3]] if be else []
+        table += "\n\nBreak-even sparsity per layer shape (CSR against dense, batch " + str(max(batches)) + "):\n\n"
+        table += "| layer | shape | break-even | " + " | ".join(f"x at {100 * s:g} %" for s in ladder) + " |\n"
+        table += "|" + "---|" * (3 + len(ladder)) + "\n"
+        for n, text, first, curve in be:
+            table += f"| {n} | {text} | " + ("never" if first is None else f"{100 * first:g} %") + " | "
+            table += " | ".join(f"{x:.2f}" for _, x in curve) + " |\n"
+            metrics[f"break_even.{n}"] = first if first is not None else float("nan")
+    if skipped:
+        table += "\n\nSkipped: " + "; ".join(skipped)
+    print(table, flush=True)
+    if not a.no_track:
+        params = {
+            "experiment": a.experiment,
+            "batches": a.batches,
+            "threads": a.threads,
+            "repeats": a.repeats,
+            "device": "cpu",
+        }
+        rid = log_to_mlflow(uri, "deploy", params, metrics, table, {"experiment": a.experiment})
+        print(f"[bench] logged to MLflow experiment 'bench', run {rid} at {tracking.redact(uri)}")
+    return 0
+
+
 def add_parser(sub) -> None:
-    """The `hfbench bench overhead|data` subcommands."""
+    """The `hfbench bench overhead|data|deploy` subcommands."""
     b = sub.add_parser("bench", help="benchmarks: pruning overhead per training step; FFCV vs torchvision loading")
     bs = b.add_subparsers(dest="bench_cmd", required=True)
     o = bs.add_parser("overhead", help="step time and peak memory of each method relative to dense (interleaved)")
@@ -133,6 +240,21 @@ def add_parser(sub) -> None:
     d.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db (experiment 'bench')")
     d.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     d.set_defaults(fn=cmd_data)
+    y = bs.add_parser(
+        "deploy",
+        help="measured inference speed-up of each finished pruned run: dense with zeros vs CSR (interleaved)",
+    )
+    y.add_argument("--experiment", required=True, help="the MLflow experiment whose finished pruned runs are measured")
+    y.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
+    y.add_argument("--repeats", type=int, default=7, help="interleaved rounds per batch size (default 7)")
+    y.add_argument("--inner", type=int, default=3, help="calls per round and model (default 3)")
+    y.add_argument("--warmup", type=int, default=2, help="untimed calls per model first (default 2)")
+    y.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    y.add_argument("--max-runs", type=int, help="measure only the first N runs (method, sparsity order)")
+    y.add_argument("--no-break-even", action="store_true", help="skip the per-layer-shape break-even sweep")
+    y.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db")
+    y.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    y.set_defaults(fn=cmd_deploy)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
