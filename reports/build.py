@@ -32,6 +32,7 @@ from reports.plots import label_list, layer_target, parallel_saves, plot_accurac
 from reports.records import (
     Histories,
     RunRecord,
+    deploy_speedups,
     is_dense,
     latest_finished,
     load,
@@ -151,6 +152,9 @@ def build_report(
         )
     )
     _add_costs(client, records)
+    measured = deploy_speedups(client, exp.name)
+    for r in records:
+        r.measured_speedup = measured.get(r.run_id, {})
     add_controls(records)
     csv_path = out_dir / "results.csv"
     write_csv(csv_path, records)
@@ -209,6 +213,13 @@ def build_report(
                 sec, published_rows, {m: next(iter(v)) for m, v in starts.items() if len(v) == 1}
             )
             sec.compute = compute_table(recs, bench)
+            if sec.measured_batches:
+                sec.notes.append(
+                    "Measured speed-up: dense model (zeros kept) time / the same weights in CSR (linear "
+                    "layers as sparse matmuls, convolutions as sparse matmuls over the unfolded input), in "
+                    "one process, interleaved, from the latest `hfbench bench deploy` run of this "
+                    "experiment (MLflow experiment bench); below 1 the sparse kernels are slower than dense."
+                )
 
             if any(not is_dense(r.method) for r in recs):
                 name = f"acc_vs_sparsity_{stem}.png"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ class RunRecord:
     compression_ratio: float | None = None
     theoretical_speedup: float | None = None
     theoretical_speedup_prunable: float | None = None
+    measured_speedup: dict[int, float] = field(default_factory=dict)  # batch -> `hfbench bench deploy`
     dense_macs: int | None = None
     remaining_macs: float | None = None
     cost_note: str = ""
@@ -524,3 +526,42 @@ def overhead(client) -> dict | None:
             mem = {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("mem_ratio.")}
             return {"run_id": run.info.run_id, "params": dict(run.data.params), "step": step, "mem": mem}
     return None
+
+
+def deploy_speedups(client, experiment: str) -> dict[str, dict[int, float]]:
+    """{training run id: {batch: measured speed-up}} from the latest FINISHED `hfbench bench
+    deploy` run of `experiment` (experiment "bench", tag hfbench.bench = deploy, param
+    experiment); {} when there is none."""
+    try:
+        store = open_store(client)
+        if store is not None:
+            exp = store.experiment("bench")
+            runs = [] if exp is None else store.runs(exp.experiment_id, newest_first=True)
+        else:
+            exp = client.get_experiment_by_name("bench")
+            runs = (
+                []
+                if exp is None
+                else client.search_runs(
+                    [exp.experiment_id],
+                    filter_string="tags.`hfbench.bench` = 'deploy'",
+                    max_results=200,
+                    order_by=["attributes.start_time DESC"],
+                )
+            )
+    except Exception:
+        return {}
+    for run in runs:
+        if (
+            run.info.status != "FINISHED"
+            or run.data.tags.get("hfbench.bench") != "deploy"
+            or run.data.params.get("experiment") != experiment
+        ):
+            continue
+        out: dict[str, dict[int, float]] = defaultdict(dict)
+        for k, v in run.data.metrics.items():
+            head, _, rid = k.partition(".")
+            if head.startswith("speedup_b") and head[9:].isdigit():
+                out[rid][int(head[9:])] = v
+        return dict(out)
+    return {}

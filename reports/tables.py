@@ -41,6 +41,7 @@ class Row:
     top5: list[float] = field(default_factory=list)
     compression: list[float] = field(default_factory=list)
     speedup: list[float] = field(default_factory=list)
+    measured: dict[int, list[float]] = field(default_factory=dict)  # batch -> measured speed-ups
     budget: list[float] = field(default_factory=list)  # total training images (budget_total_images)
     budget_incomplete: bool = False  # a run started from a dense run whose budget was not recorded
     run_ids: list[str] = field(default_factory=list)  # its MLflow runs, in the order of `seeds`
@@ -86,6 +87,10 @@ def group_rows(records: list[RunRecord]) -> list[Row]:
                     for r in rs
                     if r.theoretical_speedup is not None and math.isfinite(r.theoretical_speedup)
                 ],
+                measured={
+                    b: [r.measured_speedup[b] for r in rs if b in r.measured_speedup]
+                    for b in sorted({b for r in rs for b in r.measured_speedup})
+                },
                 budget=[r.budget_total_images for r in rs if r.budget_total_images and not uncounted(r)],
                 budget_incomplete=any(uncounted(r) for r in rs),
             )
@@ -144,6 +149,11 @@ class Section:
     compute: Any = None  # Table
     flagged: int = 0  # protocol cells flagged (reports.protocol)
 
+    @property
+    def measured_batches(self) -> list[int]:
+        """The batch sizes of `hfbench bench deploy` measurements in this section."""
+        return sorted({b for row in self.rows for b in row.measured})
+
 
 def mean_ci_cell(vals: list[float]) -> str:
     m, hw = mean_ci(vals)
@@ -178,6 +188,7 @@ def table_cells(row: Row, sec: Section) -> list[str]:
         pct(row.achieved_mean()),
         _ratio_cell(row.compression),
         _ratio_cell(row.speedup),
+        *[_ratio_cell(row.measured.get(b, [])) for b in sec.measured_batches],
         mean_ci_cell(row.test),
     ]
     if sec.has_top5:
@@ -214,6 +225,7 @@ def table_header(sec: Section) -> list[str]:
         "Achieved sparsity (%)",
         "Compression (×)",
         "Theoretical speed-up (×)",
+        *[f"Measured speed-up, batch {b} (×)" for b in sec.measured_batches],
         "Test top-1 (%)",
     ]
     if sec.has_top5:

@@ -131,5 +131,26 @@ def test_the_deploy_command_measures_each_finished_pruned_run_and_logs_it(tmp_pa
     assert {f"speedup_b1.{ids['ok']}", f"speedup_b8.{ids['ok']}", f"theoretical.{ids['ok']}"} <= keys
     assert not any(ids["gone"] in k or ids["bad"] in k for k in keys)
     assert run.data.metrics[f"theoretical.{ids['ok']}"] > 1.0
+    # the report shows the measurement beside the theoretical speed-up, for the measured run only
+    from reports.build import build_report
+    from suite.run_schema import mlflow_key
+
+    for name in ("ok", "gone"):
+        c.log_metric(ids[name], mlflow_key("test_top1"), 0.8)
+        c.log_metric(ids[name], mlflow_key("final_density"), 0.2)
+    md = build_report(uri, "dep", tmp_path / "report")["report.md"].read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Method |"))
+    assert "Measured speed-up, batch 1 (×)" in header and "Measured speed-up, batch 8 (×)" in header
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    lines = md.splitlines()
+    at = lines.index(header)  # the accuracy table: its rows follow the header and the |---| line
+    body = []
+    for ln in lines[at + 2 :]:
+        if not ln.startswith("|"):
+            break
+        body.append([c.strip() for c in ln.strip("|").split("|")])
+    (row,) = body  # one row: the method at its target, two runs, one of them measured
+    measured = run.data.metrics["speedup_b8." + ids["ok"]]
+    assert row[cols.index("Measured speed-up, batch 8 (×)")] == f"{measured:.2f}"
     with pytest.raises(SystemExit, match="no MLflow experiment 'nosuch'"):
         main(["bench", "deploy", "--experiment", "nosuch", "--tracking-uri", uri])
