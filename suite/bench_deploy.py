@@ -177,29 +177,24 @@ def time_models(
 
 @torch.no_grad()
 def break_even(
-    kind: str,
-    shape: tuple[int, ...],
-    spatial: tuple[int, int] | None,
+    layer: nn.Module,
+    in_shape: tuple[int, ...],
     batch: int,
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
     repeats: int = 5,
     inner: int = 3,
 ) -> tuple[float | None, list[tuple[float, float]]]:
-    """For one layer shape ("linear" (out, in) or "conv" (out, in, kh, kw) on a spatial input):
+    """For one layer (a Linear, or a Conv2d with groups 1; its shape, stride and padding are
+    kept, its weights replaced by random ones) on inputs of `in_shape` (without the batch):
     (lowest sparsity of the ladder from which CSR is faster than dense, [(sparsity, speed-up)])."""
     g = torch.Generator().manual_seed(0)
-    if kind == "linear":
-        layer: nn.Module = nn.Linear(shape[1], shape[0])
-        x = torch.randn(batch, shape[1], generator=g)
-    else:
-        layer = nn.Conv2d(shape[1], shape[0], shape[2:], padding=shape[2] // 2)  # type: ignore[arg-type]
-        assert spatial is not None
-        x = torch.randn(batch, shape[1], *spatial, generator=g)
-    w0 = layer.weight.detach().clone()
+    layer = copy.deepcopy(layer).eval()
+    x = torch.randn(batch, *in_shape, generator=g)
+    w0 = torch.randn(layer.weight.shape, generator=g)
     curve = []
     for s in sparsities:
         layer.weight.copy_(w0 * (torch.rand(w0.shape, generator=g) >= s))
-        sp = CSRLinear(layer) if kind == "linear" else CSRConv2d(layer)  # type: ignore[arg-type]
+        sp = CSRLinear(layer) if isinstance(layer, nn.Linear) else CSRConv2d(layer)  # type: ignore[arg-type]
         _, _, (_, ratio, _) = interleaved(lambda: layer(x), lambda sp=sp: sp(x), repeats, inner, 1)
         curve.append((s, ratio))
     return first_win(curve), curve
@@ -278,19 +273,15 @@ def layer_break_even(
     out, done = [], set()
     for n in names:
         mod = net.get_submodule(n)
-        shape = tuple(mod.weight.shape)
-        if isinstance(mod, nn.Linear):
-            key: tuple = ("linear", shape)
-            spatial = None
-        elif isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.stride == (1, 1):
-            spatial = sizes[n][1:]
-            key = ("conv", shape, spatial)
-        else:
+        if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)):
             continue
+        key = (repr(mod), sizes[n])  # the layer's shape and options, and its input's
         if key in done:
             continue
         done.add(key)
-        first, curve = break_even(key[0], shape, spatial, batch, repeats=repeats, inner=inner)  # type: ignore[arg-type]
-        text = "x".join(map(str, shape)) + (f" on {spatial[0]}x{spatial[1]}" if spatial else "")
+        first, curve = break_even(mod, sizes[n], batch, repeats=repeats, inner=inner)
+        text = "x".join(map(str, mod.weight.shape))
+        if isinstance(mod, nn.Conv2d):
+            text += f" stride {mod.stride[0]} on {sizes[n][1]}x{sizes[n][2]}"
         out.append((n, text, first, curve))
     return out

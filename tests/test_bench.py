@@ -113,6 +113,7 @@ def _cli(*args: str, timeout: float = 500) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # end to end: the CLI, per-method memory subprocesses and MLflow
 @TIMEOUT
 def test_cli_overhead_prints_table_and_logs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

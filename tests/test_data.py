@@ -401,6 +401,7 @@ _DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes over gloo
 @needs_source
 @TIMEOUT
 def test_distributed_gloo_two_ranks(betons, tmp_path):

@@ -233,6 +233,7 @@ def test_flip_and_translate_write_the_same_pixels_as_ffcv(op):
         assert any((outs[0][i] == (7, 8, 9)).all(axis=-1).any() for i in range(32))
 
 
+@pytest.mark.slow  # a writer process killed mid-file, then a second run
 def test_interrupted_write_then_rerun(folder, tmp_path):
     out = tmp_path / "out"
     # a writer killed (SIGKILL) mid-way: no file under a final name, nothing listed in the meta
@@ -314,6 +315,7 @@ print(hashlib.sha256(b"".join(x.numpy().tobytes() for x, _ in ld)).hexdigest())
 """
 
 
+@pytest.mark.slow  # several FFCV pipelines compiled, two threads and a second process
 @TIMEOUT
 def test_cifar_augmentation_depends_only_on_seed_epoch_and_position(tmp_path):
     """FFCV's random crops, flips and shifts draw from numba's generator, per thread and seeded
