@@ -1,4 +1,4 @@
-"""The four Marchenko-Pastur pruners (baselines/rmt.py): SEB, SER, hybrid magnitude-SER and
+"""The four Marchenko-Pastur pruners (baselines/rmt.py, baselines/rmt_classical.py): SEB, SER, hybrid magnitude-SER and
 classical RMT, driven through the suite's Pruner hooks on tiny models."""
 
 from __future__ import annotations
@@ -10,12 +10,8 @@ import torch
 import torch.nn as nn
 
 from baselines import marchenko_pastur as mp
-from baselines.rmt import (
-    ClassicalRMT,
-    HybridMagnitudeSER,
-    SpectralEdgeRestore,
-    denoise_noise_components,
-)
+from baselines.rmt import HybridMagnitudeSER, SpectralEdgeRestore
+from baselines.rmt_classical import ClassicalRMT, denoise_noise_components
 from suite.config import RunConfig
 from suite.models import prunable_layers
 from suite.optim import WeightsAndGates
@@ -418,7 +414,7 @@ def test_mp_fit_quantile_offset_reproduces_the_public_codes_i_over_p():
 
 # ----------------------------------------------------------------------------- classical RMT, gradual
 def test_cycle_path_follows_the_public_codes_growing_share_and_lands_on_the_target():
-    from baselines.rmt import cycle_path
+    from baselines.rmt_classical import cycle_path
 
     path = cycle_path(0.9, 34)
     assert len(path) == 34 and path[-1] == 0.9 and all(b > a for a, b in zip(path, path[1:]))
