@@ -111,10 +111,13 @@ class IMPConfig(Strict):
         return self
 
 
-def check_pattern(run: RunConfig, section: str, pattern: str) -> Optional[tuple[int, int]]:
+def check_pattern(run: RunConfig, section: str, pattern: str, scope: str) -> Optional[tuple[int, int]]:
     """(N, M) of the section's N:M pattern, None when unstructured; refuses a run whose target
-    is not the pattern's sparsity 1 - N/M."""
+    is not the pattern's sparsity 1 - N/M, or that sets a scope a pattern has no use for (the
+    same run would otherwise get two hashes)."""
     nm = masks.parse_pattern(pattern)
+    if nm is not None and scope != "global":
+        raise ValueError(f"{section}.scope {scope} means nothing with {section}.pattern {pattern}: leave it global")
     if nm is not None and abs(run.sparsity - (1.0 - nm[0] / nm[1])) > 1e-9:
         raise ValueError(
             f"{section}.pattern {pattern} keeps {nm[0]} of every {nm[1]} weights: sparsity must be "
@@ -150,7 +153,8 @@ class OneShotMagnitude(MaskPruner):
 
     @classmethod
     def check(cls, run: RunConfig) -> None:
-        check_pattern(run, "magnitude", run_section(run, "magnitude", MagnitudeConfig).pattern)
+        mc = run_section(run, "magnitude", MagnitudeConfig)
+        check_pattern(run, "magnitude", mc.pattern, mc.scope)
 
     @classmethod
     def hash_options(cls, d: dict[str, Any], run: RunConfig) -> None:
@@ -206,7 +210,7 @@ class GradualMagnitude(MaskPruner):
             raise ValueError(f"gmp.end_epoch must be in (gmp.start_epoch, epochs]; got {end}")
         if g.initial_sparsity > run.sparsity:
             raise ValueError("gmp.initial_sparsity must be <= sparsity")
-        check_pattern(run, "gmp", g.pattern)
+        check_pattern(run, "gmp", g.pattern, g.scope)
         if g.criterion == "taylor" and run.engine.precision == "fp16":
             raise ValueError(
                 "gmp.criterion taylor reads gradients before the fp16 gradient scaler unscales them; "

@@ -112,11 +112,13 @@ def cmd_deploy(a) -> int:
         raise SystemExit(f"hfbench bench deploy: no MLflow experiment {a.experiment!r} at {tracking.redact(uri)}")
     batches = tuple(int(b) for b in a.batches.split(","))
     torch.set_num_threads(a.threads)
-    runs = [
-        r
-        for r in tracking.training_runs(c, exp.experiment_id)
-        if r.info.status == "FINISHED" and r.data.tags.get("hfbench.method") != registry.CONTROL
-    ]
+    latest: dict[str, object] = {}  # the newest FINISHED run per run hash: its folder holds its weights
+    for r in tracking.training_runs(c, exp.experiment_id):
+        if r.info.status == "FINISHED" and r.data.tags.get("hfbench.method") != registry.CONTROL:
+            h = r.data.tags[tracking.TAG_HASH]
+            if h not in latest or r.info.start_time > latest[h].info.start_time:  # type: ignore[attr-defined]
+                latest[h] = r
+    runs = list(latest.values())
     runs.sort(
         key=lambda r: (
             r.data.tags.get("hfbench.variant", ""),
@@ -136,14 +138,21 @@ def cmd_deploy(a) -> int:
     skipped, shapes_net = [], None
     for i, r in enumerate(runs, 1):
         tags, name = r.data.tags, r.info.run_name or r.info.run_id
-        weights = Path(tags.get("hfbench.run_dir", "")) / "final_weights.pt"
+        if not tags.get("hfbench.run_dir"):
+            skipped.append(f"{name}: no hfbench.run_dir tag")
+            continue
+        weights = Path(tags["hfbench.run_dir"]) / "final_weights.pt"
         if not weights.is_file():
             skipped.append(f"{name}: no {weights}")
             continue
-        model, dataset = tags["hfbench.model"], tags["hfbench.dataset"]
-        spec, ds = models.get(model), datasets.get(dataset)
-        net = spec.build(ds.num_classes, ds.input_shape[0])
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            model, dataset = tags["hfbench.model"], tags["hfbench.dataset"]
+            spec, ds = models.get(model), datasets.get(dataset)
+            net = spec.build(ds.num_classes, ds.input_shape[0])
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as e:  # one run that cannot be loaded does not stop the others
+            skipped.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
         net.eval()
         names = [n for n, _ in spec.prunable(net)]
         counts = [

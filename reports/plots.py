@@ -104,12 +104,16 @@ def _draw(jobs) -> None:
         fig.savefig(path)
 
 
+CHILD_TIMEOUT_S = 300.0  # a child still drawing after this is taken for hung: killed, its figure drawn here
+
+
 class _Drawer:
     def __init__(self, children: int):
         self.children = children if hasattr(os, "fork") else 0
         self.queue: list[tuple[object, Path]] = []
         self.running: list[tuple[object, tuple[object, Path]]] = []  # (process, its job)
         self.forked = 0
+        self.redrawn = 0  # figures a child did not write, drawn here instead
 
     def add(self, job: tuple[object, Path]) -> None:
         self.queue.append(job)
@@ -127,22 +131,32 @@ class _Drawer:
         while self.queue and len(self.running) < self.children:
             job = self.queue.pop(0)
             proc = multiprocessing.get_context("fork").Process(target=_draw, args=([job],), daemon=True)
-            proc.start()
+            try:
+                proc.start()
+            except OSError:  # no fork (out of processes or memory): this process draws it
+                _draw([job])
+                continue
             self.running.append((proc, job))
             self.forked += 1
 
-    @staticmethod
-    def _reap(proc, job) -> None:
-        proc.join()
-        if proc.exitcode != 0:  # the child failed: draw its figure here
+    def _reap(self, proc, job, redraw: bool = True) -> None:
+        proc.join(CHILD_TIMEOUT_S)
+        if proc.is_alive():  # hung: stop it and draw the figure here
+            proc.kill()
+            proc.join()
+        if proc.exitcode != 0 and redraw:  # the child failed: draw its figure here
+            self.redrawn += 1
             _draw([job])
 
-    def finish(self) -> None:
-        while self.queue:  # the children take from the front, this process from the back
+    def finish(self, redraw: bool = True) -> None:
+        """Draw what is queued (the children take from the front, this process from the back),
+        then wait for the children; with redraw False (the build failed) only wait."""
+        while self.queue and redraw:
             _draw([self.queue.pop()])
             self.pump()
+        self.queue.clear()
         for proc, job in self.running:
-            self._reap(proc, job)
+            self._reap(proc, job, redraw)
         self.running = []
 
 
@@ -158,24 +172,26 @@ def save(fig, path: Path) -> None:
 def parallel_saves(workers: int | None = None):
     """Draw the figures save() is given inside the block in up to `workers` processes (this one
     and forked children; default: one per CPU), overlapping the code that follows each save();
-    every PNG is written when the block is left. Yields the drawer (its `forked` counts the
-    children started)."""
+    every PNG is written when the block is left. Yields the drawer (`forked` counts the children
+    started, `redrawn` the figures a child failed to write and this process drew)."""
     global _drawer
     outer, _drawer = _drawer, _Drawer((cpus() if workers is None else workers) - 1)
     drawer = _drawer
     try:
         yield drawer
     except BaseException:
-        drawer.queue.clear()  # the build failed: wait for the children, draw nothing more
-        raise
-    finally:
         _drawer = outer
-        drawer.finish()
+        drawer.finish(redraw=False)  # the build failed: wait for the children, draw nothing more
+        raise
+    _drawer = outer
+    drawer.finish()
 
 
-def log_axis(ax, which: str = "y") -> None:
-    """A log scale on the x or y axis with plain tick labels (0.01, 1, 100): matplotlib's default
-    10^k labels are typeset with mathtext, tick by tick, and were a third of a report's drawing."""
+def log_axis(ax, which: str = "y", fmt: str = "{:g}") -> None:
+    """A log scale on the x or y axis with plain tick labels (0.01, 1, 100; `fmt` formats each):
+    matplotlib's default 10^k labels are typeset with mathtext, tick by tick, and were a third of
+    a report's drawing. Minor ticks are labelled too where the majors would leave the axis bare:
+    every one when no power of ten is in view, 2x and 5x ones when the view spans about a decade."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     axis = ax.xaxis if which == "x" else ax.yaxis
@@ -183,14 +199,17 @@ def log_axis(ax, which: str = "y") -> None:
     # minor ticks at 2 and 5 times each power of ten, not at 2..9: every tick is a few artists
     # that matplotlib makes and lays out one by one
     axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt.format(v)))
 
-    def minor(v: float, _pos) -> str:  # 2 and 5 times a power of ten, on an axis spanning ~a decade
+    def minor(v: float, _pos) -> str:
         lo, hi = sorted(axis.get_view_interval())
-        if lo <= 0 or math.log10(hi / lo) > 1.2:
+        if lo <= 0 or v <= 0:
             return ""
-        text = f"{v:g}"
-        return text if text.lstrip("-0.")[:1] in ("2", "5") else ""
+        if math.floor(math.log10(lo)) == math.floor(math.log10(hi)):
+            return fmt.format(v)  # no major tick in view: every minor one is labelled
+        if math.log10(hi / lo) > 1.2:
+            return ""
+        return fmt.format(v) if f"{v:g}".lstrip("-0.")[:1] in ("2", "5") else ""
 
     axis.set_minor_formatter(FuncFormatter(minor))
 
@@ -311,10 +330,9 @@ def plot_density(
                 *zip(*pos_target), color=colour[key], linestyle="--", linewidth=1.2, label=f"target trajectory, {name}"
             )
             drawn_target.add(key)
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
-    log_axis(ax, "y")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}%"))
+    log_axis(ax, "y", "{:g}%")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     # A fixed corner: with one line per run, matplotlib's "best" placement search dominates
     # the plotting time.  Densities fall over training, so the lower left is usually empty.

@@ -170,12 +170,14 @@ def holm_adjust(ps: list[float]) -> list[float]:
 
 def holm(comps: list[Comparison]) -> None:
     """Holm-corrected p values and calls, over the comparisons that have a p value."""
-    tested = [c for c in comps if c.p is not None]
-    for c, pa in zip(tested, holm_adjust([c.p for c in tested])):
+    tested = [c for c in comps if c.p is not None and math.isfinite(c.p)]  # a NaN p is no test
+    for c, pa in zip(tested, holm_adjust([c.p for c in tested])):  # type: ignore[misc]
         c.p_holm = pa
         c.call = ("better" if c.diff > 0 else "worse") if pa <= ALPHA else "no difference"
     for c in comps:
-        if c.p is None and c.call == "n/a":  # a call set by the caller (e.g. no control) stays
+        if (
+            c.p is None or not math.isfinite(c.p)
+        ) and c.call == "n/a":  # a call set by the caller (e.g. no control) stays
             c.call = "n/a (fewer than 2 paired seeds)" if c.n_pairs < 2 else "n/a"
 
 

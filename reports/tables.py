@@ -166,6 +166,14 @@ def _ratio_cell(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.2f}" if vals else "n/a"
 
 
+def _measured_cell(vals: list[float], runs: int) -> str:
+    """Mean measured speed-up; says so when only some of the row's runs were measured."""
+    if not vals:
+        return "n/a"
+    cell = f"{statistics.fmean(vals):.2f}"
+    return cell if len(vals) == runs else f"{cell} ({len(vals)} of {runs} runs)"
+
+
 def _delta_cell(vals: list[float], dense: list[float], reference: bool) -> str:
     if reference:
         return "—"  # the reference itself
@@ -188,7 +196,7 @@ def table_cells(row: Row, sec: Section) -> list[str]:
         pct(row.achieved_mean()),
         _ratio_cell(row.compression),
         _ratio_cell(row.speedup),
-        *[_ratio_cell(row.measured.get(b, [])) for b in sec.measured_batches],
+        *[_measured_cell(row.measured.get(b, []), len(row.run_ids)) for b in sec.measured_batches],
         mean_ci_cell(row.test),
     ]
     if sec.has_top5:

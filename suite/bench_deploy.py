@@ -6,8 +6,9 @@ sparse format that PyTorch's own kernels run:
 - a Linear layer as a CSR matrix times the input (torch.sparse.mm);
 - a Conv2d layer (groups 1) as a CSR matrix times the unfolded input (F.unfold, im2col), the
   weight seen as W.reshape(out, in * kh * kw);
-- on a CUDA device, 2:4 layers also through torch.sparse.to_sparse_semi_structured (the GPU's
-  semi-structured kernels; not run on the CPU, which has none).
+- `semi_structured` prepares 2:4 linear layers for torch.sparse.to_sparse_semi_structured (the
+  GPU's semi-structured kernels); the command does not run it yet, and it is untested here (no
+  CUDA on the development machine).
 Every sparse model's output is checked against the dense one's before it is timed.
 
 Timing: per batch size, dense and sparse calls alternate (dense, sparse, dense, ...) for
@@ -60,13 +61,25 @@ class CSRLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def csr_convertible(mod: nn.Module) -> bool:
+    """A Linear, or a Conv2d that unfold can stand in for: groups 1, numeric zero padding."""
+    if isinstance(mod, nn.Linear):
+        return True
+    return (
+        isinstance(mod, nn.Conv2d)
+        and mod.groups == 1
+        and not isinstance(mod.padding, str)
+        and mod.padding_mode == "zeros"
+    )
+
+
 class CSRConv2d(nn.Module):
     """A convolution (groups 1) as CSR W.reshape(out, -1) times the unfolded input."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if conv.groups != 1 or isinstance(conv.padding, str):
-            raise ValueError("CSRConv2d needs groups 1 and numeric padding")
+        if not csr_convertible(conv):
+            raise ValueError("CSRConv2d needs groups 1 and numeric zero padding")
         self.weight = _csr(conv.weight)
         self.bias = None if conv.bias is None else conv.bias.detach()
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
@@ -100,7 +113,7 @@ def sparsify(model: nn.Module, layer_names: list[str]) -> nn.Module:
         mod = getattr(parent, child)
         if isinstance(mod, nn.Linear):
             setattr(parent, child, CSRLinear(mod))
-        elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
+        elif csr_convertible(mod):  # other layers stay dense
             setattr(parent, child, CSRConv2d(mod))
     return out
 
@@ -202,7 +215,7 @@ def break_even(
 
 def first_win(curve: list[tuple[float, float]]) -> float | None:
     """The lowest sparsity of a (sparsity, speed-up) ladder from which every higher one is
-    faster than dense (speed-up > 1); None when the densest-most point does not win."""
+    faster than dense (speed-up > 1); None when even the sparsest point does not win."""
     out = None
     for s, r in sorted(curve, reverse=True):
         if r <= 1.0:
@@ -258,7 +271,7 @@ def deploy_run(
     weights = [net.get_submodule(n).weight.detach() for n in names]
     numel = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)
-    dense_mb = numel * 4 / 1e6
+    dense_mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
     csr_mb = sum(csr_bytes(w) for w in weights) / 1e6
     sparse = sparsify(net, names)
     timings = [time_models(net, sparse, input_shape, b, repeats, inner, warmup) for b in batches]
@@ -273,7 +286,7 @@ def layer_break_even(
     out, done = [], set()
     for n in names:
         mod = net.get_submodule(n)
-        if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)):
+        if not csr_convertible(mod):
             continue
         key = (repr(mod), sizes[n])  # the layer's shape and options, and its input's
         if key in done:

@@ -151,6 +151,6 @@ def test_the_deploy_command_measures_each_finished_pruned_run_and_logs_it(tmp_pa
         body.append([c.strip() for c in ln.strip("|").split("|")])
     (row,) = body  # one row: the method at its target, two runs, one of them measured
     measured = run.data.metrics["speedup_b8." + ids["ok"]]
-    assert row[cols.index("Measured speed-up, batch 8 (×)")] == f"{measured:.2f}"
+    assert row[cols.index("Measured speed-up, batch 8 (×)")] == f"{measured:.2f} (1 of 2 runs)"
     with pytest.raises(SystemExit, match="no MLflow experiment 'nosuch'"):
         main(["bench", "deploy", "--experiment", "nosuch", "--tracking-uri", uri])

@@ -155,6 +155,8 @@ def test_a_target_that_is_not_the_patterns_sparsity_is_refused_at_its_field():
         RunConfig(method="hyperflux", sparsity=0.4, epochs=10, hyperflux={"pattern": "2:4", "pruning_end": 8})
     with pytest.raises(ValidationError, match="pattern"):
         RunConfig(method="magnitude", sparsity=0.5, epochs=1, magnitude={"pattern": "3:4"})
+    with pytest.raises(ValidationError, match=r"gmp\.scope layer means nothing with gmp\.pattern 2:4"):
+        RunConfig(method="gmp", sparsity=0.5, epochs=4, gmp={"pattern": "2:4", "scope": "layer"})
 
 
 def test_the_unstructured_default_keeps_every_earlier_run_hash():
@@ -164,3 +166,41 @@ def test_the_unstructured_default_keeps_every_earlier_run_hash():
         explicit = RunConfig(**kw, **{method: {"pattern": "unstructured"}})
         nm = RunConfig(**kw, **{method: {"pattern": "2:4"}})
         assert plain.run_hash() == explicit.run_hash() != nm.run_hash(), method
+
+
+def test_hyperflux_nm_starts_from_the_magnitude_mask_with_the_papers_gate_values():
+    """The gates of an N:M layer start rearranged within each group by |w|: the first mask is
+    the magnitude 2:4 mask of the starting weights (not a random one), and each group holds the
+    same gate values as an unstructured run's gates (the paper's U[low, high] draw)."""
+    net, ref = _net(), _net()
+    layers, ref_layers = prunable_layers(net, "conv_linear"), prunable_layers(ref, "conv_linear")
+    start = [masks.effective_weight(mod).detach().clone() for _, mod in layers]
+    kw = {"sparsity": 0.5, "epochs": 10}
+    p = Hyperflux(RunConfig(method="hyperflux", **kw, hyperflux={"pattern": "2:4", "pruning_end": 8}), layers, 10)
+    p.attach(net)
+    plain = Hyperflux(RunConfig(method="hyperflux", **kw, hyperflux={"pruning_end": 8}), ref_layers, 10)
+    plain.attach(ref)
+    net(torch.randn(2, 3, 8, 8))
+    for (name, mod), w0, par, par0 in zip(layers, start, p.params, plain.params):
+        if not masks.nm_eligible(w0.shape, 4):
+            assert torch.equal(par.gate, par0.gate), name  # an unpatterned layer: the paper's gates
+            continue
+        assert torch.equal((masks.effective_weight(mod) != 0).float(), _reference_keep(w0.abs(), 2, 4)), name
+        g, g0 = par.gate.detach().reshape(-1, 4), par0.gate.detach().reshape(-1, 4)
+        assert torch.equal(g.sort(dim=1).values, g0.sort(dim=1).values), name
+
+
+def test_nm_masks_follow_the_logical_layout_of_a_channels_last_weight():
+    w = torch.randn(8, 4, 3, 3)
+    cl = w.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(masks.nm_keep(cl.abs(), 2, 4), _reference_keep(w.abs(), 2, 4))
+    net = _net().to(memory_format=torch.channels_last)
+    layers = prunable_layers(net, "conv_linear")
+    p = OneShotMagnitude(
+        RunConfig(method="magnitude", sparsity=0.5, epochs=1, magnitude={"pattern": "2:4"}), layers, 10
+    )
+    p.attach(net)
+    p.on_train_start()
+    for _, mod in layers:
+        if masks.nm_eligible(mod.weight.shape, 4):
+            assert masks.nm_violations(masks.effective_weight(mod), 2, 4) == 0

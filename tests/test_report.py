@@ -792,6 +792,7 @@ def test_parallel_saves_writes_the_same_pngs_as_drawing_in_this_process(tmp_path
         for k in range(5):
             plots.save(_figure(k), tmp_path / f"par{k}.png")
     assert drawer.forked >= 1 if hasattr(os, "fork") else drawer.forked == 0
+    assert drawer.redrawn == 0  # every child wrote its own figure
     for k in range(5):
         assert (tmp_path / f"par{k}.png").read_bytes() == (tmp_path / f"ref{k}.png").read_bytes(), k
     with plots.parallel_saves(workers=1) as drawer:  # one worker: no child, all drawn here
@@ -821,6 +822,6 @@ def test_a_figure_whose_drawing_child_fails_is_drawn_by_the_parent(tmp_path):
     with plots.parallel_saves(workers=2) as drawer:
         for k in range(3):
             plots.save(OnlyInParent(_figure(k)), tmp_path / f"f{k}.png")
-    assert drawer.forked >= 1
+    assert drawer.forked >= 1 and drawer.redrawn == drawer.forked  # each child failed, each figure redrawn
     for k in range(3):
         assert (tmp_path / f"f{k}.png").stat().st_size > 0, k

@@ -77,8 +77,9 @@ class HyperfluxConfig(Strict):
         "unstructured",
         description="not in the paper: N:M keeps a weight only while its gate is among the N highest "
         "of its group of M (consecutive weights along each row of W.reshape(out, -1)) as well as "
-        ">= 0; sparsity must be at least 1 - N/M; a layer whose row length is not a multiple of M "
-        "is gated as usual",
+        ">= 0, from the first step; the gates start ordered by |w| within each group, so the first "
+        "mask is the magnitude N:M mask; sparsity must be at least 1 - N/M; a layer whose row "
+        "length is not a multiple of M is gated as usual",
     )
     quirks: list[Literal["phase_off_by_one", "frozen_bn_scale"]] = Field(
         default_factory=list,
@@ -189,6 +190,18 @@ class PressureScheduler:
         self.g, self.inertia_up, self.inertia_down = st["g"], st["inertia_up"], st["inertia_down"]
 
 
+def gates_by_magnitude(gates: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
+    """The same gate values, rearranged within each group of m (along the rows of
+    W.reshape(out, -1)) so that the largest |w| of a group gets its largest gate: an N:M layer's
+    first mask (the top-N gates of each group) is then the magnitude N:M mask of the starting
+    weights, not a random one, and the gates' distribution is the paper's U[low, high]."""
+    g = gates.reshape(-1, m)
+    order = torch.sort(w.detach().abs().reshape(-1, m).float().cpu(), dim=1, stable=True).indices
+    out = torch.empty_like(g)
+    out.scatter_(1, order, torch.sort(g, dim=1).values)  # i-th smallest gate to the i-th smallest |w|
+    return out.reshape(gates.shape)
+
+
 def feasible_pruning_end(p: int, sparsity_: Any, step: Any, full: int) -> int:
     """The smallest P >= p (up to the recipe's own) whose target trajectory reaches the sparsity."""
     step = step if step is not None else HyperfluxConfig.model_fields["step"].default
@@ -277,6 +290,8 @@ class Hyperflux(Pruner):
             h.pop("fixed_gamma")
         if h.get("pattern") == "unstructured":
             h.pop("pattern")  # added later: runs without it keep their hashes
+        elif "pattern" in h:  # the first version started from a random N:M mask: its runs train again
+            h["pattern"] = f"{h['pattern']}@gates-by-magnitude"
 
     @classmethod
     def variant(cls, run: RunConfig) -> str:
@@ -330,9 +345,12 @@ class Hyperflux(Pruner):
             m = torch.empty(w.shape, dtype=torch.float32).uniform_(
                 self.h.gate_init_low, self.h.gate_init_high, generator=gen
             )
-            gated = masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale))
             nm = masks.parse_pattern(self.h.pattern)
-            if nm is not None and masks.nm_eligible(w.shape, nm[1]):
+            patterned = nm is not None and masks.nm_eligible(w.shape, nm[1])
+            if patterned:
+                m = gates_by_magnitude(m, w, nm[1])  # type: ignore[index]
+            gated = masks.attach(mod, masks.GatedWeight(m.to(w.device), self.h.ste_scale))
+            if patterned:
                 gated.nm = nm
             self.params.append(gated)
         self.gamma = self.gamma  # hand the pressure to the new gates

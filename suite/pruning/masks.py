@@ -211,11 +211,15 @@ def nm_keep(scores: torch.Tensor, n: int, m: int, out: torch.Tensor | None = Non
     groups = scores.detach().reshape(-1, m)
     # a stable sort, so that equal scores go to the earlier entry (torch.topk leaves ties open)
     idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
-    keep = out if out is not None else torch.empty_like(scores)
-    kg = keep.view(-1, m)
-    kg.zero_()
+    # built contiguous and viewed back: scores may be channels_last (engine.channels_last), where a
+    # view of an empty_like would not follow the logical order the groups are cut in
+    kg = torch.zeros(groups.shape, dtype=scores.dtype, device=scores.device)
     kg.scatter_(1, idx, 1.0)
-    return keep
+    keep = kg.view(scores.shape)
+    if out is None:
+        return keep
+    out.copy_(keep)
+    return out
 
 
 def nm_masks(scores: list[torch.Tensor], n: int, m: int) -> list[torch.Tensor | None]:
