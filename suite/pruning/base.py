@@ -192,15 +192,18 @@ class MaskPruner(Pruner):
         for p, m in zip(self.params, new):
             p.mask.copy_(m)
 
+    def _active_scores(self, scores: Optional[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Per layer: the given score (the stored weight when none is given) times the current
+        mask, so that pruned weights score 0 and stay pruned."""
+        unscored: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        return [(w if sc is None else sc) * p.mask for w, p, sc in zip(self.stored(), self.params, scores or unscored)]
+
     @torch.no_grad()
     def prune_to(self, sparsity: float, scope: str, scores: Optional[list[torch.Tensor]] = None) -> None:
         """Prune the currently active weights to `sparsity` by smallest |score| (pruned stay
         pruned); the score is the stored weight (magnitude) unless given. Records the smallest
         surviving |score| as `threshold`, the saliency the Neural Pruning Law relates to density."""
-        unscored: list[Optional[torch.Tensor]] = [None] * len(self.params)
-        scores = [
-            (w if sc is None else sc) * p.mask for w, p, sc in zip(self.stored(), self.params, scores or unscored)
-        ]
+        scores = self._active_scores(scores)
         new = masks.magnitude_masks(scores, sparsity, scope)
         self.set_masks(new)
         alive = torch.cat([sc.abs()[m.bool()] for sc, m in zip(scores, new)])
@@ -212,11 +215,7 @@ class MaskPruner(Pruner):
         of W.reshape(out, -1), among the active weights (pruned stay pruned); layers that cannot
         hold the pattern (masks.nm_eligible) keep their masks. `threshold` as in prune_to, over
         the patterned layers."""
-        unscored: list[Optional[torch.Tensor]] = [None] * len(self.params)
-        scored = [
-            ((w if sc is None else sc) * p.mask).abs()
-            for w, p, sc in zip(self.stored(), self.params, scores or unscored)
-        ]
+        scored = [sc.abs() for sc in self._active_scores(scores)]
         new, alive = [], []
         for sc, p in zip(scored, self.params):
             if masks.nm_eligible(sc.shape, m):

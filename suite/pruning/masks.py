@@ -222,12 +222,6 @@ def nm_keep(scores: torch.Tensor, n: int, m: int, out: torch.Tensor | None = Non
     return out
 
 
-def nm_masks(scores: list[torch.Tensor], n: int, m: int) -> list[torch.Tensor | None]:
-    """Per layer: the N:M mask keeping the n largest |score| of every group of m (nm_keep), or
-    None for a layer that cannot hold the pattern (nm_eligible)."""
-    return [nm_keep(s.detach().abs(), n, m) if nm_eligible(s.shape, m) else None for s in scores]
-
-
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Groups of m along the rows of weight.reshape(out, -1) that hold more than n non-zeros."""
     return int(((weight.detach().reshape(-1, m) != 0).sum(dim=1) > n).sum())
