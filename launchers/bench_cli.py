@@ -1,4 +1,5 @@
-"""`hfbench bench overhead|data|deploy`: the benchmarks' command line (suite/bench.py, suite/bench_data.py, suite/bench_deploy.py)."""
+"""`hfbench bench overhead|data|deploy|nm`: the benchmarks' command line (suite/bench.py, suite/bench_data.py,
+suite/bench_deploy.py, suite/bench_nm.py)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def cmd_overhead(a) -> int:
     )
     table = overhead_table(res)
     print(table, flush=True)
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        print(f"[bench] results written to {a.json}")
     if not a.no_track:
         from suite import tracking
 
@@ -210,8 +216,59 @@ def cmd_deploy(a) -> int:
     return 0
 
 
+def cmd_nm(a) -> int:
+    """2:4 inference: dense against semi-structured sparse (CUDA) or CSR (CPU) (suite/bench_nm.py)."""
+    import json
+
+    from suite.bench_nm import run_nm_inference
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    batches = tuple(int(b) for b in a.batches.split(","))
+    res = run_nm_inference(
+        a.model,
+        batches,
+        size=a.size,
+        dtype=a.dtype,
+        device=a.device,
+        repeats=a.repeats,
+        inner=a.inner,
+        warmup=a.warmup,
+        backend=a.backend,
+        layers=a.layers,
+        graphs=a.cuda_graphs,
+    )
+    p = res["params"]
+    theo = res["theoretical_speedup"]
+    print(
+        f"# 2:4 inference: {p['model']} {p['size']}px {p['dtype']} on {p['device']} {p['gpu']} ({p['backend']}), "
+        f"torch {p['torch']}{', CUDA graphs' if p['cuda_graphs'] else ''}\n"
+        f"{len(res['converted'])} of {len(res['pruned'])} 2:4 layers run sparse "
+        f"({100 * res['sparse_mac_share']:.0f} % of the weight-layer MACs); "
+        f"theoretical speed-up {theo:.2f}x (those MACs halved, the rest dense)\n"
+    )
+    print("| batch | dense ms | 2:4 ms | speed-up (IQR) | dense img/s | 2:4 img/s | max rel. error |")
+    print("|---|---|---|---|---|---|---|")
+    for t in res["timings"]:
+        print(
+            f"| {t['batch']} | {t['dense_ms']:.2f} | {t['sparse_ms']:.2f} | {t['speedup']:.3f} "
+            f"({t['speedup_q1']:.3f}-{t['speedup_q3']:.3f}) | {t['dense_img_s']:.0f} | {t['sparse_img_s']:.0f} | "
+            f"{t['max_rel_err']:.1e} |"
+        )
+    for name, why in list(res["left_dense"].items())[:5]:
+        print(f"left dense: {name}: {why}")
+    if len(res["left_dense"]) > 5:
+        print(f"left dense: ... {len(res['left_dense']) - 5} more")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        print(f"[nm] results written to {a.json}")
+    return 0
+
+
 def add_parser(sub) -> None:
-    """The `hfbench bench overhead|data|deploy` subcommands."""
+    """The `hfbench bench overhead|data|deploy|nm` subcommands."""
     b = sub.add_parser("bench", help="benchmarks: pruning overhead per training step; FFCV vs torchvision loading")
     bs = b.add_subparsers(dest="bench_cmd", required=True)
     o = bs.add_parser("overhead", help="step time and peak memory of each method relative to dense (interleaved)")
@@ -227,7 +284,12 @@ def add_parser(sub) -> None:
     o.add_argument("--warmup", type=int, default=2, help="untimed steps per model before its first block")
     o.add_argument("--repeats", type=int, default=5, help="rounds of (dense block, method block) per method")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
-    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: torch.autocast mixed precision")
+    o.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16 / fp16: torch.autocast mixed precision (fp16 with the engine's gradient scaler)",
+    )
     o.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
     o.add_argument("--deepspeed", action="store_true", help="step through deepspeed.initialize like the engine")
     o.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: engine.threads_per_rank, 1)")
@@ -236,6 +298,7 @@ def add_parser(sub) -> None:
     o.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     o.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db (experiment 'bench')")
     o.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    o.add_argument("--json", help="also write the results to this JSON file")
     o.set_defaults(fn=cmd_overhead)
     d = bs.add_parser("data", help="FFCV vs torchvision ImageFolder loading, images/s (interleaved passes)")
     d.add_argument("--root", help="ImageFolder tree of JPEGs (default: generate one)")
@@ -264,6 +327,34 @@ def add_parser(sub) -> None:
     y.add_argument("--tracking-uri", help="default: HFBENCH_MLFLOW_URI or ./mlflow.db")
     y.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     y.set_defaults(fn=cmd_deploy)
+    n = bs.add_parser(
+        "nm",
+        help="2:4 inference speed-up of a registry model pruned 2:4: dense vs GPU semi-structured kernels "
+        "(CSR on a CPU)",
+    )
+    n.add_argument("--model", default="resnet50", help="a registered model (random weights, 1000 classes)")
+    n.add_argument("--size", type=int, help="input side (default: the model's own)")
+    n.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
+    n.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="both models' dtype on CUDA (CPU: fp32)")
+    n.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
+    n.add_argument("--repeats", type=int, default=7, help="interleaved rounds per batch size (default 7)")
+    n.add_argument("--inner", type=int, default=3, help="calls per round and model (default 3)")
+    n.add_argument("--warmup", type=int, default=3, help="untimed calls per model first (default 3)")
+    n.add_argument("--threads", type=int, help="torch intra-op threads on a CPU")
+    n.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cusparselt", "cutlass"],
+        help="CUDA semi-structured kernels (auto: torch's default, CUTLASS if that fails)",
+    )
+    n.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time CUDA-graph replays of both models (the GPU's work without the host's per-call cost)",
+    )
+    n.add_argument("--layers", action="store_true", help="also time each distinct layer product alone (largest batch)")
+    n.add_argument("--json", help="also write the results to this JSON file")
+    n.set_defaults(fn=cmd_nm)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,49 +1,80 @@
 #!/usr/bin/env bash
-# Overhead bench on a GPU machine that has only this repository (no internet).
+# One prepared run on a GPU machine that has only this repository (no internet): training
+# overhead of Hyperflux against dense, and the 2:4 inference speed-up, on ResNet-50 and DeiT-S
+# with generated ImageNet-shaped inputs (224 px).
 #
-#   scripts/gpu_bench.sh [WHEEL_DIR] [extra `hfbench bench overhead` flags...]
+#   scripts/gpu_wheels.sh            # here: the few wheels the GPU image lacks, into .whl/
+#   scripts/gpu_bench.sh [WHEEL_DIR (.whl)]   # there
 #
-# Installs whatever of the Python stack is missing from WHEEL_DIR (made here by
-# scripts/gpu_wheels.sh; default: wheels/), then times every method against dense on
-# ResNet-50 at 224 px, bf16 autocast, channels_last, through deepspeed.initialize (the
-# engine's path), and prints step ms and img/s per method. Results go to $OUT (default
-# ./gpu_bench_out): overhead.txt, and bench_mlflow.db when mlflow is importable.
-# Knobs (environment): PYTHON, DEVICE (cuda), MODEL (resnet50), SIZE (224), BATCH (128),
-# STEPS (10), WARMUP (5), REPEATS (5), DEEPSPEED (1; 0 = plain torch).
-# Python part on a CPU with a tiny model:
-#   DEVICE=cpu MODEL=fmnist_cnn SIZE=28 BATCH=8 STEPS=1 WARMUP=1 REPEATS=2 scripts/gpu_bench.sh wheels --methods hyperflux
-set -euo pipefail
+# Sections (each under its own time limit, so one failure or hang does not cost the others):
+#   nm_<model>.json       hfbench bench nm: dense vs torch.sparse.to_sparse_semi_structured, fp16,
+#                         batch 1 and 256
+#   overhead_<model>_<dtype>.json
+#                         hfbench bench overhead --methods $METHODS (default hyperflux): training
+#                         step time and img/s against dense, bf16 and fp16 autocast, batch 128
+#                         (plain PyTorch; DEEPSPEED=1 steps through deepspeed.initialize when the
+#                         machine has DeepSpeed)
+#   gpu_bench.log         everything printed
+# Results go to $OUT (default ./gpu_bench_out). Knobs (environment): PYTHON, MODELS
+# ("resnet50 deit_small"), DTYPES ("bf16 fp16"), BATCH (128), STEPS (10), WARMUP (5),
+# REPEATS (5), METHODS (hyperflux), NM_BATCHES (1,256), SECTION_S (time limit per section, 150).
+# The same script on a CPU with a tiny setting (the CPU path: CSR instead of 2:4 kernels):
+#   MODELS=resnet50 DTYPES=bf16 SIZE=32 BATCH=4 STEPS=1 WARMUP=1 REPEATS=2 NM_BATCHES=1,4 scripts/gpu_bench.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=${1:-wheels}
-[ $# -gt 0 ] && shift
+WHEELS=${1:-.whl}
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_bench_out}
 mkdir -p "$OUT"
+LOG="$OUT/gpu_bench.log"
+: > "$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
 
-# module:package pairs the bench imports (deepspeed's own dependencies come with its wheel)
+# modules the bench imports that the GPU image may lack (module:package)
 need=()
-for spec in torch:torch torchvision:torchvision deepspeed:deepspeed pydantic:pydantic yaml:pyyaml numpy:numpy \
-            scipy:scipy; do
+for spec in torch:torch torchvision:torchvision timm:timm pydantic:pydantic yaml:pyyaml numpy:numpy scipy:scipy; do
   mod=${spec%%:*}; pkg=${spec#*:}
   "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")
 done
+if [ "${DEEPSPEED:-0}" = 1 ] && ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then need+=(deepspeed); fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ ! -d "$WHEELS" ]; then
-    echo "gpu_bench: missing ${need[*]} and no wheel folder '$WHEELS' (make one with scripts/gpu_wheels.sh)" >&2
+    say "gpu_bench: missing ${need[*]} and no wheel folder '$WHEELS' (make one here with scripts/gpu_wheels.sh)"
     exit 2
   fi
-  echo "gpu_bench: installing ${need[*]} from $WHEELS"
-  DS_BUILD_OPS=0 "$PY" -m pip install --no-index --find-links "$WHEELS" "${need[@]}"
+  say "gpu_bench: installing ${need[*]} from $WHEELS"
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${need[@]}" 2>&1 | tee -a "$LOG" || exit 2
 fi
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/hfbench/torch_extensions}
-track=(--no-track)
-if "$PY" -c "import mlflow" >/dev/null 2>&1; then track=(--tracking-uri "sqlite:///$OUT/bench_mlflow.db"); fi
-ds=(--deepspeed)
-[ "${DEEPSPEED:-1}" = 0 ] && ds=()
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('gpu_bench: torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-"$PY" -m launchers.cli bench overhead --model "${MODEL:-resnet50}" --size "${SIZE:-224}" --batch "${BATCH:-128}" \
-  --device "${DEVICE:-cuda}" --dtype bf16 --channels-last "${ds[@]}" --steps "${STEPS:-10}" \
-  --warmup "${WARMUP:-5}" --repeats "${REPEATS:-5}" "${track[@]}" "$@" 2>&1 | tee "$OUT/overhead.txt"
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | tee -a "$LOG"
+LIMIT=${SECTION_S:-150}
+failed=0
+section() {  # name, command...
+  local name=$1; shift
+  say "=== $name ($(date -u +%H:%M:%S))"
+  timeout "$LIMIT" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" != 0 ]; then say "=== $name FAILED (exit $rc$([ "$rc" = 124 ] && echo ", over ${LIMIT}s"))"; failed=$((failed + 1)); fi
+}
+size=()
+[ -n "${SIZE:-}" ] && size=(--size "$SIZE")
+ds=()
+[ "${DEEPSPEED:-0}" = 1 ] && ds=(--deepspeed)
+for m in ${MODELS:-resnet50 deit_small}; do
+  section "2:4 inference $m" "$PY" -m launchers.cli bench nm --model "$m" "${size[@]}" --dtype fp16 \
+    --batches "${NM_BATCHES:-1,256}" --json "$OUT/nm_$m.json"
+done
+for m in ${MODELS:-resnet50 deit_small}; do
+  for dt in ${DTYPES:-bf16 fp16}; do
+    cl=()
+    [ "$m" = resnet50 ] && cl=(--channels-last)
+    section "training overhead $m $dt" "$PY" -m launchers.cli bench overhead --model "$m" --size "${SIZE:-224}" \
+      --batch "${BATCH:-128}" --dtype "$dt" "${cl[@]}" "${ds[@]}" --methods "${METHODS:-hyperflux}" \
+      --steps "${STEPS:-10}" --warmup "${WARMUP:-5}" --repeats "${REPEATS:-5}" --no-track \
+      --json "$OUT/overhead_${m}_$dt.json"
+  done
+done
+say "gpu_bench: done, $failed section(s) failed; results in $OUT"
+exit $((failed > 0))

@@ -98,6 +98,7 @@ class Trainee:
         import torch.nn as nn
 
         from suite import models
+        from suite.pruning import masks
         from suite.steps import attach_pruner
 
         self.device, self.dtype = device, dtype
@@ -128,6 +129,9 @@ class Trainee:
         if channels_last:  # after DeepSpeed's broadcast (it views parameters as bytes: needs stride 1)
             model.to(memory_format=fmt)  # in place: optimiser and engine keep the same Parameter objects
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # fp16: the engine's dynamic gradient scaler, and the gates that scale their pressure gradient alike
+        self.scaler = self.opt.use_grad_scaler(device) if dtype == "fp16" else None
+        self.gated = [m for m in model.modules() if isinstance(m, masks.GatedWeight)] if self.scaler is not None else []
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(cfg.batch_size, in_chans, size, size, generator=g).to(device, memory_format=fmt)
         self.y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)
@@ -146,6 +150,8 @@ class Trainee:
             self.steps,
             device=self.device,
             precision=self.dtype,
+            scaler=self.scaler,
+            gated=self.gated,
         )
 
     def timed(self, n: int) -> list[float]:

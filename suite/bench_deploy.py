@@ -6,9 +6,7 @@ sparse format that PyTorch's own kernels run:
 - a Linear layer as a CSR matrix times the input (torch.sparse.mm);
 - a Conv2d layer (groups 1) as a CSR matrix times the unfolded input (F.unfold, im2col), the
   weight seen as W.reshape(out, in * kh * kw);
-- `semi_structured` prepares 2:4 linear layers for torch.sparse.to_sparse_semi_structured (the
-  GPU's semi-structured kernels); the command does not run it yet, and it is untested here (no
-  CUDA on the development machine).
+- the GPU's 2:4 kernels (torch.sparse.to_sparse_semi_structured) are suite/bench_nm.py's.
 Every sparse model's output is checked against the dense one's before it is timed.
 
 Timing: per batch size, dense and sparse calls alternate (dense, sparse, dense, ...) for
@@ -116,26 +114,6 @@ def sparsify(model: nn.Module, layer_names: list[str]) -> nn.Module:
         elif csr_convertible(mod):  # other layers stay dense
             setattr(parent, child, CSRConv2d(mod))
     return out
-
-
-def semi_structured(model: nn.Module, layer_names: list[str]) -> nn.Module | None:
-    """A copy with the 2:4 Linear layers in torch's semi-structured format (CUDA only), or None
-    where the device or the weights do not allow it."""
-    if not torch.cuda.is_available():
-        return None
-    from torch.sparse import to_sparse_semi_structured
-
-    out = copy.deepcopy(model).half().cuda().eval()
-    done = 0
-    for name in layer_names:
-        mod = out.get_submodule(name)
-        if isinstance(mod, nn.Linear):
-            try:
-                mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
-                done += 1
-            except (RuntimeError, ValueError):
-                continue  # not 2:4, or a shape the kernels refuse
-    return out if done else None
 
 
 @dataclass
