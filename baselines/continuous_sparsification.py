@@ -228,6 +228,10 @@ class ContinuousSparsification(Calibrated, Pruner):
     options = CSConfig
     variants = {"cs-ref": {"cs": {"mode": "reference"}}}
     summary = "continuous sparsification masks, 3 rounds"
+    # forward: read s, W, write W_eff (12; the penalty's sum of sigmoid(s) fused in); backward:
+    # read G, W, s, write dW, ds with the penalty's gradient (20); Adam on s (28)
+    floor_bytes = 60
+    floor_note = "its mask is a chain of eager operators (scaling, sigmoid) and the penalty recomputes it"
     reference_recipe = (
         "lolemacs/continuous-sparsification's recipe, lambda {lam} fixed, the knob s0 = {s_init}, "
         "beta per epoch to {beta_final} in each of {rounds} rounds, masks in the weights' SGD, the LR "

@@ -153,6 +153,11 @@ class HardConcreteL0(Calibrated, Pruner):
     options = L0Config
     variants = {"l0-ref": {"l0": {"mode": "reference"}}}
     summary = "hard-concrete gates"
+    # forward: read log_alpha, W, write W_eff and the uniform noise backward needs (16); backward:
+    # read G, W, log_alpha, noise, write dW, dlog_alpha with the L0 term's gradient (24); Adam on
+    # log_alpha (28)
+    floor_bytes = 68
+    floor_note = "its gate is a chain of about ten eager operators and draws a random number per weight"
     reference_recipe = (
         "AMLab-Amsterdam/L0_regularization's recipe, lambda {lam} per training example fixed, "
         "{granularity} gates, log_alpha clamped to [ln 0.01, ln 100], the L2 weighted by P(z != 0), "

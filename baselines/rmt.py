@@ -251,6 +251,10 @@ class SpectralEdgeRestore(_RMTBase):
     # SER restores at the end of its selection epoch and then fine-tunes: at least 2 epochs
     min_epochs = 2
     summary = "exact: over-prune, select and restore, then fine-tune"
+    # in the selection epoch (the first, which the bench measures): the mask (24), the survivors'
+    # gradients zeroed in the same backward pass (read the over-pruned mask: 4) and the survivors
+    # put back after each step (read snapshot, mask, W; write W: 16); afterwards a plain mask (24)
+    floor_bytes = 44
     published = {"ser": ("mp_ser",)}  # arXiv 2606.02608: spectral edge restore
 
     @classmethod
@@ -273,6 +277,9 @@ class SpectralEdgeRestore(_RMTBase):
         self.over: list[torch.Tensor] = []  # over-pruned masks (1 = survivor)
         self.reservoir: list[torch.Tensor] = []  # bool: removed by the SER over-prune, trains in selection
         self.snapshot: list[torch.Tensor] = []  # survivors' stored values during selection
+        self._made_from: Optional[list[torch.Tensor]] = None  # the `over` that _free and _keep were made from
+        self._free: list[torch.Tensor] = []  # 1 - over: what the gradient keeps during selection
+        self._keep: list[torch.Tensor] = []  # over as bool: the survivors put back after each step
 
     def _check_epochs(self) -> None:
         need = self.selection_epoch + 1
@@ -290,10 +297,18 @@ class SpectralEdgeRestore(_RMTBase):
     def _freeze_hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.phase == "select" and self.over:
-                return grad * (1 - self.over[i]).to(grad.dtype)
+                return grad * self._selection_masks()[0][i].to(grad.dtype)
             return grad
 
         return hook
+
+    def _selection_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(1 - over, over as bool) per layer, made once per selection rather than every step."""
+        if self._made_from is not self.over:
+            self._free = [1 - o for o in self.over]
+            self._keep = [o.bool() for o in self.over]
+            self._made_from = self.over
+        return self._free, self._keep
 
     def over_target(self) -> float:
         """The over-pruned sparsity SER selects from: rho * s (the paper's multiplicative rule), or
@@ -333,9 +348,9 @@ class SpectralEdgeRestore(_RMTBase):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         if self.phase == "select":
-            for w, o, snap in zip(self.stored(), self.over, self.snapshot):
-                keep = o.bool()
-                w[keep] = snap[keep]
+            # one pass per layer (torch.where in place) instead of boolean-index gathers and scatters
+            for w, keep, snap in zip(self.stored(), self._selection_masks()[1], self.snapshot):
+                torch.where(keep, snap, w, out=w)
 
     @torch.no_grad()
     def restore(self) -> list[torch.Tensor]:
@@ -398,6 +413,8 @@ class HybridMagnitudeSER(SpectralEdgeRestore):
     name = "rmt_hybrid"
     min_epochs = 3  # above the switch: its magnitude epoch, SER's selection epoch, a fine-tune
     summary = "exact: magnitude to the switch, SER beyond (the paper prunes in 0.05 cycles)"
+    # a mask while it prunes by magnitude, as in the bench's first epoch (SER's selection comes later)
+    floor_bytes = 24
     # arXiv 2606.02608: magnitude up to 0.2, SER beyond
     published = {"rmt_hybrid": ("mp_hybrid_mag_ser",)}
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from suite.pruning import masks, registry, sparsity
@@ -86,7 +87,54 @@ class STRConfig(Strict):
         return self
 
 
+def _threshold_as_number(w: torch.Tensor) -> bool:
+    """softshrink takes the threshold as a number: free on the CPU, a synchronisation on a GPU."""
+    return w.device.type == "cpu"
+
+
+class _SoftThreshold(torch.autograd.Function):
+    """sign(W) relu(|W| - t) in one pass where the composed form takes five, the same values bit
+    for bit (W -+ t where |W| > t, else 0): on the CPU torch's softshrink kernel (t read as a
+    number, which costs nothing there), on a GPU W - clamp(W, -t, t) (t stays on the device, no
+    synchronisation). Backward:
+        dL/dW = G 1[|W| > t]
+        dL/dt = -sum(G 1[|W| > t] sign(W))
+    the same products and the same sum as autograd of the composed form (multiplying by 0, 1 or
+    -1 is exact), sign(W) read off the output, which has W's sign wherever it is not 0."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if _threshold_as_number(w):
+            ctx.lam = float(t)
+            out = F.softshrink(w, ctx.lam)
+        else:
+            ctx.lam = None
+            out = w - torch.clamp(w, -t, t)
+        ctx.save_for_backward(w, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w, out = ctx.saved_tensors
+        if ctx.lam is not None:
+            gw = torch.ops.aten.softshrink_backward(grad, w, ctx.lam)
+        else:
+            gw = grad * (out != 0)
+        gt = None
+        if ctx.needs_input_grad[1]:
+            gt = -(gw * torch.sign(out)).sum().reshape(1)
+        return gw, gt
+
+
 def soft_threshold(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """sign(w) relu(|w| - threshold); threshold a 1-element tensor."""
+    out: torch.Tensor = _SoftThreshold.apply(w, threshold)
+    return out
+
+
+def soft_threshold_composed(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The same function composed of torch operators (autograd's own gradient): the reference
+    the fused one is tested against."""
     return torch.sign(w) * torch.relu(w.abs() - threshold)
 
 
@@ -121,6 +169,10 @@ class SoftThreshold(Calibrated, Pruner):
     options = STRConfig
     variants = {"str-ref": {"soft_threshold": {"mode": "reference"}}}
     summary = "learned per-layer soft thresholds"
+    # one threshold per layer: forward read W, write W_eff (8); backward read G, W, write dW, the
+    # threshold's gradient a reduction in the same pass (12)
+    floor_bytes = 20
+    floor_note = "the threshold's gradient takes a sign and a product pass, kept so its sum is the recorded runs' one"
     reference_recipe = (
         "RAIVNLab/STR's recipe, s from {s_init} decayed by the weights' own weight decay, thresholds trained to the end"
     )

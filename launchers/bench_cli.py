@@ -4,6 +4,7 @@ suite/bench_deploy.py, suite/bench_nm.py)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,8 @@ def cmd_overhead(a) -> int:
                     f"img_s.{m}": r["img_s"],
                 }
             )
+            if math.isfinite(r.get("floor_ratio", math.nan)):
+                metrics.update({f"floor_ratio.{m}": r["floor_ratio"], f"to_floor.{m}": r["to_floor"]})
             if "mem_mb" in r:
                 metrics.update({f"mem_mb.{m}": r["mem_mb"], f"mem_ratio.{m}": r["mem_ratio"]})
         uri = a.tracking_uri or tracking.default_uri()

@@ -308,6 +308,8 @@ def make_store(
                 Metric(f"step_ratio_q1.{k}", sr - 0.01, ts0, 0),
                 Metric(f"step_ratio_q3.{k}", sr + 0.01, ts0, 0),
                 Metric(f"mem_ratio.{k}", mr, ts0, 0),
+                # a floor halfway between dense and the method: the larger overheads end above it
+                Metric(f"floor_ratio.{k}", 1.0 + (sr - 1.0) / 2, ts0, 0),
             ]
         c.log_batch(
             run.info.run_id,

@@ -26,18 +26,26 @@ from collections import defaultdict
 from pathlib import Path
 
 from reports import dynamics, flops, interactive, published
+from reports.bench_runs import deploy_speedups, overhead
 from reports.comparisons import protocol_tables
 from reports.fmt import one_line, pct, portable_uri, run_url, safe_uri, slug, sparsity_key, ui_base
-from reports.plots import label_list, layer_target, parallel_saves, plot_accuracy, plot_cost, plot_density, plot_layers
+from reports.plots import (
+    label_list,
+    layer_target,
+    parallel_saves,
+    plot_accuracy,
+    plot_cost,
+    plot_density,
+    plot_layers,
+    plot_speedups,
+)
 from reports.records import (
     Histories,
     RunRecord,
-    deploy_speedups,
     is_dense,
     latest_finished,
     load,
     method_order,
-    overhead,
     read_artifacts,
     tracks_target,
 )
@@ -254,6 +262,12 @@ def build_report(
                 more = [
                     (name, f"Test top-1 vs total training budget (dense-equivalent epochs), {dataset} / {model}")
                 ] + more
+            if any(r.measured_speedup and r.theoretical_speedup for r in recs):
+                name = f"speedup_{stem}.png"
+                plot_speedups(sec, out_dir / name, recs)
+                more.append(
+                    (name, f"Measured vs theoretical inference speed-up (CSR, this machine), {dataset} / {model}")
+                )
             sec.plots += more
             sections.append(sec)
     for sec in sections:

@@ -435,3 +435,50 @@ def plot_cost(section: Section, path: Path, records: list[RunRecord]) -> None:
         f"{section.dataset} / {section.model}: accuracy against training cost",
         "lower right",
     )
+
+
+def plot_speedups(section: Section, path: Path, records: list[RunRecord]) -> None:
+    """Measured inference speed-up (`hfbench bench deploy`) against the theoretical one (dense
+    MACs / remaining MACs), one point per run and batch size: colour and marker by method, the
+    batch size in the label; the diagonal is "as fast as the MAC count says", the horizontal
+    line "as fast as dense"."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    fills = ("full", "none")  # batch sizes alternate filled / open markers
+    batches = sorted({b for r in records for b in r.measured_speedup})
+    lo, hi = 1.0, 1.0
+    by: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.theoretical_speedup and r.measured_speedup:
+            by[r.method].append(r)
+    for m, rs in sorted(by.items(), key=lambda kv: method_order(kv[0])):
+        colour, marker = method_style(m)
+        for i, b in enumerate(batches):
+            pts = [(r.theoretical_speedup, r.measured_speedup[b]) for r in rs if b in r.measured_speedup]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
+            open_marker = fills[i % 2] == "none"
+            ax.scatter(
+                xs,
+                ys,
+                s=26,
+                marker=marker,
+                facecolors="none" if open_marker else colour,
+                edgecolors=colour,
+                label=f"{m}, batch {b}",
+            )
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--", zorder=0, label="measured = theoretical")
+    ax.axhline(1.0, color="0.3", lw=0.8, zorder=0)
+    log_axis(ax, "x")
+    log_axis(ax, "y")
+    _finish(
+        fig,
+        ax,
+        path,
+        "theoretical speed-up (dense MACs / remaining MACs, ×)",
+        "measured speed-up (dense time / sparse time, ×)",
+        f"{section.dataset} / {section.model}: measured against theoretical inference speed-up",
+        "upper left",
+    )

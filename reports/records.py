@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ __all__ = [
     "latest_finished",
     "load",
     "method_order",
-    "overhead",
     "read_artifacts",
     "tracks_target",
 ]
@@ -487,81 +485,3 @@ def latest_finished(records: Iterable[RunRecord]) -> list[RunRecord]:
         if cur is None or (r.start_time or 0) >= (cur.start_time or 0):
             best[r.identity] = r
     return list(best.values())
-
-
-def overhead(client) -> dict | None:
-    """The latest FINISHED run of experiment "bench" with step_ratio.<method> metrics:
-    {"run_id", "params", "step": {method: (ratio, q1, q3)}, "mem": {method: ratio}}."""
-    try:
-        store = open_store(client)
-        if store is not None:  # a sqlite store: plain SQL, as in `load`
-            exp = store.experiment("bench")
-            if exp is None:
-                return None
-            runs = [r for r in store.runs(exp.experiment_id, newest_first=True) if r.info.status == "FINISHED"][:200]
-        else:
-            exp = client.get_experiment_by_name("bench")
-            if exp is None:
-                return None
-            runs = client.search_runs(
-                [exp.experiment_id],
-                filter_string="attributes.status = 'FINISHED'",
-                max_results=200,
-                order_by=["attributes.start_time DESC"],
-            )
-    except Exception:
-        return None
-    for run in runs:
-        m = run.data.metrics
-        step = {
-            k.split(".", 1)[1]: (
-                v,
-                m.get(f"step_ratio_q1.{k.split('.', 1)[1]}"),
-                m.get(f"step_ratio_q3.{k.split('.', 1)[1]}"),
-            )
-            for k, v in m.items()
-            if k.startswith("step_ratio.")
-        }
-        if step:
-            mem = {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("mem_ratio.")}
-            return {"run_id": run.info.run_id, "params": dict(run.data.params), "step": step, "mem": mem}
-    return None
-
-
-def deploy_speedups(client, experiment: str) -> dict[str, dict[int, float]]:
-    """{training run id: {batch: measured speed-up}} from the latest FINISHED `hfbench bench
-    deploy` run of `experiment` (experiment "bench", tag hfbench.bench = deploy, param
-    experiment); {} when there is none."""
-    try:
-        store = open_store(client)
-        if store is not None:
-            exp = store.experiment("bench")
-            runs = [] if exp is None else store.runs(exp.experiment_id, newest_first=True)
-        else:
-            exp = client.get_experiment_by_name("bench")
-            runs = (
-                []
-                if exp is None
-                else client.search_runs(
-                    [exp.experiment_id],
-                    filter_string="tags.`hfbench.bench` = 'deploy'",
-                    max_results=200,
-                    order_by=["attributes.start_time DESC"],
-                )
-            )
-    except Exception:
-        return {}
-    for run in runs:
-        if (
-            run.info.status != "FINISHED"
-            or run.data.tags.get("hfbench.bench") != "deploy"
-            or run.data.params.get("experiment") != experiment
-        ):
-            continue
-        out: dict[str, dict[int, float]] = defaultdict(dict)
-        for k, v in run.data.metrics.items():
-            head, _, rid = k.partition(".")
-            if head.startswith("speedup_b") and head[9:].isdigit():
-                out[rid][int(head[9:])] = v
-        return dict(out)
-    return {}

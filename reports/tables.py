@@ -333,6 +333,16 @@ def _range(vals: list[float], fmt: str) -> str:
     return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}–{format(hi, fmt)}"
 
 
+def _floor_note(method: str) -> str:
+    """The method's own words on what keeps its step above its floor (Pruner.floor_note)."""
+    try:
+        from suite.pruning import registry
+
+        return registry.get(method).floor_note or "not stated by the method"
+    except KeyError:  # a plugin method this process has not loaded
+        return "not stated by the method"
+
+
 def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
     dense = [r.samples for r in recs if r.method == DENSE and r.samples]
     dense_samples = statistics.fmean(dense) if dense else None
@@ -340,6 +350,7 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
     for r in recs:
         by_method[r.method].append(r)
     rows = []
+    above: list[str] = []  # methods whose measured step is more than 10 % over their floor, and why
     for method in sorted(by_method, key=method_order):
         rs = by_method[method]
         mult = [r.samples / dense_samples for r in rs if r.samples and dense_samples]
@@ -349,6 +360,9 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
         base = rs[0].base_method
         st = (bench or {}).get("step", {}).get(base)
         mem = (bench or {}).get("mem", {}).get(base)
+        floor = (bench or {}).get("floor", {}).get(base)
+        if st is not None and floor is not None and math.isfinite(floor) and st[0] > 1.1 * floor:
+            above.append(f"{base} ({st[0] / floor:.2f}x its floor: {_floor_note(base)})")
         st_cell = mem_cell = ""  # columns left out without a benchmark run
         if bench is not None:
             st_cell = (
@@ -357,6 +371,7 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
                 else (
                     f"{st[0]:.3f}"
                     + (f" [IQR {st[1]:.3f}, {st[2]:.3f}]" if st[1] is not None and st[2] is not None else "")
+                    + (f"; floor {floor:.3f}" if floor is not None and math.isfinite(floor) else "")
                 )
             )
             mem_cell = "n/a" if mem is None else f"{mem:.3f}"
@@ -392,8 +407,12 @@ def compute_table(recs: list[RunRecord], bench: dict | None) -> Any:
         note += (
             f"Step-time and peak-memory ratios (method / dense) from overhead benchmark run "
             f"{bench['run_id']} (model {p.get('model', '?')}, device {p.get('device', '?')}, "
-            f"batch {p.get('batch', '?')}); median over rounds with IQR."
+            f"batch {p.get('batch', '?')}); median over rounds with IQR. Floor: the step-time ratio if the "
+            f"method's per-weight work (masks, gates, their optimiser state) moved only the bytes it must, at "
+            f"the machine's measured memory bandwidth."
         )
+        if above:
+            note += " More than 10 % above the floor: " + "; ".join(dict.fromkeys(above)) + "."
     header = [
         "method",
         "runs",

@@ -108,6 +108,7 @@ class Trainee:
         torch.manual_seed(cfg.seed)
         model = mspec.build(num_classes, in_chans)
         layers = mspec.prunable(model)
+        self.n_prunable = sum(mod.weight.numel() for _, mod in layers)
         self.pruner, self.opt = attach_pruner(cfg, model, layers, STEPS_PER_EPOCH, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model
@@ -272,6 +273,44 @@ def _mem_child(args_json: str) -> None:
     print(f"HFBENCH_MEM {mb:.3f}", flush=True)
 
 
+def memory_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 7) -> float:
+    """Bytes per second one fused elementwise pass moves here: c = a + b over fp32 tensors of
+    `mib` MiB each (two reads, one write; far larger than the caches), at the current thread
+    count; the median of `repeats` passes after one untimed pass."""
+    import torch
+
+    n = mib * 2**20 // 4
+    a, b = torch.rand(n, device=device), torch.rand(n, device=device)
+    c = torch.empty(n, device=device)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 3 * 4 * n / statistics.median(times)
+
+
+def add_floors(rows: list[dict[str, Any]], n_weights: int, bandwidth: float) -> None:
+    """Each row's floor (in place): the method's declared bytes per prunable weight per step
+    (Pruner.floor_bytes) times the prunable weights, at `bandwidth` bytes/s, added to its dense
+    step time: floor_ms, floor_ratio (1 + floor_ms / dense step) and to_floor (measured ratio /
+    floor_ratio). Rows of methods that declare nothing get NaN."""
+    from suite.pruning import registry
+
+    for r in rows:
+        fb = 0 if r["method"] == registry.CONTROL else registry.get(r["method"]).floor_bytes
+        if fb is None:
+            r["floor_bytes"], r["floor_ms"], r["floor_ratio"], r["to_floor"] = math.nan, math.nan, math.nan, math.nan
+            continue
+        r["floor_bytes"] = fb
+        r["floor_ms"] = 1e3 * fb * n_weights / bandwidth
+        r["floor_ratio"] = 1.0 + r["floor_ms"] / r["dense_step_ms"]
+        r["to_floor"] = r["ratio"] / r["floor_ratio"]
+
+
 def run_overhead(
     model: str = "resnet50",
     size: int = 32,
@@ -322,6 +361,10 @@ def run_overhead(
         f"{torch.get_num_threads()} threads; {repeats} rounds x {steps} steps per block"
     )
     dense = Trainee(bench_config("dense", model, batch, sets=sets), size, device, dtype, channels_last, use_deepspeed)
+    bandwidth = memory_bandwidth(device)
+    params["bandwidth_gb_s"] = bandwidth / 1e9
+    params["prunable_weights"] = dense.n_prunable
+    say(f"[bench] memory bandwidth {bandwidth / 1e9:.1f} GB/s (fused c = a + b); {dense.n_prunable:,} prunable weights")
     dense.timed(warmup)
     dense_steps: list[float] = []
     rows: list[dict[str, Any]] = []
@@ -375,6 +418,7 @@ def run_overhead(
     rows += [per_method[m] for m in methods]
     for row in rows:
         row["img_s"] = batch / (row["step_ms"] / 1e3)
+    add_floors(rows, dense.n_prunable, bandwidth)
     if memory:
         margs = {
             "model": model,
@@ -405,15 +449,28 @@ def overhead_table(res: dict[str, Any]) -> str:
         f"# overhead: {p['model']} {p['size']}px batch {p['batch']}, {p['device']} {p['dtype']}"
         f"{' channels_last' if p['channels_last'] else ''}{' deepspeed' if p['deepspeed'] else ''}, "
         f"{p['threads']} threads, {p['repeats']} rounds x {p['steps']} steps",
-        f"| method | step ms | img/s | ratio to dense [IQR over rounds] | peak mem MB ({mem_kind}) | mem ratio |",
-        "|---|---:|---:|---|---:|---:|",
     ]
+    if "bandwidth_gb_s" in p:
+        lines.append(
+            f"floor: the method's per-weight bytes per step (fused) x {p['prunable_weights']:,} prunable weights "
+            f"at the measured {p['bandwidth_gb_s']:.1f} GB/s, over dense's step time"
+        )
+    lines += [
+        f"| method | step ms | img/s | ratio to dense [IQR over rounds] | floor B/weight | floor ratio | "
+        f"ratio / floor | peak mem MB ({mem_kind}) | mem ratio |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def num(r: dict[str, Any], k: str, fmt: str) -> str:
+        v = r.get(k)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
     for r in res["rows"]:
-        mem = f"{r['mem_mb']:.0f}" if "mem_mb" in r else "-"
-        memr = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
         lines.append(
             f"| {r['method']} | {r['step_ms']:.1f} | {r['img_s']:.1f} | {r['ratio']:.3f} "
-            f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {mem} | {memr} |"
+            f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {num(r, 'floor_bytes', 'g')} | "
+            f"{num(r, 'floor_ratio', '.3f')} | {num(r, 'to_floor', '.3f')} | {num(r, 'mem_mb', '.0f')} | "
+            f"{num(r, 'mem_ratio', '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 

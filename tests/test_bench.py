@@ -150,6 +150,48 @@ def test_cli_overhead_prints_table_and_logs(tmp_path):
     assert run.data.params["model"] == "fmnist_cnn" and run.data.params["threads"] == "1"
     assert run.data.metrics["step_ratio.dense"] == 1.0 and run.data.metrics["step_ratio.hyperflux"] > 0
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"overhead.md", "overhead.json"}
+    # the floors are logged, and the report's records read them back
+    from reports.bench_runs import overhead
+
+    m = run.data.metrics
+    assert m["floor_ratio.hyperflux"] > m["floor_ratio.magnitude"] > 1.0
+    assert m["to_floor.hyperflux"] == pytest.approx(m["step_ratio.hyperflux"] / m["floor_ratio.hyperflux"])
+    assert overhead(c)["floor"] == {k: m[f"floor_ratio.{k}"] for k in ("dense", "magnitude", "hyperflux")}
+
+
+def test_every_registered_method_declares_its_floor_bytes():
+    """The overhead table's floor needs each method's bytes per weight per step (Pruner.floor_bytes,
+    declared in the method's own file); a method without one would show '-'."""
+    from suite.pruning import registry
+
+    missing = [m for m in registry.pruning_names() if not isinstance(registry.get(m).floor_bytes, int)]
+    assert missing == []
+    # the mask family moves fewer bytes than the methods that train a gate per weight with Adam
+    assert registry.get("magnitude").floor_bytes < registry.get("hyperflux").floor_bytes
+
+
+def test_floors_are_the_closed_form_of_bytes_weights_and_bandwidth():
+    from suite.pruning import registry
+
+    rows = [
+        {"method": "dense", "ratio": 1.0, "dense_step_ms": 100.0},
+        {"method": "hyperflux", "ratio": 1.5, "dense_step_ms": 100.0},
+        {"method": "magnitude", "ratio": 1.1, "dense_step_ms": 80.0},
+    ]
+    bench.add_floors(rows, n_weights=1_000_000, bandwidth=10e9)
+    hf = registry.get("hyperflux").floor_bytes * 1e6 / 10e9 * 1e3  # ms
+    mg = registry.get("magnitude").floor_bytes * 1e6 / 10e9 * 1e3
+    assert rows[0]["floor_ratio"] == 1.0 and rows[0]["to_floor"] == 1.0
+    assert rows[1]["floor_ms"] == pytest.approx(hf) and rows[1]["floor_ratio"] == pytest.approx(1 + hf / 100)
+    assert rows[1]["to_floor"] == pytest.approx(1.5 / (1 + hf / 100))
+    assert rows[2]["floor_ratio"] == pytest.approx(1 + mg / 80)
+
+
+def test_memory_bandwidth_counts_two_reads_and_a_write():
+    """12 bytes per element of c = a + b over the pass's time: a throughput between a slow
+    disk's and any memory's (0.1 GB/s to 10 TB/s) on any machine."""
+    bw = bench.memory_bandwidth("cpu", mib=16, repeats=3)
+    assert 1e8 < bw < 1e13
 
 
 def test_cli_rejects_unknown_method():

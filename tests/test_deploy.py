@@ -135,10 +135,20 @@ def test_the_deploy_command_measures_each_finished_pruned_run_and_logs_it(tmp_pa
     from reports.build import build_report
     from suite.run_schema import mlflow_key
 
+    rows = ["layer,shape,numel,nonzero"] + [
+        f"{n},{'x'.join(map(str, m.weight.shape))},{m.weight.numel()},{int((m.weight != 0).sum())}"
+        for n, m in spec.prunable(net)
+    ]
     for name in ("ok", "gone"):
         c.log_metric(ids[name], mlflow_key("test_top1"), 0.8)
         c.log_metric(ids[name], mlflow_key("final_density"), 0.2)
-    md = build_report(uri, "dep", tmp_path / "report")["report.md"].read_text()
+        c.log_text(ids[name], "\n".join(rows) + "\n", "layer_density.csv")  # the report's theoretical speed-up
+    files = build_report(uri, "dep", tmp_path / "report")
+    md = files["report.md"].read_text()
+    # measured against theoretical, one point per measured run and batch: the plot is drawn and listed
+    plot = files["speedup_fashion_mnist_lenet300.png"]
+    assert plot.stat().st_size > 0 and "](speedup_fashion_mnist_lenet300.png)" in md
+    assert "Measured vs theoretical inference speed-up" in md
     header = next(ln for ln in md.splitlines() if ln.startswith("| Method |"))
     assert "Measured speed-up, batch 1 (×)" in header and "Measured speed-up, batch 8 (×)" in header
     cols = [c.strip() for c in header.strip("|").split("|")]

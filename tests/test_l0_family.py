@@ -147,6 +147,30 @@ def test_str_threshold_math_and_gradient():
     assert s.grad.item() == pytest.approx(-0.15 * 0.85, rel=1e-5)
 
 
+@pytest.mark.parametrize("as_number", [True, False])
+def test_str_fused_threshold_is_bit_identical_to_the_composed_operators(as_number, monkeypatch):
+    """The fused soft threshold (softshrink on the CPU; W - clamp(W, -t, t), the GPU's path,
+    forced here) gives the same output, weight gradient and threshold gradient, bit for bit, as
+    sign(W) relu(|W| - t) differentiated by autograd: recorded STR runs stay reproducible."""
+    from baselines import soft_threshold as st
+
+    monkeypatch.setattr(st, "_threshold_as_number", lambda w: as_number)
+    g = torch.Generator().manual_seed(0)
+    for shape in [(64, 3, 7, 7), (256, 128, 3, 3), (1000, 512)]:
+        w0 = torch.randn(shape, generator=g) * 0.05
+        w0.view(-1)[:4] = torch.tensor([0.0, 0.075, -0.075, 1.0])  # zeros and values near the threshold
+        grad = torch.randn(shape, generator=g)
+        got = []
+        for f in (st.soft_threshold, st.soft_threshold_composed):
+            w = w0.clone().requires_grad_()
+            s = torch.tensor([math.log(0.075 / 0.925)], requires_grad=True)
+            f(w, torch.sigmoid(s)).backward(grad)
+            got.append((f(w.detach(), torch.sigmoid(s.detach())), w.grad, s.grad))
+        for a, b in zip(*got):
+            assert torch.equal(a, b)
+        assert 0 < int((got[0][0] == 0).sum()) < w0.numel()  # both sides of the threshold are in play
+
+
 def test_str_knob_is_group_weight_decay_and_controller_moves_it():
     net, layers, cfg, p, opt = _setup(
         "str",

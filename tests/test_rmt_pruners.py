@@ -452,3 +452,33 @@ def test_classical_rmt_in_cycles_prunes_along_the_path_and_never_revives():
         RunConfig(method="rmt", sparsity=s).run_hash()
         != RunConfig(method="rmt", sparsity=s, rmt={"cycles": 34}).run_hash()
     )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_classical_rmt_l1_term_gives_autograds_gradient_bit_for_bit(channels_last):
+    """The L1 term's fused form (|W| . M, backward sign(W) M) leaves the stored weight with the
+    same gradient, bit for bit, as l1 * sum |W * M| differentiated by autograd through the mask,
+    so recorded classical-RMT runs stay reproducible."""
+    import torch.nn as nn
+
+    from baselines.rmt_classical import masked_l1
+    from suite.pruning import masks
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3)
+    m = masks.attach(conv, masks.MaskedWeight(conv.weight.shape))
+    m.mask.copy_((torch.rand(m.mask.shape) > 0.7).float())
+    with torch.no_grad():
+        masks.stored_weight(conv).view(-1)[:8] = 0.0  # sign(0) = 0 on both paths
+    if channels_last:
+        conv.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 9, 9)
+    got = []
+    for fused in (False, True):
+        w = masks.stored_weight(conv)
+        w.grad = None
+        l1 = masked_l1(conv) if fused else masks.effective_weight(conv).abs().sum()
+        (conv(x).square().mean() + 1e-3 * l1).backward()
+        got.append((w.grad.clone(), l1.detach()))
+    assert torch.equal(got[0][0], got[1][0])
+    assert got[1][1].item() == pytest.approx(got[0][1].item(), rel=1e-6)

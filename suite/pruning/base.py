@@ -85,6 +85,11 @@ class Pruner:
     # end_epoch metrics printed in the engine's epoch line: metric -> format, e.g. {"gamma": "gamma {:.3g}"}
     epoch_metrics: ClassVar[dict[str, str]] = {}
     bench_sets: ClassVar[dict[str, Any]] = {}  # overhead bench: dotted run fields for a representative step
+    # overhead bench floor: the bytes per prunable weight that the method's per-weight work must
+    # move each training step beyond dense training's, every pass fused (each tensor read or
+    # written once per phase: forward, backward, optimiser), fp32; None: not declared
+    floor_bytes: ClassVar[Optional[int]] = None
+    floor_note: ClassVar[str] = ""  # what keeps its measured step above that floor, for the report
     summary: ClassVar[str] = ""  # one line for the report: how the method reaches its sparsity
     published: ClassVar[dict[str, tuple[str, ...]]] = {}  # variant -> method names in reports/published.csv
     published_note: ClassVar[str] = ""  # why the method's own runs are not compared with a published row
@@ -178,6 +183,10 @@ class Pruner:
 
 class MaskPruner(Pruner):
     """Base for methods that hold a 0/1 mask per prunable layer."""
+
+    # forward W_eff = W * M (read W, M; write W_eff), backward dW = G * M (read G, M; write dW):
+    # 6 passes of 4 bytes; pruning itself happens a few times a run, not per step
+    floor_bytes = 24
 
     def attach(self, model: nn.Module) -> None:
         self.params = [

@@ -222,6 +222,10 @@ class Hyperflux(Pruner):
     own_lr_schedule = True  # the two phases (lrs below)
     epoch_metrics = {"gamma": "gamma {:.3g}", "target_density": "target {:.2%}"}
     bench_sets = {"hyperflux.schedule": "fixed", "hyperflux.fixed_gamma": 1.0}  # a constant pressure: no controller
+    # forward: read m, W, write W_eff (12); backward: read G, W, m, write dW, dm with the pressure
+    # added (20); Adam on the gates: read dm, both moments, m, write both moments, m (28)
+    floor_bytes = 60
+    floor_note = "the mask is written to a buffer before the product, and dW and dm are two passes"
     summary = "the paper's pressure controller"
     variants = {f"hyperflux-{p.replace(':', 'of')}": {"hyperflux": {"pattern": p}} for p in masks.PATTERNS[1:]}
     dynamics = {
