@@ -368,6 +368,7 @@ class SpectralEdgeRestore(_RMTBase):
         self.restored = [(m.bool() & r) for m, r in zip(final, self.reservoir)]
         self.n_restored = int(sum(int(x.sum()) for x in self.restored))
         self.over, self.reservoir, self.snapshot = [], [], []
+        self._made_from, self._free, self._keep = None, [], []  # the selection masks go with it
         self._reset_momentum()
         self.phase = "finetune"
         return final
@@ -399,6 +400,7 @@ class SpectralEdgeRestore(_RMTBase):
         self.wl = cast("list[float]", st.get("wl"))  # None only in a state saved before start_selection sets it
         W = self.stored()
         self.over = [o.to(w.device).clone() for o, w in zip(st.get("over", []), W)]
+        self._made_from, self._free, self._keep = None, [], []  # made again from `over` when needed
         self.reservoir = [r.to(w.device).clone() for r, w in zip(st.get("reservoir", []), W)]
         self.fits = [mp.MPFit(**{**d, "shape": tuple(d["shape"])}) for d in st.get("fits", [])]
         # mid-selection the model's survivors equal the snapshot (restored after every step)

@@ -146,8 +146,9 @@ def denoise_noise_components(W: torch.Tensor, fit: mp.MPFit, tau: float) -> torc
 
 class _MaskedL1(torch.autograd.Function):
     """sum |W * M| for a 0/1 mask M without building W * M a second time (the forward pass has
-    built it once): |W| . M; backward sign(W) M G, value for value what autograd gives through
-    W * M (sgn(W M) M), in two passes instead of five."""
+    built it once): |W| . M (its value summed in another order than .sum(); only the gradient
+    trains); backward sign(W) M G, value for value what autograd gives through W * M
+    (sgn(W M) M; a zero may differ in sign): three passes where autograd's path takes five."""
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -93,11 +93,12 @@ def _threshold_as_number(w: torch.Tensor) -> bool:
 
 
 class _SoftThreshold(torch.autograd.Function):
-    """sign(W) relu(|W| - t) in one pass where the composed form takes five, the same values bit
-    for bit (W -+ t where |W| > t, else 0): on the CPU torch's softshrink kernel (t read as a
-    number, which costs nothing there), on a GPU W - clamp(W, -t, t) (t stays on the device, no
-    synchronisation). Backward:
-        dL/dW = G 1[|W| > t]
+    """sign(W) relu(|W| - t) in one pass where the composed form takes five, with the same values
+    (W -+ t where |W| > t, else 0; a zero may differ in sign): on the CPU torch's softshrink
+    kernel (t read as a number, which costs nothing there), on a GPU W - clamp(W, -t, t) (t stays
+    on the device). Backward:
+        dL/dW = G where |W| > t, else 0 (selected, so an inf or NaN in G at a pruned weight
+                stays out, as in autograd's relu backward)
         dL/dt = -sum(G 1[|W| > t] sign(W))
     the same products and the same sum as autograd of the composed form (multiplying by 0, 1 or
     -1 is exact), sign(W) read off the output, which has W's sign wherever it is not 0."""
@@ -119,7 +120,7 @@ class _SoftThreshold(torch.autograd.Function):
         if ctx.lam is not None:
             gw = torch.ops.aten.softshrink_backward(grad, w, ctx.lam)
         else:
-            gw = grad * (out != 0)
+            gw = torch.where(out != 0, grad, 0.0)
         gt = None
         if ctx.needs_input_grad[1]:
             gt = -(gw * torch.sign(out)).sum().reshape(1)

@@ -44,6 +44,37 @@ def matmul_layer(mod: nn.Module) -> bool:
     )
 
 
+def _as_input_dtype(y: torch.Tensor, x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+    """y row-major and in x's dtype, as a dense layer's output would be. torch's semi-structured
+    products return their (rows, out) result column-major (a transposed view), and the layers
+    after them then see odd strides. In an H200 profile of a 2:4 DeiT-S (before this function
+    made outputs row-major) attention ran as fp32 bmm and copies, 14.7 of a 34.8 ms forward,
+    where the dense model used cuDNN attention (1.0 ms): column-major q, k, v, which the fused
+    kernels refuse, are the likely reason (not re-measured since). Some builds may also return
+    fp32 from fp16. What the first call returned is kept in `mod.out_dtype` and
+    `mod.out_contiguous`."""
+    if mod.out_dtype is None:
+        mod.out_dtype, mod.out_contiguous = y.dtype, y.is_contiguous()
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.contiguous()
+
+
+class MatmulLinear(nn.Module):
+    """A Linear whose weight is anything F.linear takes (a dense tensor, or torch's
+    semi-structured sparse one), its output in the input's dtype."""
+
+    def __init__(self, lin: nn.Linear, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+        self.out_dtype: torch.dtype | None = None
+        self.out_contiguous: bool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _as_input_dtype(F.linear(x, self.weight, self.bias), x, self)
+
+
 class MatmulConv1x1(nn.Module):
     """A 1x1 convolution as F.linear over the channels: y[n, :, i, j] = W x[n, :, i*s, j*s] + b.
     `weight` is anything F.linear takes as a (out, in) weight: a dense tensor, or torch's
@@ -56,13 +87,15 @@ class MatmulConv1x1(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
         self.stride = conv.stride
+        self.out_dtype: torch.dtype | None = None
+        self.out_contiguous: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != (1, 1):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-        y = F.linear(rows, self.weight, self.bias)
+        y = _as_input_dtype(F.linear(rows, self.weight, self.bias), rows, self)
         return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -129,10 +162,7 @@ def to_matmul_sparse(
         except (RuntimeError, ValueError) as e:  # a shape or dtype the kernels refuse
             left[name] = f"{tuple(w2.shape)}: {str(e).splitlines()[0][:120]}"
             continue
-        if isinstance(mod, nn.Linear):
-            mod.weight = nn.Parameter(sw, requires_grad=False)
-        else:
-            setattr(parent, child, MatmulConv1x1(mod, sw))
+        setattr(parent, child, MatmulLinear(mod, sw) if isinstance(mod, nn.Linear) else MatmulConv1x1(mod, sw))
         done.append(name)
     return out, done, left
 
@@ -151,6 +181,8 @@ class NMTiming:
 
 
 def _close(ref: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> float:
+    if got.dtype != ref.dtype:
+        raise AssertionError(f"the sparse model returns {got.dtype}, the dense one {ref.dtype}")
     err = float((ref.float() - got.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
     tol = {torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)
     if not err <= tol:
@@ -222,7 +254,19 @@ def _semi_structured_model(
     to convert or to run; "cutlass" or "cusparselt": that one only."""
     from torch.sparse import SparseSemiStructuredTensor
 
-    start = {"auto": bool(SparseSemiStructuredTensor._FORCE_CUTLASS), "cutlass": True, "cusparselt": False}[backend]
+    before = SparseSemiStructuredTensor._FORCE_CUTLASS
+    try:
+        return _convert(net, names, probe, say, backend, before)
+    finally:  # the class chosen is fixed at conversion: later conversions in this process see torch's default
+        SparseSemiStructuredTensor._FORCE_CUTLASS = before
+
+
+def _convert(
+    net: nn.Module, names: list[str], probe: torch.Tensor, say: Callable[[str], None], backend: str, default: bool
+) -> tuple[nn.Module, list[str], dict[str, str], str]:
+    from torch.sparse import SparseSemiStructuredTensor
+
+    start = {"auto": bool(default), "cutlass": True, "cusparselt": False}[backend]
     for cutlass in (start, True) if backend == "auto" else (start,):
         SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
         used = "semi-structured, " + ("CUTLASS" if cutlass else "cuSPARSELt")
@@ -288,9 +332,11 @@ class _Lin(nn.Module):
     def __init__(self, w: torch.Tensor) -> None:
         super().__init__()
         self.w = w
+        self.out_dtype: torch.dtype | None = None
+        self.out_contiguous: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w)
+        return _as_input_dtype(F.linear(x, self.w), x, self)
 
 
 def run_nm_inference(
@@ -341,6 +387,9 @@ def run_nm_inference(
     # the MACs a 2:4 kernel halves, over all weight-layer MACs: the speed-up if nothing else cost time
     share = sum(macs[n] for n in done) / sum(macs.values())
     theoretical = 1 / (1 - share / 2)
+    out_dtypes = {m.out_dtype for m in sparse.modules() if isinstance(m, (MatmulLinear, MatmulConv1x1))}
+    if out_dtypes - {None, dt}:
+        say(f"[nm] the sparse products return {sorted(map(str, out_dtypes - {None}))}: cast back to {dt}")
     say(
         f"[nm] {model} {side}px {dtype} on {device}: {len(pruned)}/{len(names)} prunable layers pruned 2:4, "
         f"{len(done)} run sparse ({backend}), {len(left)} dense"
@@ -364,9 +413,14 @@ def run_nm_inference(
                     f"2:4 {r['sparse_ms']:.3f} ms -> x{r['speedup']:.3f}"
                 )
         del x
+    mm = [m for m in sparse.modules() if isinstance(m, (MatmulLinear, MatmulConv1x1))]
+    seen = {str(m.out_dtype) for m in mm}
     params = {
         "model": model,
         "size": side,
+        "sparse_product_dtypes": ",".join(sorted(seen)),
+        # False: the products returned column-major results, made row-major before the next layer
+        "sparse_products_row_major": all(m.out_contiguous for m in mm) if mm else None,
         "dtype": dtype,
         "device": device,
         "backend": backend,

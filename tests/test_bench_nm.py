@@ -128,3 +128,23 @@ def test_fp16_overhead_bench_steps_with_the_engines_gradient_scaler():
     fp16.step()
     # the gates were handed this step's loss scale (the scaler's initial 2**16), as in the engine
     assert all(float(g.loss_scale) == fp16.scaler.get_scale() == 2.0**16 for g in fp16.gated)
+
+
+def test_sparse_products_come_back_row_major_in_the_inputs_dtype():
+    """A sparse product that returns another dtype (fp32 from fp16 on some PyTorch builds) or a
+    column-major result (torch's semi-structured products) is handed on row-major in the input's
+    dtype, as a dense layer's output, and what it returned is kept."""
+    from suite.bench_nm import MatmulLinear, _as_input_dtype
+
+    lin = nn.Linear(4, 3)
+    mod = MatmulLinear(lin, lin.weight.detach().clone())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(mod(x), lin(x))
+    assert mod.out_dtype == torch.float32
+    other = MatmulLinear(lin, lin.weight.detach().clone())
+    y = _as_input_dtype(torch.ones(2, 3, dtype=torch.float64), x, other)
+    assert y.dtype == torch.float32 and other.out_dtype == torch.float64 and other.out_contiguous
+    third = MatmulLinear(lin, lin.weight.detach().clone())
+    col_major = torch.arange(6.0).reshape(3, 2).t()  # (2, 3), strides (1, 2)
+    y = _as_input_dtype(col_major, x, third)
+    assert y.is_contiguous() and torch.equal(y, col_major) and third.out_contiguous is False

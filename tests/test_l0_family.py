@@ -148,27 +148,34 @@ def test_str_threshold_math_and_gradient():
 
 
 @pytest.mark.parametrize("as_number", [True, False])
-def test_str_fused_threshold_is_bit_identical_to_the_composed_operators(as_number, monkeypatch):
+def test_str_fused_threshold_has_the_composed_operators_values_and_gradients(as_number, monkeypatch):
     """The fused soft threshold (softshrink on the CPU; W - clamp(W, -t, t), the GPU's path,
-    forced here) gives the same output, weight gradient and threshold gradient, bit for bit, as
-    sign(W) relu(|W| - t) differentiated by autograd: recorded STR runs stay reproducible."""
+    forced here) gives the same output, weight gradient and threshold gradient values (a zero may
+    differ in sign) as sign(W) relu(|W| - t) differentiated by autograd, weights exactly at the
+    threshold included; an inf or NaN gradient at a pruned weight stays out of both gradients,
+    as in autograd's relu backward. Recorded STR runs reproduce."""
     from baselines import soft_threshold as st
 
     monkeypatch.setattr(st, "_threshold_as_number", lambda w: as_number)
     g = torch.Generator().manual_seed(0)
+    s0 = torch.tensor([math.log(0.075 / 0.925)])
+    t = float(torch.sigmoid(s0))
     for shape in [(64, 3, 7, 7), (256, 128, 3, 3), (1000, 512)]:
         w0 = torch.randn(shape, generator=g) * 0.05
-        w0.view(-1)[:4] = torch.tensor([0.0, 0.075, -0.075, 1.0])  # zeros and values near the threshold
+        w0.view(-1)[:5] = torch.tensor([0.0, t, -t, 1.0, -1e-3])  # zero, exact ties, far out, pruned
         grad = torch.randn(shape, generator=g)
+        grad.view(-1)[4] = float("inf")  # at a pruned weight (|-1e-3| < t)
         got = []
         for f in (st.soft_threshold, st.soft_threshold_composed):
             w = w0.clone().requires_grad_()
-            s = torch.tensor([math.log(0.075 / 0.925)], requires_grad=True)
+            s = s0.clone().requires_grad_()
             f(w, torch.sigmoid(s)).backward(grad)
             got.append((f(w.detach(), torch.sigmoid(s.detach())), w.grad, s.grad))
         for a, b in zip(*got):
             assert torch.equal(a, b)
-        assert 0 < int((got[0][0] == 0).sum()) < w0.numel()  # both sides of the threshold are in play
+        assert torch.isfinite(got[0][1]).all() and torch.isfinite(got[0][2]).all()
+        assert got[0][0].view(-1)[1] == 0 and got[0][0].view(-1)[3] != 0  # a tie is pruned
+        assert 0 < int((got[0][0] == 0).sum()) < w0.numel()
 
 
 def test_str_knob_is_group_weight_decay_and_controller_moves_it():

@@ -455,10 +455,10 @@ def test_classical_rmt_in_cycles_prunes_along_the_path_and_never_revives():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_classical_rmt_l1_term_gives_autograds_gradient_bit_for_bit(channels_last):
+def test_classical_rmt_l1_term_gives_autograds_gradient_values(channels_last):
     """The L1 term's fused form (|W| . M, backward sign(W) M) leaves the stored weight with the
-    same gradient, bit for bit, as l1 * sum |W * M| differentiated by autograd through the mask,
-    so recorded classical-RMT runs stay reproducible."""
+    same gradient values (a zero may differ in sign) as l1 * sum |W * M| differentiated by
+    autograd through the mask, so recorded classical-RMT runs reproduce."""
     import torch.nn as nn
 
     from baselines.rmt_classical import masked_l1
