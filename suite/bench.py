@@ -98,8 +98,7 @@ class Trainee:
         import torch.nn as nn
 
         from suite import models
-        from suite.pruning import masks
-        from suite.steps import attach_pruner
+        from suite.steps import attach_pruner, loss_scaled_gates
 
         self.device, self.dtype = device, dtype
         mspec = models.get(cfg.model)
@@ -132,7 +131,7 @@ class Trainee:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         # fp16: the engine's dynamic gradient scaler, and the gates that scale their pressure gradient alike
         self.scaler = self.opt.use_grad_scaler(device) if dtype == "fp16" else None
-        self.gated = [m for m in model.modules() if isinstance(m, masks.GatedWeight)] if self.scaler is not None else []
+        self.gated = loss_scaled_gates(model, self.scaler)
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(cfg.batch_size, in_chans, size, size, generator=g).to(device, memory_format=fmt)
         self.y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)

@@ -64,10 +64,10 @@ class MatmulLinear(nn.Module):
     """A Linear whose weight is anything F.linear takes (a dense tensor, or torch's
     semi-structured sparse one), its output in the input's dtype."""
 
-    def __init__(self, lin: nn.Linear, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.out_dtype: torch.dtype | None = None
         self.out_contiguous: bool | None = None
 
@@ -114,25 +114,32 @@ def prune_nm(model: nn.Module, names: list[str], n: int = 2, m: int = 4) -> list
 
 
 @torch.no_grad()
-def weight_macs(net: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per image of every Conv2d and Linear layer on input x (one forward
-    pass with hooks): output vectors per image x the weight's size (reports/flops.py's rule)."""
-    macs: dict[str, int] = {}
+def output_vectors(net: nn.Module, x: torch.Tensor, names: list[str] | None = None) -> dict[str, int]:
+    """The vectors each named layer (default: every Conv2d and Linear) puts out on input x, one
+    forward pass with hooks: N*OH*OW for a convolution, every leading index for a Linear."""
+    if names is None:
+        names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    out: dict[str, int] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def record(mod: nn.Module, _args: object, y: torch.Tensor) -> None:
-            vectors = y.numel() // (y.shape[1] if isinstance(mod, nn.Conv2d) else y.shape[-1]) // y.shape[0]
-            macs[name] = vectors * mod.weight.numel()
+            out[name] = y.numel() // (y.shape[1] if isinstance(mod, nn.Conv2d) else y.shape[-1])
 
         return record
 
-    hooks = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [net.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         net(x)
     finally:
         for h in hooks:
             h.remove()
-    return macs
+    return out
+
+
+def weight_macs(net: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per image of every Conv2d and Linear layer on input x: output
+    vectors per image x the weight's size (reports/flops.py's rule)."""
+    return {n: v // x.shape[0] * net.get_submodule(n).weight.numel() for n, v in output_vectors(net, x).items()}
 
 
 def _semi(w: torch.Tensor) -> torch.Tensor:
@@ -162,7 +169,7 @@ def to_matmul_sparse(
         except (RuntimeError, ValueError) as e:  # a shape or dtype the kernels refuse
             left[name] = f"{tuple(w2.shape)}: {str(e).splitlines()[0][:120]}"
             continue
-        setattr(parent, child, MatmulLinear(mod, sw) if isinstance(mod, nn.Linear) else MatmulConv1x1(mod, sw))
+        setattr(parent, child, MatmulLinear(sw, mod.bias) if isinstance(mod, nn.Linear) else MatmulConv1x1(mod, sw))
         done.append(name)
     return out, done, left
 
@@ -254,34 +261,26 @@ def _semi_structured_model(
     to convert or to run; "cutlass" or "cusparselt": that one only."""
     from torch.sparse import SparseSemiStructuredTensor
 
-    before = SparseSemiStructuredTensor._FORCE_CUTLASS
-    try:
-        return _convert(net, names, probe, say, backend, before)
-    finally:  # the class chosen is fixed at conversion: later conversions in this process see torch's default
-        SparseSemiStructuredTensor._FORCE_CUTLASS = before
-
-
-def _convert(
-    net: nn.Module, names: list[str], probe: torch.Tensor, say: Callable[[str], None], backend: str, default: bool
-) -> tuple[nn.Module, list[str], dict[str, str], str]:
-    from torch.sparse import SparseSemiStructuredTensor
-
+    default = SparseSemiStructuredTensor._FORCE_CUTLASS
     start = {"auto": bool(default), "cutlass": True, "cusparselt": False}[backend]
-    for cutlass in (start, True) if backend == "auto" else (start,):
-        SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
-        used = "semi-structured, " + ("CUTLASS" if cutlass else "cuSPARSELt")
-        try:
-            sparse, done, left = to_matmul_sparse(net, names)
-            if not done:
-                raise RuntimeError("no layer converted: " + "; ".join(list(left.values())[:3]))
-            with torch.no_grad():
-                _close(net(probe), sparse(probe), probe.dtype)
-            return sparse, done, left, used
-        except (RuntimeError, AssertionError, NotImplementedError) as e:
-            say(f"[nm] {used} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            if cutlass or backend != "auto":
-                raise
-    raise AssertionError("unreachable")
+    try:
+        for cutlass in (start, True) if backend == "auto" else (start,):
+            SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+            used = "semi-structured, " + ("CUTLASS" if cutlass else "cuSPARSELt")
+            try:
+                sparse, done, left = to_matmul_sparse(net, names)
+                if not done:
+                    raise RuntimeError("no layer converted: " + "; ".join(list(left.values())[:3]))
+                with torch.no_grad():
+                    _close(net(probe), sparse(probe), probe.dtype)
+                return sparse, done, left, used
+            except (RuntimeError, AssertionError, NotImplementedError) as e:
+                say(f"[nm] {used} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                if cutlass or backend != "auto":
+                    raise
+        raise AssertionError("unreachable")
+    finally:  # the class is chosen at conversion: later conversions in this process see torch's default
+        SparseSemiStructuredTensor._FORCE_CUTLASS = default
 
 
 @torch.no_grad()
@@ -298,21 +297,7 @@ def layer_speedups(
     """Per distinct (rows, out, in) matrix product of the converted layers as the model runs it on
     x (rows: the output vectors, in: the weight's row length), that product alone: the dense
     (out, in) weight against the sparse one, F.linear on a random (rows, in) input."""
-    rows_of: dict[str, int] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(mod: nn.Module, _args: object, y: torch.Tensor) -> None:
-            # output vectors: N*OH*OW for a convolution, every leading index for a Linear
-            rows_of[name] = y.numel() // (y.shape[1] if isinstance(mod, nn.Conv2d) else y.shape[-1])
-
-        return record
-
-    hooks = [dense.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        dense(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    rows_of = output_vectors(dense, x, names)
     out, seen = [], set()
     for n in names:
         w = dense.get_submodule(n).weight
@@ -323,20 +308,9 @@ def layer_speedups(
         sw = sparse.get_submodule(n).weight
         a = torch.randn(key[0], key[2], device=x.device, dtype=x.dtype)
         w2 = w.reshape(w.shape[0], -1).contiguous()
-        t = time_pair(_Lin(w2), _Lin(sw), a, repeats, inner, warmup, graphs)
+        t = time_pair(MatmulLinear(w2), MatmulLinear(sw), a, repeats, inner, warmup, graphs)
         out.append({"layer": n, "rows": key[0], "out": key[1], "in": key[2], **asdict(t)})
     return out
-
-
-class _Lin(nn.Module):
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = w
-        self.out_dtype: torch.dtype | None = None
-        self.out_contiguous: bool | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _as_input_dtype(F.linear(x, self.w), x, self)
 
 
 def run_nm_inference(

@@ -60,7 +60,7 @@ from suite.preemption import (
     stop_requested,
 )
 from suite.pruning import flux, masks, sparsity
-from suite.steps import attach_pruner, evaluate, to_device, train_step
+from suite.steps import attach_pruner, evaluate, loss_scaled_gates, to_device, train_step
 from suite.weights import load_pretrained, load_start, load_weights
 
 __all__ = [  # train, and the names launchers, tests and scripts import from here
@@ -255,12 +255,7 @@ class _Training:
             self.engine.module.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = self.opt.use_grad_scaler(run.device) if self.precision == "fp16" else None
-        # gates that add their pressure gradient in backward must scale it like the loss (masks._GatedProduct)
-        self.gated = (
-            [m for m in self.engine.module.modules() if isinstance(m, masks.GatedWeight)]
-            if self.scaler is not None
-            else []
-        )
+        self.gated = loss_scaled_gates(self.engine.module, self.scaler)
         run.marks["model"] = time.time()
 
     def train(self) -> dict[str, Any]:

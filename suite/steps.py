@@ -88,6 +88,14 @@ def attach_pruner(cfg: RunConfig, model: nn.Module, layers: list, steps_per_epoc
     return pruner, opt
 
 
+def loss_scaled_gates(model: nn.Module, scaler: Any) -> list:
+    """fp16 (a gradient scaler): the gates that add their pressure gradient inside backward
+    (masks._GatedProduct) and so must be handed the loss scale each step; [] otherwise."""
+    from suite.pruning import masks
+
+    return [m for m in model.modules() if isinstance(m, masks.GatedWeight)] if scaler is not None else []
+
+
 def train_step(
     engine: Any,
     pruner: Any,

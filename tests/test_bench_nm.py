@@ -137,14 +137,14 @@ def test_sparse_products_come_back_row_major_in_the_inputs_dtype():
     from suite.bench_nm import MatmulLinear, _as_input_dtype
 
     lin = nn.Linear(4, 3)
-    mod = MatmulLinear(lin, lin.weight.detach().clone())
+    mod = MatmulLinear(lin.weight.detach().clone(), lin.bias)
     x = torch.randn(2, 4)
     torch.testing.assert_close(mod(x), lin(x))
     assert mod.out_dtype == torch.float32
-    other = MatmulLinear(lin, lin.weight.detach().clone())
+    other = MatmulLinear(lin.weight.detach().clone(), lin.bias)
     y = _as_input_dtype(torch.ones(2, 3, dtype=torch.float64), x, other)
     assert y.dtype == torch.float32 and other.out_dtype == torch.float64 and other.out_contiguous
-    third = MatmulLinear(lin, lin.weight.detach().clone())
+    third = MatmulLinear(lin.weight.detach().clone(), lin.bias)
     col_major = torch.arange(6.0).reshape(3, 2).t()  # (2, 3), strides (1, 2)
     y = _as_input_dtype(col_major, x, third)
     assert y.is_contiguous() and torch.equal(y, col_major) and third.out_contiguous is False
